@@ -1,0 +1,116 @@
+//! `moela bench`: prefill and decode speed, bytes read per decoded token, and the device's own copy
+//! bandwidth measured in the same run, so the result reads as a fraction of what the device can do.
+
+use burn::tensor::{Device, Tensor};
+use serde::Serialize;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::generate::SessionOptions;
+use crate::model::WeightDtype;
+
+/// What a benchmark run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Prompt tokens prefilled.
+    pub prompt_tokens: usize,
+    /// Tokens decoded one at a time.
+    pub gen_tokens: usize,
+    /// Prefill tokens per second.
+    pub prefill_tokens_per_second: f64,
+    /// Decode tokens per second (each step includes its logits read-back).
+    pub decode_tokens_per_second: f64,
+    /// Weight dtype on the GPU.
+    pub weight_dtype: WeightDtype,
+    /// Weights read per decoded token (attention, dense/shared MLPs, the K routed experts, head).
+    pub active_weights_per_token: u64,
+    /// Bytes read per decoded token: active weights plus the latent cache at the mean context.
+    pub bytes_per_token: u64,
+    /// `bytes_per_token * decode tok/s`, GB/s.
+    pub achieved_bandwidth_gbs: f64,
+    /// Copy bandwidth of the device (read + write of a 64 MiB buffer), GB/s.
+    pub copy_bandwidth_gbs: f64,
+    /// `achieved / copy`: the fraction of the memory roofline reached while decoding.
+    pub roofline_fraction: f64,
+}
+
+/// Measures the device's copy bandwidth in GB/s (bytes read + written per second).
+pub fn copy_bandwidth(device: &Device) -> Result<f64> {
+    let sync = |d: &Device| d.sync().map_err(|e| Error::Device(format!("{e:?}")));
+    let n = 16 << 20; // 16 Mi f32 = 64 MiB, within one binding
+    let src: Tensor<1> = Tensor::ones([n], device);
+    // Warm-up: compiles the kernel and touches the memory.
+    let _ = src.clone().add_scalar(1.0);
+    sync(device)?;
+    let iters = 8;
+    let t0 = std::time::Instant::now();
+    let mut keep = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        keep.push(src.clone().add_scalar(1.0));
+    }
+    sync(device)?;
+    let secs = t0.elapsed().as_secs_f64();
+    drop(keep);
+    Ok((2 * n * 4 * iters) as f64 / secs / 1e9)
+}
+
+/// Runs `prompt_tokens` of prefill then `gen_tokens` greedy decode steps on random token ids.
+pub async fn bench(engine: &Engine, prompt_tokens: usize, gen_tokens: usize, seed: u64) -> Result<BenchReport> {
+    if prompt_tokens == 0 || gen_tokens == 0 {
+        return Err(Error::InvalidArgument(
+            "bench needs at least 1 prompt token and 1 generated token".into(),
+        ));
+    }
+    let cfg = engine.config();
+    let vocab = cfg.vocab_size as u64;
+    let prompt: Vec<u32> = (0..prompt_tokens as u64)
+        .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed)) % vocab) as u32)
+        .collect();
+    let mut session = engine.session(SessionOptions {
+        max_context: (prompt_tokens + gen_tokens + 1).min(cfg.max_position_embeddings),
+    })?;
+    // Warm-up on a short prompt so kernel compilation is not timed.
+    let warm = &prompt[..prompt.len().min(4)];
+    let (logits, _) = session.prefill(warm).await?;
+    session.step(argmax(&logits)).await?;
+    session.reset();
+
+    let t0 = std::time::Instant::now();
+    let (mut logits, _) = session.prefill(&prompt).await?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    for _ in 0..gen_tokens {
+        logits = session.step(argmax(&logits)).await?;
+    }
+    let decode = t1.elapsed().as_secs_f64();
+    let decode_tps = gen_tokens as f64 / decode;
+
+    let info = engine.info();
+    let active = info.active_parameters_per_token;
+    let mean_context = (prompt_tokens + gen_tokens / 2) as u64;
+    let bytes = active * engine.dtype().bytes() as u64 + mean_context * info.cache.bytes_per_token;
+    let achieved = bytes as f64 * decode_tps / 1e9;
+    let copy = copy_bandwidth(&engine.model.device)?;
+    Ok(BenchReport {
+        prompt_tokens,
+        gen_tokens,
+        prefill_tokens_per_second: prompt_tokens as f64 / prefill,
+        decode_tokens_per_second: decode_tps,
+        weight_dtype: engine.dtype(),
+        active_weights_per_token: active,
+        bytes_per_token: bytes,
+        achieved_bandwidth_gbs: achieved,
+        copy_bandwidth_gbs: copy,
+        roofline_fraction: achieved / copy,
+    })
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

@@ -1,0 +1,230 @@
+//! The engine: a loaded model, its tokenizer and device. Front ends create one [`Engine`] and open
+//! [`Session`](crate::generate::Session)s on it.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use burn::tensor::{DType, Device};
+
+use crate::cache::LatentCache;
+use crate::chat::Tokenizer;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::generate::{Session, SessionOptions};
+use crate::info::ModelInfo;
+use crate::load::{Progress, WeightFile, WeightSet, index_files};
+use crate::model::WeightDtype;
+use crate::model::transformer::{LogitsFor, Transformer};
+
+/// The files of an HF checkpoint folder, as bytes.
+#[derive(Debug, Clone)]
+pub struct CheckpointFiles {
+    /// `config.json`.
+    pub config: Vec<u8>,
+    /// `tokenizer.json`, when the checkpoint has one.
+    pub tokenizer: Option<Vec<u8>>,
+    /// `tokenizer_config.json`, when the checkpoint has one.
+    pub tokenizer_config: Option<Vec<u8>>,
+    /// The safetensors files (one, or the shards an index names).
+    pub weights: Vec<WeightFile>,
+}
+
+impl CheckpointFiles {
+    /// Reads a checkpoint folder: config.json, tokenizer files if present, and `model.safetensors` or the
+    /// shards named by `model.safetensors.index.json` (else every `*.safetensors` in the folder).
+    pub fn read_dir(dir: &Path) -> Result<Self> {
+        let read = |name: &str| {
+            std::fs::read(dir.join(name)).map_err(|source| Error::Io {
+                path: dir.join(name),
+                source,
+            })
+        };
+        let optional = |name: &str| -> Result<Option<Vec<u8>>> {
+            let path = dir.join(name);
+            if path.exists() { read(name).map(Some) } else { Ok(None) }
+        };
+        if !dir.is_dir() {
+            return Err(Error::Io {
+                path: dir.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a checkpoint folder"),
+            });
+        }
+        let config = read("config.json")?;
+        let names: Vec<String> = if let Some(index) = optional("model.safetensors.index.json")? {
+            index_files(&index)?
+        } else if dir.join("model.safetensors").exists() {
+            vec!["model.safetensors".into()]
+        } else {
+            let mut v: Vec<String> = std::fs::read_dir(dir)
+                .map_err(|source| Error::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".safetensors"))
+                .collect();
+            v.sort();
+            v
+        };
+        let weights = names
+            .into_iter()
+            .map(|name| {
+                let bytes = read(&name)?;
+                Ok(WeightFile {
+                    name,
+                    bytes: Arc::new(bytes),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config,
+            tokenizer: optional("tokenizer.json")?,
+            tokenizer_config: optional("tokenizer_config.json")?,
+            weights,
+        })
+    }
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Weight dtype on the GPU (f16 needs the adapter's shader-f16).
+    pub dtype: WeightDtype,
+}
+
+static DEVICE: OnceLock<std::result::Result<Device, String>> = OnceLock::new();
+
+/// The process's one wgpu device, created on first use with the adapter's own limits and features.
+pub fn default_device() -> Result<Device> {
+    DEVICE
+        .get_or_init(|| {
+            Device::wgpu_options().init().map_err(|e| {
+                format!(
+                    "no usable GPU adapter ({e}). moela needs Vulkan, Metal or DX12; on Linux without a GPU \
+                     install Mesa's lavapipe (Debian/Ubuntu: apt-get install mesa-vulkan-drivers)"
+                )
+            })
+        })
+        .clone()
+        .map_err(Error::Device)
+}
+
+/// A loaded model ready to run.
+#[derive(Debug)]
+pub struct Engine {
+    pub(crate) model: Transformer,
+    tokenizer: Option<Tokenizer>,
+}
+
+impl Engine {
+    /// Loads a checkpoint folder onto the default device.
+    pub fn load_dir(dir: &Path, options: LoadOptions, progress: &mut dyn FnMut(Progress)) -> Result<Self> {
+        let files = CheckpointFiles::read_dir(dir)?;
+        Self::load(files, options, &default_device()?, progress)
+    }
+
+    /// Loads a checkpoint from its files' bytes onto `device`.
+    pub fn load(
+        files: CheckpointFiles,
+        options: LoadOptions,
+        device: &Device,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Self> {
+        let config = ModelConfig::from_json_bytes(&files.config, "config.json")?;
+        if options.dtype == WeightDtype::F16 && !device.supports_dtype(DType::F16) {
+            return Err(Error::Device(
+                "this adapter has no shader-f16: load with f32 weights instead".into(),
+            ));
+        }
+        let tokenizer = match &files.tokenizer {
+            Some(t) => Some(Tokenizer::from_bytes(t, files.tokenizer_config.as_deref())?),
+            None => None,
+        };
+        if let Some(t) = &tokenizer
+            && t.vocab_size() > config.vocab_size
+        {
+            return Err(Error::Tokenizer {
+                file: "tokenizer.json".into(),
+                message: format!(
+                    "has {} tokens but config.json's vocab_size is {}",
+                    t.vocab_size(),
+                    config.vocab_size
+                ),
+            });
+        }
+        let set = WeightSet::new(files.weights)?;
+        let model = Transformer::load(config, &set, options.dtype, device, progress)?;
+        Ok(Self { model, tokenizer })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    /// The tokenizer, when the checkpoint has one.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    /// The tokenizer or an error saying the checkpoint has none.
+    pub fn require_tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer {
+            file: "tokenizer.json".into(),
+            message: "the checkpoint has no tokenizer.json: only token ids can be used".into(),
+        })
+    }
+
+    /// Facts about the model: parameters, cache sizes.
+    pub fn info(&self) -> ModelInfo {
+        ModelInfo::new(&self.model.config, self.model.dtype)
+    }
+
+    /// Weight dtype on the GPU.
+    pub fn dtype(&self) -> WeightDtype {
+        self.model.dtype
+    }
+
+    /// Opens a session with its own latent cache.
+    pub fn session(&self, options: SessionOptions) -> Result<Session<'_>> {
+        Session::new(self, options)
+    }
+
+    pub(crate) fn new_cache(&self, max_context: usize) -> LatentCache {
+        LatentCache::new(&self.model.config, max_context, &self.model.device)
+    }
+
+    /// Logits at every position of `tokens`, from one prefill (`[T][V]`).
+    pub async fn logits(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let mut cache = self.new_cache(tokens.len().max(1));
+        let out = self.model.forward(tokens, &mut cache, LogitsFor::All)?;
+        read_rows(out).await
+    }
+
+    /// Logits at every position of `tokens`, fed one token at a time through the latent cache (`[T][V]`).
+    pub async fn logits_decode(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let mut cache = self.new_cache(tokens.len().max(1));
+        let mut rows = Vec::with_capacity(tokens.len());
+        for t in tokens {
+            let out = self
+                .model
+                .forward(std::slice::from_ref(t), &mut cache, LogitsFor::Last)?;
+            rows.extend(read_rows(out).await?);
+        }
+        Ok(rows)
+    }
+}
+
+/// Reads a `[R, V]` tensor back as rows (the one host read-back of a step).
+pub(crate) async fn read_rows(t: burn::tensor::Tensor<2>) -> Result<Vec<Vec<f32>>> {
+    let [r, v] = t.dims();
+    let data = t
+        .into_data_async()
+        .await
+        .map_err(|e| Error::Device(format!("reading logits back: {e:?}")))?;
+    let flat = data
+        .as_slice::<f32>()
+        .map_err(|e| Error::Device(format!("logits have an unexpected dtype: {e:?}")))?;
+    Ok((0..r).map(|i| flat[i * v..(i + 1) * v].to_vec()).collect())
+}

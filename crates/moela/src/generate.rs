@@ -1,0 +1,402 @@
+//! Sessions and the generation loop: prefill (reusing the cached prefix), sample, decode through the latent
+//! cache, and turn tokens into a stream of [`Event`]s with reasoning and answer apart.
+//!
+//! Per decoded token the only read-back is the logits row of the last position (sampling is on the host).
+
+use std::collections::VecDeque;
+
+use serde::Serialize;
+
+use crate::cache::LatentCache;
+use crate::chat::{Message, prompt_opens_think};
+use crate::engine::{Engine, read_rows};
+use crate::error::{Error, Result};
+use crate::model::transformer::LogitsFor;
+use crate::sample::{Sampler, SamplingOptions};
+use crate::text::{StopMatcher, StreamDecoder, TextEvent, ThinkSplitter};
+
+/// Prompts are prefilled in chunks of at most this many tokens, so activation memory stays bounded.
+pub const PREFILL_CHUNK: usize = 256;
+
+/// Options of a session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionOptions {
+    /// Tokens the latent cache holds (prompt + answer, over all turns). 0 means
+    /// `min(max_position_embeddings, 4096)`.
+    pub max_context: usize,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self { max_context: 0 }
+    }
+}
+
+/// Options of one generation.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Sampling (greedy by default).
+    pub sampling: SamplingOptions,
+    /// Most tokens to generate (reasoning included).
+    pub max_tokens: usize,
+    /// Close the reasoning with `</think>` after this many reasoning tokens.
+    pub thinking_budget: Option<usize>,
+    /// Stop when the text contains one of these (the stop string is not emitted).
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            sampling: SamplingOptions::default(),
+            max_tokens: 256,
+            thinking_budget: None,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model emitted its end-of-sentence token.
+    Eos,
+    /// `max_tokens` reached.
+    Length,
+    /// A stop string appeared.
+    Stop,
+    /// The session's context is full.
+    ContextFull,
+}
+
+/// Numbers about one generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    /// Tokens in the prompt (the whole conversation for chat).
+    pub prompt_tokens: usize,
+    /// Prompt tokens already in the cache from earlier turns (not prefilled again).
+    pub reused_tokens: usize,
+    /// Tokens generated.
+    pub generated_tokens: usize,
+    /// Seconds spent prefilling.
+    pub prefill_seconds: f64,
+    /// Prefilled tokens per second.
+    pub prefill_tokens_per_second: f64,
+    /// Seconds spent decoding.
+    pub decode_seconds: f64,
+    /// Decoded tokens per second.
+    pub decode_tokens_per_second: f64,
+    /// Bytes of latent cache in use after the generation.
+    pub cache_bytes: u64,
+    /// Why it stopped.
+    pub finish_reason: FinishReason,
+}
+
+/// One item of the stream.
+#[derive(Debug, Clone, Serialize)]
+pub enum Event {
+    /// Text inside `<think>...</think>`.
+    Reasoning(String),
+    /// The answer.
+    Content(String),
+    /// The end, with numbers.
+    Done(Stats),
+}
+
+/// A conversation's state on the GPU: the latent cache and the tokens it holds.
+#[derive(Debug)]
+pub struct Session<'e> {
+    engine: &'e Engine,
+    cache: LatentCache,
+    tokens: Vec<u32>,
+}
+
+fn now() -> f64 {
+    // Wall clock for tok/s only; never asserted on.
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl<'e> Session<'e> {
+    pub(crate) fn new(engine: &'e Engine, options: SessionOptions) -> Result<Self> {
+        let limit = engine.config().max_position_embeddings;
+        let max_context = match options.max_context {
+            0 => limit.min(4096),
+            n if n > limit => {
+                return Err(Error::Limit(format!(
+                    "max_context {n} exceeds the model's max_position_embeddings ({limit})"
+                )));
+            }
+            n => n,
+        };
+        Ok(Self {
+            engine,
+            cache: engine.new_cache(max_context),
+            tokens: Vec::new(),
+        })
+    }
+
+    /// The engine this session runs on.
+    pub fn engine(&self) -> &'e Engine {
+        self.engine
+    }
+
+    /// Tokens held in the cache.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The latent cache.
+    pub fn cache(&self) -> &LatentCache {
+        &self.cache
+    }
+
+    /// Forgets the conversation.
+    pub fn reset(&mut self) {
+        self.cache.truncate(0);
+        self.tokens.clear();
+    }
+
+    /// Makes the cache hold `prompt`, reusing the longest cached prefix, and returns the logits after its
+    /// last token plus how many tokens were reused.
+    pub async fn prefill(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
+        if prompt.is_empty() {
+            return Err(Error::InvalidArgument("empty prompt".into()));
+        }
+        if prompt.len() > self.cache.capacity() {
+            return Err(Error::Limit(format!(
+                "prompt of {} tokens is longer than the session's context of {} tokens",
+                prompt.len(),
+                self.cache.capacity()
+            )));
+        }
+        let mut common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        if common == prompt.len() {
+            common -= 1; // the last token must run again to give its logits
+        }
+        self.cache.truncate(common);
+        self.tokens.truncate(common);
+        let mut last = None;
+        for chunk in prompt[common..].chunks(PREFILL_CHUNK) {
+            last = Some(self.engine.model.forward(chunk, &mut self.cache, LogitsFor::Last)?);
+            self.tokens.extend_from_slice(chunk);
+        }
+        let logits = last.ok_or_else(|| Error::InvalidArgument("empty prompt".into()))?;
+        let row = read_rows(logits).await?.pop().unwrap_or_default();
+        Ok((row, common))
+    }
+
+    /// Runs one token through the cache and returns its logits.
+    pub async fn step(&mut self, token: u32) -> Result<Vec<f32>> {
+        let out = self.engine.model.forward(&[token], &mut self.cache, LogitsFor::Last)?;
+        self.tokens.push(token);
+        Ok(read_rows(out).await?.pop().unwrap_or_default())
+    }
+
+    /// Continues the conversation `messages` (rendered with the checkpoint's chat template).
+    pub fn chat(&mut self, messages: &[Message], options: GenerateOptions) -> Result<Generation<'_, 'e>> {
+        let tok = self.engine.require_tokenizer()?;
+        let text = tok.render_chat(messages, true)?;
+        let ids = tok.encode(&text, false)?;
+        let opens = prompt_opens_think(&text);
+        Generation::new(self, ids, options, opens)
+    }
+
+    /// Continues raw text (no chat template; bos added as the tokenizer config says).
+    pub fn complete(&mut self, prompt: &str, options: GenerateOptions) -> Result<Generation<'_, 'e>> {
+        let tok = self.engine.require_tokenizer()?;
+        let ids = tok.encode(prompt, true)?;
+        Generation::new(self, ids, options, prompt_opens_think(prompt))
+    }
+}
+
+/// A generation in progress: call [`Generation::next`] until it returns `None`.
+pub struct Generation<'s, 'e> {
+    session: &'s mut Session<'e>,
+    options: GenerateOptions,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stop: StopMatcher,
+    splitter: ThinkSplitter,
+    eos: Vec<u32>,
+    close_think: Vec<u32>,
+    prompt: Option<Vec<u32>>,
+    prompt_tokens: usize,
+    reused: usize,
+    logits: Vec<f32>,
+    forced: VecDeque<u32>,
+    generated: Vec<u32>,
+    reasoning_tokens: usize,
+    budget_spent: bool,
+    pending: VecDeque<Event>,
+    finished: bool,
+    prefill_seconds: f64,
+    decode_start: f64,
+}
+
+impl<'s, 'e> Generation<'s, 'e> {
+    fn new(
+        session: &'s mut Session<'e>,
+        prompt: Vec<u32>,
+        options: GenerateOptions,
+        opens_think: bool,
+    ) -> Result<Self> {
+        let engine = session.engine;
+        let tok = engine.require_tokenizer()?;
+        let sampler = Sampler::new(options.sampling.clone())?;
+        if options.max_tokens == 0 {
+            return Err(Error::InvalidArgument("max_tokens must be at least 1".into()));
+        }
+        let mut eos: Vec<u32> = tok.eos_id().into_iter().collect();
+        if let Some(e) = engine.config().eos_token_id
+            && !eos.contains(&e)
+        {
+            eos.push(e);
+        }
+        let close_think = if options.thinking_budget.is_some() {
+            tok.encode("\n</think>\n\n", false)?
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            prompt_tokens: prompt.len(),
+            prompt: Some(prompt),
+            decoder: StreamDecoder::new(true),
+            stop: StopMatcher::new(&options.stop),
+            splitter: ThinkSplitter::new("<think>", "</think>", opens_think),
+            session,
+            options,
+            sampler,
+            eos,
+            close_think,
+            reused: 0,
+            logits: Vec::new(),
+            forced: VecDeque::new(),
+            generated: Vec::new(),
+            reasoning_tokens: 0,
+            budget_spent: false,
+            pending: VecDeque::new(),
+            finished: false,
+            prefill_seconds: 0.0,
+            decode_start: 0.0,
+        })
+    }
+
+    /// The next event, or `None` after [`Event::Done`].
+    pub async fn next(&mut self) -> Option<Result<Event>> {
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return Some(Ok(ev));
+            }
+            if self.finished {
+                return None;
+            }
+            if let Err(e) = self.advance().await {
+                self.finished = true;
+                return Some(Err(e));
+            }
+        }
+    }
+
+    /// [`Generation::next`] for native callers that can block.
+    pub fn next_blocking(&mut self) -> Option<Result<Event>> {
+        pollster::block_on(self.next())
+    }
+
+    /// Token ids generated so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    fn emit(&mut self, events: Vec<TextEvent>) {
+        for ev in events {
+            self.pending.push_back(match ev {
+                TextEvent::Reasoning(t) => Event::Reasoning(t),
+                TextEvent::Content(t) => Event::Content(t),
+            });
+        }
+    }
+
+    async fn advance(&mut self) -> Result<()> {
+        if let Some(prompt) = self.prompt.take() {
+            let t0 = now();
+            let (logits, reused) = self.session.prefill(&prompt).await?;
+            self.logits = logits;
+            self.reused = reused;
+            self.prefill_seconds = now() - t0;
+            self.decode_start = now();
+            return Ok(());
+        }
+        let token = match self.forced.pop_front() {
+            Some(t) => t,
+            // The session's tokens are the prompt and every generated token fed so far.
+            None => self.sampler.sample(&mut self.logits, &self.session.tokens)?,
+        };
+        self.generated.push(token);
+        if self.eos.contains(&token) {
+            return self.finish(FinishReason::Eos);
+        }
+        let tok = self.session.engine.require_tokenizer()?;
+        let piece = self.decoder.push(tok, token)?.unwrap_or_default();
+        if self.splitter.in_reasoning() {
+            self.reasoning_tokens += 1;
+        }
+        let out = self.stop.push(&piece);
+        let events = self.splitter.push(&out.text);
+        self.emit(events);
+        if out.stop.is_some() {
+            return self.finish(FinishReason::Stop);
+        }
+        if let Some(budget) = self.options.thinking_budget
+            && !self.budget_spent
+            && self.splitter.in_reasoning()
+            && self.reasoning_tokens >= budget
+        {
+            self.budget_spent = true;
+            self.forced.extend(self.close_think.iter().copied());
+        }
+        if self.generated.len() >= self.options.max_tokens {
+            return self.finish(FinishReason::Length);
+        }
+        if self.session.cache.len() >= self.session.cache.capacity() {
+            return self.finish(FinishReason::ContextFull);
+        }
+        self.logits = self.session.step(token).await?;
+        Ok(())
+    }
+
+    fn finish(&mut self, reason: FinishReason) -> Result<()> {
+        let tok = self.session.engine.require_tokenizer()?;
+        let tail = self.decoder.flush(tok)?.unwrap_or_default();
+        let out = self.stop.push(&tail);
+        let mut events = self.splitter.push(&out.text);
+        if reason != FinishReason::Stop {
+            let rest = self.stop.finish();
+            events.extend(self.splitter.push(&rest));
+        }
+        events.extend(self.splitter.finish());
+        self.emit(events);
+        let decode_seconds = now() - self.decode_start;
+        let prefilled = self.prompt_tokens - self.reused;
+        self.pending.push_back(Event::Done(Stats {
+            prompt_tokens: self.prompt_tokens,
+            reused_tokens: self.reused,
+            generated_tokens: self.generated.len(),
+            prefill_seconds: self.prefill_seconds,
+            prefill_tokens_per_second: rate(prefilled, self.prefill_seconds),
+            decode_seconds,
+            decode_tokens_per_second: rate(self.generated.len().saturating_sub(1), decode_seconds),
+            cache_bytes: self.session.cache.bytes_used(),
+            finish_reason: reason,
+        }));
+        self.finished = true;
+        Ok(())
+    }
+}
+
+fn rate(n: usize, seconds: f64) -> f64 {
+    if seconds > 0.0 { n as f64 / seconds } else { 0.0 }
+}

@@ -1,0 +1,50 @@
+//! # moela
+//!
+//! A portable WebGPU inference runtime for DeepSeek-architecture language models (DeepSeek-V2, V2-Lite, V3,
+//! R1, Moonlight): multi-head latent attention with a compressed latent KV cache, and DeepSeekMoE routing
+//! that stays on the GPU. The model is written with burn and runs on burn-wgpu (Vulkan, Metal, DX12, and
+//! WebGPU in the browser).
+//!
+//! ```no_run
+//! use moela::{Engine, Event, GenerateOptions, LoadOptions, Message, SessionOptions};
+//! # fn main() -> moela::Result<()> {
+//! let engine = Engine::load_dir("path/to/hf-folder".as_ref(), LoadOptions::default(), &mut |_| {})?;
+//! let mut session = engine.session(SessionOptions::default())?;
+//! let messages = [Message { role: "user".into(), content: "What is 457 + 389?".into() }];
+//! let mut events = session.chat(&messages, GenerateOptions::default())?;
+//! while let Some(event) = events.next_blocking() {
+//!     match event? {
+//!         Event::Reasoning(t) => eprint!("{t}"),
+//!         Event::Content(t) => print!("{t}"),
+//!         Event::Done(stats) => eprintln!("\n{stats:?}"),
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! What it does not do: training-time features (dropout, gradients through the cache), FP8 checkpoints,
+//! the multi-token-prediction layer of V3 (its weights are ignored), or GGUF files (yet).
+
+pub mod bench;
+pub mod cache;
+pub mod chat;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod info;
+pub mod load;
+pub mod model;
+pub mod preset;
+pub mod sample;
+pub mod text;
+
+pub use chat::{Message, Tokenizer};
+pub use config::ModelConfig;
+pub use engine::{CheckpointFiles, Engine, LoadOptions, default_device};
+pub use error::{Error, Result};
+pub use generate::{Event, FinishReason, GenerateOptions, Generation, Session, SessionOptions, Stats};
+pub use info::ModelInfo;
+pub use load::{Progress, WeightFile};
+pub use model::WeightDtype;
+pub use sample::SamplingOptions;

@@ -1,0 +1,205 @@
+//! DeepSeekMoE (`deepseek-architecture.md` §4): a router picks K of E routed experts per token, their outputs
+//! are mixed by the router weights, and the shared experts (one wide MLP) are added.
+//!
+//! Routing, top-k and expert dispatch all stay on the GPU. Two dispatch forms, same result:
+//! - gathered (few token-expert pairs, e.g. decode): the selected experts' matrices are gathered with
+//!   `select` and multiplied batched, so only the active experts' weights are read;
+//! - dense (many tokens, e.g. prefill): every expert runs on every token of the chunk and the router weights
+//!   (zero for unselected experts) mix the outputs.
+//!
+//! Stacked expert weights are split into chunks of experts that each fit one storage binding.
+
+use burn::tensor::activation::{sigmoid, silu, softmax};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor};
+
+use super::mlp::Mlp;
+use super::{Linear, as_f32};
+use crate::config::{ScoringFunc, TopkMethod};
+
+/// A run of consecutive experts stacked in one tensor pair.
+#[derive(Debug, Clone)]
+pub struct ExpertChunk {
+    /// Index of the first expert in the chunk.
+    pub first: usize,
+    /// Experts in the chunk (Ec).
+    pub count: usize,
+    /// `[Ec, H, 2I]`: per expert, `[gate | up]` transposed.
+    pub gate_up_t: Tensor<3>,
+    /// `[Ec, I, H]`: per expert, `down_proj` transposed.
+    pub down_t: Tensor<3>,
+}
+
+/// One MoE feed-forward block.
+#[derive(Debug, Clone)]
+pub struct Moe {
+    /// Router `mlp.gate`: `[H] -> [E]`, always f32.
+    pub router: Linear,
+    /// `e_score_correction_bias` `[E]` (noaux_tc only; selection only, never in the weights).
+    pub correction_bias: Option<Tensor<1>>,
+    /// Routed experts, chunked.
+    pub chunks: Vec<ExpertChunk>,
+    /// Shared experts fused into one MLP, when the model has any.
+    pub shared: Option<Mlp>,
+    /// E.
+    pub experts: usize,
+    /// K.
+    pub top_k: usize,
+    /// I (one expert's width).
+    pub width: usize,
+    /// Router settings.
+    pub scoring: ScoringFunc,
+    /// Selection method.
+    pub method: TopkMethod,
+    /// Groups for group-limited methods.
+    pub n_group: usize,
+    /// Groups kept.
+    pub topk_group: usize,
+    /// Renormalise top-k weights.
+    pub norm_topk_prob: bool,
+    /// Routed output multiplier.
+    pub routed_scaling_factor: f64,
+}
+
+impl Moe {
+    /// Picks experts: indices `[T, K]` and their mixing weights `[T, K]`.
+    pub fn route(&self, x: Tensor<2>) -> (Tensor<2, Int>, Tensor<2>) {
+        let [t, _] = x.dims();
+        let logits = self.router.forward(x); // [T, E], f32
+        let scores = match self.scoring {
+            ScoringFunc::Softmax => softmax(logits, 1),
+            ScoringFunc::Sigmoid => sigmoid(logits),
+        };
+        let (e, g) = (self.experts, self.n_group);
+        match self.method {
+            TopkMethod::Greedy => {
+                let (w, idx) = scores.topk_with_indices(self.top_k, 1);
+                (idx, self.finish_weights(w))
+            }
+            TopkMethod::GroupLimitedGreedy => {
+                // Group score = max score in the group; unkept groups' experts are masked out.
+                let group = scores.clone().reshape([t, g, e / g]).max_dim(2).reshape([t, g]);
+                let masked = self.mask_groups(scores, group, t);
+                let (w, idx) = masked.topk_with_indices(self.top_k, 1);
+                (idx, self.finish_weights(w))
+            }
+            TopkMethod::NoauxTc => {
+                // Bias-corrected scores choose; groups ranked by the sum of their top-2; weights unbiased.
+                let biased = match &self.correction_bias {
+                    Some(b) => scores.clone() + b.clone().unsqueeze_dim::<2>(0),
+                    None => scores.clone(),
+                };
+                let group = biased
+                    .clone()
+                    .reshape([t, g, e / g])
+                    .topk(2, 2)
+                    .sum_dim(2)
+                    .reshape([t, g]);
+                let masked = self.mask_groups(biased, group, t);
+                let idx = masked.topk_with_indices(self.top_k, 1).1;
+                let w = scores.gather(1, idx.clone());
+                (idx, self.finish_weights(w))
+            }
+        }
+    }
+
+    /// Sets the scores of experts outside the `topk_group` best groups to -inf.
+    fn mask_groups(&self, scores: Tensor<2>, group: Tensor<2>, t: usize) -> Tensor<2> {
+        let (e, g) = (self.experts, self.n_group);
+        if self.topk_group >= g {
+            return scores;
+        }
+        // The kept groups are those scoring at least the topk_group-th best group score.
+        let kth = group.clone().topk(self.topk_group, 1).narrow(1, self.topk_group - 1, 1);
+        let dropped = group.lower(kth.expand([t, g])); // [T, G]
+        let dropped = dropped.reshape([t, g, 1]).expand([t, g, e / g]).reshape([t, e]);
+        scores.mask_fill(dropped, f32::NEG_INFINITY)
+    }
+
+    /// Renormalises and scales top-k weights (`[RC]` semantics: V2 scales only when not normalising).
+    fn finish_weights(&self, w: Tensor<2>) -> Tensor<2> {
+        let normalise = self.norm_topk_prob && self.top_k > 1;
+        let w = if normalise {
+            let sum = w.clone().sum_dim(1).add_scalar(1e-20);
+            w / sum
+        } else {
+            w
+        };
+        match self.scoring {
+            // V3 always applies the factor; V2 only when it does not normalise.
+            ScoringFunc::Sigmoid => w.mul_scalar(self.routed_scaling_factor),
+            ScoringFunc::Softmax if !normalise => w.mul_scalar(self.routed_scaling_factor),
+            ScoringFunc::Softmax => w,
+        }
+    }
+
+    /// `x`: `[T, H]` (normed) -> `[T, H]`.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let [t, h] = x.dims();
+        let (idx, w) = self.route(x.clone());
+        let routed = if t * self.top_k <= self.experts {
+            self.gathered(x.clone(), idx, w)
+        } else {
+            self.dense(x.clone(), idx, w)
+        };
+        let routed = routed.reshape([t, h]);
+        match &self.shared {
+            Some(s) => routed + s.forward(x),
+            None => routed,
+        }
+    }
+
+    /// Only the selected experts' matrices are read: one batched product per (token, slot) pair.
+    fn gathered(&self, x: Tensor<2>, idx: Tensor<2, Int>, w: Tensor<2>) -> Tensor<2> {
+        let [t, h] = x.dims();
+        let k = self.top_k;
+        let pairs = t * k;
+        let idx = idx.reshape([pairs]);
+        let w = w.reshape([pairs, 1, 1]);
+        let xs = x.reshape([t, 1, 1, h]).expand([t, k, 1, h]).reshape([pairs, 1, h]);
+        let mut out: Option<Tensor<3>> = None;
+        for c in &self.chunks {
+            let (local, weight) = if self.chunks.len() == 1 {
+                (idx.clone(), w.clone())
+            } else {
+                let local = idx.clone().sub_scalar(c.first as i64);
+                let inside = local
+                    .clone()
+                    .greater_equal_elem(0)
+                    .bool_and(local.clone().lower_elem(c.count as i64));
+                let local = local.clamp(0, c.count as i64 - 1);
+                (local, w.clone() * inside.float().reshape([pairs, 1, 1]))
+            };
+            let gu = xs.clone().matmul(as_f32(&c.gate_up_t).select(0, local.clone())); // [P, 1, 2I]
+            let act = silu(gu.clone().narrow(2, 0, self.width)) * gu.narrow(2, self.width, self.width);
+            let y = act.matmul(as_f32(&c.down_t).select(0, local)) * weight; // [P, 1, H]
+            out = Some(match out {
+                Some(o) => o + y,
+                None => y,
+            });
+        }
+        let out = out.expect("a MoE layer has at least one expert chunk");
+        out.reshape([t, k, h]).sum_dim(1).reshape([t, h])
+    }
+
+    /// Every expert on every token, mixed by a `[E, T]` weight matrix that is zero off the selection.
+    fn dense(&self, x: Tensor<2>, idx: Tensor<2, Int>, w: Tensor<2>) -> Tensor<2> {
+        let [t, h] = x.dims();
+        let mix = Tensor::<2>::zeros([t, self.experts], &x.device())
+            .scatter(1, idx, w, IndexingUpdateOp::Add)
+            .transpose(); // [E, T]
+        let mut out: Option<Tensor<3>> = None;
+        for c in &self.chunks {
+            let xs = x.clone().reshape([1, t, h]).expand([c.count, t, h]);
+            let gu = xs.matmul(as_f32(&c.gate_up_t)); // [Ec, T, 2I]
+            let act = silu(gu.clone().narrow(2, 0, self.width)) * gu.narrow(2, self.width, self.width);
+            let y = act.matmul(as_f32(&c.down_t)); // [Ec, T, H]
+            let m = mix.clone().narrow(0, c.first, c.count).reshape([c.count, t, 1]);
+            let y = (y * m).sum_dim(0);
+            out = Some(match out {
+                Some(o) => o + y,
+                None => y,
+            });
+        }
+        out.expect("a MoE layer has at least one expert chunk").reshape([t, h])
+    }
+}

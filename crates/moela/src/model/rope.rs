@@ -1,0 +1,92 @@
+//! Rotary position embedding for the d_r rope dims, with YaRN frequencies (`deepseek-architecture.md` §3.2-3.3).
+//!
+//! Checkpoints store rope dims as interleaved pairs `(x[2i], x[2i+1])`. At load the rows producing them are
+//! permuted to half-split order `[x0, x2, .., x1, x3, ..]` (see [`deinterleave_rows`]), so here the rotation
+//! is the plain half-split form. Query and key get the same permutation, so every dot product is unchanged.
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::config::ModelConfig;
+
+/// Precomputed rope frequencies.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// Inverse frequency of each pair (YaRN applied), length d_r/2.
+    inv_freq: Vec<f64>,
+    /// cos/sin amplitude (YaRN's mscale ratio, 1 without YaRN).
+    amplitude: f64,
+}
+
+impl Rope {
+    /// Frequencies for a config.
+    pub fn new(config: &ModelConfig) -> Self {
+        let (inv_freq, amplitude) = config.rope_frequencies();
+        Self { inv_freq, amplitude }
+    }
+
+    /// cos and sin tables `[len, d_r/2]` for positions `start..start+len`.
+    pub fn tables(&self, start: usize, len: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in start..start + len {
+            for &f in &self.inv_freq {
+                // Angles in f64: positions past 2^24 would lose precision in f32.
+                let a = p as f64 * f;
+                cos.push((a.cos() * self.amplitude) as f32);
+                sin.push((a.sin() * self.amplitude) as f32);
+            }
+        }
+        (
+            Tensor::from_data(TensorData::new(cos, [len, half]), device),
+            Tensor::from_data(TensorData::new(sin, [len, half]), device),
+        )
+    }
+}
+
+/// Rotates `x` (`[.., len, d_r]`, half-split order) with tables from [`Rope::tables`].
+pub fn apply<const D: usize>(x: Tensor<D>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<D> {
+    let dims = x.dims();
+    let d = dims[D - 1];
+    let half = d / 2;
+    let mut tshape = [1usize; D];
+    tshape[D - 2] = dims[D - 2];
+    tshape[D - 1] = half;
+    let cos: Tensor<D> = cos.clone().reshape(tshape);
+    let sin: Tensor<D> = sin.clone().reshape(tshape);
+    let x1 = x.clone().narrow(D - 1, 0, half);
+    let x2 = x.narrow(D - 1, half, half);
+    let out1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
+    let out2 = x2 * cos + x1 * sin;
+    Tensor::cat(vec![out1, out2], D - 1)
+}
+
+/// Permutes the `d_r` rope rows found at `offset + k * stride` (k = 0..groups) of an `[out, in]` weight
+/// from interleaved pairs to half-split order.
+pub fn deinterleave_rows(weight: &mut [f32], cols: usize, offset: usize, stride: usize, groups: usize, d_r: usize) {
+    let half = d_r / 2;
+    let mut tmp = vec![0f32; d_r * cols];
+    for g in 0..groups {
+        let base = offset + g * stride;
+        let rows = &mut weight[base * cols..(base + d_r) * cols];
+        for i in 0..half {
+            tmp[i * cols..(i + 1) * cols].copy_from_slice(&rows[(2 * i) * cols..(2 * i + 1) * cols]);
+            tmp[(half + i) * cols..(half + i + 1) * cols]
+                .copy_from_slice(&rows[(2 * i + 1) * cols..(2 * i + 2) * cols]);
+        }
+        rows.copy_from_slice(&tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deinterleave_moves_even_rows_first() {
+        // 2 groups of 4 rope rows after 1 plain row each, 1 column.
+        let mut w: Vec<f32> = (0..10).map(|v| v as f32).collect();
+        deinterleave_rows(&mut w, 1, 1, 5, 2, 4);
+        assert_eq!(w, vec![0., 1., 3., 2., 4., 5., 6., 8., 7., 9.]);
+    }
+}

@@ -1,0 +1,432 @@
+//! The whole decoder: embedding, N x (RMSNorm -> MLA -> RMSNorm -> dense MLP | MoE), final norm, head.
+//!
+//! Weights are read by their HF names at the load site below (`deepseek-architecture.md` §2).
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::mla::{Mla, QProj};
+use super::mlp::Mlp;
+use super::moe::{ExpertChunk, Moe};
+use super::norm::RmsNorm;
+use super::rope::{Rope, deinterleave_rows};
+use super::{Linear, MAX_BINDING_BYTES, WeightDtype, transpose, upload};
+use crate::cache::LatentCache;
+use crate::config::{ModelConfig, TopkMethod};
+use crate::error::{Error, Result};
+use crate::load::{HostTensor, Progress, WeightSet};
+
+/// The feed-forward half of a block.
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    /// The first `first_k_dense_replace` layers.
+    Dense(Mlp),
+    /// DeepSeekMoE.
+    Moe(Box<Moe>),
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// `input_layernorm`.
+    pub attn_norm: RmsNorm,
+    /// Multi-head latent attention.
+    pub attn: Mla,
+    /// `post_attention_layernorm`.
+    pub ffn_norm: RmsNorm,
+    /// MLP or MoE.
+    pub ffn: FeedForward,
+}
+
+/// Which logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Every position (`[T, V]`): evaluation, tests.
+    All,
+    /// Only the last position (`[1, V]`): generation.
+    Last,
+}
+
+/// A loaded DeepSeek-V2/V3 model on one device.
+#[derive(Debug)]
+pub struct Transformer {
+    /// The validated config.
+    pub config: ModelConfig,
+    /// `model.embed_tokens.weight` kept on the host (`[V, H]` row-major): a lookup reads T rows and uploads
+    /// `[T, H]`, so the largest matrix never has to fit a storage binding.
+    embed: Vec<f32>,
+    /// Decoder layers.
+    pub blocks: Vec<Block>,
+    /// `model.norm`.
+    pub norm: RmsNorm,
+    /// `lm_head` (`[H] -> [V]`), split by vocabulary rows to fit bindings.
+    pub head: Linear,
+    /// Rope tables' source.
+    pub rope: Rope,
+    /// The device everything lives on.
+    pub device: Device,
+    /// Weight dtype on the GPU.
+    pub dtype: WeightDtype,
+}
+
+/// Reads tensors by HF name, checking shapes, and reports progress.
+struct Reader<'a> {
+    set: &'a WeightSet,
+    done: u64,
+    total: u64,
+    progress: &'a mut dyn FnMut(Progress),
+}
+
+impl Reader<'_> {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let t = self.set.read(name, shape)?;
+        self.done += self.set.byte_len(name);
+        (self.progress)(Progress {
+            loaded: self.done.min(self.total),
+            total: self.total,
+        });
+        Ok(t)
+    }
+}
+
+impl Transformer {
+    /// Builds the model from a checkpoint's tensors, converting to `dtype` on `device`.
+    pub fn load(
+        config: ModelConfig,
+        set: &WeightSet,
+        dtype: WeightDtype,
+        device: &Device,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Self> {
+        let c = &config;
+        let (h, v) = (c.hidden_size, c.vocab_size);
+        let total = all_names(c).iter().map(|n| set.byte_len(n)).sum();
+        let mut r = Reader {
+            set,
+            done: 0,
+            total,
+            progress,
+        };
+        let norm = |r: &mut Reader, name: &str, n: usize, eps: f64| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(r.get(name, &[n])?.data, eps, device))
+        };
+
+        let embed = r.get("model.embed_tokens.weight", &[v, h])?.data;
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}.");
+            let attn_norm = norm(&mut r, &format!("{p}input_layernorm.weight"), h, c.rms_norm_eps)?;
+            let ffn_norm = norm(
+                &mut r,
+                &format!("{p}post_attention_layernorm.weight"),
+                h,
+                c.rms_norm_eps,
+            )?;
+            let attn = load_mla(c, &mut r, &p, dtype, device)?;
+            let ffn = if c.is_moe_layer(i) {
+                FeedForward::Moe(Box::new(load_moe(c, &mut r, &p, dtype, device)?))
+            } else {
+                FeedForward::Dense(load_mlp(
+                    &mut r,
+                    &format!("{p}mlp."),
+                    h,
+                    c.intermediate_size,
+                    dtype,
+                    device,
+                )?)
+            };
+            blocks.push(Block {
+                attn_norm,
+                attn,
+                ffn_norm,
+                ffn,
+            });
+        }
+        let final_norm = norm(&mut r, "model.norm.weight", h, c.rms_norm_eps)?;
+        let head_name = if c.tie_word_embeddings && !set.contains("lm_head.weight") {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        let head_rows = if head_name == "lm_head.weight" {
+            r.get(head_name, &[v, h])?.data
+        } else {
+            embed.clone()
+        };
+        let head = Linear::from_rows(&head_rows, v, h, dtype, device);
+        Ok(Self {
+            rope: Rope::new(c),
+            config,
+            embed,
+            blocks,
+            norm: final_norm,
+            head,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Runs `tokens` at positions `cache.len()..`, appending their latents to the cache.
+    ///
+    /// Returns logits `[T, V]` or `[1, V]`. Nothing is read back to the host.
+    pub fn forward(&self, tokens: &[u32], cache: &mut LatentCache, which: LogitsFor) -> Result<Tensor<2>> {
+        let t = tokens.len();
+        let pos = cache.len();
+        if t == 0 {
+            return Err(Error::InvalidArgument("no tokens to run".into()));
+        }
+        if pos + t > cache.capacity() {
+            return Err(Error::Limit(format!(
+                "context full: {pos} cached + {t} new tokens exceed the session's max_context of {}",
+                cache.capacity()
+            )));
+        }
+        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
+        let mut rows = Vec::with_capacity(t * h);
+        for &id in tokens {
+            let id = id as usize;
+            if id >= v {
+                return Err(Error::InvalidArgument(format!(
+                    "token id {id} is outside the vocabulary (vocab_size {v})"
+                )));
+            }
+            rows.extend_from_slice(&self.embed[id * h..(id + 1) * h]);
+        }
+        let mut x: Tensor<2> = Tensor::from_data(TensorData::new(rows, [t, h]), &self.device);
+        let tables = self.rope.tables(pos, t, &self.device);
+        for (i, b) in self.blocks.iter().enumerate() {
+            let a = b.attn.forward(
+                b.attn_norm.forward(x.clone()),
+                pos,
+                cache.layer_mut(i),
+                &tables,
+                &self.device,
+            );
+            x = x + a;
+            let n = b.ffn_norm.forward(x.clone());
+            let f = match &b.ffn {
+                FeedForward::Dense(m) => m.forward(n),
+                FeedForward::Moe(m) => m.forward(n),
+            };
+            x = x + f;
+        }
+        cache.advance(t);
+        let x = match which {
+            LogitsFor::All => x,
+            LogitsFor::Last => x.narrow(0, t - 1, 1),
+        };
+        Ok(self.head.forward(self.norm.forward(x)))
+    }
+}
+
+fn load_mla(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device: &Device) -> Result<Mla> {
+    let (h, n_h, d_n, d_r, d_v, r_kv) = (
+        c.hidden_size,
+        c.num_attention_heads,
+        c.qk_nope_head_dim,
+        c.qk_rope_head_dim,
+        c.v_head_dim,
+        c.kv_lora_rank,
+    );
+    let d_qk = d_n + d_r;
+    // The query's rope rows (per head, after d_n nope rows) go to half-split order (rope.rs).
+    let q_rows = |mut w: Vec<f32>, cols: usize| {
+        if c.rope_interleave {
+            deinterleave_rows(&mut w, cols, d_n, d_qk, n_h, d_r);
+        }
+        Linear::from_rows(&w, n_h * d_qk, cols, dtype, device)
+    };
+    let q = match c.q_lora_rank {
+        None => QProj::Plain(q_rows(
+            r.get(&format!("{p}self_attn.q_proj.weight"), &[n_h * d_qk, h])?.data,
+            h,
+        )),
+        Some(r_q) => QProj::Lora {
+            a: Linear::from_rows(
+                &r.get(&format!("{p}self_attn.q_a_proj.weight"), &[r_q, h])?.data,
+                r_q,
+                h,
+                dtype,
+                device,
+            ),
+            // q_a_layernorm / kv_a_layernorm use eps 1e-6 whatever rms_norm_eps says (§2).
+            norm: RmsNorm::new(
+                r.get(&format!("{p}self_attn.q_a_layernorm.weight"), &[r_q])?.data,
+                1e-6,
+                device,
+            ),
+            b: q_rows(
+                r.get(&format!("{p}self_attn.q_b_proj.weight"), &[n_h * d_qk, r_q])?
+                    .data,
+                r_q,
+            ),
+        },
+    };
+    let mut kv_a = r
+        .get(&format!("{p}self_attn.kv_a_proj_with_mqa.weight"), &[r_kv + d_r, h])?
+        .data;
+    if c.rope_interleave {
+        deinterleave_rows(&mut kv_a, h, r_kv, 0, 1, d_r);
+    }
+    let kv_a = Linear::from_rows(&kv_a, r_kv + d_r, h, dtype, device);
+    let kv_a_norm = RmsNorm::new(
+        r.get(&format!("{p}self_attn.kv_a_layernorm.weight"), &[r_kv])?.data,
+        1e-6,
+        device,
+    );
+
+    // kv_b rows per head: [k_nope (d_n) | v (d_v)], each over r_kv columns (§3.4).
+    let kv_b = r
+        .get(&format!("{p}self_attn.kv_b_proj.weight"), &[n_h * (d_n + d_v), r_kv])?
+        .data;
+    let mut w_uk = Vec::with_capacity(n_h * d_n * r_kv);
+    let mut w_uv_t = Vec::with_capacity(n_h * r_kv * d_v);
+    for head in 0..n_h {
+        let base = head * (d_n + d_v) * r_kv;
+        w_uk.extend_from_slice(&kv_b[base..base + d_n * r_kv]);
+        let v_rows = &kv_b[base + d_n * r_kv..base + (d_n + d_v) * r_kv];
+        w_uv_t.extend(transpose(v_rows, d_v, r_kv));
+    }
+    let o = Linear::from_rows(
+        &r.get(&format!("{p}self_attn.o_proj.weight"), &[h, n_h * d_v])?.data,
+        h,
+        n_h * d_v,
+        dtype,
+        device,
+    );
+    Ok(Mla {
+        q,
+        kv_a,
+        kv_a_norm,
+        w_uk: upload(w_uk, [n_h, d_n, r_kv], dtype, device),
+        w_uv_t: upload(w_uv_t, [n_h, r_kv, d_v], dtype, device),
+        o,
+        heads: n_h,
+        nope: d_n,
+        rope: d_r,
+        rank: r_kv,
+        v: d_v,
+        scale: c.softmax_scale(),
+    })
+}
+
+/// `gate_proj` and `up_proj` rows stacked (`[2I, H]`), the order [`Mlp`] splits them in.
+fn gate_up_rows(r: &mut Reader, p: &str, h: usize, i: usize) -> Result<Vec<f32>> {
+    let mut rows = r.get(&format!("{p}gate_proj.weight"), &[i, h])?.data;
+    rows.extend(r.get(&format!("{p}up_proj.weight"), &[i, h])?.data);
+    Ok(rows)
+}
+
+fn load_mlp(r: &mut Reader, p: &str, h: usize, i: usize, dtype: WeightDtype, device: &Device) -> Result<Mlp> {
+    let gu = gate_up_rows(r, p, h, i)?;
+    let down = r.get(&format!("{p}down_proj.weight"), &[h, i])?.data;
+    Ok(Mlp {
+        gate_up: Linear::from_rows(&gu, 2 * i, h, dtype, device),
+        down: Linear::from_rows(&down, h, i, dtype, device),
+        width: i,
+    })
+}
+
+fn load_moe(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device: &Device) -> Result<Moe> {
+    let (h, e, i) = (c.hidden_size, c.n_routed_experts, c.moe_intermediate_size);
+    let router = Linear::from_rows(
+        &r.get(&format!("{p}mlp.gate.weight"), &[e, h])?.data,
+        e,
+        h,
+        WeightDtype::F32,
+        device,
+    );
+    let correction_bias = if c.topk_method == TopkMethod::NoauxTc {
+        let b = r.get(&format!("{p}mlp.gate.e_score_correction_bias"), &[e])?.data;
+        Some(Tensor::from_data(TensorData::new(b, [e]), device))
+    } else {
+        None
+    };
+    // As many experts per chunk as fit one binding (one expert's [H, 2I] is the larger matrix).
+    let per_expert = h * 2 * i * dtype.bytes();
+    let per_chunk = (MAX_BINDING_BYTES / per_expert.max(1)).clamp(1, e);
+    let mut chunks = Vec::new();
+    for first in (0..e).step_by(per_chunk) {
+        let count = per_chunk.min(e - first);
+        let mut gu_t = Vec::with_capacity(count * h * 2 * i);
+        let mut down_t = Vec::with_capacity(count * i * h);
+        for x in first..first + count {
+            let ep = format!("{p}mlp.experts.{x}.");
+            gu_t.extend(transpose(&gate_up_rows(r, &ep, h, i)?, 2 * i, h));
+            down_t.extend(transpose(&r.get(&format!("{ep}down_proj.weight"), &[h, i])?.data, h, i));
+        }
+        chunks.push(ExpertChunk {
+            first,
+            count,
+            gate_up_t: upload(gu_t, [count, h, 2 * i], dtype, device),
+            down_t: upload(down_t, [count, i, h], dtype, device),
+        });
+    }
+    let shared = if c.n_shared_experts > 0 {
+        Some(load_mlp(
+            r,
+            &format!("{p}mlp.shared_experts."),
+            h,
+            c.n_shared_experts * i,
+            dtype,
+            device,
+        )?)
+    } else {
+        None
+    };
+    Ok(Moe {
+        router,
+        correction_bias,
+        chunks,
+        shared,
+        experts: e,
+        top_k: c.num_experts_per_tok,
+        width: i,
+        scoring: c.scoring_func,
+        method: c.topk_method,
+        n_group: c.n_group.max(1),
+        topk_group: c.topk_group.max(1),
+        norm_topk_prob: c.norm_topk_prob,
+        routed_scaling_factor: c.routed_scaling_factor,
+    })
+}
+
+/// Every tensor name the model reads (for progress totals and parameter counts).
+pub fn all_names(c: &ModelConfig) -> Vec<String> {
+    let mut names = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".into()];
+    if !c.tie_word_embeddings {
+        names.push("lm_head.weight".into());
+    }
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}.");
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            names.push(format!("{p}{n}.weight"));
+        }
+        let attn: &[&str] = if c.q_lora_rank.is_some() {
+            &["q_a_proj", "q_a_layernorm", "q_b_proj"]
+        } else {
+            &["q_proj"]
+        };
+        for n in attn
+            .iter()
+            .chain(&["kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"])
+        {
+            names.push(format!("{p}self_attn.{n}.weight"));
+        }
+        let proj = ["gate_proj", "up_proj", "down_proj"];
+        if c.is_moe_layer(l) {
+            names.push(format!("{p}mlp.gate.weight"));
+            if c.topk_method == TopkMethod::NoauxTc {
+                names.push(format!("{p}mlp.gate.e_score_correction_bias"));
+            }
+            for x in 0..c.n_routed_experts {
+                names.extend(proj.iter().map(|n| format!("{p}mlp.experts.{x}.{n}.weight")));
+            }
+            if c.n_shared_experts > 0 {
+                names.extend(proj.iter().map(|n| format!("{p}mlp.shared_experts.{n}.weight")));
+            }
+        } else {
+            names.extend(proj.iter().map(|n| format!("{p}mlp.{n}.weight")));
+        }
+    }
+    names
+}

@@ -1,0 +1,232 @@
+//! Generation on the fixtures: streaming events, the thinking budget, cache reuse across turns, determinism.
+
+use std::path::{Path, PathBuf};
+
+use moela::{
+    Engine, Event, FinishReason, GenerateOptions, LoadOptions, Message, SamplingOptions, SessionOptions, Stats,
+};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn load(name: &str) -> Engine {
+    Engine::load_dir(&fixture(name), LoadOptions::default(), &mut |_| {}).unwrap()
+}
+
+struct Collected {
+    reasoning: String,
+    content: String,
+    stats: Stats,
+    order: Vec<&'static str>,
+}
+
+fn collect(mut g: moela::Generation<'_, '_>) -> Collected {
+    let (mut reasoning, mut content, mut stats, mut order) = (String::new(), String::new(), None, Vec::new());
+    while let Some(ev) = g.next_blocking() {
+        match ev.unwrap() {
+            Event::Reasoning(t) => {
+                assert!(!t.is_empty());
+                reasoning.push_str(&t);
+                order.push("r");
+            }
+            Event::Content(t) => {
+                assert!(!t.is_empty());
+                content.push_str(&t);
+                order.push("c");
+            }
+            Event::Done(s) => stats = Some(s),
+        }
+    }
+    Collected {
+        reasoning,
+        content,
+        stats: stats.expect("a Done event ends every generation"),
+        order,
+    }
+}
+
+fn user(text: &str) -> Vec<Message> {
+    vec![Message {
+        role: "user".into(),
+        content: text.into(),
+    }]
+}
+
+#[test]
+fn greedy_generation_is_reproducible_and_matches_logits_argmax() {
+    let engine = load("v2-lite-tiny");
+    let options = GenerateOptions {
+        max_tokens: 10,
+        ..Default::default()
+    };
+    let mut s1 = engine.session(SessionOptions::default()).unwrap();
+    let mut g = s1.complete("the cat sat", options.clone()).unwrap();
+    while g.next_blocking().is_some() {}
+    let first = g.generated().to_vec();
+    assert!(!first.is_empty());
+    // Greedy tokens equal the argmax of the prefill logits of the growing sequence.
+    let tok = engine.tokenizer().unwrap();
+    let mut seq = tok.encode("the cat sat", true).unwrap();
+    for &t in &first {
+        let logits = pollster::block_on(engine.logits(&seq)).unwrap();
+        let last = logits.last().unwrap();
+        let arg = (0..last.len()).fold(0, |b, i| if last[i] > last[b] { i } else { b });
+        assert_eq!(arg as u32, t);
+        seq.push(t);
+        if engine.config().eos_token_id == Some(t) {
+            break;
+        }
+    }
+    let mut s2 = engine.session(SessionOptions::default()).unwrap();
+    let mut g = s2.complete("the cat sat", options).unwrap();
+    while g.next_blocking().is_some() {}
+    assert_eq!(g.generated(), &first[..]);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let engine = load("v3-tiny");
+    let run = |seed| {
+        let mut s = engine.session(SessionOptions::default()).unwrap();
+        let sampling = SamplingOptions {
+            temperature: 1.0,
+            top_p: 0.95,
+            seed,
+            ..Default::default()
+        };
+        let mut g = s
+            .chat(
+                &user("hello"),
+                GenerateOptions {
+                    max_tokens: 12,
+                    sampling,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        while g.next_blocking().is_some() {}
+        g.generated().to_vec()
+    };
+    assert_eq!(run(7), run(7));
+    assert_ne!(run(7), run(8));
+}
+
+#[test]
+fn the_r1_template_starts_in_reasoning_and_the_budget_closes_it() {
+    let engine = load("v3-tiny");
+    let mut s = engine.session(SessionOptions::default()).unwrap();
+    let c = collect(
+        s.chat(
+            &user("What is 2 + 3?"),
+            GenerateOptions {
+                max_tokens: 8,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    assert!(
+        !c.reasoning.is_empty(),
+        "the generation prompt opens <think>, so text starts as reasoning"
+    );
+    assert!(!c.reasoning.contains("<think>"));
+    assert_eq!(c.order.first(), Some(&"r"));
+
+    let options = GenerateOptions {
+        max_tokens: 20,
+        thinking_budget: Some(3),
+        ..Default::default()
+    };
+    let mut s = engine.session(SessionOptions::default()).unwrap();
+    let c = collect(s.chat(&user("What is 2 + 3?"), options).unwrap());
+    assert!(!c.reasoning.contains("</think>") && !c.content.contains("</think>"));
+    if c.stats.finish_reason != FinishReason::Eos {
+        assert!(
+            !c.content.is_empty(),
+            "after the budget the text is content: {:?}",
+            c.order
+        );
+        let first_content = c.order.iter().position(|k| *k == "c").unwrap();
+        assert!(c.order[first_content..].iter().all(|k| *k == "c"), "{:?}", c.order);
+    }
+}
+
+#[test]
+fn a_follow_up_turn_reuses_the_cache() {
+    let engine = load("v3-tiny");
+    let mut s = engine.session(SessionOptions::default()).unwrap();
+    let mut messages = user("What is 2 + 3?");
+    let first = collect(
+        s.chat(
+            &messages,
+            GenerateOptions {
+                max_tokens: 6,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    assert_eq!(first.stats.reused_tokens, 0);
+    messages.push(Message {
+        role: "assistant".into(),
+        content: first.content.clone(),
+    });
+    messages.push(Message {
+        role: "user".into(),
+        content: "And 4 + 4?".into(),
+    });
+    let second = collect(
+        s.chat(
+            &messages,
+            GenerateOptions {
+                max_tokens: 6,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    assert!(
+        second.stats.reused_tokens >= first.stats.prompt_tokens - 2,
+        "reused {} of the first turn's {} prompt tokens",
+        second.stats.reused_tokens,
+        first.stats.prompt_tokens
+    );
+    assert!(second.stats.prompt_tokens > first.stats.prompt_tokens);
+    assert!(second.stats.cache_bytes > 0);
+}
+
+#[test]
+fn stop_strings_and_max_tokens_end_generation() {
+    let engine = load("v2-lite-tiny");
+    let mut s = engine.session(SessionOptions::default()).unwrap();
+    let c = collect(
+        s.complete(
+            "the cat",
+            GenerateOptions {
+                max_tokens: 5,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    assert!(c.stats.generated_tokens <= 5);
+    if c.stats.finish_reason != FinishReason::Eos {
+        assert_eq!(c.stats.finish_reason, FinishReason::Length);
+    }
+    // Stop on the first character the model would print: nothing is emitted, the reason is Stop.
+    let text = c.content.clone() + &c.reasoning;
+    if let Some(ch) = text.chars().find(|c| !c.is_whitespace()) {
+        let mut s = engine.session(SessionOptions::default()).unwrap();
+        let options = GenerateOptions {
+            max_tokens: 5,
+            stop: vec![ch.to_string()],
+            ..Default::default()
+        };
+        let stopped = collect(s.complete("the cat", options).unwrap());
+        assert_eq!(stopped.stats.finish_reason, FinishReason::Stop);
+        assert!(!stopped.content.contains(ch) && !stopped.reasoning.contains(ch));
+    }
+}
