@@ -1,0 +1,487 @@
+//! `moela`: run DeepSeek-architecture models (MLA + MoE) on any wgpu adapter.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use moela::bench::bench;
+use moela::preset::{PRESETS, preset_files};
+use moela::{
+    CheckpointFiles, Engine, Event, GenerateOptions, LoadOptions, Message, Progress, SamplingOptions, SessionOptions,
+    Stats, WeightDtype,
+};
+
+/// The model used when `--model` is not given: the checkpoint folder shipped with moela.
+const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/v3-tiny");
+
+#[derive(Parser)]
+#[command(
+    name = "moela",
+    version,
+    about = "Run DeepSeek-V2/V3/R1-architecture models on WebGPU (Vulkan, Metal, DX12)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an answer to one prompt, streaming reasoning and answer apart.
+    Run(RunArgs),
+    /// A multi-turn chat in the terminal that keeps the latent cache between turns.
+    Chat(ChatArgs),
+    /// Print the logits at every position of a token sequence as JSON.
+    Logits(LogitsArgs),
+    /// Describe a model: parameters, experts, and what the latent cache saves.
+    Info(InfoArgs),
+    /// Measure prefill and decode speed against the device's copy bandwidth (JSON with --json).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// An HF checkpoint folder (config.json, *.safetensors, tokenizer.json, tokenizer_config.json).
+    /// Defaults to the model shipped with moela.
+    #[arg(long, short)]
+    model: Option<PathBuf>,
+    /// Weight dtype on the GPU: f32, or f16 where the adapter has shader-f16.
+    #[arg(long, default_value = "f32")]
+    weights: String,
+}
+
+#[derive(Args)]
+struct GenArgs {
+    /// Most tokens to generate (reasoning included).
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the K most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Drop tokens less likely than P times the most likely one (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Penalise tokens already seen (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Close the reasoning after N tokens by inserting </think>.
+    #[arg(long)]
+    thinking_budget: Option<usize>,
+    /// Stop when the answer contains this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Do not print the reasoning.
+    #[arg(long)]
+    hide_reasoning: bool,
+    /// Tokens of context the session holds (default: min(max_position_embeddings, 4096)).
+    #[arg(long, default_value_t = 0)]
+    max_context: usize,
+}
+
+impl GenArgs {
+    fn options(&self) -> GenerateOptions {
+        GenerateOptions {
+            sampling: SamplingOptions {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+            },
+            max_tokens: self.max_tokens,
+            thinking_budget: self.thinking_budget,
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt (a user message, unless --raw).
+    #[arg(long, short)]
+    prompt: String,
+    /// Feed the prompt as raw text, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    #[command(flatten)]
+    gen_args: GenArgs,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A system message to start the conversation with.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    gen_args: GenArgs,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated token ids, e.g. 0,15,300.
+    #[arg(long, value_delimiter = ',', required = true)]
+    tokens: Vec<u32>,
+    /// Feed the tokens one at a time through the latent cache instead of one prefill.
+    #[arg(long)]
+    decode: bool,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A random-weight model in the shape of a real checkpoint instead of --model
+    /// (v2-lite-mini, v3-mini).
+    #[arg(long, conflicts_with = "model")]
+    preset: Option<String>,
+    /// Prompt tokens to prefill.
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 16)]
+    gen_tokens: usize,
+    /// Seed of the preset weights and prompt.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(a) => cmd_run(a),
+        Command::Chat(a) => cmd_chat(a),
+        Command::Logits(a) => cmd_logits(a),
+        Command::Info(a) => cmd_info(a),
+        Command::Bench(a) => cmd_bench(a),
+    }
+}
+
+fn model_dir(args: &ModelArgs) -> PathBuf {
+    args.model.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL))
+}
+
+fn load_files(files: CheckpointFiles, args: &ModelArgs, what: &str) -> Result<Engine> {
+    let dtype = WeightDtype::parse(&args.weights)?;
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("loading {msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(what.to_string());
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let device = moela::default_device()?;
+    let engine = Engine::load(files, LoadOptions { dtype }, &device, &mut |p: Progress| {
+        bar.set_length(p.total);
+        bar.set_position(p.loaded);
+    })
+    .with_context(|| format!("loading {what}"))?;
+    bar.finish_and_clear();
+    Ok(engine)
+}
+
+fn load(args: &ModelArgs) -> Result<Engine> {
+    let dir = model_dir(args);
+    let files = CheckpointFiles::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+    load_files(files, args, &dir.display().to_string())
+}
+
+/// Prints events: reasoning dimmed on a terminal (or hidden), the answer plain, stats on stderr.
+struct Printer {
+    hide_reasoning: bool,
+    tty: bool,
+    in_reasoning: bool,
+}
+
+impl Printer {
+    fn new(hide_reasoning: bool) -> Self {
+        Self {
+            hide_reasoning,
+            tty: std::io::stdout().is_terminal(),
+            in_reasoning: false,
+        }
+    }
+
+    fn event(&mut self, ev: Event, answer: &mut String) -> Result<Option<Stats>> {
+        let mut out = std::io::stdout().lock();
+        match ev {
+            Event::Reasoning(t) => {
+                if !self.hide_reasoning {
+                    if !self.in_reasoning {
+                        write!(out, "{}", if self.tty { "\x1b[2m" } else { "<think>\n" })?;
+                        self.in_reasoning = true;
+                    }
+                    write!(out, "{t}")?;
+                }
+            }
+            Event::Content(t) => {
+                self.close(&mut out)?;
+                answer.push_str(&t);
+                write!(out, "{t}")?;
+            }
+            Event::Done(stats) => {
+                self.close(&mut out)?;
+                writeln!(out)?;
+                return Ok(Some(stats));
+            }
+        }
+        out.flush()?;
+        Ok(None)
+    }
+
+    fn close(&mut self, out: &mut impl Write) -> Result<()> {
+        if self.in_reasoning {
+            write!(out, "{}", if self.tty { "\x1b[0m\n" } else { "\n</think>\n" })?;
+            self.in_reasoning = false;
+        }
+        Ok(())
+    }
+}
+
+fn print_stats(s: &Stats) {
+    eprintln!(
+        "[{} prompt tokens ({} reused), {} generated, prefill {:.1} tok/s, decode {:.2} tok/s, cache {} KiB, {:?}]",
+        s.prompt_tokens,
+        s.reused_tokens,
+        s.generated_tokens,
+        s.prefill_tokens_per_second,
+        s.decode_tokens_per_second,
+        s.cache_bytes / 1024,
+        s.finish_reason
+    );
+}
+
+fn cmd_run(a: RunArgs) -> Result<()> {
+    let engine = load(&a.model)?;
+    let mut session = engine.session(SessionOptions {
+        max_context: a.gen_args.max_context,
+    })?;
+    let options = a.gen_args.options();
+    let mut generation = if a.raw {
+        session.complete(&a.prompt, options)?
+    } else {
+        let messages = [Message {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        }];
+        session.chat(&messages, options)?
+    };
+    let mut printer = Printer::new(a.gen_args.hide_reasoning);
+    let mut answer = String::new();
+    while let Some(ev) = generation.next_blocking() {
+        if let Some(stats) = printer.event(ev?, &mut answer)? {
+            print_stats(&stats);
+        }
+    }
+    Ok(())
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let engine = load(&a.model)?;
+    let mut session = engine.session(SessionOptions {
+        max_context: a.gen_args.max_context,
+    })?;
+    let mut messages: Vec<Message> = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(Message {
+            role: "system".into(),
+            content: s.clone(),
+        });
+    }
+    eprintln!("moela chat: type a message; /reset starts over, /exit or Ctrl-D quits.");
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages.retain(|m| m.role == "system");
+                session.reset();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(Message {
+            role: "user".into(),
+            content: line.to_string(),
+        });
+        let mut printer = Printer::new(a.gen_args.hide_reasoning);
+        let mut answer = String::new();
+        let result: Result<()> = (|| {
+            let mut generation = session.chat(&messages, a.gen_args.options())?;
+            while let Some(ev) = generation.next_blocking() {
+                if let Some(stats) = printer.event(ev?, &mut answer)? {
+                    print_stats(&stats);
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            eprintln!("error: {e:#}");
+            messages.pop();
+            continue;
+        }
+        messages.push(Message {
+            role: "assistant".into(),
+            content: answer,
+        });
+    }
+    Ok(())
+}
+
+fn cmd_logits(a: LogitsArgs) -> Result<()> {
+    let engine = load(&a.model)?;
+    let logits = if a.decode {
+        pollster::block_on(engine.logits_decode(&a.tokens))?
+    } else {
+        pollster::block_on(engine.logits(&a.tokens))?
+    };
+    let out = serde_json::json!({ "tokens": a.tokens, "logits": logits });
+    println!("{out}");
+    Ok(())
+}
+
+fn cmd_info(a: InfoArgs) -> Result<()> {
+    let dir = model_dir(&a.model);
+    let bytes =
+        std::fs::read(dir.join("config.json")).with_context(|| format!("reading {}/config.json", dir.display()))?;
+    let config = moela::ModelConfig::from_json_bytes(&bytes, "config.json")?;
+    let info = moela::ModelInfo::new(&config, WeightDtype::parse(&a.model.weights)?);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    print_info(&dir, &info);
+    Ok(())
+}
+
+fn print_info(dir: &Path, i: &moela::ModelInfo) {
+    let b = |n: u64| format!("{:.3}B", n as f64 / 1e9);
+    println!("model          {}", dir.display());
+    println!("architecture   {}", i.architecture);
+    println!(
+        "parameters     {} total, {} active per token",
+        b(i.total_parameters),
+        b(i.active_parameters_per_token)
+    );
+    println!(
+        "layers         {} ({} dense), hidden {}, {} heads, vocab {}",
+        i.layers, i.dense_layers, i.hidden_size, i.heads, i.vocab_size
+    );
+    println!(
+        "experts        {} routed (top-{}, {}), {} shared",
+        i.routed_experts, i.experts_per_token, i.topk_method, i.shared_experts
+    );
+    println!(
+        "attention      MLA, q_lora_rank {:?}, kv_lora_rank {}, rope scaling {}",
+        i.q_lora_rank, i.kv_lora_rank, i.rope_scaling
+    );
+    println!(
+        "latent cache   {} values/token ({} bytes at f32) vs {} for an uncompressed MHA cache: {:.1}x smaller",
+        i.cache.values_per_token, i.cache.bytes_per_token, i.cache.mha_equivalent_values_per_token, i.cache.compression
+    );
+    println!(
+        "GPU weights    {:.1} MiB as {}",
+        i.gpu_weight_bytes as f64 / (1 << 20) as f64,
+        i.weight_dtype
+    );
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let (engine, name) = match &a.preset {
+        Some(p) => {
+            if !PRESETS.iter().any(|(n, _)| n == p) {
+                bail!(
+                    "unknown preset {p:?}; presets: {}",
+                    PRESETS.iter().map(|(n, d)| format!("\n  {n}: {d}")).collect::<String>()
+                );
+            }
+            let files = preset_files(p, a.seed)?;
+            (
+                load_files(files, &a.model, &format!("preset {p}"))?,
+                format!("preset:{p}"),
+            )
+        }
+        None => (load(&a.model)?, model_dir(&a.model).display().to_string()),
+    };
+    let report = pollster::block_on(bench(&engine, a.prompt_tokens, a.gen_tokens, a.seed))?;
+    let info = engine.info();
+    if a.json {
+        let out = serde_json::json!({
+            "model": name,
+            "adapter": format!("{:?}", moela::default_device()?),
+            "parameters": { "total": info.total_parameters, "active_per_token": info.active_parameters_per_token },
+            "bench": report,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("model            {name}");
+        println!(
+            "prefill          {:.1} tok/s ({} tokens)",
+            report.prefill_tokens_per_second, report.prompt_tokens
+        );
+        println!(
+            "decode           {:.2} tok/s ({} tokens)",
+            report.decode_tokens_per_second, report.gen_tokens
+        );
+        println!(
+            "bytes per token  {:.1} MiB",
+            report.bytes_per_token as f64 / (1 << 20) as f64
+        );
+        println!(
+            "bandwidth        {:.2} GB/s achieved, {:.2} GB/s copy: {:.1}% of the roofline",
+            report.achieved_bandwidth_gbs,
+            report.copy_bandwidth_gbs,
+            100.0 * report.roofline_fraction
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! The `moela` binary end to end on the committed fixtures.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn moela(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moela"))
+        .args(args)
+        .output()
+        .expect("moela runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = moela(args);
+    assert!(
+        out.status.success(),
+        "moela {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+#[test]
+fn logits_prefill_and_decode_match_the_reference() {
+    let dir = fixture("v2-group-odd");
+    let reference = json(&std::fs::read_to_string(dir.join("reference.json")).unwrap());
+    let tokens: Vec<String> = reference["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let tokens = tokens.join(",");
+    for extra in [None, Some("--decode")] {
+        let mut args = vec!["logits", "--model", dir.to_str().unwrap(), "--tokens", &tokens];
+        args.extend(extra);
+        let out = json(&ok(&args));
+        assert_eq!(out["tokens"], reference["tokens"]);
+        let got = out["logits"].as_array().unwrap();
+        let want = reference["logits"].as_array().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            let g: Vec<f64> = g.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            let w: Vec<f64> = w.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            let num: f64 = g.iter().zip(&w).map(|(a, b)| (a - b).powi(2)).sum();
+            let den: f64 = w.iter().map(|b| b * b).sum();
+            assert!(
+                (num / den).sqrt() <= 1e-2,
+                "{extra:?}: relative L2 {}",
+                (num / den).sqrt()
+            );
+        }
+    }
+}
+
+#[test]
+fn info_reports_the_cache_saving() {
+    let out = json(&ok(&[
+        "info",
+        "--model",
+        fixture("v3-tiny").to_str().unwrap(),
+        "--json",
+    ]));
+    // 3 layers x (kv_lora 32 + rope 8); MHA: 3 x 4 heads x (16 + 8 + 16).
+    assert_eq!(out["cache"]["values_per_token"], 120);
+    assert_eq!(out["cache"]["bytes_per_token"], 480);
+    assert_eq!(out["cache"]["mha_equivalent_values_per_token"], 480);
+    assert_eq!(out["architecture"], "deepseek_v3");
+    assert!(out["active_parameters_per_token"].as_u64() < out["total_parameters"].as_u64());
+}
+
+#[test]
+fn run_streams_reasoning_apart_and_reports_stats() {
+    let out = moela(&[
+        "run",
+        "--model",
+        fixture("v3-tiny").to_str().unwrap(),
+        "--prompt",
+        "What is 2 + 3?",
+        "--max-tokens",
+        "12",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    // The R1 template opens <think>, so the (random) model's text is reasoning, marked apart when piped.
+    assert!(stdout.starts_with("<think>\n"), "{stdout:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("generated") && stderr.contains("decode"), "{stderr}");
+    let hidden = ok(&[
+        "run",
+        "--model",
+        fixture("v3-tiny").to_str().unwrap(),
+        "--prompt",
+        "What is 2 + 3?",
+        "--max-tokens",
+        "12",
+        "--hide-reasoning",
+    ]);
+    assert!(!hidden.contains("<think>"), "{hidden:?}");
+}
+
+#[test]
+fn bad_inputs_fail_with_a_clear_message() {
+    let out = moela(&["run", "--model", "/nonexistent/model", "--prompt", "hi"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/model"), "{err}");
+    let out = moela(&["bench", "--preset", "gpt-5"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("v2-lite-mini"));
+    let out = moela(&[
+        "logits",
+        "--model",
+        fixture("v3-tiny").to_str().unwrap(),
+        "--tokens",
+        "1,99999",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("99999"));
+}
