@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -103,6 +104,7 @@ impl GenArgs {
             max_tokens: self.max_tokens,
             thinking_budget: self.thinking_budget,
             stop: self.stop.clone(),
+            record_routing: false,
         }
     }
 }
@@ -197,7 +199,7 @@ fn model_dir(args: &ModelArgs) -> PathBuf {
     args.model.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL))
 }
 
-fn load_files(files: CheckpointFiles, args: &ModelArgs, what: &str) -> Result<Engine> {
+fn load_files(files: CheckpointFiles, args: &ModelArgs, what: &str) -> Result<Arc<Engine>> {
     let dtype = WeightDtype::parse(&args.weights)?;
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);
@@ -217,10 +219,10 @@ fn load_files(files: CheckpointFiles, args: &ModelArgs, what: &str) -> Result<En
     })
     .with_context(|| format!("loading {what}"))?;
     bar.finish_and_clear();
-    Ok(engine)
+    Ok(Arc::new(engine))
 }
 
-fn load(args: &ModelArgs) -> Result<Engine> {
+fn load(args: &ModelArgs) -> Result<Arc<Engine>> {
     let dir = model_dir(args);
     let files = CheckpointFiles::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
     load_files(files, args, &dir.display().to_string())
@@ -259,6 +261,7 @@ impl Printer {
                 answer.push_str(&t);
                 write!(out, "{t}")?;
             }
+            Event::Routing(_) => {}
             Event::Done(stats) => {
                 self.close(&mut out)?;
                 writeln!(out)?;
@@ -385,8 +388,16 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
         pollster::block_on(engine.logits(&a.tokens))?
     };
     let out = serde_json::json!({ "tokens": a.tokens, "logits": logits });
-    println!("{out}");
-    Ok(())
+    print_line(&out.to_string())
+}
+
+/// Prints a line to stdout; a closed pipe (`moela logits ... | head`) ends quietly instead of panicking.
+fn print_line(s: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{s}").and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 fn cmd_info(a: InfoArgs) -> Result<()> {
@@ -396,7 +407,7 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
     let config = moela::ModelConfig::from_json_bytes(&bytes, "config.json")?;
     let info = moela::ModelInfo::new(&config, WeightDtype::parse(&a.model.weights)?);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        print_line(&serde_json::to_string_pretty(&info)?)?;
         return Ok(());
     }
     print_info(&dir, &info);
@@ -404,7 +415,11 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
 }
 
 fn print_info(dir: &Path, i: &moela::ModelInfo) {
-    let b = |n: u64| format!("{:.3}B", n as f64 / 1e9);
+    let b = |n: u64| match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n => n.to_string(),
+    };
     println!("model          {}", dir.display());
     println!("architecture   {}", i.architecture);
     println!(
@@ -420,9 +435,12 @@ fn print_info(dir: &Path, i: &moela::ModelInfo) {
         "experts        {} routed (top-{}, {}), {} shared",
         i.routed_experts, i.experts_per_token, i.topk_method, i.shared_experts
     );
+    let q = i
+        .q_lora_rank
+        .map_or("none (plain q_proj)".to_string(), |r| r.to_string());
     println!(
-        "attention      MLA, q_lora_rank {:?}, kv_lora_rank {}, rope scaling {}",
-        i.q_lora_rank, i.kv_lora_rank, i.rope_scaling
+        "attention      MLA, q_lora_rank {q}, kv_lora_rank {}, rope scaling {}",
+        i.kv_lora_rank, i.rope_scaling
     );
     println!(
         "latent cache   {} values/token ({} bytes at f32) vs {} for an uncompressed MHA cache: {:.1}x smaller",
@@ -461,7 +479,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             "parameters": { "total": info.total_parameters, "active_per_token": info.active_parameters_per_token },
             "bench": report,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        print_line(&serde_json::to_string_pretty(&out)?)?;
     } else {
         println!("model            {name}");
         println!(

@@ -34,28 +34,40 @@ pub struct BenchReport {
     pub roofline_fraction: f64,
 }
 
+/// Waits for the queue to drain by reading one value back (works where blocking is not allowed).
+async fn settle(t: &Tensor<1>) -> Result<()> {
+    t.clone()
+        .narrow(0, 0, 1)
+        .into_data_async()
+        .await
+        .map(|_| ())
+        .map_err(|e| Error::Device(format!("{e:?}")))
+}
+
 /// Measures the device's copy bandwidth in GB/s (bytes read + written per second).
-pub fn copy_bandwidth(device: &Device) -> Result<f64> {
-    let sync = |d: &Device| d.sync().map_err(|e| Error::Device(format!("{e:?}")));
+pub async fn copy_bandwidth(device: &Device) -> Result<f64> {
     let n = 16 << 20; // 16 Mi f32 = 64 MiB, within one binding
     let src: Tensor<1> = Tensor::ones([n], device);
     // Warm-up: compiles the kernel and touches the memory.
-    let _ = src.clone().add_scalar(1.0);
-    sync(device)?;
+    settle(&src.clone().add_scalar(1.0)).await?;
     let iters = 8;
-    let t0 = std::time::Instant::now();
-    let mut keep = Vec::with_capacity(iters);
+    let t0 = web_time::Instant::now();
+    let mut last = src.clone();
     for _ in 0..iters {
-        keep.push(src.clone().add_scalar(1.0));
+        last = src.clone().add_scalar(1.0);
     }
-    sync(device)?;
+    settle(&last).await?;
     let secs = t0.elapsed().as_secs_f64();
-    drop(keep);
     Ok((2 * n * 4 * iters) as f64 / secs / 1e9)
 }
 
 /// Runs `prompt_tokens` of prefill then `gen_tokens` greedy decode steps on random token ids.
-pub async fn bench(engine: &Engine, prompt_tokens: usize, gen_tokens: usize, seed: u64) -> Result<BenchReport> {
+pub async fn bench(
+    engine: &std::sync::Arc<Engine>,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    seed: u64,
+) -> Result<BenchReport> {
     if prompt_tokens == 0 || gen_tokens == 0 {
         return Err(Error::InvalidArgument(
             "bench needs at least 1 prompt token and 1 generated token".into(),
@@ -75,10 +87,10 @@ pub async fn bench(engine: &Engine, prompt_tokens: usize, gen_tokens: usize, see
     session.step(argmax(&logits)).await?;
     session.reset();
 
-    let t0 = std::time::Instant::now();
+    let t0 = web_time::Instant::now();
     let (mut logits, _) = session.prefill(&prompt).await?;
     let prefill = t0.elapsed().as_secs_f64();
-    let t1 = std::time::Instant::now();
+    let t1 = web_time::Instant::now();
     for _ in 0..gen_tokens {
         logits = session.step(argmax(&logits)).await?;
     }
@@ -90,7 +102,7 @@ pub async fn bench(engine: &Engine, prompt_tokens: usize, gen_tokens: usize, see
     let mean_context = (prompt_tokens + gen_tokens / 2) as u64;
     let bytes = active * engine.dtype().bytes() as u64 + mean_context * info.cache.bytes_per_token;
     let achieved = bytes as f64 * decode_tps / 1e9;
-    let copy = copy_bandwidth(&engine.model.device)?;
+    let copy = copy_bandwidth(&engine.model.device).await?;
     Ok(BenchReport {
         prompt_tokens,
         gen_tokens,

@@ -373,7 +373,7 @@ impl ModelConfig {
         if self.q_lora_rank == Some(0) {
             return Err(invalid("q_lora_rank", "must be null or greater than 0"));
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(invalid(
                 "qk_rope_head_dim",
                 format!("{} must be even (rope rotates pairs)", self.qk_rope_head_dim),
@@ -401,7 +401,7 @@ impl ModelConfig {
                 ));
             }
             if self.topk_method != TopkMethod::Greedy {
-                if self.n_group == 0 || e % self.n_group != 0 {
+                if self.n_group == 0 || !e.is_multiple_of(self.n_group) {
                     return Err(invalid(
                         "n_group",
                         format!("{} must divide n_routed_experts ({e})", self.n_group),

@@ -95,18 +95,49 @@ pub struct LoadOptions {
 
 static DEVICE: OnceLock<std::result::Result<Device, String>> = OnceLock::new();
 
+fn wgpu_options() -> burn::tensor::wgpu::WgpuOptions {
+    let options = Device::wgpu_options();
+    // On Linux only Vulkan is usable; asking for it alone also skips probing GL/EGL displays.
+    #[cfg(target_os = "linux")]
+    let options = options.graphics_api(burn::tensor::wgpu::WgpuBackend::Vulkan);
+    options
+}
+
+fn no_adapter(e: impl std::fmt::Display) -> String {
+    if cfg!(target_arch = "wasm32") {
+        format!(
+            "no WebGPU adapter ({e}). moela needs a browser with WebGPU enabled: Chrome or Edge 113+, \
+             Safari 26+, or Firefox 141+ (on Linux, Chrome needs --enable-unsafe-webgpu)"
+        )
+    } else {
+        format!(
+            "no usable GPU adapter ({e}). moela needs Vulkan, Metal or DX12; on Linux without a GPU \
+             install Mesa's lavapipe (Debian/Ubuntu: apt-get install mesa-vulkan-drivers)"
+        )
+    }
+}
+
 /// The process's one wgpu device, created on first use with the adapter's own limits and features.
+///
+/// Blocks while the adapter is requested: in a browser use [`default_device_async`].
 pub fn default_device() -> Result<Device> {
     DEVICE
-        .get_or_init(|| {
-            Device::wgpu_options().init().map_err(|e| {
-                format!(
-                    "no usable GPU adapter ({e}). moela needs Vulkan, Metal or DX12; on Linux without a GPU \
-                     install Mesa's lavapipe (Debian/Ubuntu: apt-get install mesa-vulkan-drivers)"
-                )
-            })
-        })
+        .get_or_init(|| wgpu_options().init().map_err(no_adapter))
         .clone()
+        .map_err(Error::Device)
+}
+
+/// [`default_device`] without blocking, as browsers require.
+pub async fn default_device_async() -> Result<Device> {
+    if let Some(d) = DEVICE.get() {
+        return d.clone().map_err(Error::Device);
+    }
+    let created = wgpu_options().init_async().await.map_err(no_adapter);
+    let _ = DEVICE.set(created);
+    DEVICE
+        .get()
+        .cloned()
+        .unwrap_or_else(|| Err("device initialisation raced".into()))
         .map_err(Error::Device)
 }
 
@@ -186,9 +217,9 @@ impl Engine {
         self.model.dtype
     }
 
-    /// Opens a session with its own latent cache.
-    pub fn session(&self, options: SessionOptions) -> Result<Session<'_>> {
-        Session::new(self, options)
+    /// Opens a session with its own latent cache (call on an `Arc<Engine>`).
+    pub fn session(self: &Arc<Self>, options: SessionOptions) -> Result<Session> {
+        Session::new(self.clone(), options)
     }
 
     pub(crate) fn new_cache(&self, max_context: usize) -> LatentCache {
@@ -198,7 +229,7 @@ impl Engine {
     /// Logits at every position of `tokens`, from one prefill (`[T][V]`).
     pub async fn logits(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         let mut cache = self.new_cache(tokens.len().max(1));
-        let out = self.model.forward(tokens, &mut cache, LogitsFor::All)?;
+        let out = self.model.forward(tokens, &mut cache, LogitsFor::All, None)?;
         read_rows(out).await
     }
 
@@ -209,7 +240,7 @@ impl Engine {
         for t in tokens {
             let out = self
                 .model
-                .forward(std::slice::from_ref(t), &mut cache, LogitsFor::Last)?;
+                .forward(std::slice::from_ref(t), &mut cache, LogitsFor::Last, None)?;
             rows.extend(read_rows(out).await?);
         }
         Ok(rows)

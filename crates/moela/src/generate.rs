@@ -4,7 +4,9 @@
 //! Per decoded token the only read-back is the logits row of the last position (sampling is on the host).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
+use burn::tensor::Tensor;
 use serde::Serialize;
 
 use crate::cache::LatentCache;
@@ -19,17 +21,11 @@ use crate::text::{StopMatcher, StreamDecoder, TextEvent, ThinkSplitter};
 pub const PREFILL_CHUNK: usize = 256;
 
 /// Options of a session.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct SessionOptions {
     /// Tokens the latent cache holds (prompt + answer, over all turns). 0 means
     /// `min(max_position_embeddings, 4096)`.
     pub max_context: usize,
-}
-
-impl Default for SessionOptions {
-    fn default() -> Self {
-        Self { max_context: 0 }
-    }
 }
 
 /// Options of one generation.
@@ -43,6 +39,8 @@ pub struct GenerateOptions {
     pub thinking_budget: Option<usize>,
     /// Stop when the text contains one of these (the stop string is not emitted).
     pub stop: Vec<String>,
+    /// Emit [`Event::Routing`] after each generated token (one more read-back per token).
+    pub record_routing: bool,
 }
 
 impl Default for GenerateOptions {
@@ -52,6 +50,7 @@ impl Default for GenerateOptions {
             max_tokens: 256,
             thinking_budget: None,
             stop: Vec::new(),
+            record_routing: false,
         }
     }
 }
@@ -100,28 +99,32 @@ pub enum Event {
     Reasoning(String),
     /// The answer.
     Content(String),
+    /// The experts each MoE layer chose for the token just generated, `[moe layer][k]`
+    /// (only with [`GenerateOptions::record_routing`]).
+    Routing(Vec<Vec<u32>>),
     /// The end, with numbers.
     Done(Stats),
 }
 
 /// A conversation's state on the GPU: the latent cache and the tokens it holds.
+///
+/// It holds its engine by `Arc`, so it can live as long as its owner needs (a browser tab, a server task).
 #[derive(Debug)]
-pub struct Session<'e> {
-    engine: &'e Engine,
+pub struct Session {
+    engine: Arc<Engine>,
     cache: LatentCache,
     tokens: Vec<u32>,
 }
 
+/// Seconds on a monotonic clock (also in browsers), for tok/s only; never asserted on.
 fn now() -> f64 {
-    // Wall clock for tok/s only; never asserted on.
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    static START: std::sync::OnceLock<web_time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(web_time::Instant::now).elapsed().as_secs_f64()
 }
 
-impl<'e> Session<'e> {
-    pub(crate) fn new(engine: &'e Engine, options: SessionOptions) -> Result<Self> {
+impl Session {
+    /// Opens a session on `engine` with its own latent cache.
+    pub fn new(engine: Arc<Engine>, options: SessionOptions) -> Result<Self> {
         let limit = engine.config().max_position_embeddings;
         let max_context = match options.max_context {
             0 => limit.min(4096),
@@ -133,15 +136,15 @@ impl<'e> Session<'e> {
             n => n,
         };
         Ok(Self {
-            engine,
             cache: engine.new_cache(max_context),
+            engine,
             tokens: Vec::new(),
         })
     }
 
     /// The engine this session runs on.
-    pub fn engine(&self) -> &'e Engine {
-        self.engine
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
     }
 
     /// Tokens held in the cache.
@@ -181,7 +184,11 @@ impl<'e> Session<'e> {
         self.tokens.truncate(common);
         let mut last = None;
         for chunk in prompt[common..].chunks(PREFILL_CHUNK) {
-            last = Some(self.engine.model.forward(chunk, &mut self.cache, LogitsFor::Last)?);
+            last = Some(
+                self.engine
+                    .model
+                    .forward(chunk, &mut self.cache, LogitsFor::Last, None)?,
+            );
             self.tokens.extend_from_slice(chunk);
         }
         let logits = last.ok_or_else(|| Error::InvalidArgument("empty prompt".into()))?;
@@ -191,13 +198,35 @@ impl<'e> Session<'e> {
 
     /// Runs one token through the cache and returns its logits.
     pub async fn step(&mut self, token: u32) -> Result<Vec<f32>> {
-        let out = self.engine.model.forward(&[token], &mut self.cache, LogitsFor::Last)?;
+        Ok(self.step_with_routing(token, false).await?.0)
+    }
+
+    /// [`Session::step`], also returning (when `record`) the experts each MoE layer chose for the token,
+    /// `[moe layer][k]`: one more read-back, for visualisations.
+    pub async fn step_with_routing(&mut self, token: u32, record: bool) -> Result<(Vec<f32>, Option<Vec<Vec<u32>>>)> {
+        let mut routing = Vec::new();
+        let out = self.engine.model.forward(
+            &[token],
+            &mut self.cache,
+            LogitsFor::Last,
+            record.then_some(&mut routing),
+        )?;
         self.tokens.push(token);
-        Ok(read_rows(out).await?.pop().unwrap_or_default())
+        let logits = read_rows(out).await?.pop().unwrap_or_default();
+        if routing.is_empty() {
+            return Ok((logits, None));
+        }
+        let k = routing[0].dims()[1];
+        let data = Tensor::cat(routing, 0)
+            .into_data_async()
+            .await
+            .map_err(|e| Error::Device(format!("reading routing back: {e:?}")))?;
+        let ids: Vec<u32> = data.iter::<i64>().map(|v| v as u32).collect();
+        Ok((logits, Some(ids.chunks(k).map(|c| c.to_vec()).collect())))
     }
 
     /// Continues the conversation `messages` (rendered with the checkpoint's chat template).
-    pub fn chat(&mut self, messages: &[Message], options: GenerateOptions) -> Result<Generation<'_, 'e>> {
+    pub fn chat(&mut self, messages: &[Message], options: GenerateOptions) -> Result<Generation<'_>> {
         let tok = self.engine.require_tokenizer()?;
         let text = tok.render_chat(messages, true)?;
         let ids = tok.encode(&text, false)?;
@@ -206,7 +235,7 @@ impl<'e> Session<'e> {
     }
 
     /// Continues raw text (no chat template; bos added as the tokenizer config says).
-    pub fn complete(&mut self, prompt: &str, options: GenerateOptions) -> Result<Generation<'_, 'e>> {
+    pub fn complete(&mut self, prompt: &str, options: GenerateOptions) -> Result<Generation<'_>> {
         let tok = self.engine.require_tokenizer()?;
         let ids = tok.encode(prompt, true)?;
         Generation::new(self, ids, options, prompt_opens_think(prompt))
@@ -214,8 +243,8 @@ impl<'e> Session<'e> {
 }
 
 /// A generation in progress: call [`Generation::next`] until it returns `None`.
-pub struct Generation<'s, 'e> {
-    session: &'s mut Session<'e>,
+pub struct Generation<'s> {
+    session: &'s mut Session,
     options: GenerateOptions,
     sampler: Sampler,
     decoder: StreamDecoder,
@@ -237,14 +266,9 @@ pub struct Generation<'s, 'e> {
     decode_start: f64,
 }
 
-impl<'s, 'e> Generation<'s, 'e> {
-    fn new(
-        session: &'s mut Session<'e>,
-        prompt: Vec<u32>,
-        options: GenerateOptions,
-        opens_think: bool,
-    ) -> Result<Self> {
-        let engine = session.engine;
+impl<'s> Generation<'s> {
+    fn new(session: &'s mut Session, prompt: Vec<u32>, options: GenerateOptions, opens_think: bool) -> Result<Self> {
+        let engine = session.engine.clone();
         let tok = engine.require_tokenizer()?;
         let sampler = Sampler::new(options.sampling.clone())?;
         if options.max_tokens == 0 {
@@ -364,7 +388,14 @@ impl<'s, 'e> Generation<'s, 'e> {
         if self.session.cache.len() >= self.session.cache.capacity() {
             return self.finish(FinishReason::ContextFull);
         }
-        self.logits = self.session.step(token).await?;
+        let (logits, routing) = self
+            .session
+            .step_with_routing(token, self.options.record_routing)
+            .await?;
+        self.logits = logits;
+        if let Some(r) = routing {
+            self.pending.push_back(Event::Routing(r));
+        }
         Ok(())
     }
 

@@ -8,7 +8,7 @@
 //! ```no_run
 //! use moela::{Engine, Event, GenerateOptions, LoadOptions, Message, SessionOptions};
 //! # fn main() -> moela::Result<()> {
-//! let engine = Engine::load_dir("path/to/hf-folder".as_ref(), LoadOptions::default(), &mut |_| {})?;
+//! let engine = std::sync::Arc::new(Engine::load_dir("path/to/hf-folder".as_ref(), LoadOptions::default(), &mut |_| {})?);
 //! let mut session = engine.session(SessionOptions::default())?;
 //! let messages = [Message { role: "user".into(), content: "What is 457 + 389?".into() }];
 //! let mut events = session.chat(&messages, GenerateOptions::default())?;
@@ -17,6 +17,7 @@
 //!         Event::Reasoning(t) => eprint!("{t}"),
 //!         Event::Content(t) => print!("{t}"),
 //!         Event::Done(stats) => eprintln!("\n{stats:?}"),
+//!         Event::Routing(_) => {} // only with GenerateOptions::record_routing
 //!     }
 //! }
 //! # Ok(()) }
@@ -41,7 +42,7 @@ pub mod text;
 
 pub use chat::{Message, Tokenizer};
 pub use config::ModelConfig;
-pub use engine::{CheckpointFiles, Engine, LoadOptions, default_device};
+pub use engine::{CheckpointFiles, Engine, LoadOptions, default_device, default_device_async};
 pub use error::{Error, Result};
 pub use generate::{Event, FinishReason, GenerateOptions, Generation, Session, SessionOptions, Stats};
 pub use info::ModelInfo;

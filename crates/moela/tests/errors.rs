@@ -103,7 +103,8 @@ fn missing_folder_and_config_are_errors() {
 
 #[test]
 fn prompt_longer_than_the_context_is_an_error() {
-    let engine = Engine::load_dir(&fixture("v2-lite-tiny"), LoadOptions::default(), &mut |_| {}).unwrap();
+    let engine =
+        std::sync::Arc::new(Engine::load_dir(&fixture("v2-lite-tiny"), LoadOptions::default(), &mut |_| {}).unwrap());
     let mut session = engine.session(SessionOptions { max_context: 8 }).unwrap();
     let long = "one two three four five six seven eight nine ten eleven twelve";
     let messages = [Message {

@@ -1,6 +1,7 @@
 //! Generation on the fixtures: streaming events, the thinking budget, cache reuse across turns, determinism.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use moela::{
     Engine, Event, FinishReason, GenerateOptions, LoadOptions, Message, SamplingOptions, SessionOptions, Stats,
@@ -12,8 +13,8 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn load(name: &str) -> Engine {
-    Engine::load_dir(&fixture(name), LoadOptions::default(), &mut |_| {}).unwrap()
+fn load(name: &str) -> Arc<Engine> {
+    Arc::new(Engine::load_dir(&fixture(name), LoadOptions::default(), &mut |_| {}).unwrap())
 }
 
 struct Collected {
@@ -23,7 +24,7 @@ struct Collected {
     order: Vec<&'static str>,
 }
 
-fn collect(mut g: moela::Generation<'_, '_>) -> Collected {
+fn collect(mut g: moela::Generation<'_>) -> Collected {
     let (mut reasoning, mut content, mut stats, mut order) = (String::new(), String::new(), None, Vec::new());
     while let Some(ev) = g.next_blocking() {
         match ev.unwrap() {
@@ -37,6 +38,7 @@ fn collect(mut g: moela::Generation<'_, '_>) -> Collected {
                 content.push_str(&t);
                 order.push("c");
             }
+            Event::Routing(r) => assert!(r.iter().all(|layer| !layer.is_empty())),
             Event::Done(s) => stats = Some(s),
         }
     }
@@ -229,4 +231,33 @@ fn stop_strings_and_max_tokens_end_generation() {
         assert_eq!(stopped.stats.finish_reason, FinishReason::Stop);
         assert!(!stopped.content.contains(ch) && !stopped.reasoning.contains(ch));
     }
+}
+
+#[test]
+fn routing_events_name_k_distinct_experts_per_moe_layer() {
+    let engine = load("v3-tiny");
+    let c = engine.config().clone();
+    let mut s = engine.session(SessionOptions::default()).unwrap();
+    let options = GenerateOptions {
+        max_tokens: 4,
+        record_routing: true,
+        ..Default::default()
+    };
+    let mut g = s.chat(&user("hi"), options).unwrap();
+    let mut seen = 0;
+    while let Some(ev) = g.next_blocking() {
+        if let Event::Routing(r) = ev.unwrap() {
+            seen += 1;
+            assert_eq!(r.len(), c.num_hidden_layers - c.first_k_dense_replace);
+            for layer in r {
+                assert_eq!(layer.len(), c.num_experts_per_tok);
+                let mut sorted = layer.clone();
+                sorted.sort();
+                sorted.dedup();
+                assert_eq!(sorted.len(), layer.len(), "experts repeat: {layer:?}");
+                assert!(layer.iter().all(|&e| (e as usize) < c.n_routed_experts));
+            }
+        }
+    }
+    assert!(seen >= 1);
 }

@@ -99,7 +99,7 @@ fn prefill_and_decode_match_transformers() {
 #[test]
 fn session_prefill_in_pieces_matches_one_prefill() {
     // Chunked prompts and cache reuse across turns must not change the numbers.
-    let engine = load("v3-tiny");
+    let engine = std::sync::Arc::new(load("v3-tiny"));
     let r = reference("v3-tiny");
     let tokens = ids(&r["long"]["tokens"]);
     let want = rows(&r["long"]["logits"]);

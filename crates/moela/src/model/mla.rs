@@ -22,7 +22,7 @@ pub enum QProj {
         /// `[H] -> [r_q]`.
         a: Linear,
         /// Norm over r_q (eps 1e-6).
-        norm: RmsNorm,
+        norm: Box<RmsNorm>,
         /// `[r_q] -> [n_h * d_qk]`.
         b: Linear,
     },

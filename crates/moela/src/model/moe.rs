@@ -132,20 +132,21 @@ impl Moe {
         }
     }
 
-    /// `x`: `[T, H]` (normed) -> `[T, H]`.
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+    /// `x`: `[T, H]` (normed) -> `[T, H]`, and the chosen experts `[T, K]`.
+    pub fn forward(&self, x: Tensor<2>) -> (Tensor<2>, Tensor<2, Int>) {
         let [t, h] = x.dims();
         let (idx, w) = self.route(x.clone());
         let routed = if t * self.top_k <= self.experts {
-            self.gathered(x.clone(), idx, w)
+            self.gathered(x.clone(), idx.clone(), w)
         } else {
-            self.dense(x.clone(), idx, w)
+            self.dense(x.clone(), idx.clone(), w)
         };
         let routed = routed.reshape([t, h]);
-        match &self.shared {
+        let out = match &self.shared {
             Some(s) => routed + s.forward(x),
             None => routed,
-        }
+        };
+        (out, idx)
     }
 
     /// Only the selected experts' matrices are read: one batched product per (token, slot) pair.

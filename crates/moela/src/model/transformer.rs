@@ -2,7 +2,7 @@
 //!
 //! Weights are read by their HF names at the load site below (`deepseek-architecture.md` §2).
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::mla::{Mla, QProj};
 use super::mlp::Mlp;
@@ -167,8 +167,15 @@ impl Transformer {
 
     /// Runs `tokens` at positions `cache.len()..`, appending their latents to the cache.
     ///
-    /// Returns logits `[T, V]` or `[1, V]`. Nothing is read back to the host.
-    pub fn forward(&self, tokens: &[u32], cache: &mut LatentCache, which: LogitsFor) -> Result<Tensor<2>> {
+    /// Returns logits `[T, V]` or `[1, V]`. Nothing is read back to the host. With `routing`, the experts each
+    /// MoE layer chose (`[T, K]` per MoE layer, in layer order) are appended to it, still on the GPU.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut LatentCache,
+        which: LogitsFor,
+        mut routing: Option<&mut Vec<Tensor<2, Int>>>,
+    ) -> Result<Tensor<2>> {
         let t = tokens.len();
         let pos = cache.len();
         if t == 0 {
@@ -205,7 +212,13 @@ impl Transformer {
             let n = b.ffn_norm.forward(x.clone());
             let f = match &b.ffn {
                 FeedForward::Dense(m) => m.forward(n),
-                FeedForward::Moe(m) => m.forward(n),
+                FeedForward::Moe(m) => {
+                    let (out, experts) = m.forward(n);
+                    if let Some(r) = routing.as_mut() {
+                        r.push(experts);
+                    }
+                    out
+                }
             };
             x = x + f;
         }
@@ -249,11 +262,11 @@ fn load_mla(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
                 device,
             ),
             // q_a_layernorm / kv_a_layernorm use eps 1e-6 whatever rms_norm_eps says (§2).
-            norm: RmsNorm::new(
+            norm: Box::new(RmsNorm::new(
                 r.get(&format!("{p}self_attn.q_a_layernorm.weight"), &[r_q])?.data,
                 1e-6,
                 device,
-            ),
+            )),
             b: q_rows(
                 r.get(&format!("{p}self_attn.q_b_proj.weight"), &[n_h * d_qk, r_q])?
                     .data,
