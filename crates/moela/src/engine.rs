@@ -120,6 +120,7 @@ fn no_adapter(e: impl std::fmt::Display) -> String {
 /// The process's one wgpu device, created on first use with the adapter's own limits and features.
 ///
 /// Blocks while the adapter is requested: in a browser use [`default_device_async`].
+#[cfg(not(target_arch = "wasm32"))]
 pub fn default_device() -> Result<Device> {
     DEVICE
         .get_or_init(|| wgpu_options().init().map_err(no_adapter))
@@ -150,6 +151,7 @@ pub struct Engine {
 
 impl Engine {
     /// Loads a checkpoint folder onto the default device.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn load_dir(dir: &Path, options: LoadOptions, progress: &mut dyn FnMut(Progress)) -> Result<Self> {
         let files = CheckpointFiles::read_dir(dir)?;
         Self::load(files, options, &default_device()?, progress)

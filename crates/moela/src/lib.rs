@@ -42,7 +42,9 @@ pub mod text;
 
 pub use chat::{Message, Tokenizer};
 pub use config::ModelConfig;
-pub use engine::{CheckpointFiles, Engine, LoadOptions, default_device, default_device_async};
+#[cfg(not(target_arch = "wasm32"))]
+pub use engine::default_device;
+pub use engine::{CheckpointFiles, Engine, LoadOptions, default_device_async};
 pub use error::{Error, Result};
 pub use generate::{Event, FinishReason, GenerateOptions, Generation, Session, SessionOptions, Stats};
 pub use info::ModelInfo;

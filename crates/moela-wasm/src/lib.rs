@@ -1,0 +1,288 @@
+//! moela in the browser: the engine compiled to wasm32, on the browser's WebGPU.
+//!
+//! This is the thin wasm-bindgen surface; `web/src/moela.js` wraps it in the JS API (`Engine.load`,
+//! `engine.chat.completions.create`, ...). Nothing about the model lives here: files arrive as bytes, the
+//! engine crate does the rest. Every GPU read-back is async, as a browser requires.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use js_sys::{Array, Float32Array, Function, Reflect, Uint8Array};
+use moela::bench::bench;
+use moela::preset::preset_files;
+use moela::{
+    CheckpointFiles, Engine, Event, GenerateOptions, LoadOptions, Message, Progress, SamplingOptions, Session,
+    SessionOptions, WeightDtype, WeightFile,
+};
+use serde::{Deserialize, Serialize};
+use wasm_bindgen::prelude::*;
+
+#[wasm_bindgen(start)]
+fn start() {
+    console_error_panic_hook::set_once();
+}
+
+fn js_err(e: impl std::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+fn get(obj: &JsValue, key: &str) -> Result<JsValue, JsError> {
+    Reflect::get(obj, &JsValue::from_str(key)).map_err(|_| JsError::new(&format!("cannot read field {key}")))
+}
+
+fn bytes(obj: &JsValue, key: &str) -> Result<Option<Vec<u8>>, JsError> {
+    let v = get(obj, key)?;
+    if v.is_undefined() || v.is_null() {
+        return Ok(None);
+    }
+    let arr: Uint8Array = v
+        .dyn_into()
+        .map_err(|_| JsError::new(&format!("field {key} must be a Uint8Array")))?;
+    Ok(Some(arr.to_vec()))
+}
+
+/// Options of `WasmEngine.load`.
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct LoadOpts {
+    /// "f32" (default) or "f16".
+    weights: Option<String>,
+    /// Tokens the chat session holds.
+    max_context: usize,
+}
+
+/// One chat request, as the JS wrapper sends it (OpenAI field names).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Request {
+    messages: Vec<Message>,
+    /// Raw text to continue instead of messages (no chat template).
+    prompt: Option<String>,
+    max_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<usize>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<StopField>,
+    thinking_budget: Option<usize>,
+    record_routing: bool,
+}
+
+/// `stop` may be one string or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// What `on_event` receives.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum JsEvent {
+    Reasoning { text: String },
+    Content { text: String },
+    Routing { experts: Vec<Vec<u32>> },
+    Done { stats: moela::Stats },
+}
+
+fn to_js<T: Serialize>(v: &T) -> Result<JsValue, JsError> {
+    v.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).map_err(js_err)
+}
+
+/// A loaded model and its chat session.
+#[wasm_bindgen]
+pub struct WasmEngine {
+    engine: Arc<Engine>,
+    session: Rc<RefCell<Option<Session>>>,
+}
+
+#[wasm_bindgen]
+impl WasmEngine {
+    /// Loads a checkpoint from its files: `{config, tokenizer?, tokenizerConfig?, weights: [{name, bytes}]}`
+    /// (all bytes as `Uint8Array`). `onProgress({loaded, total})` reports weight bytes converted.
+    pub async fn load(files: JsValue, options: JsValue, on_progress: Option<Function>) -> Result<WasmEngine, JsError> {
+        let opts: LoadOpts = if options.is_undefined() || options.is_null() {
+            LoadOpts::default()
+        } else {
+            serde_wasm_bindgen::from_value(options).map_err(js_err)?
+        };
+        let config = bytes(&files, "config")?.ok_or_else(|| JsError::new("config.json is missing"))?;
+        let weights_js: Array = get(&files, "weights")?
+            .dyn_into()
+            .map_err(|_| JsError::new("weights must be an array of {name, bytes}"))?;
+        let mut weights = Vec::new();
+        for w in weights_js.iter() {
+            let name = get(&w, "name")?
+                .as_string()
+                .ok_or_else(|| JsError::new("every weight file needs a name"))?;
+            let data = bytes(&w, "bytes")?.ok_or_else(|| JsError::new(&format!("{name}: no bytes")))?;
+            weights.push(WeightFile { name, bytes: Arc::new(data) });
+        }
+        let files = CheckpointFiles {
+            config,
+            tokenizer: bytes(&files, "tokenizer")?,
+            tokenizer_config: bytes(&files, "tokenizerConfig")?,
+            weights,
+        };
+        Self::from_files(files, opts, on_progress).await
+    }
+
+    /// A random-weight model in the shape of a real checkpoint (`v2-lite-mini`, `v3-mini`), for benchmarks.
+    #[wasm_bindgen(js_name = loadPreset)]
+    pub async fn load_preset(name: String, seed: u64, options: JsValue) -> Result<WasmEngine, JsError> {
+        let opts: LoadOpts = if options.is_undefined() || options.is_null() {
+            LoadOpts::default()
+        } else {
+            serde_wasm_bindgen::from_value(options).map_err(js_err)?
+        };
+        let files = preset_files(&name, seed).map_err(js_err)?;
+        Self::from_files(files, opts, None).await
+    }
+
+    async fn from_files(files: CheckpointFiles, opts: LoadOpts, on_progress: Option<Function>) -> Result<Self, JsError> {
+        let dtype = WeightDtype::parse(opts.weights.as_deref().unwrap_or("f32")).map_err(js_err)?;
+        let device = moela::default_device_async().await.map_err(js_err)?;
+        let mut progress = |p: Progress| {
+            if let Some(f) = &on_progress {
+                let o = js_sys::Object::new();
+                let _ = Reflect::set(&o, &"loaded".into(), &(p.loaded as f64).into());
+                let _ = Reflect::set(&o, &"total".into(), &(p.total as f64).into());
+                let _ = f.call1(&JsValue::NULL, &o);
+            }
+        };
+        let engine = Arc::new(Engine::load(files, LoadOptions { dtype }, &device, &mut progress).map_err(js_err)?);
+        let session = engine
+            .session(SessionOptions { max_context: opts.max_context })
+            .map_err(js_err)?;
+        Ok(Self {
+            engine,
+            session: Rc::new(RefCell::new(Some(session))),
+        })
+    }
+
+    /// The same facts as `moela info --json`.
+    pub fn info(&self) -> Result<JsValue, JsError> {
+        to_js(&self.engine.info())
+    }
+
+    /// Token ids of `text` (bos added when `special`).
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, JsError> {
+        self.engine.require_tokenizer().map_err(js_err)?.encode(text, special).map_err(js_err)
+    }
+
+    /// Logits at every position of `tokens` (one prefill): an array of `Float32Array`.
+    pub async fn logits(&self, tokens: Vec<u32>) -> Result<Array, JsError> {
+        let rows = self.engine.logits(&tokens).await.map_err(js_err)?;
+        Ok(rows.iter().map(|r| Float32Array::from(r.as_slice())).collect())
+    }
+
+    /// Forgets the conversation held in the latent cache.
+    #[wasm_bindgen(js_name = resetChat)]
+    pub fn reset_chat(&self) -> Result<(), JsError> {
+        match self.session.borrow_mut().as_mut() {
+            Some(s) => {
+                s.reset();
+                Ok(())
+            }
+            None => Err(JsError::new("a generation is running: abort it first")),
+        }
+    }
+
+    /// Bytes of latent cache in use, and what an uncompressed multi-head cache would take for as many tokens.
+    #[wasm_bindgen(js_name = cacheUsage)]
+    pub fn cache_usage(&self) -> Result<JsValue, JsError> {
+        let info = self.engine.info();
+        let tokens = self.session.borrow().as_ref().map_or(0, |s| s.cache().len()) as u64;
+        let used = tokens * info.cache.bytes_per_token;
+        let mha = tokens * info.cache.mha_equivalent_values_per_token * info.cache.dtype_bytes;
+        to_js(&serde_json::json!({ "tokens": tokens, "bytes": used, "mhaBytes": mha }))
+    }
+
+    /// Runs one chat request; `on_event` receives `{type: "reasoning"|"content", text}`,
+    /// `{type: "routing", experts}` and finally `{type: "done", stats}`. Resolves to the stats.
+    /// `should_stop()` is asked between tokens (an aborted `AbortSignal`, in the JS wrapper).
+    pub async fn generate(
+        &self,
+        request: JsValue,
+        on_event: Function,
+        should_stop: Option<Function>,
+    ) -> Result<JsValue, JsError> {
+        let req: Request = serde_wasm_bindgen::from_value(request).map_err(js_err)?;
+        let defaults = GenerateOptions::default();
+        let options = GenerateOptions {
+            sampling: SamplingOptions {
+                temperature: req.temperature.unwrap_or(0.0),
+                top_p: req.top_p.unwrap_or(1.0),
+                top_k: req.top_k.unwrap_or(0),
+                min_p: req.min_p.unwrap_or(0.0),
+                repetition_penalty: req.repetition_penalty.unwrap_or(1.0),
+                seed: req.seed.unwrap_or(0),
+            },
+            max_tokens: req.max_tokens.unwrap_or(defaults.max_tokens),
+            thinking_budget: req.thinking_budget,
+            stop: match req.stop {
+                None => Vec::new(),
+                Some(StopField::One(s)) => vec![s],
+                Some(StopField::Many(v)) => v,
+            },
+            record_routing: req.record_routing,
+        };
+        let mut session = self
+            .session
+            .borrow_mut()
+            .take()
+            .ok_or_else(|| JsError::new("a generation is already running on this engine"))?;
+        let result = run(&mut session, &req.messages, req.prompt.as_deref(), options, &on_event, should_stop).await;
+        *self.session.borrow_mut() = Some(session);
+        result
+    }
+
+    /// Decode and prefill speed on this device (`moela bench` in the browser).
+    pub async fn bench(&self, prompt_tokens: usize, gen_tokens: usize) -> Result<JsValue, JsError> {
+        let report = bench(&self.engine, prompt_tokens, gen_tokens, 0).await.map_err(js_err)?;
+        to_js(&report)
+    }
+
+    /// Frees the model's GPU memory now (the object is unusable afterwards).
+    pub fn unload(self) {}
+}
+
+async fn run(
+    session: &mut Session,
+    messages: &[Message],
+    prompt: Option<&str>,
+    options: GenerateOptions,
+    on_event: &Function,
+    should_stop: Option<Function>,
+) -> Result<JsValue, JsError> {
+    let mut generation = match prompt {
+        Some(p) => session.complete(p, options),
+        None => session.chat(messages, options),
+    }
+    .map_err(js_err)?;
+    let mut stats = JsValue::UNDEFINED;
+    while let Some(ev) = generation.next().await {
+        let ev = match ev.map_err(js_err)? {
+            Event::Reasoning(text) => JsEvent::Reasoning { text },
+            Event::Content(text) => JsEvent::Content { text },
+            Event::Routing(experts) => JsEvent::Routing { experts },
+            Event::Done(s) => {
+                stats = to_js(&s)?;
+                JsEvent::Done { stats: s }
+            }
+        };
+        on_event
+            .call1(&JsValue::NULL, &to_js(&ev)?)
+            .map_err(|e| JsError::new(&format!("onEvent threw: {e:?}")))?;
+        if let Some(f) = &should_stop
+            && f.call0(&JsValue::NULL).map(|v| v.is_truthy()).unwrap_or(false)
+        {
+            break;
+        }
+    }
+    Ok(stats)
+}
