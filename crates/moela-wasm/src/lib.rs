@@ -12,8 +12,8 @@ use js_sys::{Array, Float32Array, Function, Reflect, Uint8Array};
 use moela::bench::bench;
 use moela::preset::preset_files;
 use moela::{
-    CheckpointFiles, Engine, Event, GenerateOptions, LoadOptions, Message, Progress, SamplingOptions, Session,
-    SessionOptions, WeightDtype, WeightFile,
+    CheckpointFiles, Engine, Event, GenerateOptions, LoadOptions, Message, ModelConfig, Progress, SamplingOptions,
+    Session, SessionOptions, Tokenizer, WeightDtype, WeightFile,
 };
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
@@ -129,6 +129,38 @@ impl WasmEngine {
             weights,
         };
         Self::from_files(files, opts, on_progress).await
+    }
+
+    /// Checks that a checkpoint can run here before any weight is read: config.json, the tokenizer files, and
+    /// (for `weights: "f16"`) the adapter's shader-f16. Resolves to the model's facts (`info()`), or throws the
+    /// first problem found.
+    pub async fn check(files: JsValue, options: JsValue) -> Result<JsValue, JsError> {
+        let opts: LoadOpts = if options.is_undefined() || options.is_null() {
+            LoadOpts::default()
+        } else {
+            serde_wasm_bindgen::from_value(options).map_err(js_err)?
+        };
+        let dtype = WeightDtype::parse(opts.weights.as_deref().unwrap_or("f32")).map_err(js_err)?;
+        let config = bytes(&files, "config")?.ok_or_else(|| JsError::new("config.json is missing"))?;
+        let config = ModelConfig::from_json_bytes(&config, "config.json").map_err(js_err)?;
+        if let Some(t) = bytes(&files, "tokenizer")? {
+            let cfg = bytes(&files, "tokenizerConfig")?;
+            let tok = Tokenizer::from_bytes(&t, cfg.as_deref()).map_err(js_err)?;
+            if tok.vocab_size() > config.vocab_size {
+                return Err(JsError::new(&format!(
+                    "tokenizer.json: has {} tokens but config.json's vocab_size is {}",
+                    tok.vocab_size(),
+                    config.vocab_size
+                )));
+            }
+        }
+        if dtype == WeightDtype::F16 {
+            let device = moela::default_device_async().await.map_err(js_err)?;
+            if !device.supports_dtype(burn::tensor::DType::F16) {
+                return Err(JsError::new("GPU: this adapter has no shader-f16: load with f32 weights instead"));
+            }
+        }
+        to_js(&moela::ModelInfo::new(&config, dtype))
     }
 
     /// A random-weight model in the shape of a real checkpoint (`v2-lite-mini`, `v3-mini`), for benchmarks.
@@ -281,7 +313,8 @@ async fn run(
         if let Some(f) = &should_stop
             && f.call0(&JsValue::NULL).map(|v| v.is_truthy()).unwrap_or(false)
         {
-            break;
+            // Ends with a Done event (finish_reason "cancelled") on the next turn of the loop.
+            generation.cancel().map_err(js_err)?;
         }
     }
     Ok(stats)

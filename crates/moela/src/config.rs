@@ -28,6 +28,7 @@ pub enum ScoringFunc {
 
 /// How the router picks experts (`topk_method`), `deepseek-architecture.md` §4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TopkMethod {
     /// Plain top-k over the scores.
     Greedy,
@@ -35,6 +36,17 @@ pub enum TopkMethod {
     GroupLimitedGreedy,
     /// Bias-corrected scores, groups ranked by the sum of their top-2, then top-k (V3).
     NoauxTc,
+}
+
+impl TopkMethod {
+    /// The name as config.json spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopkMethod::Greedy => "greedy",
+            TopkMethod::GroupLimitedGreedy => "group_limited_greedy",
+            TopkMethod::NoauxTc => "noaux_tc",
+        }
+    }
 }
 
 /// YaRN context extension (`rope_scaling.type == "yarn"`), `deepseek-architecture.md` §3.3.

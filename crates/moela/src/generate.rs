@@ -67,6 +67,8 @@ pub enum FinishReason {
     Stop,
     /// The session's context is full.
     ContextFull,
+    /// The caller stopped it ([`Generation::cancel`]).
+    Cancelled,
 }
 
 /// Numbers about one generation.
@@ -99,8 +101,9 @@ pub enum Event {
     Reasoning(String),
     /// The answer.
     Content(String),
-    /// The experts each MoE layer chose for the token just generated, `[moe layer][k]`
-    /// (only with [`GenerateOptions::record_routing`]).
+    /// The experts each MoE layer chose for a generated token when it was fed back through the model,
+    /// `[moe layer][k]` (only with [`GenerateOptions::record_routing`]; the last token of a generation is never
+    /// fed back, so n tokens give n - 1 of these).
     Routing(Vec<Vec<u32>>),
     /// The end, with numbers.
     Done(Stats),
@@ -328,6 +331,16 @@ impl<'s> Generation<'s> {
     /// [`Generation::next`] for native callers that can block.
     pub fn next_blocking(&mut self) -> Option<Result<Event>> {
         pollster::block_on(self.next())
+    }
+
+    /// Stops the generation between tokens: the text held back is released and [`Event::Done`] follows with
+    /// [`FinishReason::Cancelled`]. Does nothing once the generation has finished.
+    pub fn cancel(&mut self) -> Result<()> {
+        if self.finished {
+            return Ok(());
+        }
+        self.prompt = None;
+        self.finish(FinishReason::Cancelled)
     }
 
     /// Token ids generated so far.

@@ -119,7 +119,7 @@ impl ModelInfo {
             routed_experts: c.n_routed_experts,
             experts_per_token: if c.has_moe() { c.num_experts_per_tok } else { 0 },
             shared_experts: c.n_shared_experts,
-            topk_method: format!("{:?}", c.topk_method),
+            topk_method: c.topk_method.as_str().into(),
             q_lora_rank: c.q_lora_rank,
             kv_lora_rank: c.kv_lora_rank,
             rope_scaling: match &c.yarn {
