@@ -1,0 +1,1063 @@
+// moela in the browser: DeepSeek-V2/V3/R1 (MLA + MoE) inference on WebGPU.
+//
+// This module wraps the wasm-bindgen surface (`pkg/moela_wasm.js`, built by scripts/build-wasm.sh) in an
+// OpenAI-shaped API:
+//
+//   const engine = await Engine.load({ model: "https://host/hf-folder/", onProgress });
+//   for await (const chunk of await engine.chat.completions.create({ messages, stream: true })) { ... }
+//
+// `Engine` runs on the thread that loads it; `WorkerEngine` has the same API and runs an `Engine` in a
+// module Web Worker (src/worker.js), so a page never freezes while a model loads or generates.
+
+/** Name of the Cache API store that keeps downloaded checkpoint files between visits. */
+export const CACHE_NAME = 'moela-v1';
+
+const BROWSERS =
+  'moela needs a browser with WebGPU: Chrome or Edge 113+, Safari 26+ or Firefox 141+. ' +
+  'On Linux, Chrome must be started with --enable-unsafe-webgpu (and hardware acceleration on).';
+
+/** Thrown when the browser has no WebGPU, or WebGPU has no adapter. */
+export class WebGPUUnavailableError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = 'WebGPUUnavailableError';
+    this.code = 'NO_WEBGPU';
+  }
+}
+
+/**
+ * Checks that WebGPU can be used here (a page or a worker). Resolves to what the adapter says about
+ * itself; throws a `WebGPUUnavailableError` whose message says which browser or flag is needed.
+ */
+export async function checkWebGPU() {
+  const where = typeof window === 'undefined' ? 'this worker' : 'this browser';
+  if (globalThis.isSecureContext === false) {
+    throw new WebGPUUnavailableError(
+      `WebGPU is not available: the page is not a secure context (${globalThis.location?.origin}). ` +
+        'Serve it over https, or from localhost / 127.0.0.1. ' + BROWSERS,
+    );
+  }
+  if (typeof navigator === 'undefined' || !navigator.gpu) {
+    throw new WebGPUUnavailableError(`WebGPU is not available in ${where} (navigator.gpu is missing). ${BROWSERS}`);
+  }
+  let adapter;
+  try {
+    adapter = await navigator.gpu.requestAdapter();
+  } catch (e) {
+    throw new WebGPUUnavailableError(
+      `WebGPU is not available: requestAdapter() failed (${e?.message ?? e}). ${BROWSERS}`,
+    );
+  }
+  if (!adapter) {
+    throw new WebGPUUnavailableError(
+      'WebGPU is not available: the browser has WebGPU but found no GPU adapter (requestAdapter() returned ' +
+        'null; the GPU may be blocklisted, or hardware acceleration is off). ' + BROWSERS,
+    );
+  }
+  const info = adapter.info ?? {};
+  return {
+    vendor: info.vendor ?? '',
+    architecture: info.architecture ?? '',
+    description: info.description ?? '',
+    shaderF16: adapter.features.has('shader-f16'),
+    maxBufferSize: adapter.limits.maxBufferSize,
+    maxStorageBufferBindingSize: adapter.limits.maxStorageBufferBindingSize,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The wasm module, initialised once per thread.
+
+let wasmModule;
+/** The most recent Rust panic message (console_error_panic_hook writes it with console.error). */
+let lastPanic = null;
+/** Set once the wasm instance has panicked: it cannot be used again. */
+let crashed = null;
+
+function hookPanics() {
+  if (hookPanics.done || typeof console === 'undefined') return;
+  hookPanics.done = true;
+  const original = console.error.bind(console);
+  console.error = (...args) => {
+    const text = String(args[0] ?? '');
+    if (text.includes('panicked at')) lastPanic = text;
+    original(...args);
+  };
+}
+
+/** Imports and initialises `pkg/moela_wasm.js` (once). */
+export function initWasm() {
+  if (!wasmModule) {
+    hookPanics();
+    wasmModule = (async () => {
+      const url = new URL('../pkg/moela_wasm.js', import.meta.url);
+      let mod;
+      try {
+        mod = await import(url.href);
+      } catch (e) {
+        throw new Error(
+          `cannot load the moela wasm module ${url.href} (${e?.message ?? e}); ` +
+            'build it with scripts/build-wasm.sh, which writes web/pkg/',
+        );
+      }
+      try {
+        await mod.default();
+      } catch (e) {
+        throw new Error(`cannot initialise the moela wasm module (${e?.message ?? e})`);
+      }
+      return mod;
+    })();
+    wasmModule.catch(() => {
+      wasmModule = undefined;
+    });
+  }
+  return wasmModule;
+}
+
+function panicText(text) {
+  // "panicked at crates/x.rs:1:2:\nmessage\n\nStack:\n..." -> "message (at crates/x.rs:1:2)"
+  const m = /panicked at ([^\n]*?):?\n([\s\S]*?)(\n\nStack:|$)/.exec(text);
+  return m ? `${m[2].trim()} (at ${m[1]})` : text.split('\n')[0];
+}
+
+/** Turns what the wasm side threw into an Error with a clear message. */
+function explain(e) {
+  if (e instanceof Error && e.name === 'AbortError') return e;
+  const message = e instanceof Error ? e.message : String(e);
+  if (
+    (typeof WebAssembly !== 'undefined' && e instanceof WebAssembly.RuntimeError) ||
+    /^unreachable|RuntimeError: unreachable/.test(message)
+  ) {
+    const why = lastPanic ? panicText(lastPanic) : message;
+    crashed = why;
+    const oom = /memory allocation|capacity overflow|out of memory|OutOfMemory/i.test(why);
+    const err = new Error(
+      oom
+        ? `Out of memory: moela could not allocate what this model needs (${why}). Try weights "f16", a smaller maxContext or a smaller model, then reload the page.`
+        : `moela crashed: ${why}. Reload the page (or create a new WorkerEngine) to start again.`,
+    );
+    err.code = oom ? 'OUT_OF_MEMORY' : 'CRASHED';
+    return err;
+  }
+  if (e instanceof RangeError && /memory|allocation|array buffer/i.test(message)) {
+    const err = new Error(
+      `Out of memory: ${message}. The model's files do not fit in this tab's memory; try a smaller model.`,
+    );
+    err.code = 'OUT_OF_MEMORY';
+    return err;
+  }
+  if (/out of memory|OutOfMemory|allocation failed|Not enough memory/i.test(message)) {
+    const err = new Error(`Out of memory: ${message}`);
+    err.code = 'OUT_OF_MEMORY';
+    return err;
+  }
+  return e instanceof Error ? e : new Error(message);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Getting a checkpoint's files: from a URL (with the Cache API) or from File objects.
+
+const MANIFEST = 'moela-manifest.json';
+
+function folderUrl(model) {
+  const base = new URL(model, globalThis.location?.href);
+  if (!base.pathname.endsWith('/')) base.pathname += '/';
+  base.search = '';
+  base.hash = '';
+  return base;
+}
+
+function folderName(path) {
+  const parts = path.split('/').filter(Boolean);
+  return decodeURIComponent(parts[parts.length - 1] ?? 'model');
+}
+
+/** Which weight files `model.safetensors.index.json` names, in first-seen order. */
+function indexFiles(bytes) {
+  let index;
+  try {
+    index = JSON.parse(new TextDecoder().decode(bytes));
+  } catch (e) {
+    throw new Error(`model.safetensors.index.json is not valid JSON (${e.message})`);
+  }
+  if (!index || typeof index.weight_map !== 'object') {
+    throw new Error('model.safetensors.index.json has no weight_map');
+  }
+  return [...new Set(Object.values(index.weight_map))];
+}
+
+/** Reads a body to a Uint8Array, calling `onBytes(n)` as bytes arrive. */
+async function readStream(stream, expected, onBytes, signal) {
+  const reader = stream.getReader();
+  let buffer = expected > 0 ? new Uint8Array(expected) : null;
+  const chunks = [];
+  let n = 0;
+  try {
+    for (;;) {
+      if (signal?.aborted) throw signal.reason ?? new DOMException('aborted', 'AbortError');
+      const { done, value } = await reader.read();
+      if (done) break;
+      if (buffer && n + value.length <= buffer.length) {
+        buffer.set(value, n);
+      } else {
+        if (buffer) {
+          chunks.push(buffer.subarray(0, n));
+          buffer = null;
+        }
+        chunks.push(value);
+      }
+      n += value.length;
+      onBytes(value.length);
+    }
+  } finally {
+    reader.releaseLock();
+  }
+  if (buffer) return buffer.subarray(0, n);
+  const out = new Uint8Array(n);
+  let at = 0;
+  for (const c of chunks) {
+    out.set(c, at);
+    at += c.length;
+  }
+  return out;
+}
+
+class UrlSource {
+  constructor(base, useCache) {
+    this.base = base;
+    this.useCache = useCache;
+    this.store = null;
+  }
+
+  async open() {
+    if (!this.useCache || !globalThis.caches) return;
+    try {
+      this.store = await caches.open(CACHE_NAME);
+    } catch (e) {
+      console.warn(`moela: the Cache API is not usable here (${e.message}); downloading without caching`);
+    }
+  }
+
+  url(name) {
+    return new URL(name, this.base).href;
+  }
+
+  async cached(name) {
+    return this.store ? (await this.store.match(this.url(name))) ?? null : null;
+  }
+
+  /** A Response for `name` (cache first), or null when the server says 404 and the file is optional. */
+  async response(name, { optional = false, signal } = {}) {
+    const hit = await this.cached(name);
+    if (hit) return { response: hit, cached: true };
+    const url = this.url(name);
+    let response;
+    try {
+      response = await fetch(url, { signal });
+    } catch (e) {
+      if (e?.name === 'AbortError') throw e;
+      throw new Error(
+        `cannot download ${url}: ${e?.message ?? e} (is the server reachable, and does it allow cross-origin requests?)`,
+      );
+    }
+    if (response.status === 404 && optional) return null;
+    if (!response.ok) {
+      throw new Error(
+        `cannot download ${url}: HTTP ${response.status} ${response.statusText}` +
+          (response.status === 404 ? ` (is ${this.base.href} a Hugging Face checkpoint folder?)` : ''),
+      );
+    }
+    return { response, cached: false };
+  }
+
+  async size(name, signal) {
+    const hit = await this.cached(name);
+    if (hit) return Number(hit.headers.get('content-length')) || 0;
+    try {
+      const r = await fetch(this.url(name), { method: 'HEAD', signal });
+      if (r.status === 404) throw new Error(`cannot download ${this.url(name)}: HTTP 404 (named by the checkpoint but missing)`);
+      return r.ok ? Number(r.headers.get('content-length')) || 0 : 0;
+    } catch (e) {
+      if (e?.name === 'AbortError' || /HTTP 404/.test(e.message)) throw e;
+      return 0;
+    }
+  }
+
+  async read(name, { optional = false, expected = 0, onBytes = () => {}, signal } = {}) {
+    const got = await this.response(name, { optional, signal });
+    if (!got) return null;
+    const { response, cached } = got;
+    const length = Number(response.headers.get('content-length')) || expected;
+    const bytes = response.body
+      ? await readStream(response.body, length, onBytes, signal)
+      : new Uint8Array(await response.arrayBuffer());
+    if (!response.body) onBytes(bytes.length);
+    if (!cached && this.store) {
+      const complete = !response.headers.get('content-length') || bytes.length >= length;
+      if (complete) await this.put(name, bytes);
+    }
+    return bytes;
+  }
+
+  async put(name, bytes) {
+    if (!this.store) return;
+    try {
+      await this.store.put(
+        this.url(name),
+        new Response(bytes, {
+          headers: { 'content-type': 'application/octet-stream', 'content-length': String(bytes.length) },
+        }),
+      );
+    } catch (e) {
+      console.warn(`moela: cannot cache ${name} (${e.message}); the next visit downloads it again`);
+      this.store = null;
+    }
+  }
+}
+
+/**
+ * Asks the engine whether it can run this config and tokenizer (with the f32/f16 choice) before any weight
+ * is read, so an unsupported model fails before a download.
+ */
+async function preflight(mod, meta, options) {
+  try {
+    await mod.WasmEngine.check(meta, options);
+  } catch (e) {
+    throw explain(e);
+  }
+}
+
+/** Downloads (or reads from the cache) the files of the HF folder at `base`. */
+async function filesFromUrl(base, { cache, onProgress, signal, check }) {
+  const src = new UrlSource(base, cache);
+  await src.open();
+  const text = (b) => JSON.parse(new TextDecoder().decode(b));
+  const report = (p) => onProgress?.({ phase: 'download', ...p });
+
+  // A manifest of a folder downloaded before lets a later visit load from the cache alone (offline).
+  let manifest = null;
+  const m = await src.cached(MANIFEST);
+  if (m) {
+    manifest = await m.json().catch(() => null);
+    if (manifest) {
+      const names = ['config.json', 'tokenizer.json', ...(manifest.tokenizerConfig ? ['tokenizer_config.json'] : []), ...manifest.weights];
+      for (const n of names) {
+        if (!(await src.cached(n))) {
+          manifest = null;
+          break;
+        }
+      }
+    }
+  }
+
+  let loaded = 0;
+  let total = 0;
+  const small = async (name, optional) => {
+    const bytes = await src.read(name, { optional, signal });
+    if (bytes) {
+      loaded += bytes.length;
+      total += bytes.length;
+      report({ file: name, loaded, total });
+    }
+    return bytes;
+  };
+  const config = await small('config.json', false);
+  try {
+    text(config);
+  } catch (e) {
+    throw new Error(`${src.url('config.json')} is not valid JSON (${e.message})`);
+  }
+  const tokenizer = await small('tokenizer.json', false);
+  const tokenizerConfig = manifest
+    ? manifest.tokenizerConfig
+      ? await small('tokenizer_config.json', false)
+      : null
+    : await small('tokenizer_config.json', true);
+
+  await check({ config, tokenizer: tokenizer ?? undefined, tokenizerConfig: tokenizerConfig ?? undefined });
+
+  let names;
+  if (manifest) {
+    names = manifest.weights;
+  } else {
+    const index = await small('model.safetensors.index.json', true);
+    names = index ? indexFiles(index) : ['model.safetensors'];
+  }
+
+  // Sizes first, so progress has a total; at most 4 requests at a time.
+  const sizes = new Array(names.length).fill(0);
+  for (let i = 0; i < names.length; i += 4) {
+    const batch = names.slice(i, i + 4);
+    const got = await Promise.all(batch.map((n) => src.size(n, signal)));
+    got.forEach((s, j) => (sizes[i + j] = s));
+  }
+  total += sizes.reduce((a, b) => a + b, 0);
+
+  const weights = [];
+  for (const [i, name] of names.entries()) {
+    let seen = 0;
+    const bytes = await src.read(name, {
+      expected: sizes[i],
+      signal,
+      onBytes: (n) => {
+        seen += n;
+        loaded += n;
+        if (seen > sizes[i]) {
+          total += seen - sizes[i];
+          sizes[i] = seen;
+        }
+        report({ file: name, loaded, total });
+      },
+    });
+    weights.push({ name, bytes });
+  }
+  if (src.store && !manifest) {
+    const body = JSON.stringify({ tokenizerConfig: !!tokenizerConfig, weights: names });
+    await src.put(MANIFEST, new TextEncoder().encode(body));
+  }
+  return { config, tokenizer, tokenizerConfig, weights };
+}
+
+/** Reads the files of a checkpoint folder picked with `<input type=file webkitdirectory>` (or dropped). */
+async function filesFromFileList(fileList, { onProgress, signal, check }) {
+  const all = Array.from(fileList ?? []);
+  if (all.length === 0) throw new Error('no files given: pick the checkpoint folder (config.json, *.safetensors, tokenizer.json)');
+  const path = (f) => f.webkitRelativePath || f.name;
+  const dirOf = (p) => p.slice(0, p.lastIndexOf('/') + 1);
+  // The folder holding config.json (the shallowest one, when the picked folder has subfolders).
+  const configs = all.filter((f) => path(f).split('/').pop() === 'config.json');
+  if (configs.length === 0) throw new Error('the picked folder has no config.json: is it a Hugging Face checkpoint folder?');
+  configs.sort((a, b) => path(a).split('/').length - path(b).split('/').length);
+  const dir = dirOf(path(configs[0]));
+  const byName = new Map();
+  for (const f of all) {
+    const p = path(f);
+    if (dirOf(p) === dir) byName.set(p.slice(dir.length), f);
+  }
+
+  let names;
+  const index = byName.get('model.safetensors.index.json');
+  if (index) {
+    names = indexFiles(new Uint8Array(await index.arrayBuffer()));
+    const missing = names.filter((n) => !byName.has(n));
+    if (missing.length) throw new Error(`model.safetensors.index.json names files the folder lacks: ${missing.join(', ')}`);
+  } else if (byName.has('model.safetensors')) {
+    names = ['model.safetensors'];
+  } else {
+    names = [...byName.keys()].filter((n) => n.endsWith('.safetensors')).sort();
+    if (names.length === 0) throw new Error('the picked folder has no *.safetensors weights');
+  }
+  if (!byName.has('tokenizer.json')) throw new Error('the picked folder has no tokenizer.json');
+
+  const wanted = ['config.json', 'tokenizer.json', 'tokenizer_config.json', ...names].filter((n) => byName.has(n));
+  const total = wanted.reduce((s, n) => s + byName.get(n).size, 0);
+  let loaded = 0;
+  const read = async (name) => {
+    const f = byName.get(name);
+    if (!f) return null;
+    return readStream(f.stream(), f.size, (n) => {
+      loaded += n;
+      onProgress?.({ phase: 'download', file: name, loaded, total });
+    }, signal);
+  };
+  const config = await read('config.json');
+  const tokenizer = await read('tokenizer.json');
+  const tokenizerConfig = await read('tokenizer_config.json');
+  await check({ config, tokenizer, tokenizerConfig: tokenizerConfig ?? undefined });
+  const weights = [];
+  for (const name of names) weights.push({ name, bytes: await read(name) });
+  return { config, tokenizer, tokenizerConfig, weights, name: folderName(dir || path(configs[0]).replace(/config\.json$/, '')) };
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Chat completions: OpenAI-shaped requests, chunks and responses.
+
+function randomId(prefix) {
+  const b = new Uint8Array(12);
+  crypto.getRandomValues(b);
+  return prefix + Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
+}
+
+function messageText(content) {
+  if (typeof content === 'string') return content;
+  if (content == null) return '';
+  if (Array.isArray(content)) {
+    return content
+      .map((part) => {
+        if (typeof part === 'string') return part;
+        if (part?.type === 'text') return part.text ?? '';
+        throw new Error(`message content part of type "${part?.type}" is not supported (text only)`);
+      })
+      .join('');
+  }
+  throw new Error('message content must be a string or an array of text parts');
+}
+
+function finishReason(reason) {
+  switch (reason) {
+    case 'eos':
+    case 'stop':
+      return 'stop';
+    case 'length':
+    case 'context_full':
+      return 'length';
+    case 'cancelled':
+      return 'abort';
+    default:
+      return reason ?? 'abort';
+  }
+}
+
+function usageOf(stats) {
+  if (!stats) return undefined;
+  return {
+    prompt_tokens: stats.prompt_tokens,
+    completion_tokens: stats.generated_tokens,
+    total_tokens: stats.prompt_tokens + stats.generated_tokens,
+    prompt_tokens_details: { cached_tokens: stats.reused_tokens },
+  };
+}
+
+/** What the wasm `generate` takes, from an OpenAI-shaped request. */
+function wasmRequest(req) {
+  if (!req || typeof req !== 'object') throw new TypeError('create() takes a request object');
+  if (req.n != null && req.n !== 1) throw new Error('only n = 1 is supported');
+  const hasPrompt = typeof req.prompt === 'string';
+  if (!hasPrompt && (!Array.isArray(req.messages) || req.messages.length === 0)) {
+    throw new TypeError('messages must be a non-empty array of {role, content}');
+  }
+  const messages = (req.messages ?? []).map((m, i) => {
+    if (!m || typeof m.role !== 'string') throw new TypeError(`messages[${i}] needs a role`);
+    return { role: m.role, content: messageText(m.content) };
+  });
+  const out = {
+    messages,
+    max_tokens: req.max_tokens ?? req.max_completion_tokens,
+    temperature: req.temperature,
+    top_p: req.top_p,
+    top_k: req.top_k,
+    min_p: req.min_p,
+    repetition_penalty: req.repetition_penalty,
+    seed: req.seed,
+    stop: req.stop,
+    thinking_budget: req.thinking_budget,
+    record_routing: typeof req.onRouting === 'function',
+  };
+  if (hasPrompt) out.prompt = req.prompt;
+  for (const k of Object.keys(out)) if (out[k] === undefined || out[k] === null) delete out[k];
+  return out;
+}
+
+/** A push-pull queue: producers push values, one consumer iterates. */
+class Channel {
+  constructor(onReturn) {
+    this.items = [];
+    this.waiting = null;
+    this.closed = false;
+    this.error = null;
+    this.onReturn = onReturn;
+    this.iterated = false;
+  }
+
+  push(v) {
+    if (this.waiting) {
+      const w = this.waiting;
+      this.waiting = null;
+      w.resolve({ value: v, done: false });
+    } else {
+      this.items.push(v);
+    }
+  }
+
+  close(error = null) {
+    this.closed = true;
+    this.error = error;
+    if (this.waiting) {
+      const w = this.waiting;
+      this.waiting = null;
+      if (error) w.reject(error);
+      else w.resolve({ value: undefined, done: true });
+    }
+  }
+
+  next() {
+    if (this.items.length) return Promise.resolve({ value: this.items.shift(), done: false });
+    if (this.closed) {
+      if (this.error) {
+        const e = this.error;
+        this.error = null;
+        return Promise.reject(e);
+      }
+      return Promise.resolve({ value: undefined, done: true });
+    }
+    return new Promise((resolve, reject) => (this.waiting = { resolve, reject }));
+  }
+
+  [Symbol.asyncIterator]() {
+    if (this.iterated) throw new Error('a completion stream can be iterated only once');
+    this.iterated = true;
+    return {
+      next: () => this.next(),
+      return: async () => {
+        this.onReturn?.();
+        this.items = [];
+        return { value: undefined, done: true };
+      },
+      [Symbol.asyncIterator]() {
+        return this;
+      },
+    };
+  }
+}
+
+/**
+ * The stream `create({stream: true})` resolves to: an async iterable of `chat.completion.chunk`s.
+ * `abort()` stops the generation between tokens (as the request's `signal` does).
+ */
+export class ChatCompletionStream {
+  constructor(channel, abort) {
+    this._channel = channel;
+    this._abort = abort;
+  }
+
+  abort() {
+    this._abort();
+  }
+
+  [Symbol.asyncIterator]() {
+    return this._channel[Symbol.asyncIterator]();
+  }
+}
+
+/** Folds a stream's chunks into a `chat.completion` (what `create` returns without `stream`). */
+export async function collectCompletion(stream) {
+  let content = '';
+  let reasoning = '';
+  let last = null;
+  let first = null;
+  for await (const chunk of stream) {
+    first ??= chunk;
+    last = chunk;
+    const d = chunk.choices[0]?.delta ?? {};
+    if (d.content) content += d.content;
+    if (d.reasoning_content) reasoning += d.reasoning_content;
+  }
+  const out = {
+    id: first.id,
+    object: 'chat.completion',
+    created: first.created,
+    model: first.model,
+    choices: [
+      {
+        index: 0,
+        message: { role: 'assistant', content, reasoning_content: reasoning },
+        finish_reason: last.choices[0].finish_reason,
+        logprobs: null,
+      },
+    ],
+    usage: last.usage,
+  };
+  if (last.x_moela) out.x_moela = last.x_moela;
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The engine.
+
+/** A loaded model and its chat session, on this thread. */
+export class Engine {
+  #wasm;
+  #info;
+  #queue = Promise.resolve();
+  #model;
+
+  /** Use `Engine.load` or `Engine.loadPreset`. */
+  constructor(wasm, model) {
+    this.#wasm = wasm;
+    this.#model = model;
+    this.#info = wasm.info();
+    /** OpenAI-shaped chat API: `engine.chat.completions.create(request)`. */
+    this.chat = { completions: { create: (request) => this.#create(request) } };
+  }
+
+  /**
+   * Loads a Hugging Face checkpoint folder: `model` is its base URL (files are fetched and kept in the
+   * Cache API unless `cache` is false), or `files` are its File objects (from a folder picker).
+   */
+  static async load({ model, files, weights = 'f32', maxContext = 0, onProgress, cache = true, signal } = {}) {
+    await checkWebGPU();
+    const mod = await initWasm();
+    if (crashed) throw new Error(`moela crashed earlier (${crashed}): reload the page`);
+    const check = (meta) => preflight(mod, meta, { weights, maxContext });
+    let checkpoint;
+    let name;
+    if (files) {
+      checkpoint = await filesFromFileList(files, { onProgress, signal, check });
+      name = checkpoint.name;
+    } else if (model) {
+      const base = folderUrl(model);
+      checkpoint = await filesFromUrl(base, { cache, onProgress, signal, check });
+      name = folderName(base.pathname);
+    } else {
+      throw new TypeError('Engine.load needs {model: "<url of an HF checkpoint folder>"} or {files}');
+    }
+    const wasmFiles = {
+      config: checkpoint.config,
+      tokenizer: checkpoint.tokenizer ?? undefined,
+      tokenizerConfig: checkpoint.tokenizerConfig ?? undefined,
+      weights: checkpoint.weights,
+    };
+    checkpoint = null;
+    try {
+      const wasm = await mod.WasmEngine.load(wasmFiles, { weights, maxContext }, (p) =>
+        onProgress?.({ phase: 'convert', loaded: p.loaded, total: p.total }),
+      );
+      return new Engine(wasm, name);
+    } catch (e) {
+      throw explain(e);
+    }
+  }
+
+  /** A random-weight model in the shape of a real one (`v2-lite-mini`, `v3-mini`), for benchmarks. */
+  static async loadPreset(name, { seed = 0, weights = 'f32', maxContext = 0 } = {}) {
+    await checkWebGPU();
+    const mod = await initWasm();
+    try {
+      const wasm = await mod.WasmEngine.loadPreset(name, BigInt(seed), { weights, maxContext });
+      return new Engine(wasm, name);
+    } catch (e) {
+      throw explain(e);
+    }
+  }
+
+  /** Deletes the downloaded files kept in the Cache API. Resolves to whether there was a cache. */
+  static async clearCache() {
+    if (!globalThis.caches) return false;
+    return caches.delete(CACHE_NAME);
+  }
+
+  /** The model's name (its folder's name, or the preset's). */
+  get model() {
+    return this.#model;
+  }
+
+  /** Facts about the model: architecture, parameters, experts, cache sizes (as `moela info --json`). */
+  info() {
+    return structuredClone(this.#info);
+  }
+
+  /** Runs `fn(wasm)` after every earlier call on this engine has finished. */
+  #run(fn) {
+    const p = this.#queue.then(() => {
+      if (!this.#wasm) throw new Error('this engine was unloaded');
+      if (crashed) throw new Error(`moela crashed earlier (${crashed}): reload the page`);
+      return fn(this.#wasm);
+    });
+    this.#queue = p.catch(() => {});
+    return p.catch((e) => {
+      throw explain(e);
+    });
+  }
+
+  /** Token ids of `text` (bos first when `special`). */
+  encode(text, special = false) {
+    return this.#run((w) => Array.from(w.encode(text, special)));
+  }
+
+  /** Logits at every position of `tokens`, from one prefill: a `Float32Array` per position. */
+  logits(tokens) {
+    const ids = Uint32Array.from(tokens);
+    return this.#run((w) => w.logits(ids));
+  }
+
+  /** Latent cache in use: `{tokens, bytes, mhaBytes}` (mhaBytes: an uncompressed MHA cache's size). */
+  cacheUsage() {
+    return this.#run((w) => w.cacheUsage());
+  }
+
+  /** Forgets the conversation held in the cache. */
+  resetChat() {
+    return this.#run((w) => w.resetChat());
+  }
+
+  /** Decode and prefill tok/s of this model on this device. */
+  bench({ promptTokens = 128, genTokens = 32 } = {}) {
+    return this.#run((w) => w.bench(promptTokens, genTokens));
+  }
+
+  /** Frees the model's GPU memory; the engine cannot be used afterwards. */
+  unload() {
+    return this.#run((w) => {
+      this.#wasm = null;
+      w.unload();
+    });
+  }
+
+  #create(request) {
+    let wreq;
+    try {
+      wreq = wasmRequest(request);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    const { signal, onRouting } = request;
+    const id = randomId('chatcmpl-');
+    const created = Math.floor(Date.now() / 1000);
+    const model = this.#model;
+    let stopped = false;
+    const shouldStop = () => stopped || !!signal?.aborted;
+    const channel = new Channel(() => (stopped = true));
+    let first = true;
+    const chunk = (delta, finish_reason = null) => ({
+      id,
+      object: 'chat.completion.chunk',
+      created,
+      model,
+      choices: [{ index: 0, delta, finish_reason, logprobs: null }],
+    });
+    const onEvent = (ev) => {
+      if (ev.type === 'reasoning' || ev.type === 'content') {
+        if (!ev.text) return;
+        const delta = ev.type === 'reasoning' ? { reasoning_content: ev.text } : { content: ev.text };
+        if (first) {
+          first = false;
+          channel.push(chunk({ role: 'assistant', ...delta }));
+        } else {
+          channel.push(chunk(delta));
+        }
+      } else if (ev.type === 'routing') {
+        onRouting?.(ev.experts);
+      }
+    };
+    const done = this.#run(async (w) => {
+      if (shouldStop()) return undefined;
+      return w.generate(wreq, onEvent, shouldStop);
+    });
+    done.then(
+      (stats) => {
+        const last = chunk(first ? { role: 'assistant' } : {}, stats ? finishReason(stats.finish_reason) : 'abort');
+        if (stats) {
+          last.usage = usageOf(stats);
+          last.x_moela = stats;
+        }
+        channel.push(last);
+        channel.close();
+      },
+      (e) => channel.close(e),
+    );
+    const stream = new ChatCompletionStream(channel, () => (stopped = true));
+    if (request.stream) return Promise.resolve(stream);
+    return collectCompletion(stream);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The same API, with the engine in a module Web Worker.
+
+const ERROR_CLASSES = { WebGPUUnavailableError };
+
+/** An Error as it crosses postMessage. */
+export function serializeError(e) {
+  if (e instanceof Error) return { name: e.name, message: e.message, code: e.code, stack: e.stack };
+  return { name: 'Error', message: String(e) };
+}
+
+function deserializeError(o) {
+  const Cls = ERROR_CLASSES[o?.name];
+  const e = Cls ? new Cls(o.message) : new Error(o?.message ?? 'unknown error in the moela worker');
+  if (!Cls && o?.name && o.name !== 'Error') e.name = o.name;
+  if (o?.code) e.code = o.code;
+  return e;
+}
+
+class WorkerClient {
+  constructor(worker) {
+    this.worker = worker;
+    this.next = 1;
+    this.pending = new Map();
+    this.dead = null;
+    worker.onmessage = (e) => this.#message(e.data);
+    worker.onerror = (e) => {
+      e.preventDefault?.();
+      this.#fail(
+        new Error(
+          `the moela worker failed: ${e.message || 'it could not start (src/worker.js or pkg/moela_wasm.js did not load)'}`,
+        ),
+      );
+    };
+    worker.onmessageerror = () => this.#fail(new Error('the moela worker sent a message that could not be read'));
+  }
+
+  #fail(error) {
+    this.dead = error;
+    for (const p of this.pending.values()) p.reject(error);
+    this.pending.clear();
+  }
+
+  #message(m) {
+    const p = this.pending.get(m.id);
+    if (!p) return;
+    switch (m.type) {
+      case 'progress':
+        p.onProgress?.(m.progress);
+        break;
+      case 'chunk':
+        p.onChunk?.(m.chunk);
+        break;
+      case 'routing':
+        p.onRouting?.(m.experts);
+        break;
+      case 'result':
+        this.pending.delete(m.id);
+        p.resolve(m.value);
+        break;
+      case 'error':
+        this.pending.delete(m.id);
+        p.reject(deserializeError(m.error));
+        break;
+    }
+  }
+
+  /** Sends `op`; resolves to its result. Returns the promise and the request's id. */
+  call(op, args, handlers = {}, transfer = []) {
+    const id = this.next++;
+    const promise = new Promise((resolve, reject) => {
+      if (this.dead) return reject(this.dead);
+      this.pending.set(id, { resolve, reject, ...handlers });
+      this.worker.postMessage({ id, op, args }, transfer);
+    });
+    return { id, promise };
+  }
+
+  abort(target) {
+    if (!this.dead) this.worker.postMessage({ id: 0, op: 'abort', args: { target } });
+  }
+
+  terminate(reason = new Error('this engine was unloaded')) {
+    this.worker.terminate();
+    this.#fail(reason);
+  }
+}
+
+/** `Engine`'s API, with the engine running in a module Web Worker (src/worker.js). */
+export class WorkerEngine {
+  #client;
+  #info;
+  #model;
+
+  constructor(client, info, model) {
+    this.#client = client;
+    this.#info = info;
+    this.#model = model;
+    this.chat = { completions: { create: (request) => this.#create(request) } };
+  }
+
+  static async #start(op, args, onProgress, signal) {
+    await checkWebGPU();
+    if (signal?.aborted) throw signal.reason ?? new DOMException('aborted', 'AbortError');
+    let worker;
+    try {
+      worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'moela' });
+    } catch (e) {
+      throw new Error(`cannot start the moela worker (${e.message}); this browser needs module workers`);
+    }
+    const client = new WorkerClient(worker);
+    // Aborting a load ends the worker, and with it whatever it had downloaded or converted.
+    const abort = () => client.terminate(signal.reason ?? new DOMException('loading was aborted', 'AbortError'));
+    signal?.addEventListener('abort', abort, { once: true });
+    try {
+      const { info, model } = await client.call(op, args, { onProgress }).promise;
+      return new WorkerEngine(client, info, model);
+    } catch (e) {
+      client.terminate();
+      throw e;
+    } finally {
+      signal?.removeEventListener('abort', abort);
+    }
+  }
+
+  /** As `Engine.load`, in a worker. A relative `model` URL is resolved against the page. */
+  static async load(options = {}) {
+    const { onProgress, signal, ...rest } = options;
+    if (rest.model) rest.model = folderUrl(rest.model).href;
+    if (rest.files) rest.files = Array.from(rest.files);
+    return WorkerEngine.#start('load', rest, onProgress, signal);
+  }
+
+  /** As `Engine.loadPreset`, in a worker. */
+  static async loadPreset(name, options = {}) {
+    return WorkerEngine.#start('loadPreset', { name, ...options });
+  }
+
+  /** As `Engine.clearCache` (the Cache API is shared by the page and its workers). */
+  static clearCache() {
+    return Engine.clearCache();
+  }
+
+  get model() {
+    return this.#model;
+  }
+
+  info() {
+    return structuredClone(this.#info);
+  }
+
+  encode(text, special = false) {
+    return this.#client.call('encode', { text, special }).promise;
+  }
+
+  logits(tokens) {
+    return this.#client.call('logits', { tokens: Array.from(tokens) }).promise;
+  }
+
+  cacheUsage() {
+    return this.#client.call('cacheUsage').promise;
+  }
+
+  resetChat() {
+    return this.#client.call('resetChat').promise;
+  }
+
+  bench(options = {}) {
+    return this.#client.call('bench', options).promise;
+  }
+
+  async unload() {
+    try {
+      await this.#client.call('unload').promise;
+    } finally {
+      this.#client.terminate();
+    }
+  }
+
+  #create(request) {
+    let wreq;
+    try {
+      wasmRequest(request);
+      const { signal, onRouting, ...rest } = request;
+      wreq = { ...rest, stream: true, routing: typeof onRouting === 'function' };
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    const { signal, onRouting } = request;
+    let callId;
+    const stop = () => callId !== undefined && this.#client.abort(callId);
+    const channel = new Channel(stop);
+    const { id, promise } = this.#client.call('chat', wreq, {
+      onChunk: (c) => channel.push(c),
+      onRouting: (experts) => onRouting?.(experts),
+    });
+    callId = id;
+    if (signal) {
+      if (signal.aborted) stop();
+      else signal.addEventListener('abort', stop, { once: true });
+    }
+    promise.then(
+      () => channel.close(),
+      (e) => channel.close(e),
+    ).finally(() => signal?.removeEventListener('abort', stop));
+    const stream = new ChatCompletionStream(channel, stop);
+    if (request.stream) return Promise.resolve(stream);
+    return collectCompletion(stream);
+  }
+}
