@@ -17,9 +17,9 @@ if [ "$(wasm-bindgen --version 2>/dev/null | cut -d' ' -f2)" != "$version" ]; th
 fi
 rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
 
-# The crate's .cargo/config.toml sets the target and getrandom's browser backend. It shares the native build's
-# target folder, so host-side build scripts and proc macros already built there are reused.
-target_dir="${CARGO_TARGET_DIR:-$root/target}"
+# The crate's .cargo/config.toml sets the target and getrandom's browser backend. Its build folder sits inside
+# the native one (a folder of its own: the two builds must not share fingerprints).
+target_dir="${CARGO_TARGET_DIR:-$root/target}/wasm"
 case "$target_dir" in /*) ;; *) target_dir="$root/$target_dir" ;; esac
 (cd "$crate" && CARGO_TARGET_DIR="$target_dir" cargo build --release --locked)
 wasm-bindgen --target web --out-dir "$root/web/pkg" --out-name moela_wasm \
