@@ -52,6 +52,14 @@ struct LoadOpts {
     max_context: usize,
 }
 
+fn load_opts(options: JsValue) -> Result<LoadOpts, JsError> {
+    if options.is_undefined() || options.is_null() {
+        Ok(LoadOpts::default())
+    } else {
+        serde_wasm_bindgen::from_value(options).map_err(js_err)
+    }
+}
+
 /// One chat request, as the JS wrapper sends it (OpenAI field names).
 #[derive(Deserialize, Default)]
 #[serde(default)]
@@ -90,7 +98,8 @@ enum JsEvent {
 }
 
 fn to_js<T: Serialize>(v: &T) -> Result<JsValue, JsError> {
-    v.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).map_err(js_err)
+    v.serialize(&serde_wasm_bindgen::Serializer::json_compatible())
+        .map_err(js_err)
 }
 
 /// A loaded model and its chat session.
@@ -105,11 +114,7 @@ impl WasmEngine {
     /// Loads a checkpoint from its files: `{config, tokenizer?, tokenizerConfig?, weights: [{name, bytes}]}`
     /// (all bytes as `Uint8Array`). `onProgress({loaded, total})` reports weight bytes converted.
     pub async fn load(files: JsValue, options: JsValue, on_progress: Option<Function>) -> Result<WasmEngine, JsError> {
-        let opts: LoadOpts = if options.is_undefined() || options.is_null() {
-            LoadOpts::default()
-        } else {
-            serde_wasm_bindgen::from_value(options).map_err(js_err)?
-        };
+        let opts = load_opts(options)?;
         let config = bytes(&files, "config")?.ok_or_else(|| JsError::new("config.json is missing"))?;
         let weights_js: Array = get(&files, "weights")?
             .dyn_into()
@@ -120,7 +125,10 @@ impl WasmEngine {
                 .as_string()
                 .ok_or_else(|| JsError::new("every weight file needs a name"))?;
             let data = bytes(&w, "bytes")?.ok_or_else(|| JsError::new(&format!("{name}: no bytes")))?;
-            weights.push(WeightFile { name, bytes: Arc::new(data) });
+            weights.push(WeightFile {
+                name,
+                bytes: Arc::new(data),
+            });
         }
         let files = CheckpointFiles {
             config,
@@ -135,11 +143,7 @@ impl WasmEngine {
     /// (for `weights: "f16"`) the adapter's shader-f16. Resolves to the model's facts (`info()`), or throws the
     /// first problem found.
     pub async fn check(files: JsValue, options: JsValue) -> Result<JsValue, JsError> {
-        let opts: LoadOpts = if options.is_undefined() || options.is_null() {
-            LoadOpts::default()
-        } else {
-            serde_wasm_bindgen::from_value(options).map_err(js_err)?
-        };
+        let opts = load_opts(options)?;
         let dtype = WeightDtype::parse(opts.weights.as_deref().unwrap_or("f32")).map_err(js_err)?;
         let config = bytes(&files, "config")?.ok_or_else(|| JsError::new("config.json is missing"))?;
         let config = ModelConfig::from_json_bytes(&config, "config.json").map_err(js_err)?;
@@ -157,7 +161,9 @@ impl WasmEngine {
         if dtype == WeightDtype::F16 {
             let device = moela::default_device_async().await.map_err(js_err)?;
             if !device.supports_dtype(burn::tensor::DType::F16) {
-                return Err(JsError::new("GPU: this adapter has no shader-f16: load with f32 weights instead"));
+                return Err(JsError::new(
+                    "GPU: this adapter has no shader-f16: load with f32 weights instead",
+                ));
             }
         }
         to_js(&moela::ModelInfo::new(&config, dtype))
@@ -166,16 +172,16 @@ impl WasmEngine {
     /// A random-weight model in the shape of a real checkpoint (`v2-lite-mini`, `v3-mini`), for benchmarks.
     #[wasm_bindgen(js_name = loadPreset)]
     pub async fn load_preset(name: String, seed: u64, options: JsValue) -> Result<WasmEngine, JsError> {
-        let opts: LoadOpts = if options.is_undefined() || options.is_null() {
-            LoadOpts::default()
-        } else {
-            serde_wasm_bindgen::from_value(options).map_err(js_err)?
-        };
+        let opts = load_opts(options)?;
         let files = preset_files(&name, seed).map_err(js_err)?;
         Self::from_files(files, opts, None).await
     }
 
-    async fn from_files(files: CheckpointFiles, opts: LoadOpts, on_progress: Option<Function>) -> Result<Self, JsError> {
+    async fn from_files(
+        files: CheckpointFiles,
+        opts: LoadOpts,
+        on_progress: Option<Function>,
+    ) -> Result<Self, JsError> {
         let dtype = WeightDtype::parse(opts.weights.as_deref().unwrap_or("f32")).map_err(js_err)?;
         let device = moela::default_device_async().await.map_err(js_err)?;
         let mut progress = |p: Progress| {
@@ -188,7 +194,9 @@ impl WasmEngine {
         };
         let engine = Arc::new(Engine::load(files, LoadOptions { dtype }, &device, &mut progress).map_err(js_err)?);
         let session = engine
-            .session(SessionOptions { max_context: opts.max_context })
+            .session(SessionOptions {
+                max_context: opts.max_context,
+            })
             .map_err(js_err)?;
         Ok(Self {
             engine,
@@ -203,7 +211,11 @@ impl WasmEngine {
 
     /// Token ids of `text` (bos added when `special`).
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, JsError> {
-        self.engine.require_tokenizer().map_err(js_err)?.encode(text, special).map_err(js_err)
+        self.engine
+            .require_tokenizer()
+            .map_err(js_err)?
+            .encode(text, special)
+            .map_err(js_err)
     }
 
     /// Logits at every position of `tokens` (one prefill): an array of `Float32Array`.
@@ -268,14 +280,24 @@ impl WasmEngine {
             .borrow_mut()
             .take()
             .ok_or_else(|| JsError::new("a generation is already running on this engine"))?;
-        let result = run(&mut session, &req.messages, req.prompt.as_deref(), options, &on_event, should_stop).await;
+        let result = run(
+            &mut session,
+            &req.messages,
+            req.prompt.as_deref(),
+            options,
+            &on_event,
+            should_stop,
+        )
+        .await;
         *self.session.borrow_mut() = Some(session);
         result
     }
 
     /// Decode and prefill speed on this device (`moela bench` in the browser).
     pub async fn bench(&self, prompt_tokens: usize, gen_tokens: usize) -> Result<JsValue, JsError> {
-        let report = bench(&self.engine, prompt_tokens, gen_tokens, 0).await.map_err(js_err)?;
+        let report = bench(&self.engine, prompt_tokens, gen_tokens, 0)
+            .await
+            .map_err(js_err)?;
         to_js(&report)
     }
 
