@@ -236,40 +236,26 @@ export interface MoelaEngine {
   unload(): Promise<void>;
 }
 
-/** A model on this thread. */
-export class Engine implements MoelaEngine {
+/** A model on this thread. Its instance members are those of `MoelaEngine` (merged below). */
+export class Engine {
   static load(options: LoadOptions): Promise<Engine>;
   /** A random-weight model in the shape of a real one: "v2-lite-mini" or "v3-mini". */
   static loadPreset(name: string, options?: PresetOptions): Promise<Engine>;
   /** Deletes the Cache API store; resolves to whether there was one. */
   static clearCache(): Promise<boolean>;
-  readonly chat: { completions: Completions };
-  readonly model: string;
-  info(): ModelInfo;
-  encode(text: string, special?: boolean): Promise<number[]>;
-  logits(tokens: ArrayLike<number>): Promise<Float32Array[]>;
-  cacheUsage(): Promise<CacheUsage>;
-  resetChat(): Promise<void>;
-  bench(options?: BenchOptions): Promise<BenchReport>;
-  unload(): Promise<void>;
 }
+export interface Engine extends MoelaEngine {}
 
-/** The same API, with the engine in a module Web Worker, so the page never freezes. */
-export class WorkerEngine implements MoelaEngine {
+/**
+ * The same API, with the engine in a module Web Worker, so the page never freezes. `unload()` also ends the
+ * worker.
+ */
+export class WorkerEngine {
   static load(options: LoadOptions): Promise<WorkerEngine>;
   static loadPreset(name: string, options?: PresetOptions): Promise<WorkerEngine>;
   static clearCache(): Promise<boolean>;
-  readonly chat: { completions: Completions };
-  readonly model: string;
-  info(): ModelInfo;
-  encode(text: string, special?: boolean): Promise<number[]>;
-  logits(tokens: ArrayLike<number>): Promise<Float32Array[]>;
-  cacheUsage(): Promise<CacheUsage>;
-  resetChat(): Promise<void>;
-  bench(options?: BenchOptions): Promise<BenchReport>;
-  /** Unloads the model and ends the worker. */
-  unload(): Promise<void>;
 }
+export interface WorkerEngine extends MoelaEngine {}
 
 /** Folds a stream's chunks into a `chat.completion`. */
 export function collectCompletion(stream: AsyncIterable<ChatCompletionChunk>): Promise<ChatCompletion>;
