@@ -142,6 +142,13 @@ pub async fn default_device_async() -> Result<Device> {
         .map_err(Error::Device)
 }
 
+/// burn's CPU backend as a device (feature `cpu`): no GPU needed, and for tiny models faster than a software
+/// Vulkan driver, since every operation runs directly instead of as a shader dispatch.
+#[cfg(feature = "cpu")]
+pub fn cpu_device() -> Device {
+    Device::flex()
+}
+
 /// A loaded model ready to run.
 #[derive(Debug)]
 pub struct Engine {

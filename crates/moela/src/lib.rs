@@ -26,6 +26,7 @@
 //! What it does not do: training-time features (dropout, gradients through the cache), FP8 checkpoints,
 //! the multi-token-prediction layer of V3 (its weights are ignored), or GGUF files (yet).
 
+pub mod arith;
 pub mod bench;
 pub mod cache;
 pub mod chat;
@@ -42,6 +43,8 @@ pub mod text;
 
 pub use chat::{Message, Tokenizer};
 pub use config::ModelConfig;
+#[cfg(feature = "cpu")]
+pub use engine::cpu_device;
 #[cfg(not(target_arch = "wasm32"))]
 pub use engine::default_device;
 pub use engine::{CheckpointFiles, Engine, LoadOptions, default_device_async};

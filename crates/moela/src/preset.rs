@@ -70,10 +70,17 @@ fn preset_config(name: &str) -> Result<String> {
 ///
 /// Weights are uniform with standard deviation 0.02; norms are 1; the router correction bias is small noise.
 pub fn preset_files(name: &str, seed: u64) -> Result<CheckpointFiles> {
-    let config_json = preset_config(name)?;
+    random_files(preset_config(name)?, seed, 0.02)
+}
+
+/// A random checkpoint for any supported `config.json` text: projections and embeddings uniform with
+/// standard deviation `std`, norms 1, router correction bias small noise (the start of training, or a
+/// benchmark shape). One bf16 safetensors file, no tokenizer.
+pub fn random_files(config_json: String, seed: u64, std: f32) -> Result<CheckpointFiles> {
     let config = ModelConfig::from_json_bytes(config_json.as_bytes(), "config.json")?;
+    let name = "random";
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let amp = 0.02f32 * 3f32.sqrt();
+    let amp = std * 3f32.sqrt();
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>, Dtype)> = Vec::new();
     for name in all_names(&config) {
         let shape = expected_shape(&config, &name);

@@ -75,11 +75,7 @@ impl Mla {
         let s = pos + t;
 
         // Queries: [T, n_h * d_qk] -> [n_h, T, d_qk].
-        let q = match &self.q {
-            QProj::Plain(p) => p.forward(x.clone()),
-            QProj::Lora { a, norm, b } => b.forward(norm.forward(a.forward(x.clone()))),
-        };
-        let q = q.reshape([t, n_h, d_n + d_r]).swap_dims(0, 1);
+        let q = self.queries(x.clone()).reshape([t, n_h, d_n + d_r]).swap_dims(0, 1);
         let q_nope = q.clone().narrow(2, 0, d_n); // [n_h, T, d_n]
         let q_pe = rope::apply(q.narrow(2, d_n, d_r), &tables.0, &tables.1); // [n_h, T, d_r]
 
@@ -107,6 +103,55 @@ impl Mla {
             .matmul(as_f32(&self.w_uv_t))
             .swap_dims(0, 1)
             .reshape([t, n_h * self.v]);
+        self.o.forward(out)
+    }
+}
+
+impl Mla {
+    /// `x` `[T, H]` -> queries `[T, n_h * d_qk]` (rope dims still unrotated).
+    fn queries(&self, x: Tensor<2>) -> Tensor<2> {
+        match &self.q {
+            QProj::Plain(p) => p.forward(x),
+            QProj::Lora { a, norm, b } => b.forward(norm.forward(a.forward(x))),
+        }
+    }
+
+    /// Causal attention for `b` independent sequences of `t` tokens at positions `0..t`, with no cache
+    /// (training): `x` is `[B*T, H]` (normed, sequence-major), the result `[B*T, H]`.
+    ///
+    /// The same latent-space computation as [`Mla::forward`], batched: scores over `[c'; k_pe]` with the
+    /// absorbed `W_UK`, then the weighted latent through `W_UV`.
+    pub fn forward_batch(
+        &self,
+        x: Tensor<2>,
+        b: usize,
+        t: usize,
+        tables: &(Tensor<2>, Tensor<2>),
+        device: &Device,
+    ) -> Tensor<2> {
+        let (n_h, d_n, d_r, r_kv) = (self.heads, self.nope, self.rope, self.rank);
+        let q = self.queries(x.clone()).reshape([b, t, n_h, d_n + d_r]).swap_dims(1, 2); // [B, n_h, T, d_qk]
+        let q_nope = q.clone().narrow(3, 0, d_n);
+        let q_pe = rope::apply(q.narrow(3, d_n, d_r), &tables.0, &tables.1);
+
+        let a = self.kv_a.forward(x);
+        let latent = self
+            .kv_a_norm
+            .forward(a.clone().narrow(1, 0, r_kv))
+            .reshape([b, t, r_kv]);
+        let k_pe = rope::apply(a.narrow(1, r_kv, d_r).reshape([b, t, d_r]), &tables.0, &tables.1);
+        let keys = Tensor::cat(vec![latent, k_pe], 2).unsqueeze_dim::<4>(1); // [B, 1, T, r_kv + d_r]
+
+        let q_latent = q_nope.matmul(as_f32(&self.w_uk).unsqueeze_dim::<4>(0)); // [B, n_h, T, r_kv]
+        let query = Tensor::cat(vec![q_latent, q_pe], 3);
+        let scores = query.matmul(keys.clone().swap_dims(2, 3)).mul_scalar(self.scale); // [B, n_h, T, T]
+        let scores = scores + causal_mask(0, t, device).reshape([1, 1, t, t]);
+        let probs = softmax(scores, 3);
+        let mixed = probs.matmul(keys.narrow(3, 0, r_kv)); // [B, n_h, T, r_kv]
+        let out = mixed
+            .matmul(as_f32(&self.w_uv_t).unsqueeze_dim::<4>(0)) // [B, n_h, T, d_v]
+            .swap_dims(1, 2)
+            .reshape([b * t, n_h * self.v]);
         self.o.forward(out)
     }
 }

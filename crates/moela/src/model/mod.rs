@@ -7,6 +7,7 @@ pub mod mla;
 pub mod mlp;
 pub mod moe;
 pub mod norm;
+pub mod params;
 pub mod rope;
 pub mod transformer;
 

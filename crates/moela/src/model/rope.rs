@@ -78,9 +78,35 @@ pub fn deinterleave_rows(weight: &mut [f32], cols: usize, offset: usize, stride:
     }
 }
 
+/// The inverse of [`deinterleave_rows`]: half-split rope rows back to interleaved pairs (for saving).
+pub fn interleave_rows(weight: &mut [f32], cols: usize, offset: usize, stride: usize, groups: usize, d_r: usize) {
+    let half = d_r / 2;
+    let mut tmp = vec![0f32; d_r * cols];
+    for g in 0..groups {
+        let base = offset + g * stride;
+        let rows = &mut weight[base * cols..(base + d_r) * cols];
+        for i in 0..half {
+            tmp[(2 * i) * cols..(2 * i + 1) * cols].copy_from_slice(&rows[i * cols..(i + 1) * cols]);
+            tmp[(2 * i + 1) * cols..(2 * i + 2) * cols]
+                .copy_from_slice(&rows[(half + i) * cols..(half + i + 1) * cols]);
+        }
+        rows.copy_from_slice(&tmp);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interleave_undoes_deinterleave() {
+        let orig: Vec<f32> = (0..30).map(|v| v as f32).collect();
+        let mut w = orig.clone();
+        deinterleave_rows(&mut w, 3, 1, 5, 2, 4);
+        assert_ne!(w, orig);
+        interleave_rows(&mut w, 3, 1, 5, 2, 4);
+        assert_eq!(w, orig);
+    }
 
     #[test]
     fn deinterleave_moves_even_rows_first() {

@@ -37,6 +37,16 @@ pub struct Block {
     pub ffn: FeedForward,
 }
 
+/// Where the embedding table (`[V, H]`) lives.
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    /// Row-major on the host (inference): a lookup reads T rows and uploads `[T, H]`, so the largest matrix
+    /// never has to fit a storage binding.
+    Host(Vec<f32>),
+    /// A device tensor (training): the lookup is a `select`, so gradients reach the table.
+    Device(Box<Tensor<2>>),
+}
+
 /// Which logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsFor {
@@ -51,9 +61,8 @@ pub enum LogitsFor {
 pub struct Transformer {
     /// The validated config.
     pub config: ModelConfig,
-    /// `model.embed_tokens.weight` kept on the host (`[V, H]` row-major): a lookup reads T rows and uploads
-    /// `[T, H]`, so the largest matrix never has to fit a storage binding.
-    embed: Vec<f32>,
+    /// `model.embed_tokens.weight`.
+    pub embed: Embedding,
     /// Decoder layers.
     pub blocks: Vec<Block>,
     /// `model.norm`.
@@ -156,13 +165,86 @@ impl Transformer {
         Ok(Self {
             rope: Rope::new(c),
             config,
-            embed,
+            embed: Embedding::Host(embed),
             blocks,
             norm: final_norm,
             head,
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// Moves the embedding table to the device (for training: gradients can then reach it).
+    pub fn embedding_on_device(&mut self) {
+        if let Embedding::Host(rows) = &self.embed {
+            let (v, h) = (self.config.vocab_size, self.config.hidden_size);
+            let table = Tensor::from_data(TensorData::new(rows.clone(), [v, h]), &self.device);
+            self.embed = Embedding::Device(Box::new(table));
+        }
+    }
+
+    /// `[T, H]` embeddings of `tokens`, checking every id against the vocabulary.
+    fn embed_tokens(&self, tokens: &[u32]) -> Result<Tensor<2>> {
+        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= v) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {id} is outside the vocabulary (vocab_size {v})"
+            )));
+        }
+        Ok(match &self.embed {
+            Embedding::Host(table) => {
+                let mut rows = Vec::with_capacity(tokens.len() * h);
+                for &id in tokens {
+                    let id = id as usize;
+                    rows.extend_from_slice(&table[id * h..(id + 1) * h]);
+                }
+                Tensor::from_data(TensorData::new(rows, [tokens.len(), h]), &self.device)
+            }
+            Embedding::Device(table) => {
+                let ids: Vec<i64> = tokens.iter().map(|&id| i64::from(id)).collect();
+                let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [tokens.len()]), &self.device);
+                (**table).clone().select(0, ids)
+            }
+        })
+    }
+
+    /// The training forward: `b` sequences of `t` tokens each (`tokens` row-major, every sequence at positions
+    /// `0..t`, padding at the end), with no cache. Returns logits `[B*T, V]` and, per MoE layer in order, the
+    /// experts each token chose (`[B*T, K]`).
+    pub fn forward_batch(&self, tokens: &[u32], b: usize, t: usize) -> Result<(Tensor<2>, Vec<Tensor<2, Int>>)> {
+        if b == 0 || t == 0 || tokens.len() != b * t {
+            return Err(Error::InvalidArgument(format!(
+                "a batch of {b} x {t} tokens needs {} ids, got {}",
+                b * t,
+                tokens.len()
+            )));
+        }
+        if t > self.config.max_position_embeddings {
+            return Err(Error::Limit(format!(
+                "sequences of {t} tokens exceed max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        let mut x = self.embed_tokens(tokens)?;
+        let tables = self.rope.tables(0, t, &self.device);
+        let mut routing = Vec::new();
+        for blk in &self.blocks {
+            let a = blk
+                .attn
+                .forward_batch(blk.attn_norm.forward(x.clone()), b, t, &tables, &self.device);
+            x = x + a;
+            let n = blk.ffn_norm.forward(x.clone());
+            let f = match &blk.ffn {
+                FeedForward::Dense(m) => m.forward(n),
+                FeedForward::Moe(m) => {
+                    let (out, experts) = m.forward(n);
+                    routing.push(experts);
+                    out
+                }
+            };
+            x = x + f;
+        }
+        Ok((self.head.forward(self.norm.forward(x)), routing))
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appending their latents to the cache.
@@ -187,18 +269,7 @@ impl Transformer {
                 cache.capacity()
             )));
         }
-        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
-        let mut rows = Vec::with_capacity(t * h);
-        for &id in tokens {
-            let id = id as usize;
-            if id >= v {
-                return Err(Error::InvalidArgument(format!(
-                    "token id {id} is outside the vocabulary (vocab_size {v})"
-                )));
-            }
-            rows.extend_from_slice(&self.embed[id * h..(id + 1) * h]);
-        }
-        let mut x: Tensor<2> = Tensor::from_data(TensorData::new(rows, [t, h]), &self.device);
+        let mut x = self.embed_tokens(tokens)?;
         let tables = self.rope.tables(pos, t, &self.device);
         for (i, b) in self.blocks.iter().enumerate() {
             let a = b.attn.forward(
