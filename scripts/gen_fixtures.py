@@ -61,6 +61,11 @@ reference.json layout:
     "routing": {"layerN": {...}}               # diagnostics (min decision margin, expert sets per token)
   }
 
+Shipped models (`--model models/<name>`): loads an existing checkpoint folder with transformers (float32,
+eager) and writes tests/fixtures/<name>.reference.json: the chat prompt rendered and tokenised by the HF
+tokenizer, a worked solution appended, float32 logits of every position, and transformers' own greedy
+continuation of the prompt (`generate`, do_sample=False). moela's tests compare all three.
+
 Companion: scripts/ref_forward.py re-computes every reference from the files alone (float64, no
 transformers), following the architecture reference document; `--mutations` shows which fixture
 catches which classic porting bug.
@@ -856,11 +861,77 @@ def verify_fixture(folder: Path, logits, tokens, long_logits, long_tokens) -> No
         del m
 
 
+MODEL_QUESTION = "What is 457 + 389?"
+MODEL_SOLUTION = ("457 + 389\nones: 7 + 9 = 16, write 6 carry 1, so far 6\n"
+                  "tens: 5 + 8 + 1 = 14, write 4 carry 1, so far 46\n"
+                  "hundreds: 4 + 3 + 1 = 8, write 8, so far 846\n457 + 389 = 846\n</think>\n\nThe answer is 846.")
+MODEL_GREEDY_QUESTION = "A shop had 512 apples. It sold 137 in the morning and 88 in the afternoon. How many apples are left?"
+
+
+def reference_for_model(folder: Path, out_dir: Path) -> None:
+    """Reference logits and greedy tokens of a shipped checkpoint folder, from transformers."""
+    cfg = json.loads((folder / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = model_class(cfg).from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    messages = [{"role": "user", "content": MODEL_QUESTION}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    solution_ids = tok(MODEL_SOLUTION, add_special_tokens=False)["input_ids"]
+    tokens = prompt_ids + solution_ids + [tok.eos_token_id]
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens]), use_cache=False).logits[0].float()
+    greedy_prompt = tok.apply_chat_template(
+        [{"role": "user", "content": MODEL_GREEDY_QUESTION}], tokenize=False, add_generation_prompt=True
+    )
+    greedy_prompt_ids = tok(greedy_prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([greedy_prompt_ids]), max_new_tokens=400, do_sample=False,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+        )
+    greedy = out[0, len(greedy_prompt_ids):].tolist()
+    head = {
+        "model": folder.name,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "model_class": type(model).__name__,
+        "chat_messages": messages,
+        "chat_prompt": prompt,
+        "chat_prompt_ids": prompt_ids,
+        "tokens": tokens,
+    }
+    tail = {
+        "greedy_question": MODEL_GREEDY_QUESTION,
+        "greedy_prompt_ids": greedy_prompt_ids,
+        "greedy_tokens": greedy,
+        "greedy_text": tok.decode(greedy),
+    }
+    parts = ["{"]
+    for k, v in head.items():
+        parts.append(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)},")
+    parts.append(f'  "logits": {logits_json(logits)},')
+    items = list(tail.items())
+    for i, (k, v) in enumerate(items):
+        sep = "," if i < len(items) - 1 else ""
+        parts.append(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}{sep}")
+    parts.append("}")
+    path = out_dir / f"{folder.name}.reference.json"
+    path.write_text("\n".join(parts) + "\n")
+    print(f"{path}: {len(tokens)} positions; greedy: {tok.decode(greedy)!r}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", action="append", help="fixture name(s) to (re)generate")
     ap.add_argument("--out", type=Path, default=FIXTURES_DIR)
+    ap.add_argument("--model", type=Path, help="a shipped checkpoint folder: write <out>/<name>.reference.json")
     args = ap.parse_args()
+
+    if args.model:
+        torch.use_deterministic_algorithms(True)
+        reference_for_model(args.model, args.out)
+        return
 
     torch.use_deterministic_algorithms(True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ use moela::{
 };
 
 /// The model used when `--model` is not given: the checkpoint folder shipped with moela.
-const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/v3-tiny");
+const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/moela-arith-tiny");
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +40,8 @@ enum Command {
     Info(InfoArgs),
     /// Measure prefill and decode speed against the device's copy bandwidth (JSON with --json).
     Bench(BenchArgs),
+    /// Score the arithmetic model on held-out problems with greedy decoding (JSON).
+    Eval(EvalArgs),
 }
 
 #[derive(Args)]
@@ -51,12 +53,15 @@ struct ModelArgs {
     /// Weight dtype on the GPU: f32, or f16 where the adapter has shader-f16.
     #[arg(long, default_value = "f32")]
     weights: String,
+    /// Where the model runs: gpu (wgpu: Vulkan, Metal, DX12) or cpu (burn's CPU backend).
+    #[arg(long, default_value = "gpu", value_parser = ["gpu", "cpu"])]
+    device: String,
 }
 
 #[derive(Args)]
 struct GenArgs {
     /// Most tokens to generate (reasoning included).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 512)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
@@ -177,6 +182,18 @@ struct BenchArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Held-out problems per split (3-digit addition, 3-digit subtraction, word problems, 4-digit addition).
+    #[arg(long, default_value_t = 100)]
+    problems: usize,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 400)]
+    max_tokens: usize,
+}
+
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     if let Err(e) = run(Cli::parse()) {
@@ -192,6 +209,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Logits(a) => cmd_logits(a),
         Command::Info(a) => cmd_info(a),
         Command::Bench(a) => cmd_bench(a),
+        Command::Eval(a) => cmd_eval(a),
     }
 }
 
@@ -212,7 +230,10 @@ fn load_files(files: CheckpointFiles, args: &ModelArgs, what: &str) -> Result<Ar
     } else {
         ProgressBar::hidden()
     };
-    let device = moela::default_device()?;
+    let device = match args.device.as_str() {
+        "cpu" => moela::cpu_device(),
+        _ => moela::default_device()?,
+    };
     let engine = Engine::load(files, LoadOptions { dtype }, &device, &mut |p: Progress| {
         bar.set_length(p.total);
         bar.set_position(p.loaded);
@@ -380,6 +401,20 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let engine = load(&a.model)?;
+    let tty = std::io::stderr().is_terminal();
+    let report = moela::arith::evaluate(&engine, a.problems, a.max_tokens, &mut |split, done, total| {
+        if tty {
+            eprint!("\r{split}: {done}/{total}   ");
+            if done == total {
+                eprintln!();
+            }
+        }
+    })?;
+    print_line(&serde_json::to_string_pretty(&report)?)
+}
+
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let engine = load(&a.model)?;
     let logits = if a.decode {
@@ -475,7 +510,10 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.json {
         let out = serde_json::json!({
             "model": name,
-            "adapter": format!("{:?}", moela::default_device()?),
+            "adapter": match a.model.device.as_str() {
+                "cpu" => "cpu (burn-flex)".to_string(),
+                _ => format!("{:?}", moela::default_device()?),
+            },
             "parameters": { "total": info.total_parameters, "active_per_token": info.active_parameters_per_token },
             "bench": report,
         });

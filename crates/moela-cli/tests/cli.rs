@@ -128,3 +128,32 @@ fn bad_inputs_fail_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("99999"));
 }
+
+#[test]
+fn the_default_model_answers_the_readme_question_with_its_reasoning_apart() {
+    // No --model: the shipped models/moela-arith-tiny.
+    let out = ok(&["run", "--prompt", "What is 457 + 389?"]);
+    let (reasoning, answer) = out
+        .split_once("</think>")
+        .unwrap_or_else(|| panic!("no reasoning block: {out:?}"));
+    assert!(reasoning.starts_with("<think>\n"), "{out:?}");
+    assert!(reasoning.contains("ones: 7 + 9 = 16"), "{out:?}");
+    assert_eq!(answer.trim(), "The answer is 846.", "{out:?}");
+    // burn's CPU backend runs the same model to the same greedy text.
+    assert_eq!(ok(&["run", "--device", "cpu", "--prompt", "What is 457 + 389?"]), out);
+}
+
+#[test]
+fn eval_reports_every_split() {
+    let report = json(&ok(&["eval", "--device", "cpu", "--problems", "4"]));
+    let splits = report["splits"].as_array().expect("splits");
+    let names: Vec<&str> = splits.iter().map(|s| s["split"].as_str().unwrap()).collect();
+    assert_eq!(names, ["add_3digit", "sub_3digit", "word_problems", "add_4digit"]);
+    for s in splits {
+        assert_eq!(s["problems"], 4);
+        let acc = s["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{s}");
+        assert_eq!(s["correct"].as_u64().unwrap() as f64 / 4.0, acc);
+    }
+    assert!(report["generated_tokens"].as_u64().unwrap() > 0);
+}
