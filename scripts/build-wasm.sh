@@ -24,4 +24,8 @@ case "$target_dir" in /*) ;; *) target_dir="$root/$target_dir" ;; esac
 (cd "$crate" && CARGO_TARGET_DIR="$target_dir" cargo build --release --locked)
 wasm-bindgen --target web --out-dir "$root/web/pkg" --out-name moela_wasm \
   "$target_dir/wasm32-unknown-unknown/release/moela_wasm.wasm"
-echo "built $root/web/pkg"
+# The package ships the default model next to pkg/ (DEFAULT_MODEL in src/moela.js).
+rm -rf "$root/web/model" && mkdir -p "$root/web/model"
+cp "$root"/models/moela-arith-tiny/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json,generation_config.json,README.md} \
+  "$root/web/model/"
+echo "built $root/web/pkg and $root/web/model"

@@ -692,6 +692,22 @@ def logits_json(rows: torch.Tensor) -> str:
     return "[\n" + ",\n".join("    [" + ",".join(fmt(v) for v in row.tolist()) + "]" for row in rows) + "\n  ]"
 
 
+def write_reference(path: Path, head: dict, logits: torch.Tensor, tail: dict, long=None) -> None:
+    """reference.json: `head` fields, the logits one row per line, the optional long run, then `tail` fields."""
+    parts = ["{"]
+    for k, v in head.items():
+        parts.append(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)},")
+    parts.append(f'  "logits": {logits_json(logits)},')
+    if long is not None:
+        parts.append(f'  "long": {{"tokens": {json.dumps(long[0])}, "logits": {logits_json(long[1])}}},')
+    items = list(tail.items())
+    for i, (k, v) in enumerate(items):
+        sep = "," if i < len(items) - 1 else ""
+        parts.append(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}{sep}")
+    parts.append("}")
+    path.write_text("\n".join(parts) + "\n")
+
+
 def make_tokens(seed: int, n: int, vocab: int, bos: int) -> list[int]:
     """bos, then n-1 distinct ids spread over [2, vocab); always includes vocab-1 (the last embedding
     row: for v2-group-odd that is a padding row beyond the tokenizer's 512 ids)."""
@@ -812,18 +828,8 @@ def build_fixture(spec: dict, tok_dir: Path, out_root: Path) -> dict:
         "special_token_ids": special_ids,
         "routing": routing_summary,
     }
-    parts = ["{"]
-    for k, v in head.items():
-        parts.append(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)},")
-    parts.append(f'  "logits": {logits_json(logits)},')
-    if long_logits is not None:
-        parts.append(f'  "long": {{"tokens": {json.dumps(long_tokens)}, "logits": {logits_json(long_logits)}}},')
-    items = list(tail.items())
-    for i, (k, v) in enumerate(items):
-        sep = "," if i < len(items) - 1 else ""
-        parts.append(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}{sep}")
-    parts.append("}")
-    (folder / "reference.json").write_text("\n".join(parts) + "\n")
+    long = None if long_logits is None else (long_tokens, long_logits)
+    write_reference(folder / "reference.json", head, logits, tail, long)
 
     # Round trip: reload the written folder with transformers and recompute from the files.
     verify_fixture(folder, logits, tokens, long_logits, long_tokens)
@@ -907,17 +913,8 @@ def reference_for_model(folder: Path, out_dir: Path) -> None:
         "greedy_tokens": greedy,
         "greedy_text": tok.decode(greedy),
     }
-    parts = ["{"]
-    for k, v in head.items():
-        parts.append(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)},")
-    parts.append(f'  "logits": {logits_json(logits)},')
-    items = list(tail.items())
-    for i, (k, v) in enumerate(items):
-        sep = "," if i < len(items) - 1 else ""
-        parts.append(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}{sep}")
-    parts.append("}")
     path = out_dir / f"{folder.name}.reference.json"
-    path.write_text("\n".join(parts) + "\n")
+    write_reference(path, head, logits, tail)
     print(f"{path}: {len(tokens)} positions; greedy: {tok.decode(greedy)!r}")
 
 

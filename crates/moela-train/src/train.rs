@@ -11,9 +11,7 @@ use moela::arith::{self, Problem};
 use moela::load::{WeightFile, WeightSet};
 use moela::model::WeightDtype;
 use moela::model::transformer::{FeedForward, Transformer};
-use moela::{
-    CheckpointFiles, Engine, GenerateOptions, LoadOptions, Message, ModelConfig, SamplingOptions, SessionOptions,
-};
+use moela::{CheckpointFiles, Engine, GenerateOptions, LoadOptions, ModelConfig, SamplingOptions, SessionOptions};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -372,7 +370,6 @@ pub fn grpo(
             let p: Problem = stream.next_problem();
             let mut group = Vec::with_capacity(s.grpo_group);
             for _ in 0..s.grpo_group {
-                session.reset();
                 let options = GenerateOptions {
                     sampling: SamplingOptions {
                         temperature: s.temperature,
@@ -382,14 +379,7 @@ pub fn grpo(
                     max_tokens: 400,
                     ..GenerateOptions::default()
                 };
-                let mut generation = session.chat(&[Message::user(p.question.clone())], options)?;
-                let mut stopped = false;
-                while let Some(ev) = generation.next_blocking() {
-                    if let moela::Event::Done(st) = ev? {
-                        stopped = st.finish_reason == moela::FinishReason::Eos;
-                    }
-                }
-                let generated = generation.generated().to_vec();
+                let (generated, stopped) = arith::ask(&mut session, &p.question, options)?;
                 let g = arith::grade_raw(&p, &tok.decode(&generated, false)?, &eos_text, stopped);
                 let mut ids = corpus::prompt_ids(tok, &p.question)?;
                 let prompt_len = ids.len();

@@ -492,6 +492,25 @@ impl Report {
     }
 }
 
+/// Asks `question` in a fresh conversation on `session`: the generated ids, and whether the model ended with
+/// its end-of-sentence token.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn ask(
+    session: &mut crate::Session,
+    question: &str,
+    options: crate::GenerateOptions,
+) -> crate::Result<(Vec<u32>, bool)> {
+    session.reset();
+    let mut generation = session.chat(&[crate::Message::user(question)], options)?;
+    let mut stopped = false;
+    while let Some(ev) = generation.next_blocking() {
+        if let crate::Event::Done(stats) = ev? {
+            stopped = stats.finish_reason == crate::FinishReason::Eos;
+        }
+    }
+    Ok((generation.generated().to_vec(), stopped))
+}
+
 /// Evaluates `engine` with greedy decoding on the first `per_split` problems of each held-out split.
 /// `progress(split, done, total)` is called after every problem.
 #[cfg(not(target_arch = "wasm32"))]
@@ -501,7 +520,7 @@ pub fn evaluate(
     max_tokens: usize,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> crate::Result<Report> {
-    use crate::{GenerateOptions, Message, SessionOptions};
+    use crate::{GenerateOptions, SessionOptions};
     let start = web_time::Instant::now();
     let tok = engine.require_tokenizer()?;
     let eos = tok.eos_token().unwrap_or("").to_string();
@@ -522,19 +541,11 @@ pub fn evaluate(
             wrong_examples: Vec::new(),
         };
         for (i, p) in problems.iter().enumerate() {
-            session.reset();
             let options = GenerateOptions {
                 max_tokens,
                 ..GenerateOptions::default()
             };
-            let mut generation = session.chat(&[Message::user(p.question.clone())], options)?;
-            let mut stopped = false;
-            while let Some(ev) = generation.next_blocking() {
-                if let crate::Event::Done(stats) = ev? {
-                    stopped = stats.finish_reason == crate::FinishReason::Eos;
-                }
-            }
-            let ids = generation.generated().to_vec();
+            let (ids, stopped) = ask(&mut session, &p.question, options)?;
             generated_tokens += ids.len();
             let raw = tok.decode(&ids, false)?;
             let g = grade_raw(p, &raw, &eos, stopped);

@@ -165,3 +165,54 @@ fn f16_weights_stay_close_when_the_adapter_has_shader_f16() {
     let got = pollster::block_on(engine.logits(&ids(&r["tokens"]))).unwrap();
     assert_close("v2-lite-tiny f16", &got, &rows(&r["logits"]));
 }
+
+/// The shipped default model (`models/moela-arith-tiny`, bf16) against transformers loading the same folder:
+/// the chat prompt's rendering and ids, logits over a prompt plus a worked solution (prefill and decode), and
+/// transformers' greedy continuation reproduced by the engine's own greedy generation.
+#[test]
+fn shipped_model_matches_transformers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = root.join("models/moela-arith-tiny");
+    let bytes = std::fs::read(root.join("tests/fixtures/moela-arith-tiny.reference.json")).expect("reference");
+    let r: Value = serde_json::from_slice(&bytes).expect("reference parses");
+    let engine = std::sync::Arc::new(
+        Engine::load_dir(&dir, LoadOptions::default(), &mut |_| {}).expect("the shipped model loads"),
+    );
+    let tok = engine.tokenizer().expect("tokenizer");
+
+    let messages: Vec<Message> = serde_json::from_value(r["chat_messages"].clone()).expect("messages");
+    let (text, prompt_ids) = tok.encode_chat(&messages, true).expect("chat template");
+    assert_eq!(text, r["chat_prompt"].as_str().unwrap());
+    assert_eq!(prompt_ids, ids(&r["chat_prompt_ids"]));
+
+    let tokens = ids(&r["tokens"]);
+    let want = rows(&r["logits"]);
+    assert_close(
+        "moela-arith-tiny prefill",
+        &pollster::block_on(engine.logits(&tokens)).unwrap(),
+        &want,
+    );
+    assert_close(
+        "moela-arith-tiny decode",
+        &pollster::block_on(engine.logits_decode(&tokens)).unwrap(),
+        &want,
+    );
+
+    // Greedy generation: the engine's tokens equal transformers' generate(do_sample=False).
+    let want = ids(&r["greedy_tokens"]);
+    let mut session = engine.session(moela::SessionOptions::default()).unwrap();
+    let question = r["greedy_question"].as_str().unwrap();
+    let options = moela::GenerateOptions {
+        max_tokens: want.len(),
+        ..Default::default()
+    };
+    let mut generation = session.chat(&[Message::user(question)], options).unwrap();
+    while let Some(ev) = generation.next_blocking() {
+        ev.unwrap();
+    }
+    assert_eq!(
+        generation.generated(),
+        &want[..],
+        "greedy tokens differ from transformers'"
+    );
+}

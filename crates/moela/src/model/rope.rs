@@ -64,31 +64,35 @@ pub fn apply<const D: usize>(x: Tensor<D>, cos: &Tensor<2>, sin: &Tensor<2>) -> 
 /// Permutes the `d_r` rope rows found at `offset + k * stride` (k = 0..groups) of an `[out, in]` weight
 /// from interleaved pairs to half-split order.
 pub fn deinterleave_rows(weight: &mut [f32], cols: usize, offset: usize, stride: usize, groups: usize, d_r: usize) {
-    let half = d_r / 2;
-    let mut tmp = vec![0f32; d_r * cols];
-    for g in 0..groups {
-        let base = offset + g * stride;
-        let rows = &mut weight[base * cols..(base + d_r) * cols];
-        for i in 0..half {
-            tmp[i * cols..(i + 1) * cols].copy_from_slice(&rows[(2 * i) * cols..(2 * i + 1) * cols]);
-            tmp[(half + i) * cols..(half + i + 1) * cols]
-                .copy_from_slice(&rows[(2 * i + 1) * cols..(2 * i + 2) * cols]);
-        }
-        rows.copy_from_slice(&tmp);
-    }
+    permute_rows(weight, cols, offset, stride, groups, d_r, |i, half| {
+        if i < half { 2 * i } else { 2 * (i - half) + 1 }
+    });
 }
 
 /// The inverse of [`deinterleave_rows`]: half-split rope rows back to interleaved pairs (for saving).
 pub fn interleave_rows(weight: &mut [f32], cols: usize, offset: usize, stride: usize, groups: usize, d_r: usize) {
-    let half = d_r / 2;
+    permute_rows(weight, cols, offset, stride, groups, d_r, |i, half| {
+        if i % 2 == 0 { i / 2 } else { half + i / 2 }
+    });
+}
+
+/// Row `i` of each rope group becomes the old row `source(i, d_r / 2)`.
+fn permute_rows(
+    weight: &mut [f32],
+    cols: usize,
+    offset: usize,
+    stride: usize,
+    groups: usize,
+    d_r: usize,
+    source: impl Fn(usize, usize) -> usize,
+) {
     let mut tmp = vec![0f32; d_r * cols];
     for g in 0..groups {
         let base = offset + g * stride;
         let rows = &mut weight[base * cols..(base + d_r) * cols];
-        for i in 0..half {
-            tmp[(2 * i) * cols..(2 * i + 1) * cols].copy_from_slice(&rows[i * cols..(i + 1) * cols]);
-            tmp[(2 * i + 1) * cols..(2 * i + 2) * cols]
-                .copy_from_slice(&rows[(half + i) * cols..(half + i + 1) * cols]);
+        for i in 0..d_r {
+            let from = source(i, d_r / 2);
+            tmp[i * cols..(i + 1) * cols].copy_from_slice(&rows[from * cols..(from + 1) * cols]);
         }
         rows.copy_from_slice(&tmp);
     }
