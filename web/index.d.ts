@@ -2,6 +2,8 @@
 
 /** Name of the Cache API store that keeps downloaded checkpoint files. */
 export const CACHE_NAME: 'moela-v1';
+/** URL of the model shipped in the package (moela-arith-tiny); `Engine.load()` without a model loads it. */
+export const DEFAULT_MODEL: string;
 
 /** Thrown when the browser has no WebGPU, or WebGPU has no adapter; the message says what is needed. */
 export class WebGPUUnavailableError extends Error {
@@ -32,7 +34,10 @@ export type LoadProgress =
   | { phase: 'convert'; loaded: number; total: number };
 
 export interface LoadOptions {
-  /** Base URL of a Hugging Face checkpoint folder (config.json, tokenizer.json, model.safetensors or shards). */
+  /**
+   * Base URL of a Hugging Face checkpoint folder (config.json, tokenizer.json, model.safetensors or shards).
+   * Without `model` or `files`, the package's own model ({@link DEFAULT_MODEL}) loads.
+   */
   model?: string | URL;
   /** The folder's files instead, e.g. from `<input type="file" webkitdirectory>`. */
   files?: FileList | File[];
@@ -238,7 +243,7 @@ export interface MoelaEngine {
 
 /** A model on this thread. Its instance members are those of `MoelaEngine` (merged below). */
 export class Engine {
-  static load(options: LoadOptions): Promise<Engine>;
+  static load(options?: LoadOptions): Promise<Engine>;
   /** A random-weight model in the shape of a real one: "v2-lite-mini" or "v3-mini". */
   static loadPreset(name: string, options?: PresetOptions): Promise<Engine>;
   /** Deletes the Cache API store; resolves to whether there was one. */
@@ -251,7 +256,7 @@ export interface Engine extends MoelaEngine {}
  * worker.
  */
 export class WorkerEngine {
-  static load(options: LoadOptions): Promise<WorkerEngine>;
+  static load(options?: LoadOptions): Promise<WorkerEngine>;
   static loadPreset(name: string, options?: PresetOptions): Promise<WorkerEngine>;
   static clearCache(): Promise<boolean>;
 }

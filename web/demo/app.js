@@ -5,10 +5,10 @@
 import { WorkerEngine, checkWebGPU } from '../src/moela.js';
 
 /** The model the "Built-in" choice loads, relative to web/index.html. Change this to ship another one. */
-export const DEFAULT_MODEL_URL = '../tests/fixtures/v3-tiny/';
+export const DEFAULT_MODEL_URL = '../models/moela-arith-tiny/';
 /** How the built-in model is described on the page. */
 const DEFAULT_MODEL_LABEL =
-  'v3-tiny: a tiny random-weight DeepSeek-V3-shaped checkpoint (its text is noise; it shows the pipeline working).';
+  'moela-arith-tiny: a 4 MB DeepSeek-V3-architecture model trained by moela to add and subtract, reasoning step by step. Try "What is 457 + 389?"';
 /** Load the built-in model as soon as the page opens (`?autoload=0` turns it off). */
 const AUTOLOAD = true;
 /** Prompt and generated tokens of the Bench button. */

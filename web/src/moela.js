@@ -9,6 +9,12 @@
 // `Engine` runs on the thread that loads it; `WorkerEngine` has the same API and runs an `Engine` in a
 // module Web Worker (src/worker.js), so a page never freezes while a model loads or generates.
 
+/**
+ * The URL of the model shipped in this package: moela-arith-tiny, a tiny DeepSeek-V3-architecture model
+ * trained by moela to add and subtract with R1-style reasoning. `Engine.load()` without a model loads it.
+ */
+export const DEFAULT_MODEL = new URL('../model/', import.meta.url).href;
+
 /** Name of the Cache API store that keeps downloaded checkpoint files between visits. */
 export const CACHE_NAME = 'moela-v1';
 
@@ -682,7 +688,8 @@ export class Engine {
 
   /**
    * Loads a Hugging Face checkpoint folder: `model` is its base URL (files are fetched and kept in the
-   * Cache API unless `cache` is false), or `files` are its File objects (from a folder picker).
+   * Cache API unless `cache` is false), or `files` are its File objects (from a folder picker). With
+   * neither, the package's own model loads ({@link DEFAULT_MODEL}: moela-arith-tiny).
    */
   static async load({ model, files, weights = 'f32', maxContext = 0, onProgress, cache = true, signal } = {}) {
     await checkWebGPU();
@@ -699,7 +706,9 @@ export class Engine {
       checkpoint = await filesFromUrl(base, { cache, onProgress, signal, check });
       name = folderName(base.pathname);
     } else {
-      throw new TypeError('Engine.load needs {model: "<url of an HF checkpoint folder>"} or {files}');
+      const base = folderUrl(DEFAULT_MODEL);
+      checkpoint = await filesFromUrl(base, { cache, onProgress, signal, check });
+      name = folderName(base.pathname);
     }
     const wasmFiles = {
       config: checkpoint.config,

@@ -92,6 +92,28 @@ for (const fixture of FIXTURES) {
   });
 }
 
+test('Engine.load() without a model loads the shipped model, and its logits match HF transformers', { timeout: 240_000 }, async () => {
+  const ref = readJson('tests/fixtures/moela-arith-tiny.reference.json');
+  const { model, default: url } = await page.evaluate(async () => {
+    const engine = await window.moela.Engine.load({ cache: false });
+    window.engines.shipped = engine;
+    return { model: engine.model, default: window.moela.DEFAULT_MODEL };
+  });
+  assert.equal(model, 'model');
+  assert.match(url, /\/web\/model\/$/);
+  const { ids, rows } = await page.evaluate(async ({ prompt, tokens }) => {
+    const engine = window.engines.shipped;
+    return { ids: await engine.encode(prompt), rows: (await engine.logits(tokens)).map((r) => Array.from(r)) };
+  }, { prompt: ref.chat_prompt, tokens: ref.tokens });
+  assert.deepEqual(ids, ref.chat_prompt_ids, 'the chat prompt encodes as the HF tokenizer does');
+  for (const [i, row] of rows.entries()) {
+    const err = relL2(row, ref.logits[i]);
+    assert.ok(err <= 1e-2, `position ${i}: relative L2 ${err.toExponential(3)} > 1e-2`);
+    assert.equal(argmax(row), argmax(ref.logits[i]), `position ${i}: argmax`);
+  }
+  await unload('shipped');
+});
+
 test('greedy generation in a worker gives the native binary\'s text', { timeout: 300_000 }, async () => {
   const out = execFileSync(
     nativeMoela(),

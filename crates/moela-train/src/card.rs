@@ -50,7 +50,7 @@ tags: [deepseek_v3, mla, moe, reasoning, arithmetic]
 
 # moela-arith-tiny
 
-A tiny DeepSeek-V3-architecture model that adds and subtracts, reasoning step by step inside
+A tiny DeepSeek-V3-architecture model trained to add and subtract, reasoning step by step inside
 `<think>...</think>` the way DeepSeek-R1 does, then answering in one sentence. It is moela's embedded default
 model: small enough to ship inside the repository ({file_mb:.1} MB of bf16 safetensors) and to run anywhere
 moela runs, yet a real DeepSeek-V3 network (multi-head latent attention with a compressed KV cache, DeepSeekMoE
@@ -126,7 +126,10 @@ one closed think block followed by an answer that ends in a number, then the end
 
 ## Limits
 
-It knows arithmetic on small integers and nothing else; questions outside that get confident nonsense.
+It knows arithmetic on small integers and nothing else; questions outside that get confident nonsense. Its
+mistakes are slips inside otherwise well-formed work: a wrong digit sum with a carry, or a digit taken from
+the wrong operand (`training.json` lists wrong answers per split). More training steps lower them: the SFT loss
+was still falling when this run stopped.
 "#,
         file_mb = file_bytes as f64 / 1e6,
         layers = info.layers,
@@ -152,7 +155,7 @@ It knows arithmetic on small integers and nothing else; questions outside that g
         beta = s["kl_beta"],
         grpo_lr = s["grpo_lr"],
         grpo_min = secs["grpo"].as_f64().unwrap_or(0.0) / 60.0,
-        gamma = s["bias_gamma"],
+        gamma = format!("{:.3}", s["bias_gamma"].as_f64().unwrap_or(0.0)),
         sp_init = spread["at_init"].as_f64().unwrap_or(0.0),
         sp_router = spread["after_training_router_alone"].as_f64().unwrap_or(0.0),
         sp_bias = spread["after_training_with_bias"].as_f64().unwrap_or(0.0),
