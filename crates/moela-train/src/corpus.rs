@@ -53,13 +53,14 @@ impl ProblemStream {
         }
     }
 
-    /// The next problem: 40% addition, 35% subtraction (1-3 digits), 25% word problems.
+    /// The next problem: 40% addition, 50% subtraction (1-3 digits), 10% word problems (each several times
+    /// longer than a single operation; attention makes them costlier still).
     pub fn next_problem(&mut self) -> Problem {
         loop {
             let r: f64 = self.rng.random();
             let kind = if r < 0.40 {
                 Kind::Add { digits: 3 }
-            } else if r < 0.75 {
+            } else if r < 0.90 {
                 Kind::Sub { digits: 3 }
             } else {
                 Kind::Word

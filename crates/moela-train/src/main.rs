@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// SFT optimiser steps.
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 2400)]
     sft_steps: usize,
     /// Sequences per SFT step.
     #[arg(long, default_value_t = 32)]

@@ -1,16 +1,17 @@
 //! DeepSeekMoE (`deepseek-architecture.md` §4): a router picks K of E routed experts per token, their outputs
 //! are mixed by the router weights, and the shared experts (one wide MLP) are added.
 //!
-//! Routing, top-k and expert dispatch all stay on the GPU. Two dispatch forms, same result:
+//! Routing, top-k and expert dispatch stay on the GPU for inference. Three dispatch forms, same result:
 //! - gathered (few token-expert pairs, e.g. decode): the selected experts' matrices are gathered with
 //!   `select` and multiplied batched, so only the active experts' weights are read;
 //! - dense (many tokens, e.g. prefill): every expert runs on every token of the chunk and the router weights
-//!   (zero for unselected experts) mix the outputs.
+//!   (zero for unselected experts) mix the outputs;
+//! - grouped (training): tokens are grouped by expert on the host and each expert multiplies only its rows.
 //!
 //! Stacked expert weights are split into chunks of experts that each fit one storage binding.
 
 use burn::tensor::activation::{sigmoid, silu, softmax};
-use burn::tensor::{IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::mlp::Mlp;
 use super::{Linear, as_f32};
@@ -142,6 +143,50 @@ impl Moe {
             self.dense(x.clone(), idx.clone(), w)
         };
         let routed = routed.reshape([t, h]);
+        let out = match &self.shared {
+            Some(s) => routed + s.forward(x),
+            None => routed,
+        };
+        (out, idx)
+    }
+
+    /// The same block with tokens grouped by expert, for many tokens (training): each expert multiplies only
+    /// the rows routed to it, so the work is that of the K chosen experts rather than all E. The routing is
+    /// read to the host to build the groups.
+    pub fn forward_grouped(&self, x: Tensor<2>) -> (Tensor<2>, Tensor<2, Int>) {
+        let [t, h] = x.dims();
+        let device = x.device();
+        let k = self.top_k;
+        let (idx, w) = self.route(x.clone());
+        // Per expert, the (token, slot) pairs that chose it.
+        let mut pairs: Vec<Vec<i64>> = vec![Vec::new(); self.experts];
+        for (p, e) in idx.clone().into_data().iter::<i64>().enumerate() {
+            if let Some(list) = usize::try_from(e).ok().and_then(|e| pairs.get_mut(e)) {
+                list.push(p as i64);
+            }
+        }
+        let w = w.reshape([t * k, 1]);
+        let mut routed = Tensor::<2>::zeros([t, h], &device);
+        for c in &self.chunks {
+            let (gate_up, down) = (as_f32(&c.gate_up_t), as_f32(&c.down_t));
+            for j in 0..c.count {
+                let list = &pairs[c.first + j];
+                if list.is_empty() {
+                    continue;
+                }
+                let n = list.len();
+                let tokens: Vec<i64> = list.iter().map(|p| p / k as i64).collect();
+                let tokens = Tensor::<1, Int>::from_data(TensorData::new(tokens, [n]), &device);
+                let list = Tensor::<1, Int>::from_data(TensorData::new(list.clone(), [n]), &device);
+                let gu = x
+                    .clone()
+                    .select(0, tokens.clone())
+                    .matmul(gate_up.clone().narrow(0, j, 1).reshape([h, 2 * self.width])); // [n, 2I]
+                let act = silu(gu.clone().narrow(1, 0, self.width)) * gu.narrow(1, self.width, self.width);
+                let y = act.matmul(down.clone().narrow(0, j, 1).reshape([self.width, h])) * w.clone().select(0, list);
+                routed = routed.select_assign(0, tokens, y, IndexingUpdateOp::Add);
+            }
+        }
         let out = match &self.shared {
             Some(s) => routed + s.forward(x),
             None => routed,

@@ -210,7 +210,8 @@ impl Transformer {
 
     /// The training forward: `b` sequences of `t` tokens each (`tokens` row-major, every sequence at positions
     /// `0..t`, padding at the end), with no cache. Returns logits `[B*T, V]` and, per MoE layer in order, the
-    /// experts each token chose (`[B*T, K]`).
+    /// experts each token chose (`[B*T, K]`). MoE layers group the tokens by expert, reading the routing to the
+    /// host.
     pub fn forward_batch(&self, tokens: &[u32], b: usize, t: usize) -> Result<(Tensor<2>, Vec<Tensor<2, Int>>)> {
         if b == 0 || t == 0 || tokens.len() != b * t {
             return Err(Error::InvalidArgument(format!(
@@ -237,7 +238,7 @@ impl Transformer {
             let f = match &blk.ffn {
                 FeedForward::Dense(m) => m.forward(n),
                 FeedForward::Moe(m) => {
-                    let (out, experts) = m.forward(n);
+                    let (out, experts) = m.forward_grouped(n);
                     routing.push(experts);
                     out
                 }
