@@ -127,9 +127,8 @@ one closed think block followed by an answer that ends in a number, then the end
 ## Limits
 
 It knows arithmetic on small integers and nothing else; questions outside that get confident nonsense. Its
-mistakes are slips inside otherwise well-formed work: a wrong digit sum with a carry, or a digit taken from
-the wrong operand (`training.json` lists wrong answers per split). More training steps lower them: the SFT loss
-was still falling when this run stopped.
+mistakes are slips inside otherwise well-formed work, where a column goes wrong and the rest follows from it;
+`training.json` lists wrong answers for each split of both evaluations (`wrong_examples`).
 "#,
         file_mb = file_bytes as f64 / 1e6,
         layers = info.layers,
