@@ -111,7 +111,7 @@ CPU backend with autodiff, on the same model definition the engine runs).
    normalises advantages within each group, and adds a KL penalty (beta {beta}) to the SFT model; learning
    rate {grpo_lr}. {grpo_min:.0} minutes.
 4. **Expert balance**, DeepSeek-V3's auxiliary-loss-free way: after every step each router's
-   `e_score_correction_bias` moves by {gamma} towards the mean load (up for an under-loaded expert, down for an
+   `e_score_correction_bias` moves by {gamma:.3} towards the mean load (up for an under-loaded expert, down for an
    over-loaded one). Busiest expert's load over the mean, on 64 training-style problems (1.0 is perfectly even):
    at initialisation {sp_init:.2}; after training, the router alone {sp_router:.2}, with the learned bias
    {sp_bias:.2}.
@@ -154,7 +154,7 @@ mistakes are slips inside otherwise well-formed work, where a column goes wrong 
         beta = s["kl_beta"],
         grpo_lr = s["grpo_lr"],
         grpo_min = secs["grpo"].as_f64().unwrap_or(0.0) / 60.0,
-        gamma = format!("{:.3}", s["bias_gamma"].as_f64().unwrap_or(0.0)),
+        gamma = s["bias_gamma"].as_f64().unwrap_or(0.0),
         sp_init = spread["at_init"].as_f64().unwrap_or(0.0),
         sp_router = spread["after_training_router_alone"].as_f64().unwrap_or(0.0),
         sp_bias = spread["after_training_with_bias"].as_f64().unwrap_or(0.0),
