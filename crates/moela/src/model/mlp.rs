@@ -19,9 +19,12 @@ pub struct Mlp {
 impl Mlp {
     /// `x`: `[T, H]` -> `[T, H]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let gu = self.gate_up.forward(x);
-        let gate = gu.clone().narrow(1, 0, self.width);
-        let up = gu.narrow(1, self.width, self.width);
-        self.down.forward(silu(gate) * up)
+        self.down.forward(swiglu(self.gate_up.forward(x), self.width))
     }
+}
+
+/// `silu(gate) * up` from a fused `[..., gate | up]` product whose last dimension is `2 * width`.
+pub(super) fn swiglu<const D: usize>(gate_up: Tensor<D>, width: usize) -> Tensor<D> {
+    let up = gate_up.clone().narrow(D - 1, width, width);
+    silu(gate_up.narrow(D - 1, 0, width)) * up
 }

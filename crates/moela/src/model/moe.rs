@@ -10,10 +10,10 @@
 //!
 //! Stacked expert weights are split into chunks of experts that each fit one storage binding.
 
-use burn::tensor::activation::{sigmoid, silu, softmax};
+use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
-use super::mlp::Mlp;
+use super::mlp::{Mlp, swiglu};
 use super::{Linear, as_f32};
 use crate::config::{ScoringFunc, TopkMethod};
 
@@ -182,7 +182,7 @@ impl Moe {
                     .clone()
                     .select(0, tokens.clone())
                     .matmul(gate_up.clone().narrow(0, j, 1).reshape([h, 2 * self.width])); // [n, 2I]
-                let act = silu(gu.clone().narrow(1, 0, self.width)) * gu.narrow(1, self.width, self.width);
+                let act = swiglu(gu, self.width);
                 let y = act.matmul(down.clone().narrow(0, j, 1).reshape([self.width, h])) * w.clone().select(0, list);
                 routed = routed.select_assign(0, tokens, y, IndexingUpdateOp::Add);
             }
@@ -216,7 +216,7 @@ impl Moe {
                 (local, w.clone() * inside.float().reshape([pairs, 1, 1]))
             };
             let gu = xs.clone().matmul(as_f32(&c.gate_up_t).select(0, local.clone())); // [P, 1, 2I]
-            let act = silu(gu.clone().narrow(2, 0, self.width)) * gu.narrow(2, self.width, self.width);
+            let act = swiglu(gu, self.width);
             let y = act.matmul(as_f32(&c.down_t).select(0, local)) * weight; // [P, 1, H]
             out = Some(match out {
                 Some(o) => o + y,
@@ -237,7 +237,7 @@ impl Moe {
         for c in &self.chunks {
             let xs = x.clone().reshape([1, t, h]).expand([c.count, t, h]);
             let gu = xs.matmul(as_f32(&c.gate_up_t)); // [Ec, T, 2I]
-            let act = silu(gu.clone().narrow(2, 0, self.width)) * gu.narrow(2, self.width, self.width);
+            let act = swiglu(gu, self.width);
             let y = act.matmul(as_f32(&c.down_t)); // [Ec, T, H]
             let m = mix.clone().narrow(0, c.first, c.count).reshape([c.count, t, 1]);
             let y = (y * m).sum_dim(0);
