@@ -53,19 +53,39 @@ impl ProblemStream {
         }
     }
 
-    /// The next problem: 40% addition, 50% subtraction (1-3 digits), 10% word problems (each several times
-    /// longer than a single operation; attention makes them costlier still).
+    /// The next training problem: 40% addition, 50% subtraction, 10% word problems (each several times
+    /// longer than a single operation; attention makes them costlier still). Operands have exactly 3 digits
+    /// half of the time (the shape users ask most) and 1-3 digits otherwise; a quarter of the subtractions
+    /// take two close 3-digit operands, whose short results need their leading zeros dropped.
     pub fn next_problem(&mut self) -> Problem {
+        self.draw(0.40, 0.90, 0.25)
+    }
+
+    /// The next GRPO prompt, drawn towards what the model finds hardest: 50% subtraction (half of them with
+    /// close operands), 50% word problems.
+    pub fn next_hard_problem(&mut self) -> Problem {
+        self.draw(0.0, 0.5, 0.5)
+    }
+
+    /// Addition below `add`, subtraction below `sub`, word problems above; `close` of the subtractions with
+    /// operands less than 100 apart.
+    fn draw(&mut self, add: f64, sub: f64, close: f64) -> Problem {
         loop {
             let r: f64 = self.rng.random();
-            let kind = if r < 0.40 {
-                Kind::Add { digits: 3 }
-            } else if r < 0.90 {
-                Kind::Sub { digits: 3 }
+            let any_length = self.rng.random_bool(0.5);
+            let p = if r < add {
+                arith::make(Kind::Add { digits: 3 }, &mut self.rng, any_length)
+            } else if r < sub {
+                if self.rng.random_bool(close) {
+                    let a: i64 = self.rng.random_range(100..1000);
+                    let b = (a + self.rng.random_range(-99..100)).clamp(100, 999);
+                    arith::binary(a, Op::Sub, b, &mut self.rng)
+                } else {
+                    arith::make(Kind::Sub { digits: 3 }, &mut self.rng, any_length)
+                }
             } else {
-                Kind::Word
+                arith::make(Kind::Word, &mut self.rng, true)
             };
-            let p = arith::make(kind, &mut self.rng, true);
             if !self.held_out.contains(&arith::key(&p)) {
                 return p;
             }

@@ -49,13 +49,13 @@ struct Args {
     #[arg(long, default_value_t = 40)]
     grpo_steps: usize,
     /// Prompts per GRPO step.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     grpo_prompts: usize,
     /// Completions sampled per prompt.
     #[arg(long, default_value_t = 8)]
     grpo_group: usize,
     /// GRPO learning rate.
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = 3e-5)]
     grpo_lr: f64,
     /// KL penalty weight.
     #[arg(long, default_value_t = 0.04)]
@@ -66,6 +66,13 @@ struct Args {
     /// Tokenizer vocabulary size.
     #[arg(long, default_value_t = 512)]
     vocab: usize,
+    /// Also write the model as it is after SFT (f32 weights, with `sft.json`: its log and timing) to this
+    /// folder, for `--from-sft`.
+    #[arg(long)]
+    save_sft: Option<PathBuf>,
+    /// Skip SFT: start GRPO from a folder written by `--save-sft` (tokenizer and config come from there).
+    #[arg(long, conflicts_with = "save_sft")]
+    from_sft: Option<PathBuf>,
     /// Where to train: cpu (burn's CPU backend) or gpu (wgpu). On a machine without a GPU, cpu is several
     /// times faster than lavapipe for this model.
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "gpu"])]
@@ -90,46 +97,71 @@ fn main() -> Result<()> {
         bias_gamma: 1e-3,
     };
 
-    // Data and tokenizer.
-    let held_out = arith::held_out_keys(args.eval_problems.max(200));
-    let mut corpus_stream = ProblemStream::new(args.seed ^ 0xC0FF, held_out.clone());
-    let texts: Vec<String> = (0..20_000)
-        .map(|_| {
-            let p = corpus_stream.next_problem();
-            format!("{}\n{}", p.question, p.completion())
-        })
-        .collect();
-    let tokenizer_json = corpus::train_tokenizer(&texts, args.vocab)?;
-    let tokenizer_config = corpus::tokenizer_config();
-    let tok = Tokenizer::from_bytes(tokenizer_json.as_bytes(), Some(tokenizer_config.as_bytes()))?;
-    let (bos, eos) = (tok.bos_id().context("no bos")?, tok.eos_id().context("no eos")?);
-    let vocab = tok.vocab_size().div_ceil(64) * 64;
-    log::info!("tokenizer: {} tokens (vocab_size {vocab})", tok.vocab_size());
-    let config = serde_json::to_string_pretty(&train::model_config(vocab, bos, eos))?;
-    let mut base = moela::preset::random_files(config.clone(), args.seed, 0.02)?;
-    base.tokenizer = Some(tokenizer_json.into_bytes());
-    base.tokenizer_config = Some(tokenizer_config.into_bytes());
-    let info = ModelInfo::new(
-        &moela::ModelConfig::from_json_bytes(config.as_bytes(), "config.json")?,
-        moela::WeightDtype::F32,
-    );
-
-    // Stage 1.
     let plain = match args.device.as_str() {
         "gpu" => moela::default_device()?,
         _ => moela::cpu_device(),
     };
     let device = plain.clone().autodiff();
-    let mut model = train::trainable(&base, &device)?;
-    train::set_biases(&mut model, None);
+    let held_out = arith::held_out_keys(args.eval_problems.max(200));
     let mut spread_probe = ProblemStream::new(args.seed ^ 0x5B8E, held_out.clone());
     let probe: Vec<_> = (0..64).map(|_| spread_probe.next_problem()).collect();
-    let spread_init = train::measure_spread(&model, &tok, &probe)?;
-    let mut stream = ProblemStream::new(args.seed, held_out);
-    let mut log = Vec::new();
-    let t_sft = std::time::Instant::now();
-    train::sft(&mut model, &tok, &mut stream, &settings, &mut log)?;
-    let sft_seconds = t_sft.elapsed().as_secs_f64();
+
+    // Stage 1 (or its saved result).
+    let (base, tok, mut model, sft_record) = match &args.from_sft {
+        Some(dir) => {
+            let base = CheckpointFiles::read_dir(dir)?;
+            let tok = tokenizer_of(&base)?;
+            let record: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(dir.join("sft.json")).with_context(|| format!("reading {}/sft.json", dir.display()))?,
+            )
+            .with_context(|| format!("parsing {}/sft.json", dir.display()))?;
+            let model = train::trainable(&base, &device)?;
+            log::info!("starting from the SFT model in {}", dir.display());
+            (base, tok, model, record)
+        }
+        None => {
+            let mut corpus_stream = ProblemStream::new(args.seed ^ 0xC0FF, held_out.clone());
+            let texts: Vec<String> = (0..20_000)
+                .map(|_| {
+                    let p = corpus_stream.next_problem();
+                    format!("{}\n{}", p.question, p.completion())
+                })
+                .collect();
+            let tokenizer_json = corpus::train_tokenizer(&texts, args.vocab)?;
+            let tokenizer_config = corpus::tokenizer_config();
+            let tok = Tokenizer::from_bytes(tokenizer_json.as_bytes(), Some(tokenizer_config.as_bytes()))?;
+            let (bos, eos) = (tok.bos_id().context("no bos")?, tok.eos_id().context("no eos")?);
+            let vocab = tok.vocab_size().div_ceil(64) * 64;
+            log::info!("tokenizer: {} tokens (vocab_size {vocab})", tok.vocab_size());
+            let config = serde_json::to_string_pretty(&train::model_config(vocab, bos, eos))?;
+            let mut base = moela::preset::random_files(config, args.seed, 0.02)?;
+            base.tokenizer = Some(tokenizer_json.into_bytes());
+            base.tokenizer_config = Some(tokenizer_config.into_bytes());
+
+            let mut model = train::trainable(&base, &device)?;
+            train::set_biases(&mut model, None);
+            let spread_init = train::measure_spread(&model, &tok, &probe)?;
+            let mut stream = ProblemStream::new(args.seed, held_out.clone());
+            let mut log = Vec::new();
+            let t_sft = std::time::Instant::now();
+            train::sft(&mut model, &tok, &mut stream, &settings, &mut log)?;
+            let record = serde_json::json!({
+                "seconds": t_sft.elapsed().as_secs_f64(),
+                "spread_at_init": spread_init,
+                "log": log,
+            });
+            if let Some(dir) = &args.save_sft {
+                write_folder(dir, &train::checkpoint(&model, &base, false)?)?;
+                std::fs::write(dir.join("sft.json"), serde_json::to_string_pretty(&record)?)?;
+                log::info!("wrote the SFT model to {}", dir.display());
+            }
+            (base, tok, model, record)
+        }
+    };
+    let info = ModelInfo::new(
+        &moela::ModelConfig::from_json_bytes(&base.config, "config.json")?,
+        moela::WeightDtype::F32,
+    );
     let sft_files = train::checkpoint(&model, &base, false)?;
     let eval_sft = evaluate(
         train::checkpoint(&model, &base, true)?,
@@ -139,15 +171,23 @@ fn main() -> Result<()> {
     )?;
 
     // Stage 2.
+    let mut log = Vec::new();
     let t_grpo = std::time::Instant::now();
     if args.grpo_steps > 0 {
         let set = moela::load::WeightSet::new(sft_files.weights.clone())?;
         let cfg = moela::ModelConfig::from_json_bytes(&sft_files.config, "config.json")?;
         let reference =
             moela::model::transformer::Transformer::load(cfg, &set, moela::WeightDtype::F32, &plain, &mut |_| {})?;
-        train::grpo(&mut model, &reference, &base, &plain, &mut stream, &settings, &mut log)?;
+        let mut prompts = ProblemStream::new(args.seed ^ 0x6770, held_out);
+        train::grpo(&mut model, &reference, &base, &plain, &mut prompts, &settings, &mut log)?;
     }
     let grpo_seconds = t_grpo.elapsed().as_secs_f64();
+    let sft_seconds = sft_record["seconds"].as_f64().unwrap_or(0.0);
+    let spread_init = sft_record["spread_at_init"].clone();
+    // A run resumed from a saved SFT model counts the SFT stage it did not repeat.
+    let earlier = if args.from_sft.is_some() { sft_seconds } else { 0.0 };
+    let mut full_log = sft_record["log"].as_array().cloned().unwrap_or_default();
+    full_log.extend(log.iter().map(serde_json::to_value).collect::<Result<Vec<_>, _>>()?);
 
     // Balance: with the learned biases versus the router alone.
     let learned = train::biases(&model);
@@ -164,7 +204,8 @@ fn main() -> Result<()> {
         "device": args.device,
         "tokenizer_vocab": tok.vocab_size(),
         "parameters": {"total": info.total_parameters, "active_per_token": info.active_parameters_per_token},
-        "seconds": {"sft": sft_seconds, "grpo": grpo_seconds, "total": started.elapsed().as_secs_f64()},
+        "seconds": {"sft": sft_seconds, "grpo": grpo_seconds, "total": started.elapsed().as_secs_f64() + earlier},
+        "resumed_from_saved_sft": args.from_sft.is_some(),
         "expert_load_spread": {
             "at_init": spread_init,
             "after_training_router_alone": spread_unbalanced,
@@ -172,7 +213,7 @@ fn main() -> Result<()> {
         },
         "eval_after_sft": eval_sft,
         "eval_final": eval_final,
-        "log": log,
+        "log": full_log,
     });
     std::fs::write(args.out.join("training.json"), serde_json::to_string_pretty(&summary)?)?;
     std::fs::write(
@@ -210,6 +251,12 @@ fn evaluate(files: CheckpointFiles, per_split: usize, device: &Device, what: &st
         );
     }
     Ok(report)
+}
+
+/// The tokenizer of checkpoint files that carry one.
+fn tokenizer_of(files: &CheckpointFiles) -> Result<Tokenizer> {
+    let json = files.tokenizer.as_deref().context("the SFT folder has no tokenizer.json")?;
+    Ok(Tokenizer::from_bytes(json, files.tokenizer_config.as_deref())?)
 }
 
 fn write_folder(out: &Path, files: &CheckpointFiles) -> Result<()> {

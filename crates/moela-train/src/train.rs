@@ -367,7 +367,7 @@ pub fn grpo(
         let mut seqs: Vec<(Example, f64)> = Vec::new();
         let mut rewards_all = Vec::new();
         for _ in 0..s.grpo_prompts {
-            let p: Problem = stream.next_problem();
+            let p: Problem = stream.next_hard_problem();
             let mut group = Vec::with_capacity(s.grpo_group);
             for _ in 0..s.grpo_group {
                 let options = GenerateOptions {

@@ -182,6 +182,12 @@ fn columns_sub(out: &mut String, a: i64, b: i64) {
         so_far.insert(0, char::from(b'0' + digit as u8));
         out.push_str(&format!("{}: {lhs} = {text}, so far {so_far}\n", column(i)));
     }
+    // Leading zeros are dropped on a line of their own, so the result is copied, never edited in place.
+    let trimmed = so_far.trim_start_matches('0');
+    if trimmed.len() < so_far.len() {
+        let trimmed = if trimmed.is_empty() { "0" } else { trimmed };
+        out.push_str(&format!("without leading zeros {so_far} is {trimmed}\n"));
+    }
 }
 
 /// The kinds of problem the generator makes.
@@ -261,27 +267,33 @@ fn number(rng: &mut ChaCha8Rng, d: u32, any_length: bool) -> i64 {
     rng.random_range(lo..10i64.pow(d))
 }
 
+/// The problem `a op b`, asked in one of the question forms drawn from `rng`.
+pub fn binary(a: i64, op: Op, b: i64, rng: &mut ChaCha8Rng) -> Problem {
+    let forms = match op {
+        Op::Add => ADD_FORMS,
+        Op::Sub => SUB_FORMS,
+    };
+    // The plain "What is a op b?" form is the most common, as users ask it.
+    let form = if rng.random_bool(0.5) {
+        forms[0]
+    } else {
+        forms[rng.random_range(0..forms.len())]
+    };
+    Problem {
+        question: form.replace("{a}", &a.to_string()).replace("{b}", &b.to_string()),
+        start: a,
+        steps: vec![(op, b)],
+    }
+}
+
 /// Makes one problem of `kind`. With `any_length`, operands have 1..=digits digits (training mix); else
 /// exactly `digits` digits (the evaluation splits).
 pub fn make(kind: Kind, rng: &mut ChaCha8Rng, any_length: bool) -> Problem {
     match kind {
         Kind::Add { digits } | Kind::Sub { digits } => {
             let (a, b) = (number(rng, digits, any_length), number(rng, digits, any_length));
-            let (op, forms) = match kind {
-                Kind::Add { .. } => (Op::Add, ADD_FORMS),
-                _ => (Op::Sub, SUB_FORMS),
-            };
-            // The plain "What is a op b?" form is the most common, as users ask it.
-            let form = if rng.random_bool(0.5) {
-                forms[0]
-            } else {
-                forms[rng.random_range(0..forms.len())]
-            };
-            Problem {
-                question: form.replace("{a}", &a.to_string()).replace("{b}", &b.to_string()),
-                start: a,
-                steps: vec![(op, b)],
-            }
+            let op = if matches!(kind, Kind::Add { .. }) { Op::Add } else { Op::Sub };
+            binary(a, op, b, rng)
         }
         Kind::Word => loop {
             let (text, ops) = WORD[rng.random_range(0..WORD.len())];
@@ -607,7 +619,7 @@ mod tests {
             p.reasoning(),
             "457 - 389\nones: 7 - 9 = -2 + 10 = 8, write 8 borrow 1, so far 8\n\
              tens: 5 - 8 - 1 = -4 + 10 = 6, write 6 borrow 1, so far 68\n\
-             hundreds: 4 - 3 - 1 = 0, write 0, so far 068\n457 - 389 = 68\n"
+             hundreds: 4 - 3 - 1 = 0, write 0, so far 068\nwithout leading zeros 068 is 68\n457 - 389 = 68\n"
         );
         let p = single(38, Op::Sub, 457);
         assert_eq!(p.answer(), -419);
