@@ -114,7 +114,10 @@ export interface BenchReport {
   bytes_per_token: number;
   achieved_bandwidth_gbs: number;
   copy_bandwidth_gbs: number;
-  roofline_fraction: number;
+  /** Weights per second of the engine's matrix-vector product (4096 x 4096) on this device. */
+  matvec_weights_per_second: number;
+  /** Decode as fractions of the device's copy bandwidth and of its matrix-vector throughput. */
+  roofline: { bandwidth: number; kernel: number };
 }
 
 /** The engine's numbers about one generation (`x_moela`). */

@@ -660,7 +660,7 @@ $('bench').addEventListener('click', async () => {
     const r = await engine.bench(BENCH);
     $('decode-tps').textContent = rate(r.decode_tokens_per_second);
     $('prefill-tps').textContent = rate(r.prefill_tokens_per_second);
-    const roof = r.roofline_fraction > 0 ? ` · ${(100 * r.roofline_fraction).toFixed(0)}% of copy bandwidth` : '';
+    const roof = r.roofline.bandwidth > 0 ? ` · ${(100 * r.roofline.bandwidth).toFixed(0)}% of copy bandwidth` : '';
     $('bench-result').textContent =
       `Bench (${r.prompt_tokens}-token prompt, ${r.gen_tokens} decoded, ${r.weight_dtype}): ` +
       `decode ${rate(r.decode_tokens_per_second)} tok/s, prefill ${rate(r.prefill_tokens_per_second)} tok/s${roof}.`;

@@ -10,8 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use moela::bench::bench;
 use moela::preset::{PRESETS, preset_files};
 use moela::{
-    CheckpointFiles, Engine, Event, GenerateOptions, LoadOptions, Message, Progress, SamplingOptions, SessionOptions,
-    Stats, WeightDtype,
+    CheckpointFiles, Engine, Event, GenerateOptions, Kernels, LoadOptions, Message, Progress, SamplingOptions,
+    SessionOptions, Stats, WeightDtype,
 };
 
 /// The model used when `--model` is not given: the checkpoint folder shipped with moela.
@@ -53,6 +53,9 @@ struct ModelArgs {
     /// Weight dtype on the GPU: f32, or f16 where the adapter has shader-f16.
     #[arg(long, default_value = "f32")]
     weights: String,
+    /// Hot-path implementation on the GPU: wgsl (moela's kernels) or generic (burn's ops, the reference).
+    #[arg(long, default_value = "wgsl", value_parser = ["wgsl", "generic"])]
+    kernels: String,
     /// Where the model runs: gpu (wgpu: Vulkan, Metal, DX12) or cpu (burn's CPU backend).
     #[arg(long, default_value = "gpu", value_parser = ["gpu", "cpu"])]
     device: String,
@@ -234,7 +237,8 @@ fn load_files(files: CheckpointFiles, args: &ModelArgs, what: &str) -> Result<Ar
         "cpu" => moela::cpu_device(),
         _ => moela::default_device()?,
     };
-    let engine = Engine::load(files, LoadOptions { dtype }, &device, &mut |p: Progress| {
+    let kernels = Kernels::parse(&args.kernels)?;
+    let engine = Engine::load(files, LoadOptions { dtype, kernels }, &device, &mut |p: Progress| {
         bar.set_length(p.total);
         bar.set_position(p.loaded);
     })
@@ -536,7 +540,12 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             "bandwidth        {:.2} GB/s achieved, {:.2} GB/s copy: {:.1}% of the roofline",
             report.achieved_bandwidth_gbs,
             report.copy_bandwidth_gbs,
-            100.0 * report.roofline_fraction
+            100.0 * report.roofline.bandwidth
+        );
+        println!(
+            "kernel           {:.0} M weights/s matrix-vector: a step runs at {:.1}% of it",
+            report.matvec_weights_per_second / 1e6,
+            100.0 * report.roofline.kernel
         );
     }
     Ok(())

@@ -255,7 +255,10 @@ fn evaluate(files: CheckpointFiles, per_split: usize, device: &Device, what: &st
 
 /// The tokenizer of checkpoint files that carry one.
 fn tokenizer_of(files: &CheckpointFiles) -> Result<Tokenizer> {
-    let json = files.tokenizer.as_deref().context("the SFT folder has no tokenizer.json")?;
+    let json = files
+        .tokenizer
+        .as_deref()
+        .context("the SFT folder has no tokenizer.json")?;
     Ok(Tokenizer::from_bytes(json, files.tokenizer_config.as_deref())?)
 }
 

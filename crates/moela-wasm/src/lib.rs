@@ -192,7 +192,7 @@ impl WasmEngine {
                 let _ = f.call1(&JsValue::NULL, &o);
             }
         };
-        let engine = Arc::new(Engine::load(files, LoadOptions { dtype }, &device, &mut progress).map_err(js_err)?);
+        let engine = Arc::new(Engine::load(files, LoadOptions { dtype, ..LoadOptions::default() }, &device, &mut progress).map_err(js_err)?);
         let session = engine
             .session(SessionOptions {
                 max_context: opts.max_context,

@@ -292,7 +292,11 @@ pub fn make(kind: Kind, rng: &mut ChaCha8Rng, any_length: bool) -> Problem {
     match kind {
         Kind::Add { digits } | Kind::Sub { digits } => {
             let (a, b) = (number(rng, digits, any_length), number(rng, digits, any_length));
-            let op = if matches!(kind, Kind::Add { .. }) { Op::Add } else { Op::Sub };
+            let op = if matches!(kind, Kind::Add { .. }) {
+                Op::Add
+            } else {
+                Op::Sub
+            };
             binary(a, op, b, rng)
         }
         Kind::Word => loop {

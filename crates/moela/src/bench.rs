@@ -7,7 +7,8 @@ use serde::Serialize;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::generate::SessionOptions;
-use crate::model::WeightDtype;
+use crate::kernels::Kernels;
+use crate::model::{Linear, WeightDtype};
 
 /// What a benchmark run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -30,8 +31,21 @@ pub struct BenchReport {
     pub achieved_bandwidth_gbs: f64,
     /// Copy bandwidth of the device (read + write of a 64 MiB buffer), GB/s.
     pub copy_bandwidth_gbs: f64,
-    /// `achieved / copy`: the fraction of the memory roofline reached while decoding.
-    pub roofline_fraction: f64,
+    /// Throughput of the engine's own matrix-vector product (a 4096 x 4096 weight of the loaded dtype, one
+    /// row of input), in weights per second: the fastest a decode step could read its weights here.
+    pub matvec_weights_per_second: f64,
+    /// How close decoding comes to the device's limits.
+    pub roofline: Roofline,
+}
+
+/// Decode speed as fractions of what the device can do, both measured in the same run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Roofline {
+    /// `achieved_bandwidth / copy_bandwidth`: the memory roofline (what matters on a GPU).
+    pub bandwidth: f64,
+    /// `active weights per token * decode tok/s / matvec weights/s`: a whole step against its weight-reading
+    /// kernel alone (what matters where arithmetic, not memory, is the limit, as on a CPU emulation).
+    pub kernel: f64,
 }
 
 /// Waits until the device has finished all queued work. Natively a device sync; in a browser, where nothing
@@ -70,6 +84,27 @@ pub async fn copy_bandwidth(device: &Device) -> Result<f64> {
     settle(&x).await?;
     let secs = t0.elapsed().as_secs_f64();
     Ok((2 * iters * n * 4) as f64 / secs / 1e9)
+}
+
+/// Measures the matrix-vector product of `kernels` on a 4096 x 4096 weight in weights per second.
+///
+/// Eight chained products, each reading the whole weight, after a warm-up that compiles the kernel.
+pub async fn matvec_throughput(device: &Device, dtype: WeightDtype, kernels: Kernels) -> Result<f64> {
+    let n = 4096;
+    let host: Vec<f32> = (0..n * n).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 3e-5).collect();
+    let mut w = Linear::from_rows(&host, n, n, dtype, device);
+    w.kernels = kernels;
+    let x0: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.1).collect();
+    let mut x: Tensor<2> = Tensor::from_data(burn::tensor::TensorData::new(x0, [1, n]), device);
+    x = w.forward(x);
+    settle(&x.clone().reshape([n])).await?;
+    let iters = 8;
+    let t0 = web_time::Instant::now();
+    for _ in 0..iters {
+        x = w.forward(x);
+    }
+    settle(&x.reshape([n])).await?;
+    Ok((iters * n * n) as f64 / t0.elapsed().as_secs_f64())
 }
 
 /// Runs `prompt_tokens` of prefill then `gen_tokens` greedy decode steps on random token ids.
@@ -114,6 +149,7 @@ pub async fn bench(
     let bytes = active * engine.dtype().bytes() as u64 + mean_context * info.cache.bytes_per_token;
     let achieved = bytes as f64 * decode_tps / 1e9;
     let copy = copy_bandwidth(&engine.model.device).await?;
+    let matvec = matvec_throughput(&engine.model.device, engine.dtype(), engine.model.head.kernels).await?;
     Ok(BenchReport {
         prompt_tokens,
         gen_tokens,
@@ -124,7 +160,11 @@ pub async fn bench(
         bytes_per_token: bytes,
         achieved_bandwidth_gbs: achieved,
         copy_bandwidth_gbs: copy,
-        roofline_fraction: achieved / copy,
+        matvec_weights_per_second: matvec,
+        roofline: Roofline {
+            bandwidth: achieved / copy,
+            kernel: active as f64 * decode_tps / matvec,
+        },
     })
 }
 

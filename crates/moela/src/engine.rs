@@ -12,6 +12,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::{Session, SessionOptions};
 use crate::info::ModelInfo;
+use crate::kernels::Kernels;
 use crate::load::{Progress, WeightFile, WeightSet, index_files};
 use crate::model::WeightDtype;
 use crate::model::transformer::{LogitsFor, Transformer};
@@ -91,6 +92,8 @@ impl CheckpointFiles {
 pub struct LoadOptions {
     /// Weight dtype on the GPU (f16 needs the adapter's shader-f16).
     pub dtype: WeightDtype,
+    /// moela's WGSL kernels (the default) or burn's generic ops for the hot paths.
+    pub kernels: Kernels,
 }
 
 static DEVICE: OnceLock<std::result::Result<Device, String>> = OnceLock::new();
@@ -194,7 +197,8 @@ impl Engine {
             });
         }
         let set = WeightSet::new(files.weights)?;
-        let model = Transformer::load(config, &set, options.dtype, device, progress)?;
+        let mut model = Transformer::load(config, &set, options.dtype, device, progress)?;
+        model.set_kernels(options.kernels);
         Ok(Self { model, tokenizer })
     }
 

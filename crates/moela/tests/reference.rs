@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use moela::{Engine, LoadOptions, Message, WeightDtype};
+use moela::{Engine, Kernels, LoadOptions, Message, WeightDtype};
 use serde_json::Value;
 
 const FIXTURES: &[&str] = &["v2-lite-tiny", "v3-tiny", "v2-group-odd", "v3-moonlight-odd"];
@@ -20,8 +20,15 @@ fn reference(name: &str) -> Value {
 }
 
 fn load(name: &str) -> Engine {
-    Engine::load_dir(&fixture(name), LoadOptions::default(), &mut |_| {})
-        .unwrap_or_else(|e| panic!("loading {name}: {e}"))
+    load_with(name, Kernels::default())
+}
+
+fn load_with(name: &str, kernels: Kernels) -> Engine {
+    let options = LoadOptions {
+        kernels,
+        ..LoadOptions::default()
+    };
+    Engine::load_dir(&fixture(name), options, &mut |_| {}).unwrap_or_else(|e| panic!("loading {name}: {e}"))
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -77,22 +84,35 @@ fn assert_close(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
 #[test]
 fn prefill_and_decode_match_transformers() {
     for name in FIXTURES {
-        let engine = load(name);
-        let r = reference(name);
-        let tokens = ids(&r["tokens"]);
-        let want = rows(&r["logits"]);
+        check_against_transformers(name, Kernels::Wgsl);
+    }
+}
+
+#[test]
+fn the_generic_path_matches_transformers_too() {
+    for name in FIXTURES {
+        check_against_transformers(name, Kernels::Generic);
+    }
+}
+
+/// Prefill and token-by-token decode of `name` (and its long sequence, if any) against transformers' logits.
+fn check_against_transformers(name: &str, kernels: Kernels) {
+    let engine = load_with(name, kernels);
+    let r = reference(name);
+    let what = format!("{name} ({kernels:?} kernels)");
+    let tokens = ids(&r["tokens"]);
+    let want = rows(&r["logits"]);
+    let prefill = pollster::block_on(engine.logits(&tokens)).unwrap();
+    assert_close(&format!("{what} prefill"), &prefill, &want);
+    let decode = pollster::block_on(engine.logits_decode(&tokens)).unwrap();
+    assert_close(&format!("{what} decode"), &decode, &want);
+    if let Some(long) = r.get("long") {
+        let tokens = ids(&long["tokens"]);
+        let want = rows(&long["logits"]);
         let prefill = pollster::block_on(engine.logits(&tokens)).unwrap();
-        assert_close(&format!("{name} prefill"), &prefill, &want);
+        assert_close(&format!("{what} long prefill"), &prefill, &want);
         let decode = pollster::block_on(engine.logits_decode(&tokens)).unwrap();
-        assert_close(&format!("{name} decode"), &decode, &want);
-        if let Some(long) = r.get("long") {
-            let tokens = ids(&long["tokens"]);
-            let want = rows(&long["logits"]);
-            let prefill = pollster::block_on(engine.logits(&tokens)).unwrap();
-            assert_close(&format!("{name} long prefill"), &prefill, &want);
-            let decode = pollster::block_on(engine.logits_decode(&tokens)).unwrap();
-            assert_close(&format!("{name} long decode"), &decode, &want);
-        }
+        assert_close(&format!("{what} long decode"), &decode, &want);
     }
 }
 
@@ -146,6 +166,7 @@ fn f16_weights_stay_close_when_the_adapter_has_shader_f16() {
             &fixture("v3-tiny"),
             LoadOptions {
                 dtype: WeightDtype::F16,
+                ..LoadOptions::default()
             },
             &mut |_| {},
         )
@@ -157,6 +178,7 @@ fn f16_weights_stay_close_when_the_adapter_has_shader_f16() {
         &fixture("v2-lite-tiny"),
         LoadOptions {
             dtype: WeightDtype::F16,
+            ..LoadOptions::default()
         },
         &mut |_| {},
     )

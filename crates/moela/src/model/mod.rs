@@ -15,6 +15,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use half::f16;
 
 use crate::error::{Error, Result};
+use crate::kernels::{self, Kernels};
 
 /// The dtype weights are kept in on the GPU. Activations, norms, softmax and router stay f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -56,6 +57,8 @@ pub const MAX_BINDING_BYTES: usize = 128 << 20;
 pub struct Linear {
     /// Column blocks of the `[in, out]` weight, each within [`MAX_BINDING_BYTES`].
     pub parts: Vec<Tensor<2>>,
+    /// Whether few-row products run moela's matrix-vector kernel (where it applies) or burn's matmul.
+    pub kernels: Kernels,
 }
 
 impl Linear {
@@ -70,16 +73,29 @@ impl Linear {
                 upload(transpose(block, rows, inp), [inp, rows], dtype, device)
             })
             .collect();
-        Self { parts }
+        Self {
+            parts,
+            kernels: Kernels::default(),
+        }
     }
 
     /// `x`: `[T, in]` -> `[T, out]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         if self.parts.len() == 1 {
-            return x.matmul(as_f32(&self.parts[0]));
+            return self.part(&x, &self.parts[0]);
         }
-        let outs = self.parts.iter().map(|p| x.clone().matmul(as_f32(p))).collect();
+        let outs = self.parts.iter().map(|p| self.part(&x, p)).collect();
         Tensor::cat(outs, 1)
+    }
+
+    fn part(&self, x: &Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
+        if self.kernels == Kernels::Wgsl
+            && x.dims()[0] <= kernels::matvec::MAX_ROWS
+            && let Some(y) = kernels::matvec::matvec(x, w)
+        {
+            return y;
+        }
+        x.clone().matmul(as_f32(w))
     }
 }
 

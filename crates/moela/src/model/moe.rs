@@ -16,6 +16,7 @@ use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 use super::mlp::{Mlp, swiglu};
 use super::{Linear, as_f32};
 use crate::config::{ScoringFunc, TopkMethod};
+use crate::kernels::{self, Kernels};
 
 /// A run of consecutive experts stacked in one tensor pair.
 #[derive(Debug, Clone)]
@@ -59,6 +60,8 @@ pub struct Moe {
     pub norm_topk_prob: bool,
     /// Routed output multiplier.
     pub routed_scaling_factor: f64,
+    /// Whether decode's expert products run moela's gathered kernel (where it applies).
+    pub kernels: Kernels,
 }
 
 impl Moe {
@@ -194,8 +197,36 @@ impl Moe {
         (out, idx)
     }
 
+    /// The selected experts' products with moela's kernel, which reads their weights in place; `None` when
+    /// the kernel does not cover the call.
+    fn gathered_wgsl(&self, x: &Tensor<2>, idx: &Tensor<2, Int>, w: &Tensor<2>) -> Option<Tensor<2>> {
+        let [t, h] = x.dims();
+        let k = self.top_k;
+        let pairs = t * k;
+        let idx = idx.clone().reshape([pairs]);
+        let sum = |parts: Vec<Tensor<2>>| parts.into_iter().reduce(|a, b| a + b);
+        let gate_up = self
+            .chunks
+            .iter()
+            .map(|c| kernels::moe::gathered_matvec(x, &c.gate_up_t, &idx, c.first, k))
+            .collect::<Option<Vec<_>>>()?;
+        let act = swiglu(sum(gate_up)?, self.width); // [P, I]
+        let down = self
+            .chunks
+            .iter()
+            .map(|c| kernels::moe::gathered_matvec(&act, &c.down_t, &idx, c.first, 1))
+            .collect::<Option<Vec<_>>>()?;
+        let y = sum(down)? * w.clone().reshape([pairs, 1]); // [P, H]
+        Some(y.reshape([t, k, h]).sum_dim(1).reshape([t, h]))
+    }
+
     /// Only the selected experts' matrices are read: one batched product per (token, slot) pair.
     fn gathered(&self, x: Tensor<2>, idx: Tensor<2, Int>, w: Tensor<2>) -> Tensor<2> {
+        if self.kernels == Kernels::Wgsl
+            && let Some(y) = self.gathered_wgsl(&x, &idx, &w)
+        {
+            return y;
+        }
         let [t, h] = x.dims();
         let k = self.top_k;
         let pairs = t * k;

@@ -13,6 +13,7 @@ use super::{Linear, MAX_BINDING_BYTES, WeightDtype, transpose, upload};
 use crate::cache::LatentCache;
 use crate::config::{ModelConfig, TopkMethod};
 use crate::error::{Error, Result};
+use crate::kernels::Kernels;
 use crate::load::{HostTensor, Progress, WeightSet};
 
 /// The feed-forward half of a block.
@@ -98,6 +99,32 @@ impl Reader<'_> {
 }
 
 impl Transformer {
+    /// Chooses the implementation of every projection: moela's WGSL kernels or burn's generic ops.
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        let mut all: Vec<&mut Linear> = vec![&mut self.head];
+        for b in &mut self.blocks {
+            match &mut b.attn.q {
+                QProj::Plain(l) => all.push(l),
+                QProj::Lora { a, b, .. } => all.extend([a, b]),
+            }
+            all.extend([&mut b.attn.kv_a, &mut b.attn.o]);
+            let mlp = match &mut b.ffn {
+                FeedForward::Dense(m) => Some(m),
+                FeedForward::Moe(m) => {
+                    m.kernels = kernels;
+                    all.push(&mut m.router);
+                    m.shared.as_mut()
+                }
+            };
+            if let Some(m) = mlp {
+                all.extend([&mut m.gate_up, &mut m.down]);
+            }
+        }
+        for l in all {
+            l.kernels = kernels;
+        }
+    }
+
     /// Builds the model from a checkpoint's tensors, converting to `dtype` on `device`.
     pub fn load(
         config: ModelConfig,
@@ -472,6 +499,7 @@ fn load_moe(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
         topk_group: c.topk_group.max(1),
         norm_topk_prob: c.norm_topk_prob,
         routed_scaling_factor: c.routed_scaling_factor,
+        kernels: Kernels::default(),
     })
 }
 

@@ -1,0 +1,100 @@
+//! `shaders/matvec.wgsl`: `x @ w` for up to [`MAX_ROWS`] rows of `x` (decode, and the few tokens of a
+//! speculative or short step), f32 weights stored `[in, out]`.
+
+use burn::tensor::{DType, Shape, Tensor};
+use burn_cubecl::cubecl::prelude::CubeCount;
+use burn_cubecl::cubecl::server::{KernelArguments, MetadataBindingInfo};
+use burn_cubecl::tensor::CubeTensor;
+
+use super::{WgslKernel, cube_tensor, uniform};
+
+const SOURCE: &str = include_str!("../../../../shaders/matvec.wgsl");
+const WORKGROUP: u32 = 64;
+
+/// The most rows of `x` one launch takes.
+pub const MAX_ROWS: usize = 8;
+
+/// `x` (`[M, K]`, M <= [`MAX_ROWS`]) times `w` (`[K, N]`, f32, N a multiple of 4) on the wgpu device;
+/// `None` when the kernel does not cover the call (the caller then uses burn's matmul).
+pub fn matvec(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
+    let [m, k] = x.dims();
+    let [k2, n] = w.dims();
+    if m == 0 || m > MAX_ROWS || k != k2 || n % 4 != 0 || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        return None;
+    }
+    let groups = u32::try_from((n / 4).div_ceil(WORKGROUP as usize)).ok()?;
+    if groups > 65_535 {
+        return None;
+    }
+    let (x, w) = (cube_tensor(x)?, cube_tensor(w)?);
+    let client = x.client.clone();
+    let out = client.empty(m * n * 4);
+    let kernel = WgslKernel::new("matvec", &variant(m), vec![("M", m as u32)], WORKGROUP);
+    let args = KernelArguments::new()
+        .with_buffer(x.handle.clone().binding())
+        .with_buffer(w.handle.clone().binding())
+        .with_buffer(out.clone().binding())
+        .with_info(MetadataBindingInfo::custom(uniform(&[k as u32, (n / 4) as u32])));
+    client.launch(Box::new(kernel), CubeCount::Static(groups, 1, 1), args);
+    let y = CubeTensor::new_contiguous(client, x.device.clone(), Shape::new([m, n]), out, DType::F32);
+    Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
+}
+
+/// The kernel's text for `m` rows of x: one accumulator variable per row.
+fn variant(m: usize) -> String {
+    let lines = |f: &dyn Fn(usize) -> String| (0..m).map(f).collect::<Vec<_>>().join("\n");
+    SOURCE
+        .replace("{{DECLARE}}", &lines(&|r| format!("    var acc{r} = vec4<f32>(0.0);")))
+        .replace(
+            "{{ACCUMULATE}}",
+            &lines(&|r| format!("        acc{r} = fma(vec4<f32>(x[{r}u * k_len + k]), wv, acc{r});")),
+        )
+        .replace("{{STORE}}", &lines(&|r| format!("    y[{r}u * n4 + c] = acc{r};")))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Distribution, Tensor};
+
+    use super::*;
+
+    fn device() -> Option<burn::tensor::Device> {
+        crate::engine::default_device().ok()
+    }
+
+    #[test]
+    fn matches_burn_matmul_on_awkward_sizes() {
+        let Some(device) = device() else {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        };
+        for (m, k, n) in [(1, 77, 148), (3, 200, 4), (8, 33, 1028), (5, 1, 12), (1, 1000, 516)] {
+            let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+            let w = Tensor::<2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
+            let fast = matvec(&x, &w).expect("the kernel covers this shape");
+            let reference = x.matmul(w);
+            let (a, b) = (
+                fast.into_data().try_to_vec::<f32>().unwrap(),
+                reference.into_data().try_to_vec::<f32>().unwrap(),
+            );
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{m}x{k}x{n}: worst difference {worst}");
+        }
+    }
+
+    #[test]
+    fn declines_what_it_does_not_cover() {
+        let Some(device) = device() else {
+            return;
+        };
+        let w = Tensor::<2>::zeros([16, 10], &device); // N not a multiple of 4
+        assert!(matvec(&Tensor::zeros([1, 16], &device), &w).is_none());
+        let w = Tensor::<2>::zeros([16, 12], &device);
+        assert!(matvec(&Tensor::zeros([9, 16], &device), &w).is_none()); // too many rows
+        assert!(matvec(&Tensor::zeros([1, 15], &device), &w).is_none()); // K mismatch
+    }
+}

@@ -1,0 +1,137 @@
+//! Thin launchers for moela's hand-written WGSL kernels (`shaders/*.wgsl`), run on burn's own wgpu device
+//! and buffers.
+//!
+//! A launcher takes burn tensors, reaches the buffers behind them (burn's `extension` API), launches the
+//! kernel through CubeCL's client (the same queue burn's own kernels use, so ordering is kept and nothing
+//! is read back) and wraps the output as a burn tensor again. When a kernel cannot run the call (a tensor
+//! on another backend such as the CPU or autodiff one, a dtype or shape the kernel does not cover), the
+//! launcher returns `None` and the caller takes burn's generic path, which stays the reference.
+
+pub mod matvec;
+pub mod moe;
+
+use burn::tensor::{Int, Tensor};
+use burn_cubecl::cubecl::ir::UIntKind;
+use burn_cubecl::cubecl::ir::metadata::Info;
+use burn_cubecl::cubecl::prelude::CubeKernel;
+use burn_cubecl::cubecl::prelude::{
+    AddressType, CubeDim, ElemType, ExecutionMode, KernelDefinition, KernelId, KernelMetadata, KernelSettings,
+    PrecompiledSource, Scope,
+};
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{Cube, kernel::into_contiguous};
+
+/// Which implementation runs the hot paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum Kernels {
+    /// moela's WGSL kernels where they apply (on the wgpu device), burn's generic ops elsewhere.
+    #[default]
+    Wgsl,
+    /// burn's generic ops only: the reference path.
+    Generic,
+}
+
+impl Kernels {
+    /// Parses `wgsl` / `generic`.
+    pub fn parse(s: &str) -> crate::error::Result<Self> {
+        match s {
+            "wgsl" => Ok(Self::Wgsl),
+            "generic" => Ok(Self::Generic),
+            other => Err(crate::error::Error::InvalidArgument(format!(
+                "kernels {other:?}: expected wgsl or generic"
+            ))),
+        }
+    }
+}
+
+/// A WGSL kernel from `shaders/`, with the values substituted into its `{{NAME}}` slots.
+///
+/// The kernel is cached by CubeCL under its id, which carries the kernel's name and every substituted value.
+struct WgslKernel {
+    name: &'static str,
+    source: String,
+    params: Vec<(&'static str, u32)>,
+    workgroup: u32,
+}
+
+impl WgslKernel {
+    fn new(name: &'static str, template: &str, params: Vec<(&'static str, u32)>, workgroup: u32) -> Self {
+        let mut source = template.to_string();
+        for (slot, value) in &params {
+            source = source.replace(&format!("{{{{{slot}}}}}"), &value.to_string());
+        }
+        Self {
+            name,
+            source,
+            params,
+            workgroup,
+        }
+    }
+}
+
+impl KernelMetadata for WgslKernel {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info((self.name, self.params.clone()))
+    }
+
+    fn address_type(&self) -> ElemType {
+        UIntKind::U32.into()
+    }
+}
+
+impl CubeKernel for WgslKernel {
+    fn define(&self) -> KernelDefinition {
+        // The WGSL text is the kernel; the definition only describes its launch to CubeCL.
+        let settings = KernelSettings::new(
+            CubeDim::new_1d(self.workgroup).0,
+            ExecutionMode::Checked,
+            AddressType::U32,
+        );
+        KernelDefinition {
+            body: Scope::root(settings.clone()),
+            settings,
+            info: Info::default(),
+        }
+    }
+
+    fn source(&self) -> Option<PrecompiledSource> {
+        Some(PrecompiledSource {
+            source: self.source.clone(),
+            entrypoint_name: "main".to_string(),
+            lang: "wgsl",
+        })
+    }
+}
+
+/// The contiguous wgpu buffer behind a float tensor, or `None` when it lives elsewhere (CPU, autodiff).
+fn cube_tensor<const D: usize>(t: &Tensor<D>) -> Option<CubeTensor> {
+    let primitive = t.clone().try_into_primitive::<Cube>().ok()?;
+    // Only moela's WGSL runs here: a build whose wgpu compiles SPIR-V would refuse the text.
+    if !primitive.client.name().contains("wgsl") {
+        return None;
+    }
+    Some(into_contiguous(primitive))
+}
+
+/// The contiguous wgpu buffer behind an integer tensor, or `None` when it lives elsewhere.
+fn cube_int_tensor<const D: usize>(t: &Tensor<D, Int>) -> Option<CubeTensor> {
+    let primitive = t.clone().try_into_primitive::<Cube>().ok()?;
+    if !primitive.client.name().contains("wgsl") {
+        return None;
+    }
+    Some(into_contiguous(primitive))
+}
+
+/// Packs u32 launch values two per word, as CubeCL uploads its uniform `info` buffer, padded to 16 bytes.
+fn uniform(values: &[u32]) -> Vec<u64> {
+    let mut words: Vec<u64> = values
+        .chunks(2)
+        .map(|c| u64::from(c[0]) | (u64::from(c.get(1).copied().unwrap_or(0)) << 32))
+        .collect();
+    words.resize(words.len().div_ceil(2) * 2, 0);
+    words
+}

@@ -1,0 +1,48 @@
+// Gathered expert products for MoE decode: for each (token, slot) pair p choosing expert e = idx[p],
+// y[p, n] = sum_k x[row(p), k] * w[e, k, n], reading only the chosen experts' weights and never copying them.
+//
+// w is one chunk of stacked expert weights, [count, K, N] (each expert [in, out], the engine's layout), for
+// experts first..first+count; pairs whose expert is outside the chunk get zeros (the launcher adds chunks).
+// row(p) = p / x_div: x_div = top-k when x holds one row per token (gate/up), 1 when it holds one row per pair
+// (down). Each invocation owns four adjacent outputs of one pair and walks K with vec4 weight loads, as in
+// matvec.wgsl. N must be a multiple of 4.
+//
+// Bindings: x [rows, K], w [count, K, N/4] as vec4, idx [P] (i32), y [P, N/4] as vec4, then the shape.
+
+@group(0) @binding(0) var<storage, read_write> x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> w: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> idx: array<i32>;
+@group(0) @binding(3) var<storage, read_write> y: array<vec4<f32>>;
+
+struct Shape {
+    k: u32,
+    n4: u32,
+    first: u32,
+    count: u32,
+    x_div: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+@group(0) @binding(4) var<uniform> shape: Shape;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    let p = gid.y;
+    let n4 = shape.n4;
+    if (c >= n4) {
+        return;
+    }
+    let k_len = shape.k;
+    let e = idx[p] - i32(shape.first);
+    var acc = vec4<f32>(0.0);
+    if (e >= 0 && u32(e) < shape.count) {
+        let base = u32(e) * k_len * n4 + c;
+        let row = (p / shape.x_div) * k_len;
+        for (var k = 0u; k < k_len; k++) {
+            acc = fma(vec4<f32>(x[row + k]), w[base + k * n4], acc);
+        }
+    }
+    y[p * n4 + c] = acc;
+}
