@@ -81,8 +81,10 @@ The folder is a plain Hugging Face checkpoint (`DeepseekV3ForCausalLM`): transfo
 
 Generated, never scraped: addition and subtraction of numbers with 1 to 3 digits (negative results included)
 in several phrasings ("What is a + b?", "a-b", "What is the sum of a and b?", ...), and two- or three-step word
-problems (stickers, apples, trains, libraries) with numbers up to 3 digits. Every solution is worked column by
-column with carries and borrows. The evaluation problems are drawn from a fixed seed and removed from the
+problems (stickers, apples, trains, libraries) with numbers up to 3 digits: 40% additions, 50% subtractions
+(a quarter of them with close operands, whose results are shorter than the operands), 10% word problems. Every
+solution is worked column by column with carries and borrows; leading zeros are dropped on a line of their own
+(`without leading zeros 068 is 68`). The evaluation problems are drawn from a fixed seed and removed from the
 training stream; 4-digit addition never appears in training.
 
 ## Model
@@ -107,8 +109,9 @@ CPU backend with autodiff, on the same model definition the engine runs).
 2. **SFT**: {sft_steps} AdamW steps of {sft_batch} sequences (peak learning rate {sft_lr}, warm-up then cosine),
    loss on the assistant's tokens only. {sft_min:.0} minutes.
 3. **GRPO**: {grpo_steps} steps; each samples {group} completions (temperature 1) for each of {prompts}
-   problems, rewards 1 for the exact answer plus 0.2 for a well-formed think/answer layout (rule-based),
-   normalises advantages within each group, and adds a KL penalty (beta {beta}) to the SFT model; learning
+   problems (half subtractions, half word problems: where the SFT model still errs), rewards 1 for the exact
+   answer plus 0.2 for a well-formed think/answer layout (rule-based), normalises advantages within each
+   group, and adds a KL penalty (beta {beta}) to the SFT model; learning
    rate {grpo_lr}. {grpo_min:.0} minutes.
 4. **Expert balance**, DeepSeek-V3's auxiliary-loss-free way: after every step each router's
    `e_score_correction_bias` moves by {gamma:.3} towards the mean load (up for an under-loaded expert, down for an
