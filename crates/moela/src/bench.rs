@@ -127,9 +127,9 @@ pub async fn bench(
     let mut session = engine.session(SessionOptions {
         max_context: (prompt_tokens + gen_tokens + 1).min(cfg.max_position_embeddings),
     })?;
-    // Warm-up on a short prompt so kernel compilation is not timed.
-    let warm = &prompt[..prompt.len().min(4)];
-    let (logits, _) = session.prefill(warm).await?;
+    // Warm-up with the same prompt length and a step, so no kernel compilation is timed (prefill and decode
+    // take different kernels, and some are compiled per shape).
+    let (logits, _) = session.prefill(&prompt).await?;
     session.step(argmax(&logits)).await?;
     session.reset();
 

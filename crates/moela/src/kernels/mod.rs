@@ -88,7 +88,7 @@ impl CubeKernel for WgslKernel {
         // The WGSL text is the kernel; the definition only describes its launch to CubeCL.
         let settings = KernelSettings::new(
             CubeDim::new_1d(self.workgroup).0,
-            ExecutionMode::Checked,
+            ExecutionMode::Unchecked,
             AddressType::U32,
         );
         KernelDefinition {
