@@ -28,7 +28,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let k_len = shape.k;
     let n4 = shape.n4;
-    // One accumulator per row of x, unrolled by the launcher ({{M}} rows in this variant).
+    // One accumulator per row of x, written out by the launcher for each variant (1 to 8 rows).
 {{DECLARE}}
     for (var k = 0u; k < k_len; k++) {
         let wv = w[k * n4 + c];

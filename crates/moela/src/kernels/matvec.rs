@@ -1,6 +1,8 @@
 //! `shaders/matvec.wgsl`: `x @ w` for up to [`MAX_ROWS`] rows of `x` (decode, and the few tokens of a
 //! speculative or short step), f32 weights stored `[in, out]`.
 
+use std::sync::OnceLock;
+
 use burn::tensor::{DType, Shape, Tensor};
 use burn_cubecl::cubecl::prelude::CubeCount;
 use burn_cubecl::cubecl::server::{KernelArguments, MetadataBindingInfo};
@@ -29,7 +31,12 @@ pub fn matvec(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
     let (x, w) = (cube_tensor(x)?, cube_tensor(w)?);
     let client = x.client.clone();
     let out = client.empty(m * n * 4);
-    let kernel = WgslKernel::new("matvec", &variant(m), vec![("M", m as u32)], WORKGROUP);
+    let kernel = WgslKernel {
+        name: "matvec",
+        source: variant(m),
+        variant: m as u32,
+        workgroup: WORKGROUP,
+    };
     let args = KernelArguments::new()
         .with_buffer(x.handle.clone().binding())
         .with_buffer(w.handle.clone().binding())
@@ -40,16 +47,25 @@ pub fn matvec(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
     Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
 }
 
-/// The kernel's text for `m` rows of x: one accumulator variable per row.
-fn variant(m: usize) -> String {
-    let lines = |f: &dyn Fn(usize) -> String| (0..m).map(f).collect::<Vec<_>>().join("\n");
-    SOURCE
-        .replace("{{DECLARE}}", &lines(&|r| format!("    var acc{r} = vec4<f32>(0.0);")))
-        .replace(
-            "{{ACCUMULATE}}",
-            &lines(&|r| format!("        acc{r} = fma(vec4<f32>(x[{r}u * k_len + k]), wv, acc{r});")),
-        )
-        .replace("{{STORE}}", &lines(&|r| format!("    y[{r}u * n4 + c] = acc{r};")))
+/// The kernel's text for `m` (1..=[`MAX_ROWS`]) rows of x, one accumulator variable per row; the variants
+/// are written once per process.
+fn variant(m: usize) -> &'static str {
+    static VARIANTS: OnceLock<Vec<String>> = OnceLock::new();
+    let variants = VARIANTS.get_or_init(|| {
+        (1..=MAX_ROWS)
+            .map(|m| {
+                let lines = |f: &dyn Fn(usize) -> String| (0..m).map(f).collect::<Vec<_>>().join("\n");
+                SOURCE
+                    .replace("{{DECLARE}}", &lines(&|r| format!("    var acc{r} = vec4<f32>(0.0);")))
+                    .replace(
+                        "{{ACCUMULATE}}",
+                        &lines(&|r| format!("        acc{r} = fma(vec4<f32>(x[{r}u * k_len + k]), wv, acc{r});")),
+                    )
+                    .replace("{{STORE}}", &lines(&|r| format!("    y[{r}u * n4 + c] = acc{r};")))
+            })
+            .collect()
+    });
+    &variants[m - 1]
 }
 
 #[cfg(test)]

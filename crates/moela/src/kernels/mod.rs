@@ -44,29 +44,14 @@ impl Kernels {
     }
 }
 
-/// A WGSL kernel from `shaders/`, with the values substituted into its `{{NAME}}` slots.
+/// A WGSL kernel from `shaders/`: its text (built once per variant, never per launch) and launch shape.
 ///
-/// The kernel is cached by CubeCL under its id, which carries the kernel's name and every substituted value.
+/// CubeCL caches compiled kernels by id, which carries the kernel's name and variant number.
 struct WgslKernel {
     name: &'static str,
-    source: String,
-    params: Vec<(&'static str, u32)>,
+    source: &'static str,
+    variant: u32,
     workgroup: u32,
-}
-
-impl WgslKernel {
-    fn new(name: &'static str, template: &str, params: Vec<(&'static str, u32)>, workgroup: u32) -> Self {
-        let mut source = template.to_string();
-        for (slot, value) in &params {
-            source = source.replace(&format!("{{{{{slot}}}}}"), &value.to_string());
-        }
-        Self {
-            name,
-            source,
-            params,
-            workgroup,
-        }
-    }
 }
 
 impl KernelMetadata for WgslKernel {
@@ -75,7 +60,7 @@ impl KernelMetadata for WgslKernel {
     }
 
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.name, self.params.clone()))
+        KernelId::new::<Self>().info((self.name, self.variant))
     }
 
     fn address_type(&self) -> ElemType {
@@ -100,7 +85,7 @@ impl CubeKernel for WgslKernel {
 
     fn source(&self) -> Option<PrecompiledSource> {
         Some(PrecompiledSource {
-            source: self.source.clone(),
+            source: self.source.to_string(),
             entrypoint_name: "main".to_string(),
             lang: "wgsl",
         })
@@ -109,21 +94,17 @@ impl CubeKernel for WgslKernel {
 
 /// The contiguous wgpu buffer behind a float tensor, or `None` when it lives elsewhere (CPU, autodiff).
 fn cube_tensor<const D: usize>(t: &Tensor<D>) -> Option<CubeTensor> {
-    let primitive = t.clone().try_into_primitive::<Cube>().ok()?;
-    // Only moela's WGSL runs here: a build whose wgpu compiles SPIR-V would refuse the text.
-    if !primitive.client.name().contains("wgsl") {
-        return None;
-    }
-    Some(into_contiguous(primitive))
+    wgsl_buffer(t.clone().try_into_primitive::<Cube>().ok()?)
 }
 
 /// The contiguous wgpu buffer behind an integer tensor, or `None` when it lives elsewhere.
 fn cube_int_tensor<const D: usize>(t: &Tensor<D, Int>) -> Option<CubeTensor> {
-    let primitive = t.clone().try_into_primitive::<Cube>().ok()?;
-    if !primitive.client.name().contains("wgsl") {
-        return None;
-    }
-    Some(into_contiguous(primitive))
+    wgsl_buffer(t.clone().try_into_primitive::<Cube>().ok()?)
+}
+
+/// `t`, contiguous, when its device runs WGSL: a build whose wgpu compiles SPIR-V would refuse the text.
+fn wgsl_buffer(t: CubeTensor) -> Option<CubeTensor> {
+    t.client.name().contains("wgsl").then(|| into_contiguous(t))
 }
 
 /// Packs u32 launch values two per word, as CubeCL uploads its uniform `info` buffer, padded to 16 bytes.

@@ -47,7 +47,12 @@ pub fn gathered_matvec(
     let (x, w) = (cube_tensor(x)?, cube_tensor(w)?);
     let client = x.client.clone();
     let out = client.empty(pairs * n * 4);
-    let kernel = WgslKernel::new("moe_matvec", SOURCE, Vec::new(), WORKGROUP);
+    let kernel = WgslKernel {
+        name: "moe_matvec",
+        source: SOURCE,
+        variant: 0,
+        workgroup: WORKGROUP,
+    };
     let shape = [k, n / 4, first, count, x_div].map(|v| v as u32);
     let args = KernelArguments::new()
         .with_buffer(x.handle.clone().binding())

@@ -90,7 +90,6 @@ impl Linear {
 
     fn part(&self, x: &Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
         if self.kernels == Kernels::Wgsl
-            && x.dims()[0] <= kernels::matvec::MAX_ROWS
             && let Some(y) = kernels::matvec::matvec(x, w)
         {
             return y;
