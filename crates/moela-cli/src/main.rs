@@ -50,7 +50,7 @@ struct ModelArgs {
     /// Defaults to the model shipped with moela.
     #[arg(long, short)]
     model: Option<PathBuf>,
-    /// Weight dtype on the GPU: f32, or f16 where the adapter has shader-f16.
+    /// How weights are stored on the GPU: f32, f16, q8 (8-bit blocks) or q4 (4-bit blocks).
     #[arg(long, default_value = "f32")]
     weights: String,
     /// Hot-path implementation on the GPU: wgsl (moela's kernels) or generic (burn's ops, the reference).

@@ -139,8 +139,8 @@ impl WasmEngine {
         Self::from_files(files, opts, on_progress).await
     }
 
-    /// Checks that a checkpoint can run here before any weight is read: config.json, the tokenizer files, and
-    /// (for `weights: "f16"`) the adapter's shader-f16. Resolves to the model's facts (`info()`), or throws the
+    /// Checks that a checkpoint can run here before any weight is read: config.json and the tokenizer files.
+    /// Resolves to the model's facts (`info()`), or throws the
     /// first problem found.
     pub async fn check(files: JsValue, options: JsValue) -> Result<JsValue, JsError> {
         let opts = load_opts(options)?;
@@ -156,14 +156,6 @@ impl WasmEngine {
                     tok.vocab_size(),
                     config.vocab_size
                 )));
-            }
-        }
-        if dtype == WeightDtype::F16 {
-            let device = moela::default_device_async().await.map_err(js_err)?;
-            if !device.supports_dtype(burn::tensor::DType::F16) {
-                return Err(JsError::new(
-                    "GPU: this adapter has no shader-f16: load with f32 weights instead",
-                ));
             }
         }
         to_js(&moela::ModelInfo::new(&config, dtype))

@@ -146,7 +146,7 @@ pub async fn bench(
     let info = engine.info();
     let active = info.active_parameters_per_token;
     let mean_context = (prompt_tokens + gen_tokens / 2) as u64;
-    let bytes = active * engine.dtype().bytes() as u64 + mean_context * info.cache.bytes_per_token;
+    let bytes = info.active_weight_bytes_per_token + mean_context * info.cache.bytes_per_token;
     let achieved = bytes as f64 * decode_tps / 1e9;
     let copy = copy_bandwidth(&engine.model.device).await?;
     let matvec = matvec_throughput(&engine.model.device, engine.dtype(), engine.model.head.kernels).await?;

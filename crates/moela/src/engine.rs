@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use burn::tensor::{DType, Device};
+use burn::tensor::Device;
 
 use crate::cache::LatentCache;
 use crate::chat::Tokenizer;
@@ -90,7 +90,7 @@ impl CheckpointFiles {
 /// How to load a model.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
-    /// Weight dtype on the GPU (f16 needs the adapter's shader-f16).
+    /// How projection and expert weights are stored on the GPU.
     pub dtype: WeightDtype,
     /// moela's WGSL kernels (the default) or burn's generic ops for the hot paths.
     pub kernels: Kernels,
@@ -175,11 +175,6 @@ impl Engine {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Self> {
         let config = ModelConfig::from_json_bytes(&files.config, "config.json")?;
-        if options.dtype == WeightDtype::F16 && !device.supports_dtype(DType::F16) {
-            return Err(Error::Device(
-                "this adapter has no shader-f16: load with f32 weights instead".into(),
-            ));
-        }
         let tokenizer = match &files.tokenizer {
             Some(t) => Some(Tokenizer::from_bytes(t, files.tokenizer_config.as_deref())?),
             None => None,

@@ -60,6 +60,8 @@ pub struct ModelInfo {
     pub weight_dtype: String,
     /// Bytes of weights on the GPU (embedding kept on the host is excluded).
     pub gpu_weight_bytes: u64,
+    /// Bytes of weights one decoded token reads (the active parameters in their stored formats).
+    pub active_weight_bytes_per_token: u64,
     /// The cache.
     pub cache: CacheInfo,
 }
@@ -90,10 +92,15 @@ impl ModelInfo {
         let mut total = v * h + h + if c.tie_word_embeddings { 0 } else { v * h };
         let mut inactive = 0;
         let mut dense_layers = 0;
+        // What stays f32 whatever the weight format: norms, the absorbed kv_b factors, routers.
+        let norms = 2 * h + r_kv + c.q_lora_rank.unwrap_or(0) as u64;
+        let mut kept_f32 = h;
         for l in 0..c.num_hidden_layers {
             total += attn;
+            kept_f32 += norms + r_kv * n_h * (d_n + d_v);
             if c.is_moe_layer(l) {
                 let bias = if c.topk_method == TopkMethod::NoauxTc { e } else { 0 };
+                kept_f32 += e * h + bias;
                 total += e * h + bias + e * expert + c.n_shared_experts as u64 * expert;
                 inactive += (e - k) * expert;
             } else {
@@ -103,6 +110,10 @@ impl ModelInfo {
         }
         let layers = c.num_hidden_layers as u64;
         let values = layers * (r_kv + d_r);
+        let active = total - inactive - v * h;
+        // The embedding table stays on the host; a tied head is a second, GPU copy of it.
+        let on_gpu = total - v * h + if c.tie_word_embeddings { v * h } else { 0 };
+        let bytes = |params: u64| kept_f32 * 4 + ((params - kept_f32) as f64 * dtype.bits() / 8.0).round() as u64;
         let mha = layers * n_h * (d_n + d_r + d_v);
         ModelInfo {
             architecture: match c.arch {
@@ -110,7 +121,7 @@ impl ModelInfo {
                 Arch::V3 => "deepseek_v3".into(),
             },
             total_parameters: total,
-            active_parameters_per_token: total - inactive - v * h,
+            active_parameters_per_token: active,
             layers: c.num_hidden_layers,
             hidden_size: c.hidden_size,
             heads: c.num_attention_heads,
@@ -127,13 +138,9 @@ impl ModelInfo {
                 None => "none".into(),
             },
             max_position_embeddings: c.max_position_embeddings,
-            weight_dtype: format!("{dtype:?}").to_lowercase(),
-            gpu_weight_bytes: (total - v * h) * dtype.bytes() as u64
-                + if c.tie_word_embeddings {
-                    v * h * dtype.bytes() as u64
-                } else {
-                    0
-                },
+            weight_dtype: dtype.name().into(),
+            gpu_weight_bytes: bytes(on_gpu),
+            active_weight_bytes_per_token: bytes(active),
             cache: CacheInfo {
                 values_per_token: values,
                 bytes_per_token: values * 4,
@@ -169,6 +176,10 @@ mod tests {
             i.active_parameters_per_token
         );
         assert_eq!(i.cache.values_per_token, 27 * 576);
+        // q8 keeps norms, routers and the absorbed kv_b in f32 and stores the rest in 8.5 bits.
+        let q8 = ModelInfo::new(&c, WeightDtype::Q8);
+        let ratio = q8.active_weight_bytes_per_token as f64 / i.active_weight_bytes_per_token as f64;
+        assert!((0.265..0.3).contains(&ratio), "{ratio}");
         assert_eq!(i.cache.mha_equivalent_values_per_token, 27 * 16 * 320);
     }
 }

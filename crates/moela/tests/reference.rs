@@ -157,35 +157,73 @@ fn chat_template_renders_and_encodes_like_transformers() {
     }
 }
 
+fn load_format(dir: &Path, dtype: WeightDtype, kernels: Kernels) -> Engine {
+    let options = LoadOptions {
+        dtype,
+        kernels,
+        ..LoadOptions::default()
+    };
+    Engine::load_dir(dir, options, &mut |_| {}).unwrap_or_else(|e| panic!("loading {dir:?} as {dtype:?}: {e}"))
+}
+
+/// Relative L2 distance per position between two sets of logit rows, sorted ascending.
+fn rel_l2_sorted(got: &[Vec<f32>], want: &[Vec<f32>]) -> Vec<f64> {
+    assert_eq!(got.len(), want.len());
+    let mut d: Vec<f64> = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| {
+            let num: f64 = g.iter().zip(w).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
+            (num / den).sqrt()
+        })
+        .collect();
+    d.sort_by(f64::total_cmp);
+    d
+}
+
+/// Packed weights against the same model in f32, prefill and decode, per position: f16 within the
+/// transformers tolerance everywhere; q8 within 5e-2 at the median position; q4 reported (and bounded, so
+/// a broken unpacking cannot pass). These random tiny models route on near-ties at some positions, where a
+/// 0.5% weight error can flip an expert choice: the worst position is bounded loosely and printed. Every
+/// fixture runs with moela's kernels, one also with burn's ops unpacking (the kernels' reference).
 #[test]
-fn f16_weights_stay_close_when_the_adapter_has_shader_f16() {
-    let device = moela::default_device().unwrap();
-    if !device.supports_dtype(burn::tensor::DType::F16) {
-        eprintln!("adapter has no shader-f16: f16 weights are refused, checked below");
-        let e = Engine::load_dir(
-            &fixture("v3-tiny"),
-            LoadOptions {
-                dtype: WeightDtype::F16,
-                ..LoadOptions::default()
-            },
-            &mut |_| {},
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("shader-f16"), "{e}");
-        return;
+fn packed_weights_stay_close_to_f32() {
+    for name in FIXTURES {
+        let r = reference(name);
+        let tokens = ids(&r["tokens"]);
+        let base = pollster::block_on(load(name).logits(&tokens)).unwrap();
+        let mut kernels = vec![Kernels::Wgsl];
+        if *name == "v3-tiny" {
+            kernels.push(Kernels::Generic);
+        }
+        for k in kernels {
+            for (dtype, median_bound, worst_bound) in [
+                (WeightDtype::F16, 1e-2, 1e-2),
+                (WeightDtype::Q8, 5e-2, 0.5),
+                (WeightDtype::Q4, 0.9, 1.5),
+            ] {
+                let engine = load_format(&fixture(name), dtype, k);
+                for (what, got) in [
+                    ("prefill", pollster::block_on(engine.logits(&tokens)).unwrap()),
+                    ("decode", pollster::block_on(engine.logits_decode(&tokens)).unwrap()),
+                ] {
+                    let d = rel_l2_sorted(&got, &base);
+                    let (median, worst) = (d[d.len() / 2], d[d.len() - 1]);
+                    eprintln!(
+                        "{name} {dtype:?} {k:?} {what}: relative L2 to f32 median {median:.2e}, worst {worst:.2e}"
+                    );
+                    assert!(
+                        median <= median_bound && worst <= worst_bound,
+                        "{name} {dtype:?} {k:?} {what}: median {median:.2e} worst {worst:.2e}"
+                    );
+                    if dtype == WeightDtype::F16 {
+                        assert_close(&format!("{name} f16 {k:?} {what}"), &got, &rows(&r["logits"]));
+                    }
+                }
+            }
+        }
     }
-    let engine = Engine::load_dir(
-        &fixture("v2-lite-tiny"),
-        LoadOptions {
-            dtype: WeightDtype::F16,
-            ..LoadOptions::default()
-        },
-        &mut |_| {},
-    )
-    .unwrap();
-    let r = reference("v2-lite-tiny");
-    let got = pollster::block_on(engine.logits(&ids(&r["tokens"]))).unwrap();
-    assert_close("v2-lite-tiny f16", &got, &rows(&r["logits"]));
 }
 
 /// The shipped default model (`models/moela-arith-tiny`, bf16) against transformers loading the same folder:
@@ -237,4 +275,42 @@ fn shipped_model_matches_transformers() {
         &want[..],
         "greedy tokens differ from transformers'"
     );
+}
+
+/// The shipped (trained) model under 8-bit weights: logits within 5e-2 relative L2 of f32 at every
+/// position (q4 reported), and its greedy answer unchanged: the same tokens as transformers' greedy
+/// continuation of the checkpoint.
+#[test]
+fn shipped_model_survives_q8() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = root.join("models/moela-arith-tiny");
+    let bytes = std::fs::read(root.join("tests/fixtures/moela-arith-tiny.reference.json")).expect("reference");
+    let r: Value = serde_json::from_slice(&bytes).expect("reference parses");
+    let tokens = ids(&r["tokens"]);
+    let base = pollster::block_on(load_format(&dir, WeightDtype::F32, Kernels::Wgsl).logits(&tokens)).unwrap();
+    for dtype in [WeightDtype::Q8, WeightDtype::Q4] {
+        let got = pollster::block_on(load_format(&dir, dtype, Kernels::Wgsl).logits_decode(&tokens)).unwrap();
+        let d = rel_l2_sorted(&got, &base);
+        eprintln!(
+            "moela-arith-tiny {dtype:?}: relative L2 to f32 median {:.2e}, worst {:.2e}",
+            d[d.len() / 2],
+            d[d.len() - 1]
+        );
+        if dtype == WeightDtype::Q8 {
+            assert!(d[d.len() - 1] <= 5e-2, "q8 worst relative L2 {:.2e}", d[d.len() - 1]);
+        }
+    }
+    let engine = std::sync::Arc::new(load_format(&dir, WeightDtype::Q8, Kernels::Wgsl));
+    let want = ids(&r["greedy_tokens"]);
+    let mut session = engine.session(moela::SessionOptions::default()).unwrap();
+    let question = r["greedy_question"].as_str().unwrap();
+    let options = moela::GenerateOptions {
+        max_tokens: want.len(),
+        ..Default::default()
+    };
+    let mut generation = session.chat(&[Message::user(question)], options).unwrap();
+    while let Some(ev) = generation.next_blocking() {
+        ev.unwrap();
+    }
+    assert_eq!(generation.generated(), &want[..], "q8 greedy tokens differ");
 }

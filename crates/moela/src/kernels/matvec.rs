@@ -8,7 +8,7 @@ use burn_cubecl::cubecl::prelude::CubeCount;
 use burn_cubecl::cubecl::server::{KernelArguments, MetadataBindingInfo};
 use burn_cubecl::tensor::CubeTensor;
 
-use super::{WgslKernel, cube_tensor, uniform};
+use super::{WgslKernel, cube_tensor, per_row, uniform};
 
 const SOURCE: &str = include_str!("../../../../shaders/matvec.wgsl");
 const WORKGROUP: u32 = 64;
@@ -33,6 +33,7 @@ pub fn matvec(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
     let out = client.empty(m * n * 4);
     let kernel = WgslKernel {
         name: "matvec",
+        entry: "main",
         source: variant(m),
         variant: m as u32,
         workgroup: WORKGROUP,
@@ -47,25 +48,10 @@ pub fn matvec(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
     Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
 }
 
-/// The kernel's text for `m` (1..=[`MAX_ROWS`]) rows of x, one accumulator variable per row; the variants
-/// are written once per process.
+/// The kernel's text for `m` (1..=[`MAX_ROWS`]) rows of x; the variants are written once per process.
 fn variant(m: usize) -> &'static str {
     static VARIANTS: OnceLock<Vec<String>> = OnceLock::new();
-    let variants = VARIANTS.get_or_init(|| {
-        (1..=MAX_ROWS)
-            .map(|m| {
-                let lines = |f: &dyn Fn(usize) -> String| (0..m).map(f).collect::<Vec<_>>().join("\n");
-                SOURCE
-                    .replace("{{DECLARE}}", &lines(&|r| format!("    var acc{r} = vec4<f32>(0.0);")))
-                    .replace(
-                        "{{ACCUMULATE}}",
-                        &lines(&|r| format!("        acc{r} = fma(vec4<f32>(x[{r}u * k_len + k]), wv, acc{r});")),
-                    )
-                    .replace("{{STORE}}", &lines(&|r| format!("    y[{r}u * n4 + c] = acc{r};")))
-            })
-            .collect()
-    });
-    &variants[m - 1]
+    &VARIANTS.get_or_init(|| (1..=MAX_ROWS).map(|m| per_row(SOURCE, m)).collect())[m - 1]
 }
 
 #[cfg(test)]

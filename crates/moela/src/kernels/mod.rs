@@ -9,6 +9,7 @@
 
 pub mod matvec;
 pub mod moe;
+pub mod packed;
 
 use burn::tensor::{Int, Tensor};
 use burn_cubecl::cubecl::ir::UIntKind;
@@ -49,6 +50,7 @@ impl Kernels {
 /// CubeCL caches compiled kernels by id, which carries the kernel's name and variant number.
 struct WgslKernel {
     name: &'static str,
+    entry: &'static str,
     source: &'static str,
     variant: u32,
     workgroup: u32,
@@ -60,7 +62,7 @@ impl KernelMetadata for WgslKernel {
     }
 
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.name, self.variant))
+        KernelId::new::<Self>().info((self.name, self.entry, self.variant))
     }
 
     fn address_type(&self) -> ElemType {
@@ -86,7 +88,7 @@ impl CubeKernel for WgslKernel {
     fn source(&self) -> Option<PrecompiledSource> {
         Some(PrecompiledSource {
             source: self.source.to_string(),
-            entrypoint_name: "main".to_string(),
+            entrypoint_name: self.entry.to_string(),
             lang: "wgsl",
         })
     }
@@ -115,4 +117,22 @@ fn uniform(values: &[u32]) -> Vec<u64> {
         .collect();
     words.resize(words.len().div_ceil(2) * 2, 0);
     words
+}
+
+/// `source` with each line holding `{{R}}` repeated for rows `0..rows`, `{{R}}` replaced by the row: one
+/// variable per row of x, so the accumulators stay in registers (an indexed array would live in memory).
+fn per_row(source: &str, rows: usize) -> String {
+    let mut out = String::with_capacity(source.len() * 2);
+    for line in source.lines() {
+        if line.contains("{{R}}") {
+            for r in 0..rows {
+                out.push_str(&line.replace("{{R}}", &r.to_string()));
+                out.push('\n');
+            }
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }

@@ -49,6 +49,7 @@ pub fn gathered_matvec(
     let out = client.empty(pairs * n * 4);
     let kernel = WgslKernel {
         name: "moe_matvec",
+        entry: "main",
         source: SOURCE,
         variant: 0,
         workgroup: WORKGROUP,

@@ -7,43 +7,111 @@ pub mod mla;
 pub mod mlp;
 pub mod moe;
 pub mod norm;
+pub mod packed;
 pub mod params;
 pub mod rope;
 pub mod transformer;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use half::f16;
 
 use crate::error::{Error, Result};
 use crate::kernels::{self, Kernels};
+use packed::Packed;
 
-/// The dtype weights are kept in on the GPU. Activations, norms, softmax and router stay f32.
+/// How projection and expert weights are stored on the GPU. Activations, norms, softmax, the router, the
+/// absorbed attention factors and the embedding table stay f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WeightDtype {
-    /// 4 bytes per weight; runs everywhere.
+    /// 4 bytes per weight.
     #[default]
     F32,
-    /// 2 bytes per weight; needs the adapter's shader-f16.
+    /// 2 bytes per weight: f16 pairs packed in u32 words (no shader-f16 needed).
     F16,
+    /// 8.5 bits per weight: signed bytes with an f16 scale per block of 32.
+    Q8,
+    /// 4.5 bits per weight: 4-bit codes with an f16 scale per block of 32.
+    Q4,
 }
 
 impl WeightDtype {
-    /// Bytes per stored weight.
-    pub fn bytes(self) -> usize {
+    /// Bits per stored weight, block scales included.
+    pub fn bits(self) -> f64 {
         match self {
-            WeightDtype::F32 => 4,
-            WeightDtype::F16 => 2,
+            WeightDtype::F32 => 32.0,
+            WeightDtype::F16 => 16.0,
+            WeightDtype::Q8 => 8.0 + 16.0 / packed::BLOCK as f64,
+            WeightDtype::Q4 => 4.0 + 16.0 / packed::BLOCK as f64,
         }
     }
 
-    /// Parses `f32` / `f16`.
+    /// Whether weights of this format are stored packed ([`packed::Packed`]).
+    pub fn is_packed(self) -> bool {
+        self != WeightDtype::F32
+    }
+
+    /// The name used by the CLI, the JS options and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::F16 => "f16",
+            WeightDtype::Q8 => "q8",
+            WeightDtype::Q4 => "q4",
+        }
+    }
+
+    /// Parses `f32` / `f16` / `q8` / `q4`.
     pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "f32" => Ok(Self::F32),
-            "f16" => Ok(Self::F16),
-            other => Err(Error::InvalidArgument(format!(
-                "weight dtype {other:?}: expected f32 or f16"
-            ))),
+        [Self::F32, Self::F16, Self::Q8, Self::Q4]
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| Error::InvalidArgument(format!("weights {s:?}: expected f32, f16, q8 or q4")))
+    }
+}
+
+/// A projection's or an expert stack's weights as the GPU holds them.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // a burn tensor is a handle with inline shape metadata, built once at load
+pub enum Weights<const D: usize> {
+    /// f32, `[.., in, out]`: any shape, and what training updates.
+    Dense(Tensor<D>),
+    /// f16 / q8 / q4 words, unpacked by the kernels.
+    Packed(Box<Packed>),
+}
+
+impl<const D: usize> Weights<D> {
+    /// Stores row-major `[.., in, out]` values in `format`, or in f32 when the format cannot pack the shape
+    /// (outputs not a multiple of 4).
+    pub fn new(data: Vec<f32>, shape: [usize; D], format: WeightDtype, device: &Device) -> Self {
+        let n = shape[D - 1];
+        if Packed::supports(format, n) {
+            let count = shape[..D - 2].iter().product();
+            Weights::Packed(Box::new(Packed::new(&data, [count, shape[D - 2], n], format, device)))
+        } else {
+            Weights::Dense(Tensor::from_data(TensorData::new(data, shape), device))
+        }
+    }
+
+    /// The weights as f32, unpacked by moela's kernel (`kernels` wgsl, on the GPU) or burn's ops.
+    pub fn to_f32(&self, kernels: Kernels) -> Tensor<D> {
+        match self {
+            Weights::Dense(t) => as_f32(t),
+            Weights::Packed(p) => {
+                let fast = match kernels {
+                    Kernels::Wgsl => kernels::packed::dequantise(p),
+                    Kernels::Generic => None,
+                };
+                let dims: [usize; D] = std::array::from_fn(|i| p.shape[3 - D + i]);
+                fast.unwrap_or_else(|| p.dequantise()).reshape(dims)
+            }
+        }
+    }
+
+    /// Bytes the weights take on the device.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weights::Dense(t) => t.shape().num_elements() * t.dtype().size(),
+            Weights::Packed(p) => p.bytes(),
         }
     }
 }
@@ -55,22 +123,26 @@ pub const MAX_BINDING_BYTES: usize = 128 << 20;
 /// Weights larger than one storage binding are split by output columns.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// Column blocks of the `[in, out]` weight, each within [`MAX_BINDING_BYTES`].
-    pub parts: Vec<Tensor<2>>,
+    /// Column blocks of the `[in, out]` weight, each within [`MAX_BINDING_BYTES`] once unpacked to f32.
+    pub parts: Vec<Weights<2>>,
     /// Whether few-row products run moela's matrix-vector kernel (where it applies) or burn's matmul.
     pub kernels: Kernels,
 }
 
 impl Linear {
-    /// Uploads an `[out, in]` row-major weight (HF layout), transposed and split to fit bindings.
+    /// Uploads an `[out, in]` row-major weight (HF layout), transposed, stored in `dtype` and split by
+    /// output columns so that each part fits one binding even unpacked to f32 (prefill unpacks them).
     pub fn from_rows(w: &[f32], out: usize, inp: usize, dtype: WeightDtype, device: &Device) -> Self {
-        let per_part = (MAX_BINDING_BYTES / (inp * dtype.bytes()).max(1)).clamp(1, out.max(1));
+        let mut per_part = (MAX_BINDING_BYTES / (inp * 4).max(1)).clamp(1, out.max(1));
+        if per_part < out && per_part >= 4 {
+            per_part -= per_part % 4; // packed parts need whole groups of four columns
+        }
         let parts = (0..out)
             .step_by(per_part)
             .map(|r0| {
                 let rows = per_part.min(out - r0);
                 let block = &w[r0 * inp..(r0 + rows) * inp];
-                upload(transpose(block, rows, inp), [inp, rows], dtype, device)
+                Weights::new(transpose(block, rows, inp), [inp, rows], dtype, device)
             })
             .collect();
         Self {
@@ -88,13 +160,22 @@ impl Linear {
         Tensor::cat(outs, 1)
     }
 
-    fn part(&self, x: &Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
-        if self.kernels == Kernels::Wgsl
-            && let Some(y) = kernels::matvec::matvec(x, w)
-        {
-            return y;
+    fn part(&self, x: &Tensor<2>, w: &Weights<2>) -> Tensor<2> {
+        if self.kernels == Kernels::Wgsl {
+            let fast = match w {
+                Weights::Dense(t) => kernels::matvec::matvec(x, t),
+                Weights::Packed(p) => kernels::packed::matvec(x, p),
+            };
+            if let Some(y) = fast {
+                return y;
+            }
         }
-        x.clone().matmul(as_f32(w))
+        x.clone().matmul(w.to_f32(self.kernels))
+    }
+
+    /// Bytes the weight takes on the device.
+    pub fn bytes(&self) -> usize {
+        self.parts.iter().map(Weights::bytes).sum()
     }
 }
 
@@ -107,15 +188,9 @@ pub fn as_f32<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
     }
 }
 
-/// Uploads host values as a tensor of the chosen weight dtype.
-pub fn upload<const D: usize>(data: Vec<f32>, shape: [usize; D], dtype: WeightDtype, device: &Device) -> Tensor<D> {
-    match dtype {
-        WeightDtype::F32 => Tensor::from_data(TensorData::new(data, shape), device),
-        WeightDtype::F16 => {
-            let half: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
-            Tensor::from_data(TensorData::new(half, shape), device)
-        }
-    }
+/// Uploads host values as an f32 tensor.
+pub fn upload<const D: usize>(data: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(data, shape), device)
 }
 
 /// Transposes a row-major `[rows, cols]` matrix.

@@ -14,7 +14,7 @@ use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::mlp::{Mlp, swiglu};
-use super::{Linear, as_f32};
+use super::{Linear, Weights};
 use crate::config::{ScoringFunc, TopkMethod};
 use crate::kernels::{self, Kernels};
 
@@ -26,9 +26,9 @@ pub struct ExpertChunk {
     /// Experts in the chunk (Ec).
     pub count: usize,
     /// `[Ec, H, 2I]`: per expert, `[gate | up]` transposed.
-    pub gate_up_t: Tensor<3>,
+    pub gate_up_t: Weights<3>,
     /// `[Ec, I, H]`: per expert, `down_proj` transposed.
-    pub down_t: Tensor<3>,
+    pub down_t: Weights<3>,
 }
 
 /// One MoE feed-forward block.
@@ -171,7 +171,7 @@ impl Moe {
         let w = w.reshape([t * k, 1]);
         let mut routed = Tensor::<2>::zeros([t, h], &device);
         for c in &self.chunks {
-            let (gate_up, down) = (as_f32(&c.gate_up_t), as_f32(&c.down_t));
+            let (gate_up, down) = (c.gate_up_t.to_f32(self.kernels), c.down_t.to_f32(self.kernels));
             for j in 0..c.count {
                 let list = &pairs[c.first + j];
                 if list.is_empty() {
@@ -208,13 +208,13 @@ impl Moe {
         let gate_up = self
             .chunks
             .iter()
-            .map(|c| kernels::moe::gathered_matvec(x, &c.gate_up_t, &idx, c.first, k))
+            .map(|c| gathered_product(x, &c.gate_up_t, &idx, c.first, k))
             .collect::<Option<Vec<_>>>()?;
         let act = swiglu(sum(gate_up)?, self.width); // [P, I]
         let down = self
             .chunks
             .iter()
-            .map(|c| kernels::moe::gathered_matvec(&act, &c.down_t, &idx, c.first, 1))
+            .map(|c| gathered_product(&act, &c.down_t, &idx, c.first, 1))
             .collect::<Option<Vec<_>>>()?;
         let y = sum(down)? * w.clone().reshape([pairs, 1]); // [P, H]
         Some(y.reshape([t, k, h]).sum_dim(1).reshape([t, h]))
@@ -246,9 +246,11 @@ impl Moe {
                 let local = local.clamp(0, c.count as i64 - 1);
                 (local, w.clone() * inside.float().reshape([pairs, 1, 1]))
             };
-            let gu = xs.clone().matmul(as_f32(&c.gate_up_t).select(0, local.clone())); // [P, 1, 2I]
+            let gu = xs
+                .clone()
+                .matmul(c.gate_up_t.to_f32(self.kernels).select(0, local.clone())); // [P, 1, 2I]
             let act = swiglu(gu, self.width);
-            let y = act.matmul(as_f32(&c.down_t).select(0, local)) * weight; // [P, 1, H]
+            let y = act.matmul(c.down_t.to_f32(self.kernels).select(0, local)) * weight; // [P, 1, H]
             out = Some(match out {
                 Some(o) => o + y,
                 None => y,
@@ -267,9 +269,9 @@ impl Moe {
         let mut out: Option<Tensor<3>> = None;
         for c in &self.chunks {
             let xs = x.clone().reshape([1, t, h]).expand([c.count, t, h]);
-            let gu = xs.matmul(as_f32(&c.gate_up_t)); // [Ec, T, 2I]
+            let gu = xs.matmul(c.gate_up_t.to_f32(self.kernels)); // [Ec, T, 2I]
             let act = swiglu(gu, self.width);
-            let y = act.matmul(as_f32(&c.down_t)); // [Ec, T, H]
+            let y = act.matmul(c.down_t.to_f32(self.kernels)); // [Ec, T, H]
             let m = mix.clone().narrow(0, c.first, c.count).reshape([c.count, t, 1]);
             let y = (y * m).sum_dim(0);
             out = Some(match out {
@@ -278,5 +280,19 @@ impl Moe {
             });
         }
         out.expect("a MoE layer has at least one expert chunk").reshape([t, h])
+    }
+}
+
+/// One expert chunk's gathered products with the kernel of its storage format.
+fn gathered_product(
+    x: &Tensor<2>,
+    w: &Weights<3>,
+    idx: &Tensor<1, Int>,
+    first: usize,
+    x_div: usize,
+) -> Option<Tensor<2>> {
+    match w {
+        Weights::Dense(t) => kernels::moe::gathered_matvec(x, t, idx, first, x_div),
+        Weights::Packed(p) => kernels::packed::gathered(x, p, idx, first, x_div),
     }
 }

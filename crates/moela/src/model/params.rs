@@ -13,7 +13,7 @@ use super::moe::Moe;
 use super::norm::RmsNorm;
 use super::rope::interleave_rows;
 use super::transformer::{Embedding, FeedForward, Transformer};
-use super::{Linear, transpose};
+use super::{Linear, Weights, transpose};
 use crate::error::{Error, Result};
 
 /// A mutable reference to one learned tensor, whatever its rank.
@@ -27,6 +27,7 @@ pub enum ParamMut<'a> {
     Stack(&'a mut Tensor<3>),
 }
 
+/// Packed weights (f16, q8, q4) are not trainable and are left out.
 fn linear<'a>(out: &mut Vec<(String, ParamMut<'a>)>, name: String, l: &'a mut Linear) {
     let n = l.parts.len();
     for (i, p) in l.parts.iter_mut().enumerate() {
@@ -35,7 +36,9 @@ fn linear<'a>(out: &mut Vec<(String, ParamMut<'a>)>, name: String, l: &'a mut Li
         } else {
             format!("{name}.part{i}")
         };
-        out.push((name, ParamMut::Matrix(p)));
+        if let Weights::Dense(p) = p {
+            out.push((name, ParamMut::Matrix(p)));
+        }
     }
 }
 
@@ -79,8 +82,12 @@ impl Transformer {
                 FeedForward::Moe(m) => {
                     linear(&mut out, format!("{p}router"), &mut m.router);
                     for (c, chunk) in m.chunks.iter_mut().enumerate() {
-                        out.push((format!("{p}experts{c}.gate_up"), ParamMut::Stack(&mut chunk.gate_up_t)));
-                        out.push((format!("{p}experts{c}.down"), ParamMut::Stack(&mut chunk.down_t)));
+                        if let Weights::Dense(t) = &mut chunk.gate_up_t {
+                            out.push((format!("{p}experts{c}.gate_up"), ParamMut::Stack(t)));
+                        }
+                        if let Weights::Dense(t) = &mut chunk.down_t {
+                            out.push((format!("{p}experts{c}.down"), ParamMut::Stack(t)));
+                        }
                     }
                     if let Some(s) = &mut m.shared {
                         mlp(&mut out, &format!("{p}shared."), s);
@@ -147,11 +154,8 @@ async fn read<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
 
 /// A projection back in HF's `[out, in]` row-major layout.
 async fn rows_of(l: &Linear) -> Result<Vec<f32>> {
-    let w = if l.parts.len() == 1 {
-        l.parts[0].clone()
-    } else {
-        Tensor::cat(l.parts.iter().map(super::as_f32).collect(), 1)
-    };
+    let parts: Vec<Tensor<2>> = l.parts.iter().map(|p| p.to_f32(l.kernels)).collect();
+    let w = Tensor::cat(parts, 1);
     let [inp, outp] = w.dims();
     Ok(transpose(&read(w).await?, inp, outp))
 }
@@ -241,8 +245,8 @@ async fn export_moe(m: &Moe, p: &str, out: &mut Vec<(String, Vec<usize>, Vec<f32
         ));
     }
     for chunk in &m.chunks {
-        let gu = read(chunk.gate_up_t.clone()).await?; // [Ec, H, 2I]
-        let down = read(chunk.down_t.clone()).await?; // [Ec, I, H]
+        let gu = read(chunk.gate_up_t.to_f32(m.kernels)).await?; // [Ec, H, 2I]
+        let down = read(chunk.down_t.to_f32(m.kernels)).await?; // [Ec, I, H]
         for k in 0..chunk.count {
             let x = chunk.first + k;
             let ep = format!("{p}mlp.experts.{x}.");

@@ -9,7 +9,7 @@ use super::mlp::Mlp;
 use super::moe::{ExpertChunk, Moe};
 use super::norm::RmsNorm;
 use super::rope::{Rope, deinterleave_rows};
-use super::{Linear, MAX_BINDING_BYTES, WeightDtype, transpose, upload};
+use super::{Linear, MAX_BINDING_BYTES, WeightDtype, Weights, transpose, upload};
 use crate::cache::LatentCache;
 use crate::config::{ModelConfig, TopkMethod};
 use crate::error::{Error, Result};
@@ -409,8 +409,8 @@ fn load_mla(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
         q,
         kv_a,
         kv_a_norm,
-        w_uk: upload(w_uk, [n_h, d_n, r_kv], dtype, device),
-        w_uv_t: upload(w_uv_t, [n_h, r_kv, d_v], dtype, device),
+        w_uk: upload(w_uk, [n_h, d_n, r_kv], device),
+        w_uv_t: upload(w_uv_t, [n_h, r_kv, d_v], device),
         o,
         heads: n_h,
         nope: d_n,
@@ -453,8 +453,9 @@ fn load_moe(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
     } else {
         None
     };
-    // As many experts per chunk as fit one binding (one expert's [H, 2I] is the larger matrix).
-    let per_expert = h * 2 * i * dtype.bytes();
+    // As many experts per chunk as fit one binding, unpacked to f32 as prefill does (one expert's [H, 2I] is
+    // the larger matrix).
+    let per_expert = h * 2 * i * 4;
     let per_chunk = (MAX_BINDING_BYTES / per_expert.max(1)).clamp(1, e);
     let mut chunks = Vec::new();
     for first in (0..e).step_by(per_chunk) {
@@ -469,8 +470,8 @@ fn load_moe(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
         chunks.push(ExpertChunk {
             first,
             count,
-            gate_up_t: upload(gu_t, [count, h, 2 * i], dtype, device),
-            down_t: upload(down_t, [count, i, h], dtype, device),
+            gate_up_t: Weights::new(gu_t, [count, h, 2 * i], dtype, device),
+            down_t: Weights::new(down_t, [count, i, h], dtype, device),
         });
     }
     let shared = if c.n_shared_experts > 0 {

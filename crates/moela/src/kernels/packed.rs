@@ -1,0 +1,273 @@
+//! `shaders/matvec_{f16,q8,q4}.wgsl`: products with packed weights ([`Packed`]), unpacked inside the kernel.
+//!
+//! Each shader has three entry points over one binding list: `matvec` (up to [`MAX_ROWS`] rows of x times
+//! one matrix), `gathered` (MoE decode: each (token, slot) pair times its chosen expert) and `dequant` (the
+//! whole stack as f32, for products with many rows, which burn's matmul then runs).
+
+use std::sync::OnceLock;
+
+use burn::tensor::{DType, Int, Shape, Tensor};
+use burn_cubecl::cubecl::prelude::CubeCount;
+use burn_cubecl::cubecl::server::{KernelArguments, MetadataBindingInfo};
+use burn_cubecl::tensor::CubeTensor;
+
+use super::matvec::MAX_ROWS;
+use super::{WgslKernel, cube_int_tensor, cube_tensor, per_row, uniform};
+use crate::model::WeightDtype;
+use crate::model::packed::{BLOCK, Packed};
+
+const WORKGROUP: u32 = 64;
+
+/// The shader of `format`, for `rows` rows of x (1..=[`MAX_ROWS`]); written once per process.
+fn source(format: WeightDtype, rows: usize) -> &'static str {
+    static VARIANTS: OnceLock<Vec<[String; 3]>> = OnceLock::new();
+    let variants = VARIANTS.get_or_init(|| {
+        let sources = [
+            include_str!("../../../../shaders/matvec_f16.wgsl"),
+            include_str!("../../../../shaders/matvec_q8.wgsl"),
+            include_str!("../../../../shaders/matvec_q4.wgsl"),
+        ];
+        (1..=MAX_ROWS).map(|m| sources.map(|s| per_row(s, m))).collect()
+    });
+    let i = match format {
+        WeightDtype::F16 => 0,
+        WeightDtype::Q8 => 1,
+        _ => 2,
+    };
+    &variants[rows - 1][i]
+}
+
+/// The buffers of a packed weight, or `None` when they are not on a WGSL device.
+struct Buffers {
+    words: CubeTensor,
+    scales: Option<CubeTensor>,
+}
+
+fn buffers(p: &Packed) -> Option<Buffers> {
+    let words = cube_int_tensor(&p.words)?;
+    let scales = match &p.scales {
+        Some(s) => Some(cube_int_tensor(s)?),
+        None => None,
+    };
+    (words.dtype == DType::I32).then_some(Buffers { words, scales })
+}
+
+/// The launch values every entry point reads: `[K or blocks, N/4, first, count, x_div]`.
+fn shape_values(p: &Packed, first: usize, x_div: usize) -> Vec<u64> {
+    let [count, k, n] = p.shape;
+    let k_field = match p.format {
+        WeightDtype::F16 => k,
+        _ => p.padded_k() / BLOCK,
+    };
+    uniform(&[k_field, n / 4, first, count, x_div].map(|v| v as u32))
+}
+
+/// Launches one entry point: bindings x, words, (scales), idx, y, then the shape.
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    p: &Packed,
+    b: &Buffers,
+    entry: &'static str,
+    rows: usize,
+    x: &CubeTensor,
+    idx: &CubeTensor,
+    out_len: usize,
+    count: CubeCount,
+    info: Vec<u64>,
+) -> burn_cubecl::cubecl::server::Handle {
+    let client = x.client.clone();
+    let out = client.empty(out_len * 4);
+    let kernel = WgslKernel {
+        name: p.format.name(),
+        entry,
+        source: source(p.format, rows),
+        variant: rows as u32,
+        workgroup: WORKGROUP,
+    };
+    let mut args = KernelArguments::new()
+        .with_buffer(x.handle.clone().binding())
+        .with_buffer(b.words.handle.clone().binding());
+    if let Some(s) = &b.scales {
+        args = args.with_buffer(s.handle.clone().binding());
+    }
+    let args = args
+        .with_buffer(idx.handle.clone().binding())
+        .with_buffer(out.clone().binding())
+        .with_info(MetadataBindingInfo::custom(info));
+    client.launch(Box::new(kernel), count, args);
+    out
+}
+
+/// `x` with zero columns appended up to the packed K (q8 / q4 store whole blocks of K).
+fn padded_x(x: &Tensor<2>, p: &Packed) -> Tensor<2> {
+    let [rows, k] = x.dims();
+    let kp = p.padded_k();
+    if kp == k {
+        x.clone()
+    } else {
+        Tensor::cat(vec![x.clone(), Tensor::zeros([rows, kp - k], &x.device())], 1)
+    }
+}
+
+fn column_groups(n: usize) -> Option<u32> {
+    u32::try_from((n / 4).div_ceil(WORKGROUP as usize))
+        .ok()
+        .filter(|&g| g <= 65_535)
+}
+
+/// `x` (`[M, K]`, M <= [`MAX_ROWS`]) times the first matrix of `p`; `None` when the kernel does not cover
+/// the call (the caller then unpacks and uses burn's matmul).
+pub fn matvec(x: &Tensor<2>, p: &Packed) -> Option<Tensor<2>> {
+    let [m, k] = x.dims();
+    let [_, pk, n] = p.shape;
+    if m == 0 || m > MAX_ROWS || k != pk || x.dtype() != DType::F32 {
+        return None;
+    }
+    let groups = column_groups(n)?;
+    let b = buffers(p)?;
+    let zero = cube_int_tensor(&p.zero)?;
+    let xt = cube_tensor(&padded_x(x, p))?;
+    let info = shape_values(p, 0, 1);
+    let out = launch(
+        p,
+        &b,
+        "matvec",
+        m,
+        &xt,
+        &zero,
+        m * n,
+        CubeCount::Static(groups, 1, 1),
+        info,
+    );
+    let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([m, n]), out, DType::F32);
+    Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
+}
+
+/// For each pair `q` of `idx` (`[P]`, expert ids), `x[q / x_div] @ p[idx[q] - first]`, zeros for experts
+/// outside `first..first + count`: `[P, N]`, or `None` when the kernel does not cover the call.
+pub fn gathered(x: &Tensor<2>, p: &Packed, idx: &Tensor<1, Int>, first: usize, x_div: usize) -> Option<Tensor<2>> {
+    let [rows, k] = x.dims();
+    let [_, pk, n] = p.shape;
+    let [pairs] = idx.dims();
+    if pairs == 0 || pairs > 65_535 || x_div == 0 || pairs.div_ceil(x_div) > rows || k != pk {
+        return None;
+    }
+    if x.dtype() != DType::F32 {
+        return None;
+    }
+    let groups = column_groups(n)?;
+    let b = buffers(p)?;
+    let idx = cube_int_tensor(idx).filter(|t| t.dtype == DType::I32)?;
+    let xt = cube_tensor(&padded_x(x, p))?;
+    let info = shape_values(p, first, x_div);
+    let count = CubeCount::Static(groups, pairs as u32, 1);
+    let out = launch(p, &b, "gathered", 1, &xt, &idx, pairs * n, count, info);
+    let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([pairs, n]), out, DType::F32);
+    Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
+}
+
+/// The whole stack unpacked to f32 `[count, K, N]` in one launch, or `None` when the kernel does not cover it.
+pub fn dequantise(p: &Packed) -> Option<Tensor<3>> {
+    let [count, k, n] = p.shape;
+    let kp = p.padded_k();
+    let rows = match p.format {
+        WeightDtype::F16 => kp,
+        WeightDtype::Q8 => kp / 4,
+        _ => kp / 8,
+    };
+    let groups = column_groups(n)?;
+    if rows > 65_535 || count > 65_535 {
+        return None;
+    }
+    let b = buffers(p)?;
+    let zero = cube_int_tensor(&p.zero)?;
+    // A bound placeholder for x (the entry point does not read it).
+    let x = cube_tensor(&Tensor::<1>::zeros([4], &p.words.device()))?;
+    let info = shape_values(p, 0, 1);
+    let grid = CubeCount::Static(groups, rows as u32, count as u32);
+    let out = launch(p, &b, "dequant", 1, &x, &zero, count * kp * n, grid, info);
+    let w = CubeTensor::new_contiguous(x.client, x.device, Shape::new([count, kp, n]), out, DType::F32);
+    let w = Tensor::<3>::from_primitive::<burn_cubecl::Cube>(w);
+    Some(if kp == k { w } else { w.narrow(1, 0, k) })
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Distribution, TensorData};
+
+    use super::*;
+
+    const FORMATS: [WeightDtype; 3] = [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4];
+
+    fn values(t: Tensor<2>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    fn worst(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
+            .fold(0f32, f32::max)
+    }
+
+    fn host(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i + seed) * 7919 % 2003) as f32 - 1001.0) * 1e-3)
+            .collect()
+    }
+
+    #[test]
+    fn kernels_match_unpacking_with_burn_on_awkward_sizes() {
+        let Ok(device) = crate::engine::default_device() else {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        };
+        for format in FORMATS {
+            // K not a multiple of 32 (q8 / q4 pad x), N a multiple of 4 only.
+            for (m, k, n) in [(1, 77, 148), (3, 96, 4), (8, 45, 52), (5, 200, 12)] {
+                let p = Packed::new(&host(k * n, m), [1, k, n], format, &device);
+                let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+                let reference = x.clone().matmul(p.dequantise().reshape([k, n]));
+                let fast = matvec(&x, &p).expect("the kernel covers this shape");
+                let w = worst(&values(fast), &values(reference));
+                assert!(w < 1e-4, "{format:?} matvec {m}x{k}x{n}: worst difference {w}");
+                let unpacked = dequantise(&p).expect("the kernel covers this stack");
+                let w = worst(
+                    &values(unpacked.reshape([k, n])),
+                    &values(p.dequantise().reshape([k, n])),
+                );
+                assert_eq!(w, 0.0, "{format:?} dequant {k}x{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn gathered_products_match_the_chosen_experts() {
+        let Ok(device) = crate::engine::default_device() else {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        };
+        // 3 tokens, top-2 of experts 5..12 held in this chunk (ids outside it give zeros).
+        let (t, top, k, n, first, count) = (3, 2, 70, 20, 5, 7);
+        let ids = vec![5i32, 11, 7, 2, 11, 9];
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [t * top]), &device);
+        for format in FORMATS {
+            let p = Packed::new(&host(count * k * n, 3), [count, k, n], format, &device);
+            let dense = p.dequantise();
+            let x = Tensor::<2>::random([t, k], Distribution::Normal(0.0, 1.0), &device);
+            let fast = values(gathered(&x, &p, &idx, first, top).expect("the kernel covers this call"));
+            for (q, &e) in ids.iter().enumerate() {
+                let e = e as usize;
+                let want = if (first..first + count).contains(&e) {
+                    let we = dense.clone().narrow(0, e - first, 1).reshape([k, n]);
+                    values(x.clone().narrow(0, q / top, 1).matmul(we))
+                } else {
+                    vec![0.0; n]
+                };
+                let w = worst(&fast[q * n..(q + 1) * n], &want);
+                assert!(w < 1e-4, "{format:?} pair {q} (expert {e}): worst difference {w}");
+            }
+        }
+    }
+}

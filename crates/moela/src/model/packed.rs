@@ -1,0 +1,312 @@
+//! Weights stored packed in 32-bit words: f16 pairs, or 8-bit / 4-bit block quantisation with an f16 scale
+//! per block of 32 weights. They are unpacked inside moela's matrix-vector kernels (`shaders/matvec_*.wgsl`),
+//! so a decode step reads 2, 1.06 or 0.56 bytes per weight instead of 4, on any adapter: the words are plain
+//! `u32`s, so no shader-f16 or integer-dot extension is needed (this runs on lavapipe and SwiftShader).
+//!
+//! Layout of one `[K, N]` matrix (inputs by outputs, the engine's layout); a stack of `count` matrices
+//! (experts) puts them one after the other:
+//! - f16: word `(k, j)` holds columns `2j` (low half) and `2j + 1` (high half) of row `k`: `[K, N/2]` words;
+//! - q8: blocks of 32 consecutive `k` per column. Word `(g, n)` holds rows `4g..4g+4` of column `n`, one
+//!   signed byte each (row `4g + i` in byte `i`): `[Kp/4, N]` words;
+//! - q4: word `(g, n)` holds rows `8g..8g+8` of column `n`, one nibble each (row `8g + i` in bits
+//!   `4i..4i+4`), stored as `q + 8` for `q` in -7..=7: `[Kp/8, N]` words;
+//! - q8 / q4 scales: one f16 per (block, column), pairs of columns per word: `[Kp/32, N/2]` words.
+//!
+//! `Kp` is K rounded up to a whole block; the padding rows are zero. A weight is `q * scale` with
+//! `scale = max |w| / 127` (q8) or `/ 7` (q4) over its block, rounded to nearest (no zero point: DeepSeek's
+//! weights are centred). N must be a multiple of 4 (four adjacent columns make one vec4 in the kernels);
+//! [`Packed::supports`] says whether a shape can be packed, and the loader keeps other weights in f32.
+//!
+//! [`Packed::dequantise`] unpacks with burn's integer ops: the reference the kernels are tested against, and
+//! the path of the CPU device and of `--kernels generic`.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use half::f16;
+
+use super::WeightDtype;
+
+/// Weights per quantisation block (q8, q4).
+pub const BLOCK: usize = 32;
+
+/// A matrix, or a stack of matrices, stored packed.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    /// F16, Q8 or Q4.
+    pub format: WeightDtype,
+    /// `[count, K, N]`: matrices, inputs, outputs.
+    pub shape: [usize; 3],
+    /// The packed words (u32 bit patterns held in an int tensor), flat.
+    pub words: Tensor<1, Int>,
+    /// Block scales (q8, q4): f16 pairs per word, flat.
+    pub scales: Option<Tensor<1, Int>>,
+    /// A one-element zero index, bound by the matrix-vector kernel to choose the first matrix of the stack.
+    pub zero: Tensor<1, Int>,
+}
+
+impl Packed {
+    /// Whether `format` can pack a matrix with `n` outputs (columns).
+    pub fn supports(format: WeightDtype, n: usize) -> bool {
+        format.is_packed() && n.is_multiple_of(4) && n > 0
+    }
+
+    /// Packs `count` row-major `[K, N]` f32 matrices, laid out one after the other in `data`.
+    ///
+    /// # Panics
+    /// When the format is not a packed one or the shape is not [supported](Self::supports): the loader checks.
+    pub fn new(data: &[f32], shape: [usize; 3], format: WeightDtype, device: &Device) -> Self {
+        let [count, k, n] = shape;
+        assert!(Self::supports(format, n), "{format:?} cannot pack {k}x{n}");
+        assert_eq!(data.len(), count * k * n, "packed data length");
+        let mut words = Vec::with_capacity(count * words_per_matrix(format, k, n));
+        let mut scales = Vec::new();
+        for m in data.chunks(k * n) {
+            match format {
+                WeightDtype::F16 => pack_f16(m, &mut words),
+                WeightDtype::Q8 | WeightDtype::Q4 => pack_blocks(m, k, n, format, &mut words, &mut scales),
+                WeightDtype::F32 => unreachable!("checked by supports"),
+            }
+        }
+        let int = |v: Vec<u32>| {
+            let len = v.len();
+            let v: Vec<i32> = v.into_iter().map(|w| w as i32).collect();
+            Tensor::<1, Int>::from_data(TensorData::new(v, [len]), device)
+        };
+        Self {
+            format,
+            shape,
+            words: int(words),
+            scales: (format != WeightDtype::F16).then(|| int(scales)),
+            zero: Tensor::zeros([1], device),
+        }
+    }
+
+    /// K rounded up to what the format stores (whole blocks for q8 / q4).
+    pub fn padded_k(&self) -> usize {
+        padded_k(self.format, self.shape[1])
+    }
+
+    /// Bytes the packed words and scales take.
+    pub fn bytes(&self) -> usize {
+        let [count, k, n] = self.shape;
+        let scales = match self.format {
+            WeightDtype::Q8 | WeightDtype::Q4 => padded_k(self.format, k) / BLOCK * n * 2,
+            _ => 0,
+        };
+        count * (words_per_matrix(self.format, k, n) * 4 + scales)
+    }
+
+    /// The weights as f32 `[count, K, N]`, unpacked with burn's integer and float ops.
+    pub fn dequantise(&self) -> Tensor<3> {
+        let [count, k, n] = self.shape;
+        let kp = self.padded_k();
+        let words = self.words.clone();
+        let full = match self.format {
+            WeightDtype::F16 => {
+                let halves = split_bits(words.reshape([count, k, n / 2]), 16, 2); // [count, K, N/2, 2]
+                return f16_bits_to_f32(halves.reshape([count * k * n])).reshape([count, k, n]);
+            }
+            WeightDtype::Q8 => {
+                let bytes = split_bits(words.reshape([count, kp / 4, n]), 8, 4); // [count, Kp/4, N, 4]
+                // Sign-extend the bytes.
+                let signed = bytes.clone() - bytes.greater_equal_elem(128).int().mul_scalar(256);
+                signed.swap_dims(2, 3).reshape([count, kp, n]).float()
+            }
+            WeightDtype::Q4 => {
+                let nibbles = split_bits(words.reshape([count, kp / 8, n]), 4, 8); // [count, Kp/8, N, 8]
+                nibbles.sub_scalar(8).swap_dims(2, 3).reshape([count, kp, n]).float()
+            }
+            WeightDtype::F32 => unreachable!("packed weights are never f32"),
+        };
+        let scales = self.scales.clone().expect("q8 / q4 weights have scales");
+        let blocks = kp / BLOCK;
+        let scales = split_bits(scales.reshape([count, blocks, n / 2]), 16, 2).reshape([count * blocks * n]);
+        let scales = f16_bits_to_f32(scales)
+            .reshape([count, blocks, 1, n])
+            .expand([count, blocks, BLOCK, n])
+            .reshape([count, kp, n]);
+        let w = full * scales;
+        if kp == k { w } else { w.narrow(1, 0, k) }
+    }
+}
+
+/// K rounded up to a whole block for the block formats.
+pub fn padded_k(format: WeightDtype, k: usize) -> usize {
+    match format {
+        WeightDtype::Q8 | WeightDtype::Q4 => k.div_ceil(BLOCK) * BLOCK,
+        _ => k,
+    }
+}
+
+/// Words of one packed `[K, N]` matrix (without scales).
+fn words_per_matrix(format: WeightDtype, k: usize, n: usize) -> usize {
+    match format {
+        WeightDtype::F16 => k * n / 2,
+        WeightDtype::Q8 => padded_k(format, k) / 4 * n,
+        WeightDtype::Q4 => padded_k(format, k) / 8 * n,
+        WeightDtype::F32 => k * n,
+    }
+}
+
+fn pack_f16(m: &[f32], words: &mut Vec<u32>) {
+    words.extend(
+        m.chunks_exact(2)
+            .map(|p| u32::from(f16::from_f32(p[0]).to_bits()) | (u32::from(f16::from_f32(p[1]).to_bits()) << 16)),
+    );
+}
+
+/// Quantises one `[K, N]` matrix in blocks of 32 rows per column.
+fn pack_blocks(m: &[f32], k: usize, n: usize, format: WeightDtype, words: &mut Vec<u32>, scales: &mut Vec<u32>) {
+    let (bits, qmax) = if format == WeightDtype::Q8 {
+        (8, 127.0)
+    } else {
+        (4, 7.0)
+    };
+    let per_word = 32 / bits;
+    let kp = padded_k(format, k);
+    let at = |row: usize, col: usize| if row < k { m[row * n + col] } else { 0.0 };
+    // Scales first: [Kp/32, N], then the codes, word-major over (row group, column).
+    let mut block_scale = vec![0f32; kp / BLOCK * n];
+    for b in 0..kp / BLOCK {
+        for col in 0..n {
+            let amax = (b * BLOCK..(b + 1) * BLOCK)
+                .map(|r| at(r, col).abs())
+                .fold(0f32, f32::max);
+            // Rounded through f16 so the codes are computed with the scale the kernels will use.
+            block_scale[b * n + col] = f16::from_f32(amax / qmax).to_f32();
+        }
+    }
+    for g in 0..kp / per_word {
+        for col in 0..n {
+            let s = block_scale[g * per_word / BLOCK * n + col];
+            let mut word = 0u32;
+            for i in 0..per_word {
+                let q = if s > 0.0 {
+                    (at(g * per_word + i, col) / s).round().clamp(-qmax, qmax) as i32
+                } else {
+                    0
+                };
+                let code = if bits == 8 { (q as u32) & 0xff } else { (q + 8) as u32 };
+                word |= code << (bits * i);
+            }
+            words.push(word);
+        }
+    }
+    scales.extend(
+        block_scale
+            .chunks_exact(2)
+            .map(|p| u32::from(f16::from_f32(p[0]).to_bits()) | (u32::from(f16::from_f32(p[1]).to_bits()) << 16)),
+    );
+}
+
+/// Splits each word of `t` (`[a, b, c]`) into `parts` fields of `bits` bits, lowest first: `[a, b, c, parts]`.
+fn split_bits(t: Tensor<3, Int>, bits: u32, parts: usize) -> Tensor<4, Int> {
+    let mask = (1i64 << bits) - 1;
+    let fields = (0..parts)
+        .map(|i| {
+            t.clone()
+                .bitwise_right_shift_scalar(i as i64 * i64::from(bits))
+                .bitwise_and_scalar(mask)
+        })
+        .collect();
+    Tensor::stack(fields, 3)
+}
+
+/// f16 bit patterns (0..=65535) to their f32 values, exactly (normals, subnormals, zeros).
+fn f16_bits_to_f32(h: Tensor<1, Int>) -> Tensor<1> {
+    let device = h.device();
+    let [len] = h.dims();
+    let sign = h.clone().bitwise_right_shift_scalar(15);
+    let exp = h.clone().bitwise_right_shift_scalar(10).bitwise_and_scalar(31);
+    let mant = h.bitwise_and_scalar(1023);
+    // value = (mant + 1024 * (exp > 0)) * 2^(max(exp, 1) - 25), from a table of exact powers of two.
+    let powers: Vec<f32> = (0..32).map(|e: i32| 2f32.powi(e.max(1) - 25)).collect();
+    let powers = Tensor::<1>::from_data(TensorData::new(powers, [32]), &device).select(0, exp.clone());
+    let significand = mant + exp.greater_elem(0).int().mul_scalar(1024);
+    let magnitude = significand.float() * powers;
+    let signs = sign.float().mul_scalar(-2.0).add_scalar(1.0);
+    (magnitude * signs).reshape([len])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU device where the crate has it (the workspace build), else the GPU.
+    fn cpu() -> Device {
+        #[cfg(feature = "cpu")]
+        return crate::engine::cpu_device();
+        #[cfg(not(feature = "cpu"))]
+        return crate::engine::default_device().expect("a device for the unpacking tests");
+    }
+
+    fn sample(len: usize) -> Vec<f32> {
+        // Mixed magnitudes, signs and exact zeros (a zero block must not divide by zero).
+        (0..len)
+            .map(|i| {
+                if i % 97 < 32 && i > 400 {
+                    0.0
+                } else {
+                    ((i * 7919 % 2003) as f32 - 1001.0) * 1e-3 * (1.0 + (i % 5) as f32)
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unpacking_recovers_the_weights_within_the_format_precision() {
+        let device = cpu();
+        // K not a multiple of 32 (padded blocks), two matrices in the stack.
+        let (count, k, n) = (2, 45, 12);
+        let data = sample(count * k * n);
+        for (format, tolerance) in [
+            (WeightDtype::F16, 1e-3),
+            (WeightDtype::Q8, 1.0 / 127.0),
+            (WeightDtype::Q4, 1.0 / 7.0),
+        ] {
+            let p = Packed::new(&data, [count, k, n], format, &device);
+            let got = p.dequantise().into_data().try_to_vec::<f32>().unwrap();
+            assert_eq!(got.len(), data.len());
+            for (m, (a, b)) in got.chunks(k * n).zip(data.chunks(k * n)).enumerate() {
+                for col in 0..n {
+                    for blk in (0..k).step_by(BLOCK) {
+                        let rows = blk..(blk + BLOCK).min(k);
+                        let amax = rows.clone().map(|r| b[r * n + col].abs()).fold(0f32, f32::max);
+                        for r in rows {
+                            let err = (a[r * n + col] - b[r * n + col]).abs();
+                            assert!(
+                                err <= tolerance * amax.max(1e-3) * 0.51 + 1e-6,
+                                "{format:?} matrix {m} row {r} col {col}: {} vs {}",
+                                a[r * n + col],
+                                b[r * n + col]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_bits_decode_exactly() {
+        let device = cpu();
+        let values = [0.0f32, -0.0, 1.0, -2.5, 65504.0, 6.1e-5, 5.96e-8, -3.0e-6, 0.333];
+        let bits: Vec<i32> = values.iter().map(|&v| i32::from(f16::from_f32(v).to_bits())).collect();
+        let got = f16_bits_to_f32(Tensor::from_data(TensorData::new(bits, [values.len()]), &device));
+        let got = got.into_data().try_to_vec::<f32>().unwrap();
+        for (g, v) in got.iter().zip(values) {
+            assert_eq!(*g, f16::from_f32(v).to_f32(), "{v}");
+        }
+    }
+
+    #[test]
+    fn sizes_follow_the_format() {
+        let device = cpu();
+        let data = vec![0.5f32; 64 * 8];
+        let bytes = |f| Packed::new(&data, [1, 64, 8], f, &device).bytes();
+        assert_eq!(bytes(WeightDtype::F16), 64 * 8 * 2);
+        assert_eq!(bytes(WeightDtype::Q8), 64 * 8 + 2 * 8 * 2);
+        assert_eq!(bytes(WeightDtype::Q4), 64 * 8 / 2 + 2 * 8 * 2);
+        assert!(!Packed::supports(WeightDtype::Q8, 10));
+        assert!(!Packed::supports(WeightDtype::F32, 8));
+    }
+}

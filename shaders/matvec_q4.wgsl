@@ -1,0 +1,127 @@
+// Products with 4-bit block-quantised weights (model/packed.rs has the layout): w[k, n] = (code - 8) * scale,
+// code a nibble, one f16 scale per block of 32 consecutive k of a column. Same entry points, bindings and
+// work split as matvec_q8.wgsl; here one word holds eight rows of a column, so a word group is 8 k and
+// takes two vec4 of x.
+//
+// Bindings: x [rows, Kp/4] vec4, w [count, Kp/8, N/4] vec4<u32>, s [count, Kp/32, N/4] vec2<u32> (f16 x4),
+// idx [P] i32, y, then the shape.
+
+@group(0) @binding(0) var<storage, read_write> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> w: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read_write> s: array<vec2<u32>>;
+@group(0) @binding(3) var<storage, read_write> idx: array<i32>;
+@group(0) @binding(4) var<storage, read_write> y: array<vec4<f32>>;
+
+struct Shape {
+    blocks: u32,  // Kp / 32
+    n4: u32,      // N / 4
+    first: u32,   // first expert of the chunk (gathered)
+    count: u32,   // matrices in the stack
+    x_div: u32,   // pairs per row of x (gathered)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+@group(0) @binding(5) var<uniform> shape: Shape;
+
+const GROUPS: u32 = 4u; // word groups (of 8 k) per block
+
+// Column i of the result: nibbles `first`..`first + 4` of word i (four rows of column 4c+i), centred.
+fn unpack(words: vec4<u32>, first: u32) -> mat4x4<f32> {
+    let shift = vec4<u32>(0u, 4u, 8u, 12u) + vec4<u32>(first * 4u);
+    let mask = vec4<u32>(15u);
+    return mat4x4<f32>(
+        vec4<f32>((vec4<u32>(words.x) >> shift) & mask) - 8.0,
+        vec4<f32>((vec4<u32>(words.y) >> shift) & mask) - 8.0,
+        vec4<f32>((vec4<u32>(words.z) >> shift) & mask) - 8.0,
+        vec4<f32>((vec4<u32>(words.w) >> shift) & mask) - 8.0,
+    );
+}
+
+fn scale(v: vec2<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y));
+}
+
+@compute @workgroup_size(64)
+fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    let n4 = shape.n4;
+    if (c >= n4) {
+        return;
+    }
+    let blocks = shape.blocks;
+    let k8 = blocks * GROUPS;
+    let e = u32(idx[0]);
+    let wbase = e * k8 * n4 + c;
+    let sbase = e * blocks * n4 + c;
+    var acc{{R}} = vec4<f32>(0.0);
+    for (var b = 0u; b < blocks; b++) {
+        var part{{R}} = vec4<f32>(0.0);
+        for (var j = 0u; j < GROUPS; j++) {
+            let g = b * GROUPS + j;
+            let words = w[wbase + g * n4];
+            let lo = unpack(words, 0u);
+            let hi = unpack(words, 4u);
+            part{{R}} += x[{{R}}u * k8 * 2u + 2u * g] * lo + x[{{R}}u * k8 * 2u + 2u * g + 1u] * hi;
+        }
+        let sc = scale(s[sbase + b * n4]);
+        acc{{R}} = fma(part{{R}}, sc, acc{{R}});
+    }
+    y[{{R}}u * n4 + c] = acc{{R}};
+}
+
+@compute @workgroup_size(64)
+fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    let p = gid.y;
+    let n4 = shape.n4;
+    if (c >= n4) {
+        return;
+    }
+    let blocks = shape.blocks;
+    let k8 = blocks * GROUPS;
+    let e = idx[p] - i32(shape.first);
+    var acc = vec4<f32>(0.0);
+    if (e >= 0 && u32(e) < shape.count) {
+        let wbase = u32(e) * k8 * n4 + c;
+        let sbase = u32(e) * blocks * n4 + c;
+        let row = (p / shape.x_div) * k8 * 2u;
+        for (var b = 0u; b < blocks; b++) {
+            var part = vec4<f32>(0.0);
+            for (var j = 0u; j < GROUPS; j++) {
+                let g = b * GROUPS + j;
+                let words = w[wbase + g * n4];
+                part += x[row + 2u * g] * unpack(words, 0u) + x[row + 2u * g + 1u] * unpack(words, 4u);
+            }
+            acc = fma(part, scale(s[sbase + b * n4]), acc);
+        }
+    }
+    y[p * n4 + c] = acc;
+}
+
+@compute @workgroup_size(64)
+fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {
+    // x and idx are unused here but bound (the binding list is shared): touch them so they stay in the layout.
+    _ = x[0];
+    _ = idx[0];
+    let c = gid.x;
+    let g = gid.y;
+    let e = gid.z;
+    let n4 = shape.n4;
+    let k8 = shape.blocks * GROUPS;
+    if (c >= n4 || g >= k8) {
+        return;
+    }
+    let words = w[(e * k8 + g) * n4 + c];
+    let sc = scale(s[(e * shape.blocks + g / GROUPS) * n4 + c]);
+    let out = (e * k8 + g) * 8u * n4 + c;
+    for (var half = 0u; half < 2u; half++) {
+        // Row i of the transpose: the four columns at k = 8g + 4 half + i.
+        let rows = transpose(unpack(words, half * 4u));
+        let o = out + half * 4u * n4;
+        y[o] = rows[0] * sc;
+        y[o + n4] = rows[1] * sc;
+        y[o + 2u * n4] = rows[2] * sc;
+        y[o + 3u * n4] = rows[3] * sc;
+    }
+}

@@ -1,0 +1,130 @@
+// Products with 8-bit block-quantised weights (model/packed.rs has the layout): w[k, n] = q * scale, q a
+// signed byte, one f16 scale per block of 32 consecutive k of a column. Unpacked in registers, accumulated
+// in f32; the words are plain u32, so no shader-f16 or integer-dot extension is needed.
+//
+// Three entry points over one binding list:
+// - matvec: y[m] = x[m] @ w[idx[0]] for the M (1..=8) rows of x; lines holding {{R}} are repeated per row
+//   by the launcher (one accumulator variable per row keeps them in registers);
+// - gathered: for each (token, slot) pair p, y[p] = x[p / x_div] @ w[idx[p] - first], zeros when the expert
+//   is outside this chunk (MoE decode: only the chosen experts' weights are read);
+// - dequant: y = w as f32 [count, Kp, N], for products with many rows (prefill), which burn's matmul runs.
+//
+// Each invocation owns four adjacent columns c (one vec4<u32> of words: four rows of each column) and walks
+// K a block at a time: xv (four x values) times the 4x4 matrix of one word group gives the four columns'
+// partial sums, and each block's sums are scaled once.
+//
+// Bindings: x [rows, Kp/4] vec4, w [count, Kp/4, N/4] vec4<u32>, s [count, Kp/32, N/4] vec2<u32> (f16 x4),
+// idx [P] i32, y, then the shape.
+
+@group(0) @binding(0) var<storage, read_write> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> w: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read_write> s: array<vec2<u32>>;
+@group(0) @binding(3) var<storage, read_write> idx: array<i32>;
+@group(0) @binding(4) var<storage, read_write> y: array<vec4<f32>>;
+
+struct Shape {
+    blocks: u32,  // Kp / 32
+    n4: u32,      // N / 4
+    first: u32,   // first expert of the chunk (gathered)
+    count: u32,   // matrices in the stack
+    x_div: u32,   // pairs per row of x (gathered)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+@group(0) @binding(5) var<uniform> shape: Shape;
+
+const GROUPS: u32 = 8u; // word groups (of 4 k) per block
+
+// Column i of the result: the four signed bytes of word i (rows 4g..4g+4 of column 4c+i).
+fn unpack(words: vec4<u32>) -> mat4x4<f32> {
+    let up = vec4<u32>(24u, 16u, 8u, 0u);
+    let down = vec4<u32>(24u);
+    return mat4x4<f32>(
+        vec4<f32>((vec4<i32>(bitcast<i32>(words.x)) << up) >> down),
+        vec4<f32>((vec4<i32>(bitcast<i32>(words.y)) << up) >> down),
+        vec4<f32>((vec4<i32>(bitcast<i32>(words.z)) << up) >> down),
+        vec4<f32>((vec4<i32>(bitcast<i32>(words.w)) << up) >> down),
+    );
+}
+
+fn scale(v: vec2<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y));
+}
+
+@compute @workgroup_size(64)
+fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    let n4 = shape.n4;
+    if (c >= n4) {
+        return;
+    }
+    let blocks = shape.blocks;
+    let k4 = blocks * GROUPS;
+    let e = u32(idx[0]);
+    let wbase = e * k4 * n4 + c;
+    let sbase = e * blocks * n4 + c;
+    var acc{{R}} = vec4<f32>(0.0);
+    for (var b = 0u; b < blocks; b++) {
+        var part{{R}} = vec4<f32>(0.0);
+        for (var j = 0u; j < GROUPS; j++) {
+            let g = b * GROUPS + j;
+            let q = unpack(w[wbase + g * n4]);
+            part{{R}} += x[{{R}}u * k4 + g] * q;
+        }
+        let sc = scale(s[sbase + b * n4]);
+        acc{{R}} = fma(part{{R}}, sc, acc{{R}});
+    }
+    y[{{R}}u * n4 + c] = acc{{R}};
+}
+
+@compute @workgroup_size(64)
+fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    let p = gid.y;
+    let n4 = shape.n4;
+    if (c >= n4) {
+        return;
+    }
+    let blocks = shape.blocks;
+    let k4 = blocks * GROUPS;
+    let e = idx[p] - i32(shape.first);
+    var acc = vec4<f32>(0.0);
+    if (e >= 0 && u32(e) < shape.count) {
+        let wbase = u32(e) * k4 * n4 + c;
+        let sbase = u32(e) * blocks * n4 + c;
+        let row = (p / shape.x_div) * k4;
+        for (var b = 0u; b < blocks; b++) {
+            var part = vec4<f32>(0.0);
+            for (var j = 0u; j < GROUPS; j++) {
+                let g = b * GROUPS + j;
+                part += x[row + g] * unpack(w[wbase + g * n4]);
+            }
+            acc = fma(part, scale(s[sbase + b * n4]), acc);
+        }
+    }
+    y[p * n4 + c] = acc;
+}
+
+@compute @workgroup_size(64)
+fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {
+    // x and idx are unused here but bound (the binding list is shared): touch them so they stay in the layout.
+    _ = x[0];
+    _ = idx[0];
+    let c = gid.x;
+    let g = gid.y;
+    let e = gid.z;
+    let n4 = shape.n4;
+    let k4 = shape.blocks * GROUPS;
+    if (c >= n4 || g >= k4) {
+        return;
+    }
+    // Row i of the transpose: the four columns at k = 4g + i.
+    let rows = transpose(unpack(w[(e * k4 + g) * n4 + c]));
+    let sc = scale(s[(e * shape.blocks + g / GROUPS) * n4 + c]);
+    let out = (e * k4 + g) * 4u * n4 + c;
+    y[out] = rows[0] * sc;
+    y[out + n4] = rows[1] * sc;
+    y[out + 2u * n4] = rows[2] * sc;
+    y[out + 3u * n4] = rows[3] * sc;
+}
