@@ -16,7 +16,7 @@ export interface AdapterSummary {
   vendor: string;
   architecture: string;
   description: string;
-  /** Whether `weights: "f16"` can be used. */
+  /** Whether the adapter has shader-f16 (moela's f16 weights do not need it). */
   shaderF16: boolean;
   maxBufferSize: number;
   maxStorageBufferBindingSize: number;
@@ -41,8 +41,11 @@ export interface LoadOptions {
   model?: string | URL;
   /** The folder's files instead, e.g. from `<input type="file" webkitdirectory>`. */
   files?: FileList | File[];
-  /** Weight dtype on the GPU; "f16" needs the adapter's shader-f16. Default "f32". */
-  weights?: 'f32' | 'f16';
+  /**
+   * How projection and expert weights are stored on the GPU: "f32" (default), "f16" (packed pairs), "q8" or
+   * "q4" (8- or 4-bit codes with an f16 scale per block of 32). All run on any WebGPU adapter.
+   */
+  weights?: WeightFormat;
   /** Tokens the chat session holds; 0 (default) is min(max_position_embeddings, 4096). */
   maxContext?: number;
   onProgress?: (progress: LoadProgress) => void;
@@ -52,9 +55,12 @@ export interface LoadOptions {
   signal?: AbortSignal;
 }
 
+/** Storage of projection and expert weights on the GPU. */
+export type WeightFormat = 'f32' | 'f16' | 'q8' | 'q4';
+
 export interface PresetOptions {
   seed?: number;
-  weights?: 'f32' | 'f16';
+  weights?: WeightFormat;
   maxContext?: number;
 }
 
@@ -77,8 +83,10 @@ export interface ModelInfo {
   kv_lora_rank: number;
   rope_scaling: string;
   max_position_embeddings: number;
-  weight_dtype: string;
+  weight_dtype: WeightFormat;
   gpu_weight_bytes: number;
+  /** Bytes of weights one decoded token reads, in the stored format. */
+  active_weight_bytes_per_token: number;
   cache: {
     /** layers x (kv_lora_rank + qk_rope_head_dim). */
     values_per_token: number;
@@ -109,7 +117,7 @@ export interface BenchReport {
   gen_tokens: number;
   prefill_tokens_per_second: number;
   decode_tokens_per_second: number;
-  weight_dtype: string;
+  weight_dtype: WeightFormat;
   active_weights_per_token: number;
   bytes_per_token: number;
   achieved_bandwidth_gbs: number;

@@ -688,7 +688,6 @@ async function start() {
     const adapter = await checkWebGPU();
     const gpu = [adapter.vendor, adapter.architecture, adapter.description].filter(Boolean).join(' ');
     setStatus(`WebGPU ready${gpu ? ` (${gpu})` : ''} · no model loaded`);
-    if (!adapter.shaderF16) $('weights').querySelector('option[value="f16"]').disabled = true;
   } catch (e) {
     state.noWebGPU = true;
     showBanner('WebGPU is not available', e.message, 'error');

@@ -1,7 +1,7 @@
 // Browser benchmark (a script, not a test): loads a random-weight preset in Chromium on WebGPU and prints
 // engine.bench() as JSON, with the adapter and the model's facts.
 //
-//   node web/tests/bench.mjs [--preset v3-mini|v2-lite-mini] [--prompt-tokens N] [--gen-tokens N] [--weights f32|f16]
+//   node web/tests/bench.mjs [--preset v3-mini|v2-lite-mini] [--prompt-tokens N] [--gen-tokens N] [--weights f32|f16|q8|q4]
 //
 // Chromium runs WebGPU on SwiftShader (the CPU) unless CHROMIUM_ARGS replaces the flags, e.g. on a machine
 // with a GPU: CHROMIUM_ARGS="--enable-unsafe-webgpu --enable-features=Vulkan --headless=new --no-sandbox".

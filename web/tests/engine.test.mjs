@@ -112,6 +112,22 @@ test('Engine.load() without a model loads the shipped model, and its logits matc
     assert.equal(argmax(row), argmax(ref.logits[i]), `position ${i}: argmax`);
   }
   await unload('shipped');
+
+  // Packed weights run their own kernels (Tint must accept them): f16 stays within the transformers
+  // tolerance, q8 within 5e-2 of f32, q4 is bounded.
+  for (const [weights, bound, against] of [['f16', 1e-2, ref.logits], ['q8', 5e-2, rows], ['q4', 0.5, rows]]) {
+    const packed = await page.evaluate(async ({ weights, tokens }) => {
+      const engine = await window.moela.Engine.load({ cache: false, weights });
+      const info = engine.info();
+      const rows = (await engine.logits(tokens)).map((r) => Array.from(r));
+      await engine.unload();
+      return { rows, dtype: info.weight_dtype };
+    }, { weights, tokens: ref.tokens });
+    assert.equal(packed.dtype, weights);
+    const worst = Math.max(...packed.rows.map((row, i) => relL2(row, against[i])));
+    console.log(`shipped model, ${weights} weights: worst relative L2 ${worst.toExponential(2)}`);
+    assert.ok(worst <= bound, `${weights}: worst relative L2 ${worst.toExponential(3)} > ${bound}`);
+  }
 });
 
 test('greedy generation in a worker gives the native binary\'s text', { timeout: 300_000 }, async () => {

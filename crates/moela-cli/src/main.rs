@@ -183,6 +183,9 @@ struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Also time each kernel of the counted decode step (run one at a time) and list where it goes.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Args)]
@@ -509,7 +512,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         }
         None => (load(&a.model)?, model_dir(&a.model).display().to_string()),
     };
-    let report = pollster::block_on(bench(&engine, a.prompt_tokens, a.gen_tokens, a.seed))?;
+    let report = pollster::block_on(bench(&engine, a.prompt_tokens, a.gen_tokens, a.seed, a.profile))?;
     let info = engine.info();
     if a.json {
         let out = serde_json::json!({
@@ -547,6 +550,23 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             report.matvec_weights_per_second / 1e6,
             100.0 * report.roofline.kernel
         );
+        println!("dispatches       {} per decoded token", report.dispatches_per_token);
+        if let Some(m) = report.gpu_memory {
+            println!(
+                "GPU memory       {:.1} MiB reserved, {:.2}x weights + cache ({:.1} MiB)",
+                m.reserved_bytes as f64 / (1 << 20) as f64,
+                m.ratio,
+                m.weights_and_cache_bytes as f64 / (1 << 20) as f64
+            );
+        }
+        for k in report.dispatches_by_kernel.iter().take(if a.profile { 16 } else { 0 }) {
+            println!(
+                "  {:>8.2} ms {:>5} x {}",
+                k.seconds.unwrap_or(0.0) * 1e3,
+                k.launches,
+                k.name
+            );
+        }
     }
     Ok(())
 }

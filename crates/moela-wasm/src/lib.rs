@@ -287,7 +287,7 @@ impl WasmEngine {
 
     /// Decode and prefill speed on this device (`moela bench` in the browser).
     pub async fn bench(&self, prompt_tokens: usize, gen_tokens: usize) -> Result<JsValue, JsError> {
-        let report = bench(&self.engine, prompt_tokens, gen_tokens, 0)
+        let report = bench(&self.engine, prompt_tokens, gen_tokens, 0, false)
             .await
             .map_err(js_err)?;
         to_js(&report)

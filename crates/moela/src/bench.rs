@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::generate::SessionOptions;
-use crate::kernels::Kernels;
+use crate::kernels::{self, Kernels};
 use crate::model::{Linear, WeightDtype};
 
 /// What a benchmark run measured.
@@ -36,6 +36,26 @@ pub struct BenchReport {
     pub matvec_weights_per_second: f64,
     /// How close decoding comes to the device's limits.
     pub roofline: Roofline,
+    /// Kernel launches (dispatches) of one decode step, all of them: moela's and burn's.
+    pub dispatches_per_token: u64,
+    /// The same launches by kernel, most frequent first (with their time when the bench was asked to
+    /// profile: that step runs its kernels one at a time).
+    pub dispatches_by_kernel: Vec<kernels::KernelStat>,
+    /// The device memory after the run, against what the model needs (wgpu device only).
+    pub gpu_memory: Option<GpuMemory>,
+}
+
+/// Device memory after prefill and decode, from the allocator's own report.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct GpuMemory {
+    /// Bytes the memory pools hold from the device: the high-water mark of the run (pools keep their pages).
+    pub reserved_bytes: u64,
+    /// Bytes of live tensors when the run ended.
+    pub in_use_bytes: u64,
+    /// Weights on the GPU plus the latent cache at the session's context size.
+    pub weights_and_cache_bytes: u64,
+    /// `reserved_bytes / weights_and_cache_bytes`.
+    pub ratio: f64,
 }
 
 /// Decode speed as fractions of what the device can do, both measured in the same run.
@@ -107,12 +127,14 @@ pub async fn matvec_throughput(device: &Device, dtype: WeightDtype, kernels: Ker
     Ok((iters * n * n) as f64 / t0.elapsed().as_secs_f64())
 }
 
-/// Runs `prompt_tokens` of prefill then `gen_tokens` greedy decode steps on random token ids.
+/// Runs `prompt_tokens` of prefill then `gen_tokens` greedy decode steps on random token ids, then one
+/// more step whose kernel launches are counted (and, with `profile`, timed one by one).
 pub async fn bench(
     engine: &std::sync::Arc<Engine>,
     prompt_tokens: usize,
     gen_tokens: usize,
     seed: u64,
+    profile: bool,
 ) -> Result<BenchReport> {
     if prompt_tokens == 0 || gen_tokens == 0 {
         return Err(Error::InvalidArgument(
@@ -124,9 +146,8 @@ pub async fn bench(
     let prompt: Vec<u32> = (0..prompt_tokens as u64)
         .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed)) % vocab) as u32)
         .collect();
-    let mut session = engine.session(SessionOptions {
-        max_context: (prompt_tokens + gen_tokens + 1).min(cfg.max_position_embeddings),
-    })?;
+    let max_context = (prompt_tokens + gen_tokens + 2).min(cfg.max_position_embeddings);
+    let mut session = engine.session(SessionOptions { max_context })?;
     // Warm-up with the same prompt length and a step, so no kernel compilation is timed (prefill and decode
     // take different kernels, and some are compiled per shape).
     let (logits, _) = session.prefill(&prompt).await?;
@@ -143,7 +164,20 @@ pub async fn bench(
     let decode = t1.elapsed().as_secs_f64();
     let decode_tps = gen_tokens as f64 / decode;
 
+    // One more step, counted (outside the timing: the count takes a lock per launch, a profile serialises).
+    let counter = kernels::LaunchCounter::start(profile);
+    session.step(argmax(&logits)).await?;
+    let dispatches_by_kernel = counter.finish();
+    let dispatches_per_token = dispatches_by_kernel.iter().map(|k| k.launches).sum();
+
     let info = engine.info();
+    let needed = info.gpu_weight_bytes + max_context as u64 * info.cache.bytes_per_token;
+    let gpu_memory = kernels::device_memory(&engine.model.device).map(|(reserved, in_use)| GpuMemory {
+        reserved_bytes: reserved,
+        in_use_bytes: in_use,
+        weights_and_cache_bytes: needed,
+        ratio: reserved as f64 / needed as f64,
+    });
     let active = info.active_parameters_per_token;
     let mean_context = (prompt_tokens + gen_tokens / 2) as u64;
     let bytes = info.active_weight_bytes_per_token + mean_context * info.cache.bytes_per_token;
@@ -165,6 +199,9 @@ pub async fn bench(
             bandwidth: achieved / copy,
             kernel: active as f64 * decode_tps / matvec,
         },
+        dispatches_per_token,
+        dispatches_by_kernel,
+        gpu_memory,
     })
 }
 

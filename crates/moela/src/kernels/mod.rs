@@ -136,3 +136,115 @@ fn per_row(source: &str, rows: usize) -> String {
     }
     out
 }
+
+/// Counts every kernel launch the process issues (moela's and burn's) while it lives, by kernel name, and
+/// optionally times each one (which runs them one at a time: for a profile, not for a speed figure).
+pub struct LaunchCounter {
+    stats: std::sync::Arc<Launches>,
+    _watching: burn_cubecl::cubecl::logging::LaunchObservation,
+}
+
+/// Launches of one kernel.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelStat {
+    /// The kernel's short name (`q8`, `matvec`, or burn's kernel type).
+    pub name: String,
+    /// Launches.
+    pub launches: u64,
+    /// Seconds they took, when timed.
+    pub seconds: Option<f64>,
+}
+
+#[derive(Default)]
+struct Launches {
+    timed: bool,
+    stats: std::sync::Mutex<std::collections::BTreeMap<&'static str, (u64, f64)>>,
+}
+
+impl burn_cubecl::cubecl::logging::LaunchObserver for Launches {
+    fn launched(&self, kernel: &'static str) {
+        if let Ok(mut stats) = self.stats.lock() {
+            stats.entry(kernel).or_default().0 += 1;
+        }
+    }
+
+    fn timing(&self) -> burn_cubecl::cubecl::logging::TimingRequest {
+        if self.timed {
+            burn_cubecl::cubecl::logging::TimingRequest::Resolved
+        } else {
+            burn_cubecl::cubecl::logging::TimingRequest::None
+        }
+    }
+
+    fn timed(
+        &self,
+        kernel: &'static str,
+        duration: burn_cubecl::cubecl::logging::Duration,
+        _method: burn_cubecl::cubecl::logging::TimingMethod,
+    ) {
+        if let Ok(mut stats) = self.stats.lock() {
+            stats.entry(kernel).or_default().1 += duration.as_secs_f64();
+        }
+    }
+}
+
+impl LaunchCounter {
+    /// Starts counting; `timed` also times every launch.
+    pub fn start(timed: bool) -> Self {
+        let stats = std::sync::Arc::new(Launches {
+            timed,
+            ..Launches::default()
+        });
+        let watching = burn_cubecl::cubecl::logging::LaunchObservation::new(stats.clone());
+        Self {
+            stats,
+            _watching: watching,
+        }
+    }
+
+    /// Stops: launches per kernel, merged by short name, the most time (or launches) first.
+    pub fn finish(self) -> Vec<KernelStat> {
+        let raw = self.stats.stats.lock().map(|c| c.clone()).unwrap_or_default();
+        let mut merged: std::collections::BTreeMap<String, (u64, f64)> = std::collections::BTreeMap::new();
+        for (name, (n, secs)) in raw {
+            let short = burn_cubecl::cubecl::config::type_name_format(
+                name,
+                burn_cubecl::cubecl::config::TypeNameFormatLevel::Short,
+            );
+            let e = merged.entry(short).or_default();
+            e.0 += n;
+            e.1 += secs;
+        }
+        let timed = self.stats.timed;
+        let mut list: Vec<KernelStat> = merged
+            .into_iter()
+            .map(|(name, (launches, secs))| KernelStat {
+                name,
+                launches,
+                seconds: timed.then_some(secs),
+            })
+            .collect();
+        list.sort_by(|a, b| {
+            b.seconds
+                .unwrap_or(0.0)
+                .total_cmp(&a.seconds.unwrap_or(0.0))
+                .then(b.launches.cmp(&a.launches))
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        list
+    }
+}
+
+/// What the device's memory pools hold: `(reserved, in use)` bytes, or `None` off the wgpu device and in a
+/// browser (the allocator's report waits on the device, and a page may not block).
+pub fn device_memory(device: &burn::tensor::Device) -> Option<(u64, u64)> {
+    if cfg!(target_arch = "wasm32") {
+        return None;
+    }
+    let probe = Tensor::<1>::zeros([1], device).try_into_primitive::<Cube>().ok()?;
+    let usage = probe
+        .client
+        .memory_report(burn_cubecl::cubecl::MemoryScope::Device)
+        .usage();
+    Some((usage.bytes_reserved, usage.bytes_in_use))
+}

@@ -1,9 +1,12 @@
 //! DeepSeekMoE (`deepseek-architecture.md` §4): a router picks K of E routed experts per token, their outputs
 //! are mixed by the router weights, and the shared experts (one wide MLP) are added.
 //!
-//! Routing, top-k and expert dispatch stay on the GPU for inference. Three dispatch forms, same result:
-//! - gathered (few token-expert pairs, e.g. decode): the selected experts' matrices are gathered with
-//!   `select` and multiplied batched, so only the active experts' weights are read;
+//! Routing, top-k and expert dispatch stay on the GPU for inference. Four dispatch forms, same result:
+//! - moela's gathered kernel (`shaders/moe_matvec.wgsl`, `matvec_{f16,q8,q4}.wgsl`; decode and prefill on
+//!   the wgpu device): each (token, slot) pair multiplies its chosen expert's weights where they are stored;
+//! - gathered with burn's ops (few token-expert pairs, e.g. decode with `--kernels generic`): the selected
+//!   experts' matrices are gathered with `select` and multiplied batched, so only the active experts'
+//!   weights are read;
 //! - dense (many tokens, e.g. prefill): every expert runs on every token of the chunk and the router weights
 //!   (zero for unselected experts) mix the outputs;
 //! - grouped (training): tokens are grouped by expert on the host and each expert multiplies only its rows.
@@ -140,10 +143,17 @@ impl Moe {
     pub fn forward(&self, x: Tensor<2>) -> (Tensor<2>, Tensor<2, Int>) {
         let [t, h] = x.dims();
         let (idx, w) = self.route(x.clone());
-        let routed = if t * self.top_k <= self.experts {
-            self.gathered(x.clone(), idx.clone(), w)
-        } else {
-            self.dense(x.clone(), idx.clone(), w)
+        // moela's gathered kernel reads each (token, slot) pair's expert in place, for decode and prefill
+        // alike: no copies of expert matrices and no unpacked f32 experts. Without it, few pairs take the
+        // batched gather and many the dense form.
+        let fast = match self.kernels {
+            Kernels::Wgsl => self.gathered_wgsl(&x, &idx, &w),
+            Kernels::Generic => None,
+        };
+        let routed = match fast {
+            Some(y) => y,
+            None if t * self.top_k <= self.experts => self.gathered(x.clone(), idx.clone(), w),
+            None => self.dense(x.clone(), idx.clone(), w),
         };
         let routed = routed.reshape([t, h]);
         let out = match &self.shared {
@@ -220,13 +230,9 @@ impl Moe {
         Some(y.reshape([t, k, h]).sum_dim(1).reshape([t, h]))
     }
 
-    /// Only the selected experts' matrices are read: one batched product per (token, slot) pair.
+    /// Only the selected experts' matrices are read: one batched product per (token, slot) pair, with the
+    /// pairs' experts copied out by `select`.
     fn gathered(&self, x: Tensor<2>, idx: Tensor<2, Int>, w: Tensor<2>) -> Tensor<2> {
-        if self.kernels == Kernels::Wgsl
-            && let Some(y) = self.gathered_wgsl(&x, &idx, &w)
-        {
-            return y;
-        }
         let [t, h] = x.dims();
         let k = self.top_k;
         let pairs = t * k;
