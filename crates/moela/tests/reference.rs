@@ -158,11 +158,7 @@ fn chat_template_renders_and_encodes_like_transformers() {
 }
 
 fn load_format(dir: &Path, dtype: WeightDtype, kernels: Kernels) -> Engine {
-    let options = LoadOptions {
-        dtype,
-        kernels,
-        ..LoadOptions::default()
-    };
+    let options = LoadOptions { dtype, kernels };
     Engine::load_dir(dir, options, &mut |_| {}).unwrap_or_else(|e| panic!("loading {dir:?} as {dtype:?}: {e}"))
 }
 
@@ -259,22 +255,26 @@ fn shipped_model_matches_transformers() {
     );
 
     // Greedy generation: the engine's tokens equal transformers' generate(do_sample=False).
-    let want = ids(&r["greedy_tokens"]);
+    assert_eq!(
+        greedy(&engine, &r),
+        ids(&r["greedy_tokens"]),
+        "greedy tokens differ from transformers'"
+    );
+}
+
+/// The engine's greedy answer to the reference's question, as many tokens as transformers generated.
+fn greedy(engine: &std::sync::Arc<Engine>, r: &Value) -> Vec<u32> {
     let mut session = engine.session(moela::SessionOptions::default()).unwrap();
     let question = r["greedy_question"].as_str().unwrap();
     let options = moela::GenerateOptions {
-        max_tokens: want.len(),
+        max_tokens: ids(&r["greedy_tokens"]).len(),
         ..Default::default()
     };
     let mut generation = session.chat(&[Message::user(question)], options).unwrap();
     while let Some(ev) = generation.next_blocking() {
         ev.unwrap();
     }
-    assert_eq!(
-        generation.generated(),
-        &want[..],
-        "greedy tokens differ from transformers'"
-    );
+    generation.generated().to_vec()
 }
 
 /// The shipped (trained) model under 8-bit weights: logits within 5e-2 relative L2 of f32 at every
@@ -301,16 +301,5 @@ fn shipped_model_survives_q8() {
         }
     }
     let engine = std::sync::Arc::new(load_format(&dir, WeightDtype::Q8, Kernels::Wgsl));
-    let want = ids(&r["greedy_tokens"]);
-    let mut session = engine.session(moela::SessionOptions::default()).unwrap();
-    let question = r["greedy_question"].as_str().unwrap();
-    let options = moela::GenerateOptions {
-        max_tokens: want.len(),
-        ..Default::default()
-    };
-    let mut generation = session.chat(&[Message::user(question)], options).unwrap();
-    while let Some(ev) = generation.next_blocking() {
-        ev.unwrap();
-    }
-    assert_eq!(generation.generated(), &want[..], "q8 greedy tokens differ");
+    assert_eq!(greedy(&engine, &r), ids(&r["greedy_tokens"]), "q8 greedy tokens differ");
 }
