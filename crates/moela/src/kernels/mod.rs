@@ -8,17 +8,21 @@
 //! launcher returns `None` and the caller takes burn's generic path, which stays the reference.
 
 pub mod matvec;
+pub mod mla;
+pub mod mlp;
 pub mod moe;
+pub mod norm;
 pub mod packed;
 
 use burn::tensor::{Int, Tensor};
 use burn_cubecl::cubecl::ir::UIntKind;
 use burn_cubecl::cubecl::ir::metadata::Info;
-use burn_cubecl::cubecl::prelude::CubeKernel;
 use burn_cubecl::cubecl::prelude::{
     AddressType, CubeDim, ElemType, ExecutionMode, KernelDefinition, KernelId, KernelMetadata, KernelSettings,
     PrecompiledSource, Scope,
 };
+use burn_cubecl::cubecl::prelude::{CubeCount, CubeKernel};
+use burn_cubecl::cubecl::server::{Handle, KernelArguments, MetadataBindingInfo};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{Cube, kernel::into_contiguous};
 
@@ -135,6 +139,72 @@ fn per_row(source: &str, rows: usize) -> String {
         }
     }
     out
+}
+
+/// `source` with the lines tagged `{{FLAG}}` kept (tag removed) when `on`, dropped otherwise, and `{{U}}`
+/// (the uniform's binding) set to `uniform_binding`: the optional bindings of a kernel come last, so the
+/// uniform that follows them moves.
+fn tagged(source: &str, flag: &str, on: bool, uniform_binding: usize) -> String {
+    let tag = format!("{{{{{flag}}}}}");
+    let mut out = String::with_capacity(source.len());
+    for line in source.lines() {
+        if line.contains(&tag) {
+            if !on {
+                continue;
+            }
+            out.push_str(line.replace(&tag, "").trim_end());
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out.replace("{{U}}", &uniform_binding.to_string())
+}
+
+/// Launches `kernel` on `anchor`'s device over `groups` workgroups: `buffers` bound in order, then `info`
+/// as the uniform shape. Ordered with burn's own work on the same queue; nothing is read back.
+fn launch(anchor: &CubeTensor, kernel: WgslKernel, groups: [u32; 3], buffers: &[&Handle], info: &[u32]) {
+    let args = buffers
+        .iter()
+        .fold(KernelArguments::new(), |args, b| {
+            args.with_buffer((*b).clone().binding())
+        })
+        .with_info(MetadataBindingInfo::custom(uniform(info)));
+    anchor.client.launch(
+        Box::new(kernel),
+        CubeCount::Static(groups[0], groups[1], groups[2]),
+        args,
+    );
+}
+
+/// Workgroups of 64 invocations for `total` independent values: `[x, y, 1]` with x within the 65535 limit
+/// (the shaders index `y * x * 64 + x`); `None` past what one launch can cover.
+fn grid(total: usize) -> Option<[u32; 3]> {
+    let groups = total.div_ceil(64).max(1);
+    let x = groups.min(65_535);
+    let y = groups.div_ceil(x);
+    (y <= 65_535).then_some([x as u32, y as u32, 1])
+}
+
+/// A new f32 output buffer of `len` values on `anchor`'s device.
+fn empty(anchor: &CubeTensor, len: usize) -> Handle {
+    anchor.client.empty(len.max(1) * 4)
+}
+
+/// Wraps a kernel's output buffer as a burn tensor of `shape` and `dtype`.
+fn wrap(anchor: &CubeTensor, handle: Handle, shape: &[usize], dtype: burn::tensor::DType) -> CubeTensor {
+    CubeTensor::new_contiguous(
+        anchor.client.clone(),
+        anchor.device.clone(),
+        burn::tensor::Shape::from(shape.to_vec()),
+        handle,
+        dtype,
+    )
+}
+
+/// Wraps an f32 output buffer as a float tensor.
+fn float<const D: usize>(anchor: &CubeTensor, handle: Handle, shape: [usize; D]) -> Tensor<D> {
+    Tensor::from_primitive::<Cube>(wrap(anchor, handle, &shape, burn::tensor::DType::F32))
 }
 
 /// Counts every kernel launch the process issues (moela's and burn's) while it lives, by kernel name, and

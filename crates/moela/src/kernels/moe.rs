@@ -6,10 +6,132 @@ use burn_cubecl::cubecl::prelude::CubeCount;
 use burn_cubecl::cubecl::server::{KernelArguments, MetadataBindingInfo};
 use burn_cubecl::tensor::CubeTensor;
 
-use super::{WgslKernel, cube_int_tensor, cube_tensor, uniform};
+use std::sync::OnceLock;
+
+use super::{WgslKernel, cube_int_tensor, cube_tensor, empty, float, grid, launch, tagged, uniform, wrap};
 
 const SOURCE: &str = include_str!("../../../../shaders/moe_matvec.wgsl");
+const ROUTE: &str = include_str!("../../../../shaders/moe_route.wgsl");
+const COMBINE: &str = include_str!("../../../../shaders/moe_combine.wgsl");
 const WORKGROUP: u32 = 64;
+
+/// The most routed experts the selection kernel takes (each of its 64 invocations scans E / 64 of them per pick).
+pub const MAX_EXPERTS: usize = 512;
+/// The most expert groups it ranks (one invocation each).
+pub const MAX_GROUPS: usize = 64;
+
+/// How the router picks experts, as `shaders/moe_route.wgsl` reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteShape {
+    /// K, experts per token.
+    pub top_k: usize,
+    /// 0 greedy, 1 group-limited greedy (groups by their best score), 2 noaux_tc (by their best two).
+    pub method: u32,
+    /// Sigmoid scores (else softmax).
+    pub sigmoid: bool,
+    /// Expert groups.
+    pub groups: usize,
+    /// Groups kept.
+    pub keep_groups: usize,
+    /// Divide the K weights by their sum.
+    pub normalise: bool,
+    /// Multiplies the weights last.
+    pub factor: f64,
+}
+
+/// The router's choice from its logits `[T, E]` (and the correction bias `[E]` of noaux_tc): expert ids
+/// `[T, K]` and mixing weights `[T, K]`, on the GPU. `None` when the kernel does not cover the call.
+pub fn route(logits: &Tensor<2>, bias: Option<&Tensor<1>>, shape: &RouteShape) -> Option<(Tensor<2, Int>, Tensor<2>)> {
+    let [t, e] = logits.dims();
+    let k = shape.top_k;
+    if t == 0
+        || t > 65_535
+        || e == 0
+        || e > MAX_EXPERTS
+        || k == 0
+        || k > e
+        || shape.groups == 0
+        || shape.groups > MAX_GROUPS
+        || e % shape.groups != 0
+        || shape.keep_groups == 0
+        || logits.dtype() != DType::F32
+        || bias.is_some_and(|b| b.dims() != [e] || b.dtype() != DType::F32)
+    {
+        return None;
+    }
+    let l = cube_tensor(logits)?;
+    let b = match bias {
+        Some(b) => Some(cube_tensor(b)?),
+        None => None,
+    };
+    static VARIANTS: OnceLock<[String; 2]> = OnceLock::new();
+    let sources = VARIANTS.get_or_init(|| [tagged(ROUTE, "BIAS", false, 3), tagged(ROUTE, "BIAS", true, 4)]);
+    let kernel = WgslKernel {
+        name: "moe_route",
+        entry: "main",
+        source: &sources[usize::from(b.is_some())],
+        variant: u32::from(b.is_some()),
+        workgroup: 64,
+    };
+    let (idx, w) = (empty(&l, t * k), empty(&l, t * k));
+    let info = [
+        e as u32,
+        k as u32,
+        shape.method,
+        u32::from(shape.sigmoid),
+        shape.groups as u32,
+        shape.keep_groups as u32,
+        u32::from(shape.normalise),
+        (shape.factor as f32).to_bits(),
+    ];
+    match &b {
+        Some(b) => launch(&l, kernel, [t as u32, 1, 1], &[&l.handle, &idx, &w, &b.handle], &info),
+        None => launch(&l, kernel, [t as u32, 1, 1], &[&l.handle, &idx, &w], &info),
+    }
+    let idx = Tensor::<2, Int>::from_primitive::<burn_cubecl::Cube>(wrap(&l, idx, &[t, k], DType::I32));
+    Some((idx, float(&l, w, [t, k])))
+}
+
+/// The MoE block's output from the gathered down projections `routed` (`[T * K, H]`, one row per
+/// (token, slot) pair) and their weights `[T, K]`: `base + sum_k weight[t, k] * routed[t * K + k]`, with
+/// `base` the shared experts' output `[T, H]` when the model has them. `None` when the kernel does not
+/// cover the call.
+pub fn combine(routed: &Tensor<2>, weight: &Tensor<2>, base: Option<&Tensor<2>>) -> Option<Tensor<2>> {
+    let [t, k] = weight.dims();
+    let [pairs, h] = routed.dims();
+    let total = t * h;
+    if pairs != t * k
+        || total == 0
+        || total > u32::MAX as usize
+        || routed.dtype() != DType::F32
+        || weight.dtype() != DType::F32
+        || base.is_some_and(|b| b.dims() != [t, h] || b.dtype() != DType::F32)
+    {
+        return None;
+    }
+    let groups = grid(total)?;
+    let (r, w) = (cube_tensor(routed)?, cube_tensor(weight)?);
+    let b = match base {
+        Some(b) => Some(cube_tensor(b)?),
+        None => None,
+    };
+    static VARIANTS: OnceLock<[String; 2]> = OnceLock::new();
+    let sources = VARIANTS.get_or_init(|| [tagged(COMBINE, "BASE", false, 3), tagged(COMBINE, "BASE", true, 4)]);
+    let kernel = WgslKernel {
+        name: "moe_combine",
+        entry: "main",
+        source: &sources[usize::from(b.is_some())],
+        variant: u32::from(b.is_some()),
+        workgroup: 64,
+    };
+    let out = empty(&r, total);
+    let info = [h as u32, k as u32, total as u32];
+    match &b {
+        Some(b) => launch(&r, kernel, groups, &[&r.handle, &w.handle, &out, &b.handle], &info),
+        None => launch(&r, kernel, groups, &[&r.handle, &w.handle, &out], &info),
+    }
+    Some(float(&r, out, [t, h]))
+}
 
 /// For each pair `p` of `idx` (`[P]`, expert ids), `x[p / x_div] @ w[idx[p] - first]`: `x` is `[rows, K]`,
 /// `w` one chunk of stacked experts `[count, K, N]` (f32, N a multiple of 4) holding experts
@@ -120,5 +242,25 @@ mod tests {
         let want = xp.narrow(0, p, 1).matmul(w.narrow(0, 11 - first, 1).reshape([k, n]));
         let worst = close(fast.narrow(0, p, 1), want);
         assert!(worst < 1e-4, "down: worst difference {worst}");
+    }
+
+    #[test]
+    fn combine_matches_weighted_sum_plus_shared() {
+        let Ok(device) = crate::engine::default_device() else {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        };
+        let (t, k, h) = (3, 5, 37);
+        let routed = Tensor::<2>::random([t * k, h], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<2>::random([t, k], Distribution::Normal(0.0, 1.0), &device);
+        let shared = Tensor::<2>::random([t, h], Distribution::Normal(0.0, 1.0), &device);
+        let mixed = (routed.clone() * w.clone().reshape([t * k, 1]))
+            .reshape([t, k, h])
+            .sum_dim(1)
+            .reshape([t, h]);
+        let fast = combine(&routed, &w, None).expect("the kernel covers this call");
+        assert!(close(fast, mixed.clone()) < 1e-5);
+        let fast = combine(&routed, &w, Some(&shared)).unwrap();
+        assert!(close(fast, mixed + shared) < 1e-5);
     }
 }

@@ -11,6 +11,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use super::norm::RmsNorm;
 use super::rope;
 use super::{Linear, as_f32};
+use crate::kernels::{self, Kernels};
 
 /// How the query is produced.
 #[derive(Debug, Clone)]
@@ -55,6 +56,8 @@ pub struct Mla {
     pub v: usize,
     /// Softmax scale (with YaRN's mscale^2).
     pub scale: f64,
+    /// Decode attention with moela's kernels (`shaders/mla_*.wgsl`, where they apply) or burn's ops.
+    pub kernels: Kernels,
 }
 
 impl Mla {
@@ -73,14 +76,39 @@ impl Mla {
         let (n_h, d_n, d_r, r_kv) = (self.heads, self.nope, self.rope, self.rank);
         let width = r_kv + d_r;
         let s = pos + t;
+        let q = self.queries(x.clone());
+        let a = self.kv_a.forward(x);
+
+        // Decode (a few tokens): moela's kernels write the cache rows and attend in three launches.
+        if self.kernels == Kernels::Wgsl && t <= kernels::matvec::MAX_ROWS {
+            let inputs = kernels::mla::MlaInputs {
+                q: &q,
+                kv: &a,
+                w_uk: &self.w_uk,
+                w_uv_t: &self.w_uv_t,
+                gain: &self.kv_a_norm.weight,
+                tables,
+            };
+            let shape = kernels::mla::MlaShape {
+                heads: n_h,
+                nope: d_n,
+                rope: d_r,
+                rank: r_kv,
+                v: self.v,
+                scale: self.scale,
+                eps: self.kv_a_norm.eps,
+            };
+            if let Some(out) = kernels::mla::decode(&inputs, cache, pos, &shape) {
+                return self.o.forward(out);
+            }
+        }
 
         // Queries: [T, n_h * d_qk] -> [n_h, T, d_qk].
-        let q = self.queries(x.clone()).reshape([t, n_h, d_n + d_r]).swap_dims(0, 1);
+        let q = q.reshape([t, n_h, d_n + d_r]).swap_dims(0, 1);
         let q_nope = q.clone().narrow(2, 0, d_n); // [n_h, T, d_n]
         let q_pe = rope::apply(q.narrow(2, d_n, d_r), &tables.0, &tables.1); // [n_h, T, d_r]
 
         // This step's latents and rope keys: [T, r_kv + d_r], written into the cache.
-        let a = self.kv_a.forward(x);
         let latent = self.kv_a_norm.forward(a.clone().narrow(1, 0, r_kv));
         let k_pe = rope::apply(a.narrow(1, r_kv, d_r), &tables.0, &tables.1);
         let entry = Tensor::cat(vec![latent, k_pe], 1);
@@ -166,4 +194,120 @@ fn causal_mask(pos: usize, t: usize, device: &Device) -> Tensor<2> {
         }
     }
     Tensor::from_data(TensorData::new(m, [t, s]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Distribution, Tensor};
+
+    use super::*;
+    use crate::model::WeightDtype;
+
+    fn random(n: usize, device: &Device) -> Vec<f32> {
+        Tensor::<1>::random([n], Distribution::Normal(0.0, 0.3), device)
+            .into_data()
+            .try_to_vec()
+            .unwrap()
+    }
+
+    fn worst(a: Tensor<2>, b: Tensor<2>) -> f32 {
+        let (a, b): (Vec<f32>, Vec<f32>) = (a.into_data().try_to_vec().unwrap(), b.into_data().try_to_vec().unwrap());
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
+            .fold(0f32, f32::max)
+    }
+
+    /// The decode kernels against burn's ops on awkward sizes, past one attention chunk of context (so the
+    /// flash-decoding merge runs), for one and for three new tokens.
+    #[test]
+    fn decode_kernels_match_burn_ops() {
+        let Ok(device) = crate::engine::default_device() else {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        };
+        let (h, n_h, d_n, d_r, r_kv, d_v) = (44, 3, 12, 6, 24, 10);
+        let linear = |out: usize, inp: usize| {
+            Linear::from_rows(&random(out * inp, &device), out, inp, WeightDtype::F32, &device)
+        };
+        let mut norm = RmsNorm::new(random(r_kv, &device).iter().map(|v| 1.0 + v).collect(), 1e-6, &device);
+        norm.kernels = Kernels::Generic;
+        let mut mla = Mla {
+            q: QProj::Plain(linear(n_h * (d_n + d_r), h)),
+            kv_a: linear(r_kv + d_r, h),
+            kv_a_norm: norm,
+            w_uk: Tensor::from_data(
+                TensorData::new(random(n_h * d_n * r_kv, &device), [n_h, d_n, r_kv]),
+                &device,
+            ),
+            w_uv_t: Tensor::from_data(
+                TensorData::new(random(n_h * r_kv * d_v, &device), [n_h, r_kv, d_v]),
+                &device,
+            ),
+            o: linear(h, n_h * d_v),
+            heads: n_h,
+            nope: d_n,
+            rope: d_r,
+            rank: r_kv,
+            v: d_v,
+            scale: 0.31,
+            kernels: Kernels::Generic,
+        };
+        let prompt = kernels::mla::CHUNK + 37;
+        let cap = prompt + 8;
+        let tables = |pos: usize, t: usize| {
+            let inv: Vec<f64> = (0..d_r / 2)
+                .map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / d_r as f64))
+                .collect();
+            let (mut c, mut s) = (Vec::new(), Vec::new());
+            for p in pos..pos + t {
+                for f in &inv {
+                    c.push((p as f64 * f).cos() as f32);
+                    s.push((p as f64 * f).sin() as f32);
+                }
+            }
+            (
+                Tensor::<2>::from_data(TensorData::new(c, [t, d_r / 2]), &device),
+                Tensor::<2>::from_data(TensorData::new(s, [t, d_r / 2]), &device),
+            )
+        };
+        let mut cache = Tensor::<2>::zeros([cap, r_kv + d_r], &device);
+        let x = Tensor::<2>::random([prompt, h], Distribution::Normal(0.0, 1.0), &device);
+        mla.forward(x, 0, &mut cache, &tables(0, prompt), &device);
+        for t in [1, 3] {
+            let x = Tensor::<2>::random([t, h], Distribution::Normal(0.0, 1.0), &device);
+            let mut reference_cache = cache.clone() + 0.0;
+            let mut kernel_cache = cache.clone() + 0.0;
+            mla.kernels = Kernels::Generic;
+            let want = mla.forward(x.clone(), prompt, &mut reference_cache, &tables(prompt, t), &device);
+            // The kernels directly, so that a declined call cannot pass as burn's result.
+            let tab = tables(prompt, t);
+            let (q, kv) = (mla.queries(x.clone()), mla.kv_a.forward(x));
+            let inputs = kernels::mla::MlaInputs {
+                q: &q,
+                kv: &kv,
+                w_uk: &mla.w_uk,
+                w_uv_t: &mla.w_uv_t,
+                gain: &mla.kv_a_norm.weight,
+                tables: &tab,
+            };
+            let shape = kernels::mla::MlaShape {
+                heads: n_h,
+                nope: d_n,
+                rope: d_r,
+                rank: r_kv,
+                v: d_v,
+                scale: mla.scale,
+                eps: mla.kv_a_norm.eps,
+            };
+            let out =
+                kernels::mla::decode(&inputs, &mut kernel_cache, prompt, &shape).expect("the kernels cover this call");
+            let got = mla.o.forward(out);
+            let diff = worst(got, want);
+            assert!(diff < 1e-4, "{t} tokens: output differs by {diff}");
+            let diff = worst(kernel_cache, reference_cache);
+            assert!(diff < 1e-5, "{t} tokens: cache differs by {diff}");
+        }
+    }
 }

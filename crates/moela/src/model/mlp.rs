@@ -4,6 +4,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
 
 use super::Linear;
+use crate::kernels::{self, Kernels};
 
 /// Gate and up fused into one product (`[H] -> [2I]`), then down (`[I] -> [H]`).
 #[derive(Debug, Clone)]
@@ -19,12 +20,24 @@ pub struct Mlp {
 impl Mlp {
     /// `x`: `[T, H]` -> `[T, H]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        self.down.forward(swiglu(self.gate_up.forward(x), self.width))
+        self.down
+            .forward(swiglu(self.gate_up.forward(x), self.width, self.gate_up.kernels))
     }
 }
 
-/// `silu(gate) * up` from a fused `[..., gate | up]` product whose last dimension is `2 * width`.
-pub(super) fn swiglu<const D: usize>(gate_up: Tensor<D>, width: usize) -> Tensor<D> {
+/// `silu(gate) * up` from a fused `[..., gate | up]` product whose last dimension is `2 * width`: one
+/// launch of moela's kernel (`kernels` wgsl, where it applies), else burn's ops.
+pub(super) fn swiglu<const D: usize>(gate_up: Tensor<D>, width: usize, kernels: Kernels) -> Tensor<D> {
+    let dims = gate_up.dims();
+    if kernels == Kernels::Wgsl && width > 0 {
+        let rows = dims.iter().product::<usize>() / (2 * width);
+        let flat: Tensor<2> = gate_up.clone().reshape([rows, 2 * width]);
+        if let Some(y) = kernels::mlp::swiglu(&flat, width) {
+            let mut out = dims;
+            out[D - 1] = width;
+            return y.reshape(out);
+        }
+    }
     let up = gate_up.clone().narrow(D - 1, width, width);
     silu(gate_up.narrow(D - 1, 0, width)) * up
 }

@@ -72,6 +72,11 @@ impl Moe {
     pub fn route(&self, x: Tensor<2>) -> (Tensor<2, Int>, Tensor<2>) {
         let [t, _] = x.dims();
         let logits = self.router.forward(x); // [T, E], f32
+        if self.kernels == Kernels::Wgsl
+            && let Some(chosen) = kernels::moe::route(&logits, self.correction_bias.as_ref(), &self.route_shape())
+        {
+            return chosen;
+        }
         let scores = match self.scoring {
             ScoringFunc::Softmax => softmax(logits, 1),
             ScoringFunc::Sigmoid => sigmoid(logits),
@@ -106,6 +111,28 @@ impl Moe {
                 let w = scores.gather(1, idx.clone());
                 (idx, self.finish_weights(w))
             }
+        }
+    }
+
+    /// The selection as moela's routing kernel reads it.
+    fn route_shape(&self) -> kernels::moe::RouteShape {
+        let normalise = self.norm_topk_prob && self.top_k > 1;
+        let scaled = match self.scoring {
+            ScoringFunc::Sigmoid => true,
+            ScoringFunc::Softmax => !normalise,
+        };
+        kernels::moe::RouteShape {
+            top_k: self.top_k,
+            method: match self.method {
+                TopkMethod::Greedy => 0,
+                TopkMethod::GroupLimitedGreedy => 1,
+                TopkMethod::NoauxTc => 2,
+            },
+            sigmoid: self.scoring == ScoringFunc::Sigmoid,
+            groups: self.n_group.max(1),
+            keep_groups: self.topk_group.max(1),
+            normalise,
+            factor: if scaled { self.routed_scaling_factor } else { 1.0 },
         }
     }
 
@@ -146,14 +173,26 @@ impl Moe {
         // moela's gathered kernel reads each (token, slot) pair's expert in place, for decode and prefill
         // alike: no copies of expert matrices and no unpacked f32 experts. Without it, few pairs take the
         // batched gather and many the dense form.
-        let fast = match self.kernels {
-            Kernels::Wgsl => self.gathered_wgsl(&x, &idx, &w),
-            Kernels::Generic => None,
-        };
-        let routed = match fast {
-            Some(y) => y,
-            None if t * self.top_k <= self.experts => self.gathered(x.clone(), idx.clone(), w),
-            None => self.dense(x.clone(), idx.clone(), w),
+        // moela's kernels: the gathered products, then one launch mixing the pairs' outputs with the
+        // shared experts' output.
+        if self.kernels == Kernels::Wgsl {
+            let shared = self.shared.as_ref().map(|s| s.forward(x.clone()));
+            if let Some(routed) = self.gathered_wgsl(&x, &idx) {
+                if let Some(out) = kernels::moe::combine(&routed, &w, shared.as_ref()) {
+                    return (out, idx);
+                }
+                let k = self.top_k;
+                let y = (routed * w.reshape([t * k, 1]))
+                    .reshape([t, k, h])
+                    .sum_dim(1)
+                    .reshape([t, h]);
+                return (shared.map_or(y.clone(), |s| y + s), idx);
+            }
+        }
+        let routed = if t * self.top_k <= self.experts {
+            self.gathered(x.clone(), idx.clone(), w)
+        } else {
+            self.dense(x.clone(), idx.clone(), w)
         };
         let routed = routed.reshape([t, h]);
         let out = match &self.shared {
@@ -195,7 +234,7 @@ impl Moe {
                     .clone()
                     .select(0, tokens.clone())
                     .matmul(gate_up.clone().narrow(0, j, 1).reshape([h, 2 * self.width])); // [n, 2I]
-                let act = swiglu(gu, self.width);
+                let act = swiglu(gu, self.width, self.kernels);
                 let y = act.matmul(down.clone().narrow(0, j, 1).reshape([self.width, h])) * w.clone().select(0, list);
                 routed = routed.select_assign(0, tokens, y, IndexingUpdateOp::Add);
             }
@@ -207,27 +246,25 @@ impl Moe {
         (out, idx)
     }
 
-    /// The selected experts' products with moela's kernel, which reads their weights in place; `None` when
-    /// the kernel does not cover the call.
-    fn gathered_wgsl(&self, x: &Tensor<2>, idx: &Tensor<2, Int>, w: &Tensor<2>) -> Option<Tensor<2>> {
-        let [t, h] = x.dims();
+    /// The selected experts' products with moela's kernels, which read their weights in place: one row per
+    /// (token, slot) pair, `[T * K, H]`, not yet weighted. `None` when the kernels do not cover the call.
+    fn gathered_wgsl(&self, x: &Tensor<2>, idx: &Tensor<2, Int>) -> Option<Tensor<2>> {
+        let [t, _] = x.dims();
         let k = self.top_k;
-        let pairs = t * k;
-        let idx = idx.clone().reshape([pairs]);
+        let idx = idx.clone().reshape([t * k]);
         let sum = |parts: Vec<Tensor<2>>| parts.into_iter().reduce(|a, b| a + b);
         let gate_up = self
             .chunks
             .iter()
             .map(|c| gathered_product(x, &c.gate_up_t, &idx, c.first, k))
             .collect::<Option<Vec<_>>>()?;
-        let act = swiglu(sum(gate_up)?, self.width); // [P, I]
+        let act = swiglu(sum(gate_up)?, self.width, self.kernels); // [P, I]
         let down = self
             .chunks
             .iter()
             .map(|c| gathered_product(&act, &c.down_t, &idx, c.first, 1))
             .collect::<Option<Vec<_>>>()?;
-        let y = sum(down)? * w.clone().reshape([pairs, 1]); // [P, H]
-        Some(y.reshape([t, k, h]).sum_dim(1).reshape([t, h]))
+        sum(down)
     }
 
     /// Only the selected experts' matrices are read: one batched product per (token, slot) pair, with the
@@ -255,7 +292,7 @@ impl Moe {
             let gu = xs
                 .clone()
                 .matmul(c.gate_up_t.to_f32(self.kernels).select(0, local.clone())); // [P, 1, 2I]
-            let act = swiglu(gu, self.width);
+            let act = swiglu(gu, self.width, self.kernels);
             let y = act.matmul(c.down_t.to_f32(self.kernels).select(0, local)) * weight; // [P, 1, H]
             out = Some(match out {
                 Some(o) => o + y,
@@ -276,7 +313,7 @@ impl Moe {
         for c in &self.chunks {
             let xs = x.clone().reshape([1, t, h]).expand([c.count, t, h]);
             let gu = xs.matmul(c.gate_up_t.to_f32(self.kernels)); // [Ec, T, 2I]
-            let act = swiglu(gu, self.width);
+            let act = swiglu(gu, self.width, self.kernels);
             let y = act.matmul(c.down_t.to_f32(self.kernels)); // [Ec, T, H]
             let m = mix.clone().narrow(0, c.first, c.count).reshape([c.count, t, 1]);
             let y = (y * m).sum_dim(0);
@@ -300,5 +337,84 @@ fn gathered_product(
     match w {
         Weights::Dense(t) => kernels::moe::gathered_matvec(x, t, idx, first, x_div),
         Weights::Packed(p) => kernels::packed::gathered(x, p, idx, first, x_div),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Distribution, Tensor};
+
+    use super::*;
+    use crate::model::WeightDtype;
+
+    fn router(e: usize, h: usize, method: TopkMethod, scoring: ScoringFunc, device: &burn::tensor::Device) -> Moe {
+        let w: Vec<f32> = Tensor::<1>::random([e * h], Distribution::Normal(0.0, 1.0), device)
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        let (n_group, topk_group) = match method {
+            TopkMethod::Greedy => (1, 1),
+            _ => (4, 2),
+        };
+        Moe {
+            router: Linear::from_rows(&w, e, h, WeightDtype::F32, device),
+            correction_bias: (method == TopkMethod::NoauxTc)
+                .then(|| Tensor::<1>::random([e], Distribution::Normal(0.0, 0.1), device)),
+            chunks: Vec::new(),
+            shared: None,
+            experts: e,
+            top_k: 3,
+            width: 1,
+            scoring,
+            method,
+            n_group,
+            topk_group,
+            norm_topk_prob: method != TopkMethod::GroupLimitedGreedy,
+            routed_scaling_factor: 2.5,
+            kernels: Kernels::Wgsl,
+        }
+    }
+
+    #[test]
+    fn routing_kernel_matches_burn_for_every_method() {
+        let Ok(device) = crate::engine::default_device() else {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        };
+        let cases = [
+            (TopkMethod::Greedy, ScoringFunc::Softmax, 13),
+            (TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax, 20),
+            (TopkMethod::NoauxTc, ScoringFunc::Sigmoid, 36),
+        ];
+        for (method, scoring, e) in cases {
+            let mut moe = router(e, 24, method, scoring, &device);
+            let x = Tensor::<2>::random([5, 24], Distribution::Normal(0.0, 1.0), &device);
+            // The kernel directly, so that a declined call cannot pass as burn's result.
+            let logits = moe.router.forward(x.clone());
+            let (fast_idx, fast_w) = kernels::moe::route(&logits, moe.correction_bias.as_ref(), &moe.route_shape())
+                .expect("the kernel covers this router");
+            moe.kernels = Kernels::Generic;
+            moe.router.kernels = Kernels::Generic;
+            let (idx, w) = moe.route(x);
+            // Slot order may differ between the two selections: compare each token's (expert, weight) set.
+            let sorted = |idx: Tensor<2, Int>, w: Tensor<2>| {
+                let idx: Vec<i64> = idx.into_data().iter::<i64>().collect();
+                let w: Vec<f32> = w.into_data().try_to_vec().unwrap();
+                let mut rows: Vec<Vec<(i64, f32)>> = idx
+                    .chunks(3)
+                    .zip(w.chunks(3))
+                    .map(|(i, w)| i.iter().copied().zip(w.iter().copied()).collect())
+                    .collect();
+                rows.iter_mut().for_each(|r| r.sort_by_key(|p| p.0));
+                rows
+            };
+            let (fast, want) = (sorted(fast_idx, fast_w), sorted(idx, w));
+            for (t, (a, b)) in fast.iter().zip(&want).enumerate() {
+                for ((ea, wa), (eb, wb)) in a.iter().zip(b) {
+                    assert_eq!(ea, eb, "{method:?} token {t}: experts {a:?} vs {b:?}");
+                    assert!((wa - wb).abs() < 1e-5, "{method:?} token {t}: weights {a:?} vs {b:?}");
+                }
+            }
+        }
     }
 }

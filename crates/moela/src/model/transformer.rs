@@ -101,13 +101,21 @@ impl Reader<'_> {
 impl Transformer {
     /// Chooses the implementation of every projection: moela's WGSL kernels or burn's generic ops.
     pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.norm.kernels = kernels;
         let mut all: Vec<&mut Linear> = vec![&mut self.head];
         for b in &mut self.blocks {
             match &mut b.attn.q {
                 QProj::Plain(l) => all.push(l),
-                QProj::Lora { a, b, .. } => all.extend([a, b]),
+                QProj::Lora { a, norm, b } => {
+                    norm.kernels = kernels;
+                    all.extend([a, b]);
+                }
             }
             all.extend([&mut b.attn.kv_a, &mut b.attn.o]);
+            b.attn.kernels = kernels;
+            b.attn.kv_a_norm.kernels = kernels;
+            b.attn_norm.kernels = kernels;
+            b.ffn_norm.kernels = kernels;
             let mlp = match &mut b.ffn {
                 FeedForward::Dense(m) => Some(m),
                 FeedForward::Moe(m) => {
@@ -299,17 +307,15 @@ impl Transformer {
         }
         let mut x = self.embed_tokens(tokens)?;
         let tables = self.rope.tables(pos, t, &self.device);
+        // Each block's output is added to the residual stream by the norm that follows it (one fused
+        // launch with moela's kernels): `pending` is the output not yet added.
+        let mut pending: Option<Tensor<2>> = None;
         for (i, b) in self.blocks.iter().enumerate() {
-            let a = b.attn.forward(
-                b.attn_norm.forward(x.clone()),
-                pos,
-                cache.layer_mut(i),
-                &tables,
-                &self.device,
-            );
-            x = x + a;
-            let n = b.ffn_norm.forward(x.clone());
-            let f = match &b.ffn {
+            let (sum, n) = b.attn_norm.forward_add(x, pending.take());
+            let a = b.attn.forward(n, pos, cache.layer_mut(i), &tables, &self.device);
+            let (sum, n) = b.ffn_norm.forward_add(sum, Some(a));
+            x = sum;
+            pending = Some(match &b.ffn {
                 FeedForward::Dense(m) => m.forward(n),
                 FeedForward::Moe(m) => {
                     let (out, experts) = m.forward(n);
@@ -318,15 +324,15 @@ impl Transformer {
                     }
                     out
                 }
-            };
-            x = x + f;
+            });
         }
         cache.advance(t);
-        let x = match which {
-            LogitsFor::All => x,
-            LogitsFor::Last => x.narrow(0, t - 1, 1),
+        let last = |v: Tensor<2>| match which {
+            LogitsFor::All => v,
+            LogitsFor::Last => v.narrow(0, t - 1, 1),
         };
-        Ok(self.head.forward(self.norm.forward(x)))
+        let (_, n) = self.norm.forward_add(last(x), pending.map(last));
+        Ok(self.head.forward(n))
     }
 }
 
@@ -418,6 +424,7 @@ fn load_mla(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
         rank: r_kv,
         v: d_v,
         scale: c.softmax_scale(),
+        kernels: Kernels::default(),
     })
 }
 

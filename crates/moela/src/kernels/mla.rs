@@ -1,0 +1,178 @@
+//! `shaders/mla_{query,attend,output}.wgsl`: MLA decode attention in latent space (absorbed queries,
+//! flash-decoding over the latent cache, the value up-projection), three launches per layer.
+
+use burn::tensor::{DType, Tensor};
+
+use super::{WgslKernel, cube_tensor, empty, float, launch};
+
+const QUERY: &str = include_str!("../../../../shaders/mla_query.wgsl");
+const ATTEND: &str = include_str!("../../../../shaders/mla_attend.wgsl");
+const OUTPUT: &str = include_str!("../../../../shaders/mla_output.wgsl");
+
+/// The most latent values per cached token the kernels hold in workgroup memory (`MAX_RANK`).
+pub const MAX_RANK: usize = 1024;
+/// The most values per cached token (`MAX_WIDTH`: latent + rope key).
+pub const MAX_WIDTH: usize = 1152;
+/// Cache positions one attention workgroup reads; longer contexts split over more workgroups.
+pub const CHUNK: usize = 256;
+
+/// One attention block's sizes.
+#[derive(Debug, Clone, Copy)]
+pub struct MlaShape {
+    /// n_h.
+    pub heads: usize,
+    /// d_n (query/key dims without rope).
+    pub nope: usize,
+    /// d_r (rope dims).
+    pub rope: usize,
+    /// r_kv (latent rank).
+    pub rank: usize,
+    /// d_v.
+    pub v: usize,
+    /// Softmax scale.
+    pub scale: f64,
+    /// `kv_a_layernorm`'s eps.
+    pub eps: f64,
+}
+
+/// The weights and inputs of one decode attention call.
+pub struct MlaInputs<'a> {
+    /// Queries `[T, n_h * (d_n + d_r)]`, rope dims unrotated.
+    pub q: &'a Tensor<2>,
+    /// `kv_a_proj_with_mqa` output `[T, r_kv + d_r]` (latent before its norm, rope key unrotated).
+    pub kv: &'a Tensor<2>,
+    /// Absorbed `W_UK` `[n_h, d_n, r_kv]`.
+    pub w_uk: &'a Tensor<3>,
+    /// `W_UV^T` `[n_h, r_kv, d_v]`.
+    pub w_uv_t: &'a Tensor<3>,
+    /// `kv_a_layernorm`'s gain `[r_kv]`.
+    pub gain: &'a Tensor<1>,
+    /// Rope cos and sin tables `[T, d_r / 2]` for positions `pos..pos + T`.
+    pub tables: &'a (Tensor<2>, Tensor<2>),
+}
+
+/// Attention for `T` tokens at positions `pos..pos + T` (`pos` = tokens already in `layer`, the cache of
+/// this layer `[capacity, r_kv + d_r]`): writes their cache rows in place and returns the attention output
+/// `[T, n_h * d_v]` (before `o_proj`). `None`, with the cache untouched, when the kernels do not cover the
+/// call; the caller then runs burn's ops.
+pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) -> Option<Tensor<2>> {
+    let [t, qw] = inp.q.dims();
+    let width = s.rank + s.rope;
+    let [capacity, cw] = layer.dims();
+    let f32s = [
+        inp.q.dtype(),
+        inp.kv.dtype(),
+        inp.w_uk.dtype(),
+        inp.w_uv_t.dtype(),
+        inp.gain.dtype(),
+    ];
+    if t == 0
+        || t > 65_535
+        || s.heads == 0
+        || s.heads >= 65_535
+        || s.rank == 0
+        || !s.rope.is_multiple_of(2)
+        || s.rank > MAX_RANK
+        || width > MAX_WIDTH
+        || qw != s.heads * (s.nope + s.rope)
+        || inp.kv.dims() != [t, width]
+        || inp.w_uk.dims() != [s.heads, s.nope, s.rank]
+        || inp.w_uv_t.dims() != [s.heads, s.rank, s.v]
+        || inp.gain.dims() != [s.rank]
+        || inp.tables.0.dims() != [t, s.rope / 2]
+        || inp.tables.1.dims() != [t, s.rope / 2]
+        || cw != width
+        || pos + t > capacity
+        || layer.dtype() != DType::F32
+        || f32s.iter().any(|d| *d != DType::F32)
+    {
+        return None;
+    }
+    let chunks = (pos + t).div_ceil(CHUNK);
+    if chunks > 65_535 {
+        return None;
+    }
+    let q = cube_tensor(inp.q)?;
+    let kv = cube_tensor(inp.kv)?;
+    let w_uk = cube_tensor(inp.w_uk)?;
+    let w_uv = cube_tensor(inp.w_uv_t)?;
+    let gain = cube_tensor(inp.gain)?;
+    let cos = cube_tensor(&inp.tables.0)?;
+    let sin = cube_tensor(&inp.tables.1)?;
+
+    // The cache is written in place: only when this tensor is its buffer's sole owner.
+    layer.clone().try_into_primitive::<burn_cubecl::Cube>().ok()?;
+    let mut cache = None;
+    layer.inplace(|c| {
+        let p = c
+            .try_into_primitive::<burn_cubecl::Cube>()
+            .expect("the same tensor converted just above");
+        if p.client.name().contains("wgsl") && p.is_contiguous() && p.can_mut() {
+            cache = Some(p.clone());
+        }
+        Tensor::from_primitive::<burn_cubecl::Cube>(p)
+    });
+    let cache = cache?;
+
+    let query = empty(&q, t * s.heads * width);
+    let kernel = |name, source| WgslKernel {
+        name,
+        entry: "main",
+        source,
+        variant: 0,
+        workgroup: 64,
+    };
+    let info = [
+        s.heads as u32,
+        s.nope as u32,
+        s.rope as u32,
+        s.rank as u32,
+        pos as u32,
+        (s.eps as f32).to_bits(),
+    ];
+    launch(
+        &q,
+        kernel("mla_query", QUERY),
+        [s.heads as u32 + 1, t as u32, 1],
+        &[
+            &q.handle,
+            &kv.handle,
+            &w_uk.handle,
+            &gain.handle,
+            &cos.handle,
+            &sin.handle,
+            &cache.handle,
+            &query,
+        ],
+        &info,
+    );
+
+    let partial = empty(&q, t * s.heads * chunks * (s.rank + 2));
+    let info = [
+        s.heads as u32,
+        s.rank as u32,
+        width as u32,
+        pos as u32,
+        CHUNK as u32,
+        chunks as u32,
+        (s.scale as f32).to_bits(),
+    ];
+    launch(
+        &q,
+        kernel("mla_attend", ATTEND),
+        [chunks as u32, s.heads as u32, t as u32],
+        &[&query, &cache.handle, &partial],
+        &info,
+    );
+
+    let out = empty(&q, t * s.heads * s.v);
+    let info = [s.heads as u32, s.rank as u32, s.v as u32, chunks as u32];
+    launch(
+        &q,
+        kernel("mla_output", OUTPUT),
+        [s.heads as u32, t as u32, 1],
+        &[&partial, &w_uv.handle, &out],
+        &info,
+    );
+    Some(float(&q, out, [t, s.heads * s.v]))
+}

@@ -1,0 +1,59 @@
+// MLA decode, step 3 of 3: merges mla_attend's chunks for token t and head h (each chunk's sums rescaled
+// by exp(m_chunk - m), divided by the total l) into the attention-weighted latent, then maps it out with
+// the value up-projection: out[t, h * dv + v] = sum_r latent[r] W_UV^T[h, r, v].
+//
+// Bindings: partial [T, heads, chunks, rank + 2], w_uv [heads, rank, dv], out [T, heads * dv], then the
+// shape.
+
+@group(0) @binding(0) var<storage, read_write> partial: array<f32>;
+@group(0) @binding(1) var<storage, read_write> w_uv: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+
+struct Shape {
+    heads: u32,
+    rank: u32,
+    dv: u32,
+    chunks: u32,
+}
+@group(0) @binding(3) var<uniform> shape: Shape;
+
+const WG: u32 = 64u;
+const MAX_RANK: u32 = 1024u;
+const LOW: f32 = -3.0e38;
+
+var<workgroup> ctx: array<f32, MAX_RANK>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wid.x;
+    let t = wid.y;
+    let rank = shape.rank;
+    let stride = rank + 2u;
+    let pb = (t * shape.heads + h) * shape.chunks * stride;
+    var m = LOW;
+    for (var c = 0u; c < shape.chunks; c++) {
+        m = max(m, partial[pb + c * stride + rank]);
+    }
+    var l = 0.0;
+    for (var c = 0u; c < shape.chunks; c++) {
+        l += partial[pb + c * stride + rank + 1u] * exp(partial[pb + c * stride + rank] - m);
+    }
+    for (var r = lid; r < rank; r += WG) {
+        var a = 0.0;
+        for (var c = 0u; c < shape.chunks; c++) {
+            a = fma(partial[pb + c * stride + r], exp(partial[pb + c * stride + rank] - m), a);
+        }
+        ctx[r] = a / l;
+    }
+    workgroupBarrier();
+    let dv = shape.dv;
+    let wb = h * rank * dv;
+    let ob = (t * shape.heads + h) * dv;
+    for (var v = lid; v < dv; v += WG) {
+        var a = 0.0;
+        for (var r = 0u; r < rank; r++) {
+            a = fma(ctx[r], w_uv[wb + r * dv + v], a);
+        }
+        out[ob + v] = a;
+    }
+}

@@ -1,0 +1,95 @@
+// MLA decode, step 1 of 3 (deepseek-architecture.md §3.4): the absorbed queries and this step's cache rows.
+//
+// Workgroup (h, t) for a head h < heads: the rope half of token t's query for head h is rotated, and its
+// no-rope half is moved into latent space with the absorbed key up-projection, q~[r] = sum_d q[d] W_UK[h, d, r].
+// query[t, h] = [q~ (rank values) | roped q_pe (rope values)].
+// Workgroup (heads, t): token t's cache row at position pos + t: kv_a_layernorm of the latent (eps from the
+// shape) and the roped shared key, [c' | k_pe], written in place into the preallocated cache.
+// Rope dims are in half-split order (model/rope.rs): x1 = first half, x2 = second half.
+//
+// Bindings: q [T, heads * (nope + rope)], kv [T, rank + rope], w_uk [heads, nope, rank], gain [rank],
+// cos [T, rope / 2], sin [T, rope / 2], cache [capacity, rank + rope], query [T, heads, rank + rope],
+// then the shape.
+
+@group(0) @binding(0) var<storage, read_write> q: array<f32>;
+@group(0) @binding(1) var<storage, read_write> kv: array<f32>;
+@group(0) @binding(2) var<storage, read_write> w_uk: array<f32>;
+@group(0) @binding(3) var<storage, read_write> gain: array<f32>;
+@group(0) @binding(4) var<storage, read_write> cos_t: array<f32>;
+@group(0) @binding(5) var<storage, read_write> sin_t: array<f32>;
+@group(0) @binding(6) var<storage, read_write> cache: array<f32>;
+@group(0) @binding(7) var<storage, read_write> query: array<f32>;
+
+struct Shape {
+    heads: u32,
+    nope: u32,
+    rope: u32,
+    rank: u32,
+    pos: u32,
+    eps: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+@group(0) @binding(8) var<uniform> shape: Shape;
+
+const WG: u32 = 64u;
+var<workgroup> partial: array<f32, WG>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wid.x;
+    let t = wid.y;
+    let rank = shape.rank;
+    let nope = shape.nope;
+    let half = shape.rope / 2u;
+    let width = rank + shape.rope;
+    if (h < shape.heads) {
+        let qb = (t * shape.heads + h) * (nope + shape.rope);
+        let ob = (t * shape.heads + h) * width;
+        for (var i = lid; i < half; i += WG) {
+            let c = cos_t[t * half + i];
+            let s = sin_t[t * half + i];
+            let x1 = q[qb + nope + i];
+            let x2 = q[qb + nope + half + i];
+            query[ob + rank + i] = x1 * c - x2 * s;
+            query[ob + rank + half + i] = x2 * c + x1 * s;
+        }
+        let wb = h * nope * rank;
+        for (var r = lid; r < rank; r += WG) {
+            var acc = 0.0;
+            for (var d = 0u; d < nope; d++) {
+                acc = fma(q[qb + d], w_uk[wb + d * rank + r], acc);
+            }
+            query[ob + r] = acc;
+        }
+        return;
+    }
+
+    let kb = t * width;
+    let cb = (shape.pos + t) * width;
+    var ss = 0.0;
+    for (var r = lid; r < rank; r += WG) {
+        let v = kv[kb + r];
+        ss = fma(v, v, ss);
+    }
+    partial[lid] = ss;
+    workgroupBarrier();
+    for (var step = WG / 2u; step > 0u; step >>= 1u) {
+        if (lid < step) {
+            partial[lid] += partial[lid + step];
+        }
+        workgroupBarrier();
+    }
+    let inv = 1.0 / sqrt(partial[0] / f32(rank) + shape.eps);
+    for (var r = lid; r < rank; r += WG) {
+        cache[cb + r] = gain[r] * (kv[kb + r] * inv);
+    }
+    for (var i = lid; i < half; i += WG) {
+        let c = cos_t[t * half + i];
+        let s = sin_t[t * half + i];
+        let x1 = kv[kb + rank + i];
+        let x2 = kv[kb + rank + half + i];
+        cache[cb + rank + i] = x1 * c - x2 * s;
+        cache[cb + rank + half + i] = x2 * c + x1 * s;
+    }
+}

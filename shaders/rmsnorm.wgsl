@@ -1,0 +1,49 @@
+// RMSNorm over each row (deepseek-architecture.md §2): out = gain * (x / sqrt(mean(x^2) + eps)), one
+// workgroup per row. The residual variant (lines tagged {{ADD}}) first adds the block's output to the
+// residual stream: sum = x + delta is written out and normalised, so the add and the norm are one launch.
+//
+// Bindings: x [rows, n], gain [n], out [rows, n], (delta [rows, n], sum [rows, n]), then the shape.
+
+@group(0) @binding(0) var<storage, read_write> x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> gain: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read_write> delta: array<f32>; {{ADD}}
+@group(0) @binding(4) var<storage, read_write> sum: array<f32>; {{ADD}}
+
+struct Shape {
+    n: u32,
+    eps: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+@group(0) @binding({{U}}) var<uniform> shape: Shape;
+
+const WG: u32 = 64u;
+var<workgroup> partial: array<f32, WG>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let n = shape.n;
+    let base = wid.x * n;
+    var ss = 0.0;
+    for (var i = lid; i < n; i += WG) {
+        var v = x[base + i];
+        v += delta[base + i]; {{ADD}}
+        sum[base + i] = v; {{ADD}}
+        ss = fma(v, v, ss);
+    }
+    partial[lid] = ss;
+    workgroupBarrier();
+    for (var step = WG / 2u; step > 0u; step >>= 1u) {
+        if (lid < step) {
+            partial[lid] += partial[lid + step];
+        }
+        workgroupBarrier();
+    }
+    let inv = 1.0 / sqrt(partial[0] / f32(n) + shape.eps);
+    for (var i = lid; i < n; i += WG) {
+        var v = x[base + i];
+        v += delta[base + i]; {{ADD}}
+        out[base + i] = gain[i] * (v * inv);
+    }
+}
