@@ -1,5 +1,6 @@
-// The MoE router's selection on the GPU (deepseek-architecture.md §4), one workgroup per token: scores
-// (softmax or sigmoid of the router logits), the choice scores (plus the correction bias, lines tagged
+// The MoE router's selection on the GPU (deepseek-architecture.md §4), one workgroup per token: the router
+// logits (lines tagged {{GATE}}: x times the router weight, written to `logits`; otherwise `logits` holds
+// them already), scores (softmax or sigmoid of the logits), the choice scores (plus the correction bias, lines tagged
 // {{BIAS}}: noaux_tc), the group limit (groups ranked by their best score, or by the sum of their best two
 // for noaux_tc; experts of the groups not kept are masked), the top K, and their mixing weights (the
 // unbiased scores, renormalised and scaled as the config says). Nothing goes back to the host: the indices
@@ -9,12 +10,15 @@
 // give the softmax statistics, one invocation per group ranks the groups, and each of the K picks is a
 // workgroup arg-max over the experts ranked below the previous pick (by score, then lower index first).
 //
-// Bindings: logits [T, E], idx [T, K] i32, weight [T, K], (bias [E]), then the shape.
+// Bindings: logits [T, E], idx [T, K] i32, weight [T, K], (x [T, H], gate [H, E]), (bias [E]), then the
+// shape.
 
 @group(0) @binding(0) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(1) var<storage, read_write> idx: array<i32>;
 @group(0) @binding(2) var<storage, read_write> weight: array<f32>;
-@group(0) @binding(3) var<storage, read_write> bias: array<f32>; {{BIAS}}
+@group(0) @binding(3) var<storage, read_write> x: array<f32>; {{GATE}}
+@group(0) @binding(4) var<storage, read_write> gate: array<f32>; {{GATE}}
+@group(0) @binding({{B}}) var<storage, read_write> bias: array<f32>; {{BIAS}}
 
 struct Shape {
     experts: u32,
@@ -25,6 +29,10 @@ struct Shape {
     keep_groups: u32,
     normalise: u32,    // 1: weights / (their sum + 1e-20)
     factor: f32,       // applied to the weights last
+    hidden: u32,       // H (with the router product)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 @group(0) @binding({{U}}) var<uniform> shape: Shape;
 
@@ -42,6 +50,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let e_n = shape.experts;
     let base = t * e_n;
     let sigmoid = shape.sigmoid == 1u;
+
+    let h = shape.hidden; {{GATE}}
+    for (var e = lid; e < e_n; e += WG) { {{GATE}}
+        var l = 0.0; {{GATE}}
+        for (var k = 0u; k < h; k++) { {{GATE}}
+            l = fma(x[t * h + k], gate[k * e_n + e], l); {{GATE}}
+        } {{GATE}}
+        logits[base + e] = l; {{GATE}}
+    } {{GATE}}
+    storageBarrier(); {{GATE}}
 
     // Softmax statistics: m = max logit, inv = 1 / sum exp(logit - m).
     var local = LOW;

@@ -1,20 +1,25 @@
 // RMSNorm over each row (deepseek-architecture.md §2): out = gain * (x / sqrt(mean(x^2) + eps)), one
-// workgroup per row. The residual variant (lines tagged {{ADD}}) first adds the block's output to the
-// residual stream: sum = x + delta is written out and normalised, so the add and the norm are one launch.
+// workgroup per row. The residual variant (lines tagged {{ADD}}) first adds the previous block's output to
+// the residual stream: sum = x + delta is written out and normalised, so the add and the norm are one
+// launch. The MoE variant (also {{MOE}}) mixes that output here too: delta = shared + sum over the K slots
+// of weight[row, k] * routed[row * K + k], from the gathered down projections.
 //
-// Bindings: x [rows, n], gain [n], out [rows, n], (delta [rows, n], sum [rows, n]), then the shape.
+// Bindings: x [rows, n], gain [n], out [rows, n], (delta [rows, n], sum [rows, n]), (routed [rows * K, n],
+// weight [rows, K]), then the shape.
 
 @group(0) @binding(0) var<storage, read_write> x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> gain: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(3) var<storage, read_write> delta: array<f32>; {{ADD}}
 @group(0) @binding(4) var<storage, read_write> sum: array<f32>; {{ADD}}
+@group(0) @binding(5) var<storage, read_write> routed: array<f32>; {{MOE}}
+@group(0) @binding(6) var<storage, read_write> weight: array<f32>; {{MOE}}
 
 struct Shape {
     n: u32,
     eps: f32,
+    top_k: u32,   // MoE variant
     _pad0: u32,
-    _pad1: u32,
 }
 @group(0) @binding({{U}}) var<uniform> shape: Shape;
 
@@ -24,11 +29,18 @@ var<workgroup> partial: array<f32, WG>;
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let n = shape.n;
-    let base = wid.x * n;
+    let row = wid.x;
+    let base = row * n;
     var ss = 0.0;
     for (var i = lid; i < n; i += WG) {
         var v = x[base + i];
-        v += delta[base + i]; {{ADD}}
+        var d = 0.0; {{ADD}}
+        for (var k = 0u; k < shape.top_k; k++) { {{MOE}}
+            let p = row * shape.top_k + k; {{MOE}}
+            d = fma(weight[p], routed[p * n + i], d); {{MOE}}
+        } {{MOE}}
+        d += delta[base + i]; {{ADD}}
+        v += d; {{ADD}}
         sum[base + i] = v; {{ADD}}
         ss = fma(v, v, ss);
     }
@@ -43,7 +55,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let inv = 1.0 / sqrt(partial[0] / f32(n) + shape.eps);
     for (var i = lid; i < n; i += WG) {
         var v = x[base + i];
-        v += delta[base + i]; {{ADD}}
+        v = sum[base + i]; {{ADD}}
         out[base + i] = gain[i] * (v * inv);
     }
 }

@@ -1,30 +1,66 @@
-//! `shaders/swiglu.wgsl`: `silu(gate) * up` of a fused `[gate | up]` product in one launch.
+//! `shaders/swiglu.wgsl`: `silu(gate) * up` of fused `[gate | up]` products, one or two per launch.
+
+use std::sync::OnceLock;
 
 use burn::tensor::{DType, Tensor};
 
-use super::{WgslKernel, cube_tensor, empty, float, grid, launch};
+use super::{WgslKernel, cube_tensor, empty, float, grid, launch, tagged};
 
 const SOURCE: &str = include_str!("../../../../shaders/swiglu.wgsl");
 
 /// `gu` (`[rows, 2 * width]`) -> `[rows, width]`; `None` when the kernel does not cover the call.
 pub fn swiglu(gu: &Tensor<2>, width: usize) -> Option<Tensor<2>> {
-    let [rows, w2] = gu.dims();
-    let total = rows * width;
-    if w2 != 2 * width || total == 0 || total > u32::MAX as usize || gu.dtype() != DType::F32 {
+    swiglu_pair(gu, width, None).map(|(y, _)| y)
+}
+
+/// [`swiglu`] of `gu` and, in the same launch, of `second` (`(gu2, width2)`) when given.
+pub fn swiglu_pair(
+    gu: &Tensor<2>,
+    width: usize,
+    second: Option<(&Tensor<2>, usize)>,
+) -> Option<(Tensor<2>, Option<Tensor<2>>)> {
+    let shape = |t: &Tensor<2>, width: usize| {
+        let [rows, w2] = t.dims();
+        (w2 == 2 * width && rows * width > 0 && t.dtype() == DType::F32).then_some((rows, rows * width))
+    };
+    let (rows, total) = shape(gu, width)?;
+    let (rows2, total2) = match second {
+        Some((t, w)) => shape(t, w)?,
+        None => (0, 0),
+    };
+    if total + total2 > u32::MAX as usize {
         return None;
     }
-    let groups = grid(total)?;
+    let groups = grid(total + total2)?;
     let x = cube_tensor(gu)?;
-    let out = empty(&x, total);
+    let x2 = match second {
+        Some((t, _)) => Some(cube_tensor(t)?),
+        None => None,
+    };
+    static VARIANTS: OnceLock<[String; 2]> = OnceLock::new();
+    let sources = VARIANTS
+        .get_or_init(|| [false, true].map(|two| tagged(SOURCE, &[("TWO", two)], &[("U", if two { 4 } else { 2 })])));
     let kernel = WgslKernel {
         name: "swiglu",
         entry: "main",
-        source: SOURCE,
-        variant: 0,
+        source: &sources[usize::from(x2.is_some())],
+        variant: u32::from(x2.is_some()),
         workgroup: 64,
     };
-    launch(&x, kernel, groups, &[&x.handle, &out], &[width as u32, total as u32]);
-    Some(float(&x, out, [rows, width]))
+    let width2 = second.map_or(0, |s| s.1);
+    let info = [width as u32, total as u32, width2 as u32, total2 as u32];
+    let out = empty(&x, total);
+    match &x2 {
+        None => {
+            launch(&x, kernel, groups, &[&x.handle, &out], &info);
+            Some((float(&x, out, [rows, width]), None))
+        }
+        Some(x2) => {
+            let out2 = empty(&x, total2);
+            launch(&x, kernel, groups, &[&x.handle, &out, &x2.handle, &out2], &info);
+            Some((float(&x, out, [rows, width]), Some(float(&x, out2, [rows2, width2]))))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -34,26 +70,34 @@ mod tests {
 
     use super::*;
 
+    fn worst(a: Tensor<2>, b: Tensor<2>) -> f32 {
+        let (a, b) = (
+            a.into_data().try_to_vec::<f32>().unwrap(),
+            b.into_data().try_to_vec::<f32>().unwrap(),
+        );
+        a.iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
+            .fold(0f32, f32::max)
+    }
+
     #[test]
     fn matches_burn_silu_times_up() {
         let Ok(device) = crate::engine::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };
+        let reference =
+            |gu: &Tensor<2>, width: usize| silu(gu.clone().narrow(1, 0, width)) * gu.clone().narrow(1, width, width);
         for (rows, width) in [(1, 512), (3, 37), (7, 1)] {
             let gu = Tensor::<2>::random([rows, 2 * width], Distribution::Normal(0.0, 3.0), &device);
             let fast = swiglu(&gu, width).expect("the kernel covers this shape");
-            let want = silu(gu.clone().narrow(1, 0, width)) * gu.narrow(1, width, width);
-            let (a, b) = (
-                fast.into_data().try_to_vec::<f32>().unwrap(),
-                want.into_data().try_to_vec::<f32>().unwrap(),
-            );
-            let worst = a
-                .iter()
-                .zip(&b)
-                .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
-                .fold(0f32, f32::max);
-            assert!(worst < 1e-5, "{rows}x{width}: {worst}");
+            assert!(worst(fast, reference(&gu, width)) < 1e-5, "{rows}x{width}");
         }
+        let a = Tensor::<2>::random([6, 2 * 29], Distribution::Normal(0.0, 3.0), &device);
+        let b = Tensor::<2>::random([2, 2 * 83], Distribution::Normal(0.0, 3.0), &device);
+        let (ya, yb) = swiglu_pair(&a, 29, Some((&b, 83))).expect("the kernel covers this pair");
+        assert!(worst(ya, reference(&a, 29)) < 1e-5, "first of the pair");
+        assert!(worst(yb.unwrap(), reference(&b, 83)) < 1e-5, "second of the pair");
     }
 }

@@ -141,24 +141,29 @@ fn per_row(source: &str, rows: usize) -> String {
     out
 }
 
-/// `source` with the lines tagged `{{FLAG}}` kept (tag removed) when `on`, dropped otherwise, and `{{U}}`
-/// (the uniform's binding) set to `uniform_binding`: the optional bindings of a kernel come last, so the
-/// uniform that follows them moves.
-fn tagged(source: &str, flag: &str, on: bool, uniform_binding: usize) -> String {
-    let tag = format!("{{{{{flag}}}}}");
+/// `source` with the lines tagged `{{FLAG}}` kept (tag removed) for each flag that is on and dropped for each
+/// that is off, and each `{{NAME}}` of `values` replaced: the optional bindings of a kernel come last, so
+/// the bindings after them (the uniform `{{U}}`, ...) move.
+fn tagged(source: &str, flags: &[(&str, bool)], values: &[(&str, usize)]) -> String {
     let mut out = String::with_capacity(source.len());
-    for line in source.lines() {
-        if line.contains(&tag) {
-            if !on {
-                continue;
+    'lines: for line in source.lines() {
+        let mut line = line.to_string();
+        for (flag, on) in flags {
+            let tag = format!("{{{{{flag}}}}}");
+            if line.contains(&tag) {
+                if !on {
+                    continue 'lines;
+                }
+                line = line.replace(&tag, "").trim_end().to_string();
             }
-            out.push_str(line.replace(&tag, "").trim_end());
-        } else {
-            out.push_str(line);
         }
+        out.push_str(&line);
         out.push('\n');
     }
-    out.replace("{{U}}", &uniform_binding.to_string())
+    for (name, value) in values {
+        out = out.replace(&format!("{{{{{name}}}}}"), &value.to_string());
+    }
+    out
 }
 
 /// Launches `kernel` on `anchor`'s device over `groups` workgroups: `buffers` bound in order, then `info`

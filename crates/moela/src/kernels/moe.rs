@@ -39,10 +39,37 @@ pub struct RouteShape {
     pub factor: f64,
 }
 
-/// The router's choice from its logits `[T, E]` (and the correction bias `[E]` of noaux_tc): expert ids
-/// `[T, K]` and mixing weights `[T, K]`, on the GPU. `None` when the kernel does not cover the call.
-pub fn route(logits: &Tensor<2>, bias: Option<&Tensor<1>>, shape: &RouteShape) -> Option<(Tensor<2, Int>, Tensor<2>)> {
-    let [t, e] = logits.dims();
+/// Where the router's logits come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Logits<'a> {
+    /// Computed already, `[T, E]`.
+    Given(&'a Tensor<2>),
+    /// Computed by the routing kernel itself: `x` `[T, H]` times the router weight `[H, E]` (f32), one
+    /// launch fewer.
+    Product {
+        /// The normed hidden states.
+        x: &'a Tensor<2>,
+        /// The router weight, stored `[in, out]`.
+        router: &'a Tensor<2>,
+    },
+}
+
+/// The router's choice from its logits (and the correction bias `[E]` of noaux_tc): expert ids `[T, K]` and
+/// mixing weights `[T, K]`, on the GPU. `None` when the kernel does not cover the call.
+pub fn route(logits: Logits, bias: Option<&Tensor<1>>, shape: &RouteShape) -> Option<(Tensor<2, Int>, Tensor<2>)> {
+    let (t, e, product) = match logits {
+        Logits::Given(l) => {
+            let [t, e] = l.dims();
+            (t, e, None)
+        }
+        Logits::Product { x, router } => {
+            let ([t, h], [h2, e]) = (x.dims(), router.dims());
+            if h != h2 || h == 0 || x.dtype() != DType::F32 || router.dtype() != DType::F32 {
+                return None;
+            }
+            (t, e, Some((x, router, h)))
+        }
+    };
     let k = shape.top_k;
     if t == 0
         || t > 65_535
@@ -52,25 +79,46 @@ pub fn route(logits: &Tensor<2>, bias: Option<&Tensor<1>>, shape: &RouteShape) -
         || k > e
         || shape.groups == 0
         || shape.groups > MAX_GROUPS
-        || e % shape.groups != 0
+        || !e.is_multiple_of(shape.groups)
         || shape.keep_groups == 0
-        || logits.dtype() != DType::F32
+        || matches!(logits, Logits::Given(l) if l.dtype() != DType::F32)
         || bias.is_some_and(|b| b.dims() != [e] || b.dtype() != DType::F32)
     {
         return None;
     }
-    let l = cube_tensor(logits)?;
+    let (l, product) = match (logits, product) {
+        (Logits::Given(l), _) => (cube_tensor(l)?, None),
+        (_, Some((x, router, h))) => {
+            let (x, router) = (cube_tensor(x)?, cube_tensor(router)?);
+            let l = empty(&x, t * e);
+            (wrap(&x, l, &[t, e], DType::F32), Some((x, router, h)))
+        }
+        _ => return None,
+    };
     let b = match bias {
         Some(b) => Some(cube_tensor(b)?),
         None => None,
     };
-    static VARIANTS: OnceLock<[String; 2]> = OnceLock::new();
-    let sources = VARIANTS.get_or_init(|| [tagged(ROUTE, "BIAS", false, 3), tagged(ROUTE, "BIAS", true, 4)]);
+    // Variants: [router product][bias].
+    static VARIANTS: OnceLock<[[String; 2]; 2]> = OnceLock::new();
+    let sources = VARIANTS.get_or_init(|| {
+        [false, true].map(|gate| {
+            [false, true].map(|bias| {
+                let b = if gate { 5 } else { 3 };
+                tagged(
+                    ROUTE,
+                    &[("GATE", gate), ("BIAS", bias)],
+                    &[("B", b), ("U", b + usize::from(bias))],
+                )
+            })
+        })
+    });
+    let (gate, has_bias) = (product.is_some(), b.is_some());
     let kernel = WgslKernel {
         name: "moe_route",
         entry: "main",
-        source: &sources[usize::from(b.is_some())],
-        variant: u32::from(b.is_some()),
+        source: &sources[usize::from(gate)][usize::from(has_bias)],
+        variant: u32::from(gate) * 2 + u32::from(has_bias),
         workgroup: 64,
     };
     let (idx, w) = (empty(&l, t * k), empty(&l, t * k));
@@ -83,11 +131,16 @@ pub fn route(logits: &Tensor<2>, bias: Option<&Tensor<1>>, shape: &RouteShape) -
         shape.keep_groups as u32,
         u32::from(shape.normalise),
         (shape.factor as f32).to_bits(),
+        product.as_ref().map_or(0, |p| p.2 as u32),
     ];
-    match &b {
-        Some(b) => launch(&l, kernel, [t as u32, 1, 1], &[&l.handle, &idx, &w, &b.handle], &info),
-        None => launch(&l, kernel, [t as u32, 1, 1], &[&l.handle, &idx, &w], &info),
+    let mut buffers = vec![&l.handle, &idx, &w];
+    if let Some((x, router, _)) = &product {
+        buffers.extend([&x.handle, &router.handle]);
     }
+    if let Some(b) = &b {
+        buffers.push(&b.handle);
+    }
+    launch(&l, kernel, [t as u32, 1, 1], &buffers, &info);
     let idx = Tensor::<2, Int>::from_primitive::<burn_cubecl::Cube>(wrap(&l, idx, &[t, k], DType::I32));
     Some((idx, float(&l, w, [t, k])))
 }
@@ -116,7 +169,8 @@ pub fn combine(routed: &Tensor<2>, weight: &Tensor<2>, base: Option<&Tensor<2>>)
         None => None,
     };
     static VARIANTS: OnceLock<[String; 2]> = OnceLock::new();
-    let sources = VARIANTS.get_or_init(|| [tagged(COMBINE, "BASE", false, 3), tagged(COMBINE, "BASE", true, 4)]);
+    let sources =
+        VARIANTS.get_or_init(|| [false, true].map(|b| tagged(COMBINE, &[("BASE", b)], &[("U", 3 + usize::from(b))])));
     let kernel = WgslKernel {
         name: "moe_combine",
         entry: "main",

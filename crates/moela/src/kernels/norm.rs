@@ -8,26 +8,61 @@ use super::{WgslKernel, cube_tensor, empty, float, launch, tagged};
 
 const SOURCE: &str = include_str!("../../../../shaders/rmsnorm.wgsl");
 
-/// The shader without (0) and with (1) the residual add.
-fn source(add: bool) -> &'static str {
-    static VARIANTS: OnceLock<[String; 2]> = OnceLock::new();
-    &VARIANTS.get_or_init(|| [tagged(SOURCE, "ADD", false, 3), tagged(SOURCE, "ADD", true, 5)])[usize::from(add)]
+/// The shader without a residual (0), with one (1), and with a MoE block's unmixed output (2).
+fn source(variant: usize) -> &'static str {
+    static VARIANTS: OnceLock<[String; 3]> = OnceLock::new();
+    &VARIANTS.get_or_init(|| {
+        [(false, false, 3), (true, false, 5), (true, true, 7)]
+            .map(|(add, moe, u)| tagged(SOURCE, &[("ADD", add), ("MOE", moe)], &[("U", u)]))
+    })[variant]
 }
 
-/// `gain * x / sqrt(mean(x^2) + eps)` over each row of `x` (`[rows, n]`); with `delta`, the rows of
-/// `x + delta` instead, and that sum is returned too (the new residual stream). `None` when the kernel does
-/// not cover the call.
+/// What is added to the residual stream before the norm.
+#[derive(Debug, Clone, Copy)]
+pub enum Residual<'a> {
+    /// Nothing.
+    None,
+    /// A block's output `[rows, n]`.
+    Add(&'a Tensor<2>),
+    /// A MoE block's output, mixed here: `base + sum_k weights[row, k] * routed[row * K + k]` with the
+    /// gathered down projections `routed` `[rows * K, n]`, their weights `[rows, K]` and the shared
+    /// experts' output `base` `[rows, n]`.
+    Experts {
+        /// `[rows * K, n]`.
+        routed: &'a Tensor<2>,
+        /// `[rows, K]`.
+        weights: &'a Tensor<2>,
+        /// `[rows, n]`.
+        base: &'a Tensor<2>,
+    },
+}
+
+/// `gain * x / sqrt(mean(x^2) + eps)` over each row of `x` (`[rows, n]`); with a residual, the rows of
+/// `x + residual` instead, and that sum is returned too (the new residual stream). `None` when the kernel
+/// does not cover the call.
 pub fn rms_norm(
     x: &Tensor<2>,
-    delta: Option<&Tensor<2>>,
+    residual: Residual,
     gain: &Tensor<1>,
     eps: f64,
 ) -> Option<(Tensor<2>, Option<Tensor<2>>)> {
     let [rows, n] = x.dims();
+    let f32_of = |t: &Tensor<2>, dims: [usize; 2]| t.dims() == dims && t.dtype() == DType::F32;
     if rows == 0 || rows > 65_535 || gain.dims() != [n] || x.dtype() != DType::F32 || gain.dtype() != DType::F32 {
         return None;
     }
-    if delta.is_some_and(|d| d.dims() != [rows, n] || d.dtype() != DType::F32) {
+    let (delta, experts) = match residual {
+        Residual::None => (None, None),
+        Residual::Add(d) => (Some(d), None),
+        Residual::Experts { routed, weights, base } => {
+            let k = weights.dims()[1];
+            if k == 0 || !f32_of(weights, [rows, k]) || !f32_of(routed, [rows * k, n]) {
+                return None;
+            }
+            (Some(base), Some((routed, weights, k)))
+        }
+    };
+    if delta.is_some_and(|d| !f32_of(d, [rows, n])) {
         return None;
     }
     let (xc, g) = (cube_tensor(x)?, cube_tensor(gain)?);
@@ -35,33 +70,32 @@ pub fn rms_norm(
         Some(d) => Some(cube_tensor(d)?),
         None => None,
     };
-    let out = empty(&xc, rows * n);
+    let e = match experts {
+        Some((r, w, k)) => Some((cube_tensor(r)?, cube_tensor(w)?, k)),
+        None => None,
+    };
+    let variant = usize::from(d.is_some()) + usize::from(e.is_some());
     let kernel = WgslKernel {
         name: "rmsnorm",
         entry: "main",
-        source: source(d.is_some()),
-        variant: u32::from(d.is_some()),
+        source: source(variant),
+        variant: variant as u32,
         workgroup: 64,
     };
-    let info = [n as u32, (eps as f32).to_bits()];
+    let info = [n as u32, (eps as f32).to_bits(), e.as_ref().map_or(0, |e| e.2 as u32)];
     let groups = [rows as u32, 1, 1];
-    match d {
-        None => {
-            launch(&xc, kernel, groups, &[&xc.handle, &g.handle, &out], &info);
-            Some((float(&xc, out, [rows, n]), None))
-        }
-        Some(d) => {
-            let sum = empty(&xc, rows * n);
-            launch(
-                &xc,
-                kernel,
-                groups,
-                &[&xc.handle, &g.handle, &out, &d.handle, &sum],
-                &info,
-            );
-            Some((float(&xc, out, [rows, n]), Some(float(&xc, sum, [rows, n]))))
-        }
+    let out = empty(&xc, rows * n);
+    let Some(d) = d else {
+        launch(&xc, kernel, groups, &[&xc.handle, &g.handle, &out], &info);
+        return Some((float(&xc, out, [rows, n]), None));
+    };
+    let sum = empty(&xc, rows * n);
+    let mut buffers = vec![&xc.handle, &g.handle, &out, &d.handle, &sum];
+    if let Some((r, w, _)) = &e {
+        buffers.extend([&r.handle, &w.handle]);
     }
+    launch(&xc, kernel, groups, &buffers, &info);
+    Some((float(&xc, out, [rows, n]), Some(float(&xc, sum, [rows, n]))))
 }
 
 #[cfg(test)]
@@ -98,13 +132,31 @@ mod tests {
                 eps: 1e-6,
                 kernels: crate::kernels::Kernels::Generic,
             };
-            let (out, none) = rms_norm(&x, None, &gain, 1e-6).expect("the kernel covers this shape");
+            let (out, none) = rms_norm(&x, Residual::None, &gain, 1e-6).expect("the kernel covers this shape");
             assert!(none.is_none());
             assert!(worst(out, norm.forward(x.clone())) < 1e-5, "{rows}x{n}");
-            let (out, sum) = rms_norm(&x, Some(&delta), &gain, 1e-6).unwrap();
-            let want_sum = x + delta;
+            let (out, sum) = rms_norm(&x, Residual::Add(&delta), &gain, 1e-6).unwrap();
+            let want_sum = x.clone() + delta.clone();
             assert!(worst(sum.unwrap(), want_sum.clone()) < 1e-6, "{rows}x{n} sum");
             assert!(worst(out, norm.forward(want_sum)) < 1e-5, "{rows}x{n} add");
+
+            // A MoE block's output mixed in the same launch: delta + the weighted (token, slot) rows.
+            let k = 3;
+            let routed = Tensor::<2>::random([rows * k, n], Distribution::Normal(0.0, 1.0), &device);
+            let weights = Tensor::<2>::random([rows, k], Distribution::Uniform(0.0, 1.0), &device);
+            let experts = Residual::Experts {
+                routed: &routed,
+                weights: &weights,
+                base: &delta,
+            };
+            let (out, sum) = rms_norm(&x, experts, &gain, 1e-6).unwrap();
+            let mixed = (routed * weights.reshape([rows * k, 1]))
+                .reshape([rows, k, n])
+                .sum_dim(1)
+                .reshape([rows, n]);
+            let want_sum = x + delta + mixed;
+            assert!(worst(sum.unwrap(), want_sum.clone()) < 1e-5, "{rows}x{n} experts sum");
+            assert!(worst(out, norm.forward(want_sum)) < 1e-5, "{rows}x{n} experts");
         }
     }
 }

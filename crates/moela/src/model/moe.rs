@@ -17,6 +17,7 @@ use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::mlp::{Mlp, swiglu};
+use super::norm::Delta;
 use super::{Linear, Weights};
 use crate::config::{ScoringFunc, TopkMethod};
 use crate::kernels::{self, Kernels};
@@ -70,13 +71,28 @@ pub struct Moe {
 impl Moe {
     /// Picks experts: indices `[T, K]` and their mixing weights `[T, K]`.
     pub fn route(&self, x: Tensor<2>) -> (Tensor<2, Int>, Tensor<2>) {
-        let [t, _] = x.dims();
-        let logits = self.router.forward(x); // [T, E], f32
-        if self.kernels == Kernels::Wgsl
-            && let Some(chosen) = kernels::moe::route(&logits, self.correction_bias.as_ref(), &self.route_shape())
-        {
-            return chosen;
+        let [t, h] = x.dims();
+        if self.kernels == Kernels::Wgsl {
+            // Small routers run inside the routing kernel (one launch for product and selection); a large
+            // one (E x H past a million weights, where one workgroup per token would be slow on a GPU)
+            // gets its own matrix-vector launch first.
+            let bias = self.correction_bias.as_ref();
+            let chosen = match self.router.parts.as_slice() {
+                [Weights::Dense(w)] if self.experts * h <= 1 << 20 => kernels::moe::route(
+                    kernels::moe::Logits::Product { x: &x, router: w },
+                    bias,
+                    &self.route_shape(),
+                ),
+                _ => {
+                    let logits = self.router.forward(x.clone());
+                    kernels::moe::route(kernels::moe::Logits::Given(&logits), bias, &self.route_shape())
+                }
+            };
+            if let Some(chosen) = chosen {
+                return chosen;
+            }
         }
+        let logits = self.router.forward(x); // [T, E], f32
         let scores = match self.scoring {
             ScoringFunc::Softmax => softmax(logits, 1),
             ScoringFunc::Sigmoid => sigmoid(logits),
@@ -168,26 +184,22 @@ impl Moe {
 
     /// `x`: `[T, H]` (normed) -> `[T, H]`, and the chosen experts `[T, K]`.
     pub fn forward(&self, x: Tensor<2>) -> (Tensor<2>, Tensor<2, Int>) {
+        let (out, idx) = self.forward_delta(x);
+        (out.into_tensor(), idx)
+    }
+
+    /// [`Moe::forward`], leaving the routed experts' mixing to the norm that adds the output to the
+    /// residual stream (one launch fewer with moela's kernels).
+    pub fn forward_delta(&self, x: Tensor<2>) -> (Delta, Tensor<2, Int>) {
         let [t, h] = x.dims();
         let (idx, w) = self.route(x.clone());
         // moela's gathered kernel reads each (token, slot) pair's expert in place, for decode and prefill
         // alike: no copies of expert matrices and no unpacked f32 experts. Without it, few pairs take the
         // batched gather and many the dense form.
-        // moela's kernels: the gathered products, then one launch mixing the pairs' outputs with the
-        // shared experts' output.
-        if self.kernels == Kernels::Wgsl {
-            let shared = self.shared.as_ref().map(|s| s.forward(x.clone()));
-            if let Some(routed) = self.gathered_wgsl(&x, &idx) {
-                if let Some(out) = kernels::moe::combine(&routed, &w, shared.as_ref()) {
-                    return (out, idx);
-                }
-                let k = self.top_k;
-                let y = (routed * w.reshape([t * k, 1]))
-                    .reshape([t, k, h])
-                    .sum_dim(1)
-                    .reshape([t, h]);
-                return (shared.map_or(y.clone(), |s| y + s), idx);
-            }
+        if self.kernels == Kernels::Wgsl
+            && let Some(out) = self.forward_wgsl(&x, &idx, &w)
+        {
+            return (out, idx);
         }
         let routed = if t * self.top_k <= self.experts {
             self.gathered(x.clone(), idx.clone(), w)
@@ -199,7 +211,7 @@ impl Moe {
             Some(s) => routed + s.forward(x),
             None => routed,
         };
-        (out, idx)
+        (Delta::Plain(out), idx)
     }
 
     /// The same block with tokens grouped by expert, for many tokens (training): each expert multiplies only
@@ -246,25 +258,72 @@ impl Moe {
         (out, idx)
     }
 
-    /// The selected experts' products with moela's kernels, which read their weights in place: one row per
-    /// (token, slot) pair, `[T * K, H]`, not yet weighted. `None` when the kernels do not cover the call.
-    fn gathered_wgsl(&self, x: &Tensor<2>, idx: &Tensor<2, Int>) -> Option<Tensor<2>> {
-        let [t, _] = x.dims();
+    /// The block with moela's kernels: the selected experts' products read their weights in place (one
+    /// launch per product and expert chunk), the routed and shared SwiGLU share a launch, and one launch
+    /// mixes the (token, slot) rows with the shared experts' output. `None`, before any launch, when the
+    /// gathered kernels do not cover the call.
+    fn forward_wgsl(&self, x: &Tensor<2>, idx: &Tensor<2, Int>, w: &Tensor<2>) -> Option<Delta> {
+        let [t, h] = x.dims();
         let k = self.top_k;
-        let idx = idx.clone().reshape([t * k]);
+        if !h.is_multiple_of(4) {
+            return None; // the down products' kernels need whole vec4 columns
+        }
+        let flat = idx.clone().reshape([t * k]);
+        let idx = &flat;
         let sum = |parts: Vec<Tensor<2>>| parts.into_iter().reduce(|a, b| a + b);
         let gate_up = self
             .chunks
             .iter()
-            .map(|c| gathered_product(x, &c.gate_up_t, &idx, c.first, k))
+            .map(|c| gathered_product(x, &c.gate_up_t, idx, c.first, k))
             .collect::<Option<Vec<_>>>()?;
-        let act = swiglu(sum(gate_up)?, self.width, self.kernels); // [P, I]
+        let gate_up = sum(gate_up)?; // [P, 2I]
+        let shared_gu = self.shared.as_ref().map(|s| (s, s.gate_up.forward(x.clone())));
+        let pair = shared_gu
+            .as_ref()
+            .map(|(s, gu)| (gu, s.width))
+            .map_or(Some(None), |second| {
+                kernels::mlp::swiglu_pair(&gate_up, self.width, Some(second)).map(Some)
+            });
+        let (act, shared_act) = match pair {
+            Some(Some((act, shared_act))) => (act, shared_act),
+            _ => (
+                swiglu(gate_up, self.width, self.kernels),
+                shared_gu
+                    .as_ref()
+                    .map(|(s, gu)| swiglu(gu.clone(), s.width, self.kernels)),
+            ),
+        };
+        let shared = match (&self.shared, shared_act) {
+            (Some(s), Some(a)) => Some(s.down.forward(a)),
+            _ => None,
+        };
+        // Down projections: one row per pair, written where `gathered_product` covers the chunk.
         let down = self
             .chunks
             .iter()
-            .map(|c| gathered_product(&act, &c.down_t, &idx, c.first, 1))
-            .collect::<Option<Vec<_>>>()?;
-        sum(down)
+            .map(|c| gathered_product(&act, &c.down_t, idx, c.first, 1))
+            .collect::<Option<Vec<_>>>();
+        let Some(routed) = down.and_then(sum) else {
+            // Not expected once the gate/up products ran (same pairs, dtypes and stacks); burn's form then.
+            let routed = self.gathered(x.clone(), idx.clone().reshape([t, k]), w.clone());
+            return Some(Delta::Plain(shared.map_or(routed.clone(), |s| routed + s)));
+        };
+        // With shared experts the mixing is left to the next norm; without, one launch mixes here.
+        if let Some(base) = shared {
+            return Some(Delta::Experts {
+                routed,
+                weights: w.clone(),
+                base,
+            });
+        }
+        if let Some(out) = kernels::moe::combine(&routed, w, None) {
+            return Some(Delta::Plain(out));
+        }
+        let y = (routed * w.clone().reshape([t * k, 1]))
+            .reshape([t, k, h])
+            .sum_dim(1)
+            .reshape([t, h]);
+        Some(Delta::Plain(y))
     }
 
     /// Only the selected experts' matrices are read: one batched product per (token, slot) pair, with the
@@ -389,10 +448,18 @@ mod tests {
         for (method, scoring, e) in cases {
             let mut moe = router(e, 24, method, scoring, &device);
             let x = Tensor::<2>::random([5, 24], Distribution::Normal(0.0, 1.0), &device);
-            // The kernel directly, so that a declined call cannot pass as burn's result.
+            // The kernel directly (with the router product inside it, and from given logits), so that a
+            // declined call cannot pass as burn's result.
+            let Weights::Dense(gate) = &moe.router.parts[0] else {
+                panic!("f32 routers are stored dense")
+            };
+            let product = kernels::moe::Logits::Product { x: &x, router: gate };
+            let bias = moe.correction_bias.as_ref();
+            let fused = kernels::moe::route(product, bias, &moe.route_shape()).expect("the kernel covers this router");
             let logits = moe.router.forward(x.clone());
-            let (fast_idx, fast_w) = kernels::moe::route(&logits, moe.correction_bias.as_ref(), &moe.route_shape())
-                .expect("the kernel covers this router");
+            let (fast_idx, fast_w) =
+                kernels::moe::route(kernels::moe::Logits::Given(&logits), bias, &moe.route_shape())
+                    .expect("the kernel covers this router");
             moe.kernels = Kernels::Generic;
             moe.router.kernels = Kernels::Generic;
             let (idx, w) = moe.route(x);
@@ -408,7 +475,20 @@ mod tests {
                 rows.iter_mut().for_each(|r| r.sort_by_key(|p| p.0));
                 rows
             };
-            let (fast, want) = (sorted(fast_idx, fast_w), sorted(idx, w));
+            let want = sorted(idx, w);
+            for (t, (a, b)) in sorted(fused.0, fused.1).iter().zip(&want).enumerate() {
+                for ((ea, wa), (eb, wb)) in a.iter().zip(b) {
+                    assert_eq!(
+                        ea, eb,
+                        "{method:?} token {t} (router in the kernel): experts {a:?} vs {b:?}"
+                    );
+                    assert!(
+                        (wa - wb).abs() < 1e-5,
+                        "{method:?} token {t} (router in the kernel): {a:?} vs {b:?}"
+                    );
+                }
+            }
+            let fast = sorted(fast_idx, fast_w);
             for (t, (a, b)) in fast.iter().zip(&want).enumerate() {
                 for ((ea, wa), (eb, wb)) in a.iter().zip(b) {
                     assert_eq!(ea, eb, "{method:?} token {t}: experts {a:?} vs {b:?}");

@@ -2,6 +2,7 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 
+use crate::kernels::norm::Residual;
 use crate::kernels::{self, Kernels};
 
 /// Root-mean-square normalisation over the last dimension with a learned gain.
@@ -33,7 +34,7 @@ impl RmsNorm {
         if self.kernels == Kernels::Wgsl && n > 0 {
             let rows = dims.iter().product::<usize>() / n;
             let flat: Tensor<2> = x.clone().reshape([rows, n]);
-            if let Some((y, _)) = kernels::norm::rms_norm(&flat, None, &self.weight, self.eps) {
+            if let Some((y, _)) = kernels::norm::rms_norm(&flat, Residual::None, &self.weight, self.eps) {
                 return y.reshape(dims);
             }
         }
@@ -45,18 +46,73 @@ impl RmsNorm {
     }
 
     /// The residual add fused with the norm after it: returns `(x + delta, norm(x + delta))`, or
-    /// `(x, norm(x))` without `delta`. One launch with moela's kernel.
-    pub fn forward_add(&self, x: Tensor<2>, delta: Option<Tensor<2>>) -> (Tensor<2>, Tensor<2>) {
-        if self.kernels == Kernels::Wgsl
-            && let Some((y, sum)) = kernels::norm::rms_norm(&x, delta.as_ref(), &self.weight, self.eps)
-        {
-            return (sum.unwrap_or(x), y);
+    /// `(x, norm(x))` without `delta`. One launch with moela's kernel, a MoE block's mixing included.
+    pub fn forward_add(&self, x: Tensor<2>, delta: Option<Delta>) -> (Tensor<2>, Tensor<2>) {
+        if self.kernels == Kernels::Wgsl {
+            let residual = match &delta {
+                None => Residual::None,
+                Some(Delta::Plain(d)) => Residual::Add(d),
+                Some(Delta::Experts { routed, weights, base }) => Residual::Experts { routed, weights, base },
+            };
+            if let Some((y, sum)) = kernels::norm::rms_norm(&x, residual, &self.weight, self.eps) {
+                return (sum.unwrap_or(x), y);
+            }
         }
         let x = match delta {
-            Some(d) => x + d,
+            Some(d) => x + d.into_tensor(),
             None => x,
         };
         let y = self.forward(x.clone());
         (x, y)
+    }
+}
+
+/// A block's output on its way into the residual stream.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // three tensor handles, one per block and step, moved not copied
+pub enum Delta {
+    /// One tensor `[T, H]`.
+    Plain(Tensor<2>),
+    /// A MoE block's output before its routed experts are mixed: the gathered down projections `routed`
+    /// `[T * K, H]` (one row per token and slot), their router weights `[T, K]` and the shared experts'
+    /// output `base` `[T, H]`; the norm that adds it mixes it in the same launch.
+    Experts {
+        /// `[T * K, H]`.
+        routed: Tensor<2>,
+        /// `[T, K]`.
+        weights: Tensor<2>,
+        /// `[T, H]`.
+        base: Tensor<2>,
+    },
+}
+
+impl Delta {
+    /// The output as one tensor `[T, H]`.
+    pub fn into_tensor(self) -> Tensor<2> {
+        match self {
+            Delta::Plain(t) => t,
+            Delta::Experts { routed, weights, base } => kernels::moe::combine(&routed, &weights, Some(&base))
+                .unwrap_or_else(|| {
+                    let [t, k] = weights.dims();
+                    let h = base.dims()[1];
+                    let mixed = (routed * weights.reshape([t * k, 1])).reshape([t, k, h]).sum_dim(1);
+                    mixed.reshape([t, h]) + base
+                }),
+        }
+    }
+
+    /// Only the last of its `t` token rows.
+    pub fn last(self, t: usize) -> Self {
+        match self {
+            Delta::Plain(d) => Delta::Plain(d.narrow(0, t - 1, 1)),
+            Delta::Experts { routed, weights, base } => {
+                let k = weights.dims()[1];
+                Delta::Experts {
+                    routed: routed.narrow(0, (t - 1) * k, k),
+                    weights: weights.narrow(0, t - 1, 1),
+                    base: base.narrow(0, t - 1, 1),
+                }
+            }
+        }
     }
 }

@@ -7,7 +7,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use super::mla::{Mla, QProj};
 use super::mlp::Mlp;
 use super::moe::{ExpertChunk, Moe};
-use super::norm::RmsNorm;
+use super::norm::{Delta, RmsNorm};
 use super::rope::{Rope, deinterleave_rows};
 use super::{Linear, MAX_BINDING_BYTES, WeightDtype, Weights, transpose, upload};
 use crate::cache::LatentCache;
@@ -309,16 +309,16 @@ impl Transformer {
         let tables = self.rope.tables(pos, t, &self.device);
         // Each block's output is added to the residual stream by the norm that follows it (one fused
         // launch with moela's kernels): `pending` is the output not yet added.
-        let mut pending: Option<Tensor<2>> = None;
+        let mut pending: Option<Delta> = None;
         for (i, b) in self.blocks.iter().enumerate() {
             let (sum, n) = b.attn_norm.forward_add(x, pending.take());
             let a = b.attn.forward(n, pos, cache.layer_mut(i), &tables, &self.device);
-            let (sum, n) = b.ffn_norm.forward_add(sum, Some(a));
+            let (sum, n) = b.ffn_norm.forward_add(sum, Some(Delta::Plain(a)));
             x = sum;
             pending = Some(match &b.ffn {
-                FeedForward::Dense(m) => m.forward(n),
+                FeedForward::Dense(m) => Delta::Plain(m.forward(n)),
                 FeedForward::Moe(m) => {
-                    let (out, experts) = m.forward(n);
+                    let (out, experts) = m.forward_delta(n);
                     if let Some(r) = routing.as_mut() {
                         r.push(experts);
                     }
@@ -327,11 +327,11 @@ impl Transformer {
             });
         }
         cache.advance(t);
-        let last = |v: Tensor<2>| match which {
-            LogitsFor::All => v,
-            LogitsFor::Last => v.narrow(0, t - 1, 1),
+        let (x, pending) = match which {
+            LogitsFor::All => (x, pending),
+            LogitsFor::Last => (x.narrow(0, t - 1, 1), pending.map(|d| d.last(t))),
         };
-        let (_, n) = self.norm.forward_add(last(x), pending.map(last));
+        let (_, n) = self.norm.forward_add(x, pending);
         Ok(self.head.forward(n))
     }
 }
