@@ -7,9 +7,10 @@
 // shape) and the roped shared key, [c' | k_pe], written in place into the preallocated cache.
 // Rope dims are in half-split order (model/rope.rs): x1 = first half, x2 = second half.
 //
-// Bindings: q [T, heads * (nope + rope)], kv [T, rank + rope], w_uk [heads, nope, rank], gain [rank],
-// cos [T, rope / 2], sin [T, rope / 2], cache [capacity, rank + rope], query [T, heads, rank + rope],
-// then the shape.
+// Bindings: q (token t's query, heads * (nope + rope) values at t * q_stride + q_off), kv (token t's
+// kv_a_proj_with_mqa output, rank + rope values at t * kv_stride + kv_off; q and kv may be one buffer, the
+// output of one product for both), w_uk [heads, nope, rank], gain [rank], cos [T, rope / 2],
+// sin [T, rope / 2], cache [capacity, rank + rope], query [T, heads, rank + rope], then the shape.
 
 @group(0) @binding(0) var<storage, read_write> q: array<f32>;
 @group(0) @binding(1) var<storage, read_write> kv: array<f32>;
@@ -27,6 +28,10 @@ struct Shape {
     rank: u32,
     pos: u32,
     eps: f32,
+    q_stride: u32,
+    q_off: u32,
+    kv_stride: u32,
+    kv_off: u32,
     _pad0: u32,
     _pad1: u32,
 }
@@ -44,7 +49,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let half = shape.rope / 2u;
     let width = rank + shape.rope;
     if (h < shape.heads) {
-        let qb = (t * shape.heads + h) * (nope + shape.rope);
+        let qb = t * shape.q_stride + shape.q_off + h * (nope + shape.rope);
         let ob = (t * shape.heads + h) * width;
         for (var i = lid; i < half; i += WG) {
             let c = cos_t[t * half + i];
@@ -65,7 +70,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         return;
     }
 
-    let kb = t * width;
+    let kb = t * shape.kv_stride + shape.kv_off;
     let cb = (shape.pos + t) * width;
     var ss = 0.0;
     for (var r = lid; r < rank; r += WG) {

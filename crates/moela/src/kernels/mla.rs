@@ -37,10 +37,15 @@ pub struct MlaShape {
 
 /// The weights and inputs of one decode attention call.
 pub struct MlaInputs<'a> {
-    /// Queries `[T, n_h * (d_n + d_r)]`, rope dims unrotated.
+    /// Queries: columns `q_col..q_col + n_h * (d_n + d_r)` of each row, rope dims unrotated.
     pub q: &'a Tensor<2>,
-    /// `kv_a_proj_with_mqa` output `[T, r_kv + d_r]` (latent before its norm, rope key unrotated).
+    /// The first query column in `q`.
+    pub q_col: usize,
+    /// `kv_a_proj_with_mqa` output: columns `kv_col..kv_col + r_kv + d_r` (latent before its norm, rope key
+    /// unrotated). May be the same tensor as `q` (one product for both).
     pub kv: &'a Tensor<2>,
+    /// The first latent column in `kv`.
+    pub kv_col: usize,
     /// Absorbed `W_UK` `[n_h, d_n, r_kv]`.
     pub w_uk: &'a Tensor<3>,
     /// `W_UV^T` `[n_h, r_kv, d_v]`.
@@ -57,6 +62,7 @@ pub struct MlaInputs<'a> {
 /// call; the caller then runs burn's ops.
 pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) -> Option<Tensor<2>> {
     let [t, qw] = inp.q.dims();
+    let [t2, kw] = inp.kv.dims();
     let width = s.rank + s.rope;
     let [capacity, cw] = layer.dims();
     let f32s = [
@@ -74,8 +80,9 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         || !s.rope.is_multiple_of(2)
         || s.rank > MAX_RANK
         || width > MAX_WIDTH
-        || qw != s.heads * (s.nope + s.rope)
-        || inp.kv.dims() != [t, width]
+        || inp.q_col + s.heads * (s.nope + s.rope) > qw
+        || t2 != t
+        || inp.kv_col + width > kw
         || inp.w_uk.dims() != [s.heads, s.nope, s.rank]
         || inp.w_uv_t.dims() != [s.heads, s.rank, s.v]
         || inp.gain.dims() != [s.rank]
@@ -129,6 +136,10 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         s.rank as u32,
         pos as u32,
         (s.eps as f32).to_bits(),
+        qw as u32,
+        inp.q_col as u32,
+        kw as u32,
+        inp.kv_col as u32,
     ];
     launch(
         &q,

@@ -13,15 +13,15 @@ use super::rope;
 use super::{Linear, as_f32};
 use crate::kernels::{self, Kernels};
 
-/// How the query is produced.
+/// How the query is produced from the first columns of [`Mla::input`]'s product.
 #[derive(Debug, Clone)]
 pub enum QProj {
-    /// `q_proj`: `[H] -> [n_h * d_qk]` (V2-Lite, Moonlight).
-    Plain(Linear),
-    /// `q_a_proj` -> `q_a_layernorm` -> `q_b_proj` through rank r_q (V2, V3).
+    /// `q_proj`, `[H] -> [n_h * d_qk]`: the product's first columns are the queries (V2-Lite, Moonlight).
+    Plain,
+    /// `q_a_proj` (the first r_q columns) -> `q_a_layernorm` -> `q_b_proj` (V2, V3).
     Lora {
-        /// `[H] -> [r_q]`.
-        a: Linear,
+        /// r_q.
+        rank: usize,
         /// Norm over r_q (eps 1e-6).
         norm: Box<RmsNorm>,
         /// `[r_q] -> [n_h * d_qk]`.
@@ -32,10 +32,11 @@ pub enum QProj {
 /// One attention block's weights.
 #[derive(Debug, Clone)]
 pub struct Mla {
-    /// Query projection.
+    /// The two products of the normed input in one: `[q_proj | kv_a_proj_with_mqa]` (or `q_a_proj` first),
+    /// `[H] -> [q width + r_kv + d_r]`; the `kv_a` columns hold the latent, then the rope key (half-split).
+    pub input: Linear,
+    /// How the first columns of `input` become the queries.
     pub q: QProj,
-    /// `kv_a_proj_with_mqa`: `[H] -> [r_kv + d_r]` (latent, then rope key; rope rows half-split).
-    pub kv_a: Linear,
     /// `kv_a_layernorm` over r_kv.
     pub kv_a_norm: RmsNorm,
     /// Absorbed key up-projection `W_UK`, `[n_h, d_n, r_kv]`.
@@ -76,14 +77,20 @@ impl Mla {
         let (n_h, d_n, d_r, r_kv) = (self.heads, self.nope, self.rope, self.rank);
         let width = r_kv + d_r;
         let s = pos + t;
-        let q = self.queries(x.clone());
-        let a = self.kv_a.forward(x);
+        let both = self.input.forward(x);
+        let qw = self.q_width();
+        let q = match &self.q {
+            QProj::Plain => None,
+            QProj::Lora { norm, b, .. } => Some(b.forward(norm.forward(both.clone().narrow(1, 0, qw)))),
+        };
 
         // Decode (a few tokens): moela's kernels write the cache rows and attend in three launches.
         if self.kernels == Kernels::Wgsl && t <= kernels::matvec::MAX_ROWS {
             let inputs = kernels::mla::MlaInputs {
-                q: &q,
-                kv: &a,
+                q: q.as_ref().unwrap_or(&both),
+                q_col: 0,
+                kv: &both,
+                kv_col: qw,
                 w_uk: &self.w_uk,
                 w_uv_t: &self.w_uv_t,
                 gain: &self.kv_a_norm.weight,
@@ -102,6 +109,8 @@ impl Mla {
                 return self.o.forward(out);
             }
         }
+        let q = q.unwrap_or_else(|| both.clone().narrow(1, 0, qw));
+        let a = both.narrow(1, qw, width);
 
         // Queries: [T, n_h * d_qk] -> [n_h, T, d_qk].
         let q = q.reshape([t, n_h, d_n + d_r]).swap_dims(0, 1);
@@ -136,12 +145,24 @@ impl Mla {
 }
 
 impl Mla {
-    /// `x` `[T, H]` -> queries `[T, n_h * d_qk]` (rope dims still unrotated).
-    fn queries(&self, x: Tensor<2>) -> Tensor<2> {
+    /// Columns of [`Mla::input`]'s product that feed the query: n_h * d_qk, or r_q.
+    pub fn q_width(&self) -> usize {
         match &self.q {
-            QProj::Plain(p) => p.forward(x),
-            QProj::Lora { a, norm, b } => b.forward(norm.forward(a.forward(x))),
+            QProj::Plain => self.heads * (self.nope + self.rope),
+            QProj::Lora { rank, .. } => *rank,
         }
+    }
+
+    /// `x` `[T, H]` -> queries `[T, n_h * d_qk]` (rope dims unrotated) and `kv_a` `[T, r_kv + d_r]`.
+    fn project(&self, x: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
+        let both = self.input.forward(x);
+        let qw = self.q_width();
+        let a = both.clone().narrow(1, qw, self.rank + self.rope);
+        let q = match &self.q {
+            QProj::Plain => both.narrow(1, 0, qw),
+            QProj::Lora { norm, b, .. } => b.forward(norm.forward(both.narrow(1, 0, qw))),
+        };
+        (q, a)
     }
 
     /// Causal attention for `b` independent sequences of `t` tokens at positions `0..t`, with no cache
@@ -158,11 +179,11 @@ impl Mla {
         device: &Device,
     ) -> Tensor<2> {
         let (n_h, d_n, d_r, r_kv) = (self.heads, self.nope, self.rope, self.rank);
-        let q = self.queries(x.clone()).reshape([b, t, n_h, d_n + d_r]).swap_dims(1, 2); // [B, n_h, T, d_qk]
+        let (q, a) = self.project(x);
+        let q = q.reshape([b, t, n_h, d_n + d_r]).swap_dims(1, 2); // [B, n_h, T, d_qk]
         let q_nope = q.clone().narrow(3, 0, d_n);
         let q_pe = rope::apply(q.narrow(3, d_n, d_r), &tables.0, &tables.1);
 
-        let a = self.kv_a.forward(x);
         let latent = self
             .kv_a_norm
             .forward(a.clone().narrow(1, 0, r_kv))
@@ -234,8 +255,8 @@ mod tests {
         let mut norm = RmsNorm::new(random(r_kv, &device).iter().map(|v| 1.0 + v).collect(), 1e-6, &device);
         norm.kernels = Kernels::Generic;
         let mut mla = Mla {
-            q: QProj::Plain(linear(n_h * (d_n + d_r), h)),
-            kv_a: linear(r_kv + d_r, h),
+            input: linear(n_h * (d_n + d_r) + r_kv + d_r, h),
+            q: QProj::Plain,
             kv_a_norm: norm,
             w_uk: Tensor::from_data(
                 TensorData::new(random(n_h * d_n * r_kv, &device), [n_h, d_n, r_kv]),
@@ -283,10 +304,13 @@ mod tests {
             let want = mla.forward(x.clone(), prompt, &mut reference_cache, &tables(prompt, t), &device);
             // The kernels directly, so that a declined call cannot pass as burn's result.
             let tab = tables(prompt, t);
-            let (q, kv) = (mla.queries(x.clone()), mla.kv_a.forward(x));
+            // Queries and kv_a as one product, one buffer, as the forward passes them.
+            let both = mla.input.forward(x);
             let inputs = kernels::mla::MlaInputs {
-                q: &q,
-                kv: &kv,
+                q: &both,
+                q_col: 0,
+                kv: &both,
+                kv_col: mla.q_width(),
                 w_uk: &mla.w_uk,
                 w_uv_t: &mla.w_uv_t,
                 gain: &mla.kv_a_norm.weight,

@@ -64,15 +64,11 @@ impl Transformer {
             norm(&mut out, format!("{p}attn_norm"), &mut b.attn_norm);
             norm(&mut out, format!("{p}ffn_norm"), &mut b.ffn_norm);
             let a = &mut b.attn;
-            match &mut a.q {
-                QProj::Plain(l) => linear(&mut out, format!("{p}q"), l),
-                QProj::Lora { a: qa, norm: n, b: qb } => {
-                    linear(&mut out, format!("{p}q_a"), qa);
-                    norm(&mut out, format!("{p}q_a_norm"), n);
-                    linear(&mut out, format!("{p}q_b"), qb);
-                }
+            linear(&mut out, format!("{p}q_kv_a"), &mut a.input);
+            if let QProj::Lora { norm: n, b: qb, .. } = &mut a.q {
+                norm(&mut out, format!("{p}q_a_norm"), n);
+                linear(&mut out, format!("{p}q_b"), qb);
             }
-            linear(&mut out, format!("{p}kv_a"), &mut a.kv_a);
             norm(&mut out, format!("{p}kv_a_norm"), &mut a.kv_a_norm);
             out.push((format!("{p}w_uk"), ParamMut::Stack(&mut a.w_uk)));
             out.push((format!("{p}w_uv_t"), ParamMut::Stack(&mut a.w_uv_t)));
@@ -175,28 +171,26 @@ async fn export_mla(
         w
     };
     let a = format!("{p}self_attn.");
+    // `input` holds q_proj (or q_a_proj) rows, then kv_a_proj_with_mqa rows.
+    let mut input = rows_of(&m.input).await?;
+    let qw = m.q_width();
+    let mut kv_a = input.split_off(qw * h);
     match &m.q {
-        QProj::Plain(l) => out.push((
-            format!("{a}q_proj.weight"),
-            vec![n_h * d_qk, h],
-            q_rows(rows_of(l).await?, h),
-        )),
-        QProj::Lora { a: qa, norm, b } => {
-            let r_q = norm.weight.dims()[0];
-            out.push((format!("{a}q_a_proj.weight"), vec![r_q, h], rows_of(qa).await?));
+        QProj::Plain => out.push((format!("{a}q_proj.weight"), vec![n_h * d_qk, h], q_rows(input, h))),
+        QProj::Lora { rank: r_q, norm, b } => {
+            out.push((format!("{a}q_a_proj.weight"), vec![*r_q, h], input));
             out.push((
                 format!("{a}q_a_layernorm.weight"),
-                vec![r_q],
+                vec![*r_q],
                 read(norm.weight.clone()).await?,
             ));
             out.push((
                 format!("{a}q_b_proj.weight"),
-                vec![n_h * d_qk, r_q],
-                q_rows(rows_of(b).await?, r_q),
+                vec![n_h * d_qk, *r_q],
+                q_rows(rows_of(b).await?, *r_q),
             ));
         }
     }
-    let mut kv_a = rows_of(&m.kv_a).await?;
     if c.rope_interleave {
         interleave_rows(&mut kv_a, h, r_kv, 0, 1, d_r);
     }

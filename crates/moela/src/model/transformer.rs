@@ -104,14 +104,11 @@ impl Transformer {
         self.norm.kernels = kernels;
         let mut all: Vec<&mut Linear> = vec![&mut self.head];
         for b in &mut self.blocks {
-            match &mut b.attn.q {
-                QProj::Plain(l) => all.push(l),
-                QProj::Lora { a, norm, b } => {
-                    norm.kernels = kernels;
-                    all.extend([a, b]);
-                }
+            if let QProj::Lora { norm, b: q_b, .. } = &mut b.attn.q {
+                norm.kernels = kernels;
+                all.push(q_b);
             }
-            all.extend([&mut b.attn.kv_a, &mut b.attn.o]);
+            all.extend([&mut b.attn.input, &mut b.attn.o]);
             b.attn.kernels = kernels;
             b.attn.kv_a_norm.kernels = kernels;
             b.attn_norm.kernels = kernels;
@@ -351,41 +348,42 @@ fn load_mla(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
         if c.rope_interleave {
             deinterleave_rows(&mut w, cols, d_n, d_qk, n_h, d_r);
         }
-        Linear::from_rows(&w, n_h * d_qk, cols, dtype, device)
+        w
     };
-    let q = match c.q_lora_rank {
-        None => QProj::Plain(q_rows(
-            r.get(&format!("{p}self_attn.q_proj.weight"), &[n_h * d_qk, h])?.data,
-            h,
-        )),
-        Some(r_q) => QProj::Lora {
-            a: Linear::from_rows(
-                &r.get(&format!("{p}self_attn.q_a_proj.weight"), &[r_q, h])?.data,
-                r_q,
-                h,
-                dtype,
-                device,
-            ),
-            // q_a_layernorm / kv_a_layernorm use eps 1e-6 whatever rms_norm_eps says (§2).
-            norm: Box::new(RmsNorm::new(
-                r.get(&format!("{p}self_attn.q_a_layernorm.weight"), &[r_q])?.data,
-                1e-6,
-                device,
-            )),
-            b: q_rows(
+    // q_proj (or q_a_proj) and kv_a_proj_with_mqa read the same input: one weight, one product.
+    let (mut input, q) = match c.q_lora_rank {
+        None => (
+            q_rows(r.get(&format!("{p}self_attn.q_proj.weight"), &[n_h * d_qk, h])?.data, h),
+            QProj::Plain,
+        ),
+        Some(r_q) => {
+            let b = q_rows(
                 r.get(&format!("{p}self_attn.q_b_proj.weight"), &[n_h * d_qk, r_q])?
                     .data,
                 r_q,
-            ),
-        },
+            );
+            let q = QProj::Lora {
+                rank: r_q,
+                // q_a_layernorm / kv_a_layernorm use eps 1e-6 whatever rms_norm_eps says (§2).
+                norm: Box::new(RmsNorm::new(
+                    r.get(&format!("{p}self_attn.q_a_layernorm.weight"), &[r_q])?.data,
+                    1e-6,
+                    device,
+                )),
+                b: Linear::from_rows(&b, n_h * d_qk, r_q, dtype, device),
+            };
+            (r.get(&format!("{p}self_attn.q_a_proj.weight"), &[r_q, h])?.data, q)
+        }
     };
+    let q_width = input.len() / h;
     let mut kv_a = r
         .get(&format!("{p}self_attn.kv_a_proj_with_mqa.weight"), &[r_kv + d_r, h])?
         .data;
     if c.rope_interleave {
         deinterleave_rows(&mut kv_a, h, r_kv, 0, 1, d_r);
     }
-    let kv_a = Linear::from_rows(&kv_a, r_kv + d_r, h, dtype, device);
+    input.extend(kv_a);
+    let input = Linear::from_rows(&input, q_width + r_kv + d_r, h, dtype, device);
     let kv_a_norm = RmsNorm::new(
         r.get(&format!("{p}self_attn.kv_a_layernorm.weight"), &[r_kv])?.data,
         1e-6,
@@ -412,8 +410,8 @@ fn load_mla(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
         device,
     );
     Ok(Mla {
+        input,
         q,
-        kv_a,
         kv_a_norm,
         w_uk: upload(w_uk, [n_h, d_n, r_kv], device),
         w_uv_t: upload(w_uv_t, [n_h, r_kv, d_v], device),
