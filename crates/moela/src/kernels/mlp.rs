@@ -65,21 +65,11 @@ pub fn swiglu_pair(
 
 #[cfg(test)]
 mod tests {
+    use crate::kernels::worst_difference;
     use burn::tensor::Distribution;
     use burn::tensor::activation::silu;
 
     use super::*;
-
-    fn worst(a: Tensor<2>, b: Tensor<2>) -> f32 {
-        let (a, b) = (
-            a.into_data().try_to_vec::<f32>().unwrap(),
-            b.into_data().try_to_vec::<f32>().unwrap(),
-        );
-        a.iter()
-            .zip(&b)
-            .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
-            .fold(0f32, f32::max)
-    }
 
     #[test]
     fn matches_burn_silu_times_up() {
@@ -92,12 +82,15 @@ mod tests {
         for (rows, width) in [(1, 512), (3, 37), (7, 1)] {
             let gu = Tensor::<2>::random([rows, 2 * width], Distribution::Normal(0.0, 3.0), &device);
             let fast = swiglu(&gu, width).expect("the kernel covers this shape");
-            assert!(worst(fast, reference(&gu, width)) < 1e-5, "{rows}x{width}");
+            assert!(worst_difference(fast, reference(&gu, width)) < 1e-5, "{rows}x{width}");
         }
         let a = Tensor::<2>::random([6, 2 * 29], Distribution::Normal(0.0, 3.0), &device);
         let b = Tensor::<2>::random([2, 2 * 83], Distribution::Normal(0.0, 3.0), &device);
         let (ya, yb) = swiglu_pair(&a, 29, Some((&b, 83))).expect("the kernel covers this pair");
-        assert!(worst(ya, reference(&a, 29)) < 1e-5, "first of the pair");
-        assert!(worst(yb.unwrap(), reference(&b, 83)) < 1e-5, "second of the pair");
+        assert!(worst_difference(ya, reference(&a, 29)) < 1e-5, "first of the pair");
+        assert!(
+            worst_difference(yb.unwrap(), reference(&b, 83)) < 1e-5,
+            "second of the pair"
+        );
     }
 }

@@ -323,3 +323,16 @@ pub fn device_memory(device: &burn::tensor::Device) -> Option<(u64, u64)> {
         .usage();
     Some((usage.bytes_reserved, usage.bytes_in_use))
 }
+
+/// The largest difference between two tensors' values, relative to the reference's magnitude (absolute
+/// below 1): what the kernel tests compare.
+#[cfg(test)]
+pub(crate) fn worst_difference<const D: usize>(got: Tensor<D>, want: Tensor<D>) -> f32 {
+    let got: Vec<f32> = got.into_data().try_to_vec().expect("f32 values");
+    let want: Vec<f32> = want.into_data().try_to_vec().expect("f32 values");
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(&want)
+        .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
+        .fold(0f32, f32::max)
+}

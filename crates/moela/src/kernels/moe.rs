@@ -244,21 +244,10 @@ pub fn gathered_matvec(
 
 #[cfg(test)]
 mod tests {
+    use crate::kernels::worst_difference;
     use burn::tensor::{Distribution, TensorData};
 
     use super::*;
-
-    fn close(a: Tensor<2>, b: Tensor<2>) -> f32 {
-        let (a, b) = (
-            a.into_data().try_to_vec::<f32>().unwrap(),
-            b.into_data().try_to_vec::<f32>().unwrap(),
-        );
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(&b)
-            .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
-            .fold(0f32, f32::max)
-    }
 
     #[test]
     fn matches_selected_burn_products_on_awkward_sizes() {
@@ -286,7 +275,7 @@ mod tests {
                 }
             })
             .collect();
-        let worst = close(fast, Tensor::cat(rows, 0));
+        let worst = worst_difference(fast, Tensor::cat(rows, 0));
         assert!(worst < 1e-4, "worst difference {worst}");
 
         // One row per pair (the down projection).
@@ -294,7 +283,7 @@ mod tests {
         let fast = gathered_matvec(&xp, &w, &idx, first, 1).unwrap();
         let p = 4; // expert 11
         let want = xp.narrow(0, p, 1).matmul(w.narrow(0, 11 - first, 1).reshape([k, n]));
-        let worst = close(fast.narrow(0, p, 1), want);
+        let worst = worst_difference(fast.narrow(0, p, 1), want);
         assert!(worst < 1e-4, "down: worst difference {worst}");
     }
 
@@ -313,8 +302,8 @@ mod tests {
             .sum_dim(1)
             .reshape([t, h]);
         let fast = combine(&routed, &w, None).expect("the kernel covers this call");
-        assert!(close(fast, mixed.clone()) < 1e-5);
+        assert!(worst_difference(fast, mixed.clone()) < 1e-5);
         let fast = combine(&routed, &w, Some(&shared)).unwrap();
-        assert!(close(fast, mixed + shared) < 1e-5);
+        assert!(worst_difference(fast, mixed + shared) < 1e-5);
     }
 }

@@ -100,22 +100,11 @@ pub fn rms_norm(
 
 #[cfg(test)]
 mod tests {
+    use crate::kernels::worst_difference;
     use burn::tensor::Distribution;
 
     use super::*;
     use crate::model::norm::RmsNorm;
-
-    fn worst(a: Tensor<2>, b: Tensor<2>) -> f32 {
-        let (a, b) = (
-            a.into_data().try_to_vec::<f32>().unwrap(),
-            b.into_data().try_to_vec::<f32>().unwrap(),
-        );
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(&b)
-            .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
-            .fold(0f32, f32::max)
-    }
 
     #[test]
     fn matches_burn_norm_with_and_without_residual() {
@@ -134,11 +123,14 @@ mod tests {
             };
             let (out, none) = rms_norm(&x, Residual::None, &gain, 1e-6).expect("the kernel covers this shape");
             assert!(none.is_none());
-            assert!(worst(out, norm.forward(x.clone())) < 1e-5, "{rows}x{n}");
+            assert!(worst_difference(out, norm.forward(x.clone())) < 1e-5, "{rows}x{n}");
             let (out, sum) = rms_norm(&x, Residual::Add(&delta), &gain, 1e-6).unwrap();
             let want_sum = x.clone() + delta.clone();
-            assert!(worst(sum.unwrap(), want_sum.clone()) < 1e-6, "{rows}x{n} sum");
-            assert!(worst(out, norm.forward(want_sum)) < 1e-5, "{rows}x{n} add");
+            assert!(
+                worst_difference(sum.unwrap(), want_sum.clone()) < 1e-6,
+                "{rows}x{n} sum"
+            );
+            assert!(worst_difference(out, norm.forward(want_sum)) < 1e-5, "{rows}x{n} add");
 
             // A MoE block's output mixed in the same launch: delta + the weighted (token, slot) rows.
             let k = 3;
@@ -155,8 +147,14 @@ mod tests {
                 .sum_dim(1)
                 .reshape([rows, n]);
             let want_sum = x + delta + mixed;
-            assert!(worst(sum.unwrap(), want_sum.clone()) < 1e-5, "{rows}x{n} experts sum");
-            assert!(worst(out, norm.forward(want_sum)) < 1e-5, "{rows}x{n} experts");
+            assert!(
+                worst_difference(sum.unwrap(), want_sum.clone()) < 1e-5,
+                "{rows}x{n} experts sum"
+            );
+            assert!(
+                worst_difference(out, norm.forward(want_sum)) < 1e-5,
+                "{rows}x{n} experts"
+            );
         }
     }
 }

@@ -219,6 +219,7 @@ fn causal_mask(pos: usize, t: usize, device: &Device) -> Tensor<2> {
 
 #[cfg(test)]
 mod tests {
+    use crate::kernels::worst_difference;
     use burn::tensor::{Distribution, Tensor};
 
     use super::*;
@@ -229,15 +230,6 @@ mod tests {
             .into_data()
             .try_to_vec()
             .unwrap()
-    }
-
-    fn worst(a: Tensor<2>, b: Tensor<2>) -> f32 {
-        let (a, b): (Vec<f32>, Vec<f32>) = (a.into_data().try_to_vec().unwrap(), b.into_data().try_to_vec().unwrap());
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(&b)
-            .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
-            .fold(0f32, f32::max)
     }
 
     /// The decode kernels against burn's ops on awkward sizes, past one attention chunk of context (so the
@@ -328,9 +320,9 @@ mod tests {
             let out =
                 kernels::mla::decode(&inputs, &mut kernel_cache, prompt, &shape).expect("the kernels cover this call");
             let got = mla.o.forward(out);
-            let diff = worst(got, want);
+            let diff = worst_difference(got, want);
             assert!(diff < 1e-4, "{t} tokens: output differs by {diff}");
-            let diff = worst(kernel_cache, reference_cache);
+            let diff = worst_difference(kernel_cache, reference_cache);
             assert!(diff < 1e-5, "{t} tokens: cache differs by {diff}");
         }
     }
