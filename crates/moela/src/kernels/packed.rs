@@ -181,7 +181,7 @@ pub fn dequantise(p: &Packed) -> Option<Tensor<3>> {
     }
     let b = buffers(p)?;
     let zero = cube_int_tensor(&p.zero)?;
-    // A bound placeholder for x (the entry point does not read it).
+    // The three entry points share one binding list, so dequant binds a small x that it never reads.
     let x = cube_tensor(&Tensor::<1>::zeros([4], &p.words.device()))?;
     let info = shape_values(p, 0, 1);
     let grid = CubeCount::Static(groups, rows as u32, count as u32);
