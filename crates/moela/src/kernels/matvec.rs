@@ -3,12 +3,9 @@
 
 use std::sync::OnceLock;
 
-use burn::tensor::{DType, Shape, Tensor};
-use burn_cubecl::cubecl::prelude::CubeCount;
-use burn_cubecl::cubecl::server::{KernelArguments, MetadataBindingInfo};
-use burn_cubecl::tensor::CubeTensor;
+use burn::tensor::{DType, Tensor};
 
-use super::{WgslKernel, cube_tensor, per_row, uniform};
+use super::{WgslKernel, cube_tensor, empty, float, launch, per_row};
 
 const SOURCE: &str = include_str!("../../../../shaders/matvec.wgsl");
 const WORKGROUP: u32 = 64;
@@ -29,8 +26,7 @@ pub fn matvec(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
         return None;
     }
     let (x, w) = (cube_tensor(x)?, cube_tensor(w)?);
-    let client = x.client.clone();
-    let out = client.empty(m * n * 4);
+    let out = empty(&x, m * n);
     let kernel = WgslKernel {
         name: "matvec",
         entry: "main",
@@ -38,14 +34,14 @@ pub fn matvec(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
         variant: m as u32,
         workgroup: WORKGROUP,
     };
-    let args = KernelArguments::new()
-        .with_buffer(x.handle.clone().binding())
-        .with_buffer(w.handle.clone().binding())
-        .with_buffer(out.clone().binding())
-        .with_info(MetadataBindingInfo::custom(uniform(&[k as u32, (n / 4) as u32])));
-    client.launch(Box::new(kernel), CubeCount::Static(groups, 1, 1), args);
-    let y = CubeTensor::new_contiguous(client, x.device.clone(), Shape::new([m, n]), out, DType::F32);
-    Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
+    launch(
+        &x,
+        kernel,
+        [groups, 1, 1],
+        &[&x.handle, &w.handle, &out],
+        &[k as u32, (n / 4) as u32],
+    );
+    Some(float(&x, out, [m, n]))
 }
 
 /// The kernel's text for `m` (1..=[`MAX_ROWS`]) rows of x; the variants are written once per process.

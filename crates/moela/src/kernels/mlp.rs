@@ -65,11 +65,11 @@ pub fn swiglu_pair(
 
 #[cfg(test)]
 mod tests {
-    use crate::kernels::worst_difference;
     use burn::tensor::Distribution;
     use burn::tensor::activation::silu;
 
     use super::*;
+    use crate::kernels::worst_difference;
 
     #[test]
     fn matches_burn_silu_times_up() {

@@ -1,14 +1,11 @@
 //! `shaders/moe_matvec.wgsl`: products with only the experts the router chose (MoE decode), reading their
 //! weights where they are stored instead of gathering copies of them.
 
-use burn::tensor::{DType, Int, Shape, Tensor};
-use burn_cubecl::cubecl::prelude::CubeCount;
-use burn_cubecl::cubecl::server::{KernelArguments, MetadataBindingInfo};
-use burn_cubecl::tensor::CubeTensor;
-
 use std::sync::OnceLock;
 
-use super::{WgslKernel, cube_int_tensor, cube_tensor, empty, float, grid, launch, tagged, uniform, wrap};
+use burn::tensor::{DType, Int, Tensor};
+
+use super::{WgslKernel, cube_int_tensor, cube_tensor, empty, float, grid, launch, tagged, wrap};
 
 const SOURCE: &str = include_str!("../../../../shaders/moe_matvec.wgsl");
 const ROUTE: &str = include_str!("../../../../shaders/moe_route.wgsl");
@@ -221,8 +218,7 @@ pub fn gathered_matvec(
         return None;
     }
     let (x, w) = (cube_tensor(x)?, cube_tensor(w)?);
-    let client = x.client.clone();
-    let out = client.empty(pairs * n * 4);
+    let out = empty(&x, pairs * n);
     let kernel = WgslKernel {
         name: "moe_matvec",
         entry: "main",
@@ -231,23 +227,22 @@ pub fn gathered_matvec(
         workgroup: WORKGROUP,
     };
     let shape = [k, n / 4, first, count, x_div].map(|v| v as u32);
-    let args = KernelArguments::new()
-        .with_buffer(x.handle.clone().binding())
-        .with_buffer(w.handle.clone().binding())
-        .with_buffer(idx.handle.clone().binding())
-        .with_buffer(out.clone().binding())
-        .with_info(MetadataBindingInfo::custom(uniform(&shape)));
-    client.launch(Box::new(kernel), CubeCount::Static(groups, pairs as u32, 1), args);
-    let y = CubeTensor::new_contiguous(client, x.device.clone(), Shape::new([pairs, n]), out, DType::F32);
-    Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
+    launch(
+        &x,
+        kernel,
+        [groups, pairs as u32, 1],
+        &[&x.handle, &w.handle, &idx.handle, &out],
+        &shape,
+    );
+    Some(float(&x, out, [pairs, n]))
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::kernels::worst_difference;
     use burn::tensor::{Distribution, TensorData};
 
     use super::*;
+    use crate::kernels::worst_difference;
 
     #[test]
     fn matches_selected_burn_products_on_awkward_sizes() {

@@ -100,10 +100,10 @@ pub fn rms_norm(
 
 #[cfg(test)]
 mod tests {
-    use crate::kernels::worst_difference;
     use burn::tensor::Distribution;
 
     use super::*;
+    use crate::kernels::worst_difference;
     use crate::model::norm::RmsNorm;
 
     #[test]

@@ -79,10 +79,7 @@ impl Mla {
         let s = pos + t;
         let both = self.input.forward(x);
         let qw = self.q_width();
-        let q = match &self.q {
-            QProj::Plain => None,
-            QProj::Lora { norm, b, .. } => Some(b.forward(norm.forward(both.clone().narrow(1, 0, qw)))),
-        };
+        let q = self.lora_queries(&both);
 
         // Decode (a few tokens): moela's kernels write the cache rows and attend in three launches.
         if self.kernels == Kernels::Wgsl && t <= kernels::matvec::MAX_ROWS {
@@ -153,16 +150,23 @@ impl Mla {
         }
     }
 
+    /// The queries from [`Mla::input`]'s product `both`: their own tensor on the LoRA path, `None` where they
+    /// are the product's first columns.
+    fn lora_queries(&self, both: &Tensor<2>) -> Option<Tensor<2>> {
+        match &self.q {
+            QProj::Plain => None,
+            QProj::Lora { norm, b, .. } => Some(b.forward(norm.forward(both.clone().narrow(1, 0, self.q_width())))),
+        }
+    }
+
     /// `x` `[T, H]` -> queries `[T, n_h * d_qk]` (rope dims unrotated) and `kv_a` `[T, r_kv + d_r]`.
     fn project(&self, x: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
         let both = self.input.forward(x);
         let qw = self.q_width();
-        let a = both.clone().narrow(1, qw, self.rank + self.rope);
-        let q = match &self.q {
-            QProj::Plain => both.narrow(1, 0, qw),
-            QProj::Lora { norm, b, .. } => b.forward(norm.forward(both.narrow(1, 0, qw))),
-        };
-        (q, a)
+        let q = self
+            .lora_queries(&both)
+            .unwrap_or_else(|| both.clone().narrow(1, 0, qw));
+        (q, both.narrow(1, qw, self.rank + self.rope))
     }
 
     /// Causal attention for `b` independent sequences of `t` tokens at positions `0..t`, with no cache
@@ -219,10 +223,10 @@ fn causal_mask(pos: usize, t: usize, device: &Device) -> Tensor<2> {
 
 #[cfg(test)]
 mod tests {
-    use crate::kernels::worst_difference;
     use burn::tensor::{Distribution, Tensor};
 
     use super::*;
+    use crate::kernels::worst_difference;
     use crate::model::WeightDtype;
 
     fn random(n: usize, device: &Device) -> Vec<f32> {

@@ -17,7 +17,7 @@ use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::mlp::{Mlp, swiglu};
-use super::norm::Delta;
+use super::norm::{Delta, mix};
 use super::{Linear, Weights};
 use crate::config::{ScoringFunc, TopkMethod};
 use crate::kernels::{self, Kernels};
@@ -130,8 +130,11 @@ impl Moe {
         }
     }
 
-    /// The selection as moela's routing kernel reads it.
+    /// How the selection is made and its weights finished, as moela's routing kernel and burn's path both
+    /// read it.
     fn route_shape(&self) -> kernels::moe::RouteShape {
+        // Renormalised when the config says so (and K > 1); the factor applies always for V3 (sigmoid) and
+        // for V2 (softmax) only when not renormalising.
         let normalise = self.norm_topk_prob && self.top_k > 1;
         let scaled = match self.scoring {
             ScoringFunc::Sigmoid => true,
@@ -167,18 +170,18 @@ impl Moe {
 
     /// Renormalises and scales top-k weights (`[RC]` semantics: V2 scales only when not normalising).
     fn finish_weights(&self, w: Tensor<2>) -> Tensor<2> {
-        let normalise = self.norm_topk_prob && self.top_k > 1;
-        let w = if normalise {
+        // The same rules the routing kernel reads (`route_shape`).
+        let shape = self.route_shape();
+        let w = if shape.normalise {
             let sum = w.clone().sum_dim(1).add_scalar(1e-20);
             w / sum
         } else {
             w
         };
-        match self.scoring {
-            // V3 always applies the factor; V2 only when it does not normalise.
-            ScoringFunc::Sigmoid => w.mul_scalar(self.routed_scaling_factor),
-            ScoringFunc::Softmax if !normalise => w.mul_scalar(self.routed_scaling_factor),
-            ScoringFunc::Softmax => w,
+        if shape.factor == 1.0 {
+            w
+        } else {
+            w.mul_scalar(shape.factor)
         }
     }
 
@@ -259,9 +262,9 @@ impl Moe {
     }
 
     /// The block with moela's kernels: the selected experts' products read their weights in place (one
-    /// launch per product and expert chunk), the routed and shared SwiGLU share a launch, and one launch
-    /// mixes the (token, slot) rows with the shared experts' output. `None`, before any launch, when the
-    /// gathered kernels do not cover the call.
+    /// launch per product and expert chunk) and the routed and shared SwiGLU share a launch; the (token,
+    /// slot) rows are left for the next norm to mix with the shared experts' output. `None`, before any
+    /// launch, when the gathered kernels do not cover the call.
     fn forward_wgsl(&self, x: &Tensor<2>, idx: &Tensor<2, Int>, w: &Tensor<2>) -> Option<Delta> {
         let [t, h] = x.dims();
         let k = self.top_k;
@@ -277,25 +280,20 @@ impl Moe {
             .map(|c| gathered_product(x, &c.gate_up_t, idx, c.first, k))
             .collect::<Option<Vec<_>>>()?;
         let gate_up = sum(gate_up)?; // [P, 2I]
-        let shared_gu = self.shared.as_ref().map(|s| (s, s.gate_up.forward(x.clone())));
-        let pair = shared_gu
-            .as_ref()
-            .map(|(s, gu)| (gu, s.width))
-            .map_or(Some(None), |second| {
-                kernels::mlp::swiglu_pair(&gate_up, self.width, Some(second)).map(Some)
-            });
-        let (act, shared_act) = match pair {
-            Some(Some((act, shared_act))) => (act, shared_act),
-            _ => (
-                swiglu(gate_up, self.width, self.kernels),
-                shared_gu
-                    .as_ref()
-                    .map(|(s, gu)| swiglu(gu.clone(), s.width, self.kernels)),
-            ),
-        };
-        let shared = match (&self.shared, shared_act) {
-            (Some(s), Some(a)) => Some(s.down.forward(a)),
-            _ => None,
+        // Routed and shared SwiGLU in one launch where the kernel covers both.
+        let (act, shared) = match &self.shared {
+            None => (swiglu(gate_up, self.width, self.kernels), None),
+            Some(s) => {
+                let gu = s.gate_up.forward(x.clone());
+                let (act, shared_act) = match kernels::mlp::swiglu_pair(&gate_up, self.width, Some((&gu, s.width))) {
+                    Some((act, Some(shared_act))) => (act, shared_act),
+                    _ => (
+                        swiglu(gate_up, self.width, self.kernels),
+                        swiglu(gu, s.width, self.kernels),
+                    ),
+                };
+                (act, Some(s.down.forward(shared_act)))
+            }
         };
         // Down projections: one row per pair, written where `gathered_product` covers the chunk.
         let down = self
@@ -308,22 +306,15 @@ impl Moe {
             let routed = self.gathered(x.clone(), idx.clone().reshape([t, k]), w.clone());
             return Some(Delta::Plain(shared.map_or(routed.clone(), |s| routed + s)));
         };
-        // With shared experts the mixing is left to the next norm; without, one launch mixes here.
-        if let Some(base) = shared {
-            return Some(Delta::Experts {
+        // With shared experts the mixing is left to the next norm; without, it is done here.
+        Some(match shared {
+            Some(base) => Delta::Experts {
                 routed,
                 weights: w.clone(),
                 base,
-            });
-        }
-        if let Some(out) = kernels::moe::combine(&routed, w, None) {
-            return Some(Delta::Plain(out));
-        }
-        let y = (routed * w.clone().reshape([t * k, 1]))
-            .reshape([t, k, h])
-            .sum_dim(1)
-            .reshape([t, h]);
-        Some(Delta::Plain(y))
+            },
+            None => Delta::Plain(mix(routed, w, None)),
+        })
     }
 
     /// Only the selected experts' matrices are read: one batched product per (token, slot) pair, with the

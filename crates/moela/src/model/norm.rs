@@ -91,13 +91,7 @@ impl Delta {
     pub fn into_tensor(self) -> Tensor<2> {
         match self {
             Delta::Plain(t) => t,
-            Delta::Experts { routed, weights, base } => kernels::moe::combine(&routed, &weights, Some(&base))
-                .unwrap_or_else(|| {
-                    let [t, k] = weights.dims();
-                    let h = base.dims()[1];
-                    let mixed = (routed * weights.reshape([t * k, 1])).reshape([t, k, h]).sum_dim(1);
-                    mixed.reshape([t, h]) + base
-                }),
+            Delta::Experts { routed, weights, base } => mix(routed, &weights, Some(&base)),
         }
     }
 
@@ -114,5 +108,23 @@ impl Delta {
                 }
             }
         }
+    }
+}
+
+/// A MoE block's output from its gathered down projections `routed` (`[T * K, H]`), their router weights
+/// `[T, K]` and the shared experts' output `base`: one launch of moela's kernel, else burn's ops.
+pub(crate) fn mix(routed: Tensor<2>, weights: &Tensor<2>, base: Option<&Tensor<2>>) -> Tensor<2> {
+    if let Some(out) = kernels::moe::combine(&routed, weights, base) {
+        return out;
+    }
+    let [t, k] = weights.dims();
+    let h = routed.dims()[1];
+    let mixed = (routed * weights.clone().reshape([t * k, 1]))
+        .reshape([t, k, h])
+        .sum_dim(1)
+        .reshape([t, h]);
+    match base {
+        Some(b) => mixed + b.clone(),
+        None => mixed,
     }
 }
