@@ -7,7 +7,10 @@
 // idx [P] i32, y, then the shape.
 
 @group(0) @binding(0) var<storage, read_write> x: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read_write> w: array<vec4<u32>>;
+// The words: a storage buffer, or (native) an rgba32uint texture of 4096-texel rows, array layers past the
+// adapter's height (kernels/texture.rs). The launcher keeps the {{BUF}} or the {{TEX}} lines.
+@group(0) @binding(1) var<storage, read_write> w: array<vec4<u32>>; {{BUF}}
+@group(0) @binding(1) var w: texture_2d_array<u32>; {{TEX}}
 @group(0) @binding(2) var<storage, read_write> s: array<vec2<u32>>;
 @group(0) @binding(3) var<storage, read_write> idx: array<i32>;
 @group(0) @binding(4) var<storage, read_write> y: array<vec4<f32>>;
@@ -18,11 +21,18 @@ struct Shape {
     first: u32,   // first expert of the chunk (gathered)
     count: u32,   // matrices in the stack
     x_div: u32,   // pairs per row of x (gathered)
+    row_mask: u32,     // texture rows per layer - 1 (all ones for one layer)
+    layer_shift: u32,  // log2(rows per layer) (31 for one layer)
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 @group(0) @binding(5) var<uniform> shape: Shape;
+
+// Texel i of the words (four u32).
+fn word(i: u32) -> vec4<u32> {
+    return w[i]; {{BUF}}
+    let row = i >> 12u; {{TEX}}
+    return textureLoad(w, vec2<u32>(i & 4095u, row & shape.row_mask), row >> shape.layer_shift, 0); {{TEX}}
+}
 
 const GROUPS: u32 = 4u; // word groups (of 8 k) per block
 
@@ -59,7 +69,7 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
         var part{{R}} = vec4<f32>(0.0);
         for (var j = 0u; j < GROUPS; j++) {
             let g = b * GROUPS + j;
-            let words = w[wbase + g * n4];
+            let words = word(wbase + g * n4);
             let lo = unpack(words, 0u);
             let hi = unpack(words, 4u);
             part{{R}} += x[{{R}}u * k8 * 2u + 2u * g] * lo + x[{{R}}u * k8 * 2u + 2u * g + 1u] * hi;
@@ -90,7 +100,7 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
             var part = vec4<f32>(0.0);
             for (var j = 0u; j < GROUPS; j++) {
                 let g = b * GROUPS + j;
-                let words = w[wbase + g * n4];
+                let words = word(wbase + g * n4);
                 part += x[row + 2u * g] * unpack(words, 0u) + x[row + 2u * g + 1u] * unpack(words, 4u);
             }
             acc = fma(part, scale(s[sbase + b * n4]), acc);
@@ -112,7 +122,7 @@ fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (c >= n4 || g >= k8) {
         return;
     }
-    let words = w[(e * k8 + g) * n4 + c];
+    let words = word((e * k8 + g) * n4 + c);
     let sc = scale(s[(e * shape.blocks + g / GROUPS) * n4 + c]);
     let out = (e * k8 + g) * 8u * n4 + c;
     for (var half = 0u; half < 2u; half++) {

@@ -126,9 +126,18 @@ fn no_adapter(e: impl std::fmt::Display) -> String {
 #[cfg(not(target_arch = "wasm32"))]
 pub fn default_device() -> Result<Device> {
     DEVICE
-        .get_or_init(|| wgpu_options().init().map_err(no_adapter))
+        .get_or_init(|| {
+            let (device, setup) = wgpu_options().init_with_setup().map_err(no_adapter)?;
+            crate::kernels::texture::register(setup.device, setup.queue);
+            Ok(device)
+        })
         .clone()
         .map_err(Error::Device)
+}
+
+/// Whether `device` is the one [`default_device`] (or [`default_device_async`]) created.
+pub fn is_default_device(device: &Device) -> bool {
+    matches!(DEVICE.get(), Some(Ok(d)) if d == device)
 }
 
 /// [`default_device`] without blocking, as browsers require.

@@ -13,6 +13,8 @@ pub mod mlp;
 pub mod moe;
 pub mod norm;
 pub mod packed;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod texture;
 
 use burn::tensor::{Int, Tensor};
 use burn_cubecl::cubecl::ir::UIntKind;
@@ -263,6 +265,40 @@ impl burn_cubecl::cubecl::logging::LaunchObserver for Launches {
     }
 }
 
+/// The counter launches outside CubeCL (texture launches) report to, while one is running.
+static COUNTING: std::sync::Mutex<Option<std::sync::Arc<Launches>>> = std::sync::Mutex::new(None);
+
+/// Whether launches outside CubeCL should be timed (a profile is running).
+#[cfg(not(target_arch = "wasm32"))]
+fn timing_launches() -> bool {
+    COUNTING
+        .lock()
+        .ok()
+        .and_then(|c| c.as_ref().map(|l| l.timed))
+        .unwrap_or(false)
+}
+
+/// Records a launch made outside CubeCL, with its duration when timed.
+#[cfg(not(target_arch = "wasm32"))]
+fn record_launch(kernel: &'static str, seconds: Option<f64>) {
+    if let Ok(counting) = COUNTING.lock()
+        && let Some(l) = counting.as_ref()
+        && let Ok(mut stats) = l.stats.lock()
+    {
+        let e = stats.entry(kernel).or_default();
+        e.0 += 1;
+        e.1 += seconds.unwrap_or(0.0);
+    }
+}
+
+impl Drop for LaunchCounter {
+    fn drop(&mut self) {
+        if let Ok(mut c) = COUNTING.lock() {
+            *c = None;
+        }
+    }
+}
+
 impl LaunchCounter {
     /// Starts counting; `timed` also times every launch.
     pub fn start(timed: bool) -> Self {
@@ -270,6 +306,9 @@ impl LaunchCounter {
             timed,
             ..Launches::default()
         });
+        if let Ok(mut c) = COUNTING.lock() {
+            *c = Some(stats.clone());
+        }
         let watching = burn_cubecl::cubecl::logging::LaunchObservation::new(stats.clone());
         Self {
             stats,
@@ -279,6 +318,9 @@ impl LaunchCounter {
 
     /// Stops: launches per kernel, merged by short name, the most time (or launches) first.
     pub fn finish(self) -> Vec<KernelStat> {
+        if let Ok(mut c) = COUNTING.lock() {
+            *c = None;
+        }
         let raw = self.stats.stats.lock().map(|c| c.clone()).unwrap_or_default();
         let mut merged: std::collections::BTreeMap<String, (u64, f64)> = std::collections::BTreeMap::new();
         for (name, (n, secs)) in raw {
@@ -310,7 +352,7 @@ impl LaunchCounter {
     }
 }
 
-/// What the device's memory pools hold: `(reserved, in use)` bytes, or `None` off the wgpu device and in a
+/// What the device's memory pools and moela's weight textures hold: `(reserved, in use)` bytes, or `None` off the wgpu device and in a
 /// browser (the allocator's report waits on the device, and a page may not block).
 pub fn device_memory(device: &burn::tensor::Device) -> Option<(u64, u64)> {
     if cfg!(target_arch = "wasm32") {
@@ -321,7 +363,12 @@ pub fn device_memory(device: &burn::tensor::Device) -> Option<(u64, u64)> {
         .client
         .memory_report(burn_cubecl::cubecl::MemoryScope::Device)
         .usage();
-    Some((usage.bytes_reserved, usage.bytes_in_use))
+    // Weights held in textures live outside burn's pools.
+    #[cfg(not(target_arch = "wasm32"))]
+    let textures = texture::texture_bytes();
+    #[cfg(target_arch = "wasm32")]
+    let textures = 0;
+    Some((usage.bytes_reserved + textures, usage.bytes_in_use + textures))
 }
 
 /// The largest difference between two tensors' values, relative to the reference's magnitude (absolute

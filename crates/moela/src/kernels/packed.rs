@@ -12,54 +12,80 @@ use burn_cubecl::cubecl::server::{KernelArguments, MetadataBindingInfo};
 use burn_cubecl::tensor::CubeTensor;
 
 use super::matvec::MAX_ROWS;
-use super::{WgslKernel, cube_int_tensor, cube_tensor, per_row, uniform};
+#[cfg(not(target_arch = "wasm32"))]
+use super::texture;
+use super::{WgslKernel, cube_int_tensor, cube_tensor, per_row, tagged, uniform};
 use crate::model::WeightDtype;
-use crate::model::packed::{BLOCK, Packed};
+use crate::model::packed::{self, BLOCK, Packed};
 
 const WORKGROUP: u32 = 64;
 
-/// The shader of `format`, for `rows` rows of x (1..=[`MAX_ROWS`]); written once per process.
-fn source(format: WeightDtype, rows: usize) -> &'static str {
-    static VARIANTS: OnceLock<Vec<[String; 3]>> = OnceLock::new();
+/// The shader of `format`, for `rows` rows of x (1..=[`MAX_ROWS`]), reading its words from a buffer or a
+/// texture; written once per process.
+fn source(format: WeightDtype, rows: usize, texture: bool) -> &'static str {
+    static VARIANTS: OnceLock<Vec<[[String; 3]; 2]>> = OnceLock::new();
     let variants = VARIANTS.get_or_init(|| {
         let sources = [
             include_str!("../../../../shaders/matvec_f16.wgsl"),
             include_str!("../../../../shaders/matvec_q8.wgsl"),
             include_str!("../../../../shaders/matvec_q4.wgsl"),
         ];
-        (1..=MAX_ROWS).map(|m| sources.map(|s| per_row(s, m))).collect()
+        (1..=MAX_ROWS)
+            .map(|m| {
+                [false, true].map(|tex| sources.map(|s| per_row(&tagged(s, &[("BUF", !tex), ("TEX", tex)], &[]), m)))
+            })
+            .collect()
     });
     let i = match format {
         WeightDtype::F16 => 0,
         WeightDtype::Q8 => 1,
         _ => 2,
     };
-    &variants[rows - 1][i]
+    &variants[rows - 1][usize::from(texture)][i]
 }
 
-/// The buffers of a packed weight, or `None` when they are not on a WGSL device.
+/// Where a packed weight's words and scales are, or `None` when they are not on a WGSL device.
 struct Buffers {
-    words: CubeTensor,
+    words: Words<CubeTensor>,
     scales: Option<CubeTensor>,
 }
 
+/// The words of a packed weight as a launch binds them.
+enum Words<B> {
+    Buffer(B),
+    #[cfg(not(target_arch = "wasm32"))]
+    Texture(std::sync::Arc<texture::WeightTexture>),
+}
+
 fn buffers(p: &Packed) -> Option<Buffers> {
-    let words = cube_int_tensor(&p.words)?;
+    let words = match &p.words {
+        packed::Words::Buffer(t) => Words::Buffer(cube_int_tensor(t).filter(|w| w.dtype == DType::I32)?),
+        #[cfg(not(target_arch = "wasm32"))]
+        packed::Words::Texture(t) => Words::Texture(t.clone()),
+    };
     let scales = match &p.scales {
         Some(s) => Some(cube_int_tensor(s)?),
         None => None,
     };
-    (words.dtype == DType::I32).then_some(Buffers { words, scales })
+    Some(Buffers { words, scales })
 }
 
-/// The launch values every entry point reads: `[K or blocks, N/4, first, count, x_div]`.
-fn shape_values(p: &Packed, first: usize, x_div: usize) -> Vec<u64> {
+/// The launch values every entry point reads: `[K or blocks, N/4, first, count, x_div, row mask, layer
+/// shift]` (the last two place texels in a texture).
+fn shape_values(p: &Packed, b: &Buffers, first: usize, x_div: usize) -> Vec<u32> {
     let [count, k, n] = p.shape;
     let k_field = match p.format {
         WeightDtype::F16 => k,
         _ => p.padded_k() / BLOCK,
     };
-    uniform(&[k_field, n / 4, first, count, x_div].map(|v| v as u32))
+    let placement = match &b.words {
+        Words::Buffer(_) => [0, 0],
+        #[cfg(not(target_arch = "wasm32"))]
+        Words::Texture(t) => t.placement(),
+    };
+    let mut v = [k_field, n / 4, first, count, x_div].map(|v| v as u32).to_vec();
+    v.extend(placement);
+    v
 }
 
 /// Launches one entry point: bindings x, words, (scales), idx, y, then the shape.
@@ -72,29 +98,49 @@ fn launch(
     x: &CubeTensor,
     idx: &CubeTensor,
     out_len: usize,
-    count: CubeCount,
-    info: Vec<u64>,
+    count: [u32; 3],
+    info: Vec<u32>,
 ) -> burn_cubecl::cubecl::server::Handle {
     let client = x.client.clone();
     let out = client.empty(out_len * 4);
-    let kernel = WgslKernel {
-        name: p.format.name(),
-        entry,
-        source: source(p.format, rows),
-        variant: rows as u32,
-        workgroup: WORKGROUP,
-    };
-    let mut args = KernelArguments::new()
-        .with_buffer(x.handle.clone().binding())
-        .with_buffer(b.words.handle.clone().binding());
-    if let Some(s) = &b.scales {
-        args = args.with_buffer(s.handle.clone().binding());
+    match &b.words {
+        Words::Buffer(words) => {
+            let kernel = WgslKernel {
+                name: p.format.name(),
+                entry,
+                source: source(p.format, rows, false),
+                variant: rows as u32,
+                workgroup: WORKGROUP,
+            };
+            let mut args = KernelArguments::new()
+                .with_buffer(x.handle.clone().binding())
+                .with_buffer(words.handle.clone().binding());
+            if let Some(s) = &b.scales {
+                args = args.with_buffer(s.handle.clone().binding());
+            }
+            let args = args
+                .with_buffer(idx.handle.clone().binding())
+                .with_buffer(out.clone().binding())
+                .with_info(MetadataBindingInfo::custom(uniform(&info)));
+            client.launch(Box::new(kernel), CubeCount::Static(count[0], count[1], count[2]), args);
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        Words::Texture(t) => {
+            use texture::Bind;
+            let kernel = texture::TextureKernel {
+                name: p.format.name(),
+                entry,
+                variant: rows as u32,
+                source: source(p.format, rows, true),
+            };
+            let mut binds = vec![Bind::Buffer(&x.handle), Bind::Texture(t)];
+            if let Some(s) = &b.scales {
+                binds.push(Bind::Buffer(&s.handle));
+            }
+            binds.extend([Bind::Buffer(&idx.handle), Bind::Buffer(&out)]);
+            texture::dispatch(x, &kernel, count, &binds, &info);
+        }
     }
-    let args = args
-        .with_buffer(idx.handle.clone().binding())
-        .with_buffer(out.clone().binding())
-        .with_info(MetadataBindingInfo::custom(info));
-    client.launch(Box::new(kernel), count, args);
     out
 }
 
@@ -127,18 +173,8 @@ pub fn matvec(x: &Tensor<2>, p: &Packed) -> Option<Tensor<2>> {
     let b = buffers(p)?;
     let zero = cube_int_tensor(&p.zero)?;
     let xt = cube_tensor(&padded_x(x, p))?;
-    let info = shape_values(p, 0, 1);
-    let out = launch(
-        p,
-        &b,
-        "matvec",
-        m,
-        &xt,
-        &zero,
-        m * n,
-        CubeCount::Static(groups, 1, 1),
-        info,
-    );
+    let info = shape_values(p, &b, 0, 1);
+    let out = launch(p, &b, "matvec", m, &xt, &zero, m * n, [groups, 1, 1], info);
     let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([m, n]), out, DType::F32);
     Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
 }
@@ -159,8 +195,8 @@ pub fn gathered(x: &Tensor<2>, p: &Packed, idx: &Tensor<1, Int>, first: usize, x
     let b = buffers(p)?;
     let idx = cube_int_tensor(idx).filter(|t| t.dtype == DType::I32)?;
     let xt = cube_tensor(&padded_x(x, p))?;
-    let info = shape_values(p, first, x_div);
-    let count = CubeCount::Static(groups, pairs as u32, 1);
+    let info = shape_values(p, &b, first, x_div);
+    let count = [groups, pairs as u32, 1];
     let out = launch(p, &b, "gathered", 1, &xt, &idx, pairs * n, count, info);
     let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([pairs, n]), out, DType::F32);
     Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
@@ -182,9 +218,9 @@ pub fn dequantise(p: &Packed) -> Option<Tensor<3>> {
     let b = buffers(p)?;
     let zero = cube_int_tensor(&p.zero)?;
     // The three entry points share one binding list, so dequant binds a small x that it never reads.
-    let x = cube_tensor(&Tensor::<1>::zeros([4], &p.words.device()))?;
-    let info = shape_values(p, 0, 1);
-    let grid = CubeCount::Static(groups, rows as u32, count as u32);
+    let x = cube_tensor(&Tensor::<1>::zeros([4], &p.zero.device()))?;
+    let info = shape_values(p, &b, 0, 1);
+    let grid = [groups, rows as u32, count as u32];
     let out = launch(p, &b, "dequant", 1, &x, &zero, count * kp * n, grid, info);
     let w = CubeTensor::new_contiguous(x.client, x.device, Shape::new([count, kp, n]), out, DType::F32);
     let w = Tensor::<3>::from_primitive::<burn_cubecl::Cube>(w);
@@ -211,6 +247,15 @@ mod tests {
             .fold(0f32, f32::max)
     }
 
+    /// `p` as loaded, and with its words moved to a buffer when they were in a texture.
+    fn storages(p: Packed) -> Vec<Packed> {
+        match p.words {
+            packed::Words::Buffer(_) => vec![p],
+            #[cfg(not(target_arch = "wasm32"))]
+            packed::Words::Texture(_) => vec![p.clone(), p.in_buffer()],
+        }
+    }
+
     fn host(len: usize, seed: usize) -> Vec<f32> {
         (0..len)
             .map(|i| (((i + seed) * 7919 % 2003) as f32 - 1001.0) * 1e-3)
@@ -226,18 +271,21 @@ mod tests {
         for format in FORMATS {
             // K not a multiple of 32 (q8 / q4 pad x), N a multiple of 4 only.
             for (m, k, n) in [(1, 77, 148), (3, 96, 4), (8, 45, 52), (5, 200, 12)] {
-                let p = Packed::new(&host(k * n, m), [1, k, n], format, &device);
+                let packed = Packed::new(&host(k * n, m), [1, k, n], format, &device);
                 let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
-                let reference = x.clone().matmul(p.dequantise().reshape([k, n]));
-                let fast = matvec(&x, &p).expect("the kernel covers this shape");
-                let w = worst(&values(fast), &values(reference));
-                assert!(w < 1e-4, "{format:?} matvec {m}x{k}x{n}: worst difference {w}");
-                let unpacked = dequantise(&p).expect("the kernel covers this stack");
-                let w = worst(
-                    &values(unpacked.reshape([k, n])),
-                    &values(p.dequantise().reshape([k, n])),
-                );
-                assert_eq!(w, 0.0, "{format:?} dequant {k}x{n}");
+                let reference = x.clone().matmul(packed.dequantise().reshape([k, n]));
+                // Words in a texture (native q8 / q4) and in a buffer (the browser's path).
+                for p in storages(packed) {
+                    let fast = matvec(&x, &p).expect("the kernel covers this shape");
+                    let w = worst(&values(fast), &values(reference.clone()));
+                    assert!(w < 1e-4, "{format:?} matvec {m}x{k}x{n}: worst difference {w}");
+                    let unpacked = dequantise(&p).expect("the kernel covers this stack");
+                    let w = worst(
+                        &values(unpacked.reshape([k, n])),
+                        &values(p.dequantise().reshape([k, n])),
+                    );
+                    assert_eq!(w, 0.0, "{format:?} dequant {k}x{n}");
+                }
             }
         }
     }
@@ -253,21 +301,49 @@ mod tests {
         let ids = vec![5i32, 11, 7, 2, 11, 9];
         let idx = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [t * top]), &device);
         for format in FORMATS {
-            let p = Packed::new(&host(count * k * n, 3), [count, k, n], format, &device);
-            let dense = p.dequantise();
+            let packed = Packed::new(&host(count * k * n, 3), [count, k, n], format, &device);
+            let dense = packed.dequantise();
             let x = Tensor::<2>::random([t, k], Distribution::Normal(0.0, 1.0), &device);
-            let fast = values(gathered(&x, &p, &idx, first, top).expect("the kernel covers this call"));
-            for (q, &e) in ids.iter().enumerate() {
-                let e = e as usize;
-                let want = if (first..first + count).contains(&e) {
-                    let we = dense.clone().narrow(0, e - first, 1).reshape([k, n]);
-                    values(x.clone().narrow(0, q / top, 1).matmul(we))
-                } else {
-                    vec![0.0; n]
-                };
-                let w = worst(&fast[q * n..(q + 1) * n], &want);
-                assert!(w < 1e-4, "{format:?} pair {q} (expert {e}): worst difference {w}");
+            for p in storages(packed) {
+                let fast = values(gathered(&x, &p, &idx, first, top).expect("the kernel covers this call"));
+                for (q, &e) in ids.iter().enumerate() {
+                    let e = e as usize;
+                    let want = if (first..first + count).contains(&e) {
+                        let we = dense.clone().narrow(0, e - first, 1).reshape([k, n]);
+                        values(x.clone().narrow(0, q / top, 1).matmul(we))
+                    } else {
+                        vec![0.0; n]
+                    };
+                    let w = worst(&fast[q * n..(q + 1) * n], &want);
+                    assert!(w < 1e-4, "{format:?} pair {q} (expert {e}): worst difference {w}");
+                }
             }
+        }
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    #[test]
+    fn texture_layers_place_every_word() {
+        // 128 x 2600 q8 words fill 5.1 texture rows; at most 2 rows per layer gives 3 array layers, so the
+        // shader's (column, row, layer) split of a texel index is exercised without a gigabyte of weights.
+        let Ok(device) = crate::engine::default_device() else {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        };
+        let (k, n) = (128, 2600);
+        for format in [WeightDtype::Q8, WeightDtype::Q4] {
+            let p = Packed::new(&host(k * n, 5), [1, k, n], format, &device).in_texture_rows(2);
+            assert!(matches!(p.words, packed::Words::Texture(_)), "{format:?}: no texture");
+            let x = Tensor::<2>::random([2, k], Distribution::Normal(0.0, 1.0), &device);
+            let reference = x.clone().matmul(p.dequantise().reshape([k, n]));
+            let w = worst(&values(matvec(&x, &p).expect("covered")), &values(reference));
+            assert!(w < 1e-4, "{format:?} layered matvec: worst difference {w}");
+            let unpacked = dequantise(&p).expect("covered").reshape([k, n]);
+            let w = worst(
+                &values(unpacked),
+                &values(p.clone().in_buffer().dequantise().reshape([k, n])),
+            );
+            assert_eq!(w, 0.0, "{format:?} layered dequant");
         }
     }
 }

@@ -35,12 +35,23 @@ pub struct Packed {
     pub format: WeightDtype,
     /// `[count, K, N]`: matrices, inputs, outputs.
     pub shape: [usize; 3],
-    /// The packed words (u32 bit patterns held in an int tensor), flat.
-    pub words: Tensor<1, Int>,
+    /// The packed words.
+    pub words: Words,
     /// Block scales (q8, q4): f16 pairs per word, flat.
     pub scales: Option<Tensor<1, Int>>,
     /// A one-element zero index, bound by the matrix-vector kernel to choose the first matrix of the stack.
     pub zero: Tensor<1, Int>,
+}
+
+/// Where the packed words live.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // a burn tensor handle, built once at load
+pub enum Words {
+    /// u32 bit patterns held in a flat int tensor: any device, and the browser.
+    Buffer(Tensor<1, Int>),
+    /// A texture the 8-bit and 4-bit kernels read (native wgpu; see `kernels/texture.rs`).
+    #[cfg(not(target_arch = "wasm32"))]
+    Texture(std::sync::Arc<crate::kernels::texture::WeightTexture>),
 }
 
 impl Packed {
@@ -71,10 +82,21 @@ impl Packed {
             let v: Vec<i32> = v.into_iter().map(|w| w as i32).collect();
             Tensor::<1, Int>::from_data(TensorData::new(v, [len]), device)
         };
+        #[cfg(not(target_arch = "wasm32"))]
+        let texture = (format != WeightDtype::F16 && crate::kernels::texture::available(device))
+            .then(|| crate::kernels::texture::WeightTexture::new(&words))
+            .flatten();
+        #[cfg(target_arch = "wasm32")]
+        let texture: Option<()> = None;
+        let words = match texture {
+            #[cfg(not(target_arch = "wasm32"))]
+            Some(t) => Words::Texture(t),
+            _ => Words::Buffer(int(words)),
+        };
         Self {
             format,
             shape,
-            words: int(words),
+            words,
             scales: (format != WeightDtype::F16).then(|| int(scales)),
             zero: Tensor::zeros([1], device),
         }
@@ -95,11 +117,53 @@ impl Packed {
         count * (words_per_matrix(self.format, k, n) * 4 + scales)
     }
 
+    /// The same weights with their words in a buffer (as browsers hold them).
+    pub fn in_buffer(mut self) -> Self {
+        self.words = Words::Buffer(self.words_tensor());
+        self
+    }
+
+    /// The same weights with their words in a texture of at most `rows` rows per array layer (tests of the
+    /// layered placement without a gigabyte of weights); unchanged where textures are not available.
+    #[cfg(all(test, not(target_arch = "wasm32")))]
+    pub(crate) fn in_texture_rows(mut self, rows: usize) -> Self {
+        let host: Vec<u32> = self
+            .words_tensor()
+            .into_data()
+            .convert::<i32>()
+            .try_to_vec::<i32>()
+            .expect("int words")
+            .into_iter()
+            .map(|w| w as u32)
+            .collect();
+        if let Some(t) = crate::kernels::texture::WeightTexture::with_height(&host, rows) {
+            self.words = Words::Texture(t);
+        }
+        self
+    }
+
+    /// The words as a flat int tensor (copied out of a texture when they live in one).
+    pub fn words_tensor(&self) -> Tensor<1, Int> {
+        match &self.words {
+            Words::Buffer(t) => t.clone(),
+            #[cfg(not(target_arch = "wasm32"))]
+            Words::Texture(t) => {
+                let [count, k, n] = self.shape;
+                let len = count * words_per_matrix(self.format, k, n);
+                let out = Tensor::<1, Int>::from_data(TensorData::new(vec![0i32; len], [len]), &self.zero.device());
+                if let Ok(cube) = out.clone().try_into_primitive::<burn_cubecl::Cube>() {
+                    t.copy_to(&cube);
+                }
+                out
+            }
+        }
+    }
+
     /// The weights as f32 `[count, K, N]`, unpacked with burn's integer and float ops.
     pub fn dequantise(&self) -> Tensor<3> {
         let [count, k, n] = self.shape;
         let kp = self.padded_k();
-        let words = self.words.clone();
+        let words = self.words_tensor();
         let full = match self.format {
             WeightDtype::F16 => {
                 let halves = split_bits(words.reshape([count, k, n / 2]), 16, 2); // [count, K, N/2, 2]

@@ -1,0 +1,353 @@
+//! Packed weights held in textures, and the launches that read them.
+//!
+//! A software Vulkan driver (Mesa's lavapipe, llvmpipe underneath) reads a storage buffer one lane and one
+//! 32-bit word at a time, with a branch per word; a texel fetch loads all 16 bytes of an `rgba32uint` texel
+//! per lane in one go. The 8-bit and 4-bit products read their weights as such texels (`textureLoad`),
+//! which measured 2-2.5x faster there than the same kernels over a storage buffer. On hardware GPUs a
+//! texel fetch is as fast as a buffer load, so the same path serves every native adapter.
+//!
+//! CubeCL (burn's GPU runtime) binds buffers only, so these launches go around it on the same wgpu device
+//! and queue: burn's pending work is flushed first, then one command buffer runs the kernel, so the order
+//! of work on the queue is kept. The weights' words keep the layout of `model/packed.rs`, laid out as a
+//! flat array of 16-byte texels in rows of [`ROW`] texels (`i` at `(i % ROW, i / ROW)`), with array
+//! layers past the adapter's largest texture height.
+//!
+//! Browsers keep the buffer path (the wgpu handles are not shared with burn's device there).
+
+use std::collections::HashMap;
+use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use burn::tensor::wgpu::wgpu;
+use burn_cubecl::cubecl::server::Handle;
+use burn_cubecl::cubecl::wgpu::{AutoCompiler, WgpuServer};
+use burn_cubecl::tensor::CubeTensor;
+use wgpu::util::DeviceExt;
+
+/// Texels per texture row (a power of two, so the shaders split an index with a mask and a shift).
+pub const ROW: usize = 4096;
+/// Rows per array layer when a texture needs more than one layer.
+const LAYER_ROWS: usize = 1024;
+
+/// The wgpu device and queue behind burn's default device, with moela's own pipelines.
+struct Gpu {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    max_rows: usize,
+    max_layers: usize,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+}
+
+type PipelineKey = (&'static str, &'static str, u32);
+
+static GPU: OnceLock<Gpu> = OnceLock::new();
+
+/// Bytes held in weight textures (outside burn's memory pools), for the memory report.
+static TEXTURE_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Registers the wgpu device and queue burn's default device was created on (once per process).
+pub fn register(device: wgpu::Device, queue: wgpu::Queue) {
+    let limits = device.limits();
+    let _ = GPU.set(Gpu {
+        max_rows: limits.max_texture_dimension_2d as usize,
+        max_layers: limits.max_texture_array_layers as usize,
+        device,
+        queue,
+        pipelines: Mutex::new(HashMap::new()),
+    });
+}
+
+/// Whether weights on `device` can be stored in textures: it is the registered wgpu device.
+pub fn available(device: &burn::tensor::Device) -> bool {
+    GPU.get().is_some() && crate::engine::is_default_device(device)
+}
+
+/// Bytes the live weight textures take.
+pub fn texture_bytes() -> u64 {
+    TEXTURE_BYTES.load(Ordering::Relaxed)
+}
+
+/// Packed words in a 2D-array `rgba32uint` texture, four words per texel.
+#[derive(Debug)]
+pub struct WeightTexture {
+    texture: wgpu::Texture,
+    view: wgpu::TextureView,
+    /// Texels holding words (the rest of the last row is padding).
+    texels: usize,
+    /// Row mask and layer shift the shaders use to place a texel: `[rows - 1 or !0, shift]`.
+    placement: [u32; 2],
+    bytes: u64,
+}
+
+impl WeightTexture {
+    /// Uploads `words` (a multiple of four) into a new texture, or `None` when no device is registered or
+    /// the words exceed what the adapter's textures can hold.
+    pub fn new(words: &[u32]) -> Option<Arc<Self>> {
+        Self::with_height(words, GPU.get()?.max_rows)
+    }
+
+    /// [`new`](Self::new) with at most `max_rows` rows per layer (the adapter's limit, or less in tests).
+    pub(crate) fn with_height(words: &[u32], max_rows: usize) -> Option<Arc<Self>> {
+        let gpu = GPU.get()?;
+        if !words.len().is_multiple_of(4) || max_rows == 0 {
+            return None;
+        }
+        let texels = words.len() / 4;
+        let rows = texels.div_ceil(ROW).max(1);
+        let (height, layers, placement) = if rows <= max_rows {
+            (rows, 1, [u32::MAX, 31])
+        } else {
+            // Layers of a power-of-two height, so the shader splits a row index with a mask and a shift.
+            let layer_rows = 1usize << LAYER_ROWS.min(max_rows).ilog2();
+            let layers = rows.div_ceil(layer_rows);
+            (layer_rows, layers, [layer_rows as u32 - 1, layer_rows.trailing_zeros()])
+        };
+        if ROW > gpu.max_rows || height > gpu.max_rows || layers > gpu.max_layers {
+            return None;
+        }
+        let size = wgpu::Extent3d {
+            width: ROW as u32,
+            height: height as u32,
+            depth_or_array_layers: layers as u32,
+        };
+        let texture = gpu.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some("moela weights"),
+            size,
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Uint,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST | wgpu::TextureUsages::COPY_SRC,
+            view_formats: &[],
+        });
+        let bytes = (ROW * height * layers * 16) as u64;
+        // Whole rows are written: the words, then zeros up to the end of the texture.
+        let mut data: Vec<u8> = Vec::with_capacity(bytes as usize);
+        data.extend_from_slice(bytemuck::cast_slice(words));
+        data.resize(bytes as usize, 0);
+        gpu.queue.write_texture(
+            wgpu::TexelCopyTextureInfo {
+                texture: &texture,
+                mip_level: 0,
+                origin: wgpu::Origin3d::ZERO,
+                aspect: wgpu::TextureAspect::All,
+            },
+            &data,
+            wgpu::TexelCopyBufferLayout {
+                offset: 0,
+                bytes_per_row: Some((ROW * 16) as u32),
+                rows_per_image: Some(height as u32),
+            },
+            size,
+        );
+        let view = texture.create_view(&wgpu::TextureViewDescriptor {
+            dimension: Some(wgpu::TextureViewDimension::D2Array),
+            ..Default::default()
+        });
+        TEXTURE_BYTES.fetch_add(bytes, Ordering::Relaxed);
+        Some(Arc::new(Self {
+            texture,
+            view,
+            texels,
+            placement,
+            bytes,
+        }))
+    }
+
+    /// `[row mask, layer shift]` for the shaders' uniform.
+    pub fn placement(&self) -> [u32; 2] {
+        self.placement
+    }
+
+    /// Copies the words into `out` (a buffer of at least `4 * texels` words), in order: what burn's
+    /// unpacking (the reference path) reads.
+    pub fn copy_to(&self, out: &CubeTensor) {
+        let Some(gpu) = GPU.get() else { return };
+        let res = match out.client.get_resource::<WgpuServer<AutoCompiler>>(out.handle.clone()) {
+            Ok(r) => r,
+            Err(e) => panic!("weight texture copy: {e:?}"),
+        };
+        let _ = out.client.flush();
+        let r = res.resource();
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        let row_bytes = (ROW * 16) as u64;
+        let full_rows = self.texels / ROW;
+        let tail = self.texels % ROW;
+        let height = self.texture.height() as usize;
+        // One copy per run of whole rows inside a layer, then the last partial row.
+        let mut row = 0;
+        while row < full_rows {
+            let (layer, y) = (row / height, row % height);
+            let n = (height - y).min(full_rows - row);
+            encoder.copy_texture_to_buffer(
+                self.texel_origin(layer, y),
+                wgpu::TexelCopyBufferInfo {
+                    buffer: &r.buffer,
+                    layout: wgpu::TexelCopyBufferLayout {
+                        offset: r.offset + row as u64 * row_bytes,
+                        bytes_per_row: Some(row_bytes as u32),
+                        rows_per_image: None,
+                    },
+                },
+                wgpu::Extent3d {
+                    width: ROW as u32,
+                    height: n as u32,
+                    depth_or_array_layers: 1,
+                },
+            );
+            row += n;
+        }
+        if tail > 0 {
+            let (layer, y) = (full_rows / height, full_rows % height);
+            encoder.copy_texture_to_buffer(
+                self.texel_origin(layer, y),
+                wgpu::TexelCopyBufferInfo {
+                    buffer: &r.buffer,
+                    layout: wgpu::TexelCopyBufferLayout {
+                        offset: r.offset + full_rows as u64 * row_bytes,
+                        bytes_per_row: Some(row_bytes as u32),
+                        rows_per_image: None,
+                    },
+                },
+                wgpu::Extent3d {
+                    width: tail as u32,
+                    height: 1,
+                    depth_or_array_layers: 1,
+                },
+            );
+        }
+        gpu.queue.submit([encoder.finish()]);
+    }
+
+    fn texel_origin(&self, layer: usize, y: usize) -> wgpu::TexelCopyTextureInfo<'_> {
+        wgpu::TexelCopyTextureInfo {
+            texture: &self.texture,
+            mip_level: 0,
+            origin: wgpu::Origin3d {
+                x: 0,
+                y: y as u32,
+                z: layer as u32,
+            },
+            aspect: wgpu::TextureAspect::All,
+        }
+    }
+}
+
+impl Drop for WeightTexture {
+    fn drop(&mut self) {
+        TEXTURE_BYTES.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// One binding of a texture launch.
+pub enum Bind<'a> {
+    /// A buffer burn's runtime owns.
+    Buffer(&'a Handle),
+    /// A weight texture.
+    Texture(&'a WeightTexture),
+}
+
+/// A kernel for [`dispatch`]: WGSL text and entry point; `(name, entry, variant)` names its pipeline.
+pub struct TextureKernel {
+    pub name: &'static str,
+    pub entry: &'static str,
+    pub variant: u32,
+    pub source: &'static str,
+}
+
+/// Runs `kernel` over `groups` workgroups with `bindings` at 0.. and `info` as the uniform after them.
+/// burn's queued work on `anchor`'s device is submitted first, so this launch sees its results and later
+/// burn work sees this one's.
+pub fn dispatch(anchor: &CubeTensor, kernel: &TextureKernel, groups: [u32; 3], bindings: &[Bind], info: &[u32]) {
+    let gpu = GPU.get().expect("texture launches need a registered device");
+    let resources: Vec<_> = bindings
+        .iter()
+        .filter_map(|b| match b {
+            Bind::Buffer(h) => Some(
+                anchor
+                    .client
+                    .get_resource::<WgpuServer<AutoCompiler>>((*h).clone())
+                    .unwrap_or_else(|e| panic!("binding a buffer for {}: {e:?}", kernel.name)),
+            ),
+            Bind::Texture(_) => None,
+        })
+        .collect();
+    let _ = anchor.client.flush();
+    let pipeline = {
+        let mut cache = gpu.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry((kernel.name, kernel.entry, kernel.variant))
+            .or_insert_with(|| {
+                let module = gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(kernel.name),
+                    source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
+                });
+                gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(kernel.name),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some(kernel.entry),
+                    compilation_options: Default::default(),
+                    cache: None,
+                })
+            })
+            .clone()
+    };
+    let mut words: Vec<u32> = info.to_vec();
+    words.resize(info.len().div_ceil(4).max(1) * 4, 0);
+    let uniform = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("moela shape"),
+        contents: bytemuck::cast_slice(&words),
+        usage: wgpu::BufferUsages::UNIFORM,
+    });
+    let mut buffers = resources.iter();
+    let mut entries: Vec<wgpu::BindGroupEntry> = bindings
+        .iter()
+        .enumerate()
+        .map(|(i, b)| wgpu::BindGroupEntry {
+            binding: i as u32,
+            resource: match b {
+                Bind::Buffer(_) => {
+                    let r = buffers.next().expect("one resource per buffer").resource();
+                    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &r.buffer,
+                        offset: r.offset,
+                        size: NonZeroU64::new(r.size),
+                    })
+                }
+                Bind::Texture(t) => wgpu::BindingResource::TextureView(&t.view),
+            },
+        })
+        .collect();
+    entries.push(wgpu::BindGroupEntry {
+        binding: bindings.len() as u32,
+        resource: uniform.as_entire_binding(),
+    });
+    let group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(kernel.name),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    });
+    let mut encoder = gpu.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+    }
+    // A profile times the launch alone: the queue is drained before and after it.
+    let timed = super::timing_launches();
+    let wait = || {
+        let _ = gpu.device.poll(wgpu::PollType::wait_indefinitely());
+    };
+    if timed {
+        wait();
+    }
+    let start = web_time::Instant::now();
+    gpu.queue.submit([encoder.finish()]);
+    if timed {
+        wait();
+    }
+    super::record_launch(kernel.name, timed.then(|| start.elapsed().as_secs_f64()));
+}
