@@ -4,11 +4,11 @@
 // keeps an online softmax: the running maximum m, the running sum l of exp(score - m), and the
 // exp-weighted sum of the latents c'. It writes [acc (rank values) | m | l]; mla_output merges the chunks.
 //
-// Bindings: query [T, heads, width], cache [capacity, width], partial [T, heads, chunks, rank + 2], then
-// the shape.
+// Bindings: query [T, heads, width], cache [capacity, width] (both read as vec4), partial
+// [T, heads, chunks, rank + 2], then the shape.
 
-@group(0) @binding(0) var<storage, read_write> query: array<f32>;
-@group(0) @binding(1) var<storage, read_write> cache: array<f32>;
+@group(0) @binding(0) var<storage, read_write> query: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> cache: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> partial: array<f32>;
 
 struct Shape {
@@ -28,9 +28,9 @@ const MAX_WIDTH: u32 = 1152u;
 const MAX_RANK: u32 = 1024u;
 const LOW: f32 = -3.0e38;
 
-var<workgroup> qs: array<f32, MAX_WIDTH>;
+var<workgroup> qs: array<vec4<f32>, MAX_WIDTH / 4u>;
 var<workgroup> p: array<f32, WG>;
-var<workgroup> acc: array<f32, MAX_RANK>;
+var<workgroup> acc: array<vec4<f32>, MAX_RANK / 4u>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -42,12 +42,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let start = c * shape.chunk;
     let end = min(start + shape.chunk, shape.pos + t + 1u);
 
-    let qb = (t * shape.heads + h) * width;
-    for (var i = lid; i < width; i += WG) {
+    // Rows are read as vec4 (width and rank are multiples of 4): a quarter of the loads.
+    let w4 = width / 4u;
+    let r4n = rank / 4u;
+    let qb = (t * shape.heads + h) * w4;
+    for (var i = lid; i < w4; i += WG) {
         qs[i] = query[qb + i] * shape.scale;
     }
-    for (var r = lid; r < rank; r += WG) {
-        acc[r] = 0.0;
+    for (var r = lid; r < r4n; r += WG) {
+        acc[r] = vec4<f32>(0.0);
     }
     workgroupBarrier();
 
@@ -58,9 +61,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         var s = LOW;
         if (j < end) {
             s = 0.0;
-            let kb = j * width;
-            for (var i = 0u; i < width; i++) {
-                s = fma(qs[i], cache[kb + i], s);
+            let kb = j * w4;
+            for (var i = 0u; i < w4; i++) {
+                s += dot(qs[i], cache[kb + i]);
             }
         }
         p[lid] = s;
@@ -85,10 +88,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         l = l * corr + sum;
         m = next;
-        for (var r = lid; r < rank; r += WG) {
+        for (var r = lid; r < r4n; r += WG) {
             var a = acc[r] * corr;
             for (var u = 0u; u < n; u++) {
-                a = fma(p[u], cache[(j0 + u) * width + r], a);
+                a = fma(vec4<f32>(p[u]), cache[(j0 + u) * w4 + r], a);
             }
             acc[r] = a;
         }
@@ -96,8 +99,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
 
     let pb = ((t * shape.heads + h) * shape.chunks + c) * (rank + 2u);
-    for (var r = lid; r < rank; r += WG) {
-        partial[pb + r] = acc[r];
+    for (var r = lid; r < r4n; r += WG) {
+        let a = acc[r];
+        partial[pb + 4u * r] = a.x;
+        partial[pb + 4u * r + 1u] = a.y;
+        partial[pb + 4u * r + 2u] = a.z;
+        partial[pb + 4u * r + 3u] = a.w;
     }
     if (lid == 0u) {
         partial[pb + rank] = m;

@@ -2,11 +2,11 @@
 // by exp(m_chunk - m), divided by the total l) into the attention-weighted latent, then maps it out with
 // the value up-projection: out[t, h * dv + v] = sum_r latent[r] W_UV^T[h, r, v].
 //
-// Bindings: partial [T, heads, chunks, rank + 2], w_uv [heads, rank, dv], out [T, heads * dv], then the
-// shape.
+// Bindings: partial [T, heads, chunks, rank + 2], w_uv [heads, rank, dv] (read as vec4), out
+// [T, heads * dv], then the shape.
 
 @group(0) @binding(0) var<storage, read_write> partial: array<f32>;
-@group(0) @binding(1) var<storage, read_write> w_uv: array<f32>;
+@group(0) @binding(1) var<storage, read_write> w_uv: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 
 struct Shape {
@@ -22,6 +22,7 @@ const MAX_RANK: u32 = 1024u;
 const LOW: f32 = -3.0e38;
 
 var<workgroup> ctx: array<f32, MAX_RANK>;
+var<workgroup> red: array<vec4<f32>, WG>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -46,14 +47,36 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         ctx[r] = a / l;
     }
     workgroupBarrier();
-    let dv = shape.dv;
-    let wb = h * rank * dv;
-    let ob = (t * shape.heads + h) * dv;
-    for (var v = lid; v < dv; v += WG) {
-        var a = 0.0;
-        for (var r = 0u; r < rank; r++) {
-            a = fma(ctx[r], w_uv[wb + r * dv + v], a);
+    // Four outputs per invocation (one vec4 of W_UV per latent value; dv is a multiple of 4). With fewer
+    // vec4 columns than invocations, the latent values are split into slices summed at the end.
+    let v4n = shape.dv / 4u;
+    let lanes = min(v4n, WG);
+    let slices = WG / lanes;
+    let col = lid % lanes;
+    let slice = lid / lanes;
+    let wb = h * rank * v4n;
+    let ob = (t * shape.heads + h) * shape.dv;
+    for (var base = 0u; base < v4n; base += lanes) {
+        let v4 = base + col;
+        var a = vec4<f32>(0.0);
+        if (v4 < v4n && slice < slices) {
+            for (var r = slice; r < rank; r += slices) {
+                a = fma(vec4<f32>(ctx[r]), w_uv[wb + r * v4n + v4], a);
+            }
         }
-        out[ob + v] = a;
+        red[lid] = a;
+        workgroupBarrier();
+        if (slice == 0u && v4 < v4n) {
+            var sum = red[lid];
+            for (var k = 1u; k < slices; k++) {
+                sum += red[lid + k * lanes];
+            }
+            let o = ob + 4u * v4;
+            out[o] = sum.x;
+            out[o + 1u] = sum.y;
+            out[o + 2u] = sum.z;
+            out[o + 3u] = sum.w;
+        }
+        workgroupBarrier();
     }
 }

@@ -11,10 +11,11 @@
 // kv_a_proj_with_mqa output, rank + rope values at t * kv_stride + kv_off; q and kv may be one buffer, the
 // output of one product for both), w_uk [heads, nope, rank], gain [rank], cos [T, rope / 2],
 // sin [T, rope / 2], cache [capacity, rank + rope], query [T, heads, rank + rope], then the shape.
+// rank and rope are multiples of 4 (vec4 loads; the launcher checks).
 
 @group(0) @binding(0) var<storage, read_write> q: array<f32>;
 @group(0) @binding(1) var<storage, read_write> kv: array<f32>;
-@group(0) @binding(2) var<storage, read_write> w_uk: array<f32>;
+@group(0) @binding(2) var<storage, read_write> w_uk: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> gain: array<f32>;
 @group(0) @binding(4) var<storage, read_write> cos_t: array<f32>;
 @group(0) @binding(5) var<storage, read_write> sin_t: array<f32>;
@@ -59,13 +60,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             query[ob + rank + i] = x1 * c - x2 * s;
             query[ob + rank + half + i] = x2 * c + x1 * s;
         }
-        let wb = h * nope * rank;
-        for (var r = lid; r < rank; r += WG) {
-            var acc = 0.0;
+        // Four latent values per invocation: one vec4 of W_UK per query value (rank is a multiple of 4).
+        let r4n = rank / 4u;
+        let wb = h * nope * r4n;
+        for (var r4 = lid; r4 < r4n; r4 += WG) {
+            var acc = vec4<f32>(0.0);
             for (var d = 0u; d < nope; d++) {
-                acc = fma(q[qb + d], w_uk[wb + d * rank + r], acc);
+                acc = fma(vec4<f32>(q[qb + d]), w_uk[wb + d * r4n + r4], acc);
             }
-            query[ob + r] = acc;
+            let o = ob + 4u * r4;
+            query[o] = acc.x;
+            query[o + 1u] = acc.y;
+            query[o + 2u] = acc.z;
+            query[o + 3u] = acc.w;
         }
         return;
     }

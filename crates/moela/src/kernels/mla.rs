@@ -77,7 +77,9 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         || s.heads == 0
         || s.heads >= 65_535
         || s.rank == 0
-        || !s.rope.is_multiple_of(2)
+        || !s.rope.is_multiple_of(4)
+        || !s.rank.is_multiple_of(4)
+        || !s.v.is_multiple_of(4)
         || s.rank > MAX_RANK
         || width > MAX_WIDTH
         || inp.q_col + s.heads * (s.nope + s.rope) > qw

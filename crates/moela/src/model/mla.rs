@@ -244,7 +244,8 @@ mod tests {
             eprintln!("no GPU adapter: skipped");
             return;
         };
-        let (h, n_h, d_n, d_r, r_kv, d_v) = (44, 3, 12, 6, 24, 10);
+        // The kernels read rope, latent and value rows as vec4: multiples of 4, but of nothing larger.
+        let (h, n_h, d_n, d_r, r_kv, d_v) = (44, 3, 13, 12, 28, 20);
         let linear = |out: usize, inp: usize| {
             Linear::from_rows(&random(out * inp, &device), out, inp, WeightDtype::F32, &device)
         };
@@ -321,6 +322,15 @@ mod tests {
                 scale: mla.scale,
                 eps: mla.kv_a_norm.eps,
             };
+            // A rope width that is not a multiple of 4 is declined, leaving the cache to burn's path.
+            let odd = kernels::mla::MlaShape { rope: d_r - 2, ..shape };
+            let untouched = kernel_cache.clone() + 0.0;
+            assert!(kernels::mla::decode(&inputs, &mut kernel_cache, prompt, &odd).is_none());
+            assert_eq!(
+                worst_difference(kernel_cache.clone(), untouched),
+                0.0,
+                "a declined call wrote the cache"
+            );
             let out =
                 kernels::mla::decode(&inputs, &mut kernel_cache, prompt, &shape).expect("the kernels cover this call");
             let got = mla.o.forward(out);
