@@ -54,7 +54,9 @@ fn scale(v: vec2<u32>) -> vec4<f32> {
 
 @compute @workgroup_size(64)
 fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x;
+    // {{P}} adjacent texel columns per invocation (lines holding {{C}} are repeated per column): each x
+    // value read serves all of them.
+    let c = gid.x * {{P}}u;
     let n4 = shape.n4;
     if (c >= n4) {
         return;
@@ -64,25 +66,27 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     let e = u32(idx[0]);
     let wbase = e * k8 * n4 + c;
     let sbase = e * blocks * n4 + c;
-    var acc{{R}} = vec4<f32>(0.0);
+    var acc{{R}}_{{C}} = vec4<f32>(0.0);
     for (var b = 0u; b < blocks; b++) {
-        var part{{R}} = vec4<f32>(0.0);
+        var part{{R}}_{{C}} = vec4<f32>(0.0);
         for (var j = 0u; j < GROUPS; j++) {
             let g = b * GROUPS + j;
-            let words = word(wbase + g * n4);
-            let lo = unpack(words, 0u);
-            let hi = unpack(words, 4u);
-            part{{R}} += x[{{R}}u * k8 * 2u + 2u * g] * lo + x[{{R}}u * k8 * 2u + 2u * g + 1u] * hi;
+            let words{{C}} = word(wbase + g * n4 + {{C}}u);
+            let lo{{C}} = unpack(words{{C}}, 0u);
+            let hi{{C}} = unpack(words{{C}}, 4u);
+            let xlo{{R}} = x[{{R}}u * k8 * 2u + 2u * g];
+            let xhi{{R}} = x[{{R}}u * k8 * 2u + 2u * g + 1u];
+            part{{R}}_{{C}} += xlo{{R}} * lo{{C}} + xhi{{R}} * hi{{C}};
         }
-        let sc = scale(s[sbase + b * n4]);
-        acc{{R}} = fma(part{{R}}, sc, acc{{R}});
+        let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u]);
+        acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
     }
-    y[{{R}}u * n4 + c] = acc{{R}};
+    y[{{R}}u * n4 + c + {{C}}u] = acc{{R}}_{{C}};
 }
 
 @compute @workgroup_size(64)
 fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x;
+    let c = gid.x * {{P}}u;
     let p = gid.y;
     let n4 = shape.n4;
     if (c >= n4) {
@@ -91,22 +95,24 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
     let blocks = shape.blocks;
     let k8 = blocks * GROUPS;
     let e = idx[p] - i32(shape.first);
-    var acc = vec4<f32>(0.0);
+    var acc{{C}} = vec4<f32>(0.0);
     if (e >= 0 && u32(e) < shape.count) {
         let wbase = u32(e) * k8 * n4 + c;
         let sbase = u32(e) * blocks * n4 + c;
         let row = (p / shape.x_div) * k8 * 2u;
         for (var b = 0u; b < blocks; b++) {
-            var part = vec4<f32>(0.0);
+            var part{{C}} = vec4<f32>(0.0);
             for (var j = 0u; j < GROUPS; j++) {
                 let g = b * GROUPS + j;
-                let words = word(wbase + g * n4);
-                part += x[row + 2u * g] * unpack(words, 0u) + x[row + 2u * g + 1u] * unpack(words, 4u);
+                let xlo = x[row + 2u * g];
+                let xhi = x[row + 2u * g + 1u];
+                let words{{C}} = word(wbase + g * n4 + {{C}}u);
+                part{{C}} += xlo * unpack(words{{C}}, 0u) + xhi * unpack(words{{C}}, 4u);
             }
-            acc = fma(part, scale(s[sbase + b * n4]), acc);
+            acc{{C}} = fma(part{{C}}, scale(s[sbase + b * n4 + {{C}}u]), acc{{C}});
         }
     }
-    y[p * n4 + c] = acc;
+    y[p * n4 + c + {{C}}u] = acc{{C}};
 }
 
 @compute @workgroup_size(64)

@@ -9,8 +9,8 @@
 //   is outside this chunk (MoE decode: only the chosen experts' weights are read);
 // - dequant: y = w as f32 [count, Kp, N], for products with many rows (prefill), which burn's matmul runs.
 //
-// Each invocation owns four adjacent columns c (one vec4<u32> of words: four rows of each column) and walks
-// K a block at a time: xv (four x values) times the 4x4 matrix of one word group gives the four columns'
+// Each invocation owns four adjacent columns c (one vec4<u32> of words: four rows of each column), or
+// {{P}} such groups side by side in matvec / gathered (N/4 a multiple of {{P}}), and walks K a block at a time: xv (four x values) times the 4x4 matrix of one word group gives the four columns'
 // partial sums, and each block's sums are scaled once.
 //
 // Bindings: x [rows, Kp/4] vec4, w [count, Kp/4, N/4] vec4<u32>, s [count, Kp/32, N/4] vec2<u32> (f16 x4),
@@ -64,7 +64,9 @@ fn scale(v: vec2<u32>) -> vec4<f32> {
 
 @compute @workgroup_size(64)
 fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x;
+    // {{P}} adjacent texel columns per invocation (lines holding {{C}} are repeated per column): each x
+    // value read serves all of them.
+    let c = gid.x * {{P}}u;
     let n4 = shape.n4;
     if (c >= n4) {
         return;
@@ -74,23 +76,24 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     let e = u32(idx[0]);
     let wbase = e * k4 * n4 + c;
     let sbase = e * blocks * n4 + c;
-    var acc{{R}} = vec4<f32>(0.0);
+    var acc{{R}}_{{C}} = vec4<f32>(0.0);
     for (var b = 0u; b < blocks; b++) {
-        var part{{R}} = vec4<f32>(0.0);
+        var part{{R}}_{{C}} = vec4<f32>(0.0);
         for (var j = 0u; j < GROUPS; j++) {
             let g = b * GROUPS + j;
-            let q = unpack(word(wbase + g * n4));
-            part{{R}} += x[{{R}}u * k4 + g] * q;
+            let q{{C}} = unpack(word(wbase + g * n4 + {{C}}u));
+            let xv{{R}} = x[{{R}}u * k4 + g];
+            part{{R}}_{{C}} += xv{{R}} * q{{C}};
         }
-        let sc = scale(s[sbase + b * n4]);
-        acc{{R}} = fma(part{{R}}, sc, acc{{R}});
+        let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u]);
+        acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
     }
-    y[{{R}}u * n4 + c] = acc{{R}};
+    y[{{R}}u * n4 + c + {{C}}u] = acc{{R}}_{{C}};
 }
 
 @compute @workgroup_size(64)
 fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x;
+    let c = gid.x * {{P}}u;
     let p = gid.y;
     let n4 = shape.n4;
     if (c >= n4) {
@@ -99,21 +102,22 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
     let blocks = shape.blocks;
     let k4 = blocks * GROUPS;
     let e = idx[p] - i32(shape.first);
-    var acc = vec4<f32>(0.0);
+    var acc{{C}} = vec4<f32>(0.0);
     if (e >= 0 && u32(e) < shape.count) {
         let wbase = u32(e) * k4 * n4 + c;
         let sbase = u32(e) * blocks * n4 + c;
         let row = (p / shape.x_div) * k4;
         for (var b = 0u; b < blocks; b++) {
-            var part = vec4<f32>(0.0);
+            var part{{C}} = vec4<f32>(0.0);
             for (var j = 0u; j < GROUPS; j++) {
                 let g = b * GROUPS + j;
-                part += x[row + g] * unpack(word(wbase + g * n4));
+                let xv = x[row + g];
+                part{{C}} += xv * unpack(word(wbase + g * n4 + {{C}}u));
             }
-            acc = fma(part, scale(s[sbase + b * n4]), acc);
+            acc{{C}} = fma(part{{C}}, scale(s[sbase + b * n4 + {{C}}u]), acc{{C}});
         }
     }
-    y[p * n4 + c] = acc;
+    y[p * n4 + c + {{C}}u] = acc{{C}};
 }
 
 @compute @workgroup_size(64)

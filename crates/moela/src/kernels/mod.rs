@@ -128,11 +128,16 @@ fn uniform(values: &[u32]) -> Vec<u64> {
 /// `source` with each line holding `{{R}}` repeated for rows `0..rows`, `{{R}}` replaced by the row: one
 /// variable per row of x, so the accumulators stay in registers (an indexed array would live in memory).
 fn per_row(source: &str, rows: usize) -> String {
+    repeated(source, "{{R}}", rows)
+}
+
+/// `source` with each line holding `tag` repeated `count` times, `tag` replaced by `0..count`.
+fn repeated(source: &str, tag: &str, count: usize) -> String {
     let mut out = String::with_capacity(source.len() * 2);
     for line in source.lines() {
-        if line.contains("{{R}}") {
-            for r in 0..rows {
-                out.push_str(&line.replace("{{R}}", &r.to_string()));
+        if line.contains(tag) {
+            for r in 0..count {
+                out.push_str(&line.replace(tag, &r.to_string()));
                 out.push('\n');
             }
         } else {

@@ -14,16 +14,26 @@ use burn_cubecl::tensor::CubeTensor;
 use super::matvec::MAX_ROWS;
 #[cfg(not(target_arch = "wasm32"))]
 use super::texture;
-use super::{WgslKernel, cube_int_tensor, cube_tensor, per_row, tagged, uniform};
+use super::{WgslKernel, cube_int_tensor, cube_tensor, per_row, repeated, tagged, uniform};
 use crate::model::WeightDtype;
 use crate::model::packed::{self, BLOCK, Packed};
 
 const WORKGROUP: u32 = 64;
 
-/// The shader of `format`, for `rows` rows of x (1..=[`MAX_ROWS`]), reading its words from a buffer or a
-/// texture; written once per process.
-fn source(format: WeightDtype, rows: usize, texture: bool) -> &'static str {
-    static VARIANTS: OnceLock<Vec<[[String; 3]; 2]>> = OnceLock::new();
+/// Texel columns (four outputs each) one invocation of `matvec` / `gathered` owns: 2 where the 8-bit and
+/// 4-bit shaders can pair them (`N/4` even), so each x value read serves eight outputs; else 1.
+fn columns(format: WeightDtype, n: usize) -> usize {
+    if format != WeightDtype::F16 && (n / 4).is_multiple_of(2) {
+        2
+    } else {
+        1
+    }
+}
+
+/// The shader of `format`, for `rows` rows of x (1..=[`MAX_ROWS`]) and `cols` texel columns per invocation
+/// ([`columns`]), reading its words from a buffer or a texture; written once per process.
+fn source(format: WeightDtype, rows: usize, texture: bool, cols: usize) -> &'static str {
+    static VARIANTS: OnceLock<Vec<[[[String; 3]; 2]; 2]>> = OnceLock::new();
     let variants = VARIANTS.get_or_init(|| {
         let sources = [
             include_str!("../../../../shaders/matvec_f16.wgsl"),
@@ -32,7 +42,14 @@ fn source(format: WeightDtype, rows: usize, texture: bool) -> &'static str {
         ];
         (1..=MAX_ROWS)
             .map(|m| {
-                [false, true].map(|tex| sources.map(|s| per_row(&tagged(s, &[("BUF", !tex), ("TEX", tex)], &[]), m)))
+                [false, true].map(|tex| {
+                    [1usize, 2].map(|c| {
+                        sources.map(|s| {
+                            let s = tagged(s, &[("BUF", !tex), ("TEX", tex)], &[("P", c)]);
+                            per_row(&repeated(&s, "{{C}}", c), m)
+                        })
+                    })
+                })
             })
             .collect()
     });
@@ -41,7 +58,7 @@ fn source(format: WeightDtype, rows: usize, texture: bool) -> &'static str {
         WeightDtype::Q8 => 1,
         _ => 2,
     };
-    &variants[rows - 1][usize::from(texture)][i]
+    &variants[rows - 1][usize::from(texture)][cols - 1][i]
 }
 
 /// Where a packed weight's words and scales are, or `None` when they are not on a WGSL device.
@@ -94,7 +111,7 @@ fn launch(
     p: &Packed,
     b: &Buffers,
     entry: &'static str,
-    rows: usize,
+    (rows, cols): (usize, usize),
     x: &CubeTensor,
     idx: &CubeTensor,
     out_len: usize,
@@ -108,8 +125,8 @@ fn launch(
             let kernel = WgslKernel {
                 name: p.format.name(),
                 entry,
-                source: source(p.format, rows, false),
-                variant: rows as u32,
+                source: source(p.format, rows, false, cols),
+                variant: (rows * 4 + cols) as u32,
                 workgroup: WORKGROUP,
             };
             let mut args = KernelArguments::new()
@@ -130,8 +147,8 @@ fn launch(
             let kernel = texture::TextureKernel {
                 name: p.format.name(),
                 entry,
-                variant: rows as u32,
-                source: source(p.format, rows, true),
+                variant: (rows * 4 + cols) as u32,
+                source: source(p.format, rows, true, cols),
             };
             let mut binds = vec![Bind::Buffer(&x.handle), Bind::Texture(t)];
             if let Some(s) = &b.scales {
@@ -155,8 +172,8 @@ fn padded_x(x: &Tensor<2>, p: &Packed) -> Tensor<2> {
     }
 }
 
-fn column_groups(n: usize) -> Option<u32> {
-    u32::try_from((n / 4).div_ceil(WORKGROUP as usize))
+fn column_groups(n: usize, cols: usize) -> Option<u32> {
+    u32::try_from((n / 4).div_ceil(cols).div_ceil(WORKGROUP as usize))
         .ok()
         .filter(|&g| g <= 65_535)
 }
@@ -169,12 +186,13 @@ pub fn matvec(x: &Tensor<2>, p: &Packed) -> Option<Tensor<2>> {
     if m == 0 || m > MAX_ROWS || k != pk || x.dtype() != DType::F32 {
         return None;
     }
-    let groups = column_groups(n)?;
+    let cols = columns(p.format, n);
+    let groups = column_groups(n, cols)?;
     let b = buffers(p)?;
     let zero = cube_int_tensor(&p.zero)?;
     let xt = cube_tensor(&padded_x(x, p))?;
     let info = shape_values(p, &b, 0, 1);
-    let out = launch(p, &b, "matvec", m, &xt, &zero, m * n, [groups, 1, 1], info);
+    let out = launch(p, &b, "matvec", (m, cols), &xt, &zero, m * n, [groups, 1, 1], info);
     let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([m, n]), out, DType::F32);
     Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
 }
@@ -191,13 +209,14 @@ pub fn gathered(x: &Tensor<2>, p: &Packed, idx: &Tensor<1, Int>, first: usize, x
     if x.dtype() != DType::F32 {
         return None;
     }
-    let groups = column_groups(n)?;
+    let cols = columns(p.format, n);
+    let groups = column_groups(n, cols)?;
     let b = buffers(p)?;
     let idx = cube_int_tensor(idx).filter(|t| t.dtype == DType::I32)?;
     let xt = cube_tensor(&padded_x(x, p))?;
     let info = shape_values(p, &b, first, x_div);
     let count = [groups, pairs as u32, 1];
-    let out = launch(p, &b, "gathered", 1, &xt, &idx, pairs * n, count, info);
+    let out = launch(p, &b, "gathered", (1, cols), &xt, &idx, pairs * n, count, info);
     let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([pairs, n]), out, DType::F32);
     Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
 }
@@ -211,7 +230,7 @@ pub fn dequantise(p: &Packed) -> Option<Tensor<3>> {
         WeightDtype::Q8 => kp / 4,
         _ => kp / 8,
     };
-    let groups = column_groups(n)?;
+    let groups = column_groups(n, 1)?;
     if rows > 65_535 || count > 65_535 {
         return None;
     }
@@ -221,7 +240,7 @@ pub fn dequantise(p: &Packed) -> Option<Tensor<3>> {
     let x = cube_tensor(&Tensor::<1>::zeros([4], &p.zero.device()))?;
     let info = shape_values(p, &b, 0, 1);
     let grid = [groups, rows as u32, count as u32];
-    let out = launch(p, &b, "dequant", 1, &x, &zero, count * kp * n, grid, info);
+    let out = launch(p, &b, "dequant", (1, 1), &x, &zero, count * kp * n, grid, info);
     let w = CubeTensor::new_contiguous(x.client, x.device, Shape::new([count, kp, n]), out, DType::F32);
     let w = Tensor::<3>::from_primitive::<burn_cubecl::Cube>(w);
     Some(if kp == k { w } else { w.narrow(1, 0, k) })
@@ -270,7 +289,15 @@ mod tests {
         };
         for format in FORMATS {
             // K not a multiple of 32 (q8 / q4 pad x), N a multiple of 4 only.
-            for (m, k, n) in [(1, 77, 148), (3, 96, 4), (8, 45, 52), (5, 200, 12)] {
+            // N/4 odd (one texel column per invocation) and even (two).
+            for (m, k, n) in [
+                (1, 77, 148),
+                (3, 96, 4),
+                (8, 45, 52),
+                (5, 200, 12),
+                (2, 77, 152),
+                (8, 45, 56),
+            ] {
                 let packed = Packed::new(&host(k * n, m), [1, k, n], format, &device);
                 let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
                 let reference = x.clone().matmul(packed.dequantise().reshape([k, n]));
@@ -297,10 +324,11 @@ mod tests {
             return;
         };
         // 3 tokens, top-2 of experts 5..12 held in this chunk (ids outside it give zeros).
-        let (t, top, k, n, first, count) = (3, 2, 70, 20, 5, 7);
+        let (t, top, k, first, count) = (3, 2, 70, 5, 7);
         let ids = vec![5i32, 11, 7, 2, 11, 9];
         let idx = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [t * top]), &device);
-        for format in FORMATS {
+        // N/4 odd and even.
+        for (format, n) in FORMATS.into_iter().flat_map(|f| [(f, 20), (f, 24)]) {
             let packed = Packed::new(&host(count * k * n, 3), [count, k, n], format, &device);
             let dense = packed.dequantise();
             let x = Tensor::<2>::random([t, k], Distribution::Normal(0.0, 1.0), &device);
