@@ -6,7 +6,10 @@
 // Bindings: x [rows, Kp/4] vec4, w [count, Kp/8, N/4] vec4<u32>, s [count, Kp/32, N/4] vec2<u32> (f16 x4),
 // idx [P] i32, y, then the shape.
 
-@group(0) @binding(0) var<storage, read_write> x: array<vec4<f32>>;
+// x: a storage buffer, or (texture launches, x up to 64 KiB) a copy in a uniform buffer, whose loads a
+// software driver serves once per workgroup instead of once per invocation ({{XU}} lines).
+@group(0) @binding(0) var<storage, read_write> x: array<vec4<f32>>; {{XS}}
+@group(0) @binding(0) var<uniform> x: array<vec4<f32>, 4096>; {{XU}}
 // The words: a storage buffer, or (native) an rgba32uint texture of 4096-texel rows, array layers past the
 // adapter's height (kernels/texture.rs). The launcher keeps the {{BUF}} or the {{TEX}} lines.
 @group(0) @binding(1) var<storage, read_write> w: array<vec4<u32>>; {{BUF}}

@@ -4,7 +4,8 @@
 //! one matrix), `gathered` (MoE decode: each (token, slot) pair times its chosen expert) and `dequant` (the
 //! whole stack as f32, for products with many rows, which burn's matmul then runs).
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 use burn::tensor::{DType, Int, Shape, Tensor};
 use burn_cubecl::cubecl::prelude::CubeCount;
@@ -30,35 +31,39 @@ fn columns(format: WeightDtype, n: usize) -> usize {
     }
 }
 
+/// Where a launch's kernel reads its operands: words from a buffer or a texture; x from a storage or a
+/// uniform buffer (texture launches with x within [`texture::UNIFORM_BYTES`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Reads {
+    texture: bool,
+    uniform_x: bool,
+}
+
 /// The shader of `format`, for `rows` rows of x (1..=[`MAX_ROWS`]) and `cols` texel columns per invocation
-/// ([`columns`]), reading its words from a buffer or a texture; written once per process.
-fn source(format: WeightDtype, rows: usize, texture: bool, cols: usize) -> &'static str {
-    static VARIANTS: OnceLock<Vec<[[[String; 3]; 2]; 2]>> = OnceLock::new();
-    let variants = VARIANTS.get_or_init(|| {
-        let sources = [
-            include_str!("../../../../shaders/matvec_f16.wgsl"),
-            include_str!("../../../../shaders/matvec_q8.wgsl"),
-            include_str!("../../../../shaders/matvec_q4.wgsl"),
+/// ([`columns`]), reading as `reads` says; written once per variant and process.
+fn source(format: WeightDtype, rows: usize, cols: usize, reads: Reads) -> &'static str {
+    type Key = (WeightDtype, usize, usize, Reads);
+    static VARIANTS: OnceLock<Mutex<HashMap<Key, &'static str>>> = OnceLock::new();
+    let mut variants = VARIANTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    variants.entry((format, rows, cols, reads)).or_insert_with(|| {
+        let text = match format {
+            WeightDtype::F16 => include_str!("../../../../shaders/matvec_f16.wgsl"),
+            WeightDtype::Q8 => include_str!("../../../../shaders/matvec_q8.wgsl"),
+            _ => include_str!("../../../../shaders/matvec_q4.wgsl"),
+        };
+        let flags = [
+            ("BUF", !reads.texture),
+            ("TEX", reads.texture),
+            ("XS", !reads.uniform_x),
+            ("XU", reads.uniform_x),
         ];
-        (1..=MAX_ROWS)
-            .map(|m| {
-                [false, true].map(|tex| {
-                    [1usize, 2].map(|c| {
-                        sources.map(|s| {
-                            let s = tagged(s, &[("BUF", !tex), ("TEX", tex)], &[("P", c)]);
-                            per_row(&repeated(&s, "{{C}}", c), m)
-                        })
-                    })
-                })
-            })
-            .collect()
-    });
-    let i = match format {
-        WeightDtype::F16 => 0,
-        WeightDtype::Q8 => 1,
-        _ => 2,
-    };
-    &variants[rows - 1][usize::from(texture)][cols - 1][i]
+        let text = tagged(text, &flags, &[("P", cols)]);
+        // Built once per variant (at most 3 x 8 x 2 x 3 of them): kept for the process's lifetime.
+        Box::leak(per_row(&repeated(&text, "{{C}}", cols), rows).into_boxed_str())
+    })
 }
 
 /// Where a packed weight's words and scales are, or `None` when they are not on a WGSL device.
@@ -122,10 +127,14 @@ fn launch(
     let out = client.empty(out_len * 4);
     match &b.words {
         Words::Buffer(words) => {
+            let reads = Reads {
+                texture: false,
+                uniform_x: false,
+            };
             let kernel = WgslKernel {
                 name: p.format.name(),
                 entry,
-                source: source(p.format, rows, false, cols),
+                source: source(p.format, rows, cols, reads),
                 variant: (rows * 4 + cols) as u32,
                 workgroup: WORKGROUP,
             };
@@ -144,13 +153,23 @@ fn launch(
         #[cfg(not(target_arch = "wasm32"))]
         Words::Texture(t) => {
             use texture::Bind;
+            let x_bytes = x.meta.num_elements() * 4;
+            let reads = Reads {
+                texture: true,
+                uniform_x: p.format != WeightDtype::F16 && x_bytes <= texture::UNIFORM_BYTES,
+            };
             let kernel = texture::TextureKernel {
                 name: p.format.name(),
                 entry,
-                variant: (rows * 4 + cols) as u32,
-                source: source(p.format, rows, true, cols),
+                variant: (rows * 8 + cols * 2 + usize::from(reads.uniform_x)) as u32,
+                source: source(p.format, rows, cols, reads),
             };
-            let mut binds = vec![Bind::Buffer(&x.handle), Bind::Texture(t)];
+            let first = if reads.uniform_x {
+                Bind::Uniform(&x.handle, x_bytes)
+            } else {
+                Bind::Buffer(&x.handle)
+            };
+            let mut binds = vec![first, Bind::Texture(t)];
             if let Some(s) = &b.scales {
                 binds.push(Bind::Buffer(&s.handle));
             }
@@ -289,7 +308,8 @@ mod tests {
         };
         for format in FORMATS {
             // K not a multiple of 32 (q8 / q4 pad x), N a multiple of 4 only.
-            // N/4 odd (one texel column per invocation) and even (two).
+            // N/4 odd (one texel column per invocation) and even (two); x past the 64 KiB a texture launch
+            // copies into a uniform buffer (2 x 8200 values), read from its storage buffer instead.
             for (m, k, n) in [
                 (1, 77, 148),
                 (3, 96, 4),
@@ -297,6 +317,7 @@ mod tests {
                 (5, 200, 12),
                 (2, 77, 152),
                 (8, 45, 56),
+                (2, 8200, 8),
             ] {
                 let packed = Packed::new(&host(k * n, m), [1, k, n], format, &device);
                 let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);

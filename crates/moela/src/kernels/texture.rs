@@ -29,6 +29,9 @@ use wgpu::util::DeviceExt;
 pub const ROW: usize = 4096;
 /// Rows per array layer when a texture needs more than one layer.
 const LAYER_ROWS: usize = 1024;
+/// The size of the uniform copy of a kernel's input ([`Bind::Uniform`]): WebGPU's guaranteed uniform
+/// binding size, and the array size the shaders declare.
+pub const UNIFORM_BYTES: usize = 64 << 10;
 
 /// The wgpu device and queue behind burn's default device, with moela's own pipelines.
 struct Gpu {
@@ -37,6 +40,9 @@ struct Gpu {
     max_rows: usize,
     max_layers: usize,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    /// Where [`Bind::Uniform`] inputs are copied: one buffer serves every launch, since each launch's copy
+    /// runs after the previous launch on the queue.
+    uniform_input: wgpu::Buffer,
 }
 
 type PipelineKey = (&'static str, &'static str, u32);
@@ -49,7 +55,14 @@ static TEXTURE_BYTES: AtomicU64 = AtomicU64::new(0);
 /// Registers the wgpu device and queue burn's default device was created on (once per process).
 pub fn register(device: wgpu::Device, queue: wgpu::Queue) {
     let limits = device.limits();
+    let uniform_input = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("moela uniform input"),
+        size: UNIFORM_BYTES as u64,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
     let _ = GPU.set(Gpu {
+        uniform_input,
         max_rows: limits.max_texture_dimension_2d as usize,
         max_layers: limits.max_texture_array_layers as usize,
         device,
@@ -244,6 +257,9 @@ impl Drop for WeightTexture {
 pub enum Bind<'a> {
     /// A buffer burn's runtime owns.
     Buffer(&'a Handle),
+    /// The first `bytes` (at most [`UNIFORM_BYTES`]) of a buffer burn's runtime owns, copied into a uniform
+    /// buffer of [`UNIFORM_BYTES`] for the launch (at most one per launch).
+    Uniform(&'a Handle, usize),
     /// A weight texture.
     Texture(&'a WeightTexture),
 }
@@ -264,7 +280,7 @@ pub fn dispatch(anchor: &CubeTensor, kernel: &TextureKernel, groups: [u32; 3], b
     let resources: Vec<_> = bindings
         .iter()
         .filter_map(|b| match b {
-            Bind::Buffer(h) => Some(
+            Bind::Buffer(h) | Bind::Uniform(h, _) => Some(
                 anchor
                     .client
                     .get_resource::<WgpuServer<AutoCompiler>>((*h).clone())
@@ -302,6 +318,7 @@ pub fn dispatch(anchor: &CubeTensor, kernel: &TextureKernel, groups: [u32; 3], b
         usage: wgpu::BufferUsages::UNIFORM,
     });
     let mut buffers = resources.iter();
+    let mut copy = None;
     let mut entries: Vec<wgpu::BindGroupEntry> = bindings
         .iter()
         .enumerate()
@@ -315,6 +332,11 @@ pub fn dispatch(anchor: &CubeTensor, kernel: &TextureKernel, groups: [u32; 3], b
                         offset: r.offset,
                         size: NonZeroU64::new(r.size),
                     })
+                }
+                Bind::Uniform(_, bytes) => {
+                    let r = buffers.next().expect("one resource per buffer").resource();
+                    copy = Some((r, (*bytes).min(UNIFORM_BYTES) as u64 & !3));
+                    gpu.uniform_input.as_entire_binding()
                 }
                 Bind::Texture(t) => wgpu::BindingResource::TextureView(&t.view),
             },
@@ -330,6 +352,11 @@ pub fn dispatch(anchor: &CubeTensor, kernel: &TextureKernel, groups: [u32; 3], b
         entries: &entries,
     });
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
+    if let Some((r, bytes)) = copy
+        && bytes > 0
+    {
+        encoder.copy_buffer_to_buffer(&r.buffer, r.offset, &gpu.uniform_input, 0, bytes);
+    }
     {
         let mut pass = encoder.begin_compute_pass(&Default::default());
         pass.set_pipeline(&pipeline);

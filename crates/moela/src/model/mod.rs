@@ -20,7 +20,7 @@ use packed::Packed;
 
 /// How projection and expert weights are stored on the GPU. Activations, norms, softmax, the router, the
 /// absorbed attention factors and the embedding table stay f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightDtype {
     /// 4 bytes per weight.
