@@ -2,7 +2,9 @@
 //!
 //! Each shader has three entry points over one binding list: `matvec` (up to [`MAX_ROWS`] rows of x times
 //! one matrix), `gathered` (MoE decode: each (token, slot) pair times its chosen expert) and `dequant` (the
-//! whole stack as f32, for products with many rows, which burn's matmul then runs).
+//! whole stack as f32, for products with many rows, which burn's matmul then runs). Natively the words live
+//! in a texture (`kernels/texture.rs`; f16 then uses `shaders/matvec_f16_texture.wgsl`, eight columns to a
+//! texel), in the browser in a buffer.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -21,13 +23,17 @@ use crate::model::packed::{self, BLOCK, Packed};
 
 const WORKGROUP: u32 = 64;
 
-/// Texel columns (four outputs each) one invocation of `matvec` / `gathered` owns: 2 where the 8-bit and
-/// 4-bit shaders can pair them (`N/4` even), so each x value read serves eight outputs; else 1.
-fn columns(format: WeightDtype, n: usize) -> usize {
-    if format != WeightDtype::F16 && (n / 4).is_multiple_of(2) {
-        2
-    } else {
-        1
+/// Texel columns (four outputs each) one invocation of `entry` owns: f16 words in a texture come eight
+/// columns to a texel (2); the 8-bit and 4-bit `matvec` / `gathered` pair them where `N/4` is even, so each
+/// x value read serves eight outputs (2); else 1.
+fn columns(p: &Packed, b: &Buffers, entry: &str) -> usize {
+    let n4 = p.shape[2] / 4;
+    match p.format {
+        WeightDtype::F16 if b.in_texture() => 2,
+        WeightDtype::F16 => 1,
+        _ if entry == "dequant" => 1,
+        _ if n4.is_multiple_of(2) => 2,
+        _ => 1,
     }
 }
 
@@ -50,6 +56,7 @@ fn source(format: WeightDtype, rows: usize, cols: usize, reads: Reads) -> &'stat
         .unwrap_or_else(|e| e.into_inner());
     variants.entry((format, rows, cols, reads)).or_insert_with(|| {
         let text = match format {
+            WeightDtype::F16 if reads.texture => include_str!("../../../../shaders/matvec_f16_texture.wgsl"),
             WeightDtype::F16 => include_str!("../../../../shaders/matvec_f16.wgsl"),
             WeightDtype::Q8 => include_str!("../../../../shaders/matvec_q8.wgsl"),
             _ => include_str!("../../../../shaders/matvec_q4.wgsl"),
@@ -77,6 +84,12 @@ enum Words<B> {
     Buffer(B),
     #[cfg(not(target_arch = "wasm32"))]
     Texture(std::sync::Arc<texture::WeightTexture>),
+}
+
+impl Buffers {
+    fn in_texture(&self) -> bool {
+        !matches!(self.words, Words::Buffer(_))
+    }
 }
 
 fn buffers(p: &Packed) -> Option<Buffers> {
@@ -156,7 +169,7 @@ fn launch(
             let x_bytes = x.meta.num_elements() * 4;
             let reads = Reads {
                 texture: true,
-                uniform_x: p.format != WeightDtype::F16 && x_bytes <= texture::UNIFORM_BYTES,
+                uniform_x: x_bytes <= texture::UNIFORM_BYTES,
             };
             let kernel = texture::TextureKernel {
                 name: p.format.name(),
@@ -205,9 +218,9 @@ pub fn matvec(x: &Tensor<2>, p: &Packed) -> Option<Tensor<2>> {
     if m == 0 || m > MAX_ROWS || k != pk || x.dtype() != DType::F32 {
         return None;
     }
-    let cols = columns(p.format, n);
-    let groups = column_groups(n, cols)?;
     let b = buffers(p)?;
+    let cols = columns(p, &b, "matvec");
+    let groups = column_groups(n, cols)?;
     let zero = cube_int_tensor(&p.zero)?;
     let xt = cube_tensor(&padded_x(x, p))?;
     let info = shape_values(p, &b, 0, 1);
@@ -228,9 +241,9 @@ pub fn gathered(x: &Tensor<2>, p: &Packed, idx: &Tensor<1, Int>, first: usize, x
     if x.dtype() != DType::F32 {
         return None;
     }
-    let cols = columns(p.format, n);
-    let groups = column_groups(n, cols)?;
     let b = buffers(p)?;
+    let cols = columns(p, &b, "gathered");
+    let groups = column_groups(n, cols)?;
     let idx = cube_int_tensor(idx).filter(|t| t.dtype == DType::I32)?;
     let xt = cube_tensor(&padded_x(x, p))?;
     let info = shape_values(p, &b, first, x_div);
@@ -249,17 +262,18 @@ pub fn dequantise(p: &Packed) -> Option<Tensor<3>> {
         WeightDtype::Q8 => kp / 4,
         _ => kp / 8,
     };
-    let groups = column_groups(n, 1)?;
+    let b = buffers(p)?;
+    let cols = columns(p, &b, "dequant");
+    let groups = column_groups(n, cols)?;
     if rows > 65_535 || count > 65_535 {
         return None;
     }
-    let b = buffers(p)?;
     let zero = cube_int_tensor(&p.zero)?;
     // The three entry points share one binding list, so dequant binds a small x that it never reads.
     let x = cube_tensor(&Tensor::<1>::zeros([4], &p.zero.device()))?;
     let info = shape_values(p, &b, 0, 1);
     let grid = [groups, rows as u32, count as u32];
-    let out = launch(p, &b, "dequant", (1, 1), &x, &zero, count * kp * n, grid, info);
+    let out = launch(p, &b, "dequant", (1, cols), &x, &zero, count * kp * n, grid, info);
     let w = CubeTensor::new_contiguous(x.client, x.device, Shape::new([count, kp, n]), out, DType::F32);
     let w = Tensor::<3>::from_primitive::<burn_cubecl::Cube>(w);
     Some(if kp == k { w } else { w.narrow(1, 0, k) })
@@ -322,7 +336,7 @@ mod tests {
                 let packed = Packed::new(&host(k * n, m), [1, k, n], format, &device);
                 let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
                 let reference = x.clone().matmul(packed.dequantise().reshape([k, n]));
-                // Words in a texture (native q8 / q4) and in a buffer (the browser's path).
+                // Words in a texture (native) and in a buffer (the browser's path).
                 for p in storages(packed) {
                     let fast = matvec(&x, &p).expect("the kernel covers this shape");
                     let w = worst(&values(fast), &values(reference.clone()));
@@ -373,14 +387,15 @@ mod tests {
     #[cfg(not(target_arch = "wasm32"))]
     #[test]
     fn texture_layers_place_every_word() {
-        // 128 x 2600 q8 words fill 5.1 texture rows; at most 2 rows per layer gives 3 array layers, so the
-        // shader's (column, row, layer) split of a texel index is exercised without a gigabyte of weights.
+        // 128 x 2600 q8 words fill 5.1 texture rows (f16 10.2, q4 2.5); at most 2 rows per layer gives
+        // several array layers, so the shaders' (column, row, layer) split of a texel index is exercised
+        // without a gigabyte of weights.
         let Ok(device) = crate::engine::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };
         let (k, n) = (128, 2600);
-        for format in [WeightDtype::Q8, WeightDtype::Q4] {
+        for format in FORMATS {
             let p = Packed::new(&host(k * n, 5), [1, k, n], format, &device).in_texture_rows(2);
             assert!(matches!(p.words, packed::Words::Texture(_)), "{format:?}: no texture");
             let x = Tensor::<2>::random([2, k], Distribution::Normal(0.0, 1.0), &device);

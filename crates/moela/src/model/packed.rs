@@ -49,7 +49,7 @@ pub struct Packed {
 pub enum Words {
     /// u32 bit patterns held in a flat int tensor: any device, and the browser.
     Buffer(Tensor<1, Int>),
-    /// A texture the 8-bit and 4-bit kernels read (native wgpu; see `kernels/texture.rs`).
+    /// A texture the kernels read (native wgpu; see `kernels/texture.rs`).
     #[cfg(not(target_arch = "wasm32"))]
     Texture(std::sync::Arc<crate::kernels::texture::WeightTexture>),
 }
@@ -83,9 +83,11 @@ impl Packed {
             Tensor::<1, Int>::from_data(TensorData::new(v, [len]), device)
         };
         #[cfg(not(target_arch = "wasm32"))]
-        let texture = (format != WeightDtype::F16 && crate::kernels::texture::available(device))
-            .then(|| crate::kernels::texture::WeightTexture::new(&words))
-            .flatten();
+        // f16 texels hold eight columns of a row: N a multiple of 8.
+        let texture = ((format != WeightDtype::F16 || n.is_multiple_of(8))
+            && crate::kernels::texture::available(device))
+        .then(|| crate::kernels::texture::WeightTexture::new(&words))
+        .flatten();
         #[cfg(target_arch = "wasm32")]
         let texture: Option<()> = None;
         let words = match texture {

@@ -1,0 +1,107 @@
+// Products with f16 weights read from a texture (native adapters; kernels/texture.rs): the words of
+// model/packed.rs's f16 layout ([K, N/2] words, a word holding columns 2j and 2j + 1 of row k) as 16-byte
+// texels, one texel holding eight adjacent columns of one row. Same entry points and bindings as
+// matvec_f16.wgsl; each invocation owns one texel column (eight outputs, two vec4 accumulators per row of
+// x), so N must be a multiple of 8. f32 accumulation; unpack2x16float needs no shader-f16.
+//
+// Bindings: x [rows, K] (a storage buffer, or a uniform copy: {{XS}} / {{XU}} lines), w (texture of
+// [count, K, N/8] texels), idx [P] i32, y [rows, N/4] vec4, then the shape.
+
+@group(0) @binding(0) var<storage, read_write> x: array<f32>; {{XS}}
+@group(0) @binding(0) var<uniform> x: array<vec4<f32>, 4096>; {{XU}}
+@group(0) @binding(1) var w: texture_2d_array<u32>;
+@group(0) @binding(2) var<storage, read_write> idx: array<i32>;
+@group(0) @binding(3) var<storage, read_write> y: array<vec4<f32>>;
+
+struct Shape {
+    k: u32,
+    n4: u32,          // N / 4
+    first: u32,       // first expert of the chunk (gathered)
+    count: u32,       // matrices in the stack
+    x_div: u32,       // pairs per row of x (gathered)
+    row_mask: u32,    // texture rows per layer - 1 (all ones for one layer)
+    layer_shift: u32, // log2(rows per layer) (31 for one layer)
+    _pad0: u32,
+}
+@group(0) @binding(4) var<uniform> shape: Shape;
+
+// Value i of x.
+fn xs(i: u32) -> f32 {
+    return x[i]; {{XS}}
+    return x[i >> 2u][i & 3u]; {{XU}}
+}
+
+// Texel i of the words, as its eight f16 values: columns 8c..8c+4 and 8c+4..8c+8.
+fn texel(i: u32) -> mat2x4<f32> {
+    let row = i >> 12u;
+    let t = textureLoad(w, vec2<u32>(i & 4095u, row & shape.row_mask), row >> shape.layer_shift, 0);
+    return mat2x4<f32>(
+        vec4<f32>(unpack2x16float(t.x), unpack2x16float(t.y)),
+        vec4<f32>(unpack2x16float(t.z), unpack2x16float(t.w)),
+    );
+}
+
+@compute @workgroup_size(64)
+fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    let n8 = shape.n4 / 2u;
+    if (c >= n8) {
+        return;
+    }
+    let k_len = shape.k;
+    let base = u32(idx[0]) * k_len * n8 + c;
+    var lo{{R}} = vec4<f32>(0.0);
+    var hi{{R}} = vec4<f32>(0.0);
+    for (var k = 0u; k < k_len; k++) {
+        let wv = texel(base + k * n8);
+        let xv{{R}} = vec4<f32>(xs({{R}}u * k_len + k));
+        lo{{R}} = fma(xv{{R}}, wv[0], lo{{R}});
+        hi{{R}} = fma(xv{{R}}, wv[1], hi{{R}});
+    }
+    y[{{R}}u * shape.n4 + 2u * c] = lo{{R}};
+    y[{{R}}u * shape.n4 + 2u * c + 1u] = hi{{R}};
+}
+
+@compute @workgroup_size(64)
+fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    let p = gid.y;
+    let n8 = shape.n4 / 2u;
+    if (c >= n8) {
+        return;
+    }
+    let k_len = shape.k;
+    let e = idx[p] - i32(shape.first);
+    var lo = vec4<f32>(0.0);
+    var hi = vec4<f32>(0.0);
+    if (e >= 0 && u32(e) < shape.count) {
+        let base = u32(e) * k_len * n8 + c;
+        let row = (p / shape.x_div) * k_len;
+        for (var k = 0u; k < k_len; k++) {
+            let wv = texel(base + k * n8);
+            let xv = vec4<f32>(xs(row + k));
+            lo = fma(xv, wv[0], lo);
+            hi = fma(xv, wv[1], hi);
+        }
+    }
+    y[p * shape.n4 + 2u * c] = lo;
+    y[p * shape.n4 + 2u * c + 1u] = hi;
+}
+
+@compute @workgroup_size(64)
+fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {
+    // x and idx are unused here but bound (the binding list is shared): touch them so they stay in the layout.
+    _ = xs(0u);
+    _ = idx[0];
+    let c = gid.x;
+    let k = gid.y;
+    let e = gid.z;
+    let n8 = shape.n4 / 2u;
+    if (c >= n8 || k >= shape.k) {
+        return;
+    }
+    let i = (e * shape.k + k) * n8 + c;
+    let wv = texel(i);
+    y[2u * i] = wv[0];
+    y[2u * i + 1u] = wv[1];
+}
