@@ -190,13 +190,10 @@ impl WeightTexture {
         let full_rows = self.texels / ROW;
         let tail = self.texels % ROW;
         let height = self.texture.height() as usize;
-        // One copy per run of whole rows inside a layer, then the last partial row.
-        let mut row = 0;
-        while row < full_rows {
-            let (layer, y) = (row / height, row % height);
-            let n = (height - y).min(full_rows - row);
+        // `width` texels of each of `rows` rows from texture row `row` (all inside one layer).
+        let mut copy = |row: usize, width: usize, rows: usize| {
             encoder.copy_texture_to_buffer(
-                self.texel_origin(layer, y),
+                self.texel_origin(row / height, row % height),
                 wgpu::TexelCopyBufferInfo {
                     buffer: &r.buffer,
                     layout: wgpu::TexelCopyBufferLayout {
@@ -206,31 +203,21 @@ impl WeightTexture {
                     },
                 },
                 wgpu::Extent3d {
-                    width: ROW as u32,
-                    height: n as u32,
+                    width: width as u32,
+                    height: rows as u32,
                     depth_or_array_layers: 1,
                 },
             );
+        };
+        // One copy per run of whole rows inside a layer, then the last partial row.
+        let mut row = 0;
+        while row < full_rows {
+            let n = (height - row % height).min(full_rows - row);
+            copy(row, ROW, n);
             row += n;
         }
         if tail > 0 {
-            let (layer, y) = (full_rows / height, full_rows % height);
-            encoder.copy_texture_to_buffer(
-                self.texel_origin(layer, y),
-                wgpu::TexelCopyBufferInfo {
-                    buffer: &r.buffer,
-                    layout: wgpu::TexelCopyBufferLayout {
-                        offset: r.offset + full_rows as u64 * row_bytes,
-                        bytes_per_row: Some(row_bytes as u32),
-                        rows_per_image: None,
-                    },
-                },
-                wgpu::Extent3d {
-                    width: tail as u32,
-                    height: 1,
-                    depth_or_array_layers: 1,
-                },
-            );
+            copy(full_rows, tail, 1);
         }
         gpu.queue.submit([encoder.finish()]);
     }
