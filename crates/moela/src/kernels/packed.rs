@@ -337,10 +337,12 @@ mod tests {
                 let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
                 let reference = x.clone().matmul(packed.dequantise().reshape([k, n]));
                 // Words in a texture (native) and in a buffer (the browser's path).
+                // Sums of thousands of f32 terms in another order differ by ~1e-4 of their value.
+                let tolerance = if k > 1000 { 1e-3 } else { 1e-4 };
                 for p in storages(packed) {
                     let fast = matvec(&x, &p).expect("the kernel covers this shape");
                     let w = worst(&values(fast), &values(reference.clone()));
-                    assert!(w < 1e-4, "{format:?} matvec {m}x{k}x{n}: worst difference {w}");
+                    assert!(w < tolerance, "{format:?} matvec {m}x{k}x{n}: worst difference {w}");
                     let unpacked = dequantise(&p).expect("the kernel covers this stack");
                     let w = worst(
                         &values(unpacked.reshape([k, n])),
