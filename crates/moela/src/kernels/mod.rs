@@ -296,6 +296,7 @@ fn record_launch(kernel: &'static str, seconds: Option<f64>) {
     }
 }
 
+// Launches outside CubeCL stop reporting when the counter goes (at `finish`, or dropped unfinished).
 impl Drop for LaunchCounter {
     fn drop(&mut self) {
         if let Ok(mut c) = COUNTING.lock() {
@@ -323,9 +324,6 @@ impl LaunchCounter {
 
     /// Stops: launches per kernel, merged by short name, the most time (or launches) first.
     pub fn finish(self) -> Vec<KernelStat> {
-        if let Ok(mut c) = COUNTING.lock() {
-            *c = None;
-        }
         let raw = self.stats.stats.lock().map(|c| c.clone()).unwrap_or_default();
         let mut merged: std::collections::BTreeMap<String, (u64, f64)> = std::collections::BTreeMap::new();
         for (name, (n, secs)) in raw {
