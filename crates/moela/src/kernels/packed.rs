@@ -75,13 +75,14 @@ fn source(format: WeightDtype, rows: usize, cols: usize, reads: Reads) -> &'stat
 
 /// Where a packed weight's words and scales are, or `None` when they are not on a WGSL device.
 struct Buffers {
-    words: Words<CubeTensor>,
+    words: Words,
     scales: Option<CubeTensor>,
 }
 
-/// The words of a packed weight as a launch binds them.
-enum Words<B> {
-    Buffer(B),
+/// The words of a packed weight as a launch binds them: [`packed::Words`] with the buffer reached.
+#[allow(clippy::large_enum_variant)] // lives on the stack for one launch
+enum Words {
+    Buffer(CubeTensor),
     #[cfg(not(target_arch = "wasm32"))]
     Texture(std::sync::Arc<texture::WeightTexture>),
 }
@@ -123,7 +124,8 @@ fn shape_values(p: &Packed, b: &Buffers, first: usize, x_div: usize) -> Vec<u32>
     v
 }
 
-/// Launches one entry point: bindings x, words, (scales), idx, y, then the shape.
+/// Launches one entry point: bindings x, words, (scales), idx, y, then the shape. `None` when a texture
+/// launch cannot bind its buffers.
 #[allow(clippy::too_many_arguments)]
 fn launch(
     p: &Packed,
@@ -135,7 +137,7 @@ fn launch(
     out_len: usize,
     count: [u32; 3],
     info: Vec<u32>,
-) -> burn_cubecl::cubecl::server::Handle {
+) -> Option<burn_cubecl::cubecl::server::Handle> {
     let client = x.client.clone();
     let out = client.empty(out_len * 4);
     match &b.words {
@@ -187,10 +189,10 @@ fn launch(
                 binds.push(Bind::Buffer(&s.handle));
             }
             binds.extend([Bind::Buffer(&idx.handle), Bind::Buffer(&out)]);
-            texture::dispatch(x, &kernel, count, &binds, &info);
+            texture::dispatch(x, &kernel, count, &binds, &info)?;
         }
     }
-    out
+    Some(out)
 }
 
 /// `x` with zero columns appended up to the packed K (q8 / q4 store whole blocks of K).
@@ -224,7 +226,7 @@ pub fn matvec(x: &Tensor<2>, p: &Packed) -> Option<Tensor<2>> {
     let zero = cube_int_tensor(&p.zero)?;
     let xt = cube_tensor(&padded_x(x, p))?;
     let info = shape_values(p, &b, 0, 1);
-    let out = launch(p, &b, "matvec", (m, cols), &xt, &zero, m * n, [groups, 1, 1], info);
+    let out = launch(p, &b, "matvec", (m, cols), &xt, &zero, m * n, [groups, 1, 1], info)?;
     let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([m, n]), out, DType::F32);
     Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
 }
@@ -248,7 +250,7 @@ pub fn gathered(x: &Tensor<2>, p: &Packed, idx: &Tensor<1, Int>, first: usize, x
     let xt = cube_tensor(&padded_x(x, p))?;
     let info = shape_values(p, &b, first, x_div);
     let count = [groups, pairs as u32, 1];
-    let out = launch(p, &b, "gathered", (1, cols), &xt, &idx, pairs * n, count, info);
+    let out = launch(p, &b, "gathered", (1, cols), &xt, &idx, pairs * n, count, info)?;
     let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([pairs, n]), out, DType::F32);
     Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
 }
@@ -273,7 +275,7 @@ pub fn dequantise(p: &Packed) -> Option<Tensor<3>> {
     let x = cube_tensor(&Tensor::<1>::zeros([4], &p.zero.device()))?;
     let info = shape_values(p, &b, 0, 1);
     let grid = [groups, rows as u32, count as u32];
-    let out = launch(p, &b, "dequant", (1, cols), &x, &zero, count * kp * n, grid, info);
+    let out = launch(p, &b, "dequant", (1, cols), &x, &zero, count * kp * n, grid, info)?;
     let w = CubeTensor::new_contiguous(x.client, x.device, Shape::new([count, kp, n]), out, DType::F32);
     let w = Tensor::<3>::from_primitive::<burn_cubecl::Cube>(w);
     Some(if kp == k { w } else { w.narrow(1, 0, k) })

@@ -263,21 +263,29 @@ pub struct TextureKernel {
 
 /// Runs `kernel` over `groups` workgroups with `bindings` at 0.. and `info` as the uniform after them.
 /// burn's queued work on `anchor`'s device is submitted first, so this launch sees its results and later
-/// burn work sees this one's.
-pub fn dispatch(anchor: &CubeTensor, kernel: &TextureKernel, groups: [u32; 3], bindings: &[Bind], info: &[u32]) {
-    let gpu = GPU.get().expect("texture launches need a registered device");
-    let resources: Vec<_> = bindings
+/// burn work sees this one's. `None`, with nothing launched, when no device is registered or a buffer
+/// cannot be bound (burn's runtime reports it failed or unallocated): the caller takes burn's path.
+pub fn dispatch(
+    anchor: &CubeTensor,
+    kernel: &TextureKernel,
+    groups: [u32; 3],
+    bindings: &[Bind],
+    info: &[u32],
+) -> Option<()> {
+    let gpu = GPU.get()?;
+    let resources = bindings
         .iter()
         .filter_map(|b| match b {
             Bind::Buffer(h) | Bind::Uniform(h, _) => Some(
                 anchor
                     .client
                     .get_resource::<WgpuServer<AutoCompiler>>((*h).clone())
-                    .unwrap_or_else(|e| panic!("binding a buffer for {}: {e:?}", kernel.name)),
+                    .map_err(|e| log::warn!("{}: a buffer cannot be bound ({e:?}); burn's path runs", kernel.name)),
             ),
             Bind::Texture(_) => None,
         })
-        .collect();
+        .collect::<Result<Vec<_>, ()>>()
+        .ok()?;
     let _ = anchor.client.flush();
     let pipeline = {
         let mut cache = gpu.pipelines.lock().unwrap_or_else(|e| e.into_inner());
@@ -366,4 +374,5 @@ pub fn dispatch(anchor: &CubeTensor, kernel: &TextureKernel, groups: [u32; 3], b
         wait();
     }
     super::record_launch(kernel.name, timed.then(|| start.elapsed().as_secs_f64()));
+    Some(())
 }
