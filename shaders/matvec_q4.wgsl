@@ -3,7 +3,7 @@
 // work split as matvec_q8.wgsl; here one word holds eight rows of a column, so a word group is 8 k and
 // takes two vec4 of x.
 //
-// Bindings: x [rows, Kp/4] vec4, w [count, Kp/8, N/4] vec4<u32>, s [count, Kp/32, N/4] vec2<u32> (f16 x4),
+// Bindings: x [rows, K/4] vec4, w [count, Kp/8, N/4] vec4<u32>, s [count, Kp/32, N/4] vec2<u32> (f16 x4),
 // idx [P] i32, y, then the shape.
 
 // x: a storage buffer, or (texture launches, x up to 64 KiB) a copy in a uniform buffer, whose loads a
@@ -26,9 +26,15 @@ struct Shape {
     x_div: u32,   // pairs per row of x (gathered)
     row_mask: u32,     // texture rows per layer - 1 (all ones for one layer)
     layer_shift: u32,  // log2(rows per layer) (31 for one layer)
-    _pad0: u32,
+    x_k4: u32,         // vec4 per row of x: K / 4, the reads past it zero
 }
 @group(0) @binding(5) var<uniform> shape: Shape;
+
+// Values 4g..4g+4 of the row of x that starts at vec4 `row`, zero past K (x is not padded to whole blocks;
+// the weights' padding rows are zero, but what lies past a row is not always a number).
+fn xs(row: u32, g: u32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), x[row + min(g, shape.x_k4 - 1u)], g < shape.x_k4);
+}
 
 // Texel i of the words (four u32).
 fn word(i: u32) -> vec4<u32> {
@@ -77,8 +83,8 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
             let words{{C}} = word(wbase + g * n4 + {{C}}u);
             let lo{{C}} = unpack(words{{C}}, 0u);
             let hi{{C}} = unpack(words{{C}}, 4u);
-            let xlo{{R}} = x[{{R}}u * k8 * 2u + 2u * g];
-            let xhi{{R}} = x[{{R}}u * k8 * 2u + 2u * g + 1u];
+            let xlo{{R}} = xs({{R}}u * shape.x_k4, 2u * g);
+            let xhi{{R}} = xs({{R}}u * shape.x_k4, 2u * g + 1u);
             part{{R}}_{{C}} += xlo{{R}} * lo{{C}} + xhi{{R}} * hi{{C}};
         }
         let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u]);
@@ -102,13 +108,13 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (e >= 0 && u32(e) < shape.count) {
         let wbase = u32(e) * k8 * n4 + c;
         let sbase = u32(e) * blocks * n4 + c;
-        let row = (p / shape.x_div) * k8 * 2u;
+        let row = (p / shape.x_div) * shape.x_k4;
         for (var b = 0u; b < blocks; b++) {
             var part{{C}} = vec4<f32>(0.0);
             for (var j = 0u; j < GROUPS; j++) {
                 let g = b * GROUPS + j;
-                let xlo = x[row + 2u * g];
-                let xhi = x[row + 2u * g + 1u];
+                let xlo = xs(row, 2u * g);
+                let xhi = xs(row, 2u * g + 1u);
                 let words{{C}} = word(wbase + g * n4 + {{C}}u);
                 part{{C}} += xlo * unpack(words{{C}}, 0u) + xhi * unpack(words{{C}}, 4u);
             }

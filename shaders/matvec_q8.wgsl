@@ -13,7 +13,7 @@
 // {{P}} such groups side by side in matvec / gathered (N/4 a multiple of {{P}}), and walks K a block at a time: xv (four x values) times the 4x4 matrix of one word group gives the four columns'
 // partial sums, and each block's sums are scaled once.
 //
-// Bindings: x [rows, Kp/4] vec4, w [count, Kp/4, N/4] vec4<u32>, s [count, Kp/32, N/4] vec2<u32> (f16 x4),
+// Bindings: x [rows, K/4] vec4, w [count, Kp/4, N/4] vec4<u32>, s [count, Kp/32, N/4] vec2<u32> (f16 x4),
 // idx [P] i32, y, then the shape.
 
 // x: a storage buffer, or (texture launches, x up to 64 KiB) a copy in a uniform buffer, whose loads a
@@ -36,9 +36,15 @@ struct Shape {
     x_div: u32,   // pairs per row of x (gathered)
     row_mask: u32,     // texture rows per layer - 1 (all ones for one layer)
     layer_shift: u32,  // log2(rows per layer) (31 for one layer)
-    _pad0: u32,
+    x_k4: u32,         // vec4 per row of x: K / 4, the reads past it zero
 }
 @group(0) @binding(5) var<uniform> shape: Shape;
+
+// Values 4g..4g+4 of the row of x that starts at vec4 `row`, zero past K (x is not padded to whole blocks;
+// the weights' padding rows are zero, but what lies past a row is not always a number).
+fn xs(row: u32, g: u32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), x[row + min(g, shape.x_k4 - 1u)], g < shape.x_k4);
+}
 
 // Texel i of the words (four u32).
 fn word(i: u32) -> vec4<u32> {
@@ -85,7 +91,7 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
         for (var j = 0u; j < GROUPS; j++) {
             let g = b * GROUPS + j;
             let q{{C}} = unpack(word(wbase + g * n4 + {{C}}u));
-            let xv{{R}} = x[{{R}}u * k4 + g];
+            let xv{{R}} = xs({{R}}u * shape.x_k4, g);
             part{{R}}_{{C}} += xv{{R}} * q{{C}};
         }
         let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u]);
@@ -109,12 +115,12 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (e >= 0 && u32(e) < shape.count) {
         let wbase = u32(e) * k4 * n4 + c;
         let sbase = u32(e) * blocks * n4 + c;
-        let row = (p / shape.x_div) * k4;
+        let row = (p / shape.x_div) * shape.x_k4;
         for (var b = 0u; b < blocks; b++) {
             var part{{C}} = vec4<f32>(0.0);
             for (var j = 0u; j < GROUPS; j++) {
                 let g = b * GROUPS + j;
-                let xv = x[row + g];
+                let xv = xs(row, g);
                 part{{C}} += xv * unpack(word(wbase + g * n4 + {{C}}u));
             }
             acc{{C}} = fma(part{{C}}, scale(s[sbase + b * n4 + {{C}}u]), acc{{C}});

@@ -65,6 +65,10 @@ impl LatentCache {
         self.len = self.len.min(len);
     }
 
+    pub(crate) fn layers(&self) -> &[Tensor<2>] {
+        &self.layers
+    }
+
     pub(crate) fn layer_mut(&mut self, i: usize) -> &mut Tensor<2> {
         &mut self.layers[i]
     }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::cache::LatentCache;
 use crate::chat::{Message, prompt_opens_think};
-use crate::engine::{Engine, read_rows};
+use crate::engine::{Engine, Replay, read_rows};
 use crate::error::{Error, Result};
 use crate::model::transformer::LogitsFor;
 use crate::sample::{Sampler, SamplingOptions};
@@ -117,6 +117,7 @@ pub struct Session {
     engine: Arc<Engine>,
     cache: LatentCache,
     tokens: Vec<u32>,
+    replay: Replay,
 }
 
 /// Seconds on a monotonic clock (also in browsers), for tok/s only; never asserted on.
@@ -142,6 +143,7 @@ impl Session {
             cache: engine.new_cache(max_context),
             engine,
             tokens: Vec::new(),
+            replay: Replay::default(),
         })
     }
 
@@ -207,13 +209,19 @@ impl Session {
     /// [`Session::step`], also returning (when `record`) the experts each MoE layer chose for the token,
     /// `[moe layer][k]`: one more read-back, for visualisations.
     pub async fn step_with_routing(&mut self, token: u32, record: bool) -> Result<(Vec<f32>, Option<Vec<Vec<u32>>>)> {
+        if !record {
+            let logits = self
+                .engine
+                .decode_step(&mut self.cache, &mut self.replay, token)
+                .await?;
+            self.tokens.push(token);
+            return Ok((logits, None));
+        }
         let mut routing = Vec::new();
-        let out = self.engine.model.forward(
-            &[token],
-            &mut self.cache,
-            LogitsFor::Last,
-            record.then_some(&mut routing),
-        )?;
+        let out = self
+            .engine
+            .model
+            .forward(&[token], &mut self.cache, LogitsFor::Last, Some(&mut routing))?;
         self.tokens.push(token);
         let logits = read_rows(out).await?.pop().unwrap_or_default();
         if routing.is_empty() {

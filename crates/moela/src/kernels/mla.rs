@@ -3,7 +3,7 @@
 
 use burn::tensor::{DType, Tensor};
 
-use super::{WgslKernel, cube_tensor, empty, float, launch};
+use super::{WgslKernel, cube_tensor, empty, float, launch, launch_at};
 
 const QUERY: &str = include_str!("../../../../shaders/mla_query.wgsl");
 const ATTEND: &str = include_str!("../../../../shaders/mla_attend.wgsl");
@@ -143,7 +143,8 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         kw as u32,
         inp.kv_col as u32,
     ];
-    launch(
+    // info[4] is the position: a replayed step writes its own.
+    launch_at(
         &q,
         kernel("mla_query", QUERY),
         [s.heads as u32 + 1, t as u32, 1],
@@ -158,6 +159,7 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
             &query,
         ],
         &info,
+        Some(4),
     );
 
     let partial = empty(&q, t * s.heads * chunks * (s.rank + 2));
@@ -170,12 +172,18 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         chunks as u32,
         (s.scale as f32).to_bits(),
     ];
-    launch(
+    launch_at(
         &q,
         kernel("mla_attend", ATTEND),
         [chunks as u32, s.heads as u32, t as u32],
         &[&query, &cache.handle, &partial],
         &info,
+        Some(3),
+    );
+    // The chunk count (grid, partial buffer, merge) holds for the positions that give the same count.
+    #[cfg(not(target_arch = "wasm32"))]
+    super::replay::serves_positions(
+        ((chunks - 1) * CHUNK + 1).saturating_sub(t)..(chunks * CHUNK).min(capacity) + 1 - t,
     );
 
     let out = empty(&q, t * s.heads * s.v);

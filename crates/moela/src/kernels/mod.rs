@@ -14,6 +14,8 @@ pub mod moe;
 pub mod norm;
 pub mod packed;
 #[cfg(not(target_arch = "wasm32"))]
+pub mod replay;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod texture;
 
 use burn::tensor::{Int, Tensor};
@@ -176,6 +178,23 @@ fn tagged(source: &str, flags: &[(&str, bool)], values: &[(&str, usize)]) -> Str
 /// Launches `kernel` on `anchor`'s device over `groups` workgroups: `buffers` bound in order, then `info`
 /// as the uniform shape. Ordered with burn's own work on the same queue; nothing is read back.
 fn launch(anchor: &CubeTensor, kernel: WgslKernel, groups: [u32; 3], buffers: &[&Handle], info: &[u32]) {
+    launch_at(anchor, kernel, groups, buffers, info, None);
+}
+
+/// [`launch`], where `info[pos_word]` is the position of the step's first token: a replayed step
+/// (`replay.rs`) writes its own position there.
+fn launch_at(
+    anchor: &CubeTensor,
+    kernel: WgslKernel,
+    groups: [u32; 3],
+    buffers: &[&Handle],
+    info: &[u32],
+    pos_word: Option<usize>,
+) {
+    #[cfg(not(target_arch = "wasm32"))]
+    replay::record_cube(anchor, &kernel, groups, buffers, info, pos_word);
+    #[cfg(target_arch = "wasm32")]
+    let _ = pos_word;
     let args = buffers
         .iter()
         .fold(KernelArguments::new(), |args, b| {
@@ -223,7 +242,6 @@ fn float<const D: usize>(anchor: &CubeTensor, handle: Handle, shape: [usize; D])
 /// optionally times each one (which runs them one at a time: for a profile, not for a speed figure).
 pub struct LaunchCounter {
     stats: std::sync::Arc<Launches>,
-    _watching: burn_cubecl::cubecl::logging::LaunchObservation,
 }
 
 /// Launches of one kernel.
@@ -243,15 +261,33 @@ struct Launches {
     stats: std::sync::Mutex<std::collections::BTreeMap<&'static str, (u64, f64)>>,
 }
 
-impl burn_cubecl::cubecl::logging::LaunchObserver for Launches {
+/// The running counter, which moela's own launches outside CubeCL (texture launches, replays) and the
+/// observer report to.
+static COUNTING: std::sync::Mutex<Option<std::sync::Arc<Launches>>> = std::sync::Mutex::new(None);
+
+/// The running counter, if any.
+fn counting() -> Option<std::sync::Arc<Launches>> {
+    COUNTING.lock().ok().and_then(|c| c.clone())
+}
+
+/// moela's one observer of CubeCL's launches, installed for the rest of the process on first use (CubeCL
+/// has one observer slot): it reports launches to a running [`LaunchCounter`], and tells a decode step being
+/// recorded on the launching thread (`replay.rs`) which launches were not moela's.
+struct Observer;
+
+impl burn_cubecl::cubecl::logging::LaunchObserver for Observer {
     fn launched(&self, kernel: &'static str) {
-        if let Ok(mut stats) = self.stats.lock() {
+        #[cfg(not(target_arch = "wasm32"))]
+        replay::observed_launch();
+        if let Some(l) = counting()
+            && let Ok(mut stats) = l.stats.lock()
+        {
             stats.entry(kernel).or_default().0 += 1;
         }
     }
 
     fn timing(&self) -> burn_cubecl::cubecl::logging::TimingRequest {
-        if self.timed {
+        if timing_launches() {
             burn_cubecl::cubecl::logging::TimingRequest::Resolved
         } else {
             burn_cubecl::cubecl::logging::TimingRequest::None
@@ -264,30 +300,29 @@ impl burn_cubecl::cubecl::logging::LaunchObserver for Launches {
         duration: burn_cubecl::cubecl::logging::Duration,
         _method: burn_cubecl::cubecl::logging::TimingMethod,
     ) {
-        if let Ok(mut stats) = self.stats.lock() {
+        if let Some(l) = counting()
+            && let Ok(mut stats) = l.stats.lock()
+        {
             stats.entry(kernel).or_default().1 += duration.as_secs_f64();
         }
     }
 }
 
-/// The counter launches outside CubeCL (texture launches) report to, while one is running.
-static COUNTING: std::sync::Mutex<Option<std::sync::Arc<Launches>>> = std::sync::Mutex::new(None);
+/// Installs the [`Observer`] (once per process).
+fn observe() {
+    static INSTALLED: std::sync::OnceLock<burn_cubecl::cubecl::logging::LaunchObservation> = std::sync::OnceLock::new();
+    INSTALLED.get_or_init(|| burn_cubecl::cubecl::logging::LaunchObservation::new(std::sync::Arc::new(Observer)));
+}
 
-/// Whether launches outside CubeCL should be timed (a profile is running).
-#[cfg(not(target_arch = "wasm32"))]
+/// Whether launches should be timed (a profile is running).
 fn timing_launches() -> bool {
-    COUNTING
-        .lock()
-        .ok()
-        .and_then(|c| c.as_ref().map(|l| l.timed))
-        .unwrap_or(false)
+    counting().is_some_and(|l| l.timed)
 }
 
 /// Records a launch made outside CubeCL, with its duration when timed.
 #[cfg(not(target_arch = "wasm32"))]
 fn record_launch(kernel: &'static str, seconds: Option<f64>) {
-    if let Ok(counting) = COUNTING.lock()
-        && let Some(l) = counting.as_ref()
+    if let Some(l) = counting()
         && let Ok(mut stats) = l.stats.lock()
     {
         let e = stats.entry(kernel).or_default();
@@ -296,7 +331,7 @@ fn record_launch(kernel: &'static str, seconds: Option<f64>) {
     }
 }
 
-// Launches outside CubeCL stop reporting when the counter goes (at `finish`, or dropped unfinished).
+// The counter stops when it goes (at `finish`, or dropped unfinished).
 impl Drop for LaunchCounter {
     fn drop(&mut self) {
         if let Ok(mut c) = COUNTING.lock() {
@@ -308,6 +343,7 @@ impl Drop for LaunchCounter {
 impl LaunchCounter {
     /// Starts counting; `timed` also times every launch.
     pub fn start(timed: bool) -> Self {
+        observe();
         let stats = std::sync::Arc::new(Launches {
             timed,
             ..Launches::default()
@@ -315,11 +351,7 @@ impl LaunchCounter {
         if let Ok(mut c) = COUNTING.lock() {
             *c = Some(stats.clone());
         }
-        let watching = burn_cubecl::cubecl::logging::LaunchObservation::new(stats.clone());
-        Self {
-            stats,
-            _watching: watching,
-        }
+        Self { stats }
     }
 
     /// Stops: launches per kernel, merged by short name, the most time (or launches) first.

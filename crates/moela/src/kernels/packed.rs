@@ -10,14 +10,12 @@ use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
 use burn::tensor::{DType, Int, Shape, Tensor};
-use burn_cubecl::cubecl::prelude::CubeCount;
-use burn_cubecl::cubecl::server::{KernelArguments, MetadataBindingInfo};
 use burn_cubecl::tensor::CubeTensor;
 
 use super::matvec::MAX_ROWS;
 #[cfg(not(target_arch = "wasm32"))]
 use super::texture;
-use super::{WgslKernel, cube_int_tensor, cube_tensor, per_row, repeated, tagged, uniform};
+use super::{WgslKernel, cube_int_tensor, cube_tensor, per_row, repeated, tagged};
 use crate::model::WeightDtype;
 use crate::model::packed::{self, BLOCK, Packed};
 
@@ -107,8 +105,8 @@ fn buffers(p: &Packed) -> Option<Buffers> {
 }
 
 /// The launch values every entry point reads: `[K or blocks, N/4, first, count, x_div, row mask, layer
-/// shift]` (the last two place texels in a texture).
-fn shape_values(p: &Packed, b: &Buffers, first: usize, x_div: usize) -> Vec<u32> {
+/// shift, x row length in vec4]` (the row mask and layer shift place texels in a texture).
+fn shape_values(p: &Packed, b: &Buffers, first: usize, x_div: usize, x_k4: usize) -> Vec<u32> {
     let [count, k, n] = p.shape;
     let k_field = match p.format {
         WeightDtype::F16 => k,
@@ -121,6 +119,7 @@ fn shape_values(p: &Packed, b: &Buffers, first: usize, x_div: usize) -> Vec<u32>
     };
     let mut v = [k_field, n / 4, first, count, x_div].map(|v| v as u32).to_vec();
     v.extend(placement);
+    v.push(x_k4 as u32);
     v
 }
 
@@ -138,8 +137,7 @@ fn launch(
     count: [u32; 3],
     info: Vec<u32>,
 ) -> Option<burn_cubecl::cubecl::server::Handle> {
-    let client = x.client.clone();
-    let out = client.empty(out_len * 4);
+    let out = super::empty(x, out_len);
     match &b.words {
         Words::Buffer(words) => {
             let reads = Reads {
@@ -153,17 +151,12 @@ fn launch(
                 variant: (rows * 4 + cols) as u32,
                 workgroup: WORKGROUP,
             };
-            let mut args = KernelArguments::new()
-                .with_buffer(x.handle.clone().binding())
-                .with_buffer(words.handle.clone().binding());
+            let mut buffers = vec![&x.handle, &words.handle];
             if let Some(s) = &b.scales {
-                args = args.with_buffer(s.handle.clone().binding());
+                buffers.push(&s.handle);
             }
-            let args = args
-                .with_buffer(idx.handle.clone().binding())
-                .with_buffer(out.clone().binding())
-                .with_info(MetadataBindingInfo::custom(uniform(&info)));
-            client.launch(Box::new(kernel), CubeCount::Static(count[0], count[1], count[2]), args);
+            buffers.extend([&idx.handle, &out]);
+            super::launch(x, kernel, count, &buffers, &info);
         }
         #[cfg(not(target_arch = "wasm32"))]
         Words::Texture(t) => {
@@ -176,7 +169,6 @@ fn launch(
             let kernel = texture::TextureKernel {
                 name: p.format.name(),
                 entry,
-                variant: (rows * 8 + cols * 2 + usize::from(reads.uniform_x)) as u32,
                 source: source(p.format, rows, cols, reads),
             };
             let first = if reads.uniform_x {
@@ -195,14 +187,17 @@ fn launch(
     Some(out)
 }
 
-/// `x` with zero columns appended up to the packed K (q8 / q4 store whole blocks of K).
-fn padded_x(x: &Tensor<2>, p: &Packed) -> Tensor<2> {
+/// `x` as the 8-bit and 4-bit kernels read it, with its row length in vec4: as it is where K is a multiple
+/// of 4 (the kernels read zeros past K, up to the packed K), else with zero columns appended up to the
+/// packed K (burn's ops: such a step is not replayed).
+fn kernel_x(x: &Tensor<2>, p: &Packed) -> (Tensor<2>, usize) {
     let [rows, k] = x.dims();
     let kp = p.padded_k();
-    if kp == k {
-        x.clone()
+    if kp == k || k.is_multiple_of(4) {
+        (x.clone(), k / 4)
     } else {
-        Tensor::cat(vec![x.clone(), Tensor::zeros([rows, kp - k], &x.device())], 1)
+        let zeros = Tensor::zeros([rows, kp - k], &x.device());
+        (Tensor::cat(vec![x.clone(), zeros], 1), kp / 4)
     }
 }
 
@@ -224,8 +219,9 @@ pub fn matvec(x: &Tensor<2>, p: &Packed) -> Option<Tensor<2>> {
     let cols = columns(p, &b, "matvec");
     let groups = column_groups(n, cols)?;
     let zero = cube_int_tensor(&p.zero)?;
-    let xt = cube_tensor(&padded_x(x, p))?;
-    let info = shape_values(p, &b, 0, 1);
+    let (x, x_k4) = kernel_x(x, p);
+    let xt = cube_tensor(&x)?;
+    let info = shape_values(p, &b, 0, 1, x_k4);
     let out = launch(p, &b, "matvec", (m, cols), &xt, &zero, m * n, [groups, 1, 1], info)?;
     let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([m, n]), out, DType::F32);
     Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
@@ -247,8 +243,9 @@ pub fn gathered(x: &Tensor<2>, p: &Packed, idx: &Tensor<1, Int>, first: usize, x
     let cols = columns(p, &b, "gathered");
     let groups = column_groups(n, cols)?;
     let idx = cube_int_tensor(idx).filter(|t| t.dtype == DType::I32)?;
-    let xt = cube_tensor(&padded_x(x, p))?;
-    let info = shape_values(p, &b, first, x_div);
+    let (x, x_k4) = kernel_x(x, p);
+    let xt = cube_tensor(&x)?;
+    let info = shape_values(p, &b, first, x_div, x_k4);
     let count = [groups, pairs as u32, 1];
     let out = launch(p, &b, "gathered", (1, cols), &xt, &idx, pairs * n, count, info)?;
     let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([pairs, n]), out, DType::F32);
@@ -273,7 +270,7 @@ pub fn dequantise(p: &Packed) -> Option<Tensor<3>> {
     let zero = cube_int_tensor(&p.zero)?;
     // The three entry points share one binding list, so dequant binds a small x that it never reads.
     let x = cube_tensor(&Tensor::<1>::zeros([4], &p.zero.device()))?;
-    let info = shape_values(p, &b, 0, 1);
+    let info = shape_values(p, &b, 0, 1, 1);
     let grid = [groups, rows as u32, count as u32];
     let out = launch(p, &b, "dequant", (1, cols), &x, &zero, count * kp * n, grid, info)?;
     let w = CubeTensor::new_contiguous(x.client, x.device, Shape::new([count, kp, n]), out, DType::F32);

@@ -36,9 +36,9 @@ const LAYER_ROWS: usize = 1024;
 pub const UNIFORM_BYTES: usize = 64 << 10;
 
 /// The wgpu device and queue behind burn's default device, with moela's own pipelines.
-struct Gpu {
-    device: wgpu::Device,
-    queue: wgpu::Queue,
+pub(super) struct Gpu {
+    pub(super) device: wgpu::Device,
+    pub(super) queue: wgpu::Queue,
     max_rows: usize,
     max_layers: usize,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
@@ -47,7 +47,105 @@ struct Gpu {
     uniform_input: wgpu::Buffer,
 }
 
-type PipelineKey = (&'static str, &'static str, u32);
+/// A pipeline is named by its WGSL text (each variant's text is built once and kept, so its address
+/// names it) and entry point.
+type PipelineKey = (usize, usize, &'static str);
+
+/// What one binding of a moela kernel is; the shape uniform comes after them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Slot {
+    /// `var<storage, read_write>` (every storage binding of moela's kernels is read_write).
+    Storage,
+    /// `var<uniform>`.
+    Uniform,
+    /// `texture_2d_array<u32>`.
+    Texture,
+}
+
+/// The registered device, or `None` before burn's default device exists.
+pub(super) fn gpu() -> Option<&'static Gpu> {
+    GPU.get()
+}
+
+impl Gpu {
+    /// The pipeline of `entry` in `source` with `slots` then the shape uniform, built once per process.
+    ///
+    /// The layout is explicit (not derived from what the entry point uses), so a binding a variant leaves
+    /// unread still matches its bind group.
+    pub(super) fn pipeline(
+        &self,
+        name: &'static str,
+        source: &'static str,
+        entry: &'static str,
+        slots: &[Slot],
+    ) -> wgpu::ComputePipeline {
+        let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry((source.as_ptr() as usize, source.len(), entry))
+            .or_insert_with(|| {
+                let entries: Vec<wgpu::BindGroupLayoutEntry> = slots
+                    .iter()
+                    .chain(std::iter::once(&Slot::Uniform))
+                    .enumerate()
+                    .map(|(i, slot)| wgpu::BindGroupLayoutEntry {
+                        binding: i as u32,
+                        visibility: wgpu::ShaderStages::COMPUTE,
+                        ty: match slot {
+                            Slot::Storage => wgpu::BindingType::Buffer {
+                                ty: wgpu::BufferBindingType::Storage { read_only: false },
+                                has_dynamic_offset: false,
+                                min_binding_size: None,
+                            },
+                            Slot::Uniform => wgpu::BindingType::Buffer {
+                                ty: wgpu::BufferBindingType::Uniform,
+                                has_dynamic_offset: false,
+                                min_binding_size: None,
+                            },
+                            Slot::Texture => wgpu::BindingType::Texture {
+                                sample_type: wgpu::TextureSampleType::Uint,
+                                view_dimension: wgpu::TextureViewDimension::D2Array,
+                                multisampled: false,
+                            },
+                        },
+                        count: None,
+                    })
+                    .collect();
+                let group = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some(name),
+                    entries: &entries,
+                });
+                let layout = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some(name),
+                    bind_group_layouts: &[Some(&group)],
+                    immediate_size: 0,
+                });
+                let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(name),
+                    source: wgpu::ShaderSource::Wgsl(source.into()),
+                });
+                self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(name),
+                    layout: Some(&layout),
+                    module: &module,
+                    entry_point: Some(entry),
+                    compilation_options: Default::default(),
+                    cache: None,
+                })
+            })
+            .clone()
+    }
+
+    /// A uniform buffer holding `info` (u32 values, padded to 16 bytes): a kernel's shape.
+    pub(super) fn shape_uniform(&self, info: &[u32]) -> wgpu::Buffer {
+        let mut words: Vec<u32> = info.to_vec();
+        words.resize(info.len().div_ceil(4).max(1) * 4, 0);
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("moela shape"),
+            contents: bytemuck::cast_slice(&words),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        })
+    }
+}
 
 static GPU: OnceLock<Gpu> = OnceLock::new();
 
@@ -170,6 +268,11 @@ impl WeightTexture {
         }))
     }
 
+    /// The view the kernels bind.
+    pub(super) fn view(&self) -> &wgpu::TextureView {
+        &self.view
+    }
+
     /// `[row mask, layer shift]` for the shaders' uniform.
     pub fn placement(&self) -> [u32; 2] {
         self.placement
@@ -250,14 +353,23 @@ pub enum Bind<'a> {
     /// buffer of [`UNIFORM_BYTES`] for the launch (at most one per launch).
     Uniform(&'a Handle, usize),
     /// A weight texture.
-    Texture(&'a WeightTexture),
+    Texture(&'a Arc<WeightTexture>),
 }
 
-/// A kernel for [`dispatch`]: WGSL text and entry point; `(name, entry, variant)` names its pipeline.
+impl Bind<'_> {
+    pub(super) fn slot(&self) -> Slot {
+        match self {
+            Bind::Buffer(_) => Slot::Storage,
+            Bind::Uniform(..) => Slot::Uniform,
+            Bind::Texture(_) => Slot::Texture,
+        }
+    }
+}
+
+/// A kernel for [`dispatch`]: its name, WGSL text (built once per variant and kept) and entry point.
 pub struct TextureKernel {
     pub name: &'static str,
     pub entry: &'static str,
-    pub variant: u32,
     pub source: &'static str,
 }
 
@@ -287,33 +399,9 @@ pub fn dispatch(
         .collect::<Result<Vec<_>, ()>>()
         .ok()?;
     let _ = anchor.client.flush();
-    let pipeline = {
-        let mut cache = gpu.pipelines.lock().unwrap_or_else(|e| e.into_inner());
-        cache
-            .entry((kernel.name, kernel.entry, kernel.variant))
-            .or_insert_with(|| {
-                let module = gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(kernel.name),
-                    source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
-                });
-                gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(kernel.name),
-                    layout: None,
-                    module: &module,
-                    entry_point: Some(kernel.entry),
-                    compilation_options: Default::default(),
-                    cache: None,
-                })
-            })
-            .clone()
-    };
-    let mut words: Vec<u32> = info.to_vec();
-    words.resize(info.len().div_ceil(4).max(1) * 4, 0);
-    let uniform = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("moela shape"),
-        contents: bytemuck::cast_slice(&words),
-        usage: wgpu::BufferUsages::UNIFORM,
-    });
+    let slots: Vec<Slot> = bindings.iter().map(Bind::slot).collect();
+    let pipeline = gpu.pipeline(kernel.name, kernel.source, kernel.entry, &slots);
+    let uniform = gpu.shape_uniform(info);
     let mut buffers = resources.iter();
     let mut copy = None;
     let mut entries: Vec<wgpu::BindGroupEntry> = bindings
@@ -360,19 +448,27 @@ pub fn dispatch(
         pass.set_bind_group(0, &group, &[]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
     }
-    // A profile times the launch alone: the queue is drained before and after it.
-    let timed = super::timing_launches();
-    let wait = || {
-        let _ = gpu.device.poll(wgpu::PollType::wait_indefinitely());
-    };
-    if timed {
-        wait();
-    }
-    let start = web_time::Instant::now();
-    gpu.queue.submit([encoder.finish()]);
-    if timed {
-        wait();
-    }
-    super::record_launch(kernel.name, timed.then(|| start.elapsed().as_secs_f64()));
+    gpu.submit_counted(kernel.name, encoder);
+    super::replay::record_texture(anchor, kernel, groups, bindings, info);
     Some(())
+}
+
+impl Gpu {
+    /// Submits `encoder` and reports it as one launch of `name` to a running [`LaunchCounter`]
+    /// (super::LaunchCounter); a profile times it alone, the queue drained before and after it.
+    pub(super) fn submit_counted(&self, name: &'static str, encoder: wgpu::CommandEncoder) {
+        let timed = super::timing_launches();
+        let wait = || {
+            let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
+        };
+        if timed {
+            wait();
+        }
+        let start = web_time::Instant::now();
+        self.queue.submit([encoder.finish()]);
+        if timed {
+            wait();
+        }
+        super::record_launch(name, timed.then(|| start.elapsed().as_secs_f64()));
+    }
 }

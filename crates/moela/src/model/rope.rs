@@ -27,6 +27,16 @@ impl Rope {
     /// cos and sin tables `[len, d_r/2]` for positions `start..start+len`.
     pub fn tables(&self, start: usize, len: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
         let half = self.inv_freq.len();
+        let (cos, sin) = self.host_tables(start, len);
+        (
+            Tensor::from_data(TensorData::new(cos, [len, half]), device),
+            Tensor::from_data(TensorData::new(sin, [len, half]), device),
+        )
+    }
+
+    /// [`Rope::tables`] on the host, row-major `[len, d_r / 2]` each.
+    pub fn host_tables(&self, start: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         for p in start..start + len {
@@ -37,10 +47,7 @@ impl Rope {
                 sin.push((a.sin() * self.amplitude) as f32);
             }
         }
-        (
-            Tensor::from_data(TensorData::new(cos, [len, half]), device),
-            Tensor::from_data(TensorData::new(sin, [len, half]), device),
-        )
+        (cos, sin)
     }
 }
 

@@ -100,6 +100,13 @@ impl Reader<'_> {
 
 impl Transformer {
     /// Chooses the implementation of every projection: moela's WGSL kernels or burn's generic ops.
+    /// Whether decode steps can be recorded and replayed (`kernels/replay.rs`): moela's kernels on the
+    /// native wgpu device they share with burn.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn replayable(&self) -> bool {
+        self.head.kernels == Kernels::Wgsl && crate::kernels::texture::available(&self.device)
+    }
+
     pub fn set_kernels(&mut self, kernels: Kernels) {
         self.norm.kernels = kernels;
         let mut all: Vec<&mut Linear> = vec![&mut self.head];
@@ -215,21 +222,51 @@ impl Transformer {
         }
     }
 
+    /// Fails on the first of `tokens` outside the vocabulary.
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let v = self.config.vocab_size;
+        match tokens.iter().find(|&&id| id as usize >= v) {
+            Some(id) => Err(Error::InvalidArgument(format!(
+                "token id {id} is outside the vocabulary (vocab_size {v})"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The rows of `tokens` in the host embedding table, row-major `[T, H]` (`None` when the table is on the
+    /// device). The ids are checked by the caller.
+    fn host_rows(&self, tokens: &[u32]) -> Option<Vec<f32>> {
+        let h = self.config.hidden_size;
+        let Embedding::Host(table) = &self.embed else {
+            return None;
+        };
+        let mut rows = Vec::with_capacity(tokens.len() * h);
+        for &id in tokens {
+            let id = id as usize;
+            rows.extend_from_slice(&table[id * h..(id + 1) * h]);
+        }
+        Some(rows)
+    }
+
+    /// What a replayed decode step of `token` at `pos` uploads (`kernels/replay.rs`): the values
+    /// [`Transformer::forward`] would upload for it. `None` when the embedding table is on the device.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn step_inputs(&self, token: u32, pos: usize) -> Result<Option<crate::kernels::replay::StepInputs>> {
+        self.check_tokens(&[token])?;
+        let Some(embedding) = self.host_rows(&[token]) else {
+            return Ok(None);
+        };
+        let (cos, sin) = self.rope.host_tables(pos, 1);
+        Ok(Some(crate::kernels::replay::StepInputs { embedding, cos, sin }))
+    }
+
     /// `[T, H]` embeddings of `tokens`, checking every id against the vocabulary.
     fn embed_tokens(&self, tokens: &[u32]) -> Result<Tensor<2>> {
-        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
-        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= v) {
-            return Err(Error::InvalidArgument(format!(
-                "token id {id} is outside the vocabulary (vocab_size {v})"
-            )));
-        }
+        let h = self.config.hidden_size;
+        self.check_tokens(tokens)?;
         Ok(match &self.embed {
-            Embedding::Host(table) => {
-                let mut rows = Vec::with_capacity(tokens.len() * h);
-                for &id in tokens {
-                    let id = id as usize;
-                    rows.extend_from_slice(&table[id * h..(id + 1) * h]);
-                }
+            Embedding::Host(_) => {
+                let rows = self.host_rows(tokens).unwrap_or_default();
                 Tensor::from_data(TensorData::new(rows, [tokens.len(), h]), &self.device)
             }
             Embedding::Device(table) => {
@@ -304,6 +341,14 @@ impl Transformer {
         }
         let mut x = self.embed_tokens(tokens)?;
         let tables = self.rope.tables(pos, t, &self.device);
+        // What a replay of this step writes anew (when it is being recorded).
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            use crate::kernels::replay::{Input, input};
+            input(&x, Input::Embedding);
+            input(&tables.0, Input::Cos);
+            input(&tables.1, Input::Sin);
+        }
         // Each block's output is added to the residual stream by the norm that follows it (one fused
         // launch with moela's kernels): `pending` is the output not yet added.
         let mut pending: Option<Delta> = None;

@@ -1,0 +1,595 @@
+//! Decode steps replayed from a recorded one (native adapters): one command buffer, one submit and one
+//! read-back per token.
+//!
+//! A decode step with moela's kernels is a fixed sequence of about a hundred launches over buffers of fixed
+//! sizes. Launched one at a time, each also costs host work: CubeCL hands a buffer over only through a round
+//! trip to its device thread, allocates every output, and each texture launch is a submit of its own. On
+//! a machine with few cores and a software driver that host work competes with the kernels for the same
+//! cores and takes about as long as they do; on a discrete GPU it is the whole cost of a small model's step.
+//!
+//! So a session's first decode step runs as usual while its launches are recorded ([`Recording`]), and the
+//! recording becomes a [`Plan`]: the same WGSL pipelines with bind groups built once over the same buffers
+//! (which the plan keeps allocated and in place), and the few values that change from token to token
+//! written before each replay: the token's embedding row and rope row ([`Input`]) and the position in the
+//! attention kernels' shapes (`launch_at`'s `pos_word`). The cache is written in place by the replayed
+//! kernels exactly as by the recorded ones.
+//!
+//! A recording becomes a plan only when every launch of the step was one of moela's kernels: moela's
+//! observer of CubeCL's launches sees every launch on the recording thread, so a step where any burn op
+//! ran (a kernel that declined its shape, a non-contiguous input) is never replayed. A plan
+//! serves the positions its attention kernels were recorded for (one flash-decoding chunk count) while the
+//! cache keeps its buffers; past them the next step is recorded again.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::num::NonZeroU64;
+use std::ops::Range;
+use std::sync::Arc;
+
+use burn::tensor::Tensor;
+use burn::tensor::wgpu::wgpu;
+use burn_cubecl::cubecl::client::Client;
+use burn_cubecl::cubecl::server::Handle;
+use burn_cubecl::cubecl::wgpu::{AutoCompiler, WgpuServer};
+use burn_cubecl::tensor::CubeTensor;
+
+use super::texture::{self, Bind, Slot, TextureKernel, WeightTexture};
+use super::{WgslKernel, cube_tensor};
+use crate::error::{Error, Result};
+
+/// A value a decode step reads that changes from token to token: uploaded by the recorded step, written
+/// into the same buffer before each replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// The token's embedding row, `[1, H]`.
+    Embedding,
+    /// The rope cosines at the token's position, `[1, d_r / 2]`.
+    Cos,
+    /// The rope sines at the token's position, `[1, d_r / 2]`.
+    Sin,
+}
+
+/// One token's [`Input`] values, as the forward pass would upload them.
+#[derive(Debug, Clone)]
+pub struct StepInputs {
+    /// [`Input::Embedding`].
+    pub embedding: Vec<f32>,
+    /// [`Input::Cos`].
+    pub cos: Vec<f32>,
+    /// [`Input::Sin`].
+    pub sin: Vec<f32>,
+}
+
+impl StepInputs {
+    fn get(&self, input: Input) -> &[f32] {
+        match input {
+            Input::Embedding => &self.embedding,
+            Input::Cos => &self.cos,
+            Input::Sin => &self.sin,
+        }
+    }
+}
+
+/// A binding as recorded: the buffer's handle (resolved to its wgpu buffer when the plan is built).
+enum Bound {
+    Buffer(Handle),
+    Uniform(Handle, usize),
+    Texture(Arc<WeightTexture>),
+}
+
+struct Recorded {
+    name: &'static str,
+    entry: &'static str,
+    source: &'static str,
+    groups: [u32; 3],
+    binds: Vec<Bound>,
+    info: Vec<u32>,
+    pos_word: Option<usize>,
+}
+
+#[derive(Default)]
+struct Trace {
+    launches: Vec<Recorded>,
+    inputs: Vec<(Input, Handle)>,
+    /// Positions every recorded launch also serves.
+    positions: Option<Range<usize>>,
+    /// Launches recorded on their way to CubeCL that its observer has not reported yet.
+    pending: usize,
+    /// A launch that was not moela's ran, or an input could not be recorded: no plan.
+    spoiled: bool,
+    client: Option<Client>,
+}
+
+thread_local! {
+    /// The recording running on this thread (a forward pass launches on its caller's thread).
+    static TRACE: RefCell<Option<Trace>> = const { RefCell::new(None) };
+}
+
+fn with_trace(f: impl FnOnce(&mut Trace)) {
+    TRACE.with_borrow_mut(|t| {
+        if let Some(t) = t.as_mut() {
+            f(t);
+        }
+    });
+}
+
+/// Records a launch made through CubeCL (`kernels::launch_at`).
+pub(super) fn record_cube(
+    anchor: &CubeTensor,
+    kernel: &WgslKernel,
+    groups: [u32; 3],
+    buffers: &[&Handle],
+    info: &[u32],
+    pos_word: Option<usize>,
+) {
+    with_trace(|t| {
+        t.pending += 1;
+        t.client.get_or_insert_with(|| anchor.client.clone());
+        t.launches.push(Recorded {
+            name: kernel.name,
+            entry: kernel.entry,
+            source: kernel.source,
+            groups,
+            binds: buffers.iter().map(|h| Bound::Buffer((*h).clone())).collect(),
+            info: info.to_vec(),
+            pos_word,
+        });
+    });
+}
+
+/// CubeCL launched a kernel on this thread: the one just recorded, or one that is not moela's.
+pub(super) fn observed_launch() {
+    with_trace(|t| match t.pending {
+        0 => t.spoiled = true,
+        _ => t.pending -= 1,
+    });
+}
+
+/// Records a texture launch (`texture::dispatch`).
+pub(super) fn record_texture(
+    anchor: &CubeTensor,
+    kernel: &TextureKernel,
+    groups: [u32; 3],
+    bindings: &[Bind],
+    info: &[u32],
+) {
+    with_trace(|t| {
+        t.client.get_or_insert_with(|| anchor.client.clone());
+        t.launches.push(Recorded {
+            name: kernel.name,
+            entry: kernel.entry,
+            source: kernel.source,
+            groups,
+            binds: bindings
+                .iter()
+                .map(|b| match b {
+                    Bind::Buffer(h) => Bound::Buffer((*h).clone()),
+                    Bind::Uniform(h, bytes) => Bound::Uniform((*h).clone(), *bytes),
+                    Bind::Texture(t) => Bound::Texture((*t).clone()),
+                })
+                .collect(),
+            info: info.to_vec(),
+            pos_word: None,
+        });
+    });
+}
+
+/// Says that the launch just recorded serves only the step positions in `range` (its shape or grid
+/// depends on more than the position word).
+pub(super) fn serves_positions(range: Range<usize>) {
+    with_trace(|t| {
+        let r = match t.positions.take() {
+            Some(p) => p.start.max(range.start)..p.end.min(range.end),
+            None => range,
+        };
+        t.positions = Some(r);
+    });
+}
+
+/// Marks `t`, uploaded by the recorded step, as its `input`; a no-op when nothing is recording.
+pub fn input(t: &Tensor<2>, input: Input) {
+    let recording = TRACE.with_borrow(|t| t.is_some());
+    if !recording {
+        return;
+    }
+    match cube_tensor(t) {
+        Some(c) => with_trace(|tr| tr.inputs.push((input, c.handle.clone()))),
+        // Not on the wgpu device: the step cannot be replayed.
+        None => with_trace(|tr| tr.spoiled = true),
+    }
+}
+
+/// A decode step being recorded on this thread: started before the step's forward pass, finished after.
+pub struct Recording {
+    pos: usize,
+}
+
+impl Recording {
+    /// Starts recording this thread's launches for a one-token step at position `pos`.
+    pub fn start(pos: usize) -> Self {
+        super::observe();
+        TRACE.with_borrow_mut(|t| *t = Some(Trace::default()));
+        Self { pos }
+    }
+
+    /// Stops recording: the plan that replays the step whose logits are `logits` over `cache` (the session's
+    /// latent cache, `[capacity, width]` per layer), or `None` when the step cannot be replayed (a launch
+    /// that was not moela's, an input not recorded, no registered device).
+    pub fn finish(self, logits: &Tensor<2>, cache: &[Tensor<2>]) -> Option<Plan> {
+        let trace = TRACE.with_borrow_mut(|t| t.take())?;
+        let positions = trace.positions.clone().unwrap_or(0..usize::MAX);
+        if trace.spoiled || trace.pending != 0 || !positions.contains(&self.pos) || trace.launches.is_empty() {
+            log::debug!(
+                "decode step at {} not replayed: a launch that is not moela's ran",
+                self.pos
+            );
+            return None;
+        }
+        // Each input recorded once.
+        let inputs = [Input::Embedding, Input::Cos, Input::Sin];
+        if inputs
+            .iter()
+            .any(|i| trace.inputs.iter().filter(|(j, _)| j == i).count() != 1)
+        {
+            return None;
+        }
+        let logits = cube_tensor(logits)?;
+        let cache_ids = cache.iter().map(memory_id).collect::<Option<Vec<_>>>()?;
+        Plan::build(trace, logits, cache_ids, positions)
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        TRACE.with_borrow_mut(|t| *t = None);
+    }
+}
+
+/// The id of the memory behind `t` (stable while the allocation lives, never reused by a later one).
+fn memory_id(t: &Tensor<2>) -> Option<usize> {
+    let c = t.clone().try_into_primitive::<burn_cubecl::Cube>().ok()?;
+    Some(c.handle.binding().memory.id().value)
+}
+
+/// A buffer range a plan writes or reads.
+struct Target {
+    buffer: wgpu::Buffer,
+    offset: u64,
+    size: u64,
+}
+
+/// One replayed launch.
+struct Step {
+    name: &'static str,
+    pipeline: wgpu::ComputePipeline,
+    group: wgpu::BindGroup,
+    groups: [u32; 3],
+    /// A buffer copied into the plan's uniform buffer before the launch (its x, read as a uniform).
+    copy: Option<(Target, u64)>,
+    shape: wgpu::Buffer,
+    pos_word: Option<usize>,
+}
+
+/// A recorded decode step, replayed for the tokens after it.
+pub struct Plan {
+    steps: Vec<Step>,
+    inputs: Vec<(Input, Target)>,
+    logits: Target,
+    /// Values of the logits row.
+    vocab: usize,
+    staging: wgpu::Buffer,
+    uniform: wgpu::Buffer,
+    cache_ids: Vec<usize>,
+    positions: Range<usize>,
+    client: Client,
+    /// Every buffer the steps bind, held so that CubeCL's pools neither reuse nor move them (a held
+    /// binding does not count as an owner of a tensor, so the cache is still written in place).
+    _held: Vec<Box<dyn Any + Send>>,
+    _textures: Vec<Arc<WeightTexture>>,
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("launches", &self.steps.len())
+            .field("positions", &self.positions)
+            .finish()
+    }
+}
+
+impl Plan {
+    fn build(trace: Trace, logits: CubeTensor, cache_ids: Vec<usize>, positions: Range<usize>) -> Option<Self> {
+        let gpu = texture::gpu()?;
+        let client = trace.client?;
+        let mut held: Vec<Box<dyn Any + Send>> = Vec::new();
+        // The wgpu buffer range behind a handle, its allocation held by the plan.
+        let mut resolve = |h: &Handle| -> Option<Target> {
+            let r = client
+                .get_resource::<WgpuServer<AutoCompiler>>(h.clone())
+                .map_err(|e| log::debug!("decode step not replayed: {e:?}"))
+                .ok()?;
+            let res = r.resource();
+            let t = Target {
+                buffer: res.buffer.clone(),
+                offset: res.offset,
+                size: res.size,
+            };
+            held.push(Box::new(r));
+            Some(t)
+        };
+        let uniform = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("moela replay uniform input"),
+            size: texture::UNIFORM_BYTES as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut textures = Vec::new();
+        let mut steps = Vec::with_capacity(trace.launches.len());
+        for l in &trace.launches {
+            let slots: Vec<Slot> = l
+                .binds
+                .iter()
+                .map(|b| match b {
+                    Bound::Buffer(_) => Slot::Storage,
+                    Bound::Uniform(..) => Slot::Uniform,
+                    Bound::Texture(_) => Slot::Texture,
+                })
+                .collect();
+            let pipeline = gpu.pipeline(l.name, l.source, l.entry, &slots);
+            let shape = gpu.shape_uniform(&l.info);
+            let mut targets = Vec::with_capacity(l.binds.len());
+            let mut copy = None;
+            for b in &l.binds {
+                match b {
+                    Bound::Buffer(h) => targets.push(Some(resolve(h)?)),
+                    Bound::Uniform(h, bytes) => {
+                        let t = resolve(h)?;
+                        let bytes = (*bytes).min(texture::UNIFORM_BYTES).min(t.size as usize) as u64 & !3;
+                        copy = Some((t, bytes));
+                        targets.push(None);
+                    }
+                    Bound::Texture(t) => {
+                        textures.push(t.clone());
+                        targets.push(None);
+                    }
+                }
+            }
+            let mut entries: Vec<wgpu::BindGroupEntry> = l
+                .binds
+                .iter()
+                .zip(&targets)
+                .enumerate()
+                .map(|(i, (b, t))| wgpu::BindGroupEntry {
+                    binding: i as u32,
+                    resource: match (b, t) {
+                        (Bound::Texture(w), _) => wgpu::BindingResource::TextureView(w.view()),
+                        (Bound::Uniform(..), _) => uniform.as_entire_binding(),
+                        (_, Some(t)) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &t.buffer,
+                            offset: t.offset,
+                            size: NonZeroU64::new(t.size),
+                        }),
+                        (Bound::Buffer(_), None) => unreachable!("every buffer was resolved"),
+                    },
+                })
+                .collect();
+            entries.push(wgpu::BindGroupEntry {
+                binding: l.binds.len() as u32,
+                resource: shape.as_entire_binding(),
+            });
+            let group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(l.name),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            });
+            steps.push(Step {
+                name: l.name,
+                pipeline,
+                group,
+                groups: l.groups,
+                copy,
+                shape,
+                pos_word: l.pos_word,
+            });
+        }
+        let mut inputs = Vec::with_capacity(trace.inputs.len());
+        for (i, h) in &trace.inputs {
+            inputs.push((*i, resolve(h)?));
+        }
+        let vocab = logits.meta.num_elements();
+        let logits = resolve(&logits.handle)?;
+        if (vocab * 4) as u64 > logits.size {
+            return None;
+        }
+        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("moela replay logits"),
+            size: (vocab * 4) as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Some(Self {
+            steps,
+            inputs,
+            logits,
+            vocab,
+            staging,
+            uniform,
+            cache_ids,
+            positions,
+            client,
+            _held: held,
+            _textures: textures,
+        })
+    }
+
+    /// Whether the plan can replay a step at `pos` over `cache` (the same buffers it was recorded with).
+    pub fn covers(&self, pos: usize, cache: &[Tensor<2>]) -> bool {
+        self.positions.contains(&pos)
+            && cache.len() == self.cache_ids.len()
+            && cache
+                .iter()
+                .zip(&self.cache_ids)
+                .all(|(t, id)| memory_id(t) == Some(*id))
+    }
+
+    /// Launches the recorded step for the token whose values are `inputs`, at `pos`, and reads its logits
+    /// back.
+    pub fn run(&self, inputs: &StepInputs, pos: usize) -> Result<Vec<f32>> {
+        let gpu = texture::gpu().ok_or_else(|| Error::Device("the wgpu device is gone".into()))?;
+        // Work burn has queued (a prefill, say) reaches the queue before the replay.
+        self.client
+            .flush()
+            .map_err(|e| Error::Device(format!("flushing the queue before a replayed step: {e:?}")))?;
+        for (input, t) in &self.inputs {
+            let values = inputs.get(*input);
+            if (values.len() * 4) as u64 > t.size {
+                return Err(Error::Device(format!(
+                    "replayed step: {input:?} has {} values, its buffer {} bytes",
+                    values.len(),
+                    t.size
+                )));
+            }
+            gpu.queue
+                .write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(values));
+        }
+        for s in &self.steps {
+            if let Some(w) = s.pos_word {
+                gpu.queue
+                    .write_buffer(&s.shape, (w * 4) as u64, bytemuck::bytes_of(&(pos as u32)));
+            }
+        }
+        if super::timing_launches() {
+            // A profile times each launch alone.
+            for s in &self.steps {
+                let mut encoder = gpu.device.create_command_encoder(&Default::default());
+                self.encode(&mut encoder, std::slice::from_ref(s));
+                gpu.submit_counted(s.name, encoder);
+            }
+        } else {
+            for s in &self.steps {
+                super::record_launch(s.name, None);
+            }
+        }
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        if !super::timing_launches() {
+            self.encode(&mut encoder, &self.steps);
+        }
+        encoder.copy_buffer_to_buffer(
+            &self.logits.buffer,
+            self.logits.offset,
+            &self.staging,
+            0,
+            (self.vocab * 4) as u64,
+        );
+        gpu.queue.submit([encoder.finish()]);
+        let slice = self.staging.slice(..);
+        let (send, recv) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = send.send(r);
+        });
+        gpu.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Device(format!("waiting for a replayed step: {e:?}")))?;
+        recv.recv()
+            .map_err(|_| Error::Device("a replayed step's logits were never mapped".into()))?
+            .map_err(|e| Error::Device(format!("reading a replayed step's logits: {e:?}")))?;
+        let logits = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| Error::Device(format!("reading a replayed step's logits: {e:?}")))?;
+            bytemuck::cast_slice::<u8, f32>(&view).to_vec()
+        };
+        self.staging.unmap();
+        Ok(logits)
+    }
+
+    /// Records `steps` into `encoder`: passes of launches, split where a launch's x is copied into the
+    /// uniform buffer first.
+    fn encode(&self, encoder: &mut wgpu::CommandEncoder, steps: &[Step]) {
+        let mut rest = steps;
+        while !rest.is_empty() {
+            if let Some((t, bytes)) = &rest[0].copy
+                && *bytes > 0
+            {
+                encoder.copy_buffer_to_buffer(&t.buffer, t.offset, &self.uniform, 0, *bytes);
+            }
+            // This pass runs up to the next launch that needs a copy of its own.
+            let end = rest[1..]
+                .iter()
+                .position(|s| s.copy.is_some())
+                .map_or(rest.len(), |i| i + 1);
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            for s in &rest[..end] {
+                pass.set_pipeline(&s.pipeline);
+                pass.set_bind_group(0, &s.group, &[]);
+                pass.dispatch_workgroups(s.groups[0], s.groups[1], s.groups[2]);
+            }
+            drop(pass);
+            rest = &rest[end..];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::engine::{Engine, LoadOptions, Replay, read_rows};
+    use crate::kernels::mla::CHUNK;
+    use crate::model::WeightDtype;
+    use crate::model::transformer::LogitsFor;
+
+    fn worst(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
+            .fold(0f32, f32::max)
+    }
+
+    /// Replayed decode steps give the logits of the same steps run launch by launch, across the end of an
+    /// attention chunk (where the plan is recorded again) and after the cache changed buffers.
+    #[test]
+    fn replayed_steps_match_steps_run_launch_by_launch() {
+        if crate::engine::default_device().is_err() {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        }
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        for (name, dtype) in [("v2-lite-tiny", WeightDtype::F32), ("v3-tiny", WeightDtype::Q8)] {
+            let options = LoadOptions {
+                dtype,
+                ..Default::default()
+            };
+            let engine = Engine::load_dir(&fixtures.join(name), options, &mut |_| {}).unwrap();
+            assert!(engine.model.replayable());
+            let vocab = engine.config().vocab_size as u32;
+            let capacity = CHUNK + 8;
+            let prompt: Vec<u32> = (0..CHUNK as u32 - 3).map(|i| (i * 37 + 11) % vocab).collect();
+            let (mut cache, mut reference) = (engine.new_cache(capacity), engine.new_cache(capacity));
+            for c in [&mut cache, &mut reference] {
+                engine.model.forward(&prompt, c, LogitsFor::Last, None).unwrap();
+            }
+            let mut replay = Replay::default();
+            for step in 0..7u32 {
+                if step == 5 {
+                    // A cache layer in a new buffer: the plan no longer covers the cache.
+                    let moved = cache.layers()[0].clone() + 0.0;
+                    *cache.layer_mut(0) = moved;
+                }
+                let token = (step * 101 + 7) % vocab;
+                let got = pollster::block_on(engine.decode_step(&mut cache, &mut replay, token)).unwrap();
+                let out = engine
+                    .model
+                    .forward(&[token], &mut reference, LogitsFor::Last, None)
+                    .unwrap();
+                let want = pollster::block_on(read_rows(out)).unwrap().pop().unwrap();
+                let diff = worst(&got, &want);
+                assert!(diff <= 1e-6, "{name} {dtype:?}, step {step}: logits differ by {diff}");
+            }
+            // Recorded at the first step, at the first step of the next chunk and after the move: the other
+            // four steps were replays.
+            assert_eq!(replay.replayed, 4, "{name} {dtype:?}");
+        }
+    }
+}
