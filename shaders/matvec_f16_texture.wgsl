@@ -31,8 +31,13 @@ fn xs(i: u32) -> f32 {
     return x[i >> 2u][i & 3u]; {{XU}}
 }
 
-// Texel i of the words, as its eight f16 values: columns 8c..8c+4 and 8c+4..8c+8.
-fn texel(i: u32) -> mat2x4<f32> {
+// Texel (k, c) of matrix e, as its eight f16 values: columns 8c..8c+4 and 8c+4..8c+8 of row k. A row-order
+// texture holds a matrix's texels as [K, N/8]; a column-order one (CPU adapters, kernels/texture.rs) as
+// [N/8, K], each column contiguous along K, so an invocation reads one sequential stream ({{COLS}}).
+fn texel(e: u32, k: u32, c: u32) -> mat2x4<f32> {
+    let n8 = shape.n4 / 2u;
+    let i = (e * shape.k + k) * n8 + c; {{ROWS}}
+    let i = (e * n8 + c) * shape.k + k; {{COLS}}
     let row = i >> 12u;
     let t = textureLoad(w, vec2<u32>(i & 4095u, row & shape.row_mask), row >> shape.layer_shift, 0);
     return mat2x4<f32>(
@@ -49,11 +54,11 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let k_len = shape.k;
-    let base = u32(idx[0]) * k_len * n8 + c;
+    let e = u32(idx[0]);
     var lo{{R}} = vec4<f32>(0.0);
     var hi{{R}} = vec4<f32>(0.0);
     for (var k = 0u; k < k_len; k++) {
-        let wv = texel(base + k * n8);
+        let wv = texel(e, k, c);
         let xv{{R}} = vec4<f32>(xs({{R}}u * k_len + k));
         lo{{R}} = fma(xv{{R}}, wv[0], lo{{R}});
         hi{{R}} = fma(xv{{R}}, wv[1], hi{{R}});
@@ -75,10 +80,9 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
     var lo = vec4<f32>(0.0);
     var hi = vec4<f32>(0.0);
     if (e >= 0 && u32(e) < shape.count) {
-        let base = u32(e) * k_len * n8 + c;
         let row = (p / shape.x_div) * k_len;
         for (var k = 0u; k < k_len; k++) {
-            let wv = texel(base + k * n8);
+            let wv = texel(u32(e), k, c);
             let xv = vec4<f32>(xs(row + k));
             lo = fma(xv, wv[0], lo);
             hi = fma(xv, wv[1], hi);
@@ -101,7 +105,7 @@ fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let i = (e * shape.k + k) * n8 + c;
-    let wv = texel(i);
+    let wv = texel(e, k, c);
     y[2u * i] = wv[0];
     y[2u * i + 1u] = wv[1];
 }

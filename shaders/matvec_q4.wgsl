@@ -36,8 +36,13 @@ fn xs(row: u32, g: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), x[row + min(g, shape.x_k4 - 1u)], g < shape.x_k4);
 }
 
-// Texel i of the words (four u32).
-fn word(i: u32) -> vec4<u32> {
+// Texel (g, c) of matrix e: word group g (eight k), texel column c (four outputs). A buffer and a row-order
+// texture hold a matrix's texels as [k8, n4]; a column-order texture (CPU adapters, kernels/texture.rs)
+// as [n4, k8], each column contiguous along K, so an invocation reads one sequential stream ({{COLS}}).
+fn word(e: u32, g: u32, c: u32) -> vec4<u32> {
+    let k8 = shape.blocks * GROUPS;
+    let i = (e * k8 + g) * shape.n4 + c; {{ROWS}}
+    let i = (e * shape.n4 + c) * k8 + g; {{COLS}}
     return w[i]; {{BUF}}
     let row = i >> 12u; {{TEX}}
     return textureLoad(w, vec2<u32>(i & 4095u, row & shape.row_mask), row >> shape.layer_shift, 0); {{TEX}}
@@ -71,16 +76,14 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let blocks = shape.blocks;
-    let k8 = blocks * GROUPS;
     let e = u32(idx[0]);
-    let wbase = e * k8 * n4 + c;
     let sbase = e * blocks * n4 + c;
     var acc{{R}}_{{C}} = vec4<f32>(0.0);
     for (var b = 0u; b < blocks; b++) {
         var part{{R}}_{{C}} = vec4<f32>(0.0);
         for (var j = 0u; j < GROUPS; j++) {
             let g = b * GROUPS + j;
-            let words{{C}} = word(wbase + g * n4 + {{C}}u);
+            let words{{C}} = word(e, g, c + {{C}}u);
             let lo{{C}} = unpack(words{{C}}, 0u);
             let hi{{C}} = unpack(words{{C}}, 4u);
             let xlo{{R}} = xs({{R}}u * shape.x_k4, 2u * g);
@@ -102,11 +105,9 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let blocks = shape.blocks;
-    let k8 = blocks * GROUPS;
     let e = idx[p] - i32(shape.first);
     var acc{{C}} = vec4<f32>(0.0);
     if (e >= 0 && u32(e) < shape.count) {
-        let wbase = u32(e) * k8 * n4 + c;
         let sbase = u32(e) * blocks * n4 + c;
         let row = (p / shape.x_div) * shape.x_k4;
         for (var b = 0u; b < blocks; b++) {
@@ -115,7 +116,7 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
                 let g = b * GROUPS + j;
                 let xlo = xs(row, 2u * g);
                 let xhi = xs(row, 2u * g + 1u);
-                let words{{C}} = word(wbase + g * n4 + {{C}}u);
+                let words{{C}} = word(u32(e), g, c + {{C}}u);
                 part{{C}} += xlo * unpack(words{{C}}, 0u) + xhi * unpack(words{{C}}, 4u);
             }
             acc{{C}} = fma(part{{C}}, scale(s[sbase + b * n4 + {{C}}u]), acc{{C}});
@@ -137,7 +138,7 @@ fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (c >= n4 || g >= k8) {
         return;
     }
-    let words = word((e * k8 + g) * n4 + c);
+    let words = word(e, g, c);
     let sc = scale(s[(e * shape.blocks + g / GROUPS) * n4 + c]);
     let out = (e * k8 + g) * 8u * n4 + c;
     for (var half = 0u; half < 2u; half++) {

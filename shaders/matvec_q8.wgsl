@@ -46,8 +46,13 @@ fn xs(row: u32, g: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), x[row + min(g, shape.x_k4 - 1u)], g < shape.x_k4);
 }
 
-// Texel i of the words (four u32).
-fn word(i: u32) -> vec4<u32> {
+// Texel (g, c) of matrix e: word group g (four k), texel column c (four outputs). A buffer and a row-order
+// texture hold a matrix's texels as [k4, n4]; a column-order texture (CPU adapters, kernels/texture.rs)
+// as [n4, k4], each column contiguous along K, so an invocation reads one sequential stream ({{COLS}}).
+fn word(e: u32, g: u32, c: u32) -> vec4<u32> {
+    let k4 = shape.blocks * GROUPS;
+    let i = (e * k4 + g) * shape.n4 + c; {{ROWS}}
+    let i = (e * shape.n4 + c) * k4 + g; {{COLS}}
     return w[i]; {{BUF}}
     let row = i >> 12u; {{TEX}}
     return textureLoad(w, vec2<u32>(i & 4095u, row & shape.row_mask), row >> shape.layer_shift, 0); {{TEX}}
@@ -81,16 +86,14 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let blocks = shape.blocks;
-    let k4 = blocks * GROUPS;
     let e = u32(idx[0]);
-    let wbase = e * k4 * n4 + c;
     let sbase = e * blocks * n4 + c;
     var acc{{R}}_{{C}} = vec4<f32>(0.0);
     for (var b = 0u; b < blocks; b++) {
         var part{{R}}_{{C}} = vec4<f32>(0.0);
         for (var j = 0u; j < GROUPS; j++) {
             let g = b * GROUPS + j;
-            let q{{C}} = unpack(word(wbase + g * n4 + {{C}}u));
+            let q{{C}} = unpack(word(e, g, c + {{C}}u));
             let xv{{R}} = xs({{R}}u * shape.x_k4, g);
             part{{R}}_{{C}} += xv{{R}} * q{{C}};
         }
@@ -109,11 +112,9 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let blocks = shape.blocks;
-    let k4 = blocks * GROUPS;
     let e = idx[p] - i32(shape.first);
     var acc{{C}} = vec4<f32>(0.0);
     if (e >= 0 && u32(e) < shape.count) {
-        let wbase = u32(e) * k4 * n4 + c;
         let sbase = u32(e) * blocks * n4 + c;
         let row = (p / shape.x_div) * shape.x_k4;
         for (var b = 0u; b < blocks; b++) {
@@ -121,7 +122,7 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
             for (var j = 0u; j < GROUPS; j++) {
                 let g = b * GROUPS + j;
                 let xv = xs(row, g);
-                part{{C}} += xv * unpack(word(wbase + g * n4 + {{C}}u));
+                part{{C}} += xv * unpack(word(u32(e), g, c + {{C}}u));
             }
             acc{{C}} = fma(part{{C}}, scale(s[sbase + b * n4 + {{C}}u]), acc{{C}});
         }
@@ -143,7 +144,7 @@ fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     // Row i of the transpose: the four columns at k = 4g + i.
-    let rows = transpose(unpack(word((e * k4 + g) * n4 + c)));
+    let rows = transpose(unpack(word(e, g, c)));
     let sc = scale(s[(e * shape.blocks + g / GROUPS) * n4 + c]);
     let out = (e * k4 + g) * 4u * n4 + c;
     y[out] = rows[0] * sc;

@@ -1,13 +1,18 @@
 // MLA decode, step 2 of 3: attention in latent space over the cache, split over chunks of positions
-// (flash-decoding). Workgroup (c, h, t) reads cache rows c * chunk .. (c + 1) * chunk that token t may see
-// (positions up to pos + t) once, scores them against query[t, h] (score = scale * query . [c' | k_pe]), and
-// keeps an online softmax: the running maximum m, the running sum l of exp(score - m), and the
-// exp-weighted sum of the latents c'. It writes [acc (rank values) | m | l]; mla_output merges the chunks.
+// (flash-decoding) and over groups of {{G}} heads. Workgroup (c, g, t) reads the cache rows c * CHUNK ..
+// (c + 1) * CHUNK that token t may see (positions up to pos + t) once for all the heads of group g (the
+// heads share the cache: MLA's one latent per token): it scores them against each head's query
+// (score = scale * query[t, h] . [c' | k_pe]) into workgroup memory, takes each head's softmax over the
+// chunk (its maximum m and sum l of exp(score - m)), then the exp-weighted sums of the latents c'. It writes
+// [acc (rank values) | m | l] per head; mla_output merges the chunks. Lines holding {{H}} are repeated per
+// head of the group, so each head's sums stay in registers.
 //
-// Bindings: query [T, heads, width], cache [capacity, width] (both read as vec4), partial
-// [T, heads, chunks, rank + 2], then the shape.
+// Bindings: query [T, heads, width] (a storage buffer, or in texture launches where it fits a uniform copy:
+// {{QS}} / {{QU}} lines), cache [capacity, width] (read as vec4), partial [T, heads, chunks, rank + 2],
+// then the shape.
 
-@group(0) @binding(0) var<storage, read_write> query: array<vec4<f32>>;
+@group(0) @binding(0) var<storage, read_write> query: array<vec4<f32>>; {{QS}}
+@group(0) @binding(0) var<uniform> query: array<vec4<f32>, 4096>; {{QU}}
 @group(0) @binding(1) var<storage, read_write> cache: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> partial: array<f32>;
 
@@ -16,98 +21,83 @@ struct Shape {
     rank: u32,
     width: u32,
     pos: u32,
-    chunk: u32,
     chunks: u32,
     scale: f32,
     _pad0: u32,
+    _pad1: u32,
 }
 @group(0) @binding(3) var<uniform> shape: Shape;
 
 const WG: u32 = 64u;
-const MAX_WIDTH: u32 = 1152u;
-const MAX_RANK: u32 = 1024u;
+const CHUNK: u32 = 256u;
+const G: u32 = {{G}}u;
 const LOW: f32 = -3.0e38;
 
-var<workgroup> qs: array<vec4<f32>, MAX_WIDTH / 4u>;
-var<workgroup> p: array<f32, WG>;
-var<workgroup> acc: array<vec4<f32>, MAX_RANK / 4u>;
+// Scores, then softmax weights, of the group's heads over the chunk's positions.
+var<workgroup> weights: array<f32, G * CHUNK>;
+// Per head of the group: the maximum score, then the sum of the weights.
+var<workgroup> stats: array<f32, 2u * G>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let c = wid.x;
-    let h = wid.y;
+    let h0 = wid.y * G;
     let t = wid.z;
-    let width = shape.width;
-    let rank = shape.rank;
-    let start = c * shape.chunk;
-    let end = min(start + shape.chunk, shape.pos + t + 1u);
+    // Rows are read as vec4 (width and rank are multiples of 4).
+    let w4 = shape.width / 4u;
+    let r4n = shape.rank / 4u;
+    let start = c * CHUNK;
+    let end = min(start + CHUNK, shape.pos + t + 1u);
+    let n = select(0u, end - start, end > start);
+    let qb = (t * shape.heads + h0) * w4;
 
-    // Rows are read as vec4 (width and rank are multiples of 4): a quarter of the loads.
-    let w4 = width / 4u;
-    let r4n = rank / 4u;
-    let qb = (t * shape.heads + h) * w4;
-    for (var i = lid; i < w4; i += WG) {
-        qs[i] = query[qb + i] * shape.scale;
-    }
-    for (var r = lid; r < r4n; r += WG) {
-        acc[r] = vec4<f32>(0.0);
+    // Invocation u scores positions start + u, start + u + 64, ...: each cache row is read once.
+    for (var u = lid; u < n; u += WG) {
+        let kb = (start + u) * w4;
+        var s{{H}} = 0.0;
+        for (var i = 0u; i < w4; i++) {
+            let k = cache[kb + i];
+            s{{H}} += dot(query[qb + {{H}}u * w4 + i], k);
+        }
+        weights[{{H}}u * CHUNK + u] = s{{H}} * shape.scale;
     }
     workgroupBarrier();
 
-    var m = LOW;
-    var l = 0.0;
-    for (var j0 = start; j0 < end; j0 += WG) {
-        let j = j0 + lid;
-        var s = LOW;
-        if (j < end) {
-            s = 0.0;
-            let kb = j * w4;
-            for (var i = 0u; i < w4; i++) {
-                s += dot(qs[i], cache[kb + i]);
-            }
-        }
-        p[lid] = s;
-        workgroupBarrier();
-        var tile = LOW;
-        for (var u = 0u; u < WG; u++) {
-            tile = max(tile, p[u]);
-        }
-        workgroupBarrier();
-        let next = max(m, tile);
-        let corr = exp(m - next);
-        var e = 0.0;
-        if (j < end) {
-            e = exp(s - next);
-        }
-        p[lid] = e;
-        workgroupBarrier();
-        let n = min(WG, end - j0);
-        var sum = 0.0;
+    // Invocation h < G: the softmax of head h0 + h over the chunk.
+    if (lid < G) {
+        let b = lid * CHUNK;
+        var m = LOW;
         for (var u = 0u; u < n; u++) {
-            sum += p[u];
+            m = max(m, weights[b + u]);
         }
-        l = l * corr + sum;
-        m = next;
-        for (var r = lid; r < r4n; r += WG) {
-            var a = acc[r] * corr;
-            for (var u = 0u; u < n; u++) {
-                a = fma(vec4<f32>(p[u]), cache[(j0 + u) * w4 + r], a);
-            }
-            acc[r] = a;
+        var l = 0.0;
+        for (var u = 0u; u < n; u++) {
+            let e = exp(weights[b + u] - m);
+            weights[b + u] = e;
+            l += e;
         }
-        workgroupBarrier();
+        stats[lid] = m;
+        stats[G + lid] = l;
     }
+    workgroupBarrier();
 
-    let pb = ((t * shape.heads + h) * shape.chunks + c) * (rank + 2u);
+    // Invocation r: vec4 r of the latent's weighted sum, for every head of the group.
+    let stride = shape.rank + 2u;
     for (var r = lid; r < r4n; r += WG) {
-        let a = acc[r];
-        partial[pb + 4u * r] = a.x;
-        partial[pb + 4u * r + 1u] = a.y;
-        partial[pb + 4u * r + 2u] = a.z;
-        partial[pb + 4u * r + 3u] = a.w;
+        var a{{H}} = vec4<f32>(0.0);
+        for (var u = 0u; u < n; u++) {
+            let k = cache[(start + u) * w4 + r];
+            a{{H}} = fma(vec4<f32>(weights[{{H}}u * CHUNK + u]), k, a{{H}});
+        }
+        let o{{H}} = ((t * shape.heads + h0 + {{H}}u) * shape.chunks + c) * stride + 4u * r;
+        partial[o{{H}}] = a{{H}}.x;
+        partial[o{{H}} + 1u] = a{{H}}.y;
+        partial[o{{H}} + 2u] = a{{H}}.z;
+        partial[o{{H}} + 3u] = a{{H}}.w;
     }
-    if (lid == 0u) {
-        partial[pb + rank] = m;
-        partial[pb + rank + 1u] = l;
+    if (lid < G) {
+        let o = ((t * shape.heads + h0 + lid) * shape.chunks + c) * stride + shape.rank;
+        partial[o] = stats[lid];
+        partial[o + 1u] = stats[G + lid];
     }
 }

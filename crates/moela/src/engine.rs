@@ -128,7 +128,8 @@ pub fn default_device() -> Result<Device> {
     DEVICE
         .get_or_init(|| {
             let (device, setup) = wgpu_options().init_with_setup().map_err(no_adapter)?;
-            crate::kernels::texture::register(setup.device, setup.queue);
+            let cpu = setup.adapter.get_info().device_type == burn::tensor::wgpu::wgpu::DeviceType::Cpu;
+            crate::kernels::texture::register(setup.device, setup.queue, cpu);
             Ok(device)
         })
         .clone()

@@ -1,12 +1,43 @@
 //! `shaders/mla_{query,attend,output}.wgsl`: MLA decode attention in latent space (absorbed queries,
 //! flash-decoding over the latent cache, the value up-projection), three launches per layer.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
 use burn::tensor::{DType, Tensor};
 
-use super::{WgslKernel, cube_tensor, empty, float, launch, launch_at};
+use super::{WgslKernel, cube_tensor, empty, float, launch, launch_at, repeated, tagged};
 
 const QUERY: &str = include_str!("../../../../shaders/mla_query.wgsl");
 const ATTEND: &str = include_str!("../../../../shaders/mla_attend.wgsl");
+
+/// The most heads one attention workgroup serves (its scores sit in workgroup memory, its sums in
+/// registers).
+const MAX_GROUP: usize = 8;
+
+/// Heads per attention workgroup: the largest divisor of `heads` up to [`MAX_GROUP`], so that every
+/// workgroup reads the cache once for that many heads.
+fn head_group(heads: usize) -> usize {
+    (1..=MAX_GROUP.min(heads))
+        .rev()
+        .find(|g| heads.is_multiple_of(*g))
+        .unwrap_or(1)
+}
+
+/// `mla_attend.wgsl` for `group` heads per workgroup, with the queries from a uniform copy or a storage
+/// buffer; written once per variant and process.
+fn attend_source(group: usize, uniform: bool) -> &'static str {
+    static VARIANTS: OnceLock<Mutex<HashMap<(usize, bool), &'static str>>> = OnceLock::new();
+    let mut variants = VARIANTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    variants.entry((group, uniform)).or_insert_with(|| {
+        let text = tagged(ATTEND, &[("QU", uniform), ("QS", !uniform)], &[("G", group)]);
+        // At most 2 x MAX_GROUP variants: kept for the process's lifetime.
+        Box::leak(repeated(&text, "{{H}}", group).into_boxed_str())
+    })
+}
 const OUTPUT: &str = include_str!("../../../../shaders/mla_output.wgsl");
 
 /// The most latent values per cached token the kernels hold in workgroup memory (`MAX_RANK`).
@@ -168,18 +199,39 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         s.rank as u32,
         width as u32,
         pos as u32,
-        CHUNK as u32,
         chunks as u32,
         (s.scale as f32).to_bits(),
     ];
-    launch_at(
-        &q,
-        kernel("mla_attend", ATTEND),
-        [chunks as u32, s.heads as u32, t as u32],
-        &[&query, &cache.handle, &partial],
-        &info,
-        Some(3),
-    );
+    // info[3] is the position.
+    let group = head_group(s.heads);
+    let grid = [chunks as u32, (s.heads / group) as u32, t as u32];
+    let query_bytes = t * s.heads * width * 4;
+    #[cfg(not(target_arch = "wasm32"))]
+    let attended = query_bytes <= super::texture::UNIFORM_BYTES && !storage_queries() && {
+        // Natively the queries are read from a uniform copy (one load for all invocations, not one each).
+        use super::texture::{Bind, TextureKernel, dispatch_at};
+        let kernel = TextureKernel {
+            name: "mla_attend",
+            entry: "main",
+            source: attend_source(group, true),
+        };
+        let binds = [
+            Bind::Uniform(&query, query_bytes),
+            Bind::Buffer(&cache.handle),
+            Bind::Buffer(&partial),
+        ];
+        dispatch_at(&q, &kernel, grid, &binds, &info, Some(3)).is_some()
+    };
+    #[cfg(target_arch = "wasm32")]
+    let attended = false;
+    if !attended {
+        // CubeCL names a compiled kernel by its variant number: one per head group.
+        let kernel = WgslKernel {
+            variant: group as u32,
+            ..kernel("mla_attend", attend_source(group, false))
+        };
+        launch_at(&q, kernel, grid, &[&query, &cache.handle, &partial], &info, Some(3));
+    }
     // The chunk count (grid, partial buffer, merge) holds for the positions that give the same count.
     #[cfg(not(target_arch = "wasm32"))]
     super::replay::serves_positions(
@@ -196,4 +248,20 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         &info,
     );
     Some(float(&q, out, [t, s.heads * s.v]))
+}
+
+#[cfg(test)]
+std::thread_local! {
+    /// Set by tests: this thread's attention reads its queries from a storage buffer (the browser's path)
+    /// even where a uniform copy would do.
+    pub(crate) static STORAGE_QUERIES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether attention on this thread must read its queries from a storage buffer (only tests ask).
+#[cfg(not(target_arch = "wasm32"))]
+fn storage_queries() -> bool {
+    #[cfg(test)]
+    return STORAGE_QUERIES.get();
+    #[cfg(not(test))]
+    false
 }

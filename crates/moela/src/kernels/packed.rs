@@ -41,6 +41,8 @@ fn columns(p: &Packed, b: &Buffers, entry: &str) -> usize {
 struct Reads {
     texture: bool,
     uniform_x: bool,
+    /// The texture's texels are in [`texture::Layout::Columns`] order.
+    columns: bool,
 }
 
 /// The shader of `format`, for `rows` rows of x (1..=[`MAX_ROWS`]) and `cols` texel columns per invocation
@@ -64,9 +66,11 @@ fn source(format: WeightDtype, rows: usize, cols: usize, reads: Reads) -> &'stat
             ("TEX", reads.texture),
             ("XS", !reads.uniform_x),
             ("XU", reads.uniform_x),
+            ("ROWS", !reads.columns),
+            ("COLS", reads.columns),
         ];
         let text = tagged(text, &flags, &[("P", cols)]);
-        // Built once per variant (at most 3 x 8 x 2 x 3 of them): kept for the process's lifetime.
+        // Built once per variant (at most 3 x 8 x 2 x 3 x 2 of them): kept for the process's lifetime.
         Box::leak(per_row(&repeated(&text, "{{C}}", cols), rows).into_boxed_str())
     })
 }
@@ -143,6 +147,7 @@ fn launch(
             let reads = Reads {
                 texture: false,
                 uniform_x: false,
+                columns: false,
             };
             let kernel = WgslKernel {
                 name: p.format.name(),
@@ -165,6 +170,7 @@ fn launch(
             let reads = Reads {
                 texture: true,
                 uniform_x: x_bytes <= texture::UNIFORM_BYTES,
+                columns: t.layout() == texture::Layout::Columns,
             };
             let kernel = texture::TextureKernel {
                 name: p.format.name(),
@@ -298,12 +304,17 @@ mod tests {
             .fold(0f32, f32::max)
     }
 
-    /// `p` as loaded, and with its words moved to a buffer when they were in a texture.
+    /// `p` with its words where the engine would put them, and where textures are available also in a
+    /// texture of each layout and in a buffer.
     fn storages(p: Packed) -> Vec<Packed> {
         match p.words {
             packed::Words::Buffer(_) => vec![p],
             #[cfg(not(target_arch = "wasm32"))]
-            packed::Words::Texture(_) => vec![p.clone(), p.in_buffer()],
+            packed::Words::Texture(_) => vec![
+                p.clone().in_texture(texture::Layout::Rows, usize::MAX),
+                p.clone().in_texture(texture::Layout::Columns, usize::MAX),
+                p.in_buffer(),
+            ],
         }
     }
 
@@ -396,19 +407,23 @@ mod tests {
             return;
         };
         let (k, n) = (128, 2600);
-        for format in FORMATS {
-            let p = Packed::new(&host(k * n, 5), [1, k, n], format, &device).in_texture_rows(2);
-            assert!(matches!(p.words, packed::Words::Texture(_)), "{format:?}: no texture");
+        let layouts = [texture::Layout::Rows, texture::Layout::Columns];
+        for (format, layout) in FORMATS.into_iter().flat_map(|f| layouts.map(|l| (f, l))) {
+            let p = Packed::new(&host(k * n, 5), [1, k, n], format, &device).in_texture(layout, 2);
+            assert!(
+                matches!(&p.words, packed::Words::Texture(t) if t.layout() == layout),
+                "{format:?}: no texture"
+            );
             let x = Tensor::<2>::random([2, k], Distribution::Normal(0.0, 1.0), &device);
             let reference = x.clone().matmul(p.dequantise().reshape([k, n]));
             let w = worst(&values(matvec(&x, &p).expect("covered")), &values(reference));
-            assert!(w < 1e-4, "{format:?} layered matvec: worst difference {w}");
+            assert!(w < 1e-4, "{format:?} {layout:?} layered matvec: worst difference {w}");
             let unpacked = dequantise(&p).expect("covered").reshape([k, n]);
             let w = worst(
                 &values(unpacked),
                 &values(p.clone().in_buffer().dequantise().reshape([k, n])),
             );
-            assert_eq!(w, 0.0, "{format:?} layered dequant");
+            assert_eq!(w, 0.0, "{format:?} {layout:?} layered dequant");
         }
     }
 }

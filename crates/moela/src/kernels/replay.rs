@@ -152,6 +152,7 @@ pub(super) fn record_texture(
     groups: [u32; 3],
     bindings: &[Bind],
     info: &[u32],
+    pos_word: Option<usize>,
 ) {
     with_trace(|t| {
         t.client.get_or_insert_with(|| anchor.client.clone());
@@ -169,7 +170,7 @@ pub(super) fn record_texture(
                 })
                 .collect(),
             info: info.to_vec(),
-            pos_word: None,
+            pos_word,
         });
     });
 }

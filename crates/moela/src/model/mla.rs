@@ -244,8 +244,16 @@ mod tests {
             eprintln!("no GPU adapter: skipped");
             return;
         };
+        // 3 heads: one attention workgroup serves them all; 10: two groups of 5.
+        for n_h in [3, 10] {
+            decode_kernels_match_burn_ops_with(n_h, &device);
+        }
+    }
+
+    fn decode_kernels_match_burn_ops_with(n_h: usize, device: &Device) {
+        let device = device.clone();
         // The kernels read rope, latent and value rows as vec4: multiples of 4, but of nothing larger.
-        let (h, n_h, d_n, d_r, r_kv, d_v) = (44, 3, 13, 12, 28, 20);
+        let (h, d_n, d_r, r_kv, d_v) = (44, 13, 12, 28, 20);
         let linear = |out: usize, inp: usize| {
             Linear::from_rows(&random(out * inp, &device), out, inp, WeightDtype::F32, &device)
         };
@@ -327,17 +335,28 @@ mod tests {
             let untouched = kernel_cache.clone() + 0.0;
             assert!(kernels::mla::decode(&inputs, &mut kernel_cache, prompt, &odd).is_none());
             assert_eq!(
-                worst_difference(kernel_cache.clone(), untouched),
+                worst_difference(kernel_cache.clone(), untouched.clone()),
                 0.0,
                 "a declined call wrote the cache"
             );
-            let out =
-                kernels::mla::decode(&inputs, &mut kernel_cache, prompt, &shape).expect("the kernels cover this call");
-            let got = mla.o.forward(out);
-            let diff = worst_difference(got, want);
-            assert!(diff < 1e-4, "{t} tokens: output differs by {diff}");
-            let diff = worst_difference(kernel_cache, reference_cache);
-            assert!(diff < 1e-5, "{t} tokens: cache differs by {diff}");
+            // Queries from a uniform copy (native texture launches) and from a storage buffer (browsers).
+            for storage in [false, true] {
+                let mut kernel_cache = untouched.clone() + 0.0;
+                kernels::mla::STORAGE_QUERIES.set(storage);
+                let out = kernels::mla::decode(&inputs, &mut kernel_cache, prompt, &shape);
+                kernels::mla::STORAGE_QUERIES.set(false);
+                let got = mla.o.forward(out.expect("the kernels cover this call"));
+                let diff = worst_difference(got, want.clone());
+                assert!(
+                    diff < 1e-4,
+                    "{n_h} heads, {t} tokens (storage {storage}): output differs by {diff}"
+                );
+                let diff = worst_difference(kernel_cache, reference_cache.clone());
+                assert!(
+                    diff < 1e-5,
+                    "{n_h} heads, {t} tokens (storage {storage}): cache differs by {diff}"
+                );
+            }
         }
     }
 }

@@ -68,15 +68,7 @@ impl Packed {
         let [count, k, n] = shape;
         assert!(Self::supports(format, n), "{format:?} cannot pack {k}x{n}");
         assert_eq!(data.len(), count * k * n, "packed data length");
-        let mut words = Vec::with_capacity(count * words_per_matrix(format, k, n));
-        let mut scales = Vec::new();
-        for m in data.chunks(k * n) {
-            match format {
-                WeightDtype::F16 => pack_f16(m, &mut words),
-                WeightDtype::Q8 | WeightDtype::Q4 => pack_blocks(m, k, n, format, &mut words, &mut scales),
-                WeightDtype::F32 => unreachable!("checked by supports"),
-            }
-        }
+        let (words, scales) = pack(data, shape, format);
         let int = |v: Vec<u32>| {
             let len = v.len();
             let v: Vec<i32> = v.into_iter().map(|w| w as i32).collect();
@@ -86,7 +78,7 @@ impl Packed {
         // f16 texels hold eight columns of a row: N a multiple of 8.
         let texture = ((format != WeightDtype::F16 || n.is_multiple_of(8))
             && crate::kernels::texture::available(device))
-        .then(|| crate::kernels::texture::WeightTexture::new(&words))
+        .then(|| crate::kernels::texture::WeightTexture::new(&words, texel_grid(format, shape)))
         .flatten();
         #[cfg(target_arch = "wasm32")]
         let texture: Option<()> = None;
@@ -125,10 +117,11 @@ impl Packed {
         self
     }
 
-    /// The same weights with their words in a texture of at most `rows` rows per array layer (tests of the
-    /// layered placement without a gigabyte of weights); unchanged where textures are not available.
+    /// The same weights with their words in a texture in `layout`, of at most `rows` rows per array layer
+    /// (tests of both layouts and of the layered placement without a gigabyte of weights); unchanged where
+    /// textures are not available.
     #[cfg(all(test, not(target_arch = "wasm32")))]
-    pub(crate) fn in_texture_rows(mut self, rows: usize) -> Self {
+    pub(crate) fn in_texture(mut self, layout: crate::kernels::texture::Layout, rows: usize) -> Self {
         let host: Vec<u32> = self
             .words_tensor()
             .into_data()
@@ -138,7 +131,8 @@ impl Packed {
             .into_iter()
             .map(|w| w as u32)
             .collect();
-        if let Some(t) = crate::kernels::texture::WeightTexture::with_height(&host, rows) {
+        let grid = texel_grid(self.format, self.shape);
+        if let Some(t) = crate::kernels::texture::WeightTexture::with(&host, grid, layout, rows) {
             self.words = Words::Texture(t);
         }
         self
@@ -156,7 +150,14 @@ impl Packed {
                 if let Ok(cube) = out.clone().try_into_primitive::<burn_cubecl::Cube>() {
                     t.copy_to(&cube);
                 }
-                out
+                match t.layout() {
+                    crate::kernels::texture::Layout::Rows => out,
+                    crate::kernels::texture::Layout::Columns => {
+                        // [count, cols, rows] texels back to the packed [count, rows, cols].
+                        let [count, rows, cols] = t.grid();
+                        out.reshape([count, cols, rows, 4]).swap_dims(1, 2).reshape([len])
+                    }
+                }
             }
         }
     }
@@ -195,11 +196,36 @@ impl Packed {
     }
 }
 
+/// The words and (q8, q4) scales of `count` row-major `[K, N]` matrices in `format`.
+fn pack(data: &[f32], [count, k, n]: [usize; 3], format: WeightDtype) -> (Vec<u32>, Vec<u32>) {
+    let mut words = Vec::with_capacity(count * words_per_matrix(format, k, n));
+    let mut scales = Vec::new();
+    for m in data.chunks(k * n) {
+        match format {
+            WeightDtype::F16 => pack_f16(m, &mut words),
+            WeightDtype::Q8 | WeightDtype::Q4 => pack_blocks(m, k, n, format, &mut words, &mut scales),
+            WeightDtype::F32 => unreachable!("checked by supports"),
+        }
+    }
+    (words, scales)
+}
+
 /// K rounded up to a whole block for the block formats.
 pub fn padded_k(format: WeightDtype, k: usize) -> usize {
     match format {
         WeightDtype::Q8 | WeightDtype::Q4 => k.div_ceil(BLOCK) * BLOCK,
         _ => k,
+    }
+}
+
+/// The words of a `[count, K, N]` stack as texels of four words: `[count, rows, cols]`, a row of texels per
+/// group of K (four rows for q8, eight for q4, one for f16) and a texel per four columns (q8, q4) or eight
+/// (f16: a word holds two).
+pub fn texel_grid(format: WeightDtype, [count, k, n]: [usize; 3]) -> [usize; 3] {
+    match format {
+        WeightDtype::Q8 => [count, padded_k(format, k) / 4, n / 4],
+        WeightDtype::Q4 => [count, padded_k(format, k) / 8, n / 4],
+        _ => [count, k, n / 8],
     }
 }
 
@@ -374,5 +400,44 @@ mod tests {
         assert_eq!(bytes(WeightDtype::Q4), 64 * 8 / 2 + 2 * 8 * 2);
         assert!(!Packed::supports(WeightDtype::Q8, 10));
         assert!(!Packed::supports(WeightDtype::F32, 8));
+    }
+
+    /// Words put in a texture of either layout (one layer or several) come back out exactly: what the
+    /// reference path unpacks is what was packed.
+    #[cfg(not(target_arch = "wasm32"))]
+    #[test]
+    fn words_come_back_out_of_textures_in_either_layout() {
+        use crate::kernels::texture::Layout;
+        let Ok(device) = crate::engine::default_device() else {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        };
+        // 2 x 64 x 2600: several texture rows, so 2 rows per layer also gives several layers.
+        let shape = [2, 64, 2600];
+        let data = sample(shape.iter().product());
+        for format in [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4] {
+            let (words, _) = pack(&data, shape, format);
+            for (layout, rows) in [
+                (Layout::Rows, usize::MAX),
+                (Layout::Columns, usize::MAX),
+                (Layout::Columns, 2),
+            ] {
+                let p = Packed::new(&data, shape, format, &device).in_texture(layout, rows);
+                assert!(matches!(&p.words, Words::Texture(t) if t.layout() == layout));
+                let got: Vec<u32> = p
+                    .words_tensor()
+                    .into_data()
+                    .convert::<i32>()
+                    .try_to_vec::<i32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(|w| w as u32)
+                    .collect();
+                assert!(
+                    got == words,
+                    "{format:?} {layout:?} ({rows} rows a layer): words differ"
+                );
+            }
+        }
     }
 }
