@@ -2,11 +2,12 @@
 // by exp(m_chunk - m), divided by the total l) into the attention-weighted latent, then maps it out with
 // the value up-projection: out[t, h * dv + v] = sum_r latent[r] W_UV^T[h, r, v].
 //
-// Bindings: partial [T, heads, chunks, rank + 2], w_uv [heads, rank, dv] (read as vec4), out
-// [T, heads * dv], then the shape.
+// Bindings: partial [T, heads, chunks, rank + 2], w_uv [heads, rank, dv] (read as vec4: a storage buffer,
+// or natively an f32 texture, {{BUF}} / {{TEX}} lines), out [T, heads * dv], then the shape.
 
 @group(0) @binding(0) var<storage, read_write> partial: array<f32>;
-@group(0) @binding(1) var<storage, read_write> w_uv: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> w_uv: array<vec4<f32>>; {{BUF}}
+@group(0) @binding(1) var w_uv: texture_2d_array<u32>; {{TEX}}
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 
 struct Shape {
@@ -14,8 +15,25 @@ struct Shape {
     rank: u32,
     dv: u32,
     chunks: u32,
+    uv_mask: u32,   // texture rows per layer - 1 (all ones for one layer)
+    uv_shift: u32,  // log2(rows per layer) (31 for one layer)
+    _pad0: u32,
+    _pad1: u32,
 }
 @group(0) @binding(3) var<uniform> shape: Shape;
+
+// Values 4 v4 .. 4 v4 + 4 of row r of head h's W_UV^T. A buffer and a row-order texture hold a head's texels
+// as [rank, dv / 4]; a column-order texture (CPU adapters, kernels/texture.rs) as [dv / 4, rank], each
+// column contiguous along r ({{COLS}}).
+fn uv(h: u32, r: u32, v4: u32) -> vec4<f32> {
+    let v4n = shape.dv / 4u;
+    let i = (h * shape.rank + r) * v4n + v4; {{ROWS}}
+    let i = (h * v4n + v4) * shape.rank + r; {{COLS}}
+    return w_uv[i]; {{BUF}}
+    let row = i >> 12u; {{TEX}}
+    let texel = textureLoad(w_uv, vec2<u32>(i & 4095u, row & shape.uv_mask), row >> shape.uv_shift, 0); {{TEX}}
+    return bitcast<vec4<f32>>(texel); {{TEX}}
+}
 
 const WG: u32 = 64u;
 const MAX_RANK: u32 = 1024u;
@@ -54,14 +72,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let slices = WG / lanes;
     let col = lid % lanes;
     let slice = lid / lanes;
-    let wb = h * rank * v4n;
     let ob = (t * shape.heads + h) * shape.dv;
     for (var base = 0u; base < v4n; base += lanes) {
         let v4 = base + col;
         var a = vec4<f32>(0.0);
         if (v4 < v4n && slice < slices) {
             for (var r = slice; r < rank; r += slices) {
-                a = fma(vec4<f32>(ctx[r]), w_uv[wb + r * v4n + v4], a);
+                a = fma(vec4<f32>(ctx[r]), uv(h, r, v4), a);
             }
         }
         red[lid] = a;

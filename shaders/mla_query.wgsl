@@ -7,15 +7,19 @@
 // shape) and the roped shared key, [c' | k_pe], written in place into the preallocated cache.
 // Rope dims are in half-split order (model/rope.rs): x1 = first half, x2 = second half.
 //
-// Bindings: q (token t's query, heads * (nope + rope) values at t * q_stride + q_off), kv (token t's
-// kv_a_proj_with_mqa output, rank + rope values at t * kv_stride + kv_off; q and kv may be one buffer, the
-// output of one product for both), w_uk [heads, nope, rank], gain [rank], cos [T, rope / 2],
-// sin [T, rope / 2], cache [capacity, rank + rope], query [T, heads, rank + rope], then the shape.
-// rank and rope are multiples of 4 (vec4 loads; the launcher checks).
+// Bindings: q (token t's query, heads * (nope + rope) values at t * q_stride + q_off: a storage buffer, or
+// natively a uniform copy where it fits, {{QS}} / {{QU}} lines), kv (token t's kv_a_proj_with_mqa output,
+// rank + rope values at t * kv_stride + kv_off; q and kv may be one buffer, the output of one product for
+// both), w_uk [heads, nope, rank] (a storage buffer, or natively an f32 texture: {{BUF}} / {{TEX}} lines),
+// gain [rank], cos [T, rope / 2], sin [T, rope / 2], cache [capacity, rank + rope], query
+// [T, heads, rank + rope], then the shape. rank and rope are multiples of 4 (vec4 loads; the launcher
+// checks).
 
-@group(0) @binding(0) var<storage, read_write> q: array<f32>;
+@group(0) @binding(0) var<storage, read_write> q: array<f32>; {{QS}}
+@group(0) @binding(0) var<uniform> q: array<vec4<f32>, 4096>; {{QU}}
 @group(0) @binding(1) var<storage, read_write> kv: array<f32>;
-@group(0) @binding(2) var<storage, read_write> w_uk: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> w_uk: array<vec4<f32>>; {{BUF}}
+@group(0) @binding(2) var w_uk: texture_2d_array<u32>; {{TEX}}
 @group(0) @binding(3) var<storage, read_write> gain: array<f32>;
 @group(0) @binding(4) var<storage, read_write> cos_t: array<f32>;
 @group(0) @binding(5) var<storage, read_write> sin_t: array<f32>;
@@ -33,10 +37,29 @@ struct Shape {
     q_off: u32,
     kv_stride: u32,
     kv_off: u32,
-    _pad0: u32,
-    _pad1: u32,
+    uk_mask: u32,   // texture rows per layer - 1 (all ones for one layer)
+    uk_shift: u32,  // log2(rows per layer) (31 for one layer)
 }
 @group(0) @binding(8) var<uniform> shape: Shape;
+
+// Value i of q.
+fn qs(i: u32) -> f32 {
+    return q[i]; {{QS}}
+    return q[i >> 2u][i & 3u]; {{QU}}
+}
+
+// Latent values 4 r4 .. 4 r4 + 4 of row d of head h's W_UK. A buffer and a row-order texture hold a head's
+// texels as [nope, rank / 4]; a column-order texture (CPU adapters, kernels/texture.rs) as [rank / 4, nope],
+// each column contiguous along d ({{COLS}}).
+fn uk(h: u32, d: u32, r4: u32) -> vec4<f32> {
+    let r4n = shape.rank / 4u;
+    let i = (h * shape.nope + d) * r4n + r4; {{ROWS}}
+    let i = (h * r4n + r4) * shape.nope + d; {{COLS}}
+    return w_uk[i]; {{BUF}}
+    let row = i >> 12u; {{TEX}}
+    let texel = textureLoad(w_uk, vec2<u32>(i & 4095u, row & shape.uk_mask), row >> shape.uk_shift, 0); {{TEX}}
+    return bitcast<vec4<f32>>(texel); {{TEX}}
+}
 
 const WG: u32 = 64u;
 var<workgroup> partial: array<f32, WG>;
@@ -55,18 +78,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var i = lid; i < half; i += WG) {
             let c = cos_t[t * half + i];
             let s = sin_t[t * half + i];
-            let x1 = q[qb + nope + i];
-            let x2 = q[qb + nope + half + i];
+            let x1 = qs(qb + nope + i);
+            let x2 = qs(qb + nope + half + i);
             query[ob + rank + i] = x1 * c - x2 * s;
             query[ob + rank + half + i] = x2 * c + x1 * s;
         }
         // Four latent values per invocation: one vec4 of W_UK per query value (rank is a multiple of 4).
         let r4n = rank / 4u;
-        let wb = h * nope * r4n;
         for (var r4 = lid; r4 < r4n; r4 += WG) {
             var acc = vec4<f32>(0.0);
             for (var d = 0u; d < nope; d++) {
-                acc = fma(vec4<f32>(q[qb + d]), w_uk[wb + d * r4n + r4], acc);
+                acc = fma(vec4<f32>(qs(qb + d)), uk(h, d, r4), acc);
             }
             let o = ob + 4u * r4;
             query[o] = acc.x;

@@ -16,8 +16,10 @@
 @group(0) @binding(0) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(1) var<storage, read_write> idx: array<i32>;
 @group(0) @binding(2) var<storage, read_write> weight: array<f32>;
-@group(0) @binding(3) var<storage, read_write> x: array<f32>; {{GATE}}
-@group(0) @binding(4) var<storage, read_write> gate: array<f32>; {{GATE}}
+// x and gate are read as {{GT}}: vec4 where H and E are multiples of 4 ({{G4}} lines: four experts per
+// invocation, four k per step), else f32 ({{G1}} lines).
+@group(0) @binding(3) var<storage, read_write> x: array<{{GT}}>; {{GATE}}
+@group(0) @binding(4) var<storage, read_write> gate: array<{{GT}}>; {{GATE}}
 @group(0) @binding({{B}}) var<storage, read_write> bias: array<f32>; {{BIAS}}
 
 struct Shape {
@@ -51,14 +53,31 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let base = t * e_n;
     let sigmoid = shape.sigmoid == 1u;
 
-    let h = shape.hidden; {{GATE}}
-    for (var e = lid; e < e_n; e += WG) { {{GATE}}
-        var l = 0.0; {{GATE}}
-        for (var k = 0u; k < h; k++) { {{GATE}}
-            l = fma(x[t * h + k], gate[k * e_n + e], l); {{GATE}}
-        } {{GATE}}
-        logits[base + e] = l; {{GATE}}
-    } {{GATE}}
+    let h = shape.hidden; {{G1}}
+    for (var e = lid; e < e_n; e += WG) { {{G1}}
+        var l = 0.0; {{G1}}
+        for (var k = 0u; k < h; k++) { {{G1}}
+            l = fma(x[t * h + k], gate[k * e_n + e], l); {{G1}}
+        } {{G1}}
+        logits[base + e] = l; {{G1}}
+    } {{G1}}
+    let h4 = shape.hidden / 4u; {{G4}}
+    let e4n = e_n / 4u; {{G4}}
+    for (var e4 = lid; e4 < e4n; e4 += WG) { {{G4}}
+        var l = vec4<f32>(0.0); {{G4}}
+        for (var k4 = 0u; k4 < h4; k4++) { {{G4}}
+            let xv = x[t * h4 + k4]; {{G4}}
+            let r = 4u * k4 * e4n + e4; {{G4}}
+            l = fma(vec4<f32>(xv.x), gate[r], l); {{G4}}
+            l = fma(vec4<f32>(xv.y), gate[r + e4n], l); {{G4}}
+            l = fma(vec4<f32>(xv.z), gate[r + 2u * e4n], l); {{G4}}
+            l = fma(vec4<f32>(xv.w), gate[r + 3u * e4n], l); {{G4}}
+        } {{G4}}
+        logits[base + 4u * e4] = l.x; {{G4}}
+        logits[base + 4u * e4 + 1u] = l.y; {{G4}}
+        logits[base + 4u * e4 + 2u] = l.z; {{G4}}
+        logits[base + 4u * e4 + 3u] = l.w; {{G4}}
+    } {{G4}}
     storageBarrier(); {{GATE}}
 
     // Softmax statistics: m = max logit, inv = 1 / sum exp(logit - m).

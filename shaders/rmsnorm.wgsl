@@ -4,27 +4,34 @@
 // launch. The MoE variant (also {{MOE}}) mixes that output here too: delta = shared + sum over the K slots
 // of weight[row, k] * routed[row * K + k], from the gathered down projections.
 //
+// Rows are read as {{T}}: vec4 where the row length is a multiple of 4 (a quarter of the loads), else f32.
+//
 // Bindings: x [rows, n], gain [n], out [rows, n], (delta [rows, n], sum [rows, n]), (routed [rows * K, n],
 // weight [rows, K]), then the shape.
 
-@group(0) @binding(0) var<storage, read_write> x: array<f32>;
-@group(0) @binding(1) var<storage, read_write> gain: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out: array<f32>;
-@group(0) @binding(3) var<storage, read_write> delta: array<f32>; {{ADD}}
-@group(0) @binding(4) var<storage, read_write> sum: array<f32>; {{ADD}}
-@group(0) @binding(5) var<storage, read_write> routed: array<f32>; {{MOE}}
+@group(0) @binding(0) var<storage, read_write> x: array<{{T}}>;
+@group(0) @binding(1) var<storage, read_write> gain: array<{{T}}>;
+@group(0) @binding(2) var<storage, read_write> out: array<{{T}}>;
+@group(0) @binding(3) var<storage, read_write> delta: array<{{T}}>; {{ADD}}
+@group(0) @binding(4) var<storage, read_write> sum: array<{{T}}>; {{ADD}}
+@group(0) @binding(5) var<storage, read_write> routed: array<{{T}}>; {{MOE}}
 @group(0) @binding(6) var<storage, read_write> weight: array<f32>; {{MOE}}
 
 struct Shape {
-    n: u32,
+    n: u32,       // {{T}} values per row
     eps: f32,
     top_k: u32,   // MoE variant
-    _pad0: u32,
+    len: u32,     // f32 values per row
 }
 @group(0) @binding({{U}}) var<uniform> shape: Shape;
 
 const WG: u32 = 64u;
 var<workgroup> partial: array<f32, WG>;
+
+fn squares(v: {{T}}) -> f32 {
+    return dot(v, v); {{V4}}
+    return v * v; {{V1}}
+}
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -34,15 +41,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var ss = 0.0;
     for (var i = lid; i < n; i += WG) {
         var v = x[base + i];
-        var d = 0.0; {{ADD}}
+        var d = {{T}}(0.0); {{ADD}}
         for (var k = 0u; k < shape.top_k; k++) { {{MOE}}
             let p = row * shape.top_k + k; {{MOE}}
-            d = fma(weight[p], routed[p * n + i], d); {{MOE}}
+            d = fma({{T}}(weight[p]), routed[p * n + i], d); {{MOE}}
         } {{MOE}}
         d += delta[base + i]; {{ADD}}
         v += d; {{ADD}}
         sum[base + i] = v; {{ADD}}
-        ss = fma(v, v, ss);
+        ss += squares(v);
     }
     partial[lid] = ss;
     workgroupBarrier();
@@ -52,7 +59,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
     }
-    let inv = 1.0 / sqrt(partial[0] / f32(n) + shape.eps);
+    let inv = 1.0 / sqrt(partial[0] / f32(shape.len) + shape.eps);
     for (var i = lid; i < n; i += WG) {
         var v = x[base + i];
         v = sum[base + i]; {{ADD}}

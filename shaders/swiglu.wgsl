@@ -1,14 +1,16 @@
 // The SwiGLU activation of a fused [gate | up] product: out[r, i] = silu(gu[r, i]) * gu[r, width + i],
-// silu(g) = g / (1 + exp(-g)). One invocation per output value. The pair variant (lines tagged {{TWO}})
-// does a second, independent product in the same launch (a MoE layer's routed and shared experts).
+// silu(g) = g / (1 + exp(-g)). One invocation per output {{T}} (vec4 where both widths are multiples of 4,
+// a quarter of the loads; else f32; the widths and totals in the shape count {{T}} values). The pair
+// variant (lines tagged {{TWO}}) does a second, independent product in the same launch (a MoE layer's
+// routed and shared experts).
 //
 // Bindings: gu [rows, 2 * width], out [rows, width], (gu2 [rows2, 2 * width2], out2 [rows2, width2]), then
 // the shape.
 
-@group(0) @binding(0) var<storage, read_write> gu: array<f32>;
-@group(0) @binding(1) var<storage, read_write> out: array<f32>;
-@group(0) @binding(2) var<storage, read_write> gu2: array<f32>; {{TWO}}
-@group(0) @binding(3) var<storage, read_write> out2: array<f32>; {{TWO}}
+@group(0) @binding(0) var<storage, read_write> gu: array<{{T}}>;
+@group(0) @binding(1) var<storage, read_write> out: array<{{T}}>;
+@group(0) @binding(2) var<storage, read_write> gu2: array<{{T}}>; {{TWO}}
+@group(0) @binding(3) var<storage, read_write> out2: array<{{T}}>; {{TWO}}
 
 struct Shape {
     width: u32,

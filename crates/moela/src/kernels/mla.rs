@@ -1,15 +1,23 @@
 //! `shaders/mla_{query,attend,output}.wgsl`: MLA decode attention in latent space (absorbed queries,
 //! flash-decoding over the latent cache, the value up-projection), three launches per layer.
+//!
+//! Natively the three run on moela's own launch path (`texture.rs`): the absorbed factors `W_UK` / `W_UV^T`
+//! are read from textures ([`Factor`]) and the queries from uniform copies where they fit. In a browser they
+//! run through CubeCL with every operand in a storage buffer.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
 use burn::tensor::{DType, Tensor};
+use burn_cubecl::cubecl::server::Handle;
+use burn_cubecl::tensor::CubeTensor;
 
-use super::{WgslKernel, cube_tensor, empty, float, launch, launch_at, repeated, tagged};
+use super::{cube_tensor, empty, float, repeated, tagged};
+use crate::model::mla::Factor;
 
 const QUERY: &str = include_str!("../../../../shaders/mla_query.wgsl");
 const ATTEND: &str = include_str!("../../../../shaders/mla_attend.wgsl");
+const OUTPUT: &str = include_str!("../../../../shaders/mla_output.wgsl");
 
 /// The most heads one attention workgroup serves (its scores sit in workgroup memory, its sums in
 /// registers).
@@ -24,21 +32,137 @@ fn head_group(heads: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// `mla_attend.wgsl` for `group` heads per workgroup, with the queries from a uniform copy or a storage
-/// buffer; written once per variant and process.
-fn attend_source(group: usize, uniform: bool) -> &'static str {
-    static VARIANTS: OnceLock<Mutex<HashMap<(usize, bool), &'static str>>> = OnceLock::new();
+/// How a variant reads its operands: a factor from a texture (in column order) or a buffer, the queries
+/// from a uniform copy or a buffer; `group` heads per attention workgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Reads {
+    texture: bool,
+    columns: bool,
+    uniform: bool,
+    group: usize,
+}
+
+/// `source` as `reads` says, written once per variant and process.
+fn variant(source: &'static str, reads: Reads) -> &'static str {
+    static VARIANTS: OnceLock<Mutex<HashMap<(usize, Reads), &'static str>>> = OnceLock::new();
     let mut variants = VARIANTS
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    variants.entry((group, uniform)).or_insert_with(|| {
-        let text = tagged(ATTEND, &[("QU", uniform), ("QS", !uniform)], &[("G", group)]);
-        // At most 2 x MAX_GROUP variants: kept for the process's lifetime.
-        Box::leak(repeated(&text, "{{H}}", group).into_boxed_str())
+    variants.entry((source.as_ptr() as usize, reads)).or_insert_with(|| {
+        let flags = [
+            ("TEX", reads.texture),
+            ("BUF", !reads.texture),
+            ("COLS", reads.columns),
+            ("ROWS", !reads.columns),
+            ("QU", reads.uniform),
+            ("QS", !reads.uniform),
+        ];
+        let text = tagged(source, &flags, &[("G", reads.group)]);
+        // A few variants per shape: kept for the process's lifetime.
+        Box::leak(repeated(&text, "{{H}}", reads.group).into_boxed_str())
     })
 }
-const OUTPUT: &str = include_str!("../../../../shaders/mla_output.wgsl");
+
+/// One binding of an MLA kernel.
+enum Arg<'a> {
+    /// A buffer burn's runtime owns.
+    Buffer(&'a Handle),
+    /// A buffer whose first `bytes` the kernel reads from a uniform copy (native launches only).
+    #[cfg(not(target_arch = "wasm32"))]
+    Uniform(&'a Handle, usize),
+    /// An absorbed factor.
+    Factor(&'a FactorArg),
+}
+
+/// Where a kernel reads an absorbed factor.
+#[allow(clippy::large_enum_variant)] // lives on the stack for one call
+enum FactorArg {
+    Buffer(CubeTensor),
+    #[cfg(not(target_arch = "wasm32"))]
+    Texture(std::sync::Arc<super::texture::WeightTexture>),
+}
+
+impl FactorArg {
+    fn new(f: &Factor) -> Option<Self> {
+        match f {
+            Factor::Tensor(t) => Some(FactorArg::Buffer(cube_tensor(t).filter(|c| c.dtype == DType::F32)?)),
+            #[cfg(not(target_arch = "wasm32"))]
+            Factor::Texture { texture, .. } => Some(FactorArg::Texture(texture.clone())),
+        }
+    }
+
+    /// Whether the kernel reads it from a texture, and in column order.
+    fn reads(&self) -> (bool, bool) {
+        match self {
+            FactorArg::Buffer(_) => (false, false),
+            #[cfg(not(target_arch = "wasm32"))]
+            FactorArg::Texture(t) => (true, t.layout() == super::texture::Layout::Columns),
+        }
+    }
+
+    /// `[row mask, layer shift]` of a texture, for the kernel's shape.
+    fn placement(&self) -> [u32; 2] {
+        match self {
+            FactorArg::Buffer(_) => [0, 0],
+            #[cfg(not(target_arch = "wasm32"))]
+            FactorArg::Texture(t) => t.placement(),
+        }
+    }
+}
+
+/// Launches `source` (entry `main`, 64 invocations) over `grid` with `args`: natively on moela's own path
+/// (`texture::dispatch_at`), in a browser through CubeCL. `info[pos_word]` is the step's position. `None`
+/// when it cannot run.
+fn run(
+    anchor: &CubeTensor,
+    name: &'static str,
+    source: &'static str,
+    grid: [u32; 3],
+    args: &[Arg],
+    info: &[u32],
+    pos_word: Option<usize>,
+) -> Option<()> {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use super::texture::{Bind, TextureKernel, dispatch_at};
+        let binds: Vec<Bind> = args
+            .iter()
+            .map(|a| match a {
+                Arg::Buffer(h) => Bind::Buffer(h),
+                Arg::Uniform(h, bytes) => Bind::Uniform(h, *bytes),
+                Arg::Factor(FactorArg::Buffer(c)) => Bind::Buffer(&c.handle),
+                Arg::Factor(FactorArg::Texture(t)) => Bind::Texture(t),
+            })
+            .collect();
+        let kernel = TextureKernel {
+            name,
+            entry: "main",
+            source,
+        };
+        dispatch_at(anchor, &kernel, grid, &binds, info, pos_word)
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        let handles: Vec<&Handle> = args
+            .iter()
+            .map(|a| match a {
+                Arg::Buffer(h) => *h,
+                Arg::Factor(FactorArg::Buffer(c)) => &c.handle,
+            })
+            .collect();
+        // CubeCL names a compiled kernel by its variant number: the text's address names the variant.
+        let kernel = super::WgslKernel {
+            name,
+            entry: "main",
+            source,
+            variant: source.as_ptr() as u32,
+            workgroup: 64,
+        };
+        super::launch_at(anchor, kernel, grid, &handles, info, pos_word);
+        Some(())
+    }
+}
 
 /// The most latent values per cached token the kernels hold in workgroup memory (`MAX_RANK`).
 pub const MAX_RANK: usize = 1024;
@@ -78,9 +202,9 @@ pub struct MlaInputs<'a> {
     /// The first latent column in `kv`.
     pub kv_col: usize,
     /// Absorbed `W_UK` `[n_h, d_n, r_kv]`.
-    pub w_uk: &'a Tensor<3>,
+    pub w_uk: &'a Factor,
     /// `W_UV^T` `[n_h, r_kv, d_v]`.
-    pub w_uv_t: &'a Tensor<3>,
+    pub w_uv_t: &'a Factor,
     /// `kv_a_layernorm`'s gain `[r_kv]`.
     pub gain: &'a Tensor<1>,
     /// Rope cos and sin tables `[T, d_r / 2]` for positions `pos..pos + T`.
@@ -89,20 +213,15 @@ pub struct MlaInputs<'a> {
 
 /// Attention for `T` tokens at positions `pos..pos + T` (`pos` = tokens already in `layer`, the cache of
 /// this layer `[capacity, r_kv + d_r]`): writes their cache rows in place and returns the attention output
-/// `[T, n_h * d_v]` (before `o_proj`). `None`, with the cache untouched, when the kernels do not cover the
-/// call; the caller then runs burn's ops.
+/// `[T, n_h * d_v]` (before `o_proj`). `None` when the kernels do not cover the call, with the cache
+/// untouched (or, if a launch after the first failed, these tokens' rows written as burn's path writes
+/// them again); the caller then runs burn's ops.
 pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) -> Option<Tensor<2>> {
     let [t, qw] = inp.q.dims();
     let [t2, kw] = inp.kv.dims();
     let width = s.rank + s.rope;
     let [capacity, cw] = layer.dims();
-    let f32s = [
-        inp.q.dtype(),
-        inp.kv.dtype(),
-        inp.w_uk.dtype(),
-        inp.w_uv_t.dtype(),
-        inp.gain.dtype(),
-    ];
+    let f32s = [inp.q.dtype(), inp.kv.dtype(), inp.gain.dtype()];
     if t == 0
         || t > 65_535
         || s.heads == 0
@@ -134,8 +253,8 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
     }
     let q = cube_tensor(inp.q)?;
     let kv = cube_tensor(inp.kv)?;
-    let w_uk = cube_tensor(inp.w_uk)?;
-    let w_uv = cube_tensor(inp.w_uv_t)?;
+    let w_uk = FactorArg::new(inp.w_uk)?;
+    let w_uv = FactorArg::new(inp.w_uv_t)?;
     let gain = cube_tensor(inp.gain)?;
     let cos = cube_tensor(&inp.tables.0)?;
     let sin = cube_tensor(&inp.tables.1)?;
@@ -153,16 +272,21 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         Tensor::from_primitive::<burn_cubecl::Cube>(p)
     });
     let cache = cache?;
-
-    let query = empty(&q, t * s.heads * width);
-    let kernel = |name, source| WgslKernel {
-        name,
-        entry: "main",
-        source,
-        variant: 0,
-        workgroup: 64,
+    let group = head_group(s.heads);
+    let reads = |factor: &FactorArg, uniform: bool| {
+        let (texture, columns) = factor.reads();
+        Reads {
+            texture,
+            columns,
+            uniform,
+            group,
+        }
     };
-    let info = [
+
+    // 1. Absorbed queries and this step's cache rows; info[4] is the position.
+    let query = empty(&q, t * s.heads * width);
+    let q_bytes = q.meta.num_elements() * 4;
+    let mut info = vec![
         s.heads as u32,
         s.nope as u32,
         s.rope as u32,
@@ -174,25 +298,29 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         kw as u32,
         inp.kv_col as u32,
     ];
-    // info[4] is the position: a replayed step writes its own.
-    launch_at(
+    info.extend(w_uk.placement());
+    let args = [
+        input(&q.handle, q_bytes),
+        Arg::Buffer(&kv.handle),
+        Arg::Factor(&w_uk),
+        Arg::Buffer(&gain.handle),
+        Arg::Buffer(&cos.handle),
+        Arg::Buffer(&sin.handle),
+        Arg::Buffer(&cache.handle),
+        Arg::Buffer(&query),
+    ];
+    let source = variant(QUERY, reads(&w_uk, uniform(q_bytes)));
+    run(
         &q,
-        kernel("mla_query", QUERY),
+        "mla_query",
+        source,
         [s.heads as u32 + 1, t as u32, 1],
-        &[
-            &q.handle,
-            &kv.handle,
-            &w_uk.handle,
-            &gain.handle,
-            &cos.handle,
-            &sin.handle,
-            &cache.handle,
-            &query,
-        ],
+        &args,
         &info,
         Some(4),
-    );
+    )?;
 
+    // 2. Scores over the cache and the weighted latents, per chunk of positions; info[3] is the position.
     let partial = empty(&q, t * s.heads * chunks * (s.rank + 2));
     let info = [
         s.heads as u32,
@@ -202,52 +330,58 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         chunks as u32,
         (s.scale as f32).to_bits(),
     ];
-    // info[3] is the position.
-    let group = head_group(s.heads);
-    let grid = [chunks as u32, (s.heads / group) as u32, t as u32];
     let query_bytes = t * s.heads * width * 4;
-    #[cfg(not(target_arch = "wasm32"))]
-    let attended = query_bytes <= super::texture::UNIFORM_BYTES && !storage_queries() && {
-        // Natively the queries are read from a uniform copy (one load for all invocations, not one each).
-        use super::texture::{Bind, TextureKernel, dispatch_at};
-        let kernel = TextureKernel {
-            name: "mla_attend",
-            entry: "main",
-            source: attend_source(group, true),
-        };
-        let binds = [
-            Bind::Uniform(&query, query_bytes),
-            Bind::Buffer(&cache.handle),
-            Bind::Buffer(&partial),
-        ];
-        dispatch_at(&q, &kernel, grid, &binds, &info, Some(3)).is_some()
-    };
-    #[cfg(target_arch = "wasm32")]
-    let attended = false;
-    if !attended {
-        // CubeCL names a compiled kernel by its variant number: one per head group.
-        let kernel = WgslKernel {
-            variant: group as u32,
-            ..kernel("mla_attend", attend_source(group, false))
-        };
-        launch_at(&q, kernel, grid, &[&query, &cache.handle, &partial], &info, Some(3));
-    }
+    let args = [
+        input(&query, query_bytes),
+        Arg::Buffer(&cache.handle),
+        Arg::Buffer(&partial),
+    ];
+    let source = variant(ATTEND, reads(&w_uk, uniform(query_bytes)));
+    let grid = [chunks as u32, (s.heads / group) as u32, t as u32];
+    run(&q, "mla_attend", source, grid, &args, &info, Some(3))?;
     // The chunk count (grid, partial buffer, merge) holds for the positions that give the same count.
     #[cfg(not(target_arch = "wasm32"))]
     super::replay::serves_positions(
         ((chunks - 1) * CHUNK + 1).saturating_sub(t)..(chunks * CHUNK).min(capacity) + 1 - t,
     );
 
+    // 3. The chunks merged, then W_UV.
     let out = empty(&q, t * s.heads * s.v);
-    let info = [s.heads as u32, s.rank as u32, s.v as u32, chunks as u32];
-    launch(
+    let mut info = vec![s.heads as u32, s.rank as u32, s.v as u32, chunks as u32];
+    info.extend(w_uv.placement());
+    let args = [Arg::Buffer(&partial), Arg::Factor(&w_uv), Arg::Buffer(&out)];
+    let source = variant(OUTPUT, reads(&w_uv, false));
+    run(
         &q,
-        kernel("mla_output", OUTPUT),
+        "mla_output",
+        source,
         [s.heads as u32, t as u32, 1],
-        &[&partial, &w_uv.handle, &out],
+        &args,
         &info,
-    );
+        None,
+    )?;
     Some(float(&q, out, [t, s.heads * s.v]))
+}
+
+/// Whether a kernel input of `bytes` is read from a uniform copy: natively where it fits.
+fn uniform(bytes: usize) -> bool {
+    #[cfg(not(target_arch = "wasm32"))]
+    return bytes <= super::texture::UNIFORM_BYTES && !storage_queries();
+    #[cfg(target_arch = "wasm32")]
+    return {
+        let _ = bytes;
+        false
+    };
+}
+
+/// A kernel input of `bytes`, from a uniform copy where [`uniform`] says so.
+fn input(h: &Handle, bytes: usize) -> Arg<'_> {
+    #[cfg(not(target_arch = "wasm32"))]
+    if uniform(bytes) {
+        return Arg::Uniform(h, bytes);
+    }
+    let _ = bytes;
+    Arg::Buffer(h)
 }
 
 #[cfg(test)]

@@ -31,24 +31,36 @@ pub fn swiglu_pair(
     if total + total2 > u32::MAX as usize {
         return None;
     }
-    let groups = grid(total + total2)?;
+    let width2 = second.map_or(0, |s| s.1);
+    // vec4 values where both widths allow it.
+    let lanes = if width.is_multiple_of(4) && width2.is_multiple_of(4) {
+        4
+    } else {
+        1
+    };
+    let groups = grid((total + total2) / lanes)?;
     let x = cube_tensor(gu)?;
     let x2 = match second {
         Some((t, _)) => Some(cube_tensor(t)?),
         None => None,
     };
-    static VARIANTS: OnceLock<[String; 2]> = OnceLock::new();
-    let sources = VARIANTS
-        .get_or_init(|| [false, true].map(|two| tagged(SOURCE, &[("TWO", two)], &[("U", if two { 4 } else { 2 })])));
+    static VARIANTS: OnceLock<[String; 4]> = OnceLock::new();
+    let sources = VARIANTS.get_or_init(|| {
+        std::array::from_fn(|i| {
+            let (two, wide) = (i % 2 == 1, i >= 2);
+            tagged(SOURCE, &[("TWO", two)], &[("U", if two { 4 } else { 2 })])
+                .replace("{{T}}", if wide { "vec4<f32>" } else { "f32" })
+        })
+    });
+    let variant = usize::from(x2.is_some()) + 2 * usize::from(lanes == 4);
     let kernel = WgslKernel {
         name: "swiglu",
         entry: "main",
-        source: &sources[usize::from(x2.is_some())],
-        variant: u32::from(x2.is_some()),
+        source: &sources[variant],
+        variant: variant as u32,
         workgroup: 64,
     };
-    let width2 = second.map_or(0, |s| s.1);
-    let info = [width as u32, total as u32, width2 as u32, total2 as u32];
+    let info = [width, total, width2, total2].map(|v| (v / lanes) as u32);
     let out = empty(&x, total);
     match &x2 {
         None => {
@@ -84,13 +96,16 @@ mod tests {
             let fast = swiglu(&gu, width).expect("the kernel covers this shape");
             assert!(worst_difference(fast, reference(&gu, width)) < 1e-5, "{rows}x{width}");
         }
-        let a = Tensor::<2>::random([6, 2 * 29], Distribution::Normal(0.0, 3.0), &device);
-        let b = Tensor::<2>::random([2, 2 * 83], Distribution::Normal(0.0, 3.0), &device);
-        let (ya, yb) = swiglu_pair(&a, 29, Some((&b, 83))).expect("the kernel covers this pair");
-        assert!(worst_difference(ya, reference(&a, 29)) < 1e-5, "first of the pair");
-        assert!(
-            worst_difference(yb.unwrap(), reference(&b, 83)) < 1e-5,
-            "second of the pair"
-        );
+        // Widths read as f32, and as vec4.
+        for (wa, wb) in [(29, 83), (28, 84)] {
+            let a = Tensor::<2>::random([6, 2 * wa], Distribution::Normal(0.0, 3.0), &device);
+            let b = Tensor::<2>::random([2, 2 * wb], Distribution::Normal(0.0, 3.0), &device);
+            let (ya, yb) = swiglu_pair(&a, wa, Some((&b, wb))).expect("the kernel covers this pair");
+            assert!(worst_difference(ya, reference(&a, wa)) < 1e-5, "first of the pair {wa}");
+            assert!(
+                worst_difference(yb.unwrap(), reference(&b, wb)) < 1e-5,
+                "second of the pair {wb}"
+            );
+        }
     }
 }

@@ -275,8 +275,19 @@ fn counting() -> Option<std::sync::Arc<Launches>> {
 /// recorded on the launching thread (`replay.rs`) which launches were not moela's.
 struct Observer;
 
+/// CubeCL launches (moela's and burn's, on every thread) since the [`Observer`] was installed.
+static CUBE_LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// [`CUBE_LAUNCHES`] now: a replayed step compares it with the count at its previous flush, so it only waits
+/// on a round trip to CubeCL's device thread when CubeCL has been given work since.
+#[cfg(not(target_arch = "wasm32"))]
+fn cube_launches() -> u64 {
+    CUBE_LAUNCHES.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 impl burn_cubecl::cubecl::logging::LaunchObserver for Observer {
     fn launched(&self, kernel: &'static str) {
+        CUBE_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         #[cfg(not(target_arch = "wasm32"))]
         replay::observed_launch();
         if let Some(l) = counting()

@@ -96,26 +96,34 @@ pub fn route(logits: Logits, bias: Option<&Tensor<1>>, shape: &RouteShape) -> Op
         Some(b) => Some(cube_tensor(b)?),
         None => None,
     };
-    // Variants: [router product][bias].
-    static VARIANTS: OnceLock<[[String; 2]; 2]> = OnceLock::new();
+    // Variants: [router product: none, f32, vec4][bias].
+    static VARIANTS: OnceLock<[[String; 2]; 3]> = OnceLock::new();
     let sources = VARIANTS.get_or_init(|| {
-        [false, true].map(|gate| {
+        [0, 1, 2].map(|product| {
             [false, true].map(|bias| {
-                let b = if gate { 5 } else { 3 };
-                tagged(
-                    ROUTE,
-                    &[("GATE", gate), ("BIAS", bias)],
-                    &[("B", b), ("U", b + usize::from(bias))],
-                )
+                let b = if product > 0 { 5 } else { 3 };
+                let flags = [
+                    ("GATE", product > 0),
+                    ("G1", product == 1),
+                    ("G4", product == 2),
+                    ("BIAS", bias),
+                ];
+                tagged(ROUTE, &flags, &[("B", b), ("U", b + usize::from(bias))])
+                    .replace("{{GT}}", if product == 2 { "vec4<f32>" } else { "f32" })
             })
         })
     });
-    let (gate, has_bias) = (product.is_some(), b.is_some());
+    let form = match &product {
+        None => 0,
+        Some((_, _, h)) if h.is_multiple_of(4) && e.is_multiple_of(4) => 2,
+        Some(_) => 1,
+    };
+    let has_bias = b.is_some();
     let kernel = WgslKernel {
         name: "moe_route",
         entry: "main",
-        source: &sources[usize::from(gate)][usize::from(has_bias)],
-        variant: u32::from(gate) * 2 + u32::from(has_bias),
+        source: &sources[form][usize::from(has_bias)],
+        variant: form as u32 * 2 + u32::from(has_bias),
         workgroup: 64,
     };
     let (idx, w) = (empty(&l, t * k), empty(&l, t * k));

@@ -8,13 +8,23 @@ use super::{WgslKernel, cube_tensor, empty, float, launch, tagged};
 
 const SOURCE: &str = include_str!("../../../../shaders/rmsnorm.wgsl");
 
-/// The shader without a residual (0), with one (1), and with a MoE block's unmixed output (2).
-fn source(variant: usize) -> &'static str {
-    static VARIANTS: OnceLock<[String; 3]> = OnceLock::new();
+/// The shader without a residual (variant 0), with one (1), and with a MoE block's unmixed output (2),
+/// reading rows as vec4 (`wide`) or f32; written once per process.
+fn source(variant: usize, wide: bool) -> &'static str {
+    static VARIANTS: OnceLock<[String; 6]> = OnceLock::new();
     &VARIANTS.get_or_init(|| {
-        [(false, false, 3), (true, false, 5), (true, true, 7)]
-            .map(|(add, moe, u)| tagged(SOURCE, &[("ADD", add), ("MOE", moe)], &[("U", u)]))
-    })[variant]
+        let v = |i: usize| {
+            let ((add, moe, u), wide) = ([(false, false, 3), (true, false, 5), (true, true, 7)][i % 3], i >= 3);
+            let t = if wide { "vec4<f32>" } else { "f32" };
+            tagged(
+                SOURCE,
+                &[("ADD", add), ("MOE", moe), ("V4", wide), ("V1", !wide)],
+                &[("U", u)],
+            )
+            .replace("{{T}}", t)
+        };
+        std::array::from_fn(v)
+    })[variant + 3 * usize::from(wide)]
 }
 
 /// What is added to the residual stream before the norm.
@@ -75,14 +85,21 @@ pub fn rms_norm(
         None => None,
     };
     let variant = usize::from(d.is_some()) + usize::from(e.is_some());
+    let wide = n.is_multiple_of(4);
     let kernel = WgslKernel {
         name: "rmsnorm",
         entry: "main",
-        source: source(variant),
-        variant: variant as u32,
+        source: source(variant, wide),
+        variant: variant as u32 + 3 * u32::from(wide),
         workgroup: 64,
     };
-    let info = [n as u32, (eps as f32).to_bits(), e.as_ref().map_or(0, |e| e.2 as u32)];
+    let width = if wide { n / 4 } else { n };
+    let info = [
+        width as u32,
+        (eps as f32).to_bits(),
+        e.as_ref().map_or(0, |e| e.2 as u32),
+        n as u32,
+    ];
     let groups = [rows as u32, 1, 1];
     let out = empty(&xc, rows * n);
     let Some(d) = d else {
@@ -112,7 +129,8 @@ mod tests {
             eprintln!("no GPU adapter: skipped");
             return;
         };
-        for (rows, n) in [(1, 1024), (3, 77), (5, 130), (2, 1)] {
+        // Rows of a multiple of 4 are read as vec4, others as f32.
+        for (rows, n) in [(1, 1024), (3, 77), (5, 130), (2, 1), (2, 36)] {
             let x = Tensor::<2>::random([rows, n], Distribution::Normal(0.0, 2.0), &device);
             let delta = Tensor::<2>::random([rows, n], Distribution::Normal(0.0, 1.0), &device);
             let gain = Tensor::<1>::random([n], Distribution::Normal(1.0, 0.3), &device);

@@ -283,6 +283,8 @@ pub struct Plan {
     cache_ids: Vec<usize>,
     positions: Range<usize>,
     client: Client,
+    /// CubeCL's launch count when its queue was last flushed for this plan (`kernels::cube_launches`).
+    flushed_at: std::sync::atomic::AtomicU64,
     /// Every buffer the steps bind, held so that CubeCL's pools neither reuse nor move them (a held
     /// binding does not count as an owner of a tensor, so the cache is still written in place).
     _held: Vec<Box<dyn Any + Send>>,
@@ -418,6 +420,8 @@ impl Plan {
             cache_ids,
             positions,
             client,
+            // Resolving the buffers above flushed CubeCL's queue.
+            flushed_at: std::sync::atomic::AtomicU64::new(super::cube_launches()),
             _held: held,
             _textures: textures,
         })
@@ -437,10 +441,14 @@ impl Plan {
     /// back.
     pub fn run(&self, inputs: &StepInputs, pos: usize) -> Result<Vec<f32>> {
         let gpu = texture::gpu().ok_or_else(|| Error::Device("the wgpu device is gone".into()))?;
-        // Work burn has queued (a prefill, say) reaches the queue before the replay.
-        self.client
-            .flush()
-            .map_err(|e| Error::Device(format!("flushing the queue before a replayed step: {e:?}")))?;
+        // Work burn has queued since the last replay (a prefill, say: anything that writes the cache is a
+        // launch) reaches the queue before this one; without any, no round trip to CubeCL's device thread.
+        let launches = super::cube_launches();
+        if self.flushed_at.swap(launches, std::sync::atomic::Ordering::SeqCst) != launches {
+            self.client
+                .flush()
+                .map_err(|e| Error::Device(format!("flushing the queue before a replayed step: {e:?}")))?;
+        }
         for (input, t) in &self.inputs {
             let values = inputs.get(*input);
             if (values.len() * 4) as u64 > t.size {

@@ -10,7 +10,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::norm::RmsNorm;
 use super::rope;
-use super::{Linear, as_f32};
+use super::{Linear, as_f32, upload};
 use crate::kernels::{self, Kernels};
 
 /// How the query is produced from the first columns of [`Mla::input`]'s product.
@@ -29,6 +29,75 @@ pub enum QProj {
     },
 }
 
+/// An absorbed attention factor, f32 `[n_h, K, N]` (`W_UK` or `W_UV^T`): a burn tensor, or natively (N a
+/// multiple of 4) a texture that the decode kernels read four columns to a texel, as they read packed
+/// weights (`kernels/texture.rs`; on lavapipe 5x faster than a storage buffer). burn's ops get a copy.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // a burn tensor handle, built once at load
+pub enum Factor {
+    /// A burn tensor: any device, and what training updates.
+    Tensor(Tensor<3>),
+    /// f32 bit patterns in a weight texture of `[n_h, K, N / 4]` texels.
+    #[cfg(not(target_arch = "wasm32"))]
+    Texture {
+        /// The texels.
+        texture: std::sync::Arc<crate::kernels::texture::WeightTexture>,
+        /// `[n_h, K, N]`.
+        dims: [usize; 3],
+        /// Where burn's copy goes.
+        device: Device,
+    },
+}
+
+impl Factor {
+    /// Uploads row-major `[n_h, K, N]` values: into a texture where the device has them, else a tensor.
+    pub fn new(data: Vec<f32>, dims: [usize; 3], device: &Device) -> Self {
+        #[cfg(not(target_arch = "wasm32"))]
+        if dims[2].is_multiple_of(4) && crate::kernels::texture::available(device) {
+            let grid = [dims[0], dims[1], dims[2] / 4];
+            if let Some(texture) = crate::kernels::texture::WeightTexture::new(bytemuck::cast_slice(&data), grid) {
+                return Factor::Texture {
+                    texture,
+                    dims,
+                    device: device.clone(),
+                };
+            }
+        }
+        Factor::Tensor(upload(data, dims, device))
+    }
+
+    /// `[n_h, K, N]`.
+    pub fn dims(&self) -> [usize; 3] {
+        match self {
+            Factor::Tensor(t) => t.dims(),
+            #[cfg(not(target_arch = "wasm32"))]
+            Factor::Texture { dims, .. } => *dims,
+        }
+    }
+
+    /// The factor as an f32 tensor for burn's ops (copied out of the texture where it lives in one).
+    pub fn tensor(&self) -> Tensor<3> {
+        match self {
+            Factor::Tensor(t) => as_f32(t),
+            #[cfg(not(target_arch = "wasm32"))]
+            Factor::Texture { texture, dims, device } => {
+                let [h, k, n] = *dims;
+                let out = Tensor::<1>::zeros([h * k * n], device);
+                if let Ok(cube) = out.clone().try_into_primitive::<burn_cubecl::Cube>() {
+                    texture.copy_to(&cube);
+                }
+                match texture.layout() {
+                    crate::kernels::texture::Layout::Rows => out.reshape(*dims),
+                    // [h, N/4, K] texels back to [h, K, N/4].
+                    crate::kernels::texture::Layout::Columns => {
+                        out.reshape([h, n / 4, k, 4]).swap_dims(1, 2).reshape(*dims)
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// One attention block's weights.
 #[derive(Debug, Clone)]
 pub struct Mla {
@@ -40,9 +109,9 @@ pub struct Mla {
     /// `kv_a_layernorm` over r_kv.
     pub kv_a_norm: RmsNorm,
     /// Absorbed key up-projection `W_UK`, `[n_h, d_n, r_kv]`.
-    pub w_uk: Tensor<3>,
+    pub w_uk: Factor,
     /// Value up-projection transposed, `W_UV^T`, `[n_h, r_kv, d_v]`.
-    pub w_uv_t: Tensor<3>,
+    pub w_uv_t: Factor,
     /// `o_proj`: `[n_h * d_v] -> [H]`.
     pub o: Linear,
     /// n_h.
@@ -122,7 +191,7 @@ impl Mla {
         let keys = cache.clone().slice([0..s, 0..width]); // [S, r_kv + d_r]
 
         // Absorb W_UK into the query: q~ = q_nope W_UK, [n_h, T, r_kv]; scores over [c'; k_pe].
-        let q_latent = q_nope.matmul(as_f32(&self.w_uk));
+        let q_latent = q_nope.matmul(self.w_uk.tensor());
         let query = Tensor::cat(vec![q_latent, q_pe], 2).reshape([n_h * t, width]);
         let scores = query.matmul(keys.clone().transpose()).mul_scalar(self.scale); // [n_h*T, S]
         let mut scores = scores.reshape([n_h, t, s]);
@@ -134,7 +203,7 @@ impl Mla {
         // Weighted latent, then W_UV per head: [n_h, T, r_kv] x [n_h, r_kv, d_v] -> [T, n_h * d_v].
         let mixed = probs.matmul(keys.narrow(1, 0, r_kv)).reshape([n_h, t, r_kv]);
         let out = mixed
-            .matmul(as_f32(&self.w_uv_t))
+            .matmul(self.w_uv_t.tensor())
             .swap_dims(0, 1)
             .reshape([t, n_h * self.v]);
         self.o.forward(out)
@@ -195,14 +264,14 @@ impl Mla {
         let k_pe = rope::apply(a.narrow(1, r_kv, d_r).reshape([b, t, d_r]), &tables.0, &tables.1);
         let keys = Tensor::cat(vec![latent, k_pe], 2).unsqueeze_dim::<4>(1); // [B, 1, T, r_kv + d_r]
 
-        let q_latent = q_nope.matmul(as_f32(&self.w_uk).unsqueeze_dim::<4>(0)); // [B, n_h, T, r_kv]
+        let q_latent = q_nope.matmul(self.w_uk.tensor().unsqueeze_dim::<4>(0)); // [B, n_h, T, r_kv]
         let query = Tensor::cat(vec![q_latent, q_pe], 3);
         let scores = query.matmul(keys.clone().swap_dims(2, 3)).mul_scalar(self.scale); // [B, n_h, T, T]
         let scores = scores + causal_mask(0, t, device).reshape([1, 1, t, t]);
         let probs = softmax(scores, 3);
         let mixed = probs.matmul(keys.narrow(3, 0, r_kv)); // [B, n_h, T, r_kv]
         let out = mixed
-            .matmul(as_f32(&self.w_uv_t).unsqueeze_dim::<4>(0)) // [B, n_h, T, d_v]
+            .matmul(self.w_uv_t.tensor().unsqueeze_dim::<4>(0)) // [B, n_h, T, d_v]
             .swap_dims(1, 2)
             .reshape([b * t, n_h * self.v]);
         self.o.forward(out)
@@ -263,14 +332,8 @@ mod tests {
             input: linear(n_h * (d_n + d_r) + r_kv + d_r, h),
             q: QProj::Plain,
             kv_a_norm: norm,
-            w_uk: Tensor::from_data(
-                TensorData::new(random(n_h * d_n * r_kv, &device), [n_h, d_n, r_kv]),
-                &device,
-            ),
-            w_uv_t: Tensor::from_data(
-                TensorData::new(random(n_h * r_kv * d_v, &device), [n_h, r_kv, d_v]),
-                &device,
-            ),
+            w_uk: Factor::new(random(n_h * d_n * r_kv, &device), [n_h, d_n, r_kv], &device),
+            w_uv_t: Factor::new(random(n_h * r_kv * d_v, &device), [n_h, r_kv, d_v], &device),
             o: linear(h, n_h * d_v),
             heads: n_h,
             nope: d_n,

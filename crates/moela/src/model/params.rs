@@ -7,7 +7,7 @@
 
 use burn::tensor::{DType, Tensor};
 
-use super::mla::{Mla, QProj};
+use super::mla::{Factor, Mla, QProj};
 use super::mlp::Mlp;
 use super::moe::Moe;
 use super::norm::RmsNorm;
@@ -70,8 +70,13 @@ impl Transformer {
                 linear(&mut out, format!("{p}q_b"), qb);
             }
             norm(&mut out, format!("{p}kv_a_norm"), &mut a.kv_a_norm);
-            out.push((format!("{p}w_uk"), ParamMut::Stack(&mut a.w_uk)));
-            out.push((format!("{p}w_uv_t"), ParamMut::Stack(&mut a.w_uv_t)));
+            // Factors in textures (native inference) are not trainable.
+            if let Factor::Tensor(t) = &mut a.w_uk {
+                out.push((format!("{p}w_uk"), ParamMut::Stack(t)));
+            }
+            if let Factor::Tensor(t) = &mut a.w_uv_t {
+                out.push((format!("{p}w_uv_t"), ParamMut::Stack(t)));
+            }
             linear(&mut out, format!("{p}o"), &mut a.o);
             match &mut b.ffn {
                 FeedForward::Dense(m) => mlp(&mut out, &format!("{p}mlp."), m),
@@ -200,8 +205,8 @@ async fn export_mla(
         vec![r_kv],
         read(m.kv_a_norm.weight.clone()).await?,
     ));
-    let w_uk = read(m.w_uk.clone()).await?;
-    let w_uv_t = read(m.w_uv_t.clone()).await?;
+    let w_uk = read(m.w_uk.tensor()).await?;
+    let w_uv_t = read(m.w_uv_t.tensor()).await?;
     let mut kv_b = Vec::with_capacity(n_h * (d_n + d_v) * r_kv);
     for head in 0..n_h {
         kv_b.extend_from_slice(&w_uk[head * d_n * r_kv..(head + 1) * d_n * r_kv]);

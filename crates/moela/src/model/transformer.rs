@@ -4,12 +4,12 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use super::mla::{Mla, QProj};
+use super::mla::{Factor, Mla, QProj};
 use super::mlp::Mlp;
 use super::moe::{ExpertChunk, Moe};
 use super::norm::{Delta, RmsNorm};
 use super::rope::{Rope, deinterleave_rows};
-use super::{Linear, MAX_BINDING_BYTES, WeightDtype, Weights, transpose, upload};
+use super::{Linear, MAX_BINDING_BYTES, WeightDtype, Weights, transpose};
 use crate::cache::LatentCache;
 use crate::config::{ModelConfig, TopkMethod};
 use crate::error::{Error, Result};
@@ -458,8 +458,8 @@ fn load_mla(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
         input,
         q,
         kv_a_norm,
-        w_uk: upload(w_uk, [n_h, d_n, r_kv], device),
-        w_uv_t: upload(w_uv_t, [n_h, r_kv, d_v], device),
+        w_uk: Factor::new(w_uk, [n_h, d_n, r_kv], device),
+        w_uv_t: Factor::new(w_uv_t, [n_h, r_kv, d_v], device),
         o,
         heads: n_h,
         nope: d_n,
