@@ -423,9 +423,15 @@ pub fn device_memory(device: &burn::tensor::Device) -> Option<(u64, u64)> {
 pub(crate) fn worst_difference<const D: usize>(got: Tensor<D>, want: Tensor<D>) -> f32 {
     let got: Vec<f32> = got.into_data().try_to_vec().expect("f32 values");
     let want: Vec<f32> = want.into_data().try_to_vec().expect("f32 values");
+    worst_of(&got, &want)
+}
+
+/// [`worst_difference`] of values on the host.
+#[cfg(test)]
+pub(crate) fn worst_of(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len());
     got.iter()
-        .zip(&want)
+        .zip(want)
         .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
         .fold(0f32, f32::max)
 }

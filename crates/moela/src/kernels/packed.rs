@@ -289,19 +289,12 @@ mod tests {
     use burn::tensor::{Distribution, TensorData};
 
     use super::*;
+    use crate::kernels::worst_of;
 
     const FORMATS: [WeightDtype; 3] = [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4];
 
     fn values(t: Tensor<2>) -> Vec<f32> {
         t.into_data().try_to_vec::<f32>().unwrap()
-    }
-
-    fn worst(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
-            .fold(0f32, f32::max)
     }
 
     /// `p` with its words where the engine would put them, and where textures are available also in a
@@ -351,10 +344,10 @@ mod tests {
                 let tolerance = if k > 1000 { 1e-3 } else { 1e-4 };
                 for p in storages(packed) {
                     let fast = matvec(&x, &p).expect("the kernel covers this shape");
-                    let w = worst(&values(fast), &values(reference.clone()));
+                    let w = worst_of(&values(fast), &values(reference.clone()));
                     assert!(w < tolerance, "{format:?} matvec {m}x{k}x{n}: worst difference {w}");
                     let unpacked = dequantise(&p).expect("the kernel covers this stack");
-                    let w = worst(
+                    let w = worst_of(
                         &values(unpacked.reshape([k, n])),
                         &values(p.dequantise().reshape([k, n])),
                     );
@@ -389,7 +382,7 @@ mod tests {
                     } else {
                         vec![0.0; n]
                     };
-                    let w = worst(&fast[q * n..(q + 1) * n], &want);
+                    let w = worst_of(&fast[q * n..(q + 1) * n], &want);
                     assert!(w < 1e-4, "{format:?} pair {q} (expert {e}): worst difference {w}");
                 }
             }
@@ -416,10 +409,10 @@ mod tests {
             );
             let x = Tensor::<2>::random([2, k], Distribution::Normal(0.0, 1.0), &device);
             let reference = x.clone().matmul(p.dequantise().reshape([k, n]));
-            let w = worst(&values(matvec(&x, &p).expect("covered")), &values(reference));
+            let w = worst_of(&values(matvec(&x, &p).expect("covered")), &values(reference));
             assert!(w < 1e-4, "{format:?} {layout:?} layered matvec: worst difference {w}");
             let unpacked = dequantise(&p).expect("covered").reshape([k, n]);
-            let w = worst(
+            let w = worst_of(
                 &values(unpacked),
                 &values(p.clone().in_buffer().dequantise().reshape([k, n])),
             );

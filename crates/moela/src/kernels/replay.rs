@@ -122,18 +122,14 @@ pub(super) fn record_cube(
     info: &[u32],
     pos_word: Option<usize>,
 ) {
-    with_trace(|t| {
-        t.pending += 1;
-        t.client.get_or_insert_with(|| anchor.client.clone());
-        t.launches.push(Recorded {
-            name: kernel.name,
-            entry: kernel.entry,
-            source: kernel.source,
-            groups,
-            binds: buffers.iter().map(|h| Bound::Buffer((*h).clone())).collect(),
-            info: info.to_vec(),
-            pos_word,
-        });
+    record(anchor, true, || Recorded {
+        name: kernel.name,
+        entry: kernel.entry,
+        source: kernel.source,
+        groups,
+        binds: buffers.iter().map(|h| Bound::Buffer((*h).clone())).collect(),
+        info: info.to_vec(),
+        pos_word,
     });
 }
 
@@ -145,7 +141,7 @@ pub(super) fn observed_launch() {
     });
 }
 
-/// Records a texture launch (`texture::dispatch`).
+/// Records a texture launch (`texture::dispatch_at`).
 pub(super) fn record_texture(
     anchor: &CubeTensor,
     kernel: &TextureKernel,
@@ -154,24 +150,31 @@ pub(super) fn record_texture(
     info: &[u32],
     pos_word: Option<usize>,
 ) {
+    record(anchor, false, || Recorded {
+        name: kernel.name,
+        entry: kernel.entry,
+        source: kernel.source,
+        groups,
+        binds: bindings
+            .iter()
+            .map(|b| match b {
+                Bind::Buffer(h) => Bound::Buffer((*h).clone()),
+                Bind::Uniform(h, bytes) => Bound::Uniform((*h).clone(), *bytes),
+                Bind::Texture(t) => Bound::Texture((*t).clone()),
+            })
+            .collect(),
+        info: info.to_vec(),
+        pos_word,
+    });
+}
+
+/// Adds the launch `launch` describes to this thread's recording, if one is running (`via_cube`: CubeCL's
+/// observer will report it).
+fn record(anchor: &CubeTensor, via_cube: bool, launch: impl FnOnce() -> Recorded) {
     with_trace(|t| {
+        t.pending += usize::from(via_cube);
         t.client.get_or_insert_with(|| anchor.client.clone());
-        t.launches.push(Recorded {
-            name: kernel.name,
-            entry: kernel.entry,
-            source: kernel.source,
-            groups,
-            binds: bindings
-                .iter()
-                .map(|b| match b {
-                    Bind::Buffer(h) => Bound::Buffer((*h).clone()),
-                    Bind::Uniform(h, bytes) => Bound::Uniform((*h).clone(), *bytes),
-                    Bind::Texture(t) => Bound::Texture((*t).clone()),
-                })
-                .collect(),
-            info: info.to_vec(),
-            pos_word,
-        });
+        t.launches.push(launch());
     });
 }
 
@@ -219,11 +222,14 @@ impl Recording {
     pub fn finish(self, logits: &Tensor<2>, cache: &[Tensor<2>]) -> Option<Plan> {
         let trace = TRACE.with_borrow_mut(|t| t.take())?;
         let positions = trace.positions.clone().unwrap_or(0..usize::MAX);
-        if trace.spoiled || trace.pending != 0 || !positions.contains(&self.pos) || trace.launches.is_empty() {
+        if trace.spoiled || trace.pending != 0 {
             log::debug!(
                 "decode step at {} not replayed: a launch that is not moela's ran",
                 self.pos
             );
+            return None;
+        }
+        if !positions.contains(&self.pos) || trace.launches.is_empty() {
             return None;
         }
         // Each input recorded once.
@@ -548,14 +554,6 @@ mod tests {
     use crate::model::WeightDtype;
     use crate::model::transformer::LogitsFor;
 
-    fn worst(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
-            .fold(0f32, f32::max)
-    }
-
     /// Replayed decode steps give the logits of the same steps run launch by launch, across the end of an
     /// attention chunk (where the plan is recorded again) and after the cache changed buffers.
     #[test]
@@ -593,7 +591,7 @@ mod tests {
                     .forward(&[token], &mut reference, LogitsFor::Last, None)
                     .unwrap();
                 let want = pollster::block_on(read_rows(out)).unwrap().pop().unwrap();
-                let diff = worst(&got, &want);
+                let diff = crate::kernels::worst_of(&got, &want);
                 assert!(diff <= 1e-6, "{name} {dtype:?}, step {step}: logits differ by {diff}");
             }
             // Recorded at the first step, at the first step of the next chunk and after the move: the other
