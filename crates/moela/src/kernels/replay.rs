@@ -22,7 +22,6 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::num::NonZeroU64;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -363,34 +362,18 @@ impl Plan {
                     }
                 }
             }
-            let mut entries: Vec<wgpu::BindGroupEntry> = l
+            let resources: Vec<wgpu::BindingResource> = l
                 .binds
                 .iter()
                 .zip(&targets)
-                .enumerate()
-                .map(|(i, (b, t))| wgpu::BindGroupEntry {
-                    binding: i as u32,
-                    resource: match (b, t) {
-                        (Bound::Texture(w), _) => wgpu::BindingResource::TextureView(w.view()),
-                        (Bound::Uniform(..), _) => uniform.as_entire_binding(),
-                        (_, Some(t)) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: &t.buffer,
-                            offset: t.offset,
-                            size: NonZeroU64::new(t.size),
-                        }),
-                        (Bound::Buffer(_), None) => unreachable!("every buffer was resolved"),
-                    },
+                .map(|(b, t)| match (b, t) {
+                    (Bound::Texture(w), _) => wgpu::BindingResource::TextureView(w.view()),
+                    (Bound::Uniform(..), _) => uniform.as_entire_binding(),
+                    (_, Some(t)) => texture::buffer_range(&t.buffer, t.offset, t.size),
+                    (Bound::Buffer(_), None) => unreachable!("every buffer was resolved"),
                 })
                 .collect();
-            entries.push(wgpu::BindGroupEntry {
-                binding: l.binds.len() as u32,
-                resource: shape.as_entire_binding(),
-            });
-            let group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(l.name),
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            });
+            let group = gpu.bind_group(l.name, &pipeline, resources, &shape);
             steps.push(Step {
                 name: l.name,
                 pipeline,

@@ -466,38 +466,22 @@ pub fn dispatch_at(
     let uniform = gpu.shape_uniform(info);
     let mut buffers = resources.iter();
     let mut copy = None;
-    let mut entries: Vec<wgpu::BindGroupEntry> = bindings
+    let entries: Vec<wgpu::BindingResource> = bindings
         .iter()
-        .enumerate()
-        .map(|(i, b)| wgpu::BindGroupEntry {
-            binding: i as u32,
-            resource: match b {
-                Bind::Buffer(_) => {
-                    let r = buffers.next().expect("one resource per buffer").resource();
-                    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer: &r.buffer,
-                        offset: r.offset,
-                        size: NonZeroU64::new(r.size),
-                    })
-                }
-                Bind::Uniform(_, bytes) => {
-                    let r = buffers.next().expect("one resource per buffer").resource();
-                    copy = Some((r, (*bytes).min(UNIFORM_BYTES) as u64 & !3));
-                    gpu.uniform_input.as_entire_binding()
-                }
-                Bind::Texture(t) => wgpu::BindingResource::TextureView(&t.view),
-            },
+        .map(|b| match b {
+            Bind::Buffer(_) => {
+                let r = buffers.next().expect("one resource per buffer").resource();
+                buffer_range(&r.buffer, r.offset, r.size)
+            }
+            Bind::Uniform(_, bytes) => {
+                let r = buffers.next().expect("one resource per buffer").resource();
+                copy = Some((r, (*bytes).min(UNIFORM_BYTES) as u64 & !3));
+                gpu.uniform_input.as_entire_binding()
+            }
+            Bind::Texture(t) => wgpu::BindingResource::TextureView(&t.view),
         })
         .collect();
-    entries.push(wgpu::BindGroupEntry {
-        binding: bindings.len() as u32,
-        resource: uniform.as_entire_binding(),
-    });
-    let group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some(kernel.name),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &entries,
-    });
+    let group = gpu.bind_group(kernel.name, &pipeline, entries, &uniform);
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
     if let Some((r, bytes)) = copy
         && bytes > 0
@@ -515,7 +499,41 @@ pub fn dispatch_at(
     Some(())
 }
 
+/// `size` bytes of `buffer` from `offset`, as a binding.
+pub(super) fn buffer_range(buffer: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BindingResource<'_> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer,
+        offset,
+        size: NonZeroU64::new(size),
+    })
+}
+
 impl Gpu {
+    /// The bind group of `pipeline` (a [`Gpu::pipeline`]): `resources` at bindings 0.., the kernel's `shape`
+    /// uniform after them.
+    pub(super) fn bind_group(
+        &self,
+        name: &'static str,
+        pipeline: &wgpu::ComputePipeline,
+        resources: Vec<wgpu::BindingResource>,
+        shape: &wgpu::Buffer,
+    ) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> = resources
+            .into_iter()
+            .chain(std::iter::once(shape.as_entire_binding()))
+            .enumerate()
+            .map(|(i, resource)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource,
+            })
+            .collect();
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(name),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        })
+    }
+
     /// Submits `encoder` and reports it as one launch of `name` to a running [`LaunchCounter`]
     /// (super::LaunchCounter); a profile times it alone, the queue drained before and after it.
     pub(super) fn submit_counted(&self, name: &'static str, encoder: wgpu::CommandEncoder) {

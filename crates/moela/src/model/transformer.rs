@@ -99,7 +99,6 @@ impl Reader<'_> {
 }
 
 impl Transformer {
-    /// Chooses the implementation of every projection: moela's WGSL kernels or burn's generic ops.
     /// Whether decode steps can be recorded and replayed (`kernels/replay.rs`): moela's kernels on the
     /// native wgpu device they share with burn.
     #[cfg(not(target_arch = "wasm32"))]
@@ -107,6 +106,7 @@ impl Transformer {
         self.head.kernels == Kernels::Wgsl && crate::kernels::texture::available(&self.device)
     }
 
+    /// Chooses the implementation of every projection: moela's WGSL kernels or burn's generic ops.
     pub fn set_kernels(&mut self, kernels: Kernels) {
         self.norm.kernels = kernels;
         let mut all: Vec<&mut Linear> = vec![&mut self.head];
@@ -117,6 +117,13 @@ impl Transformer {
             }
             all.extend([&mut b.attn.input, &mut b.attn.o]);
             b.attn.kernels = kernels;
+            if kernels == Kernels::Generic {
+                // burn's ops read the absorbed factors as tensors: copied out of their textures once here,
+                // not at every step.
+                for f in [&mut b.attn.w_uk, &mut b.attn.w_uv_t] {
+                    *f = Factor::Tensor(f.tensor());
+                }
+            }
             b.attn.kv_a_norm.kernels = kernels;
             b.attn_norm.kernels = kernels;
             b.ffn_norm.kernels = kernels;
