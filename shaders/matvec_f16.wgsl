@@ -1,7 +1,7 @@
 // Products with f16 weights packed in pairs in u32 words (model/packed.rs has the layout), unpacked with
 // unpack2x16float: half the bytes of f32 on any adapter, with no shader-f16 needed. f32 accumulation.
 // Same entry points and work split as matvec_q8.wgsl (matvec with {{R}} lines repeated per row of x,
-// gathered for MoE decode, dequant for many-row products); each invocation owns four adjacent columns and
+// gathered for MoE decode, dequant for burn's ops); each invocation owns four adjacent columns and
 // reads one vec2<u32> (four f16) per k.
 //
 // Bindings: x [rows, K], w [count, K, N/4] vec2<u32>, idx [P] i32, y, then the shape.

@@ -7,7 +7,7 @@
 //   by the launcher (one accumulator variable per row keeps them in registers);
 // - gathered: for each (token, slot) pair p, y[p] = x[p / x_div] @ w[idx[p] - first], zeros when the expert
 //   is outside this chunk (MoE decode: only the chosen experts' weights are read);
-// - dequant: y = w as f32 [count, Kp, N], for products with many rows (prefill), which burn's matmul runs.
+// - dequant: y = w as f32 [count, Kp, N], for burn's ops (training, the dense expert form).
 //
 // Each invocation owns four adjacent columns c (one vec4<u32> of words: four rows of each column), or
 // {{P}} such groups side by side in matvec / gathered (N/4 a multiple of {{P}}), and walks K a block at a time: xv (four x values) times the 4x4 matrix of one word group gives the four columns'

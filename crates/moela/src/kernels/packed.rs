@@ -2,9 +2,10 @@
 //!
 //! Each shader has three entry points over one binding list: `matvec` (up to [`MAX_ROWS`] rows of x times
 //! one matrix), `gathered` (MoE decode: each (token, slot) pair times its chosen expert) and `dequant` (the
-//! whole stack as f32, for products with many rows, which burn's matmul then runs). Natively the words live
-//! in a texture (`kernels/texture.rs`; f16 then uses `shaders/matvec_f16_texture.wgsl`, eight columns to a
-//! texel), in the browser in a buffer.
+//! whole stack as f32, for burn's ops: training and the dense expert form). Products with more rows than
+//! one launch takes run [`product`]: `matvec` over groups of rows. Natively the words live in a texture
+//! (`kernels/texture.rs`; f16 then uses `shaders/matvec_f16_texture.wgsl`, eight columns to a texel), in
+//! the browser in a buffer.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -233,6 +234,25 @@ pub fn matvec(x: &Tensor<2>, p: &Packed) -> Option<Tensor<2>> {
     Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
 }
 
+/// `x` (`[M, K]`, any M) times the first matrix of `p`: [`matvec`] over groups of up to [`MAX_ROWS`] rows,
+/// stacked. Prefill's products with packed weights take this rather than unpacking the matrix to f32 for
+/// burn's matmul: no f32 copy of a weight is ever allocated, so the memory a prompt takes is its
+/// activations, and on lavapipe a 256-token chunk runs faster this way (the weights, read once per group,
+/// stay in cache; an unpacked copy is four bytes per weight written and read again). `None` when the kernel
+/// does not cover the call, before any launch.
+pub fn product(x: &Tensor<2>, p: &Packed) -> Option<Tensor<2>> {
+    let [m, _] = x.dims();
+    if m <= MAX_ROWS {
+        return matvec(x, p);
+    }
+    let mut groups = Vec::with_capacity(m.div_ceil(MAX_ROWS));
+    for r0 in (0..m).step_by(MAX_ROWS) {
+        // The first group is declined exactly when every group is (same K, dtype and weights).
+        groups.push(matvec(&x.clone().narrow(0, r0, MAX_ROWS.min(m - r0)), p)?);
+    }
+    Some(Tensor::cat(groups, 0))
+}
+
 /// For each pair `q` of `idx` (`[P]`, expert ids), `x[q / x_div] @ p[idx[q] - first]`, zeros for experts
 /// outside `first..first + count`: `[P, N]`, or `None` when the kernel does not cover the call.
 pub fn gathered(x: &Tensor<2>, p: &Packed, idx: &Tensor<1, Int>, first: usize, x_div: usize) -> Option<Tensor<2>> {
@@ -326,7 +346,8 @@ mod tests {
         for format in FORMATS {
             // K not a multiple of 32 (q8 / q4 pad x), N a multiple of 4 only.
             // N/4 odd (one texel column per invocation) and even (two); x past the 64 KiB a texture launch
-            // copies into a uniform buffer (2 x 8200 values), read from its storage buffer instead.
+            // copies into a uniform buffer (2 x 8200 values), read from its storage buffer instead; more rows
+            // than one launch takes (a prefill's product: groups of MAX_ROWS, the last one short).
             for (m, k, n) in [
                 (1, 77, 148),
                 (3, 96, 4),
@@ -335,6 +356,8 @@ mod tests {
                 (2, 77, 152),
                 (8, 45, 56),
                 (2, 8200, 8),
+                (19, 77, 148),
+                (17, 45, 56),
             ] {
                 let packed = Packed::new(&host(k * n, m), [1, k, n], format, &device);
                 let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
@@ -343,9 +366,9 @@ mod tests {
                 // Sums of thousands of f32 terms in another order differ by ~1e-4 of their value.
                 let tolerance = if k > 1000 { 1e-3 } else { 1e-4 };
                 for p in storages(packed) {
-                    let fast = matvec(&x, &p).expect("the kernel covers this shape");
+                    let fast = product(&x, &p).expect("the kernel covers this shape");
                     let w = worst_of(&values(fast), &values(reference.clone()));
-                    assert!(w < tolerance, "{format:?} matvec {m}x{k}x{n}: worst difference {w}");
+                    assert!(w < tolerance, "{format:?} product {m}x{k}x{n}: worst difference {w}");
                     let unpacked = dequantise(&p).expect("the kernel covers this stack");
                     let w = worst_of(
                         &values(unpacked.reshape([k, n])),

@@ -131,7 +131,7 @@ pub struct Linear {
 
 impl Linear {
     /// Uploads an `[out, in]` row-major weight (HF layout), transposed, stored in `dtype` and split by
-    /// output columns so that each part fits one binding even unpacked to f32 (prefill unpacks them).
+    /// output columns so that each part fits one binding even unpacked to f32 (as burn's ops unpack them).
     pub fn from_rows(w: &[f32], out: usize, inp: usize, dtype: WeightDtype, device: &Device) -> Self {
         let mut per_part = (MAX_BINDING_BYTES / (inp * 4).max(1)).clamp(1, out.max(1));
         if per_part < out && per_part >= 4 {
@@ -164,7 +164,8 @@ impl Linear {
         if self.kernels == Kernels::Wgsl {
             let fast = match w {
                 Weights::Dense(t) => kernels::matvec::matvec(x, t),
-                Weights::Packed(p) => kernels::packed::matvec(x, p),
+                // Any number of rows, a launch per MAX_ROWS of them: packed weights are never unpacked here.
+                Weights::Packed(p) => kernels::packed::product(x, p),
             };
             if let Some(y) = fast {
                 return y;
