@@ -398,7 +398,7 @@ impl LaunchCounter {
     }
 }
 
-/// What the device's memory pools and moela's weight textures hold: `(reserved, in use)` bytes, or `None` off the wgpu device and in a
+/// What the device's memory pools, moela's weight textures and replay plans hold: `(reserved, in use)` bytes, or `None` off the wgpu device and in a
 /// browser (the allocator's report waits on the device, and a page may not block).
 pub fn device_memory(device: &burn::tensor::Device) -> Option<(u64, u64)> {
     if cfg!(target_arch = "wasm32") {
@@ -409,9 +409,10 @@ pub fn device_memory(device: &burn::tensor::Device) -> Option<(u64, u64)> {
         .client
         .memory_report(burn_cubecl::cubecl::MemoryScope::Device)
         .usage();
-    // Weights held in textures live outside burn's pools.
+    // Weights held in textures, and the activations replayed steps keep in buffers of their own, live
+    // outside burn's pools.
     #[cfg(not(target_arch = "wasm32"))]
-    let textures = texture::texture_bytes();
+    let textures = texture::texture_bytes() + replay::owned_bytes();
     #[cfg(target_arch = "wasm32")]
     let textures = 0;
     Some((usage.bytes_reserved + textures, usage.bytes_in_use + textures))

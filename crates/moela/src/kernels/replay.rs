@@ -258,10 +258,101 @@ fn memory_id(t: &Tensor<2>) -> Option<usize> {
 }
 
 /// A buffer range a plan writes or reads.
+#[derive(Clone)]
 struct Target {
     buffer: wgpu::Buffer,
     offset: u64,
     size: u64,
+    /// A buffer of the plan's own that took this range's place ([`own_uniform_inputs`]).
+    owned: bool,
+}
+
+impl Target {
+    fn same(&self, other: &Target) -> bool {
+        self.buffer == other.buffer && self.offset == other.offset && self.size == other.size
+    }
+
+    fn overlaps(&self, other: &Target) -> bool {
+        self.buffer == other.buffer && self.offset < other.offset + other.size && other.offset < self.offset + self.size
+    }
+}
+
+/// Bytes in the buffers live plans own (ranges moved by [`own_uniform_inputs`]).
+static OWNED_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bytes in the buffers live replay plans hold of their own, outside burn's memory pools.
+pub fn owned_bytes() -> u64 {
+    OWNED_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Moves each buffer range a launch reads as a uniform into a buffer of the plan's own, made for both
+/// storage and uniform use, so the launch binds it in place instead of copying it into the plan's uniform
+/// buffer first (no copy, and one compute pass for the step: on lavapipe ~3% of a q8 step). CubeCL's
+/// buffers are storage only. A range moves only where every other binding in the plan is that exact range or
+/// lies clear of it (a view into part of it would be left reading the old place), no launch binds it both
+/// ways, and never the logits; an input written at every step follows it. Returns the buffers made.
+fn own_uniform_inputs(
+    launches: &[Recorded],
+    bound: &mut [Vec<Option<Target>>],
+    inputs: &mut [(Input, Target)],
+    logits: &Target,
+    device: &wgpu::Device,
+) -> Vec<wgpu::Buffer> {
+    let mut candidates: Vec<Target> = Vec::new();
+    for (l, targets) in launches.iter().zip(bound.iter()) {
+        for (b, t) in l.binds.iter().zip(targets) {
+            if let (Bound::Uniform(..), Some(t)) = (b, t)
+                && !candidates.iter().any(|c| c.same(t))
+            {
+                candidates.push(t.clone());
+            }
+        }
+    }
+    let mut owned = Vec::new();
+    for c in candidates {
+        let every = bound.iter().flatten().flatten().chain(inputs.iter().map(|(_, t)| t));
+        let clear = every.into_iter().all(|t| t.same(&c) || !t.overlaps(&c)) && !logits.overlaps(&c);
+        // A launch may not bind one buffer both as a uniform and as storage (attention's queries and latent
+        // can come from one product's output).
+        let both = launches.iter().zip(bound.iter()).any(|(l, targets)| {
+            let mut uses = l
+                .binds
+                .iter()
+                .zip(targets)
+                .filter(|(_, t)| t.as_ref().is_some_and(|t| t.same(&c)));
+            uses.clone().any(|(b, _)| matches!(b, Bound::Uniform(..)))
+                && uses.any(|(b, _)| matches!(b, Bound::Buffer(_)))
+        });
+        if !clear || both {
+            continue;
+        }
+        let size = c.size.max(texture::UNIFORM_BYTES as u64).next_multiple_of(16);
+        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("moela replay activation"),
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let moved = Target {
+            buffer: buffer.clone(),
+            offset: 0,
+            size: c.size,
+            owned: true,
+        };
+        for t in bound
+            .iter_mut()
+            .flatten()
+            .flatten()
+            .chain(inputs.iter_mut().map(|(_, t)| t))
+        {
+            if t.same(&c) {
+                *t = moved.clone();
+            }
+        }
+        OWNED_BYTES.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+        owned.push(buffer);
+    }
+    owned
 }
 
 /// One replayed launch.
@@ -294,6 +385,15 @@ pub struct Plan {
     /// binding does not count as an owner of a tensor, so the cache is still written in place).
     _held: Vec<Box<dyn Any + Send>>,
     _textures: Vec<Arc<WeightTexture>>,
+    /// Buffers of the plan's own, in place of ranges its launches read as uniforms.
+    owned: Vec<wgpu::Buffer>,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        let bytes: u64 = self.owned.iter().map(|b| b.size()).sum();
+        OWNED_BYTES.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Plan {
@@ -321,6 +421,7 @@ impl Plan {
                 buffer: res.buffer.clone(),
                 offset: res.offset,
                 size: res.size,
+                owned: false,
             };
             held.push(Box::new(r));
             Some(t)
@@ -331,9 +432,31 @@ impl Plan {
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
+        // Every buffer range first, so that the ranges kernels read as uniforms can be moved (below).
+        let mut bound: Vec<Vec<Option<Target>>> = Vec::with_capacity(trace.launches.len());
+        for l in &trace.launches {
+            let mut targets = Vec::with_capacity(l.binds.len());
+            for b in &l.binds {
+                targets.push(match b {
+                    Bound::Buffer(h) | Bound::Uniform(h, _) => Some(resolve(h)?),
+                    Bound::Texture(_) => None,
+                });
+            }
+            bound.push(targets);
+        }
+        let mut inputs = Vec::with_capacity(trace.inputs.len());
+        for (i, h) in &trace.inputs {
+            inputs.push((*i, resolve(h)?));
+        }
+        let vocab = logits.meta.num_elements();
+        let logits = resolve(&logits.handle)?;
+        if (vocab * 4) as u64 > logits.size {
+            return None;
+        }
+        let owned = own_uniform_inputs(&trace.launches, &mut bound, &mut inputs, &logits, &gpu.device);
         let mut textures = Vec::new();
         let mut steps = Vec::with_capacity(trace.launches.len());
-        for l in &trace.launches {
+        for (l, targets) in trace.launches.iter().zip(&bound) {
             let slots: Vec<Slot> = l
                 .binds
                 .iter()
@@ -345,34 +468,27 @@ impl Plan {
                 .collect();
             let pipeline = gpu.pipeline(l.name, l.source, l.entry, &slots);
             let shape = gpu.shape_uniform(&l.info);
-            let mut targets = Vec::with_capacity(l.binds.len());
             let mut copy = None;
-            for b in &l.binds {
-                match b {
-                    Bound::Buffer(h) => targets.push(Some(resolve(h)?)),
-                    Bound::Uniform(h, bytes) => {
-                        let t = resolve(h)?;
+            let mut resources = Vec::with_capacity(l.binds.len());
+            for (b, t) in l.binds.iter().zip(targets) {
+                resources.push(match (b, t) {
+                    (Bound::Texture(w), _) => {
+                        textures.push(w.clone());
+                        wgpu::BindingResource::TextureView(w.view())
+                    }
+                    // A range the plan owns is read as a uniform in place: it holds UNIFORM_BYTES.
+                    (Bound::Uniform(..), Some(t)) if t.owned => {
+                        texture::buffer_range(&t.buffer, 0, texture::UNIFORM_BYTES as u64)
+                    }
+                    (Bound::Uniform(_, bytes), Some(t)) => {
                         let bytes = (*bytes).min(texture::UNIFORM_BYTES).min(t.size as usize) as u64 & !3;
-                        copy = Some((t, bytes));
-                        targets.push(None);
+                        copy = Some((t.clone(), bytes));
+                        uniform.as_entire_binding()
                     }
-                    Bound::Texture(t) => {
-                        textures.push(t.clone());
-                        targets.push(None);
-                    }
-                }
-            }
-            let resources: Vec<wgpu::BindingResource> = l
-                .binds
-                .iter()
-                .zip(&targets)
-                .map(|(b, t)| match (b, t) {
-                    (Bound::Texture(w), _) => wgpu::BindingResource::TextureView(w.view()),
-                    (Bound::Uniform(..), _) => uniform.as_entire_binding(),
                     (_, Some(t)) => texture::buffer_range(&t.buffer, t.offset, t.size),
-                    (Bound::Buffer(_), None) => unreachable!("every buffer was resolved"),
-                })
-                .collect();
+                    (_, None) => unreachable!("every buffer was resolved"),
+                });
+            }
             let group = gpu.bind_group(l.name, &pipeline, resources, &shape);
             steps.push(Step {
                 name: l.name,
@@ -384,15 +500,12 @@ impl Plan {
                 pos_word: l.pos_word,
             });
         }
-        let mut inputs = Vec::with_capacity(trace.inputs.len());
-        for (i, h) in &trace.inputs {
-            inputs.push((*i, resolve(h)?));
-        }
-        let vocab = logits.meta.num_elements();
-        let logits = resolve(&logits.handle)?;
-        if (vocab * 4) as u64 > logits.size {
-            return None;
-        }
+        log::debug!(
+            "replay plan: {} launches, {} of them read a copy of their input, {} ranges moved",
+            steps.len(),
+            steps.iter().filter(|s| s.copy.is_some()).count(),
+            owned.len()
+        );
         let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("moela replay logits"),
             size: (vocab * 4) as u64,
@@ -413,6 +526,7 @@ impl Plan {
             flushed_at: std::sync::atomic::AtomicU64::new(super::cube_launches()),
             _held: held,
             _textures: textures,
+            owned,
         })
     }
 
