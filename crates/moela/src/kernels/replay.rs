@@ -290,13 +290,15 @@ pub fn owned_bytes() -> u64 {
 /// buffer first (no copy, and one compute pass for the step: on lavapipe ~3% of a q8 step). CubeCL's
 /// buffers are storage only. A range moves only where every other binding in the plan is that exact range or
 /// lies clear of it (a view into part of it would be left reading the old place), no launch binds it both
-/// ways, and never the logits; an input written at every step follows it. Returns the buffers made.
+/// ways, and never the logits; an input written at every step follows it. A moved range starts with the
+/// bytes it held, so a value made before the recorded step (not only one the step writes) reads the same.
+/// Returns the buffers made.
 fn own_uniform_inputs(
     launches: &[Recorded],
     bound: &mut [Vec<Option<Target>>],
     inputs: &mut [(Input, Target)],
     logits: &Target,
-    device: &wgpu::Device,
+    gpu: &texture::Gpu,
 ) -> Vec<wgpu::Buffer> {
     let mut candidates: Vec<Target> = Vec::new();
     for (l, targets) in launches.iter().zip(bound.iter()) {
@@ -309,6 +311,7 @@ fn own_uniform_inputs(
         }
     }
     let mut owned = Vec::new();
+    let mut encoder = gpu.device.create_command_encoder(&Default::default());
     for c in candidates {
         let every = bound.iter().flatten().flatten().chain(inputs.iter().map(|(_, t)| t));
         let clear = every.into_iter().all(|t| t.same(&c) || !t.overlaps(&c)) && !logits.overlaps(&c);
@@ -327,12 +330,13 @@ fn own_uniform_inputs(
             continue;
         }
         let size = c.size.max(texture::UNIFORM_BYTES as u64).next_multiple_of(16);
-        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("moela replay activation"),
             size,
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
+        encoder.copy_buffer_to_buffer(&c.buffer, c.offset, &buffer, 0, c.size & !3);
         let moved = Target {
             buffer: buffer.clone(),
             offset: 0,
@@ -352,6 +356,7 @@ fn own_uniform_inputs(
         OWNED_BYTES.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
         owned.push(buffer);
     }
+    gpu.queue.submit([encoder.finish()]);
     owned
 }
 
@@ -453,7 +458,7 @@ impl Plan {
         if (vocab * 4) as u64 > logits.size {
             return None;
         }
-        let owned = own_uniform_inputs(&trace.launches, &mut bound, &mut inputs, &logits, &gpu.device);
+        let owned = own_uniform_inputs(&trace.launches, &mut bound, &mut inputs, &logits, gpu);
         let mut textures = Vec::new();
         let mut steps = Vec::with_capacity(trace.launches.len());
         for (l, targets) in trace.launches.iter().zip(&bound) {
