@@ -20,6 +20,10 @@ struct Shape {
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
+    keep: u32,    // gathered: 1 leaves the rows of pairs outside the chunk as they are, 0 writes zeros
+    _pad3: u32,
+    _pad4: u32,
+    _pad5: u32,
 }
 @group(0) @binding(4) var<uniform> shape: Shape;
 
@@ -54,8 +58,12 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let k_len = shape.k;
     let e = idx[p] - i32(shape.first);
+    let inside = e >= 0 && u32(e) < shape.count;
+    if (!inside && shape.keep == 1u) {
+        return;
+    }
     var acc = vec4<f32>(0.0);
-    if (e >= 0 && u32(e) < shape.count) {
+    if (inside) {
         let base = u32(e) * k_len * n4 + c;
         let row = (p / shape.x_div) * k_len;
         for (var k = 0u; k < k_len; k++) {

@@ -22,6 +22,10 @@ struct Shape {
     row_mask: u32,    // texture rows per layer - 1 (all ones for one layer)
     layer_shift: u32, // log2(rows per layer) (31 for one layer)
     _pad0: u32,
+    keep: u32,        // gathered: 1 leaves the rows of pairs outside the chunk as they are, 0 writes zeros
+    _pad1: u32,
+    _pad2: u32,
+    _pad3: u32,
 }
 @group(0) @binding(4) var<uniform> shape: Shape;
 
@@ -77,9 +81,13 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let k_len = shape.k;
     let e = idx[p] - i32(shape.first);
+    let inside = e >= 0 && u32(e) < shape.count;
+    if (!inside && shape.keep == 1u) {
+        return;
+    }
     var lo = vec4<f32>(0.0);
     var hi = vec4<f32>(0.0);
-    if (e >= 0 && u32(e) < shape.count) {
+    if (inside) {
         let row = (p / shape.x_div) * k_len;
         for (var k = 0u; k < k_len; k++) {
             let wv = texel(u32(e), k, c);

@@ -1,7 +1,7 @@
 // Products with 4-bit block-quantised weights (model/packed.rs has the layout): w[k, n] = (code - 8) * scale,
 // code a nibble, one f16 scale per block of 32 consecutive k of a column. Same entry points, bindings and
-// work split as matvec_q8.wgsl; here one word holds eight rows of a column, so a word group is 8 k and
-// takes two vec4 of x.
+// work split as matvec_q8.wgsl (SwiGLU variants included); here one word holds eight rows of a column, so
+// a word group is 8 k and takes two vec4 of x.
 //
 // Bindings: x [rows, K/4] vec4, w [count, Kp/8, N/4] vec4<u32>, s [count, Kp/32, N/4] vec2<u32> (f16 x4),
 // idx [P] i32, y, then the shape.
@@ -27,6 +27,10 @@ struct Shape {
     row_mask: u32,     // texture rows per layer - 1 (all ones for one layer)
     layer_shift: u32,  // log2(rows per layer) (31 for one layer)
     x_k4: u32,         // vec4 per row of x: K / 4, the reads past it zero
+    keep: u32,         // gathered: 1 leaves the rows of pairs outside the chunk as they are, 0 writes zeros
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 @group(0) @binding(5) var<uniform> shape: Shape;
 
@@ -62,6 +66,11 @@ fn unpack(words: vec4<u32>, first: u32) -> mat4x4<f32> {
     );
 }
 
+// silu(v) = v * sigmoid(v), as shaders/swiglu.wgsl computes it.
+fn silu(v: vec4<f32>) -> vec4<f32> {
+    return v / (1.0 + exp(-v));
+}
+
 fn scale(v: vec2<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y));
 }
@@ -70,9 +79,15 @@ fn scale(v: vec2<u32>) -> vec4<f32> {
 fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     // {{P}} adjacent texel columns per invocation (lines holding {{C}} are repeated per column): each x
     // value read serves all of them.
-    let c = gid.x * {{P}}u;
     let n4 = shape.n4;
-    if (c >= n4) {
+    let c = gid.x * {{P}}u; {{LIN}}
+    let lim = n4; {{LIN}}
+    let step = 1u; {{LIN}}
+    // SwiGLU: the gate column c and the up column c (half the texel columns apart) -> one output column.
+    let c = gid.x; {{GLU}}
+    let lim = n4 / 2u; {{GLU}}
+    let step = n4 / 2u; {{GLU}}
+    if (c >= lim) {
         return;
     }
     let blocks = shape.blocks;
@@ -83,31 +98,41 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
         var part{{R}}_{{C}} = vec4<f32>(0.0);
         for (var j = 0u; j < GROUPS; j++) {
             let g = b * GROUPS + j;
-            let words{{C}} = word(e, g, c + {{C}}u);
+            let words{{C}} = word(e, g, c + {{C}}u * step);
             let lo{{C}} = unpack(words{{C}}, 0u);
             let hi{{C}} = unpack(words{{C}}, 4u);
             let xlo{{R}} = xs({{R}}u * shape.x_k4, 2u * g);
             let xhi{{R}} = xs({{R}}u * shape.x_k4, 2u * g + 1u);
             part{{R}}_{{C}} += xlo{{R}} * lo{{C}} + xhi{{R}} * hi{{C}};
         }
-        let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u]);
+        let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u * step]);
         acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
     }
-    y[{{R}}u * n4 + c + {{C}}u] = acc{{R}}_{{C}};
+    y[{{R}}u * n4 + c + {{C}}u] = acc{{R}}_{{C}}; {{LIN}}
+    y[{{R}}u * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; {{GLU}}
 }
 
 @compute @workgroup_size(64)
 fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x * {{P}}u;
     let p = gid.y;
     let n4 = shape.n4;
-    if (c >= n4) {
+    let c = gid.x * {{P}}u; {{LIN}}
+    let lim = n4; {{LIN}}
+    let step = 1u; {{LIN}}
+    let c = gid.x; {{GLU}}
+    let lim = n4 / 2u; {{GLU}}
+    let step = n4 / 2u; {{GLU}}
+    if (c >= lim) {
         return;
     }
     let blocks = shape.blocks;
     let e = idx[p] - i32(shape.first);
+    let inside = e >= 0 && u32(e) < shape.count;
+    if (!inside && shape.keep == 1u) {
+        return;
+    }
     var acc{{C}} = vec4<f32>(0.0);
-    if (e >= 0 && u32(e) < shape.count) {
+    if (inside) {
         let sbase = u32(e) * blocks * n4 + c;
         let row = (p / shape.x_div) * shape.x_k4;
         for (var b = 0u; b < blocks; b++) {
@@ -116,13 +141,14 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
                 let g = b * GROUPS + j;
                 let xlo = xs(row, 2u * g);
                 let xhi = xs(row, 2u * g + 1u);
-                let words{{C}} = word(u32(e), g, c + {{C}}u);
+                let words{{C}} = word(u32(e), g, c + {{C}}u * step);
                 part{{C}} += xlo * unpack(words{{C}}, 0u) + xhi * unpack(words{{C}}, 4u);
             }
-            acc{{C}} = fma(part{{C}}, scale(s[sbase + b * n4 + {{C}}u]), acc{{C}});
+            acc{{C}} = fma(part{{C}}, scale(s[sbase + b * n4 + {{C}}u * step]), acc{{C}});
         }
     }
-    y[p * n4 + c + {{C}}u] = acc{{C}};
+    y[p * n4 + c + {{C}}u] = acc{{C}}; {{LIN}}
+    y[p * lim + c] = silu(acc0) * acc1; {{GLU}}
 }
 
 @compute @workgroup_size(64)

@@ -5,13 +5,19 @@
 // Three entry points over one binding list:
 // - matvec: y[m] = x[m] @ w[idx[0]] for the M (1..=8) rows of x; lines holding {{R}} are repeated per row
 //   by the launcher (one accumulator variable per row keeps them in registers);
-// - gathered: for each (token, slot) pair p, y[p] = x[p / x_div] @ w[idx[p] - first], zeros when the expert
-//   is outside this chunk (MoE decode: only the chosen experts' weights are read);
+// - gathered: for each (token, slot) pair p, y[p] = x[p / x_div] @ w[idx[p] - first] (MoE decode: only the
+//   chosen experts' weights are read); a pair whose expert is outside this chunk gets zeros, or with `keep`
+//   its row is left to the launch of the chunk that holds it (several chunks write one output);
 // - dequant: y = w as f32 [count, Kp, N], for burn's ops (training, the dense expert form).
 //
 // Each invocation owns four adjacent columns c (one vec4<u32> of words: four rows of each column), or
-// {{P}} such groups side by side in matvec / gathered (N/4 a multiple of {{P}}), and walks K a block at a time: xv (four x values) times the 4x4 matrix of one word group gives the four columns'
-// partial sums, and each block's sums are scaled once.
+// {{P}} such groups side by side in matvec / gathered (N/4 a multiple of {{P}}), and walks K a block at a
+// time: xv (four x values) times the 4x4 matrix of one word group gives the four columns' partial sums, and
+// each block's sums are scaled once.
+//
+// SwiGLU variants of matvec and gathered ({{GLU}} lines, else {{LIN}}): for a fused [gate | up] weight
+// (N = 2I) the two column groups of an invocation are column group c of the gate half and the same of
+// the up half, and it writes silu(gate) * up: y is [rows, I], and SwiGLU takes no launch of its own.
 //
 // Bindings: x [rows, K/4] vec4, w [count, Kp/4, N/4] vec4<u32>, s [count, Kp/32, N/4] vec2<u32> (f16 x4),
 // idx [P] i32, y, then the shape.
@@ -37,6 +43,10 @@ struct Shape {
     row_mask: u32,     // texture rows per layer - 1 (all ones for one layer)
     layer_shift: u32,  // log2(rows per layer) (31 for one layer)
     x_k4: u32,         // vec4 per row of x: K / 4, the reads past it zero
+    keep: u32,         // gathered: 1 leaves the rows of pairs outside the chunk as they are, 0 writes zeros
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 @group(0) @binding(5) var<uniform> shape: Shape;
 
@@ -72,6 +82,11 @@ fn unpack(words: vec4<u32>) -> mat4x4<f32> {
     );
 }
 
+// silu(v) = v * sigmoid(v), as shaders/swiglu.wgsl computes it.
+fn silu(v: vec4<f32>) -> vec4<f32> {
+    return v / (1.0 + exp(-v));
+}
+
 fn scale(v: vec2<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y));
 }
@@ -80,9 +95,15 @@ fn scale(v: vec2<u32>) -> vec4<f32> {
 fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     // {{P}} adjacent texel columns per invocation (lines holding {{C}} are repeated per column): each x
     // value read serves all of them.
-    let c = gid.x * {{P}}u;
     let n4 = shape.n4;
-    if (c >= n4) {
+    let c = gid.x * {{P}}u; {{LIN}}
+    let lim = n4; {{LIN}}
+    let step = 1u; {{LIN}}
+    // SwiGLU: the gate column c and the up column c (half the texel columns apart) -> one output column.
+    let c = gid.x; {{GLU}}
+    let lim = n4 / 2u; {{GLU}}
+    let step = n4 / 2u; {{GLU}}
+    if (c >= lim) {
         return;
     }
     let blocks = shape.blocks;
@@ -93,28 +114,38 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
         var part{{R}}_{{C}} = vec4<f32>(0.0);
         for (var j = 0u; j < GROUPS; j++) {
             let g = b * GROUPS + j;
-            let q{{C}} = unpack(word(e, g, c + {{C}}u));
+            let q{{C}} = unpack(word(e, g, c + {{C}}u * step));
             let xv{{R}} = xs({{R}}u * shape.x_k4, g);
             part{{R}}_{{C}} += xv{{R}} * q{{C}};
         }
-        let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u]);
+        let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u * step]);
         acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
     }
-    y[{{R}}u * n4 + c + {{C}}u] = acc{{R}}_{{C}};
+    y[{{R}}u * n4 + c + {{C}}u] = acc{{R}}_{{C}}; {{LIN}}
+    y[{{R}}u * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; {{GLU}}
 }
 
 @compute @workgroup_size(64)
 fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x * {{P}}u;
     let p = gid.y;
     let n4 = shape.n4;
-    if (c >= n4) {
+    let c = gid.x * {{P}}u; {{LIN}}
+    let lim = n4; {{LIN}}
+    let step = 1u; {{LIN}}
+    let c = gid.x; {{GLU}}
+    let lim = n4 / 2u; {{GLU}}
+    let step = n4 / 2u; {{GLU}}
+    if (c >= lim) {
         return;
     }
     let blocks = shape.blocks;
     let e = idx[p] - i32(shape.first);
+    let inside = e >= 0 && u32(e) < shape.count;
+    if (!inside && shape.keep == 1u) {
+        return;
+    }
     var acc{{C}} = vec4<f32>(0.0);
-    if (e >= 0 && u32(e) < shape.count) {
+    if (inside) {
         let sbase = u32(e) * blocks * n4 + c;
         let row = (p / shape.x_div) * shape.x_k4;
         for (var b = 0u; b < blocks; b++) {
@@ -122,12 +153,13 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
             for (var j = 0u; j < GROUPS; j++) {
                 let g = b * GROUPS + j;
                 let xv = xs(row, g);
-                part{{C}} += xv * unpack(word(u32(e), g, c + {{C}}u));
+                part{{C}} += xv * unpack(word(u32(e), g, c + {{C}}u * step));
             }
-            acc{{C}} = fma(part{{C}}, scale(s[sbase + b * n4 + {{C}}u]), acc{{C}});
+            acc{{C}} = fma(part{{C}}, scale(s[sbase + b * n4 + {{C}}u * step]), acc{{C}});
         }
     }
-    y[p * n4 + c + {{C}}u] = acc{{C}};
+    y[p * n4 + c + {{C}}u] = acc{{C}}; {{LIN}}
+    y[p * lim + c] = silu(acc0) * acc1; {{GLU}}
 }
 
 @compute @workgroup_size(64)

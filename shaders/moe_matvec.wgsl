@@ -2,7 +2,8 @@
 // y[p, n] = sum_k x[row(p), k] * w[e, k, n], reading only the chosen experts' weights and never copying them.
 //
 // w is one chunk of stacked expert weights, [count, K, N] (each expert [in, out], the engine's layout), for
-// experts first..first+count; pairs whose expert is outside the chunk get zeros (the launcher adds chunks).
+// experts first..first+count; pairs whose expert is outside the chunk get zeros, or with `keep` are left as
+// they are (the chunks of a stack write one output, each its own pairs).
 // row(p) = p / x_div: x_div = top-k when x holds one row per token (gate/up), 1 when it holds one row per pair
 // (down). Each invocation owns four adjacent outputs of one pair and walks K with vec4 weight loads, as in
 // matvec.wgsl. N must be a multiple of 4.
@@ -20,7 +21,7 @@ struct Shape {
     first: u32,
     count: u32,
     x_div: u32,
-    _pad0: u32,
+    keep: u32,    // 1 leaves the rows of pairs outside the chunk as they are, 0 writes zeros
     _pad1: u32,
     _pad2: u32,
 }
@@ -36,8 +37,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let k_len = shape.k;
     let e = idx[p] - i32(shape.first);
+    let inside = e >= 0 && u32(e) < shape.count;
+    if (!inside && shape.keep == 1u) {
+        return;
+    }
     var acc = vec4<f32>(0.0);
-    if (e >= 0 && u32(e) < shape.count) {
+    if (inside) {
         let base = u32(e) * k_len * n4 + c;
         let row = (p / shape.x_div) * k_len;
         for (var k = 0u; k < k_len; k++) {

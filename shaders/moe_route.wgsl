@@ -4,14 +4,16 @@
 // {{BIAS}}: noaux_tc), the group limit (groups ranked by their best score, or by the sum of their best two
 // for noaux_tc; experts of the groups not kept are masked), the top K, and their mixing weights (the
 // unbiased scores, renormalised and scaled as the config says). Nothing goes back to the host: the indices
-// feed the gathered expert kernels directly.
+// feed the gathered expert kernels directly. With `extra` > 0 each token's row ends with that many more
+// slots, experts E..E+extra at weight 1: the shared experts, stacked after the routed ones, so that one
+// gathered launch serves both.
 //
 // One workgroup of 64 invocations per token, each holding experts lid, lid + 64, ...: workgroup reductions
 // give the softmax statistics, one invocation per group ranks the groups, and each of the K picks is a
 // workgroup arg-max over the experts ranked below the previous pick (by score, then lower index first).
 //
-// Bindings: logits [T, E], idx [T, K] i32, weight [T, K], (x [T, H], gate [H, E]), (bias [E]), then the
-// shape.
+// Bindings: logits [T, E], idx [T, K + extra] i32, weight [T, K + extra], (x [T, H], gate [H, E]),
+// (bias [E]), then the shape.
 
 @group(0) @binding(0) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(1) var<storage, read_write> idx: array<i32>;
@@ -32,7 +34,7 @@ struct Shape {
     normalise: u32,    // 1: weights / (their sum + 1e-20)
     factor: f32,       // applied to the weights last
     hidden: u32,       // H (with the router product)
-    _pad0: u32,
+    extra: u32,        // slots appended per token: experts E.., weight 1
     _pad1: u32,
     _pad2: u32,
 }
@@ -146,6 +148,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     // K picks, best first: each a workgroup arg-max over the kept experts ranked below the previous pick.
     let k_n = shape.top_k;
+    let stride = k_n + shape.extra;
     var pv = 3.4e38;
     var pi = 0u;
     var total = 0.0;
@@ -187,8 +190,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let w = select(exp(l - m) * inv, 1.0 / (1.0 + exp(-l)), sigmoid);
         total += w;
         if (lid == 0u) {
-            idx[t * k_n + j] = i32(pi);
-            weight[t * k_n + j] = w;
+            idx[t * stride + j] = i32(pi);
+            weight[t * stride + j] = w;
         }
     }
     if (lid == 0u) {
@@ -197,7 +200,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             div = total + 1e-20;
         }
         for (var j = 0u; j < k_n; j++) {
-            weight[t * k_n + j] = weight[t * k_n + j] / div * shape.factor;
+            weight[t * stride + j] = weight[t * stride + j] / div * shape.factor;
+        }
+        for (var j = 0u; j < shape.extra; j++) {
+            idx[t * stride + k_n + j] = i32(e_n + j);
+            weight[t * stride + k_n + j] = 1.0;
         }
     }
 }

@@ -1,21 +1,22 @@
 // RMSNorm over each row (deepseek-architecture.md §2): out = gain * (x / sqrt(mean(x^2) + eps)), one
 // workgroup per row. The residual variant (lines tagged {{ADD}}) first adds the previous block's output to
 // the residual stream: sum = x + delta is written out and normalised, so the add and the norm are one
-// launch. The MoE variant (also {{MOE}}) mixes that output here too: delta = shared + sum over the K slots
-// of weight[row, k] * routed[row * K + k], from the gathered down projections.
+// launch. The MoE variant (also {{MOE}}) mixes that output here too: the sum over the K slots of
+// weight[row, k] * routed[row * K + k], from the gathered down projections, plus delta (lines tagged
+// {{BASE}}; a MoE block whose shared experts run apart from the routed ones) or not.
 //
 // Rows are read as {{T}}: vec4 where the row length is a multiple of 4 (a quarter of the loads), else f32.
 //
-// Bindings: x [rows, n], gain [n], out [rows, n], (delta [rows, n], sum [rows, n]), (routed [rows * K, n],
-// weight [rows, K]), then the shape.
+// Bindings: x [rows, n], gain [n], out [rows, n], (sum [rows, n]), (routed [rows * K, n], weight [rows, K]),
+// (delta [rows, n]), then the shape.
 
 @group(0) @binding(0) var<storage, read_write> x: array<{{T}}>;
 @group(0) @binding(1) var<storage, read_write> gain: array<{{T}}>;
 @group(0) @binding(2) var<storage, read_write> out: array<{{T}}>;
-@group(0) @binding(3) var<storage, read_write> delta: array<{{T}}>; {{ADD}}
-@group(0) @binding(4) var<storage, read_write> sum: array<{{T}}>; {{ADD}}
-@group(0) @binding(5) var<storage, read_write> routed: array<{{T}}>; {{MOE}}
-@group(0) @binding(6) var<storage, read_write> weight: array<f32>; {{MOE}}
+@group(0) @binding(3) var<storage, read_write> sum: array<{{T}}>; {{ADD}}
+@group(0) @binding(4) var<storage, read_write> routed: array<{{T}}>; {{MOE}}
+@group(0) @binding(5) var<storage, read_write> weight: array<f32>; {{MOE}}
+@group(0) @binding({{D}}) var<storage, read_write> delta: array<{{T}}>; {{BASE}}
 
 struct Shape {
     n: u32,       // {{T}} values per row
@@ -46,7 +47,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let p = row * shape.top_k + k; {{MOE}}
             d = fma({{T}}(weight[p]), routed[p * n + i], d); {{MOE}}
         } {{MOE}}
-        d += delta[base + i]; {{ADD}}
+        d += delta[base + i]; {{BASE}}
         v += d; {{ADD}}
         sum[base + i] = v; {{ADD}}
         ss += squares(v);

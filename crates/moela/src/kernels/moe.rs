@@ -34,6 +34,9 @@ pub struct RouteShape {
     pub normalise: bool,
     /// Multiplies the weights last.
     pub factor: f64,
+    /// Slots appended to each token's choice: experts `E..E + extra` at weight 1 (shared experts stacked
+    /// after the routed ones).
+    pub extra: usize,
 }
 
 /// Where the router's logits come from.
@@ -51,8 +54,9 @@ pub enum Logits<'a> {
     },
 }
 
-/// The router's choice from its logits (and the correction bias `[E]` of noaux_tc): expert ids `[T, K]` and
-/// mixing weights `[T, K]`, on the GPU. `None` when the kernel does not cover the call.
+/// The router's choice from its logits (and the correction bias `[E]` of noaux_tc): expert ids `[T, K +
+/// extra]` and mixing weights `[T, K + extra]` (see [`RouteShape::extra`]), on the GPU. `None` when the
+/// kernel does not cover the call.
 pub fn route(logits: Logits, bias: Option<&Tensor<1>>, shape: &RouteShape) -> Option<(Tensor<2, Int>, Tensor<2>)> {
     let (t, e, product) = match logits {
         Logits::Given(l) => {
@@ -126,7 +130,8 @@ pub fn route(logits: Logits, bias: Option<&Tensor<1>>, shape: &RouteShape) -> Op
         variant: form as u32 * 2 + u32::from(has_bias),
         workgroup: 64,
     };
-    let (idx, w) = (empty(&l, t * k), empty(&l, t * k));
+    let slots = k + shape.extra;
+    let (idx, w) = (empty(&l, t * slots), empty(&l, t * slots));
     let info = [
         e as u32,
         k as u32,
@@ -137,6 +142,7 @@ pub fn route(logits: Logits, bias: Option<&Tensor<1>>, shape: &RouteShape) -> Op
         u32::from(shape.normalise),
         (shape.factor as f32).to_bits(),
         product.as_ref().map_or(0, |p| p.2 as u32),
+        shape.extra as u32,
     ];
     let mut buffers = vec![&l.handle, &idx, &w];
     if let Some((x, router, _)) = &product {
@@ -146,8 +152,8 @@ pub fn route(logits: Logits, bias: Option<&Tensor<1>>, shape: &RouteShape) -> Op
         buffers.push(&b.handle);
     }
     launch(&l, kernel, [t as u32, 1, 1], &buffers, &info);
-    let idx = Tensor::<2, Int>::from_primitive::<burn_cubecl::Cube>(wrap(&l, idx, &[t, k], DType::I32));
-    Some((idx, float(&l, w, [t, k])))
+    let idx = Tensor::<2, Int>::from_primitive::<burn_cubecl::Cube>(wrap(&l, idx, &[t, slots], DType::I32));
+    Some((idx, float(&l, w, [t, slots])))
 }
 
 /// The MoE block's output from the gathered down projections `routed` (`[T * K, H]`, one row per
@@ -194,14 +200,15 @@ pub fn combine(routed: &Tensor<2>, weight: &Tensor<2>, base: Option<&Tensor<2>>)
 
 /// For each pair `p` of `idx` (`[P]`, expert ids), `x[p / x_div] @ w[idx[p] - first]`: `x` is `[rows, K]`,
 /// `w` one chunk of stacked experts `[count, K, N]` (f32, N a multiple of 4) holding experts
-/// `first..first + count`; pairs choosing an expert outside the chunk get zeros. Returns `[P, N]`, or
-/// `None` when the kernel does not cover the call.
+/// `first..first + count`. Pairs choosing an expert outside the chunk get zeros in a new output, or,
+/// written `into` the output of another chunk's launch (`[P, N]`), keep what it holds. Returns `[P, N]`,
+/// or `None` when the kernel does not cover the call.
 pub fn gathered_matvec(
     x: &Tensor<2>,
     w: &Tensor<3>,
     idx: &Tensor<1, Int>,
-    first: usize,
-    x_div: usize,
+    (first, x_div): (usize, usize),
+    into: Option<&Tensor<2>>,
 ) -> Option<Tensor<2>> {
     let [rows, k] = x.dims();
     let [count, k2, n] = w.dims();
@@ -214,6 +221,7 @@ pub fn gathered_matvec(
         || x.dtype() != DType::F32
         || w.dtype() != DType::F32
         || pairs > 65_535
+        || into.is_some_and(|t| t.dims() != [pairs, n] || t.dtype() != DType::F32)
     {
         return None;
     }
@@ -226,7 +234,10 @@ pub fn gathered_matvec(
         return None;
     }
     let (x, w) = (cube_tensor(x)?, cube_tensor(w)?);
-    let out = empty(&x, pairs * n);
+    let out = match into {
+        Some(t) => cube_tensor(t)?.handle,
+        None => empty(&x, pairs * n),
+    };
     let kernel = WgslKernel {
         name: "moe_matvec",
         entry: "main",
@@ -234,7 +245,7 @@ pub fn gathered_matvec(
         variant: 0,
         workgroup: WORKGROUP,
     };
-    let shape = [k, n / 4, first, count, x_div].map(|v| v as u32);
+    let shape = [k, n / 4, first, count, x_div, usize::from(into.is_some())].map(|v| v as u32);
     launch(
         &x,
         kernel,
@@ -264,7 +275,7 @@ mod tests {
         let w = Tensor::<3>::random([count, k, n], Distribution::Normal(0.0, 1.0), &device);
         let ids = vec![5i32, 11, 7, 2, 11, 9];
         let idx = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [t * top]), &device);
-        let fast = gathered_matvec(&x, &w, &idx, first, top).expect("the kernel covers this call");
+        let fast = gathered_matvec(&x, &w, &idx, (first, top), None).expect("the kernel covers this call");
         let rows: Vec<Tensor<2>> = ids
             .iter()
             .enumerate()
@@ -283,11 +294,28 @@ mod tests {
 
         // One row per pair (the down projection).
         let xp = Tensor::<2>::random([t * top, k], Distribution::Normal(0.0, 1.0), &device);
-        let fast = gathered_matvec(&xp, &w, &idx, first, 1).unwrap();
+        let fast = gathered_matvec(&xp, &w, &idx, (first, 1), None).unwrap();
         let p = 4; // expert 11
-        let want = xp.narrow(0, p, 1).matmul(w.narrow(0, 11 - first, 1).reshape([k, n]));
-        let worst = worst_difference(fast.narrow(0, p, 1), want);
+        let want = xp
+            .clone()
+            .narrow(0, p, 1)
+            .matmul(w.clone().narrow(0, 11 - first, 1).reshape([k, n]));
+        let worst = worst_difference(fast.clone().narrow(0, p, 1), want.clone());
         assert!(worst < 1e-4, "down: worst difference {worst}");
+
+        // Experts 0..5 in a second stack, written into the same output: it fills the row the first launch
+        // left at zero (pair 3, expert 2) and keeps the first launch's rows.
+        let low = Tensor::<3>::random([first, k, n], Distribution::Normal(0.0, 1.0), &device);
+        let both = gathered_matvec(&xp, &low, &idx, (0, 1), Some(&fast)).unwrap();
+        let filled = xp.narrow(0, 3, 1).matmul(low.narrow(0, 2, 1).reshape([k, n]));
+        assert!(
+            worst_difference(both.clone().narrow(0, 3, 1), filled) < 1e-4,
+            "second stack"
+        );
+        assert!(
+            worst_difference(both.narrow(0, p, 1), want) < 1e-4,
+            "a row of the first stack kept"
+        );
     }
 
     #[test]

@@ -8,23 +8,31 @@ use super::{WgslKernel, cube_tensor, empty, float, launch, tagged};
 
 const SOURCE: &str = include_str!("../../../../shaders/rmsnorm.wgsl");
 
-/// The shader without a residual (variant 0), with one (1), and with a MoE block's unmixed output (2),
-/// reading rows as vec4 (`wide`) or f32; written once per process.
+/// The shader without a residual (variant 0), with one (1), with a MoE block's unmixed output and the
+/// shared experts' (2), and with a MoE block's unmixed output alone (3), reading rows as vec4 (`wide`) or
+/// f32; written once per process.
 fn source(variant: usize, wide: bool) -> &'static str {
-    static VARIANTS: OnceLock<[String; 6]> = OnceLock::new();
+    static VARIANTS: OnceLock<[String; 8]> = OnceLock::new();
     &VARIANTS.get_or_init(|| {
         let v = |i: usize| {
-            let ((add, moe, u), wide) = ([(false, false, 3), (true, false, 5), (true, true, 7)][i % 3], i >= 3);
+            // (add, moe, base, delta's binding, the uniform's)
+            let forms = [
+                (false, false, false, 0, 3),
+                (true, false, true, 4, 5),
+                (true, true, true, 6, 7),
+                (true, true, false, 0, 6),
+            ];
+            let ((add, moe, base, d, u), wide) = (forms[i % 4], i >= 4);
             let t = if wide { "vec4<f32>" } else { "f32" };
             tagged(
                 SOURCE,
-                &[("ADD", add), ("MOE", moe), ("V4", wide), ("V1", !wide)],
-                &[("U", u)],
+                &[("ADD", add), ("MOE", moe), ("BASE", base), ("V4", wide), ("V1", !wide)],
+                &[("D", d), ("U", u)],
             )
             .replace("{{T}}", t)
         };
         std::array::from_fn(v)
-    })[variant + 3 * usize::from(wide)]
+    })[variant + 4 * usize::from(wide)]
 }
 
 /// What is added to the residual stream before the norm.
@@ -35,15 +43,15 @@ pub enum Residual<'a> {
     /// A block's output `[rows, n]`.
     Add(&'a Tensor<2>),
     /// A MoE block's output, mixed here: `base + sum_k weights[row, k] * routed[row * K + k]` with the
-    /// gathered down projections `routed` `[rows * K, n]`, their weights `[rows, K]` and the shared
-    /// experts' output `base` `[rows, n]`.
+    /// gathered down projections `routed` `[rows * K, n]`, their weights `[rows, K]` and, where the shared
+    /// experts ran apart from the routed ones, their output `base` `[rows, n]`.
     Experts {
         /// `[rows * K, n]`.
         routed: &'a Tensor<2>,
         /// `[rows, K]`.
         weights: &'a Tensor<2>,
-        /// `[rows, n]`.
-        base: &'a Tensor<2>,
+        /// `[rows, n]`, or nothing.
+        base: Option<&'a Tensor<2>>,
     },
 }
 
@@ -69,7 +77,7 @@ pub fn rms_norm(
             if k == 0 || !f32_of(weights, [rows, k]) || !f32_of(routed, [rows * k, n]) {
                 return None;
             }
-            (Some(base), Some((routed, weights, k)))
+            (base, Some((routed, weights, k)))
         }
     };
     if delta.is_some_and(|d| !f32_of(d, [rows, n])) {
@@ -84,13 +92,18 @@ pub fn rms_norm(
         Some((r, w, k)) => Some((cube_tensor(r)?, cube_tensor(w)?, k)),
         None => None,
     };
-    let variant = usize::from(d.is_some()) + usize::from(e.is_some());
+    let variant = match (&d, &e) {
+        (None, None) => 0,
+        (Some(_), None) => 1,
+        (Some(_), Some(_)) => 2,
+        (None, Some(_)) => 3,
+    };
     let wide = n.is_multiple_of(4);
     let kernel = WgslKernel {
         name: "rmsnorm",
         entry: "main",
         source: source(variant, wide),
-        variant: variant as u32 + 3 * u32::from(wide),
+        variant: variant as u32 + 4 * u32::from(wide),
         workgroup: 64,
     };
     let width = if wide { n / 4 } else { n };
@@ -102,14 +115,17 @@ pub fn rms_norm(
     ];
     let groups = [rows as u32, 1, 1];
     let out = empty(&xc, rows * n);
-    let Some(d) = d else {
+    if variant == 0 {
         launch(&xc, kernel, groups, &[&xc.handle, &g.handle, &out], &info);
         return Some((float(&xc, out, [rows, n]), None));
-    };
+    }
     let sum = empty(&xc, rows * n);
-    let mut buffers = vec![&xc.handle, &g.handle, &out, &d.handle, &sum];
+    let mut buffers = vec![&xc.handle, &g.handle, &out, &sum];
     if let Some((r, w, _)) = &e {
         buffers.extend([&r.handle, &w.handle]);
+    }
+    if let Some(d) = &d {
+        buffers.push(&d.handle);
     }
     launch(&xc, kernel, groups, &buffers, &info);
     Some((float(&xc, out, [rows, n]), Some(float(&xc, sum, [rows, n]))))
@@ -157,14 +173,15 @@ mod tests {
             let experts = Residual::Experts {
                 routed: &routed,
                 weights: &weights,
-                base: &delta,
+                base: Some(&delta),
             };
             let (out, sum) = rms_norm(&x, experts, &gain, 1e-6).unwrap();
-            let mixed = (routed * weights.reshape([rows * k, 1]))
+            let mixed = (routed.clone() * weights.clone().reshape([rows * k, 1]))
                 .reshape([rows, k, n])
                 .sum_dim(1)
                 .reshape([rows, n]);
-            let want_sum = x + delta + mixed;
+            let want_alone = x.clone() + mixed.clone();
+            let want_sum = x.clone() + delta + mixed;
             assert!(
                 worst_difference(sum.unwrap(), want_sum.clone()) < 1e-5,
                 "{rows}x{n} experts sum"
@@ -172,6 +189,21 @@ mod tests {
             assert!(
                 worst_difference(out, norm.forward(want_sum)) < 1e-5,
                 "{rows}x{n} experts"
+            );
+            // Shared experts among the slots: no separate output to add.
+            let experts = Residual::Experts {
+                routed: &routed,
+                weights: &weights,
+                base: None,
+            };
+            let (out, sum) = rms_norm(&x, experts, &gain, 1e-6).unwrap();
+            assert!(
+                worst_difference(sum.unwrap(), want_alone.clone()) < 1e-5,
+                "{rows}x{n} experts alone sum"
+            );
+            assert!(
+                worst_difference(out, norm.forward(want_alone)) < 1e-5,
+                "{rows}x{n} experts alone"
             );
         }
     }

@@ -37,13 +37,21 @@ fn columns(p: &Packed, b: &Buffers, entry: &str) -> usize {
 }
 
 /// Where a launch's kernel reads its operands: words from a buffer or a texture; x from a storage or a
-/// uniform buffer (texture launches with x within [`texture::UNIFORM_BYTES`]).
+/// uniform buffer (texture launches with x within [`texture::UNIFORM_BYTES`]); and what it writes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Reads {
     texture: bool,
     uniform_x: bool,
     /// The texture's texels are in [`texture::Layout::Columns`] order.
     columns: bool,
+    /// `silu(gate) * up` of a fused `[gate | up]` weight (8-bit and 4-bit `matvec` / `gathered`).
+    glu: bool,
+}
+
+/// Whether the SwiGLU variants cover `p`: 8-bit or 4-bit words, a gate and an up half of whole pairs of
+/// texel columns (N a multiple of 8).
+fn glu_covers(p: &Packed) -> bool {
+    matches!(p.format, WeightDtype::Q8 | WeightDtype::Q4) && p.shape[2].is_multiple_of(8)
 }
 
 /// The shader of `format`, for `rows` rows of x (1..=[`MAX_ROWS`]) and `cols` texel columns per invocation
@@ -69,9 +77,11 @@ fn source(format: WeightDtype, rows: usize, cols: usize, reads: Reads) -> &'stat
             ("XU", reads.uniform_x),
             ("ROWS", !reads.columns),
             ("COLS", reads.columns),
+            ("LIN", !reads.glu),
+            ("GLU", reads.glu),
         ];
         let text = tagged(text, &flags, &[("P", cols)]);
-        // Built once per variant (at most 3 x 8 x 2 x 3 x 2 of them): kept for the process's lifetime.
+        // Built once per variant (at most 3 x 8 x 2 x 3 x 2 x 2 of them): kept for the process's lifetime.
         Box::leak(per_row(&repeated(&text, "{{C}}", cols), rows).into_boxed_str())
     })
 }
@@ -110,8 +120,9 @@ fn buffers(p: &Packed) -> Option<Buffers> {
 }
 
 /// The launch values every entry point reads: `[K or blocks, N/4, first, count, x_div, row mask, layer
-/// shift, x row length in vec4]` (the row mask and layer shift place texels in a texture).
-fn shape_values(p: &Packed, b: &Buffers, first: usize, x_div: usize, x_k4: usize) -> Vec<u32> {
+/// shift, x row length in vec4, keep]` (the row mask and layer shift place texels in a texture; `keep`:
+/// the gathered rows of pairs outside the chunk are left as they are).
+fn shape_values(p: &Packed, b: &Buffers, first: usize, x_div: usize, x_k4: usize, keep: bool) -> Vec<u32> {
     let [count, k, n] = p.shape;
     let k_field = match p.format {
         WeightDtype::F16 => k,
@@ -124,37 +135,38 @@ fn shape_values(p: &Packed, b: &Buffers, first: usize, x_div: usize, x_k4: usize
     };
     let mut v = [k_field, n / 4, first, count, x_div].map(|v| v as u32).to_vec();
     v.extend(placement);
-    v.push(x_k4 as u32);
+    v.extend([x_k4 as u32, u32::from(keep)]);
     v
 }
 
-/// Launches one entry point: bindings x, words, (scales), idx, y, then the shape. `None` when a texture
-/// launch cannot bind its buffers.
+/// Launches one entry point: bindings x, words, (scales), idx, y, then the shape. y is a new buffer of
+/// `out_len` values, or `into`'s. `None` when a texture launch cannot bind its buffers.
 #[allow(clippy::too_many_arguments)]
 fn launch(
     p: &Packed,
     b: &Buffers,
     entry: &'static str,
-    (rows, cols): (usize, usize),
+    (rows, cols, glu): (usize, usize, bool),
     x: &CubeTensor,
     idx: &CubeTensor,
-    out_len: usize,
+    (out_len, into): (usize, Option<&CubeTensor>),
     count: [u32; 3],
     info: Vec<u32>,
 ) -> Option<burn_cubecl::cubecl::server::Handle> {
-    let out = super::empty(x, out_len);
+    let out = into.map_or_else(|| super::empty(x, out_len), |t| t.handle.clone());
     match &b.words {
         Words::Buffer(words) => {
             let reads = Reads {
                 texture: false,
                 uniform_x: false,
                 columns: false,
+                glu,
             };
             let kernel = WgslKernel {
                 name: p.format.name(),
                 entry,
                 source: source(p.format, rows, cols, reads),
-                variant: (rows * 4 + cols) as u32,
+                variant: (rows * 8 + cols * 2 + usize::from(glu)) as u32,
                 workgroup: WORKGROUP,
             };
             let mut buffers = vec![&x.handle, &words.handle];
@@ -172,6 +184,7 @@ fn launch(
                 texture: true,
                 uniform_x: x_bytes <= texture::UNIFORM_BYTES,
                 columns: t.layout() == texture::Layout::Columns,
+                glu,
             };
             let kernel = texture::TextureKernel {
                 name: p.format.name(),
@@ -217,19 +230,36 @@ fn column_groups(n: usize, cols: usize) -> Option<u32> {
 /// `x` (`[M, K]`, M <= [`MAX_ROWS`]) times the first matrix of `p`; `None` when the kernel does not cover
 /// the call (the caller then unpacks and uses burn's matmul).
 pub fn matvec(x: &Tensor<2>, p: &Packed) -> Option<Tensor<2>> {
+    matvec_at(x, p, &p.zero, false)
+}
+
+/// [`matvec`] with matrix `index[0]` of the stack; with `glu`, `silu(gate) * up` of the product's two
+/// halves (`[M, N/2]`).
+fn matvec_at(x: &Tensor<2>, p: &Packed, index: &Tensor<1, Int>, glu: bool) -> Option<Tensor<2>> {
     let [m, k] = x.dims();
     let [_, pk, n] = p.shape;
-    if m == 0 || m > MAX_ROWS || k != pk || x.dtype() != DType::F32 {
+    if m == 0 || m > MAX_ROWS || k != pk || x.dtype() != DType::F32 || (glu && !glu_covers(p)) {
         return None;
     }
     let b = buffers(p)?;
     let cols = columns(p, &b, "matvec");
     let groups = column_groups(n, cols)?;
-    let zero = cube_int_tensor(&p.zero)?;
+    let index = cube_int_tensor(index).filter(|t| t.dtype == DType::I32)?;
     let (x, x_k4) = kernel_x(x, p);
     let xt = cube_tensor(&x)?;
-    let info = shape_values(p, &b, 0, 1, x_k4);
-    let out = launch(p, &b, "matvec", (m, cols), &xt, &zero, m * n, [groups, 1, 1], info)?;
+    let info = shape_values(p, &b, 0, 1, x_k4, false);
+    let n = if glu { n / 2 } else { n };
+    let out = launch(
+        p,
+        &b,
+        "matvec",
+        (m, cols, glu),
+        &xt,
+        &index,
+        (m * n, None),
+        [groups, 1, 1],
+        info,
+    )?;
     let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([m, n]), out, DType::F32);
     Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
 }
@@ -241,25 +271,53 @@ pub fn matvec(x: &Tensor<2>, p: &Packed) -> Option<Tensor<2>> {
 /// stay in cache; an unpacked copy is four bytes per weight written and read again). `None` when the kernel
 /// does not cover the call, before any launch.
 pub fn product(x: &Tensor<2>, p: &Packed) -> Option<Tensor<2>> {
+    product_at(x, p, &p.zero, false)
+}
+
+/// [`product`] with matrix `index[0]` of the stack (`index`: one i32 on the device), e.g. one expert of
+/// a stacked chunk; with `glu`, `silu(gate) * up` of a fused `[gate | up]` weight's product (`[M, N/2]`,
+/// 8-bit and 4-bit weights with N a multiple of 8: `None` otherwise), SwiGLU in the same launch.
+pub fn product_at(x: &Tensor<2>, p: &Packed, index: &Tensor<1, Int>, glu: bool) -> Option<Tensor<2>> {
     let [m, _] = x.dims();
     if m <= MAX_ROWS {
-        return matvec(x, p);
+        return matvec_at(x, p, index, glu);
     }
     let mut groups = Vec::with_capacity(m.div_ceil(MAX_ROWS));
     for r0 in (0..m).step_by(MAX_ROWS) {
         // The first group is declined exactly when every group is (same K, dtype and weights).
-        groups.push(matvec(&x.clone().narrow(0, r0, MAX_ROWS.min(m - r0)), p)?);
+        groups.push(matvec_at(
+            &x.clone().narrow(0, r0, MAX_ROWS.min(m - r0)),
+            p,
+            index,
+            glu,
+        )?);
     }
     Some(Tensor::cat(groups, 0))
 }
 
-/// For each pair `q` of `idx` (`[P]`, expert ids), `x[q / x_div] @ p[idx[q] - first]`, zeros for experts
-/// outside `first..first + count`: `[P, N]`, or `None` when the kernel does not cover the call.
-pub fn gathered(x: &Tensor<2>, p: &Packed, idx: &Tensor<1, Int>, first: usize, x_div: usize) -> Option<Tensor<2>> {
+/// For each pair `q` of `idx` (`[P]`, expert ids), `x[q / x_div] @ p[idx[q] - first]`: `[P, N]`, or `None`
+/// when the kernel does not cover the call. Pairs whose expert is outside `first..first + count` get zeros
+/// in a new output, or, written `into` the output of another chunk's launch (`[P, N]`), keep what it holds:
+/// the chunks of a stack fill one output, each its own pairs. With `glu`, each row is `silu(gate) * up` of
+/// the pair's fused `[gate | up]` product (`[P, N/2]`, as [`product_at`] covers it).
+pub fn gathered(
+    x: &Tensor<2>,
+    p: &Packed,
+    idx: &Tensor<1, Int>,
+    (first, x_div, glu): (usize, usize, bool),
+    into: Option<&Tensor<2>>,
+) -> Option<Tensor<2>> {
     let [rows, k] = x.dims();
     let [_, pk, n] = p.shape;
     let [pairs] = idx.dims();
     if pairs == 0 || pairs > 65_535 || x_div == 0 || pairs.div_ceil(x_div) > rows || k != pk {
+        return None;
+    }
+    if glu && !glu_covers(p) {
+        return None;
+    }
+    let out_n = if glu { n / 2 } else { n };
+    if into.is_some_and(|t| t.dims() != [pairs, out_n] || t.dtype() != DType::F32) {
         return None;
     }
     if x.dtype() != DType::F32 {
@@ -271,10 +329,15 @@ pub fn gathered(x: &Tensor<2>, p: &Packed, idx: &Tensor<1, Int>, first: usize, x
     let idx = cube_int_tensor(idx).filter(|t| t.dtype == DType::I32)?;
     let (x, x_k4) = kernel_x(x, p);
     let xt = cube_tensor(&x)?;
-    let info = shape_values(p, &b, first, x_div, x_k4);
+    let into = match into {
+        Some(t) => Some(cube_tensor(t)?),
+        None => None,
+    };
+    let info = shape_values(p, &b, first, x_div, x_k4, into.is_some());
     let count = [groups, pairs as u32, 1];
-    let out = launch(p, &b, "gathered", (1, cols), &xt, &idx, pairs * n, count, info)?;
-    let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([pairs, n]), out, DType::F32);
+    let out_len = (pairs * out_n, into.as_ref());
+    let out = launch(p, &b, "gathered", (1, cols, glu), &xt, &idx, out_len, count, info)?;
+    let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([pairs, out_n]), out, DType::F32);
     Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
 }
 
@@ -296,9 +359,19 @@ pub fn dequantise(p: &Packed) -> Option<Tensor<3>> {
     let zero = cube_int_tensor(&p.zero)?;
     // The three entry points share one binding list, so dequant binds a small x that it never reads.
     let x = cube_tensor(&Tensor::<1>::zeros([4], &p.zero.device()))?;
-    let info = shape_values(p, &b, 0, 1, 1);
+    let info = shape_values(p, &b, 0, 1, 1, false);
     let grid = [groups, rows as u32, count as u32];
-    let out = launch(p, &b, "dequant", (1, cols), &x, &zero, count * kp * n, grid, info)?;
+    let out = launch(
+        p,
+        &b,
+        "dequant",
+        (1, cols, false),
+        &x,
+        &zero,
+        (count * kp * n, None),
+        grid,
+        info,
+    )?;
     let w = CubeTensor::new_contiguous(x.client, x.device, Shape::new([count, kp, n]), out, DType::F32);
     let w = Tensor::<3>::from_primitive::<burn_cubecl::Cube>(w);
     Some(if kp == k { w } else { w.narrow(1, 0, k) })
@@ -365,10 +438,23 @@ mod tests {
                 // Words in a texture (native) and in a buffer (the browser's path).
                 // Sums of thousands of f32 terms in another order differ by ~1e-4 of their value.
                 let tolerance = if k > 1000 { 1e-3 } else { 1e-4 };
+                // SwiGLU in the product's launch (8-bit and 4-bit, N a multiple of 8).
+                let half = n / 2;
+                let glu_reference = burn::tensor::activation::silu(reference.clone().narrow(1, 0, half))
+                    * reference.clone().narrow(1, half, half);
                 for p in storages(packed) {
                     let fast = product(&x, &p).expect("the kernel covers this shape");
                     let w = worst_of(&values(fast), &values(reference.clone()));
                     assert!(w < tolerance, "{format:?} product {m}x{k}x{n}: worst difference {w}");
+                    let glu = product_at(&x, &p, &p.zero, true);
+                    assert_eq!(glu.is_some(), glu_covers(&p), "{format:?} {k}x{n}: SwiGLU variant");
+                    if let Some(glu) = glu {
+                        let w = worst_of(&values(glu), &values(glu_reference.clone()));
+                        assert!(
+                            w < tolerance,
+                            "{format:?} SwiGLU product {m}x{k}x{n}: worst difference {w}"
+                        );
+                    }
                     let unpacked = dequantise(&p).expect("the kernel covers this stack");
                     let w = worst_of(
                         &values(unpacked.reshape([k, n])),
@@ -395,18 +481,51 @@ mod tests {
             let packed = Packed::new(&host(count * k * n, 3), [count, k, n], format, &device);
             let dense = packed.dequantise();
             let x = Tensor::<2>::random([t, k], Distribution::Normal(0.0, 1.0), &device);
-            for p in storages(packed) {
-                let fast = values(gathered(&x, &p, &idx, first, top).expect("the kernel covers this call"));
+            // Experts 0..5 in a second stack, whose launch fills the rows the first one leaves.
+            let low = Packed::new(&host(first * k * n, 9), [first, k, n], format, &device);
+            let low_dense = low.dequantise();
+            let want = |q: usize, e: usize, both: bool| {
+                let row = x.clone().narrow(0, q / top, 1);
+                if (first..first + count).contains(&e) {
+                    values(row.matmul(dense.clone().narrow(0, e - first, 1).reshape([k, n])))
+                } else if both {
+                    values(row.matmul(low_dense.clone().narrow(0, e, 1).reshape([k, n])))
+                } else {
+                    vec![0.0; n]
+                }
+            };
+            for (p, low) in storages(packed).into_iter().zip(storages(low)) {
+                let one = gathered(&x, &p, &idx, (first, top, false), None).expect("the kernel covers this call");
+                let fast = values(one);
                 for (q, &e) in ids.iter().enumerate() {
-                    let e = e as usize;
-                    let want = if (first..first + count).contains(&e) {
-                        let we = dense.clone().narrow(0, e - first, 1).reshape([k, n]);
-                        values(x.clone().narrow(0, q / top, 1).matmul(we))
-                    } else {
-                        vec![0.0; n]
-                    };
-                    let w = worst_of(&fast[q * n..(q + 1) * n], &want);
+                    let w = worst_of(&fast[q * n..(q + 1) * n], &want(q, e as usize, false));
                     assert!(w < 1e-4, "{format:?} pair {q} (expert {e}): worst difference {w}");
+                }
+                let out = gathered(&x, &low, &idx, (0, top, false), None).expect("covered");
+                let both = values(gathered(&x, &p, &idx, (first, top, false), Some(&out)).expect("covered"));
+                for (q, &e) in ids.iter().enumerate() {
+                    let w = worst_of(&both[q * n..(q + 1) * n], &want(q, e as usize, true));
+                    assert!(
+                        w < 1e-4,
+                        "{format:?} two stacks, pair {q} (expert {e}): worst difference {w}"
+                    );
+                }
+                // SwiGLU in the launch, the two stacks again filling one output.
+                if glu_covers(&p) {
+                    let out = gathered(&x, &low, &idx, (0, top, true), None).expect("covered");
+                    let glu = values(gathered(&x, &p, &idx, (first, top, true), Some(&out)).expect("covered"));
+                    let half = n / 2;
+                    for (q, &e) in ids.iter().enumerate() {
+                        let full = want(q, e as usize, true);
+                        let act: Vec<f32> = (0..half)
+                            .map(|c| full[c] / (1.0 + (-full[c]).exp()) * full[half + c])
+                            .collect();
+                        let w = worst_of(&glu[q * half..(q + 1) * half], &act);
+                        assert!(
+                            w < 1e-4,
+                            "{format:?} SwiGLU pair {q} (expert {e}): worst difference {w}"
+                        );
+                    }
                 }
             }
         }

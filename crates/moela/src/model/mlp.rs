@@ -1,9 +1,9 @@
-//! The SwiGLU MLP: `down(silu(gate(x)) * up(x))`, used for dense layers and the shared experts.
+//! The SwiGLU MLP: `down(silu(gate(x)) * up(x))` of the dense layers (the shared experts are stored as experts).
 
 use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
 
-use super::Linear;
+use super::{Linear, Weights};
 use crate::kernels::{self, Kernels};
 
 /// Gate and up fused into one product (`[H] -> [2I]`), then down (`[I] -> [H]`).
@@ -20,6 +20,13 @@ pub struct Mlp {
 impl Mlp {
     /// `x`: `[T, H]` -> `[T, H]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        // SwiGLU inside the gate/up product's launch where its kernel has that variant (8-bit and 4-bit).
+        if self.gate_up.kernels == Kernels::Wgsl
+            && let [Weights::Packed(p)] = self.gate_up.parts.as_slice()
+            && let Some(act) = kernels::packed::product_at(&x, p, &p.zero, true)
+        {
+            return self.down.forward(act);
+        }
         self.down
             .forward(swiglu(self.gate_up.forward(x), self.width, self.gate_up.kernels))
     }

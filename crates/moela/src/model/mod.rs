@@ -114,6 +114,35 @@ impl<const D: usize> Weights<D> {
             Weights::Packed(p) => p.bytes(),
         }
     }
+
+    /// Bytes one `[K, N]` matrix of `format` takes as [`Weights::new`] stores it.
+    pub fn matrix_bytes(format: WeightDtype, k: usize, n: usize) -> usize {
+        if Packed::supports(format, n) {
+            Packed::matrix_bytes(format, k, n)
+        } else {
+            k * n * 4
+        }
+    }
+}
+
+impl Weights<3> {
+    /// Matrices `first..first + count` of the stack as f32 `[count, K, N]`: the whole stack as
+    /// [`to_f32`](Self::to_f32) unpacks it, a part of it with burn's ops.
+    pub fn to_f32_range(&self, first: usize, count: usize, kernels: Kernels) -> Tensor<3> {
+        match self {
+            Weights::Packed(p) if first > 0 || count < p.shape[0] => p.dequantise_range(first, count),
+            Weights::Dense(t) if first > 0 || count < t.dims()[0] => as_f32(&t.clone().narrow(0, first, count)),
+            _ => self.to_f32(kernels),
+        }
+    }
+
+    /// Matrices in the stack.
+    pub fn count(&self) -> usize {
+        match self {
+            Weights::Dense(t) => t.dims()[0],
+            Weights::Packed(p) => p.shape[0],
+        }
+    }
 }
 
 /// The most bytes one tensor may take: WebGPU's guaranteed storage-binding size (128 MiB).

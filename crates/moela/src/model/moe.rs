@@ -1,24 +1,34 @@
 //! DeepSeekMoE (`deepseek-architecture.md` §4): a router picks K of E routed experts per token, their outputs
-//! are mixed by the router weights, and the shared experts (one wide MLP) are added.
+//! are mixed by the router weights, and the shared experts are added.
+//!
+//! The shared experts are stored as S more experts after the routed ones (experts `E..E + S`, each one
+//! expert wide: the checkpoint's fused shared MLP of width S x I split along its intermediate dimension,
+//! which SwiGLU leaves exact), chosen by every token with weight 1. So in decode they ride in the routed
+//! experts' gathered launches (the routing kernel appends their slots) instead of taking products of their
+//! own.
 //!
 //! Routing, top-k and expert dispatch stay on the GPU for inference. Four dispatch forms, same result:
 //! - moela's gathered kernel (`shaders/moe_matvec.wgsl`, `matvec_{f16,q8,q4}.wgsl`; decode and prefill on
 //!   the wgpu device): each (token, slot) pair multiplies its chosen expert's weights where they are stored;
+//!   in prefill the shared experts run as products over all the chunk's tokens (their weights read once
+//!   per group of rows, not once per token);
 //! - gathered with burn's ops (few token-expert pairs, e.g. decode with `--kernels generic`): the selected
 //!   experts' matrices are gathered with `select` and multiplied batched, so only the active experts'
 //!   weights are read;
 //! - dense (many tokens, e.g. prefill): every expert runs on every token of the chunk and the router weights
-//!   (zero for unselected experts) mix the outputs;
+//!   (zero for unselected experts, one for the shared ones) mix the outputs;
 //! - grouped (training): tokens are grouped by expert on the host and each expert multiplies only its rows.
 //!
-//! Stacked expert weights are split into chunks of experts that each fit one storage binding.
+//! Stacked expert weights are split into chunks of experts whose stored weights each fit one storage
+//! binding; the gathered launches of a stack's chunks fill one output. Where burn's ops need a chunk as f32
+//! it is unpacked in parts that fit a binding.
 
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
-use super::mlp::{Mlp, swiglu};
-use super::norm::{Delta, mix};
-use super::{Linear, Weights};
+use super::mlp::swiglu;
+use super::norm::Delta;
+use super::{Linear, MAX_BINDING_BYTES, Weights};
 use crate::config::{ScoringFunc, TopkMethod};
 use crate::kernels::{self, Kernels};
 
@@ -42,10 +52,10 @@ pub struct Moe {
     pub router: Linear,
     /// `e_score_correction_bias` `[E]` (noaux_tc only; selection only, never in the weights).
     pub correction_bias: Option<Tensor<1>>,
-    /// Routed experts, chunked.
+    /// The routed experts `0..E`, then the shared ones `E..E + S`, chunked.
     pub chunks: Vec<ExpertChunk>,
-    /// Shared experts fused into one MLP, when the model has any.
-    pub shared: Option<Mlp>,
+    /// S, shared experts (each one expert wide), stacked after the routed ones.
+    pub shared: usize,
     /// E.
     pub experts: usize,
     /// K.
@@ -68,30 +78,103 @@ pub struct Moe {
     pub kernels: Kernels,
 }
 
+/// The experts a block chose, `[T, K]`, possibly still with the shared experts' slots after them (decode):
+/// cutting those off is a launch, taken only by a caller that reads the choice.
+#[derive(Debug, Clone)]
+pub struct Chosen {
+    idx: Tensor<2, Int>,
+    k: usize,
+}
+
+impl Chosen {
+    /// The routed experts each token chose, `[T, K]`.
+    pub fn routed(self) -> Tensor<2, Int> {
+        if self.idx.dims()[1] == self.k {
+            self.idx
+        } else {
+            self.idx.narrow(1, 0, self.k)
+        }
+    }
+}
+
+/// Which of an expert's two matrices.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    GateUp,
+    Down,
+}
+
+impl ExpertChunk {
+    fn weights(&self, side: Side) -> &Weights<3> {
+        match side {
+            Side::GateUp => &self.gate_up_t,
+            Side::Down => &self.down_t,
+        }
+    }
+
+    /// The chunk as f32 for burn's ops, in parts that each fit one binding: `(first expert, [n, H, 2I],
+    /// [n, I, H])`.
+    fn unpacked(&self, kernels: Kernels) -> Vec<(usize, Tensor<3>, Tensor<3>)> {
+        let (gu, down) = (&self.gate_up_t, &self.down_t);
+        let per_expert = |w: &Weights<3>| match w {
+            Weights::Dense(t) => {
+                let [_, k, n] = t.dims();
+                k * n * 4
+            }
+            Weights::Packed(p) => p.shape[1] * p.shape[2] * 4,
+        };
+        let largest = per_expert(gu).max(per_expert(down)).max(1);
+        let step = (MAX_BINDING_BYTES / largest).clamp(1, self.count.max(1));
+        (0..self.count)
+            .step_by(step)
+            .map(|j| {
+                let n = step.min(self.count - j);
+                (
+                    self.first + j,
+                    gu.to_f32_range(j, n, kernels),
+                    down.to_f32_range(j, n, kernels),
+                )
+            })
+            .collect()
+    }
+}
+
 impl Moe {
     /// Picks experts: indices `[T, K]` and their mixing weights `[T, K]`.
     pub fn route(&self, x: Tensor<2>) -> (Tensor<2, Int>, Tensor<2>) {
+        self.route_slots(x, 0)
+    }
+
+    /// [`Moe::route`] with `extra` slots appended to each token's row (`[T, K + extra]`): the first `extra`
+    /// shared experts at weight 1.
+    fn route_slots(&self, x: Tensor<2>, extra: usize) -> (Tensor<2, Int>, Tensor<2>) {
         let [t, h] = x.dims();
         if self.kernels == Kernels::Wgsl {
             // Small routers run inside the routing kernel (one launch for product and selection); a large
             // one (E x H past a million weights, where one workgroup per token would be slow on a GPU)
             // gets its own matrix-vector launch first.
             let bias = self.correction_bias.as_ref();
+            let mut shape = self.route_shape();
+            shape.extra = extra;
             let chosen = match self.router.parts.as_slice() {
-                [Weights::Dense(w)] if self.experts * h <= 1 << 20 => kernels::moe::route(
-                    kernels::moe::Logits::Product { x: &x, router: w },
-                    bias,
-                    &self.route_shape(),
-                ),
+                [Weights::Dense(w)] if self.experts * h <= 1 << 20 => {
+                    kernels::moe::route(kernels::moe::Logits::Product { x: &x, router: w }, bias, &shape)
+                }
                 _ => {
                     let logits = self.router.forward(x.clone());
-                    kernels::moe::route(kernels::moe::Logits::Given(&logits), bias, &self.route_shape())
+                    kernels::moe::route(kernels::moe::Logits::Given(&logits), bias, &shape)
                 }
             };
             if let Some(chosen) = chosen {
                 return chosen;
             }
         }
+        let (idx, w) = self.route_burn(x, t);
+        self.with_shared(idx, w, extra)
+    }
+
+    /// The selection with burn's ops.
+    fn route_burn(&self, x: Tensor<2>, t: usize) -> (Tensor<2, Int>, Tensor<2>) {
         let logits = self.router.forward(x); // [T, E], f32
         let scores = match self.scoring {
             ScoringFunc::Softmax => softmax(logits, 1),
@@ -130,6 +213,21 @@ impl Moe {
         }
     }
 
+    /// `idx` / `w` (`[T, K]`) with `extra` slots appended: shared experts `E..E + extra` at weight 1.
+    fn with_shared(&self, idx: Tensor<2, Int>, w: Tensor<2>, extra: usize) -> (Tensor<2, Int>, Tensor<2>) {
+        if extra == 0 {
+            return (idx, w);
+        }
+        let t = idx.dims()[0];
+        let device = idx.device();
+        let ids: Vec<i64> = (0..t)
+            .flat_map(|_| (self.experts..self.experts + extra).map(|e| e as i64))
+            .collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [t, extra]), &device);
+        let ones = Tensor::<2>::ones([t, extra], &device);
+        (Tensor::cat(vec![idx, ids], 1), Tensor::cat(vec![w, ones], 1))
+    }
+
     /// How the selection is made and its weights finished, as moela's routing kernel and burn's path both
     /// read it.
     fn route_shape(&self) -> kernels::moe::RouteShape {
@@ -152,6 +250,7 @@ impl Moe {
             keep_groups: self.topk_group.max(1),
             normalise,
             factor: if scaled { self.routed_scaling_factor } else { 1.0 },
+            extra: 0,
         }
     }
 
@@ -187,163 +286,208 @@ impl Moe {
 
     /// `x`: `[T, H]` (normed) -> `[T, H]`, and the chosen experts `[T, K]`.
     pub fn forward(&self, x: Tensor<2>) -> (Tensor<2>, Tensor<2, Int>) {
-        let (out, idx) = self.forward_delta(x);
-        (out.into_tensor(), idx)
+        let (out, chosen) = self.forward_delta(x);
+        (out.into_tensor(), chosen.routed())
     }
 
-    /// [`Moe::forward`], leaving the routed experts' mixing to the norm that adds the output to the
-    /// residual stream (one launch fewer with moela's kernels).
-    pub fn forward_delta(&self, x: Tensor<2>) -> (Delta, Tensor<2, Int>) {
-        let [t, h] = x.dims();
-        let (idx, w) = self.route(x.clone());
+    /// [`Moe::forward`], leaving the experts' mixing to the norm that adds the output to the residual
+    /// stream (one launch fewer with moela's kernels).
+    pub fn forward_delta(&self, x: Tensor<2>) -> (Delta, Chosen) {
+        let [t, _] = x.dims();
+        let k = self.top_k;
+        // One token (decode) with moela's kernels: the shared experts' slots come from the routing kernel
+        // and share the routed experts' launches. Several tokens: the shared experts run as products over
+        // all of them (read once per group of rows rather than once per token).
+        let extra = if self.kernels == Kernels::Wgsl && t == 1 {
+            self.shared
+        } else {
+            0
+        };
+        let (idx, w) = self.route_slots(x.clone(), extra);
+        let chosen = Chosen { idx: idx.clone(), k };
         // moela's gathered kernel reads each (token, slot) pair's expert in place, for decode and prefill
         // alike: no copies of expert matrices and no unpacked f32 experts. Without it, few pairs take the
         // batched gather and many the dense form.
         if self.kernels == Kernels::Wgsl
-            && let Some(out) = self.forward_wgsl(&x, &idx, &w)
+            && let Some(out) = self.forward_wgsl(&x, &idx, &w, extra)
         {
-            return (out, idx);
+            return (out, chosen);
         }
-        let routed = if t * self.top_k <= self.experts {
-            self.gathered(x.clone(), idx.clone(), w)
+        let (idx, w) = self.with_shared(idx, w, self.shared - extra);
+        let slots = k + self.shared;
+        let out = if t * slots <= self.experts + self.shared {
+            self.gathered(x, idx, w)
         } else {
-            self.dense(x.clone(), idx.clone(), w)
+            self.dense(x, idx, w)
         };
-        let routed = routed.reshape([t, h]);
-        let out = match &self.shared {
-            Some(s) => routed + s.forward(x),
-            None => routed,
-        };
-        (Delta::Plain(out), idx)
+        (Delta::Plain(out), chosen)
     }
 
     /// The same block with tokens grouped by expert, for many tokens (training): each expert multiplies only
-    /// the rows routed to it, so the work is that of the K chosen experts rather than all E. The routing is
-    /// read to the host to build the groups.
+    /// the rows routed to it, so the work is that of the K chosen experts (and the shared ones) rather than
+    /// all E. The routing is read to the host to build the groups.
     pub fn forward_grouped(&self, x: Tensor<2>) -> (Tensor<2>, Tensor<2, Int>) {
         let [t, h] = x.dims();
         let device = x.device();
-        let k = self.top_k;
-        let (idx, w) = self.route(x.clone());
+        let (chosen, w) = self.route(x.clone());
+        let (idx, w) = self.with_shared(chosen.clone(), w, self.shared);
+        let k = self.top_k + self.shared;
         // Per expert, the (token, slot) pairs that chose it.
-        let mut pairs: Vec<Vec<i64>> = vec![Vec::new(); self.experts];
-        for (p, e) in idx.clone().into_data().iter::<i64>().enumerate() {
+        let mut pairs: Vec<Vec<i64>> = vec![Vec::new(); self.experts + self.shared];
+        for (p, e) in idx.into_data().iter::<i64>().enumerate() {
             if let Some(list) = usize::try_from(e).ok().and_then(|e| pairs.get_mut(e)) {
                 list.push(p as i64);
             }
         }
         let w = w.reshape([t * k, 1]);
-        let mut routed = Tensor::<2>::zeros([t, h], &device);
+        let mut out = Tensor::<2>::zeros([t, h], &device);
         for c in &self.chunks {
-            let (gate_up, down) = (c.gate_up_t.to_f32(self.kernels), c.down_t.to_f32(self.kernels));
-            for j in 0..c.count {
-                let list = &pairs[c.first + j];
-                if list.is_empty() {
-                    continue;
+            for (first, gate_up, down) in c.unpacked(self.kernels) {
+                for j in 0..gate_up.dims()[0] {
+                    let list = &pairs[first + j];
+                    if list.is_empty() {
+                        continue;
+                    }
+                    let n = list.len();
+                    let tokens: Vec<i64> = list.iter().map(|p| p / k as i64).collect();
+                    let tokens = Tensor::<1, Int>::from_data(TensorData::new(tokens, [n]), &device);
+                    let list = Tensor::<1, Int>::from_data(TensorData::new(list.clone(), [n]), &device);
+                    let gu = x
+                        .clone()
+                        .select(0, tokens.clone())
+                        .matmul(gate_up.clone().narrow(0, j, 1).reshape([h, 2 * self.width])); // [n, 2I]
+                    let act = swiglu(gu, self.width, self.kernels);
+                    let y =
+                        act.matmul(down.clone().narrow(0, j, 1).reshape([self.width, h])) * w.clone().select(0, list);
+                    out = out.select_assign(0, tokens, y, IndexingUpdateOp::Add);
                 }
-                let n = list.len();
-                let tokens: Vec<i64> = list.iter().map(|p| p / k as i64).collect();
-                let tokens = Tensor::<1, Int>::from_data(TensorData::new(tokens, [n]), &device);
-                let list = Tensor::<1, Int>::from_data(TensorData::new(list.clone(), [n]), &device);
-                let gu = x
-                    .clone()
-                    .select(0, tokens.clone())
-                    .matmul(gate_up.clone().narrow(0, j, 1).reshape([h, 2 * self.width])); // [n, 2I]
-                let act = swiglu(gu, self.width, self.kernels);
-                let y = act.matmul(down.clone().narrow(0, j, 1).reshape([self.width, h])) * w.clone().select(0, list);
-                routed = routed.select_assign(0, tokens, y, IndexingUpdateOp::Add);
             }
         }
-        let out = match &self.shared {
-            Some(s) => routed + s.forward(x),
-            None => routed,
-        };
-        (out, idx)
+        (out, chosen)
     }
 
-    /// The block with moela's kernels: the selected experts' products read their weights in place (one
-    /// launch per product and expert chunk) and the routed and shared SwiGLU share a launch; the (token,
-    /// slot) rows are left for the next norm to mix with the shared experts' output. `None`, before any
-    /// launch, when the gathered kernels do not cover the call.
-    fn forward_wgsl(&self, x: &Tensor<2>, idx: &Tensor<2, Int>, w: &Tensor<2>) -> Option<Delta> {
+    /// The block with moela's kernels: the chosen experts' products read their weights in place (one
+    /// launch per product and expert chunk, the chunks filling one output); the (token, slot) rows are left
+    /// for the next norm to mix. `idx` / `w` hold `extra` shared slots per token (decode), or none: the
+    /// shared experts then run here as products over all the tokens. `None`, before any launch, when the
+    /// gathered kernels do not cover the call.
+    fn forward_wgsl(&self, x: &Tensor<2>, idx: &Tensor<2, Int>, w: &Tensor<2>, extra: usize) -> Option<Delta> {
         let [t, h] = x.dims();
-        let k = self.top_k;
+        let slots = idx.dims()[1];
         if !h.is_multiple_of(4) {
             return None; // the down products' kernels need whole vec4 columns
         }
-        let flat = idx.clone().reshape([t * k]);
-        let idx = &flat;
-        let sum = |parts: Vec<Tensor<2>>| parts.into_iter().reduce(|a, b| a + b);
-        let gate_up = self
-            .chunks
-            .iter()
-            .map(|c| gathered_product(x, &c.gate_up_t, idx, c.first, k))
-            .collect::<Option<Vec<_>>>()?;
-        let gate_up = sum(gate_up)?; // [P, 2I]
-        // Routed and shared SwiGLU in one launch where the kernel covers both.
-        let (act, shared) = match &self.shared {
-            None => (swiglu(gate_up, self.width, self.kernels), None),
-            Some(s) => {
-                let gu = s.gate_up.forward(x.clone());
-                let (act, shared_act) = match kernels::mlp::swiglu_pair(&gate_up, self.width, Some((&gu, s.width))) {
-                    Some((act, Some(shared_act))) => (act, shared_act),
-                    _ => (
-                        swiglu(gate_up, self.width, self.kernels),
-                        swiglu(gu, s.width, self.kernels),
-                    ),
-                };
-                (act, Some(s.down.forward(shared_act)))
-            }
-        };
+        let flat = idx.clone().reshape([t * slots]);
+        // SwiGLU inside the gate/up launch where the weights' kernel has that variant, else its own launch.
+        let act = match self.gathered_product(x, Side::GateUp, &flat, (slots, true)) {
+            Some(act) => act,
+            None => swiglu(
+                self.gathered_product(x, Side::GateUp, &flat, (slots, false))?,
+                self.width,
+                self.kernels,
+            ),
+        }; // [P, I]
         // Down projections: one row per pair, written where `gathered_product` covers the chunk.
-        let down = self
-            .chunks
-            .iter()
-            .map(|c| gathered_product(&act, &c.down_t, idx, c.first, 1))
-            .collect::<Option<Vec<_>>>();
-        let Some(routed) = down.and_then(sum) else {
+        let Some(routed) = self.gathered_product(&act, Side::Down, &flat, (1, false)) else {
             // Not expected once the gate/up products ran (same pairs, dtypes and stacks); burn's form then.
-            let routed = self.gathered(x.clone(), idx.clone().reshape([t, k]), w.clone());
-            return Some(Delta::Plain(shared.map_or(routed.clone(), |s| routed + s)));
+            let (idx, w) = self.with_shared(idx.clone(), w.clone(), self.shared - extra);
+            return Some(Delta::Plain(self.gathered(x.clone(), idx, w)));
         };
-        // With shared experts the mixing is left to the next norm; without, it is done here.
-        Some(match shared {
-            Some(base) => Delta::Experts {
-                routed,
-                weights: w.clone(),
-                base,
-            },
-            None => Delta::Plain(mix(routed, w, None)),
+        // The shared experts, when not among the slots: a product per expert over all the tokens.
+        let mut base: Option<Tensor<2>> = None;
+        for j in extra..self.shared {
+            let e = self.experts + j;
+            let act = match self.expert_product(x, e, Side::GateUp, true) {
+                Some(act) => act,
+                None => swiglu(
+                    self.expert_product(x, e, Side::GateUp, false)?,
+                    self.width,
+                    self.kernels,
+                ),
+            };
+            let y = self.expert_product(&act, e, Side::Down, false)?;
+            base = Some(match base {
+                Some(b) => b + y,
+                None => y,
+            });
+        }
+        Some(Delta::Experts {
+            routed,
+            weights: w.clone(),
+            base,
         })
     }
 
+    /// Each pair of `idx` (`[P]`) times its expert's `side` matrix, row `p / x_div` of `x`: one gathered
+    /// launch per chunk, all writing one output `[P, N]`; with `glu`, SwiGLU of each gate/up row in the
+    /// same launch (`[P, N/2]`). `None` when the kernels do not cover it (the first chunk declines exactly
+    /// when any would: same pairs, dtypes and formats).
+    fn gathered_product(
+        &self,
+        x: &Tensor<2>,
+        side: Side,
+        idx: &Tensor<1, Int>,
+        (x_div, glu): (usize, bool),
+    ) -> Option<Tensor<2>> {
+        let mut out: Option<Tensor<2>> = None;
+        for c in &self.chunks {
+            out = Some(match c.weights(side) {
+                Weights::Dense(_) if glu => return None,
+                Weights::Dense(t) => kernels::moe::gathered_matvec(x, t, idx, (c.first, x_div), out.as_ref())?,
+                Weights::Packed(p) => kernels::packed::gathered(x, p, idx, (c.first, x_div, glu), out.as_ref())?,
+            });
+        }
+        out
+    }
+
+    /// `x` (`[T, in]`) times expert `e`'s `side` matrix (with `glu`, SwiGLU in the same launch, where the
+    /// kernel has it): moela's product for packed weights, burn's matmul for f32 ones.
+    fn expert_product(&self, x: &Tensor<2>, e: usize, side: Side, glu: bool) -> Option<Tensor<2>> {
+        let c = self.chunks.iter().find(|c| (c.first..c.first + c.count).contains(&e))?;
+        let local = e - c.first;
+        match c.weights(side) {
+            Weights::Packed(p) => {
+                let index = Tensor::<1, Int>::from_data(TensorData::new(vec![local as i32], [1]), &x.device());
+                kernels::packed::product_at(x, p, &index, glu)
+            }
+            Weights::Dense(_) if glu => None,
+            Weights::Dense(t) => {
+                let [_, k, n] = t.dims();
+                Some(
+                    x.clone()
+                        .matmul(super::as_f32(&t.clone().narrow(0, local, 1)).reshape([k, n])),
+                )
+            }
+        }
+    }
+
     /// Only the selected experts' matrices are read: one batched product per (token, slot) pair, with the
-    /// pairs' experts copied out by `select`.
+    /// pairs' experts copied out by `select`. `idx` / `w`: `[T, slots]`, the shared experts among them.
     fn gathered(&self, x: Tensor<2>, idx: Tensor<2, Int>, w: Tensor<2>) -> Tensor<2> {
         let [t, h] = x.dims();
-        let k = self.top_k;
+        let k = idx.dims()[1];
         let pairs = t * k;
         let idx = idx.reshape([pairs]);
         let w = w.reshape([pairs, 1, 1]);
         let xs = x.reshape([t, 1, 1, h]).expand([t, k, 1, h]).reshape([pairs, 1, h]);
+        let parts: Vec<_> = self.chunks.iter().flat_map(|c| c.unpacked(self.kernels)).collect();
         let mut out: Option<Tensor<3>> = None;
-        for c in &self.chunks {
-            let (local, weight) = if self.chunks.len() == 1 {
+        for (first, gate_up, down) in &parts {
+            let count = gate_up.dims()[0];
+            let (local, weight) = if parts.len() == 1 {
                 (idx.clone(), w.clone())
             } else {
-                let local = idx.clone().sub_scalar(c.first as i64);
+                let local = idx.clone().sub_scalar(*first as i64);
                 let inside = local
                     .clone()
                     .greater_equal_elem(0)
-                    .bool_and(local.clone().lower_elem(c.count as i64));
-                let local = local.clamp(0, c.count as i64 - 1);
+                    .bool_and(local.clone().lower_elem(count as i64));
+                let local = local.clamp(0, count as i64 - 1);
                 (local, w.clone() * inside.float().reshape([pairs, 1, 1]))
             };
-            let gu = xs
-                .clone()
-                .matmul(c.gate_up_t.to_f32(self.kernels).select(0, local.clone())); // [P, 1, 2I]
+            let gu = xs.clone().matmul(gate_up.clone().select(0, local.clone())); // [P, 1, 2I]
             let act = swiglu(gu, self.width, self.kernels);
-            let y = act.matmul(c.down_t.to_f32(self.kernels).select(0, local)) * weight; // [P, 1, H]
+            let y = act.matmul(down.clone().select(0, local)) * weight; // [P, 1, H]
             out = Some(match out {
                 Some(o) => o + y,
                 None => y,
@@ -353,19 +497,20 @@ impl Moe {
         out.reshape([t, k, h]).sum_dim(1).reshape([t, h])
     }
 
-    /// Every expert on every token, mixed by a `[E, T]` weight matrix that is zero off the selection.
+    /// Every expert on every token, mixed by a `[E + S, T]` weight matrix that is zero off the selection.
     fn dense(&self, x: Tensor<2>, idx: Tensor<2, Int>, w: Tensor<2>) -> Tensor<2> {
         let [t, h] = x.dims();
-        let mix = Tensor::<2>::zeros([t, self.experts], &x.device())
+        let mix = Tensor::<2>::zeros([t, self.experts + self.shared], &x.device())
             .scatter(1, idx, w, IndexingUpdateOp::Add)
-            .transpose(); // [E, T]
+            .transpose(); // [E + S, T]
         let mut out: Option<Tensor<3>> = None;
-        for c in &self.chunks {
-            let xs = x.clone().reshape([1, t, h]).expand([c.count, t, h]);
-            let gu = xs.matmul(c.gate_up_t.to_f32(self.kernels)); // [Ec, T, 2I]
+        for (first, gate_up, down) in self.chunks.iter().flat_map(|c| c.unpacked(self.kernels)) {
+            let count = gate_up.dims()[0];
+            let xs = x.clone().reshape([1, t, h]).expand([count, t, h]);
+            let gu = xs.matmul(gate_up); // [n, T, 2I]
             let act = swiglu(gu, self.width, self.kernels);
-            let y = act.matmul(c.down_t.to_f32(self.kernels)); // [Ec, T, H]
-            let m = mix.clone().narrow(0, c.first, c.count).reshape([c.count, t, 1]);
+            let y = act.matmul(down); // [n, T, H]
+            let m = mix.clone().narrow(0, first, count).reshape([count, t, 1]);
             let y = (y * m).sum_dim(0);
             out = Some(match out {
                 Some(o) => o + y,
@@ -373,20 +518,6 @@ impl Moe {
             });
         }
         out.expect("a MoE layer has at least one expert chunk").reshape([t, h])
-    }
-}
-
-/// One expert chunk's gathered products with the kernel of its storage format.
-fn gathered_product(
-    x: &Tensor<2>,
-    w: &Weights<3>,
-    idx: &Tensor<1, Int>,
-    first: usize,
-    x_div: usize,
-) -> Option<Tensor<2>> {
-    match w {
-        Weights::Dense(t) => kernels::moe::gathered_matvec(x, t, idx, first, x_div),
-        Weights::Packed(p) => kernels::packed::gathered(x, p, idx, first, x_div),
     }
 }
 
@@ -411,7 +542,7 @@ mod tests {
             correction_bias: (method == TopkMethod::NoauxTc)
                 .then(|| Tensor::<1>::random([e], Distribution::Normal(0.0, 0.1), device)),
             chunks: Vec::new(),
-            shared: None,
+            shared: 0,
             experts: e,
             top_k: 3,
             width: 1,
@@ -422,6 +553,105 @@ mod tests {
             norm_topk_prob: method != TopkMethod::GroupLimitedGreedy,
             routed_scaling_factor: 2.5,
             kernels: Kernels::Wgsl,
+        }
+    }
+
+    /// A block of `e` routed and `s` shared experts (`[H, 2I]` gate/up and `[I, H]` down per expert in
+    /// `gu` / `down`) stored in `format`, in chunks starting at `starts`.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        template: &Moe,
+        (gu, down): (&[f32], &[f32]),
+        (h, i, s): (usize, usize, usize),
+        starts: &[usize],
+        format: WeightDtype,
+        kernels: Kernels,
+        device: &burn::tensor::Device,
+    ) -> Moe {
+        let total = template.experts + s;
+        let mut ends = starts[1..].to_vec();
+        ends.push(total);
+        let chunks = starts
+            .iter()
+            .zip(ends)
+            .map(|(&first, end)| ExpertChunk {
+                first,
+                count: end - first,
+                gate_up_t: Weights::new(
+                    gu[first * h * 2 * i..end * h * 2 * i].to_vec(),
+                    [end - first, h, 2 * i],
+                    format,
+                    device,
+                ),
+                down_t: Weights::new(
+                    down[first * i * h..end * i * h].to_vec(),
+                    [end - first, i, h],
+                    format,
+                    device,
+                ),
+            })
+            .collect();
+        let mut m = template.clone();
+        m.chunks = chunks;
+        m.shared = s;
+        m.width = i;
+        m.kernels = kernels;
+        m.router.kernels = kernels;
+        m
+    }
+
+    #[test]
+    fn chunked_stacks_and_shared_experts_match_one_stack_with_burn() {
+        let Ok(device) = crate::engine::default_device() else {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        };
+        // 10 routed experts and 2 shared ones in three chunks, the shared ones in the last with a routed one.
+        let (e, s, h, i) = (10, 2, 24, 12);
+        let template = router(e, h, TopkMethod::Greedy, ScoringFunc::Softmax, &device);
+        let host = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|j| (((j + seed) * 7919 % 2003) as f32 - 1001.0) * 3e-4)
+                .collect()
+        };
+        let (gu, down) = (host((e + s) * h * 2 * i, 1), host((e + s) * i * h, 2));
+        for format in [WeightDtype::F32, WeightDtype::Q8] {
+            let one = block(
+                &template,
+                (&gu, &down),
+                (h, i, s),
+                &[0],
+                format,
+                Kernels::Generic,
+                &device,
+            );
+            for kernels in [Kernels::Wgsl, Kernels::Generic] {
+                let split = block(&template, (&gu, &down), (h, i, s), &[0, 4, 9], format, kernels, &device);
+                // One token (decode: the shared experts among the slots) and several (prefill).
+                for t in [1, 5] {
+                    let x = Tensor::<2>::random([t, h], Distribution::Normal(0.0, 1.0), &device);
+                    let (want, want_idx) = one.forward(x.clone());
+                    let (got, idx) = split.forward(x);
+                    assert_eq!(idx.dims(), [t, 3], "{format:?} {kernels:?}: the routed choice only");
+                    // Each token's set of experts (the two selections may order a token's slots apart).
+                    let sets = |idx: Tensor<2, Int>| {
+                        let ids: Vec<i64> = idx.into_data().iter::<i64>().collect();
+                        let mut rows: Vec<Vec<i64>> = ids.chunks(3).map(<[i64]>::to_vec).collect();
+                        rows.iter_mut().for_each(|r| r.sort_unstable());
+                        rows
+                    };
+                    assert_eq!(
+                        sets(idx),
+                        sets(want_idx),
+                        "{format:?} {kernels:?} {t} tokens: another choice"
+                    );
+                    let worst = crate::kernels::worst_difference(got, want);
+                    assert!(
+                        worst < 1e-4,
+                        "{format:?} {kernels:?} {t} tokens: worst difference {worst}"
+                    );
+                }
+            }
         }
     }
 
@@ -479,13 +709,27 @@ mod tests {
                     );
                 }
             }
-            let fast = sorted(fast_idx, fast_w);
+            let fast = sorted(fast_idx.clone(), fast_w.clone());
             for (t, (a, b)) in fast.iter().zip(&want).enumerate() {
                 for ((ea, wa), (eb, wb)) in a.iter().zip(b) {
                     assert_eq!(ea, eb, "{method:?} token {t}: experts {a:?} vs {b:?}");
                     assert!((wa - wb).abs() < 1e-5, "{method:?} token {t}: weights {a:?} vs {b:?}");
                 }
             }
+            // Two shared experts' slots appended: the same choice, then experts E and E + 1 at weight 1.
+            let mut shape = moe.route_shape();
+            shape.extra = 2;
+            let (idx, w) = kernels::moe::route(kernels::moe::Logits::Given(&logits), bias, &shape)
+                .expect("the kernel covers this router");
+            assert_eq!(idx.dims(), [5, 5]);
+            let ids: Vec<i64> = idx.clone().narrow(1, 3, 2).into_data().iter::<i64>().collect();
+            assert_eq!(ids, (0..5).flat_map(|_| [e as i64, e as i64 + 1]).collect::<Vec<_>>());
+            let ones: Vec<f32> = w.clone().narrow(1, 3, 2).into_data().try_to_vec().unwrap();
+            assert!(ones.iter().all(|&v| v == 1.0), "{method:?}: shared weights {ones:?}");
+            let same: Vec<i64> = idx.narrow(1, 0, 3).into_data().iter::<i64>().collect();
+            assert_eq!(same, fast_idx.into_data().iter::<i64>().collect::<Vec<_>>());
+            let worst = crate::kernels::worst_difference(w.narrow(1, 0, 3), fast_w);
+            assert_eq!(worst, 0.0, "{method:?}: routed weights with shared slots");
         }
     }
 }

@@ -52,7 +52,11 @@ impl RmsNorm {
             let residual = match &delta {
                 None => Residual::None,
                 Some(Delta::Plain(d)) => Residual::Add(d),
-                Some(Delta::Experts { routed, weights, base }) => Residual::Experts { routed, weights, base },
+                Some(Delta::Experts { routed, weights, base }) => Residual::Experts {
+                    routed,
+                    weights,
+                    base: base.as_ref(),
+                },
             };
             if let Some((y, sum)) = kernels::norm::rms_norm(&x, residual, &self.weight, self.eps) {
                 return (sum.unwrap_or(x), y);
@@ -73,16 +77,17 @@ impl RmsNorm {
 pub enum Delta {
     /// One tensor `[T, H]`.
     Plain(Tensor<2>),
-    /// A MoE block's output before its routed experts are mixed: the gathered down projections `routed`
-    /// `[T * K, H]` (one row per token and slot), their router weights `[T, K]` and the shared experts'
-    /// output `base` `[T, H]`; the norm that adds it mixes it in the same launch.
+    /// A MoE block's output before its experts are mixed: the gathered down projections `routed`
+    /// `[T * K, H]` (one row per token and slot; the shared experts among them when they ran stacked with
+    /// the routed ones), their weights `[T, K]` and, when the shared experts ran apart, their output
+    /// `base` `[T, H]`; the norm that adds it mixes it in the same launch.
     Experts {
         /// `[T * K, H]`.
         routed: Tensor<2>,
         /// `[T, K]`.
         weights: Tensor<2>,
-        /// `[T, H]`.
-        base: Tensor<2>,
+        /// `[T, H]`, or nothing.
+        base: Option<Tensor<2>>,
     },
 }
 
@@ -91,7 +96,7 @@ impl Delta {
     pub fn into_tensor(self) -> Tensor<2> {
         match self {
             Delta::Plain(t) => t,
-            Delta::Experts { routed, weights, base } => mix(routed, &weights, Some(&base)),
+            Delta::Experts { routed, weights, base } => mix(routed, &weights, base.as_ref()),
         }
     }
 
@@ -104,7 +109,7 @@ impl Delta {
                 Delta::Experts {
                     routed: routed.narrow(0, (t - 1) * k, k),
                     weights: weights.narrow(0, t - 1, 1),
-                    base: base.narrow(0, t - 1, 1),
+                    base: base.map(|b| b.narrow(0, t - 1, 1)),
                 }
             }
         }

@@ -104,11 +104,16 @@ impl Packed {
     /// Bytes the packed words and scales take.
     pub fn bytes(&self) -> usize {
         let [count, k, n] = self.shape;
-        let scales = match self.format {
-            WeightDtype::Q8 | WeightDtype::Q4 => padded_k(self.format, k) / BLOCK * n * 2,
+        count * Self::matrix_bytes(self.format, k, n)
+    }
+
+    /// Bytes one packed `[K, N]` matrix of `format` takes, words and scales.
+    pub fn matrix_bytes(format: WeightDtype, k: usize, n: usize) -> usize {
+        let scales = match format {
+            WeightDtype::Q8 | WeightDtype::Q4 => padded_k(format, k) / BLOCK * n * 2,
             _ => 0,
         };
-        count * (words_per_matrix(self.format, k, n) * 4 + scales)
+        words_per_matrix(format, k, n) * 4 + scales
     }
 
     /// The same weights with their words in a buffer (as browsers hold them).
@@ -164,9 +169,19 @@ impl Packed {
 
     /// The weights as f32 `[count, K, N]`, unpacked with burn's integer and float ops.
     pub fn dequantise(&self) -> Tensor<3> {
-        let [count, k, n] = self.shape;
+        self.dequantise_range(0, self.shape[0])
+    }
+
+    /// Matrices `first..first + count` of the stack as f32 `[count, K, N]`, unpacked with burn's integer
+    /// and float ops (a part of a stack too large to unpack whole into one binding).
+    pub fn dequantise_range(&self, first: usize, count: usize) -> Tensor<3> {
+        let [all, k, n] = self.shape;
         let kp = self.padded_k();
-        let words = self.words_tensor();
+        let per = words_per_matrix(self.format, k, n);
+        let mut words = self.words_tensor();
+        if count < all {
+            words = words.narrow(0, first * per, count * per);
+        }
         let full = match self.format {
             WeightDtype::F16 => {
                 let halves = split_bits(words.reshape([count, k, n / 2]), 16, 2); // [count, K, N/2, 2]
@@ -184,8 +199,11 @@ impl Packed {
             }
             WeightDtype::F32 => unreachable!("packed weights are never f32"),
         };
-        let scales = self.scales.clone().expect("q8 / q4 weights have scales");
         let blocks = kp / BLOCK;
+        let mut scales = self.scales.clone().expect("q8 / q4 weights have scales");
+        if count < all {
+            scales = scales.narrow(0, first * blocks * n / 2, count * blocks * n / 2);
+        }
         let scales = split_bits(scales.reshape([count, blocks, n / 2]), 16, 2).reshape([count * blocks * n]);
         let scales = f16_bits_to_f32(scales)
             .reshape([count, blocks, 1, n])

@@ -90,9 +90,6 @@ impl Transformer {
                             out.push((format!("{p}experts{c}.down"), ParamMut::Stack(t)));
                         }
                     }
-                    if let Some(s) = &mut m.shared {
-                        mlp(&mut out, &format!("{p}shared."), s);
-                    }
                 }
             }
         }
@@ -243,24 +240,40 @@ async fn export_moe(m: &Moe, p: &str, out: &mut Vec<(String, Vec<usize>, Vec<f32
             read(b.clone()).await?,
         ));
     }
+    // The shared experts, stacked after the routed ones, go back into one MLP of width S x I.
+    let s = m.shared;
+    let (mut gate, mut up, mut down_cols) = (Vec::new(), Vec::new(), Vec::with_capacity(s));
     for chunk in &m.chunks {
-        let gu = read(chunk.gate_up_t.to_f32(m.kernels)).await?; // [Ec, H, 2I]
-        let down = read(chunk.down_t.to_f32(m.kernels)).await?; // [Ec, I, H]
         for k in 0..chunk.count {
             let x = chunk.first + k;
+            let gu = read(chunk.gate_up_t.to_f32_range(k, 1, m.kernels)).await?; // [H, 2I]
+            let down = read(chunk.down_t.to_f32_range(k, 1, m.kernels)).await?; // [I, H]
+            let rows = transpose(&gu, h, 2 * i); // [2I, H]
+            let down = transpose(&down, i, h); // [H, I]
+            if x >= e {
+                gate.extend_from_slice(&rows[..i * h]);
+                up.extend_from_slice(&rows[i * h..]);
+                down_cols.push(down);
+                continue;
+            }
             let ep = format!("{p}mlp.experts.{x}.");
-            let rows = transpose(&gu[k * h * 2 * i..(k + 1) * h * 2 * i], h, 2 * i); // [2I, H]
             out.push((format!("{ep}gate_proj.weight"), vec![i, h], rows[..i * h].to_vec()));
             out.push((format!("{ep}up_proj.weight"), vec![i, h], rows[i * h..].to_vec()));
-            out.push((
-                format!("{ep}down_proj.weight"),
-                vec![h, i],
-                transpose(&down[k * i * h..(k + 1) * i * h], i, h),
-            ));
+            out.push((format!("{ep}down_proj.weight"), vec![h, i], down));
         }
     }
-    if let Some(s) = &m.shared {
-        export_mlp(s, &format!("{p}mlp.shared_experts."), out).await?;
+    if s > 0 {
+        let sp = format!("{p}mlp.shared_experts.");
+        let down: Vec<f32> = (0..h)
+            .flat_map(|row| {
+                down_cols
+                    .iter()
+                    .flat_map(move |d| d[row * i..(row + 1) * i].iter().copied())
+            })
+            .collect();
+        out.push((format!("{sp}gate_proj.weight"), vec![s * i, h], gate));
+        out.push((format!("{sp}up_proj.weight"), vec![s * i, h], up));
+        out.push((format!("{sp}down_proj.weight"), vec![h, s * i], down));
     }
     Ok(())
 }

@@ -127,16 +127,12 @@ impl Transformer {
             b.attn.kv_a_norm.kernels = kernels;
             b.attn_norm.kernels = kernels;
             b.ffn_norm.kernels = kernels;
-            let mlp = match &mut b.ffn {
-                FeedForward::Dense(m) => Some(m),
+            match &mut b.ffn {
+                FeedForward::Dense(m) => all.extend([&mut m.gate_up, &mut m.down]),
                 FeedForward::Moe(m) => {
                     m.kernels = kernels;
                     all.push(&mut m.router);
-                    m.shared.as_mut()
                 }
-            };
-            if let Some(m) = mlp {
-                all.extend([&mut m.gate_up, &mut m.down]);
             }
         }
         for l in all {
@@ -367,9 +363,9 @@ impl Transformer {
             pending = Some(match &b.ffn {
                 FeedForward::Dense(m) => Delta::Plain(m.forward(n)),
                 FeedForward::Moe(m) => {
-                    let (out, experts) = m.forward_delta(n);
+                    let (out, chosen) = m.forward_delta(n);
                     if let Some(r) = routing.as_mut() {
-                        r.push(experts);
+                        r.push(chosen.routed());
                     }
                     out
                 }
@@ -510,19 +506,48 @@ fn load_moe(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
     } else {
         None
     };
-    // As many experts per chunk as fit one binding, unpacked to f32 as prefill does (one expert's [H, 2I] is
-    // the larger matrix).
-    let per_expert = h * 2 * i * 4;
-    let per_chunk = (MAX_BINDING_BYTES / per_expert.max(1)).clamp(1, e);
+    // The shared experts (one MLP of width S x I in the checkpoint) become S experts of width I after the
+    // routed ones: rows j*I..(j+1)*I of its gate and up, columns j*I..(j+1)*I of its down.
+    let s = c.n_shared_experts;
+    let shared = if s > 0 {
+        let sp = format!("{p}mlp.shared_experts.");
+        let gu = gate_up_rows(r, &sp, h, s * i)?; // [2SI, H]: gate rows, then up rows
+        let down = r.get(&format!("{sp}down_proj.weight"), &[h, s * i])?.data; // [H, SI]
+        Some((gu, down))
+    } else {
+        None
+    };
+    // One expert's [I, H] down rows and [H, 2I] gate/up, transposed as the stacks hold them.
+    let mut expert = |x: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+        if x < e {
+            let ep = format!("{p}mlp.experts.{x}.");
+            let gu = transpose(&gate_up_rows(r, &ep, h, i)?, 2 * i, h);
+            let down = transpose(&r.get(&format!("{ep}down_proj.weight"), &[h, i])?.data, h, i);
+            return Ok((gu, down));
+        }
+        let (gu, down) = shared.as_ref().expect("shared experts were read");
+        let j = x - e;
+        let mut rows = gu[j * i * h..(j + 1) * i * h].to_vec();
+        rows.extend_from_slice(&gu[(s + j) * i * h..(s + j + 1) * i * h]);
+        let cols: Vec<f32> = (0..h)
+            .flat_map(|row| down[row * s * i + j * i..row * s * i + (j + 1) * i].iter().copied())
+            .collect();
+        Ok((transpose(&rows, 2 * i, h), transpose(&cols, h, i)))
+    };
+    // As many experts per chunk as their stored matrices fit one binding (the kernels bind a chunk whole;
+    // burn's ops unpack it in parts).
+    let total = e + s;
+    let per_expert = Weights::<3>::matrix_bytes(dtype, h, 2 * i).max(Weights::<3>::matrix_bytes(dtype, i, h));
+    let per_chunk = (MAX_BINDING_BYTES / per_expert.max(1)).clamp(1, total);
     let mut chunks = Vec::new();
-    for first in (0..e).step_by(per_chunk) {
-        let count = per_chunk.min(e - first);
+    for first in (0..total).step_by(per_chunk) {
+        let count = per_chunk.min(total - first);
         let mut gu_t = Vec::with_capacity(count * h * 2 * i);
         let mut down_t = Vec::with_capacity(count * i * h);
         for x in first..first + count {
-            let ep = format!("{p}mlp.experts.{x}.");
-            gu_t.extend(transpose(&gate_up_rows(r, &ep, h, i)?, 2 * i, h));
-            down_t.extend(transpose(&r.get(&format!("{ep}down_proj.weight"), &[h, i])?.data, h, i));
+            let (gu, down) = expert(x)?;
+            gu_t.extend(gu);
+            down_t.extend(down);
         }
         chunks.push(ExpertChunk {
             first,
@@ -531,23 +556,11 @@ fn load_moe(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
             down_t: Weights::new(down_t, [count, i, h], dtype, device),
         });
     }
-    let shared = if c.n_shared_experts > 0 {
-        Some(load_mlp(
-            r,
-            &format!("{p}mlp.shared_experts."),
-            h,
-            c.n_shared_experts * i,
-            dtype,
-            device,
-        )?)
-    } else {
-        None
-    };
     Ok(Moe {
         router,
         correction_bias,
         chunks,
-        shared,
+        shared: s,
         experts: e,
         top_k: c.num_experts_per_tok,
         width: i,
