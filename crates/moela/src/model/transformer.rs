@@ -517,7 +517,7 @@ fn load_moe(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
     } else {
         None
     };
-    // One expert's [I, H] down rows and [H, 2I] gate/up, transposed as the stacks hold them.
+    // One expert's gate/up [H, 2I] and down [I, H], transposed as the stacks hold them.
     let mut expert = |x: usize| -> Result<(Vec<f32>, Vec<f32>)> {
         if x < e {
             let ep = format!("{p}mlp.experts.{x}.");
