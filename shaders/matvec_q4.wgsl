@@ -66,6 +66,13 @@ fn unpack(words: vec4<u32>, first: u32) -> mat4x4<f32> {
     );
 }
 
+// Invocation i's first texel column, the bound on it and the step to its next column group: {{P}}
+// adjacent groups, or (SwiGLU) the gate's group c and the up's, half the texel columns apart.
+fn column_groups(i: u32) -> vec3<u32> {
+    return vec3<u32>(i * {{P}}u, shape.n4, 1u); {{LIN}}
+    return vec3<u32>(i, shape.n4 / 2u, shape.n4 / 2u); {{GLU}}
+}
+
 // silu(v) = v * sigmoid(v), as shaders/swiglu.wgsl computes it.
 fn silu(v: vec4<f32>) -> vec4<f32> {
     return v / (1.0 + exp(-v));
@@ -80,13 +87,10 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     // {{P}} adjacent texel columns per invocation (lines holding {{C}} are repeated per column): each x
     // value read serves all of them.
     let n4 = shape.n4;
-    let c = gid.x * {{P}}u; {{LIN}}
-    let lim = n4; {{LIN}}
-    let step = 1u; {{LIN}}
-    // SwiGLU: the gate column c and the up column c (half the texel columns apart) -> one output column.
-    let c = gid.x; {{GLU}}
-    let lim = n4 / 2u; {{GLU}}
-    let step = n4 / 2u; {{GLU}}
+    let cols = column_groups(gid.x);
+    let c = cols.x;
+    let lim = cols.y;
+    let step = cols.z;
     if (c >= lim) {
         return;
     }
@@ -116,12 +120,10 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
 fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
     let p = gid.y;
     let n4 = shape.n4;
-    let c = gid.x * {{P}}u; {{LIN}}
-    let lim = n4; {{LIN}}
-    let step = 1u; {{LIN}}
-    let c = gid.x; {{GLU}}
-    let lim = n4 / 2u; {{GLU}}
-    let step = n4 / 2u; {{GLU}}
+    let cols = column_groups(gid.x);
+    let c = cols.x;
+    let lim = cols.y;
+    let step = cols.z;
     if (c >= lim) {
         return;
     }
