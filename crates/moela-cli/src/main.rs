@@ -183,7 +183,8 @@ struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
-    /// Also time each kernel of the counted decode step (run one at a time) and list where it goes.
+    /// Also time each kernel of the counted decode step and of one more prefill (run one at a time) and
+    /// list where they go.
     #[arg(long)]
     profile: bool,
 }
@@ -559,13 +560,22 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 m.weights_and_cache_bytes as f64 / (1 << 20) as f64
             );
         }
-        for k in report.dispatches_by_kernel.iter().take(if a.profile { 16 } else { 0 }) {
-            println!(
-                "  {:>8.2} ms {:>5} x {}",
-                k.seconds.unwrap_or(0.0) * 1e3,
-                k.launches,
-                k.name
-            );
+        let by_kernel = |title: &str, list: &[moela::kernels::KernelStat]| {
+            println!("{title}");
+            for k in list.iter().take(16) {
+                println!(
+                    "  {:>8.2} ms {:>5} x {}",
+                    k.seconds.unwrap_or(0.0) * 1e3,
+                    k.launches,
+                    k.name
+                );
+            }
+        };
+        if a.profile {
+            by_kernel("decode step, by kernel:", &report.dispatches_by_kernel);
+        }
+        if let Some(list) = &report.prefill_by_kernel {
+            by_kernel("prefill, by kernel:", list);
         }
     }
     Ok(())

@@ -41,6 +41,9 @@ pub struct BenchReport {
     /// The same launches by kernel, most frequent first (with their time when the bench was asked to
     /// profile: that step runs its kernels one at a time).
     pub dispatches_by_kernel: Vec<kernels::KernelStat>,
+    /// With a profile: the launches of one more prefill of the same prompt by kernel, each timed (run one
+    /// at a time, so the sum exceeds the prefill's time).
+    pub prefill_by_kernel: Option<Vec<kernels::KernelStat>>,
     /// The device memory after the run, against what the model needs (wgpu device only).
     pub gpu_memory: Option<GpuMemory>,
 }
@@ -133,7 +136,8 @@ pub async fn matvec_throughput(device: &Device, dtype: WeightDtype, kernels: Ker
 }
 
 /// Runs `prompt_tokens` of prefill then `gen_tokens` greedy decode steps on random token ids, then one
-/// more step whose kernel launches are counted (and, with `profile`, timed one by one).
+/// more step whose kernel launches are counted (and, with `profile`, timed one by one, and the prompt's
+/// prefill run once more with its launches timed).
 pub async fn bench(
     engine: &std::sync::Arc<Engine>,
     prompt_tokens: usize,
@@ -174,6 +178,14 @@ pub async fn bench(
     session.step(argmax(&logits)).await?;
     let dispatches_by_kernel = counter.finish();
     let dispatches_per_token = dispatches_by_kernel.iter().map(|k| k.launches).sum();
+    let prefill_by_kernel = if profile {
+        session.reset();
+        let counter = kernels::LaunchCounter::start(true);
+        session.prefill(&prompt).await?;
+        Some(counter.finish())
+    } else {
+        None
+    };
 
     let info = engine.info();
     let needed = info.gpu_weight_bytes + max_context as u64 * info.cache.bytes_per_token;
@@ -206,6 +218,7 @@ pub async fn bench(
         },
         dispatches_per_token,
         dispatches_by_kernel,
+        prefill_by_kernel,
         gpu_memory,
     })
 }
