@@ -1,7 +1,7 @@
 // Products with f16 weights packed in pairs in u32 words (model/packed.rs has the layout), unpacked with
 // unpack2x16float: half the bytes of f32 on any adapter, with no shader-f16 needed. f32 accumulation.
 // Same entry points and work split as matvec_q8.wgsl (matvec with {{R}} lines repeated per row of x,
-// gathered for MoE decode, dequant for burn's ops); each invocation owns four adjacent columns and
+// gathered for MoE decode, grouped for MoE prefill, dequant for burn's ops); each invocation owns four adjacent columns and
 // reads one vec2<u32> (four f16) per k.
 //
 // Bindings: x [rows, K], w [count, K, N/4] vec2<u32>, idx [P] i32, y, then the shape.
@@ -21,8 +21,8 @@ struct Shape {
     _pad1: u32,
     _pad2: u32,
     keep: u32,    // gathered: 1 leaves the rows of pairs outside the chunk as they are, 0 writes zeros
-    _pad3: u32,
-    _pad4: u32,
+    order: u32,   // grouped: where the plan's pair order starts
+    m: u32,       // matvec: rows of x (in groups of {{M}}, one workgroup row each)
     _pad5: u32,
 }
 @group(0) @binding(4) var<uniform> shape: Shape;
@@ -40,12 +40,15 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let k_len = shape.k;
     let base = u32(idx[0]) * k_len * n4 + c;
+    // This workgroup row's rows of x: r0.. (the last group's rows past M repeat row M - 1, unwritten).
+    let r0 = gid.y * {{M}}u;
+    let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * k_len;
     var acc{{R}} = vec4<f32>(0.0);
     for (var k = 0u; k < k_len; k++) {
         let wv = unpack(w[base + k * n4]);
-        acc{{R}} = fma(vec4<f32>(x[{{R}}u * k_len + k]), wv, acc{{R}});
+        acc{{R}} = fma(vec4<f32>(x[row{{R}} + k]), wv, acc{{R}});
     }
-    y[{{R}}u * n4 + c] = acc{{R}};
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * n4 + c] = acc{{R}}; }
 }
 
 @compute @workgroup_size(64)
@@ -71,6 +74,33 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
     }
     y[p * n4 + c] = acc;
+}
+
+@compute @workgroup_size(64)
+fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
+    // Tile gid.y of the plan (shaders/moe_sort.wgsl), as in matvec_q8.wgsl.
+    let t = 4u * gid.y;
+    let pairs = u32(idx[t + 2u]);
+    let e = idx[t] - i32(shape.first);
+    let c = gid.x;
+    let n4 = shape.n4;
+    let inside = e >= 0 && u32(e) < shape.count;
+    if (pairs == 0u || c >= n4 || (!inside && shape.keep == 1u)) {
+        return;
+    }
+    let k_len = shape.k;
+    let at = shape.order + u32(idx[t + 1u]);
+    let p{{R}} = u32(idx[at + min({{R}}u, pairs - 1u)]);
+    let row{{R}} = (p{{R}} / shape.x_div) * k_len;
+    var acc{{R}} = vec4<f32>(0.0);
+    if (inside) {
+        let base = u32(e) * k_len * n4 + c;
+        for (var k = 0u; k < k_len; k++) {
+            let wv = unpack(w[base + k * n4]);
+            acc{{R}} = fma(vec4<f32>(x[row{{R}} + k]), wv, acc{{R}});
+        }
+    }
+    if ({{R}}u < pairs) { y[p{{R}} * n4 + c] = acc{{R}}; }
 }
 
 @compute @workgroup_size(64)

@@ -23,8 +23,8 @@ struct Shape {
     layer_shift: u32, // log2(rows per layer) (31 for one layer)
     _pad0: u32,
     keep: u32,        // gathered: 1 leaves the rows of pairs outside the chunk as they are, 0 writes zeros
-    _pad1: u32,
-    _pad2: u32,
+    order: u32,       // grouped: where the plan's pair order starts
+    m: u32,           // matvec: rows of x (in groups of {{M}}, one workgroup row each)
     _pad3: u32,
 }
 @group(0) @binding(4) var<uniform> shape: Shape;
@@ -59,16 +59,19 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let k_len = shape.k;
     let e = u32(idx[0]);
+    // This workgroup row's rows of x: r0.. (the last group's rows past M repeat row M - 1, unwritten).
+    let r0 = gid.y * {{M}}u;
+    let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * k_len;
     var lo{{R}} = vec4<f32>(0.0);
     var hi{{R}} = vec4<f32>(0.0);
     for (var k = 0u; k < k_len; k++) {
         let wv = texel(e, k, c);
-        let xv{{R}} = vec4<f32>(xs({{R}}u * k_len + k));
+        let xv{{R}} = vec4<f32>(xs(row{{R}} + k));
         lo{{R}} = fma(xv{{R}}, wv[0], lo{{R}});
         hi{{R}} = fma(xv{{R}}, wv[1], hi{{R}});
     }
-    y[{{R}}u * shape.n4 + 2u * c] = lo{{R}};
-    y[{{R}}u * shape.n4 + 2u * c + 1u] = hi{{R}};
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * shape.n4 + 2u * c] = lo{{R}}; }
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * shape.n4 + 2u * c + 1u] = hi{{R}}; }
 }
 
 @compute @workgroup_size(64)
@@ -98,6 +101,36 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     y[p * shape.n4 + 2u * c] = lo;
     y[p * shape.n4 + 2u * c + 1u] = hi;
+}
+
+@compute @workgroup_size(64)
+fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
+    // Tile gid.y of the plan (shaders/moe_sort.wgsl), as in matvec_q8.wgsl.
+    let t = 4u * gid.y;
+    let pairs = u32(idx[t + 2u]);
+    let e = idx[t] - i32(shape.first);
+    let c = gid.x;
+    let n8 = shape.n4 / 2u;
+    let inside = e >= 0 && u32(e) < shape.count;
+    if (pairs == 0u || c >= n8 || (!inside && shape.keep == 1u)) {
+        return;
+    }
+    let k_len = shape.k;
+    let at = shape.order + u32(idx[t + 1u]);
+    let p{{R}} = u32(idx[at + min({{R}}u, pairs - 1u)]);
+    let row{{R}} = (p{{R}} / shape.x_div) * k_len;
+    var lo{{R}} = vec4<f32>(0.0);
+    var hi{{R}} = vec4<f32>(0.0);
+    if (inside) {
+        for (var k = 0u; k < k_len; k++) {
+            let wv = texel(u32(e), k, c);
+            let xv{{R}} = vec4<f32>(xs(row{{R}} + k));
+            lo{{R}} = fma(xv{{R}}, wv[0], lo{{R}});
+            hi{{R}} = fma(xv{{R}}, wv[1], hi{{R}});
+        }
+    }
+    if ({{R}}u < pairs) { y[p{{R}} * shape.n4 + 2u * c] = lo{{R}}; }
+    if ({{R}}u < pairs) { y[p{{R}} * shape.n4 + 2u * c + 1u] = hi{{R}}; }
 }
 
 @compute @workgroup_size(64)

@@ -1,6 +1,6 @@
 // Products with 4-bit block-quantised weights (model/packed.rs has the layout): w[k, n] = (code - 8) * scale,
 // code a nibble, one f16 scale per block of 32 consecutive k of a column. Same entry points, bindings and
-// work split as matvec_q8.wgsl (SwiGLU variants included); here one word holds eight rows of a column, so
+// work split as matvec_q8.wgsl (SwiGLU variants and the grouped entry included); here one word holds eight rows of a column, so
 // a word group is 8 k and takes two vec4 of x.
 //
 // Bindings: x [rows, K/4] vec4, w [count, Kp/8, N/4] vec4<u32>, s [count, Kp/32, N/4] vec2<u32> (f16 x4),
@@ -28,8 +28,8 @@ struct Shape {
     layer_shift: u32,  // log2(rows per layer) (31 for one layer)
     x_k4: u32,         // vec4 per row of x: K / 4, the reads past it zero
     keep: u32,         // gathered: 1 leaves the rows of pairs outside the chunk as they are, 0 writes zeros
-    _pad0: u32,
-    _pad1: u32,
+    order: u32,        // grouped: where the plan's pair order starts
+    m: u32,            // matvec: rows of x (in groups of {{M}}, one workgroup row each)
     _pad2: u32,
 }
 @group(0) @binding(5) var<uniform> shape: Shape;
@@ -96,6 +96,9 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let blocks = shape.blocks;
     let e = u32(idx[0]);
+    // This workgroup row's rows of x: r0.. (the last group's rows past M repeat row M - 1, unwritten).
+    let r0 = gid.y * {{M}}u;
+    let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * shape.x_k4;
     let sbase = e * blocks * n4 + c;
     var acc{{R}}_{{C}} = vec4<f32>(0.0);
     for (var b = 0u; b < blocks; b++) {
@@ -105,15 +108,15 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
             let words{{C}} = word(e, g, c + {{C}}u * step);
             let lo{{C}} = unpack(words{{C}}, 0u);
             let hi{{C}} = unpack(words{{C}}, 4u);
-            let xlo{{R}} = xs({{R}}u * shape.x_k4, 2u * g);
-            let xhi{{R}} = xs({{R}}u * shape.x_k4, 2u * g + 1u);
+            let xlo{{R}} = xs(row{{R}}, 2u * g);
+            let xhi{{R}} = xs(row{{R}}, 2u * g + 1u);
             part{{R}}_{{C}} += xlo{{R}} * lo{{C}} + xhi{{R}} * hi{{C}};
         }
         let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u * step]);
         acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
     }
-    y[{{R}}u * n4 + c + {{C}}u] = acc{{R}}_{{C}}; {{LIN}}
-    y[{{R}}u * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; {{GLU}}
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * n4 + c + {{C}}u] = acc{{R}}_{{C}}; } {{LIN}}
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; } {{GLU}}
 }
 
 @compute @workgroup_size(64)
@@ -151,6 +154,50 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     y[p * n4 + c + {{C}}u] = acc{{C}}; {{LIN}}
     y[p * lim + c] = silu(acc0) * acc1; {{GLU}}
+}
+
+@compute @workgroup_size(64)
+fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
+    // Tile gid.y of the plan (shaders/moe_sort.wgsl), as in matvec_q8.wgsl.
+    let t = 4u * gid.y;
+    let pairs = u32(idx[t + 2u]);
+    let e = idx[t] - i32(shape.first);
+    let inside = e >= 0 && u32(e) < shape.count;
+    if (pairs == 0u || (!inside && shape.keep == 1u)) {
+        return;
+    }
+    let n4 = shape.n4;
+    let cols = column_groups(gid.x);
+    let c = cols.x;
+    let lim = cols.y;
+    let step = cols.z;
+    if (c >= lim) {
+        return;
+    }
+    let blocks = shape.blocks;
+    let at = shape.order + u32(idx[t + 1u]);
+    let p{{R}} = u32(idx[at + min({{R}}u, pairs - 1u)]);
+    let row{{R}} = (p{{R}} / shape.x_div) * shape.x_k4;
+    var acc{{R}}_{{C}} = vec4<f32>(0.0);
+    if (inside) {
+        let sbase = u32(e) * blocks * n4 + c;
+        for (var b = 0u; b < blocks; b++) {
+            var part{{R}}_{{C}} = vec4<f32>(0.0);
+            for (var j = 0u; j < GROUPS; j++) {
+                let g = b * GROUPS + j;
+                let words{{C}} = word(u32(e), g, c + {{C}}u * step);
+                let lo{{C}} = unpack(words{{C}}, 0u);
+                let hi{{C}} = unpack(words{{C}}, 4u);
+                let xlo{{R}} = xs(row{{R}}, 2u * g);
+                let xhi{{R}} = xs(row{{R}}, 2u * g + 1u);
+                part{{R}}_{{C}} += xlo{{R}} * lo{{C}} + xhi{{R}} * hi{{C}};
+            }
+            let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u * step]);
+            acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
+        }
+    }
+    if ({{R}}u < pairs) { y[p{{R}} * n4 + c + {{C}}u] = acc{{R}}_{{C}}; } {{LIN}}
+    if ({{R}}u < pairs) { y[p{{R}} * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; } {{GLU}}
 }
 
 @compute @workgroup_size(64)

@@ -3,11 +3,15 @@
 // in f32; the words are plain u32, so no shader-f16 or integer-dot extension is needed.
 //
 // Three entry points over one binding list:
-// - matvec: y[m] = x[m] @ w[idx[0]] for the M (1..=8) rows of x; lines holding {{R}} are repeated per row
-//   by the launcher (one accumulator variable per row keeps them in registers);
+// - matvec: y[m] = x[m] @ w[idx[0]] for the M rows of x, {{M}} (1..=8) rows per workgroup row; lines
+//   holding {{R}} are repeated per row by the launcher (one accumulator variable per row keeps them in
+//   registers), so a prefill's product over all its rows is one launch;
 // - gathered: for each (token, slot) pair p, y[p] = x[p / x_div] @ w[idx[p] - first] (MoE decode: only the
 //   chosen experts' weights are read); a pair whose expert is outside this chunk gets zeros, or with `keep`
 //   its row is left to the launch of the chunk that holds it (several chunks write one output);
+// - grouped: the gathered product with the pairs sorted by expert (shaders/moe_sort.wgsl's plan in idx):
+//   each workgroup row takes one tile of up to {{R}}-many pairs of one expert and reads that expert's
+//   weights once for all of them (prefill); tiles of experts outside the chunk are skipped;
 // - dequant: y = w as f32 [count, Kp, N], for burn's ops (training, the dense expert form).
 //
 // Each invocation owns four adjacent columns c (one vec4<u32> of words: four rows of each column), or
@@ -44,8 +48,8 @@ struct Shape {
     layer_shift: u32,  // log2(rows per layer) (31 for one layer)
     x_k4: u32,         // vec4 per row of x: K / 4, the reads past it zero
     keep: u32,         // gathered: 1 leaves the rows of pairs outside the chunk as they are, 0 writes zeros
-    _pad0: u32,
-    _pad1: u32,
+    order: u32,        // grouped: where the plan's pair order starts
+    m: u32,            // matvec: rows of x (in groups of {{M}}, one workgroup row each)
     _pad2: u32,
 }
 @group(0) @binding(5) var<uniform> shape: Shape;
@@ -112,6 +116,9 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let blocks = shape.blocks;
     let e = u32(idx[0]);
+    // This workgroup row's rows of x: r0.. (the last group's rows past M repeat row M - 1, unwritten).
+    let r0 = gid.y * {{M}}u;
+    let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * shape.x_k4;
     let sbase = e * blocks * n4 + c;
     var acc{{R}}_{{C}} = vec4<f32>(0.0);
     for (var b = 0u; b < blocks; b++) {
@@ -119,14 +126,14 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
         for (var j = 0u; j < GROUPS; j++) {
             let g = b * GROUPS + j;
             let q{{C}} = unpack(word(e, g, c + {{C}}u * step));
-            let xv{{R}} = xs({{R}}u * shape.x_k4, g);
+            let xv{{R}} = xs(row{{R}}, g);
             part{{R}}_{{C}} += xv{{R}} * q{{C}};
         }
         let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u * step]);
         acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
     }
-    y[{{R}}u * n4 + c + {{C}}u] = acc{{R}}_{{C}}; {{LIN}}
-    y[{{R}}u * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; {{GLU}}
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * n4 + c + {{C}}u] = acc{{R}}_{{C}}; } {{LIN}}
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; } {{GLU}}
 }
 
 @compute @workgroup_size(64)
@@ -162,6 +169,48 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     y[p * n4 + c + {{C}}u] = acc{{C}}; {{LIN}}
     y[p * lim + c] = silu(acc0) * acc1; {{GLU}}
+}
+
+@compute @workgroup_size(64)
+fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
+    // Tile gid.y of the plan: (expert, first position in the order, pairs); the rows past its pairs
+    // repeat its last pair and are not written.
+    let t = 4u * gid.y;
+    let pairs = u32(idx[t + 2u]);
+    let e = idx[t] - i32(shape.first);
+    let inside = e >= 0 && u32(e) < shape.count;
+    if (pairs == 0u || (!inside && shape.keep == 1u)) {
+        return;
+    }
+    let n4 = shape.n4;
+    let cols = column_groups(gid.x);
+    let c = cols.x;
+    let lim = cols.y;
+    let step = cols.z;
+    if (c >= lim) {
+        return;
+    }
+    let blocks = shape.blocks;
+    let at = shape.order + u32(idx[t + 1u]);
+    let p{{R}} = u32(idx[at + min({{R}}u, pairs - 1u)]);
+    let row{{R}} = (p{{R}} / shape.x_div) * shape.x_k4;
+    var acc{{R}}_{{C}} = vec4<f32>(0.0);
+    if (inside) {
+        let sbase = u32(e) * blocks * n4 + c;
+        for (var b = 0u; b < blocks; b++) {
+            var part{{R}}_{{C}} = vec4<f32>(0.0);
+            for (var j = 0u; j < GROUPS; j++) {
+                let g = b * GROUPS + j;
+                let q{{C}} = unpack(word(u32(e), g, c + {{C}}u * step));
+                let xv{{R}} = xs(row{{R}}, g);
+                part{{R}}_{{C}} += xv{{R}} * q{{C}};
+            }
+            let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u * step]);
+            acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
+        }
+    }
+    if ({{R}}u < pairs) { y[p{{R}} * n4 + c + {{C}}u] = acc{{R}}_{{C}}; } {{LIN}}
+    if ({{R}}u < pairs) { y[p{{R}} * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; } {{GLU}}
 }
 
 @compute @workgroup_size(64)

@@ -8,6 +8,10 @@
 // (down). Each invocation owns four adjacent outputs of one pair and walks K with vec4 weight loads, as in
 // matvec.wgsl. N must be a multiple of 4.
 //
+// The `grouped` entry (prefill) takes the pairs sorted by expert instead (shaders/moe_sort.wgsl's plan in
+// idx): each workgroup row is one tile of up to {{R}}-many pairs of one expert (lines holding {{R}} are
+// repeated per pair by the launcher), whose weights it reads once for all of them.
+//
 // Bindings: x [rows, K], w [count, K, N/4] as vec4, idx [P] (i32), y [P, N/4] as vec4, then the shape.
 
 @group(0) @binding(0) var<storage, read_write> x: array<f32>;
@@ -22,7 +26,7 @@ struct Shape {
     count: u32,
     x_div: u32,
     keep: u32,    // 1 leaves the rows of pairs outside the chunk as they are, 0 writes zeros
-    _pad1: u32,
+    order: u32,   // grouped: where the plan's pair order starts
     _pad2: u32,
 }
 @group(0) @binding(4) var<uniform> shape: Shape;
@@ -50,4 +54,32 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
     }
     y[p * n4 + c] = acc;
+}
+
+@compute @workgroup_size(64)
+fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
+    // Tile gid.y of the plan: (expert, first position in the order, pairs); the rows past its pairs
+    // repeat its last pair and are not written.
+    let t = 4u * gid.y;
+    let pairs = u32(idx[t + 2u]);
+    let e = idx[t] - i32(shape.first);
+    let c = gid.x;
+    let n4 = shape.n4;
+    let inside = e >= 0 && u32(e) < shape.count;
+    if (pairs == 0u || c >= n4 || (!inside && shape.keep == 1u)) {
+        return;
+    }
+    let k_len = shape.k;
+    let at = shape.order + u32(idx[t + 1u]);
+    let p{{R}} = u32(idx[at + min({{R}}u, pairs - 1u)]);
+    let row{{R}} = (p{{R}} / shape.x_div) * k_len;
+    var acc{{R}} = vec4<f32>(0.0);
+    if (inside) {
+        let base = u32(e) * k_len * n4 + c;
+        for (var k = 0u; k < k_len; k++) {
+            let wv = w[base + k * n4];
+            acc{{R}} = fma(vec4<f32>(x[row{{R}} + k]), wv, acc{{R}});
+        }
+    }
+    if ({{R}}u < pairs) { y[p{{R}} * n4 + c] = acc{{R}}; }
 }

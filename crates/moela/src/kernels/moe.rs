@@ -1,16 +1,32 @@
 //! `shaders/moe_matvec.wgsl`: products with only the experts the router chose (MoE decode), reading their
-//! weights where they are stored instead of gathering copies of them.
+//! weights where they are stored instead of gathering copies of them; `shaders/moe_route.wgsl`: the
+//! router's choice; `shaders/moe_sort.wgsl`: the chosen (token, slot) pairs sorted by expert into tiles
+//! ([`Plan`]), so that prefill's grouped products read each expert's weights once per tile of pairs.
 
 use std::sync::OnceLock;
 
 use burn::tensor::{DType, Int, Tensor};
 
-use super::{WgslKernel, cube_int_tensor, cube_tensor, empty, float, grid, launch, tagged, wrap};
+use super::matvec::MAX_ROWS;
+use super::{WgslKernel, cube_int_tensor, cube_tensor, empty, float, grid, launch, per_row, tagged, wrap};
 
 const SOURCE: &str = include_str!("../../../../shaders/moe_matvec.wgsl");
 const ROUTE: &str = include_str!("../../../../shaders/moe_route.wgsl");
 const COMBINE: &str = include_str!("../../../../shaders/moe_combine.wgsl");
+const SORT: &str = include_str!("../../../../shaders/moe_sort.wgsl");
 const WORKGROUP: u32 = 64;
+
+/// `shaders/moe_matvec.wgsl` with its grouped entry's lines repeated per pair of a tile.
+fn source() -> &'static str {
+    static SOURCE_ROWS: OnceLock<String> = OnceLock::new();
+    SOURCE_ROWS.get_or_init(|| per_row(SOURCE, TILE_PAIRS))
+}
+
+/// Pairs per tile of a [`Plan`]: the rows a grouped product serves with one read of an expert's weights.
+pub const TILE_PAIRS: usize = MAX_ROWS;
+/// The sort's buckets (`shaders/moe_sort.wgsl`'s workgroup counters): the experts, routed and shared, and
+/// one for ids outside them.
+pub const MAX_SORTED_EXPERTS: usize = 1024;
 
 /// The most routed experts the selection kernel takes (each of its 64 invocations scans E / 64 of them per pick).
 pub const MAX_EXPERTS: usize = 512;
@@ -156,6 +172,57 @@ pub fn route(logits: Logits, bias: Option<&Tensor<1>>, shape: &RouteShape) -> Op
     Some((idx, float(&l, w, [t, slots])))
 }
 
+/// The (token, slot) pairs of a MoE block sorted by expert, in tiles of up to [`TILE_PAIRS`] pairs of one
+/// expert, on the GPU (`shaders/moe_sort.wgsl`): what the grouped products ([`grouped_matvec`],
+/// `kernels::packed::grouped`) read instead of one expert id per pair.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// `tiles` entries of (expert, first position in the order, pairs, 0), then the pairs in expert order.
+    pub(crate) table: Tensor<1, Int>,
+    /// Tile entries: room for every tile the pairs can make (the unused ones hold zero pairs).
+    pub(crate) tiles: usize,
+    /// Pairs sorted.
+    pub(crate) pairs: usize,
+}
+
+impl Plan {
+    /// Where the pair order starts in the table (after the tiles' four values each).
+    pub(crate) fn order_at(&self) -> u32 {
+        4 * self.tiles as u32
+    }
+}
+
+/// Sorts the pairs of `idx` (`[P]`, each pair's expert among `0..experts`; any other id is sorted after
+/// them, into no chunk's range) by expert into a [`Plan`], in one launch; `None` when the kernel does not
+/// cover the call (`experts` not below [`MAX_SORTED_EXPERTS`], or more tiles than one launch's workgroup
+/// rows).
+pub fn sort(idx: &Tensor<1, Int>, experts: usize) -> Option<Plan> {
+    let [pairs] = idx.dims();
+    // Each expert (and the bucket of ids outside 0..experts) adds at most one partly filled tile to the
+    // full ones.
+    let tiles = pairs / TILE_PAIRS + (experts + 1).min(pairs);
+    if pairs == 0 || experts == 0 || experts >= MAX_SORTED_EXPERTS || tiles > 65_535 {
+        return None;
+    }
+    let idx = cube_int_tensor(idx).filter(|t| t.dtype == DType::I32)?;
+    let kernel = WgslKernel {
+        name: "moe_sort",
+        entry: "main",
+        source: SORT,
+        variant: 0,
+        workgroup: 256,
+    };
+    let table = empty(&idx, 4 * tiles + pairs);
+    let info = [pairs, experts, tiles, TILE_PAIRS].map(|v| v as u32);
+    launch(&idx, kernel, [1, 1, 1], &[&idx.handle, &table], &info);
+    let table = wrap(&idx, table, &[4 * tiles + pairs], DType::I32);
+    Some(Plan {
+        table: Tensor::<1, Int>::from_primitive::<burn_cubecl::Cube>(table),
+        tiles,
+        pairs,
+    })
+}
+
 /// The MoE block's output from the gathered down projections `routed` (`[T * K, H]`, one row per
 /// (token, slot) pair) and their weights `[T, K]`: `base + sum_k weight[t, k] * routed[t * K + k]`, with
 /// `base` the shared experts' output `[T, H]` when the model has them. `None` when the kernel does not
@@ -241,7 +308,7 @@ pub fn gathered_matvec(
     let kernel = WgslKernel {
         name: "moe_matvec",
         entry: "main",
-        source: SOURCE,
+        source: source(),
         variant: 0,
         workgroup: WORKGROUP,
     };
@@ -251,6 +318,59 @@ pub fn gathered_matvec(
         kernel,
         [groups, pairs as u32, 1],
         &[&x.handle, &w.handle, &idx.handle, &out],
+        &shape,
+    );
+    Some(float(&x, out, [pairs, n]))
+}
+
+/// [`gathered_matvec`] with the pairs sorted by expert (`plan`, from [`sort`]): each tile of up to
+/// [`TILE_PAIRS`] pairs of one expert reads that expert's weights once. Rows of pairs whose expert is
+/// outside the chunk are left as `into` holds them, or zeros in a new output. `[P, N]`, or `None` when the
+/// kernel does not cover the call.
+pub fn grouped_matvec(
+    x: &Tensor<2>,
+    w: &Tensor<3>,
+    plan: &Plan,
+    (first, x_div): (usize, usize),
+    into: Option<&Tensor<2>>,
+) -> Option<Tensor<2>> {
+    let [rows, k] = x.dims();
+    let [count, k2, n] = w.dims();
+    let pairs = plan.pairs;
+    if x_div == 0
+        || pairs.div_ceil(x_div) > rows
+        || k != k2
+        || n % 4 != 0
+        || x.dtype() != DType::F32
+        || w.dtype() != DType::F32
+        || into.is_some_and(|t| t.dims() != [pairs, n] || t.dtype() != DType::F32)
+    {
+        return None;
+    }
+    let groups = u32::try_from((n / 4).div_ceil(WORKGROUP as usize)).ok()?;
+    if groups > 65_535 {
+        return None;
+    }
+    let table = cube_int_tensor(&plan.table)?;
+    let (x, w) = (cube_tensor(x)?, cube_tensor(w)?);
+    let out = match into {
+        Some(t) => cube_tensor(t)?.handle,
+        None => empty(&x, pairs * n),
+    };
+    let kernel = WgslKernel {
+        name: "moe_matvec",
+        entry: "grouped",
+        source: source(),
+        variant: 0,
+        workgroup: WORKGROUP,
+    };
+    let keep = usize::from(into.is_some());
+    let shape = [k, n / 4, first, count, x_div, keep, plan.order_at() as usize].map(|v| v as u32);
+    launch(
+        &x,
+        kernel,
+        [groups, plan.tiles as u32, 1],
+        &[&x.handle, &w.handle, &table.handle, &out],
         &shape,
     );
     Some(float(&x, out, [pairs, n]))
@@ -316,6 +436,104 @@ mod tests {
             worst_difference(both.narrow(0, p, 1), want) < 1e-4,
             "a row of the first stack kept"
         );
+    }
+
+    /// The plan's tiles and order, read back: `(tiles as (expert, start, pairs), order)`.
+    fn read_plan(plan: &Plan) -> (Vec<[i32; 3]>, Vec<i32>) {
+        let table: Vec<i32> = plan.table.clone().into_data().iter::<i64>().map(|v| v as i32).collect();
+        let (tiles, order) = table.split_at(4 * plan.tiles);
+        let tiles = tiles.chunks(4).map(|t| [t[0], t[1], t[2]]).collect();
+        (tiles, order.to_vec())
+    }
+
+    #[test]
+    fn sort_tiles_every_pair_once_by_expert() {
+        let Ok(device) = crate::engine::default_device() else {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        };
+        // More pairs than the sort's 256 invocations, more experts than invocations (several per
+        // invocation), experts with many pairs, with a few and with none, and ids outside 0..experts.
+        for (pairs, experts) in [(1000, 300), (7, 3), (1, 1), (600, 1000)] {
+            let ids: Vec<i32> = (0..pairs)
+                .map(|q| match q % 11 {
+                    0 => -1,
+                    1 => experts as i32 + 4,
+                    _ => ((q * q * 31 + 7) % (experts + experts / 2 + 1)).min(experts - 1) as i32,
+                })
+                .collect();
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [pairs]), &device);
+            let plan = sort(&idx, experts).expect("the sort covers this call");
+            let (tiles, order) = read_plan(&plan);
+            let mut seen = vec![false; pairs];
+            let mut last = -1;
+            let mut used = 0;
+            for [e, start, n] in tiles {
+                if n == 0 {
+                    continue;
+                }
+                used += 1;
+                assert!(e >= last, "tiles in expert order ({e} after {last})");
+                last = e;
+                assert!(n as usize <= TILE_PAIRS, "tile of {n} pairs");
+                for &q in &order[start as usize..(start + n) as usize] {
+                    let q = q as usize;
+                    assert!(!seen[q], "pair {q} in two tiles");
+                    seen[q] = true;
+                    let want = ids[q];
+                    let bucket = if (0..experts as i32).contains(&want) {
+                        want
+                    } else {
+                        experts as i32
+                    };
+                    assert_eq!(e, bucket, "pair {q} (expert {want}) in a tile of expert {e}");
+                }
+            }
+            assert!(seen.iter().all(|&s| s), "{pairs} pairs: every pair in a tile");
+            let mut counts = vec![0usize; experts + 1];
+            for &e in &ids {
+                counts[if (0..experts as i32).contains(&e) {
+                    e as usize
+                } else {
+                    experts
+                }] += 1;
+            }
+            let fewest: usize = counts.iter().map(|c| c.div_ceil(TILE_PAIRS)).sum();
+            assert_eq!(used, fewest, "{pairs} pairs: tiles full but each expert's last");
+        }
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(vec![0i32; 4], [4]), &device);
+        assert!(
+            sort(&idx, MAX_SORTED_EXPERTS).is_none(),
+            "more experts than the sort's buckets"
+        );
+    }
+
+    #[test]
+    fn grouped_matches_gathered_in_f32() {
+        let Ok(device) = crate::engine::default_device() else {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        };
+        // 23 tokens, top-3 over two stacks (experts 0..4 and 4..9), id 9 inside neither (zeros).
+        let (t, top, k, n, split, total) = (23, 3, 37, 52, 4, 9);
+        let pairs = t * top;
+        let ids: Vec<i32> = (0..pairs).map(|q| ((q * 7 + q / 4) % 10) as i32).collect();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [pairs]), &device);
+        let plan = sort(&idx, total).expect("covered");
+        let low = Tensor::<3>::random([split, k, n], Distribution::Normal(0.0, 1.0), &device);
+        let high = Tensor::<3>::random([total - split, k, n], Distribution::Normal(0.0, 1.0), &device);
+        for x_div in [top, 1] {
+            let x = Tensor::<2>::random([pairs / x_div, k], Distribution::Normal(0.0, 1.0), &device);
+            let out = grouped_matvec(&x, &low, &plan, (0, x_div), None).expect("covered");
+            let fast = grouped_matvec(&x, &high, &plan, (split, x_div), Some(&out)).expect("covered");
+            let out = gathered_matvec(&x, &low, &idx, (0, x_div), None).unwrap();
+            let want = gathered_matvec(&x, &high, &idx, (split, x_div), Some(&out)).unwrap();
+            let rows: Vec<f32> = fast.clone().narrow(0, 4, 1).into_data().try_to_vec().unwrap();
+            assert_eq!(ids[4], 9);
+            assert!(rows.iter().all(|&v| v == 0.0), "a pair outside both stacks");
+            let worst = worst_difference(fast, want);
+            assert!(worst < 1e-5, "x_div {x_div}: worst difference {worst}");
+        }
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! `shaders/matvec_{f16,q8,q4}.wgsl`: products with packed weights ([`Packed`]), unpacked inside the kernel.
 //!
-//! Each shader has three entry points over one binding list: `matvec` (up to [`MAX_ROWS`] rows of x times
-//! one matrix), `gathered` (MoE decode: each (token, slot) pair times its chosen expert) and `dequant` (the
-//! whole stack as f32, for burn's ops: training and the dense expert form). Products with more rows than
-//! one launch takes run [`product`]: `matvec` over groups of rows. Natively the words live in a texture
-//! (`kernels/texture.rs`; f16 then uses `shaders/matvec_f16_texture.wgsl`, eight columns to a texel), in
-//! the browser in a buffer.
+//! Each shader has four entry points over one binding list: `matvec` (rows of x times one matrix, up to
+//! [`MAX_ROWS`] of them per workgroup row, so a prompt's product is one launch), `gathered` (MoE decode:
+//! each (token, slot) pair times its chosen expert), `grouped` (MoE prefill: the pairs sorted by expert,
+//! each tile of pairs reading its expert once) and `dequant` (the whole stack as f32, for burn's ops:
+//! training and the dense expert form). Natively the words live in a texture (`kernels/texture.rs`; f16
+//! then uses `shaders/matvec_f16_texture.wgsl`, eight columns to a texel), in the browser in a buffer.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -14,6 +14,7 @@ use burn::tensor::{DType, Int, Shape, Tensor};
 use burn_cubecl::tensor::CubeTensor;
 
 use super::matvec::MAX_ROWS;
+use super::moe::Plan;
 #[cfg(not(target_arch = "wasm32"))]
 use super::texture;
 use super::{WgslKernel, cube_int_tensor, cube_tensor, per_row, repeated, tagged};
@@ -80,7 +81,7 @@ fn source(format: WeightDtype, rows: usize, cols: usize, reads: Reads) -> &'stat
             ("LIN", !reads.glu),
             ("GLU", reads.glu),
         ];
-        let text = tagged(text, &flags, &[("P", cols)]);
+        let text = tagged(text, &flags, &[("P", cols), ("M", rows)]);
         // Built once per variant (at most 3 x 8 x 2 x 3 x 2 x 2 of them): kept for the process's lifetime.
         Box::leak(per_row(&repeated(&text, "{{C}}", cols), rows).into_boxed_str())
     })
@@ -227,18 +228,14 @@ fn column_groups(n: usize, cols: usize) -> Option<u32> {
         .filter(|&g| g <= 65_535)
 }
 
-/// `x` (`[M, K]`, M <= [`MAX_ROWS`]) times the first matrix of `p`; `None` when the kernel does not cover
-/// the call (the caller then unpacks and uses burn's matmul).
-pub fn matvec(x: &Tensor<2>, p: &Packed) -> Option<Tensor<2>> {
-    matvec_at(x, p, &p.zero, false)
-}
-
-/// [`matvec`] with matrix `index[0]` of the stack; with `glu`, `silu(gate) * up` of the product's two
-/// halves (`[M, N/2]`).
+/// [`matvec`] with matrix `index[0]` of the stack, for any M: one launch, each workgroup row serving up to
+/// [`MAX_ROWS`] rows of x; with `glu`, `silu(gate) * up` of the product's two halves (`[M, N/2]`).
 fn matvec_at(x: &Tensor<2>, p: &Packed, index: &Tensor<1, Int>, glu: bool) -> Option<Tensor<2>> {
     let [m, k] = x.dims();
     let [_, pk, n] = p.shape;
-    if m == 0 || m > MAX_ROWS || k != pk || x.dtype() != DType::F32 || (glu && !glu_covers(p)) {
+    let rows = m.min(MAX_ROWS);
+    let row_groups = u32::try_from(m.div_ceil(MAX_ROWS)).ok().filter(|&g| g <= 65_535)?;
+    if m == 0 || k != pk || x.dtype() != DType::F32 || (glu && !glu_covers(p)) {
         return None;
     }
     let b = buffers(p)?;
@@ -247,29 +244,30 @@ fn matvec_at(x: &Tensor<2>, p: &Packed, index: &Tensor<1, Int>, glu: bool) -> Op
     let index = cube_int_tensor(index).filter(|t| t.dtype == DType::I32)?;
     let (x, x_k4) = kernel_x(x, p);
     let xt = cube_tensor(&x)?;
-    let info = shape_values(p, &b, 0, 1, x_k4, false);
+    let mut info = shape_values(p, &b, 0, 1, x_k4, false);
+    info.extend([0, m as u32]);
     let n = if glu { n / 2 } else { n };
     let out = launch(
         p,
         &b,
         "matvec",
-        (m, cols, glu),
+        (rows, cols, glu),
         &xt,
         &index,
         (m * n, None),
-        [groups, 1, 1],
+        [groups, row_groups, 1],
         info,
     )?;
     let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([m, n]), out, DType::F32);
     Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
 }
 
-/// `x` (`[M, K]`, any M) times the first matrix of `p`: [`matvec`] over groups of up to [`MAX_ROWS`] rows,
-/// stacked. Prefill's products with packed weights take this rather than unpacking the matrix to f32 for
-/// burn's matmul: no f32 copy of a weight is ever allocated, so the memory a prompt takes is its
-/// activations, and on lavapipe a 256-token chunk runs faster this way (the weights, read once per group,
-/// stay in cache; an unpacked copy is four bytes per weight written and read again). `None` when the kernel
-/// does not cover the call, before any launch.
+/// `x` (`[M, K]`, any M) times the first matrix of `p`: the matrix-vector kernel with up to [`MAX_ROWS`]
+/// rows per workgroup row, all of them in one launch. Prefill's products with packed weights take this
+/// rather than unpacking the matrix to f32 for burn's matmul: no f32 copy of a weight is ever allocated, so
+/// the memory a prompt takes is its activations, and on lavapipe a 256-token chunk runs faster this way
+/// (the weights, read once per group of rows, stay in cache; an unpacked copy is four bytes per weight
+/// written and read again). `None` when the kernel does not cover the call, before any launch.
 pub fn product(x: &Tensor<2>, p: &Packed) -> Option<Tensor<2>> {
     product_at(x, p, &p.zero, false)
 }
@@ -278,21 +276,7 @@ pub fn product(x: &Tensor<2>, p: &Packed) -> Option<Tensor<2>> {
 /// a stacked chunk; with `glu`, `silu(gate) * up` of a fused `[gate | up]` weight's product (`[M, N/2]`,
 /// 8-bit and 4-bit weights with N a multiple of 8: `None` otherwise), SwiGLU in the same launch.
 pub fn product_at(x: &Tensor<2>, p: &Packed, index: &Tensor<1, Int>, glu: bool) -> Option<Tensor<2>> {
-    let [m, _] = x.dims();
-    if m <= MAX_ROWS {
-        return matvec_at(x, p, index, glu);
-    }
-    let mut groups = Vec::with_capacity(m.div_ceil(MAX_ROWS));
-    for r0 in (0..m).step_by(MAX_ROWS) {
-        // The first group is declined exactly when every group is (same K, dtype and weights).
-        groups.push(matvec_at(
-            &x.clone().narrow(0, r0, MAX_ROWS.min(m - r0)),
-            p,
-            index,
-            glu,
-        )?);
-    }
-    Some(Tensor::cat(groups, 0))
+    matvec_at(x, p, index, glu)
 }
 
 /// For each pair `q` of `idx` (`[P]`, expert ids), `x[q / x_div] @ p[idx[q] - first]`: `[P, N]`, or `None`
@@ -337,6 +321,47 @@ pub fn gathered(
     let count = [groups, pairs as u32, 1];
     let out_len = (pairs * out_n, into.as_ref());
     let out = launch(p, &b, "gathered", (1, cols, glu), &xt, &idx, out_len, count, info)?;
+    let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([pairs, out_n]), out, DType::F32);
+    Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
+}
+
+/// [`gathered`] with the pairs sorted by expert (`plan`, from `kernels::moe::sort`): each tile of up to
+/// [`MAX_ROWS`] pairs of one expert reads that expert's weights once (prefill, where many pairs share an
+/// expert). Rows of pairs whose expert is outside `first..first + count` are left as `into` holds them,
+/// or zeros in a new output; `glu` as in [`gathered`]. `None` when the kernel does not cover the call.
+pub fn grouped(
+    x: &Tensor<2>,
+    p: &Packed,
+    plan: &Plan,
+    (first, x_div, glu): (usize, usize, bool),
+    into: Option<&Tensor<2>>,
+) -> Option<Tensor<2>> {
+    let [rows, k] = x.dims();
+    let [_, pk, n] = p.shape;
+    let pairs = plan.pairs;
+    if x_div == 0 || pairs.div_ceil(x_div) > rows || k != pk || x.dtype() != DType::F32 || (glu && !glu_covers(p)) {
+        return None;
+    }
+    let out_n = if glu { n / 2 } else { n };
+    if into.is_some_and(|t| t.dims() != [pairs, out_n] || t.dtype() != DType::F32) {
+        return None;
+    }
+    let b = buffers(p)?;
+    let cols = columns(p, &b, "grouped");
+    let groups = column_groups(n, cols)?;
+    let table = cube_int_tensor(&plan.table)?;
+    let (x, x_k4) = kernel_x(x, p);
+    let xt = cube_tensor(&x)?;
+    let into = match into {
+        Some(t) => Some(cube_tensor(t)?),
+        None => None,
+    };
+    let mut info = shape_values(p, &b, first, x_div, x_k4, into.is_some());
+    info.push(plan.order_at());
+    let count = [groups, plan.tiles as u32, 1];
+    let shape = (MAX_ROWS, cols, glu);
+    let out_len = (pairs * out_n, into.as_ref());
+    let out = launch(p, &b, "grouped", shape, &xt, &table, out_len, count, info)?;
     let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([pairs, out_n]), out, DType::F32);
     Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
 }
@@ -531,6 +556,57 @@ mod tests {
         }
     }
 
+    #[test]
+    fn grouped_products_match_the_gathered_ones() {
+        let Ok(device) = crate::engine::default_device() else {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        };
+        // 29 tokens, top-3 over experts 0..5 (one stack) and 5..12 (another): experts with more pairs than
+        // one tile holds and with none, and ids 12 and 13, inside no stack (zeros).
+        let (t, top, k, first, count): (usize, usize, usize, usize, usize) = (29, 3, 70, 5, 7);
+        let pairs = t * top;
+        let ids: Vec<i32> = (0..pairs).map(|q| ((q * q * 7 + q / 5 + 3) % 14) as i32).collect();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [pairs]), &device);
+        let plan = crate::kernels::moe::sort(&idx, 12).expect("the sort covers this call");
+        for (format, n) in FORMATS.into_iter().flat_map(|f| [(f, 20), (f, 24)]) {
+            let high = Packed::new(&host(count * k * n, 3), [count, k, n], format, &device);
+            let low = Packed::new(&host(first * k * n, 9), [first, k, n], format, &device);
+            // Gate/up (a row of x per token) and down (a row per pair).
+            for x_div in [top, 1] {
+                let x = Tensor::<2>::random([pairs.div_ceil(x_div), k], Distribution::Normal(0.0, 1.0), &device);
+                for (high, low) in storages(high.clone()).into_iter().zip(storages(low.clone())) {
+                    for glu in [false, true] {
+                        if glu && !glu_covers(&high) {
+                            assert!(grouped(&x, &high, &plan, (first, x_div, true), None).is_none());
+                            continue;
+                        }
+                        let run = |plan: Option<&Plan>| {
+                            let one = |p: &Packed, first: usize, into: Option<&Tensor<2>>| match plan {
+                                Some(plan) => grouped(&x, p, plan, (first, x_div, glu), into),
+                                None => gathered(&x, p, &idx, (first, x_div, glu), into),
+                            };
+                            let out = one(&low, 0, None).expect("covered");
+                            values(one(&high, first, Some(&out)).expect("covered"))
+                        };
+                        let (fast, want) = (run(Some(&plan)), run(None));
+                        let w = worst_of(&fast, &want);
+                        assert!(
+                            w < 1e-5,
+                            "{format:?} n {n} x_div {x_div} glu {glu}: worst difference {w}"
+                        );
+                        let width = fast.len() / pairs;
+                        for (q, &e) in ids.iter().enumerate() {
+                            if e >= 12 {
+                                assert!(fast[q * width..(q + 1) * width].iter().all(|&v| v == 0.0));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[cfg(not(target_arch = "wasm32"))]
     #[test]
     fn texture_layers_place_every_word() {
@@ -551,7 +627,7 @@ mod tests {
             );
             let x = Tensor::<2>::random([2, k], Distribution::Normal(0.0, 1.0), &device);
             let reference = x.clone().matmul(p.dequantise().reshape([k, n]));
-            let w = worst_of(&values(matvec(&x, &p).expect("covered")), &values(reference));
+            let w = worst_of(&values(product(&x, &p).expect("covered")), &values(reference));
             assert!(w < 1e-4, "{format:?} {layout:?} layered matvec: worst difference {w}");
             let unpacked = dequantise(&p).expect("covered").reshape([k, n]);
             let w = worst_of(

@@ -193,7 +193,7 @@ impl Linear {
         if self.kernels == Kernels::Wgsl {
             let fast = match w {
                 Weights::Dense(t) => kernels::matvec::matvec(x, t),
-                // Any number of rows, a launch per MAX_ROWS of them: packed weights are never unpacked here.
+                // Any number of rows in one launch: packed weights are never unpacked here.
                 Weights::Packed(p) => kernels::packed::product(x, p),
             };
             if let Some(y) = fast {

@@ -8,10 +8,11 @@
 //! own.
 //!
 //! Routing, top-k and expert dispatch stay on the GPU for inference. Four dispatch forms, same result:
-//! - moela's gathered kernel (`shaders/moe_matvec.wgsl`, `matvec_{f16,q8,q4}.wgsl`; decode and prefill on
-//!   the wgpu device): each (token, slot) pair multiplies its chosen expert's weights where they are stored;
-//!   in prefill the shared experts run as products over all the chunk's tokens (their weights read once
-//!   per group of rows, not once per token);
+//! - moela's gathered kernels (`shaders/moe_matvec.wgsl`, `matvec_{f16,q8,q4}.wgsl`; decode and prefill
+//!   on the wgpu device): in decode each (token, slot) pair multiplies its chosen expert's weights where
+//!   they are stored; in prefill the pairs are first sorted by expert on the GPU (`shaders/moe_sort.wgsl`)
+//!   and each tile of up to 8 pairs of one expert reads that expert's weights once, and the shared experts
+//!   run as products over all the chunk's tokens (their weights read once per group of rows);
 //! - gathered with burn's ops (few token-expert pairs, e.g. decode with `--kernels generic`): the selected
 //!   experts' matrices are gathered with `select` and multiplied batched, so only the active experts'
 //!   weights are read;
@@ -95,6 +96,14 @@ impl Chosen {
             self.idx.narrow(1, 0, self.k)
         }
     }
+}
+
+/// The (token, slot) pairs of a block for its expert products: each pair's expert (`[P]`), and where they
+/// were sorted by expert (prefill), the tiles of that order.
+#[derive(Clone, Copy)]
+struct Pairs<'a> {
+    idx: &'a Tensor<1, Int>,
+    plan: Option<&'a kernels::moe::Plan>,
 }
 
 /// Which of an expert's two matrices.
@@ -305,9 +314,9 @@ impl Moe {
         };
         let (idx, w) = self.route_slots(x.clone(), extra);
         let chosen = Chosen { idx: idx.clone(), k };
-        // moela's gathered kernel reads each (token, slot) pair's expert in place, for decode and prefill
-        // alike: no copies of expert matrices and no unpacked f32 experts. Without it, few pairs take the
-        // batched gather and many the dense form.
+        // moela's gathered kernels read each (token, slot) pair's expert in place (prefill's pairs sorted
+        // by expert first), for decode and prefill alike: no copies of expert matrices and no unpacked f32
+        // experts. Without them, few pairs take the batched gather and many the dense form.
         if self.kernels == Kernels::Wgsl
             && let Some(out) = self.forward_wgsl(&x, &idx, &w, extra)
         {
@@ -369,8 +378,8 @@ impl Moe {
     /// The block with moela's kernels: the chosen experts' products read their weights in place (one
     /// launch per product and expert chunk, the chunks filling one output); the (token, slot) rows are left
     /// for the next norm to mix. `idx` / `w` hold `extra` shared slots per token (decode), or none: the
-    /// shared experts then run here as products over all the tokens. `None`, before any launch, when the
-    /// gathered kernels do not cover the call.
+    /// shared experts then run here as products over all the tokens. `None`, before any product's launch
+    /// (prefill's sort of the pairs may have run), when the gathered kernels do not cover the call.
     fn forward_wgsl(&self, x: &Tensor<2>, idx: &Tensor<2, Int>, w: &Tensor<2>, extra: usize) -> Option<Delta> {
         let [t, h] = x.dims();
         let slots = idx.dims()[1];
@@ -378,17 +387,29 @@ impl Moe {
             return None; // the down products' kernels need whole vec4 columns
         }
         let flat = idx.clone().reshape([t * slots]);
+        // Many tokens (prefill): the pairs sorted by expert on the GPU, so that each expert's weights are
+        // read once per tile of its pairs rather than once per pair. Only where the pairs average two or
+        // more per expert: a tile computes all its rows, so tiles of one pair would cost more than they save.
+        let plan = if t > 1 && t * slots >= 2 * (self.experts + self.shared) {
+            kernels::moe::sort(&flat, self.experts + self.shared)
+        } else {
+            None
+        };
+        let pairs = Pairs {
+            idx: &flat,
+            plan: plan.as_ref(),
+        };
         // SwiGLU inside the gate/up launch where the weights' kernel has that variant, else its own launch.
-        let act = match self.gathered_product(x, Side::GateUp, &flat, (slots, true)) {
+        let act = match self.gathered_product(x, Side::GateUp, pairs, (slots, true)) {
             Some(act) => act,
             None => swiglu(
-                self.gathered_product(x, Side::GateUp, &flat, (slots, false))?,
+                self.gathered_product(x, Side::GateUp, pairs, (slots, false))?,
                 self.width,
                 self.kernels,
             ),
         }; // [P, I]
         // Down projections: one row per pair, written where `gathered_product` covers the chunk.
-        let Some(routed) = self.gathered_product(&act, Side::Down, &flat, (1, false)) else {
+        let Some(routed) = self.gathered_product(&act, Side::Down, pairs, (1, false)) else {
             // Not expected once the gate/up products ran (same pairs, dtypes and stacks); burn's form then.
             let (idx, w) = self.with_shared(idx.clone(), w.clone(), self.shared - extra);
             return Some(Delta::Plain(self.gathered(x.clone(), idx, w)));
@@ -418,23 +439,27 @@ impl Moe {
         })
     }
 
-    /// Each pair of `idx` (`[P]`) times its expert's `side` matrix, row `p / x_div` of `x`: one gathered
-    /// launch per chunk, all writing one output `[P, N]`; with `glu`, SwiGLU of each gate/up row in the
-    /// same launch (`[P, N/2]`). `None` when the kernels do not cover it (the first chunk declines exactly
-    /// when any would: same pairs, dtypes and formats).
+    /// Each pair of `pairs` (`[P]`) times its expert's `side` matrix, row `p / x_div` of `x`: one
+    /// launch per chunk (gathered, or grouped where the pairs are sorted), all writing one output `[P, N]`;
+    /// with `glu`, SwiGLU of each gate/up row in the same launch (`[P, N/2]`). `None` when the kernels do
+    /// not cover it (the first chunk declines exactly when any would: same pairs, dtypes and formats).
     fn gathered_product(
         &self,
         x: &Tensor<2>,
         side: Side,
-        idx: &Tensor<1, Int>,
+        pairs: Pairs,
         (x_div, glu): (usize, bool),
     ) -> Option<Tensor<2>> {
+        use kernels::{moe, packed};
         let mut out: Option<Tensor<2>> = None;
         for c in &self.chunks {
-            out = Some(match c.weights(side) {
-                Weights::Dense(_) if glu => return None,
-                Weights::Dense(t) => kernels::moe::gathered_matvec(x, t, idx, (c.first, x_div), out.as_ref())?,
-                Weights::Packed(p) => kernels::packed::gathered(x, p, idx, (c.first, x_div, glu), out.as_ref())?,
+            let into = out.as_ref();
+            out = Some(match (c.weights(side), pairs.plan) {
+                (Weights::Dense(_), _) if glu => return None,
+                (Weights::Dense(t), Some(plan)) => moe::grouped_matvec(x, t, plan, (c.first, x_div), into)?,
+                (Weights::Dense(t), None) => moe::gathered_matvec(x, t, pairs.idx, (c.first, x_div), into)?,
+                (Weights::Packed(p), Some(plan)) => packed::grouped(x, p, plan, (c.first, x_div, glu), into)?,
+                (Weights::Packed(p), None) => packed::gathered(x, p, pairs.idx, (c.first, x_div, glu), into)?,
             });
         }
         out
@@ -627,8 +652,9 @@ mod tests {
             );
             for kernels in [Kernels::Wgsl, Kernels::Generic] {
                 let split = block(&template, (&gu, &down), (h, i, s), &[0, 4, 9], format, kernels, &device);
-                // One token (decode: the shared experts among the slots) and several (prefill).
-                for t in [1, 5] {
+                // One token (decode: the shared experts among the slots), a few (each pair reading its
+                // expert) and more (prefill's pairs sorted by expert into tiles).
+                for t in [1, 5, 29] {
                     let x = Tensor::<2>::random([t, h], Distribution::Normal(0.0, 1.0), &device);
                     let (want, want_idx) = one.forward(x.clone());
                     let (got, idx) = split.forward(x);
