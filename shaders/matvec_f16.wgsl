@@ -40,15 +40,18 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let k_len = shape.k;
     let base = u32(idx[0]) * k_len * n4 + c;
-    // This workgroup row's rows of x: r0.. (the last group's rows past M repeat row M - 1, unwritten).
-    let r0 = gid.y * {{M}}u;
-    let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * k_len;
+    // This workgroup row's rows of x: r0.. (the last group's rows past M repeat row M - 1, unwritten);
+    // a launch of one group ({{ONE}} lines, decode) has exactly {{M}} rows.
+    let r0 = gid.y * {{M}}u; {{MANY}}
+    let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * k_len; {{MANY}}
+    let row{{R}} = {{R}}u * k_len; {{ONE}}
     var acc{{R}} = vec4<f32>(0.0);
     for (var k = 0u; k < k_len; k++) {
         let wv = unpack(w[base + k * n4]);
         acc{{R}} = fma(vec4<f32>(x[row{{R}} + k]), wv, acc{{R}});
     }
-    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * n4 + c] = acc{{R}}; }
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * n4 + c] = acc{{R}}; } {{MANY}}
+    y[{{R}}u * n4 + c] = acc{{R}}; {{ONE}}
 }
 
 @compute @workgroup_size(64)

@@ -59,9 +59,11 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let k_len = shape.k;
     let e = u32(idx[0]);
-    // This workgroup row's rows of x: r0.. (the last group's rows past M repeat row M - 1, unwritten).
-    let r0 = gid.y * {{M}}u;
-    let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * k_len;
+    // This workgroup row's rows of x: r0.. (the last group's rows past M repeat row M - 1, unwritten);
+    // a launch of one group ({{ONE}} lines, decode) has exactly {{M}} rows.
+    let r0 = gid.y * {{M}}u; {{MANY}}
+    let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * k_len; {{MANY}}
+    let row{{R}} = {{R}}u * k_len; {{ONE}}
     var lo{{R}} = vec4<f32>(0.0);
     var hi{{R}} = vec4<f32>(0.0);
     for (var k = 0u; k < k_len; k++) {
@@ -70,8 +72,10 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
         lo{{R}} = fma(xv{{R}}, wv[0], lo{{R}});
         hi{{R}} = fma(xv{{R}}, wv[1], hi{{R}});
     }
-    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * shape.n4 + 2u * c] = lo{{R}}; }
-    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * shape.n4 + 2u * c + 1u] = hi{{R}}; }
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * shape.n4 + 2u * c] = lo{{R}}; } {{MANY}}
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * shape.n4 + 2u * c + 1u] = hi{{R}}; } {{MANY}}
+    y[{{R}}u * shape.n4 + 2u * c] = lo{{R}}; {{ONE}}
+    y[{{R}}u * shape.n4 + 2u * c + 1u] = hi{{R}}; {{ONE}}
 }
 
 @compute @workgroup_size(64)

@@ -96,9 +96,11 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let blocks = shape.blocks;
     let e = u32(idx[0]);
-    // This workgroup row's rows of x: r0.. (the last group's rows past M repeat row M - 1, unwritten).
-    let r0 = gid.y * {{M}}u;
-    let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * shape.x_k4;
+    // This workgroup row's rows of x: r0.. (the last group's rows past M repeat row M - 1, unwritten);
+    // a launch of one group ({{ONE}} lines, decode) has exactly {{M}} rows.
+    let r0 = gid.y * {{M}}u; {{MANY}}
+    let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * shape.x_k4; {{MANY}}
+    let row{{R}} = {{R}}u * shape.x_k4; {{ONE}}
     let sbase = e * blocks * n4 + c;
     var acc{{R}}_{{C}} = vec4<f32>(0.0);
     for (var b = 0u; b < blocks; b++) {
@@ -115,8 +117,10 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
         let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u * step]);
         acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
     }
-    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * n4 + c + {{C}}u] = acc{{R}}_{{C}}; } {{LIN}}
-    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; } {{GLU}}
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * n4 + c + {{C}}u] = acc{{R}}_{{C}}; } {{LIN}} {{MANY}}
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; } {{GLU}} {{MANY}}
+    y[{{R}}u * n4 + c + {{C}}u] = acc{{R}}_{{C}}; {{LIN}} {{ONE}}
+    y[{{R}}u * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; {{GLU}} {{ONE}}
 }
 
 @compute @workgroup_size(64)

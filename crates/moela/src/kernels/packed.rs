@@ -47,6 +47,9 @@ struct Reads {
     columns: bool,
     /// `silu(gate) * up` of a fused `[gate | up]` weight (8-bit and 4-bit `matvec` / `gathered`).
     glu: bool,
+    /// `matvec` over several workgroup rows of up to [`MAX_ROWS`] rows of x each (a prompt's product),
+    /// else over exactly one group (decode: no bounds on the rows to check).
+    many: bool,
 }
 
 /// Whether the SwiGLU variants cover `p`: 8-bit or 4-bit words, a gate and an up half of whole pairs of
@@ -80,9 +83,11 @@ fn source(format: WeightDtype, rows: usize, cols: usize, reads: Reads) -> &'stat
             ("COLS", reads.columns),
             ("LIN", !reads.glu),
             ("GLU", reads.glu),
+            ("MANY", reads.many),
+            ("ONE", !reads.many),
         ];
         let text = tagged(text, &flags, &[("P", cols), ("M", rows)]);
-        // Built once per variant (at most 3 x 8 x 2 x 3 x 2 x 2 of them): kept for the process's lifetime.
+        // Built once per variant (at most 3 x 8 x 2 x 3 x 2 x 2 x 2 of them): kept for the process's lifetime.
         Box::leak(per_row(&repeated(&text, "{{C}}", cols), rows).into_boxed_str())
     })
 }
@@ -155,6 +160,7 @@ fn launch(
     info: Vec<u32>,
 ) -> Option<burn_cubecl::cubecl::server::Handle> {
     let out = into.map_or_else(|| super::empty(x, out_len), |t| t.handle.clone());
+    let many = entry == "matvec" && count[1] > 1;
     match &b.words {
         Words::Buffer(words) => {
             let reads = Reads {
@@ -162,12 +168,13 @@ fn launch(
                 uniform_x: false,
                 columns: false,
                 glu,
+                many,
             };
             let kernel = WgslKernel {
                 name: p.format.name(),
                 entry,
                 source: source(p.format, rows, cols, reads),
-                variant: (rows * 8 + cols * 2 + usize::from(glu)) as u32,
+                variant: (usize::from(many) * 128 + rows * 8 + cols * 2 + usize::from(glu)) as u32,
                 workgroup: WORKGROUP,
             };
             let mut buffers = vec![&x.handle, &words.handle];
@@ -186,6 +193,7 @@ fn launch(
                 uniform_x: x_bytes <= texture::UNIFORM_BYTES,
                 columns: t.layout() == texture::Layout::Columns,
                 glu,
+                many,
             };
             let kernel = texture::TextureKernel {
                 name: p.format.name(),
