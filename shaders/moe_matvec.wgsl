@@ -1,4 +1,4 @@
-// Gathered expert products for MoE decode: for each (token, slot) pair p choosing expert e = idx[p],
+// Gathered expert products for MoE decode (entry `gathered`): for each (token, slot) pair p choosing expert e = idx[p],
 // y[p, n] = sum_k x[row(p), k] * w[e, k, n], reading only the chosen experts' weights and never copying them.
 //
 // w is one chunk of stacked expert weights, [count, K, N] (each expert [in, out], the engine's layout), for
@@ -32,7 +32,7 @@ struct Shape {
 @group(0) @binding(4) var<uniform> shape: Shape;
 
 @compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c = gid.x;
     let p = gid.y;
     let n4 = shape.n4;

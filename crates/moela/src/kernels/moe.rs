@@ -6,6 +6,7 @@
 use std::sync::OnceLock;
 
 use burn::tensor::{DType, Int, Tensor};
+use burn_cubecl::tensor::CubeTensor;
 
 use super::matvec::MAX_ROWS;
 use super::{WgslKernel, cube_int_tensor, cube_tensor, empty, float, grid, launch, per_row, tagged, wrap};
@@ -173,8 +174,8 @@ pub fn route(logits: Logits, bias: Option<&Tensor<1>>, shape: &RouteShape) -> Op
 }
 
 /// The (token, slot) pairs of a MoE block sorted by expert, in tiles of up to [`TILE_PAIRS`] pairs of one
-/// expert, on the GPU (`shaders/moe_sort.wgsl`): what the grouped products ([`grouped_matvec`],
-/// `kernels::packed::grouped`) read instead of one expert id per pair.
+/// expert, on the GPU (`shaders/moe_sort.wgsl`): what the products' `grouped` entry points read
+/// ([`Pairs::Sorted`]) instead of one expert id per pair.
 #[derive(Debug, Clone)]
 pub struct Plan {
     /// `tiles` entries of (expert, first position in the order, pairs, 0), then the pairs in expert order.
@@ -265,7 +266,65 @@ pub fn combine(routed: &Tensor<2>, weight: &Tensor<2>, base: Option<&Tensor<2>>)
     Some(float(&r, out, [t, h]))
 }
 
-/// For each pair `p` of `idx` (`[P]`, expert ids), `x[p / x_div] @ w[idx[p] - first]`: `x` is `[rows, K]`,
+/// The (token, slot) pairs an expert product runs over.
+#[derive(Debug, Clone, Copy)]
+pub enum Pairs<'a> {
+    /// Each pair's expert id (`[P]`, i32): each pair reads its expert's weights (decode; at most 65535
+    /// pairs).
+    Each(&'a Tensor<1, Int>),
+    /// The pairs sorted by expert into tiles ([`sort`]): each tile reads its expert's weights once for all
+    /// its pairs (prefill).
+    Sorted(&'a Plan),
+}
+
+/// How a launch over [`Pairs`] runs: the shaders' `gathered` or `grouped` entry point.
+pub(crate) struct PairLaunch {
+    /// The entry point.
+    pub entry: &'static str,
+    /// The pairs' experts, or the plan.
+    pub table: CubeTensor,
+    /// Workgroup rows: one per pair, or one per tile.
+    pub groups: u32,
+    /// Rows of x one workgroup row multiplies: 1, or [`TILE_PAIRS`].
+    pub rows: usize,
+    /// Where the plan's pair order starts (the shape's `order`; 0 for [`Pairs::Each`]).
+    pub order: u32,
+}
+
+impl Pairs<'_> {
+    /// Pairs in all (P): the rows of the product's output.
+    pub fn len(&self) -> usize {
+        match self {
+            Pairs::Each(idx) => idx.dims()[0],
+            Pairs::Sorted(plan) => plan.pairs,
+        }
+    }
+
+    /// Whether there are no pairs.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The launch over these pairs, or `None` when a launch cannot take them (too many pairs for one
+    /// launch's workgroup rows, ids not i32, not on a WGSL device).
+    pub(crate) fn launch(&self) -> Option<PairLaunch> {
+        let (entry, table, groups, rows, order) = match self {
+            Pairs::Each(idx) => ("gathered", *idx, idx.dims()[0], 1, 0),
+            Pairs::Sorted(plan) => ("grouped", &plan.table, plan.tiles, TILE_PAIRS, plan.order_at()),
+        };
+        let groups = u32::try_from(groups).ok().filter(|&g| g <= 65_535)?;
+        let table = cube_int_tensor(table).filter(|t| t.dtype == DType::I32)?;
+        Some(PairLaunch {
+            entry,
+            table,
+            groups,
+            rows,
+            order,
+        })
+    }
+}
+
+/// For each pair `p` of `pairs` choosing expert `e`, `x[p / x_div] @ w[e - first]`: `x` is `[rows, K]`,
 /// `w` one chunk of stacked experts `[count, K, N]` (f32, N a multiple of 4) holding experts
 /// `first..first + count`. Pairs choosing an expert outside the chunk get zeros in a new output, or,
 /// written `into` the output of another chunk's launch (`[P, N]`), keep what it holds. Returns `[P, N]`,
@@ -273,22 +332,21 @@ pub fn combine(routed: &Tensor<2>, weight: &Tensor<2>, base: Option<&Tensor<2>>)
 pub fn gathered_matvec(
     x: &Tensor<2>,
     w: &Tensor<3>,
-    idx: &Tensor<1, Int>,
+    pairs: Pairs,
     (first, x_div): (usize, usize),
     into: Option<&Tensor<2>>,
 ) -> Option<Tensor<2>> {
     let [rows, k] = x.dims();
     let [count, k2, n] = w.dims();
-    let [pairs] = idx.dims();
-    if pairs == 0
+    let p = pairs.len();
+    if p == 0
         || x_div == 0
-        || pairs.div_ceil(x_div) > rows
+        || p.div_ceil(x_div) > rows
         || k != k2
         || n % 4 != 0
         || x.dtype() != DType::F32
         || w.dtype() != DType::F32
-        || pairs > 65_535
-        || into.is_some_and(|t| t.dims() != [pairs, n] || t.dtype() != DType::F32)
+        || into.is_some_and(|t| t.dims() != [p, n] || t.dtype() != DType::F32)
     {
         return None;
     }
@@ -296,84 +354,29 @@ pub fn gathered_matvec(
     if groups > 65_535 {
         return None;
     }
-    let idx = cube_int_tensor(idx)?;
-    if idx.dtype != DType::I32 {
-        return None;
-    }
+    let l = pairs.launch()?;
     let (x, w) = (cube_tensor(x)?, cube_tensor(w)?);
     let out = match into {
         Some(t) => cube_tensor(t)?.handle,
-        None => empty(&x, pairs * n),
+        None => empty(&x, p * n),
     };
     let kernel = WgslKernel {
         name: "moe_matvec",
-        entry: "main",
-        source: source(),
-        variant: 0,
-        workgroup: WORKGROUP,
-    };
-    let shape = [k, n / 4, first, count, x_div, usize::from(into.is_some())].map(|v| v as u32);
-    launch(
-        &x,
-        kernel,
-        [groups, pairs as u32, 1],
-        &[&x.handle, &w.handle, &idx.handle, &out],
-        &shape,
-    );
-    Some(float(&x, out, [pairs, n]))
-}
-
-/// [`gathered_matvec`] with the pairs sorted by expert (`plan`, from [`sort`]): each tile of up to
-/// [`TILE_PAIRS`] pairs of one expert reads that expert's weights once. Rows of pairs whose expert is
-/// outside the chunk are left as `into` holds them, or zeros in a new output. `[P, N]`, or `None` when the
-/// kernel does not cover the call.
-pub fn grouped_matvec(
-    x: &Tensor<2>,
-    w: &Tensor<3>,
-    plan: &Plan,
-    (first, x_div): (usize, usize),
-    into: Option<&Tensor<2>>,
-) -> Option<Tensor<2>> {
-    let [rows, k] = x.dims();
-    let [count, k2, n] = w.dims();
-    let pairs = plan.pairs;
-    if x_div == 0
-        || pairs.div_ceil(x_div) > rows
-        || k != k2
-        || n % 4 != 0
-        || x.dtype() != DType::F32
-        || w.dtype() != DType::F32
-        || into.is_some_and(|t| t.dims() != [pairs, n] || t.dtype() != DType::F32)
-    {
-        return None;
-    }
-    let groups = u32::try_from((n / 4).div_ceil(WORKGROUP as usize)).ok()?;
-    if groups > 65_535 {
-        return None;
-    }
-    let table = cube_int_tensor(&plan.table)?;
-    let (x, w) = (cube_tensor(x)?, cube_tensor(w)?);
-    let out = match into {
-        Some(t) => cube_tensor(t)?.handle,
-        None => empty(&x, pairs * n),
-    };
-    let kernel = WgslKernel {
-        name: "moe_matvec",
-        entry: "grouped",
+        entry: l.entry,
         source: source(),
         variant: 0,
         workgroup: WORKGROUP,
     };
     let keep = usize::from(into.is_some());
-    let shape = [k, n / 4, first, count, x_div, keep, plan.order_at() as usize].map(|v| v as u32);
+    let shape = [k, n / 4, first, count, x_div, keep, l.order as usize].map(|v| v as u32);
     launch(
         &x,
         kernel,
-        [groups, plan.tiles as u32, 1],
-        &[&x.handle, &w.handle, &table.handle, &out],
+        [groups, l.groups, 1],
+        &[&x.handle, &w.handle, &l.table.handle, &out],
         &shape,
     );
-    Some(float(&x, out, [pairs, n]))
+    Some(float(&x, out, [p, n]))
 }
 
 #[cfg(test)]
@@ -395,7 +398,7 @@ mod tests {
         let w = Tensor::<3>::random([count, k, n], Distribution::Normal(0.0, 1.0), &device);
         let ids = vec![5i32, 11, 7, 2, 11, 9];
         let idx = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [t * top]), &device);
-        let fast = gathered_matvec(&x, &w, &idx, (first, top), None).expect("the kernel covers this call");
+        let fast = gathered_matvec(&x, &w, Pairs::Each(&idx), (first, top), None).expect("the kernel covers this call");
         let rows: Vec<Tensor<2>> = ids
             .iter()
             .enumerate()
@@ -414,7 +417,7 @@ mod tests {
 
         // One row per pair (the down projection).
         let xp = Tensor::<2>::random([t * top, k], Distribution::Normal(0.0, 1.0), &device);
-        let fast = gathered_matvec(&xp, &w, &idx, (first, 1), None).unwrap();
+        let fast = gathered_matvec(&xp, &w, Pairs::Each(&idx), (first, 1), None).unwrap();
         let p = 4; // expert 11
         let want = xp
             .clone()
@@ -426,7 +429,7 @@ mod tests {
         // Experts 0..5 in a second stack, written into the same output: it fills the row the first launch
         // left at zero (pair 3, expert 2) and keeps the first launch's rows.
         let low = Tensor::<3>::random([first, k, n], Distribution::Normal(0.0, 1.0), &device);
-        let both = gathered_matvec(&xp, &low, &idx, (0, 1), Some(&fast)).unwrap();
+        let both = gathered_matvec(&xp, &low, Pairs::Each(&idx), (0, 1), Some(&fast)).unwrap();
         let filled = xp.narrow(0, 3, 1).matmul(low.narrow(0, 2, 1).reshape([k, n]));
         assert!(
             worst_difference(both.clone().narrow(0, 3, 1), filled) < 1e-4,
@@ -509,7 +512,7 @@ mod tests {
     }
 
     #[test]
-    fn grouped_matches_gathered_in_f32() {
+    fn sorted_pairs_match_each_pair_in_f32() {
         let Ok(device) = crate::engine::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
@@ -524,10 +527,11 @@ mod tests {
         let high = Tensor::<3>::random([total - split, k, n], Distribution::Normal(0.0, 1.0), &device);
         for x_div in [top, 1] {
             let x = Tensor::<2>::random([pairs / x_div, k], Distribution::Normal(0.0, 1.0), &device);
-            let out = grouped_matvec(&x, &low, &plan, (0, x_div), None).expect("covered");
-            let fast = grouped_matvec(&x, &high, &plan, (split, x_div), Some(&out)).expect("covered");
-            let out = gathered_matvec(&x, &low, &idx, (0, x_div), None).unwrap();
-            let want = gathered_matvec(&x, &high, &idx, (split, x_div), Some(&out)).unwrap();
+            let both = |pairs: Pairs| {
+                let out = gathered_matvec(&x, &low, pairs, (0, x_div), None).expect("covered");
+                gathered_matvec(&x, &high, pairs, (split, x_div), Some(&out)).expect("covered")
+            };
+            let (fast, want) = (both(Pairs::Sorted(&plan)), both(Pairs::Each(&idx)));
             let rows: Vec<f32> = fast.clone().narrow(0, 4, 1).into_data().try_to_vec().unwrap();
             assert_eq!(ids[4], 9);
             assert!(rows.iter().all(|&v| v == 0.0), "a pair outside both stacks");

@@ -14,7 +14,7 @@ use burn::tensor::{DType, Int, Shape, Tensor};
 use burn_cubecl::tensor::CubeTensor;
 
 use super::matvec::MAX_ROWS;
-use super::moe::Plan;
+use super::moe::Pairs;
 #[cfg(not(target_arch = "wasm32"))]
 use super::texture;
 use super::{WgslKernel, cube_int_tensor, cube_tensor, per_row, repeated, tagged};
@@ -287,77 +287,37 @@ pub fn product_at(x: &Tensor<2>, p: &Packed, index: &Tensor<1, Int>, glu: bool) 
     matvec_at(x, p, index, glu)
 }
 
-/// For each pair `q` of `idx` (`[P]`, expert ids), `x[q / x_div] @ p[idx[q] - first]`: `[P, N]`, or `None`
+/// For each pair `q` of `pairs` choosing expert `e`, `x[q / x_div] @ p[e - first]`: `[P, N]`, or `None`
 /// when the kernel does not cover the call. Pairs whose expert is outside `first..first + count` get zeros
 /// in a new output, or, written `into` the output of another chunk's launch (`[P, N]`), keep what it holds:
 /// the chunks of a stack fill one output, each its own pairs. With `glu`, each row is `silu(gate) * up` of
-/// the pair's fused `[gate | up]` product (`[P, N/2]`, as [`product_at`] covers it).
+/// the pair's fused `[gate | up]` product (`[P, N/2]`, as [`product_at`] covers it). [`Pairs::Each`] runs
+/// the shaders' `gathered` entry (each pair reads its expert), [`Pairs::Sorted`] their `grouped` one (each
+/// tile of up to [`MAX_ROWS`] pairs of one expert reads it once: prefill).
 pub fn gathered(
     x: &Tensor<2>,
     p: &Packed,
-    idx: &Tensor<1, Int>,
+    pairs: Pairs,
     (first, x_div, glu): (usize, usize, bool),
     into: Option<&Tensor<2>>,
 ) -> Option<Tensor<2>> {
     let [rows, k] = x.dims();
     let [_, pk, n] = p.shape;
-    let [pairs] = idx.dims();
-    if pairs == 0 || pairs > 65_535 || x_div == 0 || pairs.div_ceil(x_div) > rows || k != pk {
+    let count = pairs.len();
+    if count == 0 || x_div == 0 || count.div_ceil(x_div) > rows || k != pk || x.dtype() != DType::F32 {
         return None;
     }
     if glu && !glu_covers(p) {
         return None;
     }
     let out_n = if glu { n / 2 } else { n };
-    if into.is_some_and(|t| t.dims() != [pairs, out_n] || t.dtype() != DType::F32) {
+    if into.is_some_and(|t| t.dims() != [count, out_n] || t.dtype() != DType::F32) {
         return None;
     }
-    if x.dtype() != DType::F32 {
-        return None;
-    }
+    let l = pairs.launch()?;
     let b = buffers(p)?;
-    let cols = columns(p, &b, "gathered");
+    let cols = columns(p, &b, l.entry);
     let groups = column_groups(n, cols)?;
-    let idx = cube_int_tensor(idx).filter(|t| t.dtype == DType::I32)?;
-    let (x, x_k4) = kernel_x(x, p);
-    let xt = cube_tensor(&x)?;
-    let into = match into {
-        Some(t) => Some(cube_tensor(t)?),
-        None => None,
-    };
-    let info = shape_values(p, &b, first, x_div, x_k4, into.is_some());
-    let count = [groups, pairs as u32, 1];
-    let out_len = (pairs * out_n, into.as_ref());
-    let out = launch(p, &b, "gathered", (1, cols, glu), &xt, &idx, out_len, count, info)?;
-    let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([pairs, out_n]), out, DType::F32);
-    Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
-}
-
-/// [`gathered`] with the pairs sorted by expert (`plan`, from `kernels::moe::sort`): each tile of up to
-/// [`MAX_ROWS`] pairs of one expert reads that expert's weights once (prefill, where many pairs share an
-/// expert). Rows of pairs whose expert is outside `first..first + count` are left as `into` holds them,
-/// or zeros in a new output; `glu` as in [`gathered`]. `None` when the kernel does not cover the call.
-pub fn grouped(
-    x: &Tensor<2>,
-    p: &Packed,
-    plan: &Plan,
-    (first, x_div, glu): (usize, usize, bool),
-    into: Option<&Tensor<2>>,
-) -> Option<Tensor<2>> {
-    let [rows, k] = x.dims();
-    let [_, pk, n] = p.shape;
-    let pairs = plan.pairs;
-    if x_div == 0 || pairs.div_ceil(x_div) > rows || k != pk || x.dtype() != DType::F32 || (glu && !glu_covers(p)) {
-        return None;
-    }
-    let out_n = if glu { n / 2 } else { n };
-    if into.is_some_and(|t| t.dims() != [pairs, out_n] || t.dtype() != DType::F32) {
-        return None;
-    }
-    let b = buffers(p)?;
-    let cols = columns(p, &b, "grouped");
-    let groups = column_groups(n, cols)?;
-    let table = cube_int_tensor(&plan.table)?;
     let (x, x_k4) = kernel_x(x, p);
     let xt = cube_tensor(&x)?;
     let into = match into {
@@ -365,12 +325,11 @@ pub fn grouped(
         None => None,
     };
     let mut info = shape_values(p, &b, first, x_div, x_k4, into.is_some());
-    info.push(plan.order_at());
-    let count = [groups, plan.tiles as u32, 1];
-    let shape = (MAX_ROWS, cols, glu);
-    let out_len = (pairs * out_n, into.as_ref());
-    let out = launch(p, &b, "grouped", shape, &xt, &table, out_len, count, info)?;
-    let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([pairs, out_n]), out, DType::F32);
+    info.push(l.order);
+    let grid = [groups, l.groups, 1];
+    let out_len = (count * out_n, into.as_ref());
+    let out = launch(p, &b, l.entry, (l.rows, cols, glu), &xt, &l.table, out_len, grid, info)?;
+    let y = CubeTensor::new_contiguous(xt.client, xt.device, Shape::new([count, out_n]), out, DType::F32);
     Some(Tensor::from_primitive::<burn_cubecl::Cube>(y))
 }
 
@@ -509,6 +468,7 @@ mod tests {
         let (t, top, k, first, count) = (3, 2, 70, 5, 7);
         let ids = vec![5i32, 11, 7, 2, 11, 9];
         let idx = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [t * top]), &device);
+        let each = Pairs::Each(&idx);
         // N/4 odd and even.
         for (format, n) in FORMATS.into_iter().flat_map(|f| [(f, 20), (f, 24)]) {
             let packed = Packed::new(&host(count * k * n, 3), [count, k, n], format, &device);
@@ -528,14 +488,14 @@ mod tests {
                 }
             };
             for (p, low) in storages(packed).into_iter().zip(storages(low)) {
-                let one = gathered(&x, &p, &idx, (first, top, false), None).expect("the kernel covers this call");
+                let one = gathered(&x, &p, each, (first, top, false), None).expect("the kernel covers this call");
                 let fast = values(one);
                 for (q, &e) in ids.iter().enumerate() {
                     let w = worst_of(&fast[q * n..(q + 1) * n], &want(q, e as usize, false));
                     assert!(w < 1e-4, "{format:?} pair {q} (expert {e}): worst difference {w}");
                 }
-                let out = gathered(&x, &low, &idx, (0, top, false), None).expect("covered");
-                let both = values(gathered(&x, &p, &idx, (first, top, false), Some(&out)).expect("covered"));
+                let out = gathered(&x, &low, each, (0, top, false), None).expect("covered");
+                let both = values(gathered(&x, &p, each, (first, top, false), Some(&out)).expect("covered"));
                 for (q, &e) in ids.iter().enumerate() {
                     let w = worst_of(&both[q * n..(q + 1) * n], &want(q, e as usize, true));
                     assert!(
@@ -545,8 +505,8 @@ mod tests {
                 }
                 // SwiGLU in the launch, the two stacks again filling one output.
                 if glu_covers(&p) {
-                    let out = gathered(&x, &low, &idx, (0, top, true), None).expect("covered");
-                    let glu = values(gathered(&x, &p, &idx, (first, top, true), Some(&out)).expect("covered"));
+                    let out = gathered(&x, &low, each, (0, top, true), None).expect("covered");
+                    let glu = values(gathered(&x, &p, each, (first, top, true), Some(&out)).expect("covered"));
                     let half = n / 2;
                     for (q, &e) in ids.iter().enumerate() {
                         let full = want(q, e as usize, true);
@@ -565,7 +525,7 @@ mod tests {
     }
 
     #[test]
-    fn grouped_products_match_the_gathered_ones() {
+    fn sorted_pairs_match_each_pair() {
         let Ok(device) = crate::engine::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
@@ -586,18 +546,14 @@ mod tests {
                 for (high, low) in storages(high.clone()).into_iter().zip(storages(low.clone())) {
                     for glu in [false, true] {
                         if glu && !glu_covers(&high) {
-                            assert!(grouped(&x, &high, &plan, (first, x_div, true), None).is_none());
+                            assert!(gathered(&x, &high, Pairs::Sorted(&plan), (first, x_div, true), None).is_none());
                             continue;
                         }
-                        let run = |plan: Option<&Plan>| {
-                            let one = |p: &Packed, first: usize, into: Option<&Tensor<2>>| match plan {
-                                Some(plan) => grouped(&x, p, plan, (first, x_div, glu), into),
-                                None => gathered(&x, p, &idx, (first, x_div, glu), into),
-                            };
-                            let out = one(&low, 0, None).expect("covered");
-                            values(one(&high, first, Some(&out)).expect("covered"))
+                        let run = |pairs: Pairs| {
+                            let out = gathered(&x, &low, pairs, (0, x_div, glu), None).expect("covered");
+                            values(gathered(&x, &high, pairs, (first, x_div, glu), Some(&out)).expect("covered"))
                         };
-                        let (fast, want) = (run(Some(&plan)), run(None));
+                        let (fast, want) = (run(Pairs::Sorted(&plan)), run(Pairs::Each(&idx)));
                         let w = worst_of(&fast, &want);
                         assert!(
                             w < 1e-5,

@@ -31,6 +31,7 @@ use super::mlp::swiglu;
 use super::norm::Delta;
 use super::{Linear, MAX_BINDING_BYTES, Weights};
 use crate::config::{ScoringFunc, TopkMethod};
+use crate::kernels::moe::Pairs;
 use crate::kernels::{self, Kernels};
 
 /// A run of consecutive experts stacked in one tensor pair.
@@ -96,14 +97,6 @@ impl Chosen {
             self.idx.narrow(1, 0, self.k)
         }
     }
-}
-
-/// The (token, slot) pairs of a block for its expert products: each pair's expert (`[P]`), and where they
-/// were sorted by expert (prefill), the tiles of that order.
-#[derive(Clone, Copy)]
-struct Pairs<'a> {
-    idx: &'a Tensor<1, Int>,
-    plan: Option<&'a kernels::moe::Plan>,
 }
 
 /// Which of an expert's two matrices.
@@ -395,9 +388,9 @@ impl Moe {
         } else {
             None
         };
-        let pairs = Pairs {
-            idx: &flat,
-            plan: plan.as_ref(),
+        let pairs = match &plan {
+            Some(plan) => Pairs::Sorted(plan),
+            None => Pairs::Each(&flat),
         };
         // SwiGLU inside the gate/up launch where the weights' kernel has that variant, else its own launch.
         let act = match self.gathered_product(x, Side::GateUp, pairs, (slots, true)) {
@@ -450,16 +443,13 @@ impl Moe {
         pairs: Pairs,
         (x_div, glu): (usize, bool),
     ) -> Option<Tensor<2>> {
-        use kernels::{moe, packed};
         let mut out: Option<Tensor<2>> = None;
         for c in &self.chunks {
             let into = out.as_ref();
-            out = Some(match (c.weights(side), pairs.plan) {
-                (Weights::Dense(_), _) if glu => return None,
-                (Weights::Dense(t), Some(plan)) => moe::grouped_matvec(x, t, plan, (c.first, x_div), into)?,
-                (Weights::Dense(t), None) => moe::gathered_matvec(x, t, pairs.idx, (c.first, x_div), into)?,
-                (Weights::Packed(p), Some(plan)) => packed::grouped(x, p, plan, (c.first, x_div, glu), into)?,
-                (Weights::Packed(p), None) => packed::gathered(x, p, pairs.idx, (c.first, x_div, glu), into)?,
+            out = Some(match c.weights(side) {
+                Weights::Dense(_) if glu => return None,
+                Weights::Dense(t) => kernels::moe::gathered_matvec(x, t, pairs, (c.first, x_div), into)?,
+                Weights::Packed(p) => kernels::packed::gathered(x, p, pairs, (c.first, x_div, glu), into)?,
             });
         }
         out
