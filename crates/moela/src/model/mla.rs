@@ -3,7 +3,9 @@
 //! Every token's key and value are one compressed latent `c'` (r_kv values, after `kv_a_layernorm`) plus one
 //! shared rope key `k_pe` (d_r values): that pair is all the cache holds. Queries are moved into latent space
 //! with the absorbed `W_UK` (§3.4), so scores are `q~ . c' + q_pe . k_pe`; the attention-weighted latent is
-//! mapped out with `W_UV`. Prefill and decode run this same path (prefill with a causal mask).
+//! mapped out with `W_UV`. A prompt's chunk of many tokens instead decompresses the cached latents into
+//! per-head keys and values (the expanded form, §3.1), which costs fewer multiply-adds once a chunk's
+//! queries outnumber what decompressing the keys costs; the cache is the same either way.
 
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -190,22 +192,11 @@ impl Mla {
         cache.inplace(|c| c.slice_assign([pos..s, 0..width], entry));
         let keys = cache.clone().slice([0..s, 0..width]); // [S, r_kv + d_r]
 
-        // Absorb W_UK into the query: q~ = q_nope W_UK, [n_h, T, r_kv]; scores over [c'; k_pe].
-        let q_latent = q_nope.matmul(self.w_uk.tensor());
-        let query = Tensor::cat(vec![q_latent, q_pe], 2).reshape([n_h * t, width]);
-        let scores = query.matmul(keys.clone().transpose()).mul_scalar(self.scale); // [n_h*T, S]
-        let mut scores = scores.reshape([n_h, t, s]);
-        if t > 1 {
-            scores = scores + causal_mask(pos, t, device).unsqueeze_dim::<3>(0);
-        }
-        let probs = softmax(scores, 2).reshape([n_h * t, s]);
-
-        // Weighted latent, then W_UV per head: [n_h, T, r_kv] x [n_h, r_kv, d_v] -> [T, n_h * d_v].
-        let mixed = probs.matmul(keys.narrow(1, 0, r_kv)).reshape([n_h, t, r_kv]);
-        let out = mixed
-            .matmul(self.w_uv_t.tensor())
-            .swap_dims(0, 1)
-            .reshape([t, n_h * self.v]);
+        let out = if expanded_is_cheaper(self, t, s) {
+            self.attend_expanded(q_nope, q_pe, keys, pos, device)
+        } else {
+            self.attend_latent(q_nope, q_pe, keys, pos, device)
+        };
         self.o.forward(out)
     }
 }
@@ -278,6 +269,104 @@ impl Mla {
     }
 }
 
+/// Whether attending `t` new queries to `s` cached keys costs fewer multiply-adds in the expanded form
+/// (keys and values decompressed per head, §3.1) than in latent space (§3.4).
+///
+/// Per head, latent space costs `t r_kv (d_n + d_v)` to absorb `W_UK` into the queries and `W_UV` into
+/// the output, plus `t s (2 r_kv + d_r)` for scores and the weighted latent; the expanded form costs
+/// `s r_kv (d_n + d_v)` to decompress the keys, plus `t s (d_n + d_r + d_v)`. So decode (t = 1) stays in
+/// latent space and a prompt's chunk of a few hundred tokens is cheaper expanded (vLLM splits the same way).
+fn expanded_is_cheaper(mla: &Mla, t: usize, s: usize) -> bool {
+    let (d_n, d_r, r_kv, d_v) = (mla.nope, mla.rope, mla.rank, mla.v);
+    let latent = t * r_kv * (d_n + d_v) + t * s * (2 * r_kv + d_r);
+    let expanded = s * r_kv * (d_n + d_v) + t * s * (d_n + d_r + d_v);
+    expanded < latent
+}
+
+/// Query rows per block of the expanded form: each block scores only the keys its last query may see,
+/// which skips about half of a causal prompt's scores (a whole-chunk product computes them all and masks).
+const QUERY_BLOCK: usize = 64;
+
+impl Mla {
+    /// Attention in latent space (§3.4) for `t` queries at positions `pos..pos+t` over the first `s` cache
+    /// rows `keys` (`[S, r_kv + d_r]`, this step's included): `q_nope` `[n_h, T, d_n]`, `q_pe`
+    /// `[n_h, T, d_r]` (rotated). Returns `[T, n_h * d_v]`, the input of `o_proj`.
+    fn attend_latent(
+        &self,
+        q_nope: Tensor<3>,
+        q_pe: Tensor<3>,
+        keys: Tensor<2>,
+        pos: usize,
+        device: &Device,
+    ) -> Tensor<2> {
+        let (n_h, r_kv, width) = (self.heads, self.rank, self.rank + self.rope);
+        let [s, _] = keys.dims();
+        let [_, t, _] = q_nope.dims();
+        // Absorb W_UK into the query: q~ = q_nope W_UK, [n_h, T, r_kv]; scores over [c'; k_pe].
+        let q_latent = q_nope.matmul(self.w_uk.tensor());
+        let query = Tensor::cat(vec![q_latent, q_pe], 2).reshape([n_h * t, width]);
+        let scores = query.matmul(keys.clone().transpose()).mul_scalar(self.scale); // [n_h*T, S]
+        let mut scores = scores.reshape([n_h, t, s]);
+        if t > 1 {
+            scores = scores + causal_mask(pos, t, device).unsqueeze_dim::<3>(0);
+        }
+        let probs = softmax(scores, 2).reshape([n_h * t, s]);
+
+        // Weighted latent, then W_UV per head: [n_h, T, r_kv] x [n_h, r_kv, d_v] -> [T, n_h * d_v].
+        let mixed = probs.matmul(keys.narrow(1, 0, r_kv)).reshape([n_h, t, r_kv]);
+        mixed
+            .matmul(self.w_uv_t.tensor())
+            .swap_dims(0, 1)
+            .reshape([t, n_h * self.v])
+    }
+
+    /// The expanded form of attention for `t` queries at positions `pos..pos+t` over the first `s` cache
+    /// rows `keys` (`[S, r_kv + d_r]`, this step's included): `q_nope` `[n_h, T, d_n]`, `q_pe`
+    /// `[n_h, T, d_r]` (rotated). Returns `[T, n_h * d_v]`, the input of `o_proj`.
+    ///
+    /// The cached latents are decompressed into per-head keys `c' W_UK^T` and values `c' W_UV^T` with one
+    /// product, then each block of [`QUERY_BLOCK`] queries attends to the keys up to its last position.
+    fn attend_expanded(
+        &self,
+        q_nope: Tensor<3>,
+        q_pe: Tensor<3>,
+        keys: Tensor<2>,
+        pos: usize,
+        device: &Device,
+    ) -> Tensor<2> {
+        let (n_h, d_n, d_r, r_kv, d_v) = (self.heads, self.nope, self.rope, self.rank, self.v);
+        let [s, _] = keys.dims();
+        let [_, t, _] = q_nope.dims();
+        // [r_kv, n_h * (d_n + d_v)]: every head's W_UK^T and W_UV^T side by side, as kv_b_proj transposed.
+        let w_uk_t = self.w_uk.tensor().swap_dims(1, 2); // [n_h, r_kv, d_n]
+        let kv_b = Tensor::cat(vec![w_uk_t, self.w_uv_t.tensor()], 2)
+            .swap_dims(0, 1)
+            .reshape([r_kv, n_h * (d_n + d_v)]);
+        let kv = keys
+            .clone()
+            .narrow(1, 0, r_kv)
+            .matmul(kv_b)
+            .reshape([s, n_h, d_n + d_v])
+            .swap_dims(0, 1); // [n_h, S, d_n + d_v]
+        let k_pe = keys.narrow(1, r_kv, d_r).unsqueeze_dim::<3>(0).expand([n_h, s, d_r]);
+        // [n_h, d_qk, S], laid out once for every block's scores.
+        let k = Tensor::cat(vec![kv.clone().narrow(2, 0, d_n), k_pe], 2).swap_dims(1, 2);
+        let v = kv.narrow(2, d_n, d_v); // [n_h, S, d_v]
+        let q = Tensor::cat(vec![q_nope, q_pe], 2).mul_scalar(self.scale); // [n_h, T, d_qk]
+
+        let mut blocks = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
+        for first in (0..t).step_by(QUERY_BLOCK) {
+            let rows = QUERY_BLOCK.min(t - first);
+            let seen = pos + first + rows;
+            let scores = q.clone().narrow(1, first, rows).matmul(k.clone().narrow(2, 0, seen)); // [n_h, B, seen]
+            let scores = scores + causal_mask(pos + first, rows, device).unsqueeze_dim::<3>(0);
+            let probs = softmax(scores, 2);
+            blocks.push(probs.matmul(v.clone().narrow(1, 0, seen))); // [n_h, B, d_v]
+        }
+        Tensor::cat(blocks, 1).swap_dims(0, 1).reshape([t, n_h * d_v])
+    }
+}
+
 /// `[T, pos+T]`: 0 where query `i` (at `pos+i`) may see key `j`, -inf after it.
 fn causal_mask(pos: usize, t: usize, device: &Device) -> Tensor<2> {
     let s = pos + t;
@@ -303,6 +392,59 @@ mod tests {
             .into_data()
             .try_to_vec()
             .unwrap()
+    }
+
+    /// Latent-space and expanded attention give the same output on awkward sizes: a first chunk of several
+    /// query blocks (the last one partial) and a later chunk over the earlier keys.
+    #[test]
+    fn attention_forms_agree() {
+        let Ok(device) = crate::engine::default_device() else {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        };
+        let (n_h, d_n, d_r, r_kv, d_v) = (5, 13, 6, 22, 11);
+        let linear = |out: usize, inp: usize| {
+            Linear::from_rows(&random(out * inp, &device), out, inp, WeightDtype::F32, &device)
+        };
+        let mla = Mla {
+            input: linear(n_h * (d_n + d_r) + r_kv + d_r, 8),
+            q: QProj::Plain,
+            kv_a_norm: RmsNorm::new(vec![1.0; r_kv], 1e-6, &device),
+            w_uk: Factor::new(random(n_h * d_n * r_kv, &device), [n_h, d_n, r_kv], &device),
+            w_uv_t: Factor::new(random(n_h * r_kv * d_v, &device), [n_h, r_kv, d_v], &device),
+            o: linear(8, n_h * d_v),
+            heads: n_h,
+            nope: d_n,
+            rope: d_r,
+            rank: r_kv,
+            v: d_v,
+            scale: 0.37,
+            kernels: Kernels::Generic,
+        };
+        let keys = Tensor::<2>::random([300, r_kv + d_r], Distribution::Normal(0.0, 1.0), &device);
+        for (pos, t) in [(0, 2 * QUERY_BLOCK + 19), (2 * QUERY_BLOCK + 19, 70), (290, 10)] {
+            let s = pos + t;
+            let q_nope = Tensor::<3>::random([n_h, t, d_n], Distribution::Normal(0.0, 1.0), &device);
+            let q_pe = Tensor::<3>::random([n_h, t, d_r], Distribution::Normal(0.0, 1.0), &device);
+            let seen = keys.clone().narrow(0, 0, s);
+            let latent = mla.attend_latent(q_nope.clone(), q_pe.clone(), seen.clone(), pos, &device);
+            let expanded = mla.attend_expanded(q_nope, q_pe, seen, pos, &device);
+            assert_eq!(expanded.dims(), [t, n_h * d_v]);
+            let diff = worst_difference(expanded, latent);
+            assert!(diff < 1e-4, "{t} queries at {pos}: the forms differ by {diff}");
+        }
+        // Decode stays in latent space; a prompt's chunk of the real shapes goes expanded.
+        assert!(!expanded_is_cheaper(&mla, 1, 300));
+        let v2_lite = Mla {
+            heads: 16,
+            nope: 128,
+            rope: 64,
+            rank: 512,
+            v: 128,
+            ..mla
+        };
+        assert!(expanded_is_cheaper(&v2_lite, 256, 512));
+        assert!(!expanded_is_cheaper(&v2_lite, 8, 512));
     }
 
     /// The decode kernels against burn's ops on awkward sizes, past one attention chunk of context (so the
