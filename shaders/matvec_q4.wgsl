@@ -66,11 +66,17 @@ fn unpack(words: vec4<u32>, first: u32) -> mat4x4<f32> {
     );
 }
 
-// Invocation i's first texel column, the bound on it and the step to its next column group: {{P}}
-// adjacent groups, or (SwiGLU) the gate's group c and the up's, half the texel columns apart.
+// Invocation i's first texel column, the bound on it and the step from its gate columns to its up
+// columns: {{P}} adjacent groups, or (SwiGLU) H adjacent groups of the gate half and the same of the up
+// half, half the texel columns apart. Column group k of an invocation is at c + col(k, step).
+const H: u32 = {{H}}u;
 fn column_groups(i: u32) -> vec3<u32> {
-    return vec3<u32>(i * {{P}}u, shape.n4, 1u); {{LIN}}
-    return vec3<u32>(i, shape.n4 / 2u, shape.n4 / 2u); {{GLU}}
+    return vec3<u32>(i * {{P}}u, shape.n4, 0u); {{LIN}}
+    return vec3<u32>(i * H, shape.n4 / 2u, shape.n4 / 2u); {{GLU}}
+}
+
+fn col(k: u32, step: u32) -> u32 {
+    return k % H + (k / H) * step;
 }
 
 // silu(v) = v * sigmoid(v), as shaders/swiglu.wgsl computes it.
@@ -107,20 +113,20 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
         var part{{R}}_{{C}} = vec4<f32>(0.0);
         for (var j = 0u; j < GROUPS; j++) {
             let g = b * GROUPS + j;
-            let words{{C}} = word(e, g, c + {{C}}u * step);
+            let words{{C}} = word(e, g, c + col({{C}}u, step));
             let lo{{C}} = unpack(words{{C}}, 0u);
             let hi{{C}} = unpack(words{{C}}, 4u);
             let xlo{{R}} = xs(row{{R}}, 2u * g);
             let xhi{{R}} = xs(row{{R}}, 2u * g + 1u);
             part{{R}}_{{C}} += xlo{{R}} * lo{{C}} + xhi{{R}} * hi{{C}};
         }
-        let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u * step]);
+        let sc{{C}} = scale(s[sbase + b * n4 + col({{C}}u, step)]);
         acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
     }
     if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * n4 + c + {{C}}u] = acc{{R}}_{{C}}; } {{LIN}} {{MANY}}
-    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; } {{GLU}} {{MANY}}
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * lim + c + {{G}}u] = silu(acc{{R}}_{{G}}) * acc{{R}}_{{GU}}; } {{GLU}} {{MANY}}
     y[{{R}}u * n4 + c + {{C}}u] = acc{{R}}_{{C}}; {{LIN}} {{ONE}}
-    y[{{R}}u * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; {{GLU}} {{ONE}}
+    y[{{R}}u * lim + c + {{G}}u] = silu(acc{{R}}_{{G}}) * acc{{R}}_{{GU}}; {{GLU}} {{ONE}}
 }
 
 @compute @workgroup_size(64)
@@ -150,14 +156,14 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
                 let g = b * GROUPS + j;
                 let xlo = xs(row, 2u * g);
                 let xhi = xs(row, 2u * g + 1u);
-                let words{{C}} = word(u32(e), g, c + {{C}}u * step);
+                let words{{C}} = word(u32(e), g, c + col({{C}}u, step));
                 part{{C}} += xlo * unpack(words{{C}}, 0u) + xhi * unpack(words{{C}}, 4u);
             }
-            acc{{C}} = fma(part{{C}}, scale(s[sbase + b * n4 + {{C}}u * step]), acc{{C}});
+            acc{{C}} = fma(part{{C}}, scale(s[sbase + b * n4 + col({{C}}u, step)]), acc{{C}});
         }
     }
     y[p * n4 + c + {{C}}u] = acc{{C}}; {{LIN}}
-    y[p * lim + c] = silu(acc0) * acc1; {{GLU}}
+    y[p * lim + c + {{G}}u] = silu(acc{{G}}) * acc{{GU}}; {{GLU}}
 }
 
 @compute @workgroup_size(64)
@@ -189,19 +195,19 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
             var part{{R}}_{{C}} = vec4<f32>(0.0);
             for (var j = 0u; j < GROUPS; j++) {
                 let g = b * GROUPS + j;
-                let words{{C}} = word(u32(e), g, c + {{C}}u * step);
+                let words{{C}} = word(u32(e), g, c + col({{C}}u, step));
                 let lo{{C}} = unpack(words{{C}}, 0u);
                 let hi{{C}} = unpack(words{{C}}, 4u);
                 let xlo{{R}} = xs(row{{R}}, 2u * g);
                 let xhi{{R}} = xs(row{{R}}, 2u * g + 1u);
                 part{{R}}_{{C}} += xlo{{R}} * lo{{C}} + xhi{{R}} * hi{{C}};
             }
-            let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u * step]);
+            let sc{{C}} = scale(s[sbase + b * n4 + col({{C}}u, step)]);
             acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
         }
     }
     if ({{R}}u < pairs) { y[p{{R}} * n4 + c + {{C}}u] = acc{{R}}_{{C}}; } {{LIN}}
-    if ({{R}}u < pairs) { y[p{{R}} * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; } {{GLU}}
+    if ({{R}}u < pairs) { y[p{{R}} * lim + c + {{G}}u] = silu(acc{{R}}_{{G}}) * acc{{R}}_{{GU}}; } {{GLU}}
 }
 
 @compute @workgroup_size(64)

@@ -15,13 +15,15 @@
 // - dequant: y = w as f32 [count, Kp, N], for burn's ops (training, the dense expert form).
 //
 // Each invocation owns four adjacent columns c (one vec4<u32> of words: four rows of each column), or
-// {{P}} such groups side by side in matvec / gathered (N/4 a multiple of {{P}}), and walks K a block at a
-// time: xv (four x values) times the 4x4 matrix of one word group gives the four columns' partial sums, and
-// each block's sums are scaled once.
+// {{P}} such groups side by side (N/4 a multiple of {{P}}: 2 in decode, 4 in a prompt's launches, whose
+// x values each serve 8 rows' worth of weights), and walks K a block at a time: xv (four x values) times
+// the 4x4 matrix of one word group gives the four columns' partial sums, and each block's sums are scaled
+// once.
 //
-// SwiGLU variants of matvec and gathered ({{GLU}} lines, else {{LIN}}): for a fused [gate | up] weight
-// (N = 2I) the two column groups of an invocation are column group c of the gate half and the same of
-// the up half, and it writes silu(gate) * up: y is [rows, I], and SwiGLU takes no launch of its own.
+// SwiGLU variants of matvec, gathered and grouped ({{GLU}} lines, else {{LIN}}): for a fused [gate | up]
+// weight (N = 2I) the {{P}} column groups of an invocation are H adjacent groups of the gate half and the
+// same groups of the up half, and it writes silu(gate) * up: y is [rows, I], and SwiGLU takes no launch of
+// its own.
 //
 // Bindings: x [rows, K/4] vec4, w [count, Kp/4, N/4] vec4<u32>, s [count, Kp/32, N/4] vec2<u32> (f16 x4),
 // idx [P] i32, y, then the shape.
@@ -86,11 +88,17 @@ fn unpack(words: vec4<u32>) -> mat4x4<f32> {
     );
 }
 
-// Invocation i's first texel column, the bound on it and the step to its next column group: {{P}}
-// adjacent groups, or (SwiGLU) the gate's group c and the up's, half the texel columns apart.
+// Invocation i's first texel column, the bound on it and the step from its gate columns to its up
+// columns: {{P}} adjacent groups, or (SwiGLU) H adjacent groups of the gate half and the same of the up
+// half, half the texel columns apart. Column group k of an invocation is at c + col(k, step).
+const H: u32 = {{H}}u;
 fn column_groups(i: u32) -> vec3<u32> {
-    return vec3<u32>(i * {{P}}u, shape.n4, 1u); {{LIN}}
-    return vec3<u32>(i, shape.n4 / 2u, shape.n4 / 2u); {{GLU}}
+    return vec3<u32>(i * {{P}}u, shape.n4, 0u); {{LIN}}
+    return vec3<u32>(i * H, shape.n4 / 2u, shape.n4 / 2u); {{GLU}}
+}
+
+fn col(k: u32, step: u32) -> u32 {
+    return k % H + (k / H) * step;
 }
 
 // silu(v) = v * sigmoid(v), as shaders/swiglu.wgsl computes it.
@@ -127,17 +135,17 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
         var part{{R}}_{{C}} = vec4<f32>(0.0);
         for (var j = 0u; j < GROUPS; j++) {
             let g = b * GROUPS + j;
-            let q{{C}} = unpack(word(e, g, c + {{C}}u * step));
+            let q{{C}} = unpack(word(e, g, c + col({{C}}u, step)));
             let xv{{R}} = xs(row{{R}}, g);
             part{{R}}_{{C}} += xv{{R}} * q{{C}};
         }
-        let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u * step]);
+        let sc{{C}} = scale(s[sbase + b * n4 + col({{C}}u, step)]);
         acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
     }
     if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * n4 + c + {{C}}u] = acc{{R}}_{{C}}; } {{LIN}} {{MANY}}
-    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; } {{GLU}} {{MANY}}
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * lim + c + {{G}}u] = silu(acc{{R}}_{{G}}) * acc{{R}}_{{GU}}; } {{GLU}} {{MANY}}
     y[{{R}}u * n4 + c + {{C}}u] = acc{{R}}_{{C}}; {{LIN}} {{ONE}}
-    y[{{R}}u * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; {{GLU}} {{ONE}}
+    y[{{R}}u * lim + c + {{G}}u] = silu(acc{{R}}_{{G}}) * acc{{R}}_{{GU}}; {{GLU}} {{ONE}}
 }
 
 @compute @workgroup_size(64)
@@ -166,13 +174,13 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
             for (var j = 0u; j < GROUPS; j++) {
                 let g = b * GROUPS + j;
                 let xv = xs(row, g);
-                part{{C}} += xv * unpack(word(u32(e), g, c + {{C}}u * step));
+                part{{C}} += xv * unpack(word(u32(e), g, c + col({{C}}u, step)));
             }
-            acc{{C}} = fma(part{{C}}, scale(s[sbase + b * n4 + {{C}}u * step]), acc{{C}});
+            acc{{C}} = fma(part{{C}}, scale(s[sbase + b * n4 + col({{C}}u, step)]), acc{{C}});
         }
     }
     y[p * n4 + c + {{C}}u] = acc{{C}}; {{LIN}}
-    y[p * lim + c] = silu(acc0) * acc1; {{GLU}}
+    y[p * lim + c + {{G}}u] = silu(acc{{G}}) * acc{{GU}}; {{GLU}}
 }
 
 @compute @workgroup_size(64)
@@ -205,16 +213,16 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
             var part{{R}}_{{C}} = vec4<f32>(0.0);
             for (var j = 0u; j < GROUPS; j++) {
                 let g = b * GROUPS + j;
-                let q{{C}} = unpack(word(u32(e), g, c + {{C}}u * step));
+                let q{{C}} = unpack(word(u32(e), g, c + col({{C}}u, step)));
                 let xv{{R}} = xs(row{{R}}, g);
                 part{{R}}_{{C}} += xv{{R}} * q{{C}};
             }
-            let sc{{C}} = scale(s[sbase + b * n4 + {{C}}u * step]);
+            let sc{{C}} = scale(s[sbase + b * n4 + col({{C}}u, step)]);
             acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
         }
     }
     if ({{R}}u < pairs) { y[p{{R}} * n4 + c + {{C}}u] = acc{{R}}_{{C}}; } {{LIN}}
-    if ({{R}}u < pairs) { y[p{{R}} * lim + c] = silu(acc{{R}}_0) * acc{{R}}_1; } {{GLU}}
+    if ({{R}}u < pairs) { y[p{{R}} * lim + c + {{G}}u] = silu(acc{{R}}_{{G}}) * acc{{R}}_{{GU}}; } {{GLU}}
 }
 
 @compute @workgroup_size(64)

@@ -150,6 +150,28 @@ fn repeated(source: &str, tag: &str, count: usize) -> String {
     out
 }
 
+/// `source` with each line holding `{{G}}` repeated `half` times, `{{G}}` replaced by `0..half` and `{{GU}}`
+/// by `half..2 * half`: the SwiGLU write of gate column group g with its up group.
+fn repeated_halves(source: &str, half: usize) -> String {
+    let mut out = String::with_capacity(source.len() * 2);
+    for line in source.lines() {
+        if line.contains("{{G}}") {
+            for g in 0..half {
+                out.push_str(
+                    &line
+                        .replace("{{GU}}", &(g + half).to_string())
+                        .replace("{{G}}", &g.to_string()),
+                );
+                out.push('\n');
+            }
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// `source` with the lines tagged `{{FLAG}}` kept (tag removed) for each flag that is on and dropped for each
 /// that is off, and each `{{NAME}}` of `values` replaced: the optional bindings of a kernel come last, so
 /// the bindings after them (the uniform `{{U}}`, ...) move.

@@ -17,7 +17,7 @@ use super::matvec::MAX_ROWS;
 use super::moe::Pairs;
 #[cfg(not(target_arch = "wasm32"))]
 use super::texture;
-use super::{WgslKernel, cube_int_tensor, cube_tensor, per_row, repeated, tagged};
+use super::{WgslKernel, cube_int_tensor, cube_tensor, per_row, repeated, repeated_halves, tagged};
 use crate::model::WeightDtype;
 use crate::model::packed::{self, BLOCK, Packed};
 
@@ -25,13 +25,17 @@ const WORKGROUP: u32 = 64;
 
 /// Texel columns (four outputs each) one invocation of `entry` owns: f16 words in a texture come eight
 /// columns to a texel (2); the 8-bit and 4-bit `matvec` / `gathered` pair them where `N/4` is even, so each
-/// x value read serves eight outputs (2); else 1.
-fn columns(p: &Packed, b: &Buffers, entry: &str) -> usize {
+/// x value read serves eight outputs (2), and a prompt's launches (`prompt`: `matvec` over several groups
+/// of rows, `grouped`) take four where `N/4` allows, so each x value serves sixteen: on lavapipe a q8
+/// product over 256 rows went from ~10 to ~15 G row-weights/s (decode stays at two, which reads its
+/// single row of x from a uniform and has fewer invocations to spread); else 1.
+fn columns(p: &Packed, b: &Buffers, entry: &str, prompt: bool) -> usize {
     let n4 = p.shape[2] / 4;
     match p.format {
         WeightDtype::F16 if b.in_texture() => 2,
         WeightDtype::F16 => 1,
         _ if entry == "dequant" => 1,
+        _ if prompt && n4.is_multiple_of(4) => 4,
         _ if n4.is_multiple_of(2) => 2,
         _ => 1,
     }
@@ -86,8 +90,11 @@ fn source(format: WeightDtype, rows: usize, cols: usize, reads: Reads) -> &'stat
             ("MANY", reads.many),
             ("ONE", !reads.many),
         ];
-        let text = tagged(text, &flags, &[("P", cols), ("M", rows)]);
-        // Built once per variant (at most 3 x 8 x 2 x 3 x 2 x 2 x 2 of them): kept for the process's lifetime.
+        // Column groups per half: of the gate's and of the up's (SwiGLU), else all of them.
+        let half = if reads.glu { cols / 2 } else { cols };
+        let text = tagged(text, &flags, &[("P", cols), ("M", rows), ("H", half)]);
+        let text = repeated_halves(&text, half);
+        // Built once per variant (at most 3 x 8 x 3 x 3 x 2 x 2 x 2 of them): kept for the process's lifetime.
         Box::leak(per_row(&repeated(&text, "{{C}}", cols), rows).into_boxed_str())
     })
 }
@@ -174,7 +181,7 @@ fn launch(
                 name: p.format.name(),
                 entry,
                 source: source(p.format, rows, cols, reads),
-                variant: (usize::from(many) * 128 + rows * 8 + cols * 2 + usize::from(glu)) as u32,
+                variant: (usize::from(many) * 1024 + rows * 32 + cols * 2 + usize::from(glu)) as u32,
                 workgroup: WORKGROUP,
             };
             let mut buffers = vec![&x.handle, &words.handle];
@@ -247,7 +254,7 @@ fn matvec_at(x: &Tensor<2>, p: &Packed, index: &Tensor<1, Int>, glu: bool) -> Op
         return None;
     }
     let b = buffers(p)?;
-    let cols = columns(p, &b, "matvec");
+    let cols = columns(p, &b, "matvec", m > MAX_ROWS);
     let groups = column_groups(n, cols)?;
     let index = cube_int_tensor(index).filter(|t| t.dtype == DType::I32)?;
     let (x, x_k4) = kernel_x(x, p);
@@ -316,7 +323,7 @@ pub fn gathered(
     }
     let l = pairs.launch()?;
     let b = buffers(p)?;
-    let cols = columns(p, &b, l.entry);
+    let cols = columns(p, &b, l.entry, l.entry == "grouped");
     let groups = column_groups(n, cols)?;
     let (x, x_k4) = kernel_x(x, p);
     let xt = cube_tensor(&x)?;
@@ -343,7 +350,7 @@ pub fn dequantise(p: &Packed) -> Option<Tensor<3>> {
         _ => kp / 8,
     };
     let b = buffers(p)?;
-    let cols = columns(p, &b, "dequant");
+    let cols = columns(p, &b, "dequant", false);
     let groups = column_groups(n, cols)?;
     if rows > 65_535 || count > 65_535 {
         return None;
@@ -412,7 +419,8 @@ mod tests {
             // K not a multiple of 32 (q8 / q4 pad x), N a multiple of 4 only.
             // N/4 odd (one texel column per invocation) and even (two); x past the 64 KiB a texture launch
             // copies into a uniform buffer (2 x 8200 values), read from its storage buffer instead; more rows
-            // than one launch takes (a prefill's product: groups of MAX_ROWS, the last one short).
+            // than one launch takes (a prefill's product: groups of MAX_ROWS, the last one short), with N/4
+            // a multiple of 4 (four texel columns per invocation there, two of each SwiGLU half).
             for (m, k, n) in [
                 (1, 77, 148),
                 (3, 96, 4),
@@ -423,6 +431,8 @@ mod tests {
                 (2, 8200, 8),
                 (19, 77, 148),
                 (17, 45, 56),
+                (19, 77, 144),
+                (9, 45, 48),
             ] {
                 let packed = Packed::new(&host(k * n, m), [1, k, n], format, &device);
                 let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
@@ -470,7 +480,8 @@ mod tests {
         let idx = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [t * top]), &device);
         let each = Pairs::Each(&idx);
         // N/4 odd and even.
-        for (format, n) in FORMATS.into_iter().flat_map(|f| [(f, 20), (f, 24)]) {
+        // N/4 odd (one texel column per invocation), 6 (two) and 12 (four, SwiGLU's two of each half).
+        for (format, n) in FORMATS.into_iter().flat_map(|f| [(f, 20), (f, 24), (f, 48)]) {
             let packed = Packed::new(&host(count * k * n, 3), [count, k, n], format, &device);
             let dense = packed.dequantise();
             let x = Tensor::<2>::random([t, k], Distribution::Normal(0.0, 1.0), &device);
@@ -537,7 +548,8 @@ mod tests {
         let ids: Vec<i32> = (0..pairs).map(|q| ((q * q * 7 + q / 5 + 3) % 14) as i32).collect();
         let idx = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [pairs]), &device);
         let plan = crate::kernels::moe::sort(&idx, 12).expect("the sort covers this call");
-        for (format, n) in FORMATS.into_iter().flat_map(|f| [(f, 20), (f, 24)]) {
+        // N/4 odd (one texel column per invocation), 6 (two) and 12 (four, SwiGLU's two of each half).
+        for (format, n) in FORMATS.into_iter().flat_map(|f| [(f, 20), (f, 24), (f, 48)]) {
             let high = Packed::new(&host(count * k * n, 3), [count, k, n], format, &device);
             let low = Packed::new(&host(first * k * n, 9), [first, k, n], format, &device);
             // Gate/up (a row of x per token) and down (a row per pair).
