@@ -2,7 +2,7 @@
 // model/packed.rs's f16 layout ([K, N/2] words, a word holding columns 2j and 2j + 1 of row k) as 16-byte
 // texels, one texel holding eight adjacent columns of one row. Same entry points and bindings as
 // matvec_f16.wgsl; each invocation owns one texel column (eight outputs, two vec4 accumulators per row of
-// x), so N must be a multiple of 8. f32 accumulation; unpack2x16float needs no shader-f16.
+// x), or two in a prompt's matvec / grouped launches ({{P}}: N/8 even), so N must be a multiple of 8. f32 accumulation; unpack2x16float needs no shader-f16.
 //
 // Bindings: x [rows, K] (a storage buffer, or a uniform copy: {{XS}} / {{XU}} lines), w (texture of
 // [count, K, N/8] texels), idx [P] i32, y [rows, N/4] vec4, then the shape.
@@ -52,7 +52,9 @@ fn texel(e: u32, k: u32, c: u32) -> mat2x4<f32> {
 
 @compute @workgroup_size(64)
 fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x;
+    // {{P}} adjacent texel columns per invocation (lines holding {{C}} are repeated per column): one in
+    // decode, two in a prompt's launches, where each x value read then serves 16 outputs.
+    let c = gid.x * {{P}}u;
     let n8 = shape.n4 / 2u;
     if (c >= n8) {
         return;
@@ -64,18 +66,18 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     let r0 = gid.y * {{M}}u; {{MANY}}
     let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * k_len; {{MANY}}
     let row{{R}} = {{R}}u * k_len; {{ONE}}
-    var lo{{R}} = vec4<f32>(0.0);
-    var hi{{R}} = vec4<f32>(0.0);
+    var lo{{R}}_{{C}} = vec4<f32>(0.0);
+    var hi{{R}}_{{C}} = vec4<f32>(0.0);
     for (var k = 0u; k < k_len; k++) {
-        let wv = texel(e, k, c);
+        let wv{{C}} = texel(e, k, c + {{C}}u);
         let xv{{R}} = vec4<f32>(xs(row{{R}} + k));
-        lo{{R}} = fma(xv{{R}}, wv[0], lo{{R}});
-        hi{{R}} = fma(xv{{R}}, wv[1], hi{{R}});
+        lo{{R}}_{{C}} = fma(xv{{R}}, wv{{C}}[0], lo{{R}}_{{C}});
+        hi{{R}}_{{C}} = fma(xv{{R}}, wv{{C}}[1], hi{{R}}_{{C}});
     }
-    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * shape.n4 + 2u * c] = lo{{R}}; } {{MANY}}
-    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * shape.n4 + 2u * c + 1u] = hi{{R}}; } {{MANY}}
-    y[{{R}}u * shape.n4 + 2u * c] = lo{{R}}; {{ONE}}
-    y[{{R}}u * shape.n4 + 2u * c + 1u] = hi{{R}}; {{ONE}}
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * shape.n4 + 2u * (c + {{C}}u)] = lo{{R}}_{{C}}; } {{MANY}}
+    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * shape.n4 + 2u * (c + {{C}}u) + 1u] = hi{{R}}_{{C}}; } {{MANY}}
+    y[{{R}}u * shape.n4 + 2u * (c + {{C}}u)] = lo{{R}}_{{C}}; {{ONE}}
+    y[{{R}}u * shape.n4 + 2u * (c + {{C}}u) + 1u] = hi{{R}}_{{C}}; {{ONE}}
 }
 
 @compute @workgroup_size(64)
@@ -109,11 +111,12 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 @compute @workgroup_size(64)
 fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
-    // Tile gid.y of the plan (shaders/moe_sort.wgsl), as in matvec_q8.wgsl.
+    // Tile gid.y of the plan (shaders/moe_sort.wgsl), as in matvec_q8.wgsl; {{P}} texel columns per
+    // invocation, as in matvec.
     let t = 4u * gid.y;
     let pairs = u32(idx[t + 2u]);
     let e = idx[t] - i32(shape.first);
-    let c = gid.x;
+    let c = gid.x * {{P}}u;
     let n8 = shape.n4 / 2u;
     let inside = e >= 0 && u32(e) < shape.count;
     if (pairs == 0u || c >= n8 || (!inside && shape.keep == 1u)) {
@@ -123,18 +126,18 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
     let at = shape.order + u32(idx[t + 1u]);
     let p{{R}} = u32(idx[at + min({{R}}u, pairs - 1u)]);
     let row{{R}} = (p{{R}} / shape.x_div) * k_len;
-    var lo{{R}} = vec4<f32>(0.0);
-    var hi{{R}} = vec4<f32>(0.0);
+    var lo{{R}}_{{C}} = vec4<f32>(0.0);
+    var hi{{R}}_{{C}} = vec4<f32>(0.0);
     if (inside) {
         for (var k = 0u; k < k_len; k++) {
-            let wv = texel(u32(e), k, c);
+            let wv{{C}} = texel(u32(e), k, c + {{C}}u);
             let xv{{R}} = vec4<f32>(xs(row{{R}} + k));
-            lo{{R}} = fma(xv{{R}}, wv[0], lo{{R}});
-            hi{{R}} = fma(xv{{R}}, wv[1], hi{{R}});
+            lo{{R}}_{{C}} = fma(xv{{R}}, wv{{C}}[0], lo{{R}}_{{C}});
+            hi{{R}}_{{C}} = fma(xv{{R}}, wv{{C}}[1], hi{{R}}_{{C}});
         }
     }
-    if ({{R}}u < pairs) { y[p{{R}} * shape.n4 + 2u * c] = lo{{R}}; }
-    if ({{R}}u < pairs) { y[p{{R}} * shape.n4 + 2u * c + 1u] = hi{{R}}; }
+    if ({{R}}u < pairs) { y[p{{R}} * shape.n4 + 2u * (c + {{C}}u)] = lo{{R}}_{{C}}; }
+    if ({{R}}u < pairs) { y[p{{R}} * shape.n4 + 2u * (c + {{C}}u) + 1u] = hi{{R}}_{{C}}; }
 }
 
 @compute @workgroup_size(64)

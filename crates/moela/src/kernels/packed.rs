@@ -24,7 +24,7 @@ use crate::model::packed::{self, BLOCK, Packed};
 const WORKGROUP: u32 = 64;
 
 /// Texel columns (four outputs each) one invocation of `entry` owns: f16 words in a texture come eight
-/// columns to a texel (2); the 8-bit and 4-bit `matvec` / `gathered` pair them where `N/4` is even, so each
+/// columns to a texel (2, or two texels in a prompt's launches where `N/4` is a multiple of 4); the 8-bit and 4-bit `matvec` / `gathered` pair them where `N/4` is even, so each
 /// x value read serves eight outputs (2), and a prompt's launches (`prompt`: `matvec` over several groups
 /// of rows, `grouped`) take four where `N/4` allows, so each x value serves sixteen: on lavapipe a q8
 /// product over 256 rows went from ~10 to ~15 G row-weights/s (decode stays at two, which reads its
@@ -32,6 +32,7 @@ const WORKGROUP: u32 = 64;
 fn columns(p: &Packed, b: &Buffers, entry: &str, prompt: bool) -> usize {
     let n4 = p.shape[2] / 4;
     match p.format {
+        WeightDtype::F16 if b.in_texture() && prompt && n4.is_multiple_of(4) => 4,
         WeightDtype::F16 if b.in_texture() => 2,
         WeightDtype::F16 => 1,
         _ if entry == "dequant" => 1,
@@ -90,12 +91,18 @@ fn source(format: WeightDtype, rows: usize, cols: usize, reads: Reads) -> &'stat
             ("MANY", reads.many),
             ("ONE", !reads.many),
         ];
-        // Column groups per half: of the gate's and of the up's (SwiGLU), else all of them.
-        let half = if reads.glu { cols / 2 } else { cols };
-        let text = tagged(text, &flags, &[("P", cols), ("M", rows), ("H", half)]);
+        // What an invocation's {{C}} lines repeat over: f16 texels in a texture (two texel columns each),
+        // else texel columns; and the groups per half, of the gate's and of the up's (SwiGLU).
+        let per = if format == WeightDtype::F16 && reads.texture {
+            cols / 2
+        } else {
+            cols
+        };
+        let half = if reads.glu { per / 2 } else { per };
+        let text = tagged(text, &flags, &[("P", per), ("M", rows), ("H", half)]);
         let text = repeated_halves(&text, half);
         // Built once per variant (at most 3 x 8 x 3 x 3 x 2 x 2 x 2 of them): kept for the process's lifetime.
-        Box::leak(per_row(&repeated(&text, "{{C}}", cols), rows).into_boxed_str())
+        Box::leak(per_row(&repeated(&text, "{{C}}", per), rows).into_boxed_str())
     })
 }
 
