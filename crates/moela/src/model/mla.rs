@@ -276,11 +276,14 @@ impl Mla {
 /// the output, plus `t s (2 r_kv + d_r)` for scores and the weighted latent; the expanded form costs
 /// `s r_kv (d_n + d_v)` to decompress the keys, plus `t s (d_n + d_r + d_v)`. So decode (t = 1) stays in
 /// latent space and a prompt's chunk of a few hundred tokens is cheaper expanded (vLLM splits the same way).
+/// The expanded form is also kept to calls where its largest buffer, the decompressed keys and values
+/// (`n_h s (d_n + d_v)` values), is no larger than latent space's scores (`n_h t s`), so that it never
+/// needs a binding that the latent form would not (WebGPU's default limit is 128 MiB).
 fn expanded_is_cheaper(mla: &Mla, t: usize, s: usize) -> bool {
     let (d_n, d_r, r_kv, d_v) = (mla.nope, mla.rope, mla.rank, mla.v);
     let latent = t * r_kv * (d_n + d_v) + t * s * (2 * r_kv + d_r);
     let expanded = s * r_kv * (d_n + d_v) + t * s * (d_n + d_r + d_v);
-    expanded < latent
+    expanded < latent && d_n + d_v <= t
 }
 
 /// Query rows per block of the expanded form: each block scores only the keys its last query may see,
@@ -445,6 +448,8 @@ mod tests {
         };
         assert!(expanded_is_cheaper(&v2_lite, 256, 512));
         assert!(!expanded_is_cheaper(&v2_lite, 8, 512));
+        // Fewer multiply-adds, but keys and values larger than the scores.
+        assert!(!expanded_is_cheaper(&v2_lite, 200, 200));
     }
 
     /// The decode kernels against burn's ops on awkward sizes, past one attention chunk of context (so the
