@@ -323,9 +323,7 @@ impl Mla {
             .reshape([t, n_h * self.v])
     }
 
-    /// The expanded form of attention for `t` queries at positions `pos..pos+t` over the first `s` cache
-    /// rows `keys` (`[S, r_kv + d_r]`, this step's included): `q_nope` `[n_h, T, d_n]`, `q_pe`
-    /// `[n_h, T, d_r]` (rotated). Returns `[T, n_h * d_v]`, the input of `o_proj`.
+    /// The expanded form (§3.1) of [`Mla::attend_latent`]: same arguments, same result.
     ///
     /// The cached latents are decompressed into per-head keys `c' W_UK^T` and values `c' W_UV^T` with one
     /// product, then each block of [`QUERY_BLOCK`] queries attends to the keys up to its last position.
