@@ -2,7 +2,8 @@
 // model/packed.rs's f16 layout ([K, N/2] words, a word holding columns 2j and 2j + 1 of row k) as 16-byte
 // texels, one texel holding eight adjacent columns of one row. Same entry points and bindings as
 // matvec_f16.wgsl; each invocation owns one texel column (eight outputs, two vec4 accumulators per row of
-// x), or two in a prompt's matvec / grouped launches ({{P}}: N/8 even), so N must be a multiple of 8. f32 accumulation; unpack2x16float needs no shader-f16.
+// x), or two adjacent ones in a prompt's matvec / grouped launches where N/8 is even ({{P}} in this
+// variant), so N must be a multiple of 8. f32 accumulation; unpack2x16float needs no shader-f16.
 //
 // Bindings: x [rows, K] (a storage buffer, or a uniform copy: {{XS}} / {{XU}} lines), w (texture of
 // [count, K, N/8] texels), idx [P] i32, y [rows, N/4] vec4, then the shape.

@@ -23,12 +23,13 @@ use crate::model::packed::{self, BLOCK, Packed};
 
 const WORKGROUP: u32 = 64;
 
-/// Texel columns (four outputs each) one invocation of `entry` owns: f16 words in a texture come eight
-/// columns to a texel (2, or two texels in a prompt's launches where `N/4` is a multiple of 4); the 8-bit and 4-bit `matvec` / `gathered` pair them where `N/4` is even, so each
-/// x value read serves eight outputs (2), and a prompt's launches (`prompt`: `matvec` over several groups
-/// of rows, `grouped`) take four where `N/4` allows, so each x value serves sixteen: on lavapipe a q8
-/// product over 256 rows went from ~10 to ~15 G row-weights/s (decode stays at two, which reads its
-/// single row of x from a uniform and has fewer invocations to spread); else 1.
+/// Texel columns (four outputs each) one invocation of `entry` owns. f16 words in a texture come eight
+/// columns to a texel: 2, or two texels (4) in a prompt's launches where `N/4` is a multiple of 4. The
+/// 8-bit and 4-bit `matvec` / `gathered` pair them where `N/4` is even, so each x value read serves eight
+/// outputs (2), and a prompt's launches (`prompt`: `matvec` over several groups of rows, `grouped`) take
+/// four where `N/4` allows, so each x value serves sixteen: on lavapipe a q8 product over 256 rows went
+/// from ~10 to ~15 G row-weights/s (decode stays at two: its one group of rows has fewer invocations to
+/// spread over the cores). Else 1.
 fn columns(p: &Packed, b: &Buffers, entry: &str, prompt: bool) -> usize {
     let n4 = p.shape[2] / 4;
     match p.format {
