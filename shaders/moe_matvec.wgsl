@@ -10,7 +10,8 @@
 //
 // The `grouped` entry (prefill) takes the pairs sorted by expert instead (shaders/moe_sort.wgsl's plan in
 // idx): each workgroup row is one tile of up to {{R}}-many pairs of one expert (lines holding {{R}} are
-// repeated per pair by the launcher), whose weights it reads once for all of them.
+// repeated per pair by the launcher), whose weights it reads once for all of them; there an invocation owns
+// {{P}} groups of four outputs (4 where N/4 allows, else 1).
 //
 // Bindings: x [rows, K], w [count, K, N/4] as vec4, idx [P] (i32), y [P, N/4] as vec4, then the shape.
 
@@ -59,11 +60,12 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
 @compute @workgroup_size(64)
 fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
     // Tile gid.y of the plan: (expert, first position in the order, pairs); the rows past its pairs
-    // repeat its last pair and are not written.
+    // repeat its last pair and are not written. Each invocation owns {{P}} adjacent groups of four
+    // outputs (lines holding {{C}} are repeated per group), so each x value read serves all of them.
     let t = 4u * gid.y;
     let pairs = u32(idx[t + 2u]);
     let e = idx[t] - i32(shape.first);
-    let c = gid.x;
+    let c = gid.x * {{P}}u;
     let n4 = shape.n4;
     let inside = e >= 0 && u32(e) < shape.count;
     if (pairs == 0u || c >= n4 || (!inside && shape.keep == 1u)) {
@@ -73,13 +75,14 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
     let at = shape.order + u32(idx[t + 1u]);
     let p{{R}} = u32(idx[at + min({{R}}u, pairs - 1u)]);
     let row{{R}} = (p{{R}} / shape.x_div) * k_len;
-    var acc{{R}} = vec4<f32>(0.0);
+    var acc{{R}}_{{C}} = vec4<f32>(0.0);
     if (inside) {
         let base = u32(e) * k_len * n4 + c;
         for (var k = 0u; k < k_len; k++) {
-            let wv = w[base + k * n4];
-            acc{{R}} = fma(vec4<f32>(x[row{{R}} + k]), wv, acc{{R}});
+            let wv{{C}} = w[base + k * n4 + {{C}}u];
+            let xv{{R}} = vec4<f32>(x[row{{R}} + k]);
+            acc{{R}}_{{C}} = fma(xv{{R}}, wv{{C}}, acc{{R}}_{{C}});
         }
     }
-    if ({{R}}u < pairs) { y[p{{R}} * n4 + c] = acc{{R}}; }
+    if ({{R}}u < pairs) { y[p{{R}} * n4 + c + {{C}}u] = acc{{R}}_{{C}}; }
 }

@@ -9,7 +9,7 @@ use burn::tensor::{DType, Int, Tensor};
 use burn_cubecl::tensor::CubeTensor;
 
 use super::matvec::MAX_ROWS;
-use super::{WgslKernel, cube_int_tensor, cube_tensor, empty, float, grid, launch, per_row, tagged, wrap};
+use super::{WgslKernel, cube_int_tensor, cube_tensor, empty, float, grid, launch, per_row, repeated, tagged, wrap};
 
 const SOURCE: &str = include_str!("../../../../shaders/moe_matvec.wgsl");
 const ROUTE: &str = include_str!("../../../../shaders/moe_route.wgsl");
@@ -17,10 +17,23 @@ const COMBINE: &str = include_str!("../../../../shaders/moe_combine.wgsl");
 const SORT: &str = include_str!("../../../../shaders/moe_sort.wgsl");
 const WORKGROUP: u32 = 64;
 
-/// `shaders/moe_matvec.wgsl` with its grouped entry's lines repeated per pair of a tile.
-fn source() -> &'static str {
-    static SOURCE_ROWS: OnceLock<String> = OnceLock::new();
-    SOURCE_ROWS.get_or_init(|| per_row(SOURCE, TILE_PAIRS))
+/// Groups of four outputs per invocation of the f32 expert products: 4 in the grouped entry (prefill)
+/// where N/4 allows, so each x value read serves 16 outputs, else 1.
+fn f32_columns(entry: &str, n4: usize) -> usize {
+    if entry == "grouped" && n4.is_multiple_of(4) {
+        4
+    } else {
+        1
+    }
+}
+
+/// `shaders/moe_matvec.wgsl` with its grouped entry's lines repeated per pair of a tile and per group of
+/// outputs (`cols`: 1 or 4).
+fn source(cols: usize) -> &'static str {
+    static SOURCES: OnceLock<[String; 2]> = OnceLock::new();
+    let sources = SOURCES
+        .get_or_init(|| [1, 4].map(|c| per_row(&repeated(&tagged(SOURCE, &[], &[("P", c)]), "{{C}}", c), TILE_PAIRS)));
+    &sources[usize::from(cols == 4)]
 }
 
 /// Pairs per tile of a [`Plan`]: the rows a grouped product serves with one read of an expert's weights.
@@ -350,11 +363,12 @@ pub fn gathered_matvec(
     {
         return None;
     }
-    let groups = u32::try_from((n / 4).div_ceil(WORKGROUP as usize)).ok()?;
+    let l = pairs.launch()?;
+    let cols = f32_columns(l.entry, n / 4);
+    let groups = u32::try_from((n / 4).div_ceil(cols).div_ceil(WORKGROUP as usize)).ok()?;
     if groups > 65_535 {
         return None;
     }
-    let l = pairs.launch()?;
     let (x, w) = (cube_tensor(x)?, cube_tensor(w)?);
     let out = match into {
         Some(t) => cube_tensor(t)?.handle,
@@ -363,8 +377,8 @@ pub fn gathered_matvec(
     let kernel = WgslKernel {
         name: "moe_matvec",
         entry: l.entry,
-        source: source(),
-        variant: 0,
+        source: source(cols),
+        variant: cols as u32,
         workgroup: WORKGROUP,
     };
     let keep = usize::from(into.is_some());
@@ -518,25 +532,28 @@ mod tests {
             return;
         };
         // 23 tokens, top-3 over two stacks (experts 0..4 and 4..9), id 9 inside neither (zeros).
-        let (t, top, k, n, split, total) = (23, 3, 37, 52, 4, 9);
+        let (t, top, k, split, total) = (23, 3, 37, 4, 9);
         let pairs = t * top;
         let ids: Vec<i32> = (0..pairs).map(|q| ((q * 7 + q / 4) % 10) as i32).collect();
         let idx = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [pairs]), &device);
         let plan = sort(&idx, total).expect("covered");
-        let low = Tensor::<3>::random([split, k, n], Distribution::Normal(0.0, 1.0), &device);
-        let high = Tensor::<3>::random([total - split, k, n], Distribution::Normal(0.0, 1.0), &device);
-        for x_div in [top, 1] {
-            let x = Tensor::<2>::random([pairs / x_div, k], Distribution::Normal(0.0, 1.0), &device);
-            let both = |pairs: Pairs| {
-                let out = gathered_matvec(&x, &low, pairs, (0, x_div), None).expect("covered");
-                gathered_matvec(&x, &high, pairs, (split, x_div), Some(&out)).expect("covered")
-            };
-            let (fast, want) = (both(Pairs::Sorted(&plan)), both(Pairs::Each(&idx)));
-            let rows: Vec<f32> = fast.clone().narrow(0, 4, 1).into_data().try_to_vec().unwrap();
-            assert_eq!(ids[4], 9);
-            assert!(rows.iter().all(|&v| v == 0.0), "a pair outside both stacks");
-            let worst = worst_difference(fast, want);
-            assert!(worst < 1e-5, "x_div {x_div}: worst difference {worst}");
+        // N/4 odd (one group of outputs per invocation) and a multiple of 4 (four in the grouped entry).
+        for n in [52, 48] {
+            let low = Tensor::<3>::random([split, k, n], Distribution::Normal(0.0, 1.0), &device);
+            let high = Tensor::<3>::random([total - split, k, n], Distribution::Normal(0.0, 1.0), &device);
+            for x_div in [top, 1] {
+                let x = Tensor::<2>::random([pairs / x_div, k], Distribution::Normal(0.0, 1.0), &device);
+                let both = |pairs: Pairs| {
+                    let out = gathered_matvec(&x, &low, pairs, (0, x_div), None).expect("covered");
+                    gathered_matvec(&x, &high, pairs, (split, x_div), Some(&out)).expect("covered")
+                };
+                let (fast, want) = (both(Pairs::Sorted(&plan)), both(Pairs::Each(&idx)));
+                let rows: Vec<f32> = fast.clone().narrow(0, 4, 1).into_data().try_to_vec().unwrap();
+                assert_eq!(ids[4], 9);
+                assert!(rows.iter().all(|&v| v == 0.0), "a pair outside both stacks");
+                let worst = worst_difference(fast, want);
+                assert!(worst < 1e-5, "n {n} x_div {x_div}: worst difference {worst}");
+            }
         }
     }
 
