@@ -4,8 +4,8 @@
 //! shared rope key `k_pe` (d_r values): that pair is all the cache holds. Queries are moved into latent space
 //! with the absorbed `W_UK` (§3.4), so scores are `q~ . c' + q_pe . k_pe`; the attention-weighted latent is
 //! mapped out with `W_UV`. A prompt's chunk of many tokens instead decompresses the cached latents into
-//! per-head keys and values (the expanded form, §3.1), which costs fewer multiply-adds once a chunk's
-//! queries outnumber what decompressing the keys costs; the cache is the same either way.
+//! per-head keys and values (the expanded form, §3.1) where that costs fewer multiply-adds; the cache is
+//! the same either way.
 
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -192,7 +192,7 @@ impl Mla {
         cache.inplace(|c| c.slice_assign([pos..s, 0..width], entry));
         let keys = cache.clone().slice([0..s, 0..width]); // [S, r_kv + d_r]
 
-        let out = if expanded_is_cheaper(self, t, s) {
+        let out = if prefers_expanded(self, t, s) {
             self.attend_expanded(q_nope, q_pe, keys, pos, device)
         } else {
             self.attend_latent(q_nope, q_pe, keys, pos, device)
@@ -269,8 +269,8 @@ impl Mla {
     }
 }
 
-/// Whether attending `t` new queries to `s` cached keys costs fewer multiply-adds in the expanded form
-/// (keys and values decompressed per head, §3.1) than in latent space (§3.4).
+/// Whether `t` new queries attend to `s` cached keys in the expanded form (keys and values decompressed
+/// per head, §3.1) rather than in latent space (§3.4): where it costs fewer multiply-adds.
 ///
 /// Per head, latent space costs `t r_kv (d_n + d_v)` to absorb `W_UK` into the queries and `W_UV` into
 /// the output, plus `t s (2 r_kv + d_r)` for scores and the weighted latent; the expanded form costs
@@ -279,7 +279,7 @@ impl Mla {
 /// The expanded form is also kept to calls where its largest buffer, the decompressed keys and values
 /// (`n_h s (d_n + d_v)` values), is no larger than latent space's scores (`n_h t s`), so that it never
 /// needs a binding that the latent form would not (WebGPU's default limit is 128 MiB).
-fn expanded_is_cheaper(mla: &Mla, t: usize, s: usize) -> bool {
+fn prefers_expanded(mla: &Mla, t: usize, s: usize) -> bool {
     let (d_n, d_r, r_kv, d_v) = (mla.nope, mla.rope, mla.rank, mla.v);
     let latent = t * r_kv * (d_n + d_v) + t * s * (2 * r_kv + d_r);
     let expanded = s * r_kv * (d_n + d_v) + t * s * (d_n + d_r + d_v);
@@ -395,6 +395,30 @@ mod tests {
             .unwrap()
     }
 
+    /// A random attention block of hidden size `h` and `[n_h, d_n, d_r, r_kv, d_v]`, on burn's ops (plain
+    /// queries, a norm gain near 1, scale 0.31).
+    fn random_mla(h: usize, [n_h, d_n, d_r, r_kv, d_v]: [usize; 5], device: &Device) -> Mla {
+        let linear =
+            |out: usize, inp: usize| Linear::from_rows(&random(out * inp, device), out, inp, WeightDtype::F32, device);
+        let mut norm = RmsNorm::new(random(r_kv, device).iter().map(|v| 1.0 + v).collect(), 1e-6, device);
+        norm.kernels = Kernels::Generic;
+        Mla {
+            input: linear(n_h * (d_n + d_r) + r_kv + d_r, h),
+            q: QProj::Plain,
+            kv_a_norm: norm,
+            w_uk: Factor::new(random(n_h * d_n * r_kv, device), [n_h, d_n, r_kv], device),
+            w_uv_t: Factor::new(random(n_h * r_kv * d_v, device), [n_h, r_kv, d_v], device),
+            o: linear(h, n_h * d_v),
+            heads: n_h,
+            nope: d_n,
+            rope: d_r,
+            rank: r_kv,
+            v: d_v,
+            scale: 0.31,
+            kernels: Kernels::Generic,
+        }
+    }
+
     /// Latent-space and expanded attention give the same output on awkward sizes: a first chunk of several
     /// query blocks (the last one partial) and a later chunk over the earlier keys.
     #[test]
@@ -404,24 +428,7 @@ mod tests {
             return;
         };
         let (n_h, d_n, d_r, r_kv, d_v) = (5, 13, 6, 22, 11);
-        let linear = |out: usize, inp: usize| {
-            Linear::from_rows(&random(out * inp, &device), out, inp, WeightDtype::F32, &device)
-        };
-        let mla = Mla {
-            input: linear(n_h * (d_n + d_r) + r_kv + d_r, 8),
-            q: QProj::Plain,
-            kv_a_norm: RmsNorm::new(vec![1.0; r_kv], 1e-6, &device),
-            w_uk: Factor::new(random(n_h * d_n * r_kv, &device), [n_h, d_n, r_kv], &device),
-            w_uv_t: Factor::new(random(n_h * r_kv * d_v, &device), [n_h, r_kv, d_v], &device),
-            o: linear(8, n_h * d_v),
-            heads: n_h,
-            nope: d_n,
-            rope: d_r,
-            rank: r_kv,
-            v: d_v,
-            scale: 0.37,
-            kernels: Kernels::Generic,
-        };
+        let mla = random_mla(8, [n_h, d_n, d_r, r_kv, d_v], &device);
         let keys = Tensor::<2>::random([300, r_kv + d_r], Distribution::Normal(0.0, 1.0), &device);
         for (pos, t) in [(0, 2 * QUERY_BLOCK + 19), (2 * QUERY_BLOCK + 19, 70), (290, 10)] {
             let s = pos + t;
@@ -435,7 +442,7 @@ mod tests {
             assert!(diff < 1e-4, "{t} queries at {pos}: the forms differ by {diff}");
         }
         // Decode stays in latent space; a prompt's chunk of the real shapes goes expanded.
-        assert!(!expanded_is_cheaper(&mla, 1, 300));
+        assert!(!prefers_expanded(&mla, 1, 300));
         let v2_lite = Mla {
             heads: 16,
             nope: 128,
@@ -444,10 +451,10 @@ mod tests {
             v: 128,
             ..mla
         };
-        assert!(expanded_is_cheaper(&v2_lite, 256, 512));
-        assert!(!expanded_is_cheaper(&v2_lite, 8, 512));
+        assert!(prefers_expanded(&v2_lite, 256, 512));
+        assert!(!prefers_expanded(&v2_lite, 8, 512));
         // Fewer multiply-adds, but keys and values larger than the scores.
-        assert!(!expanded_is_cheaper(&v2_lite, 200, 200));
+        assert!(!prefers_expanded(&v2_lite, 200, 200));
     }
 
     /// The decode kernels against burn's ops on awkward sizes, past one attention chunk of context (so the
@@ -468,26 +475,7 @@ mod tests {
         let device = device.clone();
         // The kernels read rope, latent and value rows as vec4: multiples of 4, but of nothing larger.
         let (h, d_n, d_r, r_kv, d_v) = (44, 13, 12, 28, 20);
-        let linear = |out: usize, inp: usize| {
-            Linear::from_rows(&random(out * inp, &device), out, inp, WeightDtype::F32, &device)
-        };
-        let mut norm = RmsNorm::new(random(r_kv, &device).iter().map(|v| 1.0 + v).collect(), 1e-6, &device);
-        norm.kernels = Kernels::Generic;
-        let mut mla = Mla {
-            input: linear(n_h * (d_n + d_r) + r_kv + d_r, h),
-            q: QProj::Plain,
-            kv_a_norm: norm,
-            w_uk: Factor::new(random(n_h * d_n * r_kv, &device), [n_h, d_n, r_kv], &device),
-            w_uv_t: Factor::new(random(n_h * r_kv * d_v, &device), [n_h, r_kv, d_v], &device),
-            o: linear(h, n_h * d_v),
-            heads: n_h,
-            nope: d_n,
-            rope: d_r,
-            rank: r_kv,
-            v: d_v,
-            scale: 0.31,
-            kernels: Kernels::Generic,
-        };
+        let mut mla = random_mla(h, [n_h, d_n, d_r, r_kv, d_v], &device);
         let prompt = kernels::mla::CHUNK + 37;
         let cap = prompt + 8;
         let tables = |pos: usize, t: usize| {
