@@ -65,6 +65,7 @@ impl LatentCache {
         self.len = self.len.min(len);
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn layers(&self) -> &[Tensor<2>] {
         &self.layers
     }

@@ -303,6 +303,7 @@ pub(crate) struct Replay {
     #[cfg(not(target_arch = "wasm32"))]
     plan: Option<crate::kernels::replay::Plan>,
     /// Steps served by replaying.
+    #[cfg(not(target_arch = "wasm32"))]
     pub(crate) replayed: usize,
 }
 

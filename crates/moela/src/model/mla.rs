@@ -77,6 +77,15 @@ impl Factor {
         }
     }
 
+    /// The burn tensor that training updates; `None` for a factor in a texture (native inference only).
+    pub fn trainable(&mut self) -> Option<&mut Tensor<3>> {
+        match self {
+            Factor::Tensor(t) => Some(t),
+            #[cfg(not(target_arch = "wasm32"))]
+            Factor::Texture { .. } => None,
+        }
+    }
+
     /// The factor as an f32 tensor for burn's ops (copied out of the texture where it lives in one).
     pub fn tensor(&self) -> Tensor<3> {
         match self {

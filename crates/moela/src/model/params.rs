@@ -7,7 +7,7 @@
 
 use burn::tensor::{DType, Tensor};
 
-use super::mla::{Factor, Mla, QProj};
+use super::mla::{Mla, QProj};
 use super::mlp::Mlp;
 use super::moe::Moe;
 use super::norm::RmsNorm;
@@ -71,10 +71,10 @@ impl Transformer {
             }
             norm(&mut out, format!("{p}kv_a_norm"), &mut a.kv_a_norm);
             // Factors in textures (native inference) are not trainable.
-            if let Factor::Tensor(t) = &mut a.w_uk {
+            if let Some(t) = a.w_uk.trainable() {
                 out.push((format!("{p}w_uk"), ParamMut::Stack(t)));
             }
-            if let Factor::Tensor(t) = &mut a.w_uv_t {
+            if let Some(t) = a.w_uv_t.trainable() {
                 out.push((format!("{p}w_uv_t"), ParamMut::Stack(t)));
             }
             linear(&mut out, format!("{p}o"), &mut a.o);
