@@ -229,8 +229,10 @@ fn load_files(files: CheckpointFiles, args: &ModelArgs, what: &str) -> Result<Ar
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);
         bar.set_style(
-            ProgressStyle::with_template("loading {msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "loading {msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ({eta} left)",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_message(what.to_string());
         bar
@@ -242,10 +244,15 @@ fn load_files(files: CheckpointFiles, args: &ModelArgs, what: &str) -> Result<Ar
         _ => moela::default_device()?,
     };
     let kernels = Kernels::parse(&args.kernels)?;
-    let engine = Engine::load(files, LoadOptions { dtype, kernels }, &device, &mut |p: Progress| {
-        bar.set_length(p.total);
-        bar.set_position(p.loaded);
-    })
+    let engine = pollster::block_on(Engine::load(
+        files,
+        LoadOptions { dtype, kernels },
+        &device,
+        &mut |p: Progress| {
+            bar.set_length(p.total);
+            bar.set_position(p.loaded);
+        },
+    ))
     .with_context(|| format!("loading {what}"))?;
     bar.finish_and_clear();
     Ok(Arc::new(engine))
@@ -310,6 +317,17 @@ impl Printer {
     }
 }
 
+/// The load's size, time and speed, on stderr.
+fn print_load(engine: &Engine) {
+    let l = engine.load_report();
+    eprintln!(
+        "[loaded {:.2} GB of weights in {:.1} s, {:.2} GB/s]",
+        l.bytes as f64 / 1e9,
+        l.seconds,
+        l.gb_per_second()
+    );
+}
+
 fn print_stats(s: &Stats) {
     eprintln!(
         "[{} prompt tokens ({} reused), {} generated, prefill {:.1} tok/s, decode {:.2} tok/s, cache {} KiB, {:?}]",
@@ -342,6 +360,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let mut answer = String::new();
     while let Some(ev) = generation.next_blocking() {
         if let Some(stats) = printer.event(ev?, &mut answer)? {
+            print_load(&engine);
             print_stats(&stats);
         }
     }
@@ -552,6 +571,18 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             100.0 * report.roofline.kernel
         );
         println!("dispatches       {} per decoded token", report.dispatches_per_token);
+        println!(
+            "load             {:.2} GB in {:.1} s, {:.2} GB/s",
+            report.load.bytes as f64 / 1e9,
+            report.load.seconds,
+            report.load_gb_per_second
+        );
+        if let Some(peak) = report.peak_host_memory_bytes {
+            println!(
+                "host memory      {:.2} GiB peak resident",
+                peak as f64 / (1u64 << 30) as f64
+            );
+        }
         if let Some(m) = report.gpu_memory {
             println!(
                 "GPU memory       {:.1} MiB reserved, {:.2}x weights + cache ({:.1} MiB)",

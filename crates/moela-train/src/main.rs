@@ -174,10 +174,15 @@ fn main() -> Result<()> {
     let mut log = Vec::new();
     let t_grpo = std::time::Instant::now();
     if args.grpo_steps > 0 {
-        let set = moela::load::WeightSet::new(sft_files.weights.clone())?;
+        let set = moela::load::WeightSet::open_blocking(sft_files.weights.clone())?;
         let cfg = moela::ModelConfig::from_json_bytes(&sft_files.config, "config.json")?;
-        let reference =
-            moela::model::transformer::Transformer::load(cfg, &set, moela::WeightDtype::F32, &plain, &mut |_| {})?;
+        let reference = pollster::block_on(moela::model::transformer::Transformer::load(
+            cfg,
+            &set,
+            moela::WeightDtype::F32,
+            &plain,
+            &mut |_| {},
+        ))?;
         let mut prompts = ProblemStream::new(args.seed ^ 0x6770, held_out);
         train::grpo(&mut model, &reference, &base, &plain, &mut prompts, &settings, &mut log)?;
     }
@@ -240,7 +245,12 @@ fn main() -> Result<()> {
 
 /// Greedy evaluation of a checkpoint on `device`.
 fn evaluate(files: CheckpointFiles, per_split: usize, device: &Device, what: &str) -> Result<Report> {
-    let engine = Arc::new(Engine::load(files, LoadOptions::default(), device, &mut |_| {})?);
+    let engine = Arc::new(pollster::block_on(Engine::load(
+        files,
+        LoadOptions::default(),
+        device,
+        &mut |_| {},
+    ))?);
     let report = arith::evaluate(&engine, per_split, 400, &mut |_, _, _| {})?;
     for s in &report.splits {
         log::info!(
@@ -265,7 +275,8 @@ fn tokenizer_of(files: &CheckpointFiles) -> Result<Tokenizer> {
 fn write_folder(out: &Path, files: &CheckpointFiles) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("config.json"), &files.config)?;
-    std::fs::write(out.join("model.safetensors"), (*files.weights[0].bytes).as_ref())?;
+    let weights = files.weights[0].bytes().context("the trained weights are in memory")?;
+    std::fs::write(out.join("model.safetensors"), weights)?;
     std::fs::write(
         out.join("tokenizer.json"),
         files.tokenizer.as_deref().unwrap_or_default(),

@@ -72,8 +72,8 @@ pub fn model_config(vocab_size: usize, bos: u32, eos: u32) -> serde_json::Value 
 /// every tensor tracked.
 pub fn trainable(files: &CheckpointFiles, device: &Device) -> Result<Transformer> {
     let config = ModelConfig::from_json_bytes(&files.config, "config.json")?;
-    let set = WeightSet::new(files.weights.clone())?;
-    let mut model = Transformer::load(config, &set, WeightDtype::F32, device, &mut |_| {})?;
+    let set = WeightSet::open_blocking(files.weights.clone())?;
+    let mut model = pollster::block_on(Transformer::load(config, &set, WeightDtype::F32, device, &mut |_| {}))?;
     model.embedding_on_device();
     require_grads(&mut model);
     Ok(model)
@@ -106,10 +106,10 @@ pub fn safetensors_bytes(model: &Transformer, bf16_weights: bool) -> Result<Vec<
 /// An in-memory checkpoint of `model` (f32) with the given config and tokenizer files.
 pub fn checkpoint(model: &Transformer, base: &CheckpointFiles, bf16_weights: bool) -> Result<CheckpointFiles> {
     Ok(CheckpointFiles {
-        weights: vec![WeightFile {
-            name: "model.safetensors".into(),
-            bytes: Arc::new(safetensors_bytes(model, bf16_weights)?),
-        }],
+        weights: vec![WeightFile::from_bytes(
+            "model.safetensors",
+            safetensors_bytes(model, bf16_weights)?,
+        )],
         ..base.clone()
     })
 }
@@ -355,12 +355,12 @@ pub fn grpo(
     let start = std::time::Instant::now();
     for step in 0..s.grpo_steps {
         // Rollouts with the current policy, on an inference copy of it.
-        let engine = Arc::new(Engine::load(
+        let engine = Arc::new(pollster::block_on(Engine::load(
             checkpoint(model, base, false)?,
             LoadOptions::default(),
             &cpu,
             &mut |_| {},
-        )?);
+        ))?);
         let tok = engine.require_tokenizer()?;
         let eos_text = tok.eos_token().unwrap_or("").to_string();
         let mut session = engine.session(SessionOptions { max_context: 1024 })?;

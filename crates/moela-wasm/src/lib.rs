@@ -125,10 +125,7 @@ impl WasmEngine {
                 .as_string()
                 .ok_or_else(|| JsError::new("every weight file needs a name"))?;
             let data = bytes(&w, "bytes")?.ok_or_else(|| JsError::new(&format!("{name}: no bytes")))?;
-            weights.push(WeightFile {
-                name,
-                bytes: Arc::new(data),
-            });
+            weights.push(WeightFile::from_bytes(name, data));
         }
         let files = CheckpointFiles {
             config,
@@ -184,7 +181,11 @@ impl WasmEngine {
                 let _ = f.call1(&JsValue::NULL, &o);
             }
         };
-        let engine = Arc::new(Engine::load(files, LoadOptions { dtype, ..LoadOptions::default() }, &device, &mut progress).map_err(js_err)?);
+        let engine = Arc::new(
+            Engine::load(files, LoadOptions { dtype, ..LoadOptions::default() }, &device, &mut progress)
+                .await
+                .map_err(js_err)?,
+        );
         let session = engine
             .session(SessionOptions {
                 max_context: opts.max_context,

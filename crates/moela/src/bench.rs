@@ -4,7 +4,7 @@
 use burn::tensor::{Device, Tensor};
 use serde::Serialize;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, LoadReport};
 use crate::error::{Error, Result};
 use crate::generate::SessionOptions;
 use crate::kernels::{self, Kernels};
@@ -46,6 +46,13 @@ pub struct BenchReport {
     pub prefill_by_kernel: Option<Vec<kernels::KernelStat>>,
     /// The device memory after the run, against what the model needs (wgpu device only).
     pub gpu_memory: Option<GpuMemory>,
+    /// How the model's load went: bytes read, seconds.
+    pub load: LoadReport,
+    /// The load's speed, GB/s.
+    pub load_gb_per_second: f64,
+    /// The process's peak resident memory at the end of the run (Linux `VmHWM`): the load's high-water mark
+    /// and the run's. On a CPU adapter (lavapipe) it includes the GPU's memory, which is the host's.
+    pub peak_host_memory_bytes: Option<u64>,
 }
 
 /// Device memory after prefill and decode, from the allocator's own report.
@@ -220,6 +227,9 @@ pub async fn bench(
         dispatches_by_kernel,
         prefill_by_kernel,
         gpu_memory,
+        load: engine.load_report(),
+        load_gb_per_second: engine.load_report().gb_per_second(),
+        peak_host_memory_bytes: crate::memory::peak_resident_bytes(),
     })
 }
 

@@ -382,6 +382,34 @@ impl ModelConfig {
                 return Err(invalid(name, "must be greater than 0"));
             }
         }
+        // Upper bounds, far above every DeepSeek model (V3's value in the comment), so that no size computed
+        // from a damaged config.json can overflow, hang a loop or ask for an allocation the machine cannot make
+        // before the weight files are checked against it.
+        let limits = [
+            ("vocab_size", self.vocab_size, 1 << 22),                           // 129280
+            ("hidden_size", self.hidden_size, 1 << 16),                         // 7168
+            ("intermediate_size", self.intermediate_size, 1 << 18),             // 18432
+            ("moe_intermediate_size", self.moe_intermediate_size, 1 << 18),     // 2048
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 10),             // 61
+            ("num_attention_heads", self.num_attention_heads, 1 << 12),         // 128
+            ("n_routed_experts", self.n_routed_experts, 1 << 12),               // 256
+            ("n_shared_experts", self.n_shared_experts, 1 << 8),                // 1
+            ("num_experts_per_tok", self.num_experts_per_tok, 1 << 12),         // 8
+            ("n_group", self.n_group, 1 << 12),                                 // 8
+            ("topk_group", self.topk_group, 1 << 12),                           // 4
+            ("kv_lora_rank", self.kv_lora_rank, 1 << 14),                       // 512
+            ("q_lora_rank", self.q_lora_rank.unwrap_or(0), 1 << 16),            // 1536
+            ("qk_nope_head_dim", self.qk_nope_head_dim, 1 << 12),               // 128
+            ("qk_rope_head_dim", self.qk_rope_head_dim, 1 << 12),               // 64
+            ("v_head_dim", self.v_head_dim, 1 << 12),                           // 128
+            ("first_k_dense_replace", self.first_k_dense_replace, 1 << 10),     // 3
+            ("max_position_embeddings", self.max_position_embeddings, 1 << 24), // 163840
+        ];
+        for (name, v, max) in limits {
+            if v > max {
+                return Err(invalid(name, format!("{v} is larger than moela's limit of {max}")));
+            }
+        }
         if self.q_lora_rank == Some(0) {
             return Err(invalid("q_lora_rank", "must be null or greater than 0"));
         }
@@ -667,5 +695,18 @@ mod tests {
         assert!(e.contains("num_experts_per_tok"), "{e}");
         let e = parse("{not json").unwrap_err().to_string();
         assert!(e.contains("config.json") && e.contains("JSON"), "{e}");
+        // Absurd sizes are refused before anything is sized from them.
+        for (field, value) in [
+            (
+                "\"num_hidden_layers\": 27",
+                "\"num_hidden_layers\": 9223372036854775807",
+            ),
+            ("\"n_routed_experts\": 64", "\"n_routed_experts\": 2147483648"),
+            ("\"vocab_size\": 102400", "\"vocab_size\": 4294967296"),
+        ] {
+            let e = parse(&V2_LITE.replace(field, value)).unwrap_err().to_string();
+            let name = field.split('"').nth(1).unwrap();
+            assert!(e.contains(name) && e.contains("limit"), "{e}");
+        }
     }
 }

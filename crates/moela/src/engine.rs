@@ -1,6 +1,7 @@
 //! The engine: a loaded model, its tokenizer and device. Front ends create one [`Engine`] and open
 //! [`Session`](crate::generate::Session)s on it.
 
+#[cfg(not(target_arch = "wasm32"))]
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -13,79 +14,9 @@ use crate::error::{Error, Result};
 use crate::generate::{Session, SessionOptions};
 use crate::info::ModelInfo;
 use crate::kernels::Kernels;
-use crate::load::{Progress, WeightFile, WeightSet, index_files};
+use crate::load::{CheckpointFiles, Progress, WeightSet};
 use crate::model::WeightDtype;
 use crate::model::transformer::{LogitsFor, Transformer};
-
-/// The files of an HF checkpoint folder, as bytes.
-#[derive(Debug, Clone)]
-pub struct CheckpointFiles {
-    /// `config.json`.
-    pub config: Vec<u8>,
-    /// `tokenizer.json`, when the checkpoint has one.
-    pub tokenizer: Option<Vec<u8>>,
-    /// `tokenizer_config.json`, when the checkpoint has one.
-    pub tokenizer_config: Option<Vec<u8>>,
-    /// The safetensors files (one, or the shards an index names).
-    pub weights: Vec<WeightFile>,
-}
-
-impl CheckpointFiles {
-    /// Reads a checkpoint folder: config.json, tokenizer files if present, and `model.safetensors` or the
-    /// shards named by `model.safetensors.index.json` (else every `*.safetensors` in the folder).
-    pub fn read_dir(dir: &Path) -> Result<Self> {
-        let read = |name: &str| {
-            std::fs::read(dir.join(name)).map_err(|source| Error::Io {
-                path: dir.join(name),
-                source,
-            })
-        };
-        let optional = |name: &str| -> Result<Option<Vec<u8>>> {
-            let path = dir.join(name);
-            if path.exists() { read(name).map(Some) } else { Ok(None) }
-        };
-        if !dir.is_dir() {
-            return Err(Error::Io {
-                path: dir.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a checkpoint folder"),
-            });
-        }
-        let config = read("config.json")?;
-        let names: Vec<String> = if let Some(index) = optional("model.safetensors.index.json")? {
-            index_files(&index)?
-        } else if dir.join("model.safetensors").exists() {
-            vec!["model.safetensors".into()]
-        } else {
-            let mut v: Vec<String> = std::fs::read_dir(dir)
-                .map_err(|source| Error::Io {
-                    path: dir.to_path_buf(),
-                    source,
-                })?
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".safetensors"))
-                .collect();
-            v.sort();
-            v
-        };
-        let weights = names
-            .into_iter()
-            .map(|name| {
-                let bytes = read(&name)?;
-                Ok(WeightFile {
-                    name,
-                    bytes: Arc::new(bytes),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            config,
-            tokenizer: optional("tokenizer.json")?,
-            tokenizer_config: optional("tokenizer_config.json")?,
-            weights,
-        })
-    }
-}
 
 /// How to load a model.
 #[derive(Debug, Clone, Copy, Default)]
@@ -162,28 +93,88 @@ pub fn cpu_device() -> Device {
     Device::flex()
 }
 
+/// How a load went.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct LoadReport {
+    /// Bytes of weights read from the checkpoint.
+    pub bytes: u64,
+    /// Seconds from the first header read to the model's last weight on the device.
+    pub seconds: f64,
+}
+
+impl LoadReport {
+    /// `bytes / seconds`, GB/s.
+    pub fn gb_per_second(&self) -> f64 {
+        self.bytes as f64 / self.seconds.max(1e-9) / 1e9
+    }
+}
+
+/// Fails before any weight is read when the model cannot fit the device. Natively on a CPU adapter (Mesa's
+/// lavapipe), whose memory is the machine's, the weights it would hold plus the host's embedding table are
+/// compared with the memory the system has available now. (Hardware adapters do not report their memory
+/// through wgpu; there an allocation that fails is reported by the device.)
+fn check_fits(config: &ModelConfig, dtype: WeightDtype, device: &Device) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    if is_default_device(device) && crate::kernels::texture::cpu_adapter() {
+        let info = ModelInfo::new(config, dtype);
+        let need = info.gpu_weight_bytes + info.host_weight_bytes;
+        if let Some(available) = crate::memory::available_bytes()
+            && need > available
+        {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            let q4 = ModelInfo::new(config, WeightDtype::Q4);
+            return Err(Error::Limit(format!(
+                "the model needs {:.1} GiB for its weights as {} ({:.1} GiB on the GPU, {:.1} GiB of embedding on \
+                 the host) but the system has {:.1} GiB of memory available; the GPU adapter is a CPU (lavapipe), \
+                 whose memory is the system's. {}",
+                gib(need),
+                dtype.name(),
+                gib(info.gpu_weight_bytes),
+                gib(info.host_weight_bytes),
+                gib(available),
+                if dtype == WeightDtype::Q4 {
+                    "Use a machine with more memory or a smaller model.".to_string()
+                } else {
+                    format!(
+                        "--weights q4 would need {:.1} GiB.",
+                        gib(q4.gpu_weight_bytes + q4.host_weight_bytes)
+                    )
+                }
+            )));
+        }
+    }
+    let _ = (config, dtype, device);
+    Ok(())
+}
+
 /// A loaded model ready to run.
 #[derive(Debug)]
 pub struct Engine {
     pub(crate) model: Transformer,
     tokenizer: Option<Tokenizer>,
+    load: LoadReport,
 }
 
 impl Engine {
-    /// Loads a checkpoint folder onto the default device.
+    /// Loads a checkpoint folder onto the default device (its weight files mapped, read tensor by tensor).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn load_dir(dir: &Path, options: LoadOptions, progress: &mut dyn FnMut(Progress)) -> Result<Self> {
         let files = CheckpointFiles::read_dir(dir)?;
-        Self::load(files, options, &default_device()?, progress)
+        pollster::block_on(Self::load(files, options, &default_device()?, progress))
     }
 
-    /// Loads a checkpoint from its files' bytes onto `device`.
-    pub fn load(
+    /// Loads a checkpoint from its files onto `device`.
+    ///
+    /// Before any weight is read: config.json is validated, the tokenizer loaded, every weight file's header
+    /// read and every tensor's shape checked, and the model's size compared with what the device can hold.
+    /// Then each tensor is read, converted and stored on the device in turn (`load/`).
+    pub async fn load(
         files: CheckpointFiles,
         options: LoadOptions,
         device: &Device,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Self> {
+        let started = web_time::Instant::now();
         let config = ModelConfig::from_json_bytes(&files.config, "config.json")?;
         let tokenizer = match &files.tokenizer {
             Some(t) => Some(Tokenizer::from_bytes(t, files.tokenizer_config.as_deref())?),
@@ -201,10 +192,28 @@ impl Engine {
                 ),
             });
         }
-        let set = WeightSet::new(files.weights)?;
-        let mut model = Transformer::load(config, &set, options.dtype, device, progress)?;
+        let set = WeightSet::open(files.weights).await?;
+        check_fits(&config, options.dtype, device)?;
+        let mut bytes = 0;
+        let mut model = Transformer::load(config, &set, options.dtype, device, &mut |p: Progress| {
+            bytes = p.total;
+            progress(p);
+        })
+        .await?;
         model.set_kernels(options.kernels);
-        Ok(Self { model, tokenizer })
+        Ok(Self {
+            model,
+            tokenizer,
+            load: LoadReport {
+                bytes,
+                seconds: started.elapsed().as_secs_f64(),
+            },
+        })
+    }
+
+    /// How the load went: bytes read and seconds taken.
+    pub fn load_report(&self) -> LoadReport {
+        self.load
     }
 
     /// The model's config.

@@ -60,6 +60,8 @@ pub struct ModelInfo {
     pub weight_dtype: String,
     /// Bytes of weights on the GPU (embedding kept on the host is excluded).
     pub gpu_weight_bytes: u64,
+    /// Bytes of the embedding table, kept on the host in the weight format.
+    pub host_weight_bytes: u64,
     /// Bytes of weights one decoded token reads (the active parameters in their stored formats).
     pub active_weight_bytes_per_token: u64,
     /// The cache.
@@ -140,6 +142,7 @@ impl ModelInfo {
             max_position_embeddings: c.max_position_embeddings,
             weight_dtype: dtype.name().into(),
             gpu_weight_bytes: bytes(on_gpu),
+            host_weight_bytes: (v as f64 * h as f64 * dtype.bits() / 8.0).round() as u64,
             active_weight_bytes_per_token: bytes(active),
             cache: CacheInfo {
                 values_per_token: values,

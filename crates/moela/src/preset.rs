@@ -1,7 +1,6 @@
-//! Random-weight models in the shapes of real checkpoints, built in memory from a seed, so anyone can
-//! benchmark a real shape without downloading anything.
-
-use std::sync::Arc;
+//! Random-weight models in the shapes of real checkpoints, made from a seed, so anyone can benchmark a real
+//! shape, up to a whole DeepSeek-V2-Lite, without downloading anything. A preset's tensors are generated as the
+//! loader reads them (`load/synthetic.rs`): no file and no whole copy of the weights exists.
 
 use half::bf16;
 use rand::{Rng, SeedableRng};
@@ -10,13 +9,21 @@ use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 
 use crate::config::ModelConfig;
-use crate::engine::CheckpointFiles;
 use crate::error::{Error, Result};
-use crate::load::WeightFile;
-use crate::model::transformer::all_names;
+use crate::load::synthetic::{Fill, Synthetic, SyntheticTensor};
+use crate::load::{CheckpointFiles, FileData, WeightFile};
+use crate::model::transformer::tensor_shapes;
 
 /// Names accepted by [`preset_files`], with a line each.
 pub const PRESETS: &[(&str, &str)] = &[
+    (
+        "v2-lite",
+        "DeepSeek-V2-Lite at full size: 27 layers, hidden 2048, 64 experts top-6, 2 shared, vocab 102400 (15.7B parameters)",
+    ),
+    (
+        "v3-layer",
+        "One DeepSeek-V3 MoE layer at full width: hidden 7168, 128 heads, q_lora 1536, 256 experts top-8 in 8 groups, vocab 129280",
+    ),
     (
         "v2-lite-mini",
         "DeepSeek-V2-Lite scaled down: 8 layers, hidden 1024, 16 heads, kv_lora 256, 32 experts top-4, 2 shared, vocab 32000",
@@ -29,6 +36,35 @@ pub const PRESETS: &[(&str, &str)] = &[
 
 fn preset_config(name: &str) -> Result<String> {
     let json = match name {
+        "v2-lite" => serde_json::json!({
+            "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+            "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+            "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
+            "n_shared_experts": 2, "n_routed_experts": 64, "num_experts_per_tok": 6, "routed_scaling_factor": 1.0,
+            "kv_lora_rank": 512, "q_lora_rank": null, "qk_rope_head_dim": 64, "v_head_dim": 128,
+            "qk_nope_head_dim": 128, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+            "norm_topk_prob": false, "scoring_func": "softmax", "first_k_dense_replace": 1, "moe_layer_freq": 1,
+            "hidden_act": "silu", "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+            "bos_token_id": 100000, "eos_token_id": 100001,
+            "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                             "original_max_position_embeddings": 4096, "type": "yarn"},
+            "tie_word_embeddings": false, "torch_dtype": "bfloat16"
+        }),
+        // V3's widths with its first MoE layer only (no dense layers): the largest per-layer shapes moela meets.
+        "v3-layer" => serde_json::json!({
+            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+            "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+            "num_hidden_layers": 1, "num_attention_heads": 128, "num_key_value_heads": 128,
+            "n_shared_experts": 1, "n_routed_experts": 256, "num_experts_per_tok": 8, "routed_scaling_factor": 2.5,
+            "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+            "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+            "norm_topk_prob": true, "scoring_func": "sigmoid", "first_k_dense_replace": 0, "moe_layer_freq": 1,
+            "hidden_act": "silu", "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+            "bos_token_id": 0, "eos_token_id": 1,
+            "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                             "original_max_position_embeddings": 4096, "type": "yarn"},
+            "tie_word_embeddings": false, "torch_dtype": "bfloat16"
+        }),
         "v2-lite-mini" => serde_json::json!({
             "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
             "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816, "moe_intermediate_size": 512,
@@ -66,33 +102,65 @@ fn preset_config(name: &str) -> Result<String> {
     Ok(json.to_string())
 }
 
-/// Builds a preset checkpoint (config.json + one bf16 safetensors file, no tokenizer) from `seed`.
+/// A preset checkpoint (config.json and one synthetic weight file, no tokenizer) from `seed`.
 ///
-/// Weights are uniform with standard deviation 0.02; norms are 1; the router correction bias is small noise.
+/// Weights are uniform with standard deviation 0.02, generated row by row as the loader reads them; norms
+/// are 1; the router correction bias is small noise.
 pub fn preset_files(name: &str, seed: u64) -> Result<CheckpointFiles> {
-    random_files(preset_config(name)?, seed, 0.02)
+    let config_json = preset_config(name)?;
+    let config = ModelConfig::from_json_bytes(config_json.as_bytes(), "config.json")?;
+    let amp = 0.02 * 3f32.sqrt();
+    let tensors = tensor_shapes(&config)
+        .into_iter()
+        .map(|(name, shape)| SyntheticTensor {
+            fill: fill_of(&name, amp),
+            name,
+            shape,
+        })
+        .collect();
+    Ok(CheckpointFiles {
+        config: config_json.into_bytes(),
+        tokenizer: None,
+        tokenizer_config: None,
+        weights: vec![WeightFile {
+            name: format!("{name} (random, seed {seed})"),
+            data: FileData::Synthetic(std::sync::Arc::new(Synthetic::new(tensors, seed))),
+        }],
+    })
 }
 
-/// A random checkpoint for any supported `config.json` text: projections and embeddings uniform with
-/// standard deviation `std`, norms 1, router correction bias small noise (the start of training, or a
-/// benchmark shape). One bf16 safetensors file, no tokenizer.
+/// What a random tensor holds: norms 1, the router correction bias small f32 noise, the rest uniform.
+fn fill_of(name: &str, amp: f32) -> Fill {
+    if name.ends_with("e_score_correction_bias") {
+        Fill::UniformF32(0.01)
+    } else if name.ends_with("norm.weight") || name.ends_with("layernorm.weight") {
+        Fill::Ones
+    } else {
+        Fill::Uniform(amp)
+    }
+}
+
+/// A random checkpoint for any supported `config.json` text, in memory: projections and embeddings uniform
+/// with standard deviation `std`, norms 1, router correction bias small noise (the start of training). One
+/// bf16 safetensors file, no tokenizer; the values are a pure function of `seed` and the config.
 pub fn random_files(config_json: String, seed: u64, std: f32) -> Result<CheckpointFiles> {
     let config = ModelConfig::from_json_bytes(config_json.as_bytes(), "config.json")?;
     let name = "random";
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let amp = std * 3f32.sqrt();
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>, Dtype)> = Vec::new();
-    for name in all_names(&config) {
-        let shape = expected_shape(&config, &name);
+    for (name, shape) in tensor_shapes(&config) {
         let n: usize = shape.iter().product();
-        let (bytes, dtype) = if name.ends_with("e_score_correction_bias") {
-            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-0.01f32..0.01)).collect();
-            (bytemuck::cast_slice(&v).to_vec(), Dtype::F32)
-        } else if name.ends_with("norm.weight") || name.ends_with("layernorm.weight") {
-            (bytemuck::cast_slice(&vec![bf16::ONE; n]).to_vec(), Dtype::BF16)
-        } else {
-            let v: Vec<bf16> = (0..n).map(|_| bf16::from_f32(rng.random_range(-amp..amp))).collect();
-            (bytemuck::cast_slice(&v).to_vec(), Dtype::BF16)
+        let (bytes, dtype) = match fill_of(&name, amp) {
+            Fill::UniformF32(a) => {
+                let v: Vec<f32> = (0..n).map(|_| rng.random_range(-a..a)).collect();
+                (bytemuck::cast_slice(&v).to_vec(), Dtype::F32)
+            }
+            Fill::Ones => (bytemuck::cast_slice(&vec![bf16::ONE; n]).to_vec(), Dtype::BF16),
+            Fill::Uniform(a) => {
+                let v: Vec<bf16> = (0..n).map(|_| bf16::from_f32(rng.random_range(-a..a))).collect();
+                (bytemuck::cast_slice(&v).to_vec(), Dtype::BF16)
+            }
         };
         tensors.push((name, shape, bytes, dtype));
     }
@@ -101,67 +169,17 @@ pub fn random_files(config_json: String, seed: u64, std: f32) -> Result<Checkpoi
         .map(|(n, s, b, d)| {
             TensorView::new(*d, s.clone(), b)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| Error::InvalidArgument(format!("preset tensor {n}: {e}")))
+                .map_err(|e| Error::InvalidArgument(format!("random tensor {n}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
     let bytes = safetensors::serialize(views, None)
-        .map_err(|e| Error::InvalidArgument(format!("building preset {name}: {e}")))?;
+        .map_err(|e| Error::InvalidArgument(format!("building {name} weights: {e}")))?;
     Ok(CheckpointFiles {
         config: config_json.into_bytes(),
         tokenizer: None,
         tokenizer_config: None,
-        weights: vec![WeightFile {
-            name: format!("{name}.safetensors"),
-            bytes: Arc::new(bytes),
-        }],
+        weights: vec![WeightFile::from_bytes(format!("{name}.safetensors"), bytes)],
     })
-}
-
-/// The HF shape of a tensor named by [`all_names`].
-fn expected_shape(c: &ModelConfig, name: &str) -> Vec<usize> {
-    let (h, v) = (c.hidden_size, c.vocab_size);
-    let n_h = c.num_attention_heads;
-    let d_qk = c.qk_head_dim();
-    let r_kv = c.kv_lora_rank;
-    let last = |s: &str| name.ends_with(s);
-    let moe_i = c.moe_intermediate_size;
-    let i = if name.contains("shared_experts") {
-        c.n_shared_experts * moe_i
-    } else if name.contains("experts.") {
-        moe_i
-    } else {
-        c.intermediate_size
-    };
-    if last("embed_tokens.weight") || last("lm_head.weight") {
-        vec![v, h]
-    } else if last("q_a_layernorm.weight") {
-        vec![c.q_lora_rank.unwrap_or(0)]
-    } else if last("kv_a_layernorm.weight") {
-        vec![r_kv]
-    } else if last("norm.weight") || last("layernorm.weight") {
-        vec![h]
-    } else if last("q_proj.weight") {
-        vec![n_h * d_qk, h]
-    } else if last("q_a_proj.weight") {
-        vec![c.q_lora_rank.unwrap_or(0), h]
-    } else if last("q_b_proj.weight") {
-        vec![n_h * d_qk, c.q_lora_rank.unwrap_or(0)]
-    } else if last("kv_a_proj_with_mqa.weight") {
-        vec![r_kv + c.qk_rope_head_dim, h]
-    } else if last("kv_b_proj.weight") {
-        vec![n_h * (c.qk_nope_head_dim + c.v_head_dim), r_kv]
-    } else if last("o_proj.weight") {
-        vec![h, n_h * c.v_head_dim]
-    } else if last("mlp.gate.weight") {
-        vec![c.n_routed_experts, h]
-    } else if last("e_score_correction_bias") {
-        vec![c.n_routed_experts]
-    } else if last("down_proj.weight") {
-        vec![h, i]
-    } else {
-        // gate_proj / up_proj
-        vec![i, h]
-    }
 }
 
 #[cfg(test)]

@@ -17,9 +17,9 @@ fn fixture(name: &str) -> PathBuf {
 fn load(name: &str) -> (Transformer, WeightSet) {
     let files = CheckpointFiles::read_dir(&fixture(name)).unwrap();
     let config = ModelConfig::from_json_bytes(&files.config, "config.json").unwrap();
-    let set = WeightSet::new(files.weights).unwrap();
+    let set = WeightSet::open_blocking(files.weights).unwrap();
     let device = moela::default_device().unwrap();
-    let model = Transformer::load(config, &set, WeightDtype::F32, &device, &mut |_| {}).unwrap();
+    let model = pollster::block_on(Transformer::load(config, &set, WeightDtype::F32, &device, &mut |_| {})).unwrap();
     (model, set)
 }
 
@@ -70,13 +70,14 @@ fn export_returns_the_checkpoint_tensors() {
         let (mut model, set) = load(name);
         model.embedding_on_device();
         let exported = pollster::block_on(model.export()).unwrap();
-        let names = moela::model::transformer::all_names(&model.config);
+        let names: Vec<String> = moela::model::transformer::tensor_shapes(&model.config)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         assert_eq!(exported.len(), names.len(), "{name}: tensor count");
         for (tensor, shape, got) in &exported {
             assert!(names.contains(tensor), "{name}: unexpected {tensor}");
-            let want = set
-                .read(tensor, shape)
-                .unwrap_or_else(|e| panic!("{name}: {tensor}: {e}"));
+            let want = pollster::block_on(set.read(tensor, shape)).unwrap_or_else(|e| panic!("{name}: {tensor}: {e}"));
             assert_eq!(&want.data, got, "{name}: {tensor} differs after the round trip");
         }
     }

@@ -189,6 +189,11 @@ pub fn register(device: wgpu::Device, queue: wgpu::Queue, cpu: bool) {
     });
 }
 
+/// Whether the registered adapter is a CPU (a software driver such as lavapipe), whose memory is the system's.
+pub fn cpu_adapter() -> bool {
+    GPU.get().is_some_and(|g| g.layout == Layout::Columns)
+}
+
 /// Whether weights on `device` can be stored in textures: it is the registered wgpu device.
 pub fn available(device: &burn::tensor::Device) -> bool {
     GPU.get().is_some() && crate::engine::is_default_device(device)
@@ -291,6 +296,11 @@ impl WeightTexture {
             },
             size,
         );
+        drop(data);
+        // wgpu holds a written texture's bytes in a staging buffer until the next submit: submitting now lets
+        // each weight's staging copy go as soon as it is on the device, instead of a whole model's at once.
+        gpu.queue.submit([]);
+        let _ = gpu.device.poll(wgpu::PollType::Poll);
         let view = texture.create_view(&wgpu::TextureViewDescriptor {
             dimension: Some(wgpu::TextureViewDimension::D2Array),
             ..Default::default()

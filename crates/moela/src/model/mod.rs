@@ -3,6 +3,7 @@
 //! Reference: DeepSeek-V2 (arXiv:2405.04434) and DeepSeek-V3 (arXiv:2412.19437) technical reports, and
 //! HF transformers' `DeepseekV2ForCausalLM` / `DeepseekV3ForCausalLM`, which the tests compare against.
 
+pub mod embedding;
 pub mod mla;
 pub mod mlp;
 pub mod moe;
@@ -125,6 +126,69 @@ impl<const D: usize> Weights<D> {
     }
 }
 
+/// A stack of `[K, N]` matrices assembled on the host from a checkpoint's HF rows (`[N, K]` each), then
+/// stored on the device: packed as they arrive where the format packs the shape (no f32 copy of the stack is
+/// ever made), else transposed into f32.
+#[derive(Debug)]
+pub enum WeightsHost {
+    /// f32 `[count, K, N]`, and how many matrices are filled.
+    Dense(Vec<f32>, [usize; 3], usize),
+    /// Packed words and scales.
+    Packed(packed::PackedHost),
+}
+
+impl WeightsHost {
+    /// Room for `count` matrices of `[K, N]` stored in `format` (f32 where it cannot pack N).
+    pub fn new(format: WeightDtype, [count, k, n]: [usize; 3]) -> Self {
+        if Packed::supports(format, n) {
+            WeightsHost::Packed(packed::PackedHost::new(format, [count, k, n]))
+        } else {
+            WeightsHost::Dense(vec![0.0; count * k * n], [count, k, n], 0)
+        }
+    }
+
+    /// Adds the next matrix from its HF rows, `[N, K]` row-major.
+    ///
+    /// # Panics
+    /// When the stack is full or `rows` is not `N * K` values.
+    pub fn push_rows(&mut self, rows: &[f32]) {
+        match self {
+            WeightsHost::Packed(p) => p.push_rows(rows),
+            WeightsHost::Dense(data, [count, k, n], filled) => {
+                assert!(*filled < *count && rows.len() == *k * *n, "one matrix of HF rows");
+                let out = &mut data[*filled * *k * *n..(*filled + 1) * *k * *n];
+                transpose_into(rows, *n, *k, out);
+                *filled += 1;
+            }
+        }
+    }
+
+    /// Bytes held on the host.
+    pub fn bytes(&self) -> usize {
+        match self {
+            WeightsHost::Packed(p) => p.bytes(),
+            WeightsHost::Dense(data, ..) => data.len() * 4,
+        }
+    }
+
+    /// Stores the stack on `device` as `dims` (`[.., K, N]`, as many values as the stack).
+    pub fn upload<const D: usize>(self, dims: [usize; D], device: &Device) -> Weights<D> {
+        match self {
+            WeightsHost::Packed(p) => Weights::Packed(Box::new(p.upload(device))),
+            WeightsHost::Dense(data, ..) => Weights::Dense(Tensor::from_data(TensorData::new(data, dims), device)),
+        }
+    }
+}
+
+impl Weights<2> {
+    /// Stores an HF `[N, K]` row-major weight (outputs by inputs) as the `[K, N]` matrix the products take.
+    pub fn from_rows(rows: &[f32], n: usize, k: usize, format: WeightDtype, device: &Device) -> Self {
+        let mut host = WeightsHost::new(format, [1, k, n]);
+        host.push_rows(rows);
+        host.upload([k, n], device)
+    }
+}
+
 impl Weights<3> {
     /// Matrices `first..first + count` of the stack as f32 `[count, K, N]`: the whole stack as
     /// [`to_f32`](Self::to_f32) unpacks it, a part of it with burn's ops.
@@ -159,21 +223,30 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Uploads an `[out, in]` row-major weight (HF layout), transposed, stored in `dtype` and split by
-    /// output columns so that each part fits one binding even unpacked to f32 (as burn's ops unpack them).
-    pub fn from_rows(w: &[f32], out: usize, inp: usize, dtype: WeightDtype, device: &Device) -> Self {
+    /// The output rows of each part an `[out, in]` weight is split into: parts fit one binding even unpacked
+    /// to f32 (as burn's ops unpack them); packed parts take whole groups of four outputs.
+    pub fn part_rows(out: usize, inp: usize) -> Vec<std::ops::Range<usize>> {
         let mut per_part = (MAX_BINDING_BYTES / (inp * 4).max(1)).clamp(1, out.max(1));
         if per_part < out && per_part >= 4 {
-            per_part -= per_part % 4; // packed parts need whole groups of four columns
+            per_part -= per_part % 4;
         }
-        let parts = (0..out)
+        (0..out)
             .step_by(per_part)
-            .map(|r0| {
-                let rows = per_part.min(out - r0);
-                let block = &w[r0 * inp..(r0 + rows) * inp];
-                Weights::new(transpose(block, rows, inp), [inp, rows], dtype, device)
-            })
+            .map(|r0| r0..(r0 + per_part).min(out))
+            .collect()
+    }
+
+    /// Stores an `[out, in]` row-major weight (HF layout) in `dtype`, split into [parts](Self::part_rows).
+    pub fn from_rows(w: &[f32], out: usize, inp: usize, dtype: WeightDtype, device: &Device) -> Self {
+        let parts = Self::part_rows(out, inp)
+            .into_iter()
+            .map(|r| Weights::from_rows(&w[r.start * inp..r.end * inp], r.len(), inp, dtype, device))
             .collect();
+        Self::from_parts(parts)
+    }
+
+    /// A projection from its column parts, in order.
+    pub fn from_parts(parts: Vec<Weights<2>>) -> Self {
         Self {
             parts,
             kernels: Kernels::default(),
@@ -226,16 +299,22 @@ pub fn upload<const D: usize>(data: Vec<f32>, shape: [usize; D], device: &Device
 /// Transposes a row-major `[rows, cols]` matrix.
 pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; data.len()];
-    // Blocked so both sides stay in cache for big matrices.
+    transpose_into(data, rows, cols, &mut out);
+    out
+}
+
+/// Transposes a row-major `[rows, cols]` matrix into `out` (`[cols, rows]`), in tasks of 32 output rows on
+/// every core natively, each reading 32 adjacent values of every input row.
+pub fn transpose_into(data: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
     const B: usize = 32;
-    for r0 in (0..rows).step_by(B) {
-        for c0 in (0..cols).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    out[c * rows + r] = data[r * cols + c];
-                }
+    packed::for_chunks(out, B * rows.max(1), |t, chunk| {
+        let c0 = t * B;
+        let cc = chunk.len() / rows.max(1);
+        for r in 0..rows {
+            let src = &data[r * cols + c0..r * cols + c0 + cc];
+            for (c, v) in src.iter().enumerate() {
+                chunk[c * rows + r] = *v;
             }
         }
-    }
-    out
+    });
 }

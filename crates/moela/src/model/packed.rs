@@ -60,40 +60,19 @@ impl Packed {
         format.is_packed() && n.is_multiple_of(4) && n > 0
     }
 
-    /// Packs `count` row-major `[K, N]` f32 matrices, laid out one after the other in `data`.
+    /// Packs `count` row-major `[K, N]` f32 matrices, laid out one after the other in `data` (tests and
+    /// small weights; the loader packs a checkpoint's rows as it reads them with [`PackedHost`]).
     ///
     /// # Panics
     /// When the format is not a packed one or the shape is not [supported](Self::supports): the loader checks.
     pub fn new(data: &[f32], shape: [usize; 3], format: WeightDtype, device: &Device) -> Self {
         let [count, k, n] = shape;
-        assert!(Self::supports(format, n), "{format:?} cannot pack {k}x{n}");
         assert_eq!(data.len(), count * k * n, "packed data length");
-        let (words, scales) = pack(data, shape, format);
-        let int = |v: Vec<u32>| {
-            let len = v.len();
-            let v: Vec<i32> = v.into_iter().map(|w| w as i32).collect();
-            Tensor::<1, Int>::from_data(TensorData::new(v, [len]), device)
-        };
-        #[cfg(not(target_arch = "wasm32"))]
-        // f16 texels hold eight columns of a row: N a multiple of 8.
-        let texture = ((format != WeightDtype::F16 || n.is_multiple_of(8))
-            && crate::kernels::texture::available(device))
-        .then(|| crate::kernels::texture::WeightTexture::new(&words, texel_grid(format, shape)))
-        .flatten();
-        #[cfg(target_arch = "wasm32")]
-        let texture: Option<()> = None;
-        let words = match texture {
-            #[cfg(not(target_arch = "wasm32"))]
-            Some(t) => Words::Texture(t),
-            _ => Words::Buffer(int(words)),
-        };
-        Self {
-            format,
-            shape,
-            words,
-            scales: (format != WeightDtype::F16).then(|| int(scales)),
-            zero: Tensor::zeros([1], device),
+        let mut host = PackedHost::new(format, shape);
+        for m in data.chunks(k * n) {
+            host.push_rows(&super::transpose(m, k, n));
         }
+        host.upload(device)
     }
 
     /// K rounded up to what the format stores (whole blocks for q8 / q4).
@@ -214,18 +193,171 @@ impl Packed {
     }
 }
 
-/// The words and (q8, q4) scales of `count` row-major `[K, N]` matrices in `format`.
-fn pack(data: &[f32], [count, k, n]: [usize; 3], format: WeightDtype) -> (Vec<u32>, Vec<u32>) {
-    let mut words = Vec::with_capacity(count * words_per_matrix(format, k, n));
-    let mut scales = Vec::new();
-    for m in data.chunks(k * n) {
-        match format {
-            WeightDtype::F16 => pack_f16(m, &mut words),
-            WeightDtype::Q8 | WeightDtype::Q4 => pack_blocks(m, k, n, format, &mut words, &mut scales),
-            WeightDtype::F32 => unreachable!("checked by supports"),
+/// A packed stack being assembled on the host from a checkpoint's rows, one matrix at a time, then uploaded
+/// whole: the loader's only copy of a stack's weights is this packed one (at most one binding's worth).
+#[derive(Debug)]
+pub struct PackedHost {
+    format: WeightDtype,
+    shape: [usize; 3],
+    words: Vec<u32>,
+    /// f16 bit patterns, `[count, Kp/32, N]` (q8, q4).
+    scales: Vec<u16>,
+    /// Matrices pushed so far.
+    filled: usize,
+}
+
+impl PackedHost {
+    /// Room for a `[count, K, N]` stack in `format`.
+    ///
+    /// # Panics
+    /// When the format is not a packed one or the shape is not [supported](Packed::supports).
+    pub fn new(format: WeightDtype, shape: [usize; 3]) -> Self {
+        let [count, k, n] = shape;
+        assert!(Packed::supports(format, n), "{format:?} cannot pack {k}x{n}");
+        let blocks = match format {
+            WeightDtype::Q8 | WeightDtype::Q4 => padded_k(format, k) / BLOCK,
+            _ => 0,
+        };
+        Self {
+            format,
+            shape,
+            words: vec![0; count * words_per_matrix(format, k, n)],
+            scales: vec![0; count * blocks * n],
+            filled: 0,
         }
     }
-    (words, scales)
+
+    /// Packs the next matrix of the stack from its HF rows: `[N, K]` row-major, row `j` holding output `j`'s
+    /// K weights (the layout checkpoints store), on every core natively.
+    ///
+    /// # Panics
+    /// When the stack is full or `rows` is not `N * K` values.
+    pub fn push_rows(&mut self, rows: &[f32]) {
+        let [count, k, n] = self.shape;
+        assert!(self.filled < count, "the stack holds {count} matrices");
+        assert_eq!(rows.len(), n * k, "one matrix of HF rows");
+        let per = words_per_matrix(self.format, k, n);
+        let words = &mut self.words[self.filled * per..(self.filled + 1) * per];
+        let blocks = self.scales.len() / count;
+        let scales = &mut self.scales[self.filled * blocks..(self.filled + 1) * blocks];
+        match self.format {
+            WeightDtype::F16 => pack_f16_rows(rows, k, n, words),
+            WeightDtype::Q8 | WeightDtype::Q4 => pack_block_rows(rows, k, n, self.format, words, scales),
+            WeightDtype::F32 => unreachable!("checked by supports"),
+        }
+        self.filled += 1;
+    }
+
+    /// Bytes held on the host.
+    pub fn bytes(&self) -> usize {
+        self.words.len() * 4 + self.scales.len() * 2
+    }
+
+    /// Stores the stack on `device`: its words in a texture where the device has them (natively), else in a
+    /// buffer; the scales in a buffer.
+    pub fn upload(self, device: &Device) -> Packed {
+        let Self {
+            format,
+            shape,
+            words,
+            scales,
+            ..
+        } = self;
+        let int = |v: &[u32]| {
+            let v: Vec<i32> = v.iter().map(|&w| w as i32).collect();
+            let len = v.len();
+            Tensor::<1, Int>::from_data(TensorData::new(v, [len]), device)
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        // f16 texels hold eight columns of a row: N a multiple of 8.
+        let texture = ((format != WeightDtype::F16 || shape[2].is_multiple_of(8))
+            && crate::kernels::texture::available(device))
+        .then(|| crate::kernels::texture::WeightTexture::new(&words, texel_grid(format, shape)))
+        .flatten();
+        #[cfg(target_arch = "wasm32")]
+        let texture: Option<()> = None;
+        let words = match texture {
+            #[cfg(not(target_arch = "wasm32"))]
+            Some(t) => Words::Texture(t),
+            _ => Words::Buffer(int(&words)),
+        };
+        Packed {
+            format,
+            shape,
+            words,
+            // f16 pairs per word: N is a multiple of 4, so a row of scales fills whole words.
+            scales: (format != WeightDtype::F16).then(|| int(bytemuck::cast_slice(&scales))),
+            zero: Tensor::zeros([1], device),
+        }
+    }
+}
+
+/// Runs `f(index, chunk)` over `data`'s chunks of `size` on every core natively (one thread on wasm32).
+pub(crate) fn for_chunks<T: Send>(data: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use rayon::prelude::*;
+        data.par_chunks_mut(size.max(1)).enumerate().for_each(|(i, c)| f(i, c));
+    }
+    #[cfg(target_arch = "wasm32")]
+    data.chunks_mut(size.max(1)).enumerate().for_each(|(i, c)| f(i, c));
+}
+
+/// f16 words `[K, N/2]` of one matrix from its HF rows `[N, K]`, in tasks of 64 rows of K.
+fn pack_f16_rows(rows: &[f32], k: usize, n: usize, words: &mut [u32]) {
+    const ROWS: usize = 64;
+    let half = n / 2;
+    for_chunks(words, ROWS * half, |t, out| {
+        let k0 = t * ROWS;
+        let kk = out.len() / half;
+        for jj in 0..half {
+            let (a, b) = (&rows[2 * jj * k + k0..][..kk], &rows[(2 * jj + 1) * k + k0..][..kk]);
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                out[i * half + jj] =
+                    u32::from(f16::from_f32(*x).to_bits()) | (u32::from(f16::from_f32(*y).to_bits()) << 16);
+            }
+        }
+    });
+}
+
+/// q8 / q4 words `[Kp/4 or Kp/8, N]` and f16 scales `[Kp/32, N]` of one matrix from its HF rows `[N, K]`, a
+/// task per block of 32 rows of K. A block's scale is `max |w| / 127` (q8) or `/ 7` (q4), rounded through f16
+/// so the codes are computed with the scale the kernels will use; codes round to nearest.
+fn pack_block_rows(rows: &[f32], k: usize, n: usize, format: WeightDtype, words: &mut [u32], scales: &mut [u16]) {
+    let (bits, qmax) = if format == WeightDtype::Q8 {
+        (8, 127.0f32)
+    } else {
+        (4, 7.0f32)
+    };
+    let per_word = 32 / bits;
+    let word_rows = BLOCK / per_word; // word rows per block
+    let mut tasks: Vec<(&mut [u32], &mut [u16])> = words.chunks_mut(word_rows * n).zip(scales.chunks_mut(n)).collect();
+    for_chunks(&mut tasks, 1, |b, task| {
+        let (out, scale_row) = &mut task[0];
+        let k0 = b * BLOCK;
+        let valid = BLOCK.min(k.saturating_sub(k0)); // the rest of the block is padding (zeros)
+        for j in 0..n {
+            let src = &rows[j * k + k0..j * k + k0 + valid];
+            let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let s16 = f16::from_f32(amax / qmax);
+            scale_row[j] = s16.to_bits();
+            let s = s16.to_f32();
+            for g in 0..word_rows {
+                let mut word = 0u32;
+                for i in 0..per_word {
+                    let r = g * per_word + i;
+                    let q = if r < valid && s > 0.0 {
+                        (src[r] / s).round().clamp(-qmax, qmax) as i32
+                    } else {
+                        0
+                    };
+                    let code = if bits == 8 { (q as u32) & 0xff } else { (q + 8) as u32 };
+                    word |= code << (bits * i);
+                }
+                out[g * n + j] = word;
+            }
+        }
+    });
 }
 
 /// K rounded up to a whole block for the block formats.
@@ -255,57 +387,6 @@ fn words_per_matrix(format: WeightDtype, k: usize, n: usize) -> usize {
         WeightDtype::Q4 => padded_k(format, k) / 8 * n,
         WeightDtype::F32 => k * n,
     }
-}
-
-fn pack_f16(m: &[f32], words: &mut Vec<u32>) {
-    words.extend(
-        m.chunks_exact(2)
-            .map(|p| u32::from(f16::from_f32(p[0]).to_bits()) | (u32::from(f16::from_f32(p[1]).to_bits()) << 16)),
-    );
-}
-
-/// Quantises one `[K, N]` matrix in blocks of 32 rows per column.
-fn pack_blocks(m: &[f32], k: usize, n: usize, format: WeightDtype, words: &mut Vec<u32>, scales: &mut Vec<u32>) {
-    let (bits, qmax) = if format == WeightDtype::Q8 {
-        (8, 127.0)
-    } else {
-        (4, 7.0)
-    };
-    let per_word = 32 / bits;
-    let kp = padded_k(format, k);
-    let at = |row: usize, col: usize| if row < k { m[row * n + col] } else { 0.0 };
-    // Scales first: [Kp/32, N], then the codes, word-major over (row group, column).
-    let mut block_scale = vec![0f32; kp / BLOCK * n];
-    for b in 0..kp / BLOCK {
-        for col in 0..n {
-            let amax = (b * BLOCK..(b + 1) * BLOCK)
-                .map(|r| at(r, col).abs())
-                .fold(0f32, f32::max);
-            // Rounded through f16 so the codes are computed with the scale the kernels will use.
-            block_scale[b * n + col] = f16::from_f32(amax / qmax).to_f32();
-        }
-    }
-    for g in 0..kp / per_word {
-        for col in 0..n {
-            let s = block_scale[g * per_word / BLOCK * n + col];
-            let mut word = 0u32;
-            for i in 0..per_word {
-                let q = if s > 0.0 {
-                    (at(g * per_word + i, col) / s).round().clamp(-qmax, qmax) as i32
-                } else {
-                    0
-                };
-                let code = if bits == 8 { (q as u32) & 0xff } else { (q + 8) as u32 };
-                word |= code << (bits * i);
-            }
-            words.push(word);
-        }
-    }
-    scales.extend(
-        block_scale
-            .chunks_exact(2)
-            .map(|p| u32::from(f16::from_f32(p[0]).to_bits()) | (u32::from(f16::from_f32(p[1]).to_bits()) << 16)),
-    );
 }
 
 /// Splits each word of `t` (`[a, b, c]`) into `parts` fields of `bits` bits, lowest first: `[a, b, c, parts]`.
@@ -434,7 +515,11 @@ mod tests {
         let shape = [2, 64, 2600];
         let data = sample(shape.iter().product());
         for format in [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4] {
-            let (words, _) = pack(&data, shape, format);
+            let mut host = PackedHost::new(format, shape);
+            for m in data.chunks(shape[1] * shape[2]) {
+                host.push_rows(&crate::model::transpose(m, shape[1], shape[2]));
+            }
+            let words = host.words;
             for (layout, rows) in [
                 (Layout::Rows, usize::MAX),
                 (Layout::Columns, usize::MAX),

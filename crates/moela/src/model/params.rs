@@ -99,13 +99,13 @@ impl Transformer {
     }
 
     /// The model as HF-named tensors: `(name, shape, row-major f32 values)`, the names and shapes a
-    /// checkpoint of this config has (see [`all_names`](super::transformer::all_names)).
+    /// checkpoint of this config has (see [`tensor_shapes`](super::transformer::tensor_shapes)).
     pub async fn export(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
         let c = &self.config;
         let (h, v) = (c.hidden_size, c.vocab_size);
         let mut out = Vec::new();
         let embed = match &self.embed {
-            Embedding::Host(rows) => rows.clone(),
+            Embedding::Host(rows) => rows.to_f32(),
             Embedding::Device(t) => read((**t).clone()).await?,
         };
         out.push(("model.embed_tokens.weight".to_string(), vec![v, h], embed));

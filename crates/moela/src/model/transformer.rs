@@ -4,17 +4,20 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use std::ops::Range;
+
+use super::embedding::HostTable;
 use super::mla::{Factor, Mla, QProj};
 use super::mlp::Mlp;
 use super::moe::{ExpertChunk, Moe};
 use super::norm::{Delta, RmsNorm};
 use super::rope::{Rope, deinterleave_rows};
-use super::{Linear, MAX_BINDING_BYTES, WeightDtype, Weights, transpose};
+use super::{Linear, MAX_BINDING_BYTES, WeightDtype, Weights, WeightsHost, transpose};
 use crate::cache::LatentCache;
 use crate::config::{ModelConfig, TopkMethod};
 use crate::error::{Error, Result};
 use crate::kernels::Kernels;
-use crate::load::{HostTensor, Progress, WeightSet};
+use crate::load::{Progress, WeightSet};
 
 /// The feed-forward half of a block.
 #[derive(Debug, Clone)]
@@ -41,9 +44,8 @@ pub struct Block {
 /// Where the embedding table (`[V, H]`) lives.
 #[derive(Debug, Clone)]
 pub enum Embedding {
-    /// Row-major on the host (inference): a lookup reads T rows and uploads `[T, H]`, so the largest matrix
-    /// never has to fit a storage binding.
-    Host(Vec<f32>),
+    /// On the host in the model's weight format (inference; `model/embedding.rs`).
+    Host(HostTable),
     /// A device tensor (training): the lookup is a `select`, so gradients reach the table.
     Device(Box<Tensor<2>>),
 }
@@ -78,7 +80,7 @@ pub struct Transformer {
     pub dtype: WeightDtype,
 }
 
-/// Reads tensors by HF name, checking shapes, and reports progress.
+/// Reads tensors by HF name, checking shapes, and reports progress by bytes read.
 struct Reader<'a> {
     set: &'a WeightSet,
     done: u64,
@@ -86,15 +88,68 @@ struct Reader<'a> {
     progress: &'a mut dyn FnMut(Progress),
 }
 
+/// Rows read at a time from the largest tensors (the embedding, the head, wide projections): 64 MiB as f32.
+const SLICE_BYTES: usize = 64 << 20;
+
 impl Reader<'_> {
-    fn get(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
-        let t = self.set.read(name, shape)?;
-        self.done += self.set.byte_len(name);
+    fn advance(&mut self, bytes: u64) {
+        self.done += bytes;
         (self.progress)(Progress {
             loaded: self.done.min(self.total),
             total: self.total,
         });
+    }
+
+    /// The whole tensor `name` as f32.
+    async fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.set.read(name, shape).await?.data;
+        self.advance(self.set.byte_len(name));
         Ok(t)
+    }
+
+    /// Rows `rows` of the 2-D tensor `name` (`[out, in]`) as f32.
+    async fn rows(&mut self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<Vec<f32>> {
+        let part = self.set.byte_len(name) * rows.len() as u64 / shape[0].max(1) as u64;
+        let t = self.set.read_rows(name, &shape, rows).await?;
+        self.advance(part);
+        Ok(t)
+    }
+
+    /// Rows `rows` of `names` stacked along their rows (each `[each, cols]`; e.g. gate_proj then up_proj).
+    async fn stacked(&mut self, names: &[String], each: usize, cols: usize, rows: Range<usize>) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(rows.len() * cols);
+        for (i, name) in names.iter().enumerate() {
+            let own = i * each..(i + 1) * each;
+            let (start, end) = (rows.start.max(own.start), rows.end.min(own.end));
+            if start < end {
+                out.extend(
+                    self.rows(name, [each, cols], start - own.start..end - own.start)
+                        .await?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// A projection from the rows of `names` stacked (`[each, cols]` each), read and stored a part at a time.
+    async fn linear(
+        &mut self,
+        names: &[String],
+        each: usize,
+        cols: usize,
+        dtype: WeightDtype,
+        device: &Device,
+    ) -> Result<Linear> {
+        let mut parts = Vec::new();
+        for range in Linear::part_rows(names.len() * each, cols) {
+            // Parts of a wide projection are read in slices, so no more than a slice is held as f32.
+            let mut host = WeightsHost::new(dtype, [1, cols, range.len()]);
+            let rows = self.stacked(names, each, cols, range.clone()).await?;
+            host.push_rows(&rows);
+            drop(rows);
+            parts.push(host.upload([cols, range.len()], device));
+        }
+        Ok(Linear::from_parts(parts))
     }
 }
 
@@ -141,7 +196,12 @@ impl Transformer {
     }
 
     /// Builds the model from a checkpoint's tensors, converting to `dtype` on `device`.
-    pub fn load(
+    ///
+    /// Every tensor's presence and shape is checked before anything is read. Then tensors are read in model
+    /// order, one at a time (the largest a slice of rows at a time), converted and stored on the device, while
+    /// the next layer's tensors are read from disk in the background: host memory holds one slice, one expert
+    /// stack being packed, and the embedding table in its format.
+    pub async fn load(
         config: ModelConfig,
         set: &WeightSet,
         dtype: WeightDtype,
@@ -150,40 +210,63 @@ impl Transformer {
     ) -> Result<Self> {
         let c = &config;
         let (h, v) = (c.hidden_size, c.vocab_size);
-        let total = all_names(c).iter().map(|n| set.byte_len(n)).sum();
+        // A tied head is the embedding table, read a second time (for the device); a checkpoint that ties them
+        // but still stores lm_head uses its own.
+        let tied = c.tie_word_embeddings && !set.contains("lm_head.weight");
+        let mut shapes = tensor_shapes(c);
+        if c.tie_word_embeddings && !tied {
+            shapes.push(("lm_head.weight".into(), vec![v, h]));
+        }
+        let mut total = 0;
+        for (name, shape) in &shapes {
+            set.check(name, shape)?;
+            total += set.byte_len(name);
+        }
+        if tied {
+            total += set.byte_len("model.embed_tokens.weight");
+        }
         let mut r = Reader {
             set,
             done: 0,
             total,
             progress,
         };
-        let norm = |r: &mut Reader, name: &str, n: usize, eps: f64| -> Result<RmsNorm> {
-            Ok(RmsNorm::new(r.get(name, &[n])?.data, eps, device))
+        let norm = async |r: &mut Reader<'_>, name: &str, n: usize, eps: f64| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(r.get(name, &[n]).await?, eps, device))
         };
+        let layer_names = |i: usize| layer_tensors(c, i).into_iter().map(|(n, _)| n);
 
-        let embed = r.get("model.embed_tokens.weight", &[v, h])?.data;
+        set.prefetch(["model.embed_tokens.weight"]);
+        let embed_name = "model.embed_tokens.weight".to_string();
+        let mut embed = HostTable::new(dtype, v, h);
+        let slice_rows = (SLICE_BYTES / (h * 4).max(1)).max(1);
+        for first in (0..v).step_by(slice_rows) {
+            let rows = r.rows(&embed_name, [v, h], first..(first + slice_rows).min(v)).await?;
+            embed.set_rows(first, &rows);
+        }
+        set.prefetch(layer_names(0).collect::<Vec<_>>().iter().map(String::as_str));
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
+            let next: Vec<String> = if i + 1 < c.num_hidden_layers {
+                layer_names(i + 1).collect()
+            } else {
+                vec!["model.norm.weight".into(), "lm_head.weight".into()]
+            };
+            set.prefetch(next.iter().map(String::as_str));
             let p = format!("model.layers.{i}.");
-            let attn_norm = norm(&mut r, &format!("{p}input_layernorm.weight"), h, c.rms_norm_eps)?;
+            let attn_norm = norm(&mut r, &format!("{p}input_layernorm.weight"), h, c.rms_norm_eps).await?;
             let ffn_norm = norm(
                 &mut r,
                 &format!("{p}post_attention_layernorm.weight"),
                 h,
                 c.rms_norm_eps,
-            )?;
-            let attn = load_mla(c, &mut r, &p, dtype, device)?;
+            )
+            .await?;
+            let attn = load_mla(c, &mut r, &p, dtype, device).await?;
             let ffn = if c.is_moe_layer(i) {
-                FeedForward::Moe(Box::new(load_moe(c, &mut r, &p, dtype, device)?))
+                FeedForward::Moe(Box::new(load_moe(c, &mut r, &p, dtype, device).await?))
             } else {
-                FeedForward::Dense(load_mlp(
-                    &mut r,
-                    &format!("{p}mlp."),
-                    h,
-                    c.intermediate_size,
-                    dtype,
-                    device,
-                )?)
+                FeedForward::Dense(load_mlp(&mut r, &format!("{p}mlp."), h, c.intermediate_size, dtype, device).await?)
             };
             blocks.push(Block {
                 attn_norm,
@@ -192,18 +275,9 @@ impl Transformer {
                 ffn,
             });
         }
-        let final_norm = norm(&mut r, "model.norm.weight", h, c.rms_norm_eps)?;
-        let head_name = if c.tie_word_embeddings && !set.contains("lm_head.weight") {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
-        let head_rows = if head_name == "lm_head.weight" {
-            r.get(head_name, &[v, h])?.data
-        } else {
-            embed.clone()
-        };
-        let head = Linear::from_rows(&head_rows, v, h, dtype, device);
+        let final_norm = norm(&mut r, "model.norm.weight", h, c.rms_norm_eps).await?;
+        let head_name = if tied { embed_name } else { "lm_head.weight".into() };
+        let head = r.linear(&[head_name], v, h, dtype, device).await?;
         Ok(Self {
             rope: Rope::new(c),
             config,
@@ -220,7 +294,7 @@ impl Transformer {
     pub fn embedding_on_device(&mut self) {
         if let Embedding::Host(rows) = &self.embed {
             let (v, h) = (self.config.vocab_size, self.config.hidden_size);
-            let table = Tensor::from_data(TensorData::new(rows.clone(), [v, h]), &self.device);
+            let table = Tensor::from_data(TensorData::new(rows.to_f32(), [v, h]), &self.device);
             self.embed = Embedding::Device(Box::new(table));
         }
     }
@@ -245,8 +319,7 @@ impl Transformer {
         };
         let mut rows = Vec::with_capacity(tokens.len() * h);
         for &id in tokens {
-            let id = id as usize;
-            rows.extend_from_slice(&table[id * h..(id + 1) * h]);
+            table.push_row(id as usize, &mut rows);
         }
         Some(rows)
     }
@@ -381,7 +454,7 @@ impl Transformer {
     }
 }
 
-fn load_mla(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device: &Device) -> Result<Mla> {
+async fn load_mla(c: &ModelConfig, r: &mut Reader<'_>, p: &str, dtype: WeightDtype, device: &Device) -> Result<Mla> {
     let (h, n_h, d_n, d_r, d_v, r_kv) = (
         c.hidden_size,
         c.num_attention_heads,
@@ -391,6 +464,7 @@ fn load_mla(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
         c.kv_lora_rank,
     );
     let d_qk = d_n + d_r;
+    let a = format!("{p}self_attn.");
     // The query's rope rows (per head, after d_n nope rows) go to half-split order (rope.rs).
     let q_rows = |mut w: Vec<f32>, cols: usize| {
         if c.rope_interleave {
@@ -401,47 +475,43 @@ fn load_mla(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
     // q_proj (or q_a_proj) and kv_a_proj_with_mqa read the same input: one weight, one product.
     let (mut input, q) = match c.q_lora_rank {
         None => (
-            q_rows(r.get(&format!("{p}self_attn.q_proj.weight"), &[n_h * d_qk, h])?.data, h),
+            q_rows(r.get(&format!("{a}q_proj.weight"), &[n_h * d_qk, h]).await?, h),
             QProj::Plain,
         ),
         Some(r_q) => {
-            let b = q_rows(
-                r.get(&format!("{p}self_attn.q_b_proj.weight"), &[n_h * d_qk, r_q])?
-                    .data,
-                r_q,
-            );
+            let b = q_rows(r.get(&format!("{a}q_b_proj.weight"), &[n_h * d_qk, r_q]).await?, r_q);
             let q = QProj::Lora {
                 rank: r_q,
                 // q_a_layernorm / kv_a_layernorm use eps 1e-6 whatever rms_norm_eps says (§2).
                 norm: Box::new(RmsNorm::new(
-                    r.get(&format!("{p}self_attn.q_a_layernorm.weight"), &[r_q])?.data,
+                    r.get(&format!("{a}q_a_layernorm.weight"), &[r_q]).await?,
                     1e-6,
                     device,
                 )),
                 b: Linear::from_rows(&b, n_h * d_qk, r_q, dtype, device),
             };
-            (r.get(&format!("{p}self_attn.q_a_proj.weight"), &[r_q, h])?.data, q)
+            (r.get(&format!("{a}q_a_proj.weight"), &[r_q, h]).await?, q)
         }
     };
     let q_width = input.len() / h;
     let mut kv_a = r
-        .get(&format!("{p}self_attn.kv_a_proj_with_mqa.weight"), &[r_kv + d_r, h])?
-        .data;
+        .get(&format!("{a}kv_a_proj_with_mqa.weight"), &[r_kv + d_r, h])
+        .await?;
     if c.rope_interleave {
         deinterleave_rows(&mut kv_a, h, r_kv, 0, 1, d_r);
     }
     input.extend(kv_a);
     let input = Linear::from_rows(&input, q_width + r_kv + d_r, h, dtype, device);
     let kv_a_norm = RmsNorm::new(
-        r.get(&format!("{p}self_attn.kv_a_layernorm.weight"), &[r_kv])?.data,
+        r.get(&format!("{a}kv_a_layernorm.weight"), &[r_kv]).await?,
         1e-6,
         device,
     );
 
     // kv_b rows per head: [k_nope (d_n) | v (d_v)], each over r_kv columns (§3.4).
     let kv_b = r
-        .get(&format!("{p}self_attn.kv_b_proj.weight"), &[n_h * (d_n + d_v), r_kv])?
-        .data;
+        .get(&format!("{a}kv_b_proj.weight"), &[n_h * (d_n + d_v), r_kv])
+        .await?;
     let mut w_uk = Vec::with_capacity(n_h * d_n * r_kv);
     let mut w_uv_t = Vec::with_capacity(n_h * r_kv * d_v);
     for head in 0..n_h {
@@ -450,13 +520,10 @@ fn load_mla(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
         let v_rows = &kv_b[base + d_n * r_kv..base + (d_n + d_v) * r_kv];
         w_uv_t.extend(transpose(v_rows, d_v, r_kv));
     }
-    let o = Linear::from_rows(
-        &r.get(&format!("{p}self_attn.o_proj.weight"), &[h, n_h * d_v])?.data,
-        h,
-        n_h * d_v,
-        dtype,
-        device,
-    );
+    drop(kv_b);
+    let o = r
+        .linear(&[format!("{a}o_proj.weight")], h, n_h * d_v, dtype, device)
+        .await?;
     Ok(Mla {
         input,
         q,
@@ -474,34 +541,30 @@ fn load_mla(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
     })
 }
 
-/// `gate_proj` and `up_proj` rows stacked (`[2I, H]`), the order [`Mlp`] splits them in.
-fn gate_up_rows(r: &mut Reader, p: &str, h: usize, i: usize) -> Result<Vec<f32>> {
-    let mut rows = r.get(&format!("{p}gate_proj.weight"), &[i, h])?.data;
-    rows.extend(r.get(&format!("{p}up_proj.weight"), &[i, h])?.data);
-    Ok(rows)
+/// `gate_proj` and `up_proj` under `p`: stacked, their rows are `[2I, H]`, the order [`Mlp`] splits them in.
+fn gate_up(p: &str) -> [String; 2] {
+    [format!("{p}gate_proj.weight"), format!("{p}up_proj.weight")]
 }
 
-fn load_mlp(r: &mut Reader, p: &str, h: usize, i: usize, dtype: WeightDtype, device: &Device) -> Result<Mlp> {
-    let gu = gate_up_rows(r, p, h, i)?;
-    let down = r.get(&format!("{p}down_proj.weight"), &[h, i])?.data;
+async fn load_mlp(r: &mut Reader<'_>, p: &str, h: usize, i: usize, dtype: WeightDtype, device: &Device) -> Result<Mlp> {
     Ok(Mlp {
-        gate_up: Linear::from_rows(&gu, 2 * i, h, dtype, device),
-        down: Linear::from_rows(&down, h, i, dtype, device),
+        gate_up: r.linear(&gate_up(p), i, h, dtype, device).await?,
+        down: r.linear(&[format!("{p}down_proj.weight")], h, i, dtype, device).await?,
         width: i,
     })
 }
 
-fn load_moe(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device: &Device) -> Result<Moe> {
+async fn load_moe(c: &ModelConfig, r: &mut Reader<'_>, p: &str, dtype: WeightDtype, device: &Device) -> Result<Moe> {
     let (h, e, i) = (c.hidden_size, c.n_routed_experts, c.moe_intermediate_size);
     let router = Linear::from_rows(
-        &r.get(&format!("{p}mlp.gate.weight"), &[e, h])?.data,
+        &r.get(&format!("{p}mlp.gate.weight"), &[e, h]).await?,
         e,
         h,
         WeightDtype::F32,
         device,
     );
     let correction_bias = if c.topk_method == TopkMethod::NoauxTc {
-        let b = r.get(&format!("{p}mlp.gate.e_score_correction_bias"), &[e])?.data;
+        let b = r.get(&format!("{p}mlp.gate.e_score_correction_bias"), &[e]).await?;
         Some(Tensor::from_data(TensorData::new(b, [e]), device))
     } else {
         None
@@ -509,51 +572,52 @@ fn load_moe(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
     // The shared experts (one MLP of width S x I in the checkpoint) become S experts of width I after the
     // routed ones: rows j*I..(j+1)*I of its gate and up, columns j*I..(j+1)*I of its down.
     let s = c.n_shared_experts;
-    let shared = if s > 0 {
-        let sp = format!("{p}mlp.shared_experts.");
-        let gu = gate_up_rows(r, &sp, h, s * i)?; // [2SI, H]: gate rows, then up rows
-        let down = r.get(&format!("{sp}down_proj.weight"), &[h, s * i])?.data; // [H, SI]
-        Some((gu, down))
+    let sp = format!("{p}mlp.shared_experts.");
+    let shared_down = if s > 0 {
+        r.get(&format!("{sp}down_proj.weight"), &[h, s * i]).await? // [H, SI]
     } else {
-        None
-    };
-    // One expert's gate/up [H, 2I] and down [I, H], transposed as the stacks hold them.
-    let mut expert = |x: usize| -> Result<(Vec<f32>, Vec<f32>)> {
-        if x < e {
-            let ep = format!("{p}mlp.experts.{x}.");
-            let gu = transpose(&gate_up_rows(r, &ep, h, i)?, 2 * i, h);
-            let down = transpose(&r.get(&format!("{ep}down_proj.weight"), &[h, i])?.data, h, i);
-            return Ok((gu, down));
-        }
-        let (gu, down) = shared.as_ref().expect("shared experts were read");
-        let j = x - e;
-        let mut rows = gu[j * i * h..(j + 1) * i * h].to_vec();
-        rows.extend_from_slice(&gu[(s + j) * i * h..(s + j + 1) * i * h]);
-        let cols: Vec<f32> = (0..h)
-            .flat_map(|row| down[row * s * i + j * i..row * s * i + (j + 1) * i].iter().copied())
-            .collect();
-        Ok((transpose(&rows, 2 * i, h), transpose(&cols, h, i)))
+        Vec::new()
     };
     // As many experts per chunk as their stored matrices fit one binding (the kernels bind a chunk whole;
-    // burn's ops unpack it in parts).
+    // burn's ops unpack it in parts). Each chunk is packed on the host an expert at a time, then uploaded.
     let total = e + s;
     let per_expert = Weights::<3>::matrix_bytes(dtype, h, 2 * i).max(Weights::<3>::matrix_bytes(dtype, i, h));
     let per_chunk = (MAX_BINDING_BYTES / per_expert.max(1)).clamp(1, total);
     let mut chunks = Vec::new();
     for first in (0..total).step_by(per_chunk) {
         let count = per_chunk.min(total - first);
-        let mut gu_t = Vec::with_capacity(count * h * 2 * i);
-        let mut down_t = Vec::with_capacity(count * i * h);
+        let mut gate_up_t = WeightsHost::new(dtype, [count, h, 2 * i]);
+        let mut down_t = WeightsHost::new(dtype, [count, i, h]);
         for x in first..first + count {
-            let (gu, down) = expert(x)?;
-            gu_t.extend(gu);
-            down_t.extend(down);
+            // HF rows of the expert: gate/up [2I, H] (stacked), down [H, I].
+            let (gu, down) = if x < e {
+                let ep = format!("{p}mlp.experts.{x}.");
+                (
+                    r.stacked(&gate_up(&ep), i, h, 0..2 * i).await?,
+                    r.get(&format!("{ep}down_proj.weight"), &[h, i]).await?,
+                )
+            } else {
+                let j = x - e;
+                let names = gate_up(&sp);
+                let mut gu = r.rows(&names[0], [s * i, h], j * i..(j + 1) * i).await?;
+                gu.extend(r.rows(&names[1], [s * i, h], j * i..(j + 1) * i).await?);
+                let down: Vec<f32> = (0..h)
+                    .flat_map(|row| {
+                        shared_down[row * s * i + j * i..row * s * i + (j + 1) * i]
+                            .iter()
+                            .copied()
+                    })
+                    .collect();
+                (gu, down)
+            };
+            gate_up_t.push_rows(&gu);
+            down_t.push_rows(&down);
         }
         chunks.push(ExpertChunk {
             first,
             count,
-            gate_up_t: Weights::new(gu_t, [count, h, 2 * i], dtype, device),
-            down_t: Weights::new(down_t, [count, i, h], dtype, device),
+            gate_up_t: gate_up_t.upload([count, h, 2 * i], device),
+            down_t: down_t.upload([count, i, h], device),
         });
     }
     Ok(Moe {
@@ -574,43 +638,76 @@ fn load_moe(c: &ModelConfig, r: &mut Reader, p: &str, dtype: WeightDtype, device
     })
 }
 
-/// Every tensor name the model reads (for progress totals and parameter counts).
-pub fn all_names(c: &ModelConfig) -> Vec<String> {
-    let mut names = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".into()];
+/// The tensors of layer `l` with their HF shapes.
+pub fn layer_tensors(c: &ModelConfig, l: usize) -> Vec<(String, Vec<usize>)> {
+    let (h, n_h, r_kv, d_r) = (c.hidden_size, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim);
+    let d_qk = c.qk_head_dim();
+    let p = format!("model.layers.{l}.");
+    let a = format!("{p}self_attn.");
+    let mut out = vec![
+        (format!("{p}input_layernorm.weight"), vec![h]),
+        (format!("{p}post_attention_layernorm.weight"), vec![h]),
+    ];
+    match c.q_lora_rank {
+        None => out.push((format!("{a}q_proj.weight"), vec![n_h * d_qk, h])),
+        Some(r_q) => out.extend([
+            (format!("{a}q_a_proj.weight"), vec![r_q, h]),
+            (format!("{a}q_a_layernorm.weight"), vec![r_q]),
+            (format!("{a}q_b_proj.weight"), vec![n_h * d_qk, r_q]),
+        ]),
+    }
+    out.extend([
+        (format!("{a}kv_a_proj_with_mqa.weight"), vec![r_kv + d_r, h]),
+        (format!("{a}kv_a_layernorm.weight"), vec![r_kv]),
+        (
+            format!("{a}kv_b_proj.weight"),
+            vec![n_h * (c.qk_nope_head_dim + c.v_head_dim), r_kv],
+        ),
+        (format!("{a}o_proj.weight"), vec![h, n_h * c.v_head_dim]),
+    ]);
+    let mlp = |out: &mut Vec<(String, Vec<usize>)>, p: &str, i: usize| {
+        let [g, u] = gate_up(p);
+        out.extend([
+            (g, vec![i, h]),
+            (u, vec![i, h]),
+            (format!("{p}down_proj.weight"), vec![h, i]),
+        ]);
+    };
+    if c.is_moe_layer(l) {
+        let e = c.n_routed_experts;
+        out.push((format!("{p}mlp.gate.weight"), vec![e, h]));
+        if c.topk_method == TopkMethod::NoauxTc {
+            out.push((format!("{p}mlp.gate.e_score_correction_bias"), vec![e]));
+        }
+        for x in 0..e {
+            mlp(&mut out, &format!("{p}mlp.experts.{x}."), c.moe_intermediate_size);
+        }
+        if c.n_shared_experts > 0 {
+            mlp(
+                &mut out,
+                &format!("{p}mlp.shared_experts."),
+                c.n_shared_experts * c.moe_intermediate_size,
+            );
+        }
+    } else {
+        mlp(&mut out, &format!("{p}mlp."), c.intermediate_size);
+    }
+    out
+}
+
+/// Every tensor the model reads with its HF shape: the embedding, the final norm, the head (untied), then the
+/// layers. The names and shapes a checkpoint of this config has.
+pub fn tensor_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, v) = (c.hidden_size, c.vocab_size);
+    let mut out = vec![
+        ("model.embed_tokens.weight".to_string(), vec![v, h]),
+        ("model.norm.weight".into(), vec![h]),
+    ];
     if !c.tie_word_embeddings {
-        names.push("lm_head.weight".into());
+        out.push(("lm_head.weight".into(), vec![v, h]));
     }
     for l in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{l}.");
-        for n in ["input_layernorm", "post_attention_layernorm"] {
-            names.push(format!("{p}{n}.weight"));
-        }
-        let attn: &[&str] = if c.q_lora_rank.is_some() {
-            &["q_a_proj", "q_a_layernorm", "q_b_proj"]
-        } else {
-            &["q_proj"]
-        };
-        for n in attn
-            .iter()
-            .chain(&["kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"])
-        {
-            names.push(format!("{p}self_attn.{n}.weight"));
-        }
-        let proj = ["gate_proj", "up_proj", "down_proj"];
-        if c.is_moe_layer(l) {
-            names.push(format!("{p}mlp.gate.weight"));
-            if c.topk_method == TopkMethod::NoauxTc {
-                names.push(format!("{p}mlp.gate.e_score_correction_bias"));
-            }
-            for x in 0..c.n_routed_experts {
-                names.extend(proj.iter().map(|n| format!("{p}mlp.experts.{x}.{n}.weight")));
-            }
-            if c.n_shared_experts > 0 {
-                names.extend(proj.iter().map(|n| format!("{p}mlp.shared_experts.{n}.weight")));
-            }
-        } else {
-            names.extend(proj.iter().map(|n| format!("{p}mlp.{n}.weight")));
-        }
+        out.extend(layer_tensors(c, l));
     }
-    names
+    out
 }
