@@ -266,21 +266,20 @@ impl WeightTexture {
         });
         let bytes = (ROW * height * layers * 16) as u64;
         // Whole rows are written: the texels in `layout` order, then zeros up to the end of the texture.
-        let mut data: Vec<u8> = Vec::with_capacity(bytes as usize);
+        let mut data = vec![0u32; bytes as usize / 4];
         match layout {
-            Layout::Rows => data.extend_from_slice(bytemuck::cast_slice(words)),
+            Layout::Rows => data[..words.len()].copy_from_slice(words),
             Layout::Columns => {
-                let texel = |i: usize| bytemuck::cast_slice::<u32, u8>(&words[i * 4..i * 4 + 4]);
-                for e in 0..count {
-                    for c in 0..cols {
-                        for g in 0..groups {
-                            data.extend_from_slice(texel((e * groups + g) * cols + c));
-                        }
+                // One task per texel column (e, c): its texels down K, from the packed rows.
+                crate::model::packed::for_chunks(&mut data[..words.len()], groups * 4, |column, out| {
+                    let (e, c) = (column / cols, column % cols);
+                    for (g, texel) in out.chunks_exact_mut(4).enumerate() {
+                        let at = ((e * groups + g) * cols + c) * 4;
+                        texel.copy_from_slice(&words[at..at + 4]);
                     }
-                }
+                });
             }
         }
-        data.resize(bytes as usize, 0);
         gpu.queue.write_texture(
             wgpu::TexelCopyTextureInfo {
                 texture: &texture,
@@ -288,7 +287,7 @@ impl WeightTexture {
                 origin: wgpu::Origin3d::ZERO,
                 aspect: wgpu::TextureAspect::All,
             },
-            &data,
+            bytemuck::cast_slice(&data),
             wgpu::TexelCopyBufferLayout {
                 offset: 0,
                 bytes_per_row: Some((ROW * 16) as u32),

@@ -301,6 +301,20 @@ impl WeightSet {
     /// Reads rows `rows` (of the first dimension) of tensor `name`, checks its shape and converts them to f32:
     /// a part of a tensor too large to hold whole (the embedding, the head, V3's largest projections).
     pub async fn read_rows(&self, name: &str, expected: &[usize], rows: Range<usize>) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        self.append_rows(name, expected, rows, &mut out).await?;
+        Ok(out)
+    }
+
+    /// [`read_rows`](Self::read_rows), appending the values to `out`: a loader that reuses one buffer for
+    /// every tensor touches no fresh memory per tensor.
+    pub async fn append_rows(
+        &self,
+        name: &str,
+        expected: &[usize],
+        rows: Range<usize>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         self.check(name, expected)?;
         let e = self.entry(name)?;
         let file = &self.files[e.file];
@@ -323,10 +337,11 @@ impl WeightSet {
             )));
         }
         let n = rows.len() * cols;
-        let mut out = vec![0f32; n];
+        let at = out.len();
         if let (FileData::Synthetic(s), Some(k)) = (&file.data, e.synthetic) {
-            s.fill_rows(k, rows.start, cols, &mut out);
-            return Ok(out);
+            out.resize(at + n, 0.0);
+            s.fill_rows(k, rows.start, cols, &mut out[at..]);
+            return Ok(());
         }
         let start = e.start + rows.start * cols * width;
         let end = start + n * width;
@@ -342,13 +357,14 @@ impl WeightSet {
             ));
         }
         let raw = read_range(file, start, end).await?;
-        let bad = convert(e.dtype, &raw, &mut out);
+        let bad = convert(e.dtype, &raw, out);
         drop(raw);
         #[cfg(not(target_arch = "wasm32"))]
         if let FileData::Mapped(m) = &file.data {
             m.release(start..end);
         }
         if let Some(i) = bad {
+            out.truncate(at);
             return Err(weights_error(
                 file,
                 format!(
@@ -357,17 +373,19 @@ impl WeightSet {
                 ),
             ));
         }
-        Ok(out)
+        Ok(())
     }
 }
 
 /// Values converted per task: large enough that splitting costs nothing, small enough to share two cores.
 const CONVERT_CHUNK: usize = 1 << 16;
 
-/// Converts little-endian `dtype` values (BF16, F16 or F32) to f32, on every core natively. Returns the index
-/// of the first value that is not finite, if any.
-fn convert(dtype: Dtype, raw: &[u8], out: &mut [f32]) -> Option<usize> {
+/// Appends little-endian `dtype` values (BF16, F16 or F32) to `out` as f32, on every core natively. Returns
+/// the index among the appended values of the first that is not finite, if any.
+fn convert(dtype: Dtype, raw: &[u8], out: &mut Vec<f32>) -> Option<usize> {
     let width = if dtype == Dtype::F32 { 4 } else { 2 };
+    let at = out.len();
+    out.resize(at + raw.len() / width, 0.0);
     let one = |raw: &[u8], out: &mut [f32]| -> Option<usize> {
         match dtype {
             Dtype::BF16 => {
@@ -388,6 +406,7 @@ fn convert(dtype: Dtype, raw: &[u8], out: &mut [f32]) -> Option<usize> {
         }
         out.iter().position(|v| !v.is_finite())
     };
+    let out = &mut out[at..];
     #[cfg(not(target_arch = "wasm32"))]
     {
         use rayon::prelude::*;
@@ -487,14 +506,15 @@ mod tests {
             .iter()
             .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
             .collect();
-        let mut out = vec![0f32; n];
+        let mut out = vec![7.0];
         assert_eq!(convert(Dtype::BF16, &raw, &mut out), None);
-        for (o, v) in out.iter().zip(&values) {
+        assert_eq!(out.len(), n + 1);
+        for (o, v) in out[1..].iter().zip(&values) {
             assert_eq!(*o, half::bf16::from_f32(*v).to_f32());
         }
         let mut raw16: Vec<u8> = values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
         let at = CONVERT_CHUNK + 3;
         raw16[2 * at..2 * at + 2].copy_from_slice(&f16::INFINITY.to_le_bytes());
-        assert_eq!(convert(Dtype::F16, &raw16, &mut out), Some(at));
+        assert_eq!(convert(Dtype::F16, &raw16, &mut Vec::new()), Some(at));
     }
 }

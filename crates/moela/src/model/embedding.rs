@@ -9,7 +9,7 @@
 use half::f16;
 
 use super::WeightDtype;
-use super::packed::{BLOCK, for_chunks};
+use super::packed::{BLOCK, for_chunks, quantise_block};
 
 /// The table's values.
 #[derive(Debug, Clone)]
@@ -161,32 +161,25 @@ fn code_bytes_per_row(format: WeightDtype, cols: usize) -> usize {
     if format == WeightDtype::Q8 { padded } else { padded / 2 }
 }
 
-/// Quantises one row in blocks of 32: `scale = max |w| / 127` (q8) or `/ 7` (q4) through f16, codes rounded to
-/// nearest, as `model/packed.rs` quantises weights.
+/// Quantises one row in blocks of 32, as `model/packed.rs` quantises weights ([`quantise_block`]).
 fn quantise_row(row: &[f32], q8: bool, codes: &mut [u8], scales: &mut [u16]) {
-    let qmax = if q8 { 127.0f32 } else { 7.0 };
-    codes.fill(0);
+    let mut q = [0i32; BLOCK];
     for (b, block) in row.chunks(BLOCK).enumerate() {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let s16 = f16::from_f32(amax / qmax);
-        scales[b] = s16.to_bits();
-        let s = s16.to_f32();
-        for (i, v) in block.iter().enumerate() {
-            let q = if s > 0.0 {
-                (v / s).round().clamp(-qmax, qmax) as i32
-            } else {
-                0
-            };
-            let c = b * BLOCK + i;
-            if q8 {
-                codes[c] = q as i8 as u8;
-            } else {
-                codes[c / 2] |= ((q + 8) as u8) << (4 * (c % 2));
+        scales[b] = quantise_block(block, q8, &mut q);
+        if q8 {
+            for (c, v) in codes[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(&q) {
+                *c = *v as i8 as u8;
+            }
+        } else {
+            for (c, pair) in codes[b * BLOCK / 2..(b + 1) * BLOCK / 2]
+                .iter_mut()
+                .zip(q.chunks_exact(2))
+            {
+                *c = ((pair[0] + 8) as u8) | (((pair[1] + 8) as u8) << 4);
             }
         }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

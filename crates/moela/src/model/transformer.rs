@@ -86,6 +86,8 @@ struct Reader<'a> {
     done: u64,
     total: u64,
     progress: &'a mut dyn FnMut(Progress),
+    /// Reused for every slice, expert and part, so that reading touches no fresh memory per tensor.
+    scratch: Vec<f32>,
 }
 
 /// Rows read at a time from the largest tensors (the embedding, the head, wide projections): 64 MiB as f32.
@@ -107,28 +109,33 @@ impl Reader<'_> {
         Ok(t)
     }
 
-    /// Rows `rows` of the 2-D tensor `name` (`[out, in]`) as f32.
-    async fn rows(&mut self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<Vec<f32>> {
+    /// Appends rows `rows` of the 2-D tensor `name` (`[out, in]`) as f32 to `out`.
+    async fn append(&mut self, name: &str, shape: [usize; 2], rows: Range<usize>, out: &mut Vec<f32>) -> Result<()> {
         let part = self.set.byte_len(name) * rows.len() as u64 / shape[0].max(1) as u64;
-        let t = self.set.read_rows(name, &shape, rows).await?;
+        self.set.append_rows(name, &shape, rows, out).await?;
         self.advance(part);
-        Ok(t)
+        Ok(())
     }
 
-    /// Rows `rows` of `names` stacked along their rows (each `[each, cols]`; e.g. gate_proj then up_proj).
-    async fn stacked(&mut self, names: &[String], each: usize, cols: usize, rows: Range<usize>) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(rows.len() * cols);
+    /// Appends rows `rows` of `names` stacked along their rows (each `[each, cols]`; e.g. gate_proj then
+    /// up_proj) to `out`.
+    async fn stacked(
+        &mut self,
+        names: &[String],
+        each: usize,
+        cols: usize,
+        rows: Range<usize>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         for (i, name) in names.iter().enumerate() {
             let own = i * each..(i + 1) * each;
             let (start, end) = (rows.start.max(own.start), rows.end.min(own.end));
             if start < end {
-                out.extend(
-                    self.rows(name, [each, cols], start - own.start..end - own.start)
-                        .await?,
-                );
+                self.append(name, [each, cols], start - own.start..end - own.start, out)
+                    .await?;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// A projection from the rows of `names` stacked (`[each, cols]` each), read and stored a part at a time.
@@ -141,14 +148,15 @@ impl Reader<'_> {
         device: &Device,
     ) -> Result<Linear> {
         let mut parts = Vec::new();
+        let mut rows = std::mem::take(&mut self.scratch);
         for range in Linear::part_rows(names.len() * each, cols) {
-            // Parts of a wide projection are read in slices, so no more than a slice is held as f32.
+            rows.clear();
+            self.stacked(names, each, cols, range.clone(), &mut rows).await?;
             let mut host = WeightsHost::new(dtype, [1, cols, range.len()]);
-            let rows = self.stacked(names, each, cols, range.clone()).await?;
             host.push_rows(&rows);
-            drop(rows);
             parts.push(host.upload([cols, range.len()], device));
         }
+        self.scratch = rows;
         Ok(Linear::from_parts(parts))
     }
 }
@@ -230,6 +238,7 @@ impl Transformer {
             done: 0,
             total,
             progress,
+            scratch: Vec::new(),
         };
         let norm = async |r: &mut Reader<'_>, name: &str, n: usize, eps: f64| -> Result<RmsNorm> {
             Ok(RmsNorm::new(r.get(name, &[n]).await?, eps, device))
@@ -240,10 +249,14 @@ impl Transformer {
         let embed_name = "model.embed_tokens.weight".to_string();
         let mut embed = HostTable::new(dtype, v, h);
         let slice_rows = (SLICE_BYTES / (h * 4).max(1)).max(1);
+        let mut rows = Vec::new();
         for first in (0..v).step_by(slice_rows) {
-            let rows = r.rows(&embed_name, [v, h], first..(first + slice_rows).min(v)).await?;
+            rows.clear();
+            r.append(&embed_name, [v, h], first..(first + slice_rows).min(v), &mut rows)
+                .await?;
             embed.set_rows(first, &rows);
         }
+        r.scratch = rows;
         set.prefetch(layer_names(0).collect::<Vec<_>>().iter().map(String::as_str));
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
@@ -584,32 +597,27 @@ async fn load_moe(c: &ModelConfig, r: &mut Reader<'_>, p: &str, dtype: WeightDty
     let per_expert = Weights::<3>::matrix_bytes(dtype, h, 2 * i).max(Weights::<3>::matrix_bytes(dtype, i, h));
     let per_chunk = (MAX_BINDING_BYTES / per_expert.max(1)).clamp(1, total);
     let mut chunks = Vec::new();
+    let (mut gu, mut down) = (std::mem::take(&mut r.scratch), Vec::new());
     for first in (0..total).step_by(per_chunk) {
         let count = per_chunk.min(total - first);
         let mut gate_up_t = WeightsHost::new(dtype, [count, h, 2 * i]);
         let mut down_t = WeightsHost::new(dtype, [count, i, h]);
         for x in first..first + count {
             // HF rows of the expert: gate/up [2I, H] (stacked), down [H, I].
-            let (gu, down) = if x < e {
+            gu.clear();
+            down.clear();
+            if x < e {
                 let ep = format!("{p}mlp.experts.{x}.");
-                (
-                    r.stacked(&gate_up(&ep), i, h, 0..2 * i).await?,
-                    r.get(&format!("{ep}down_proj.weight"), &[h, i]).await?,
-                )
+                r.stacked(&gate_up(&ep), i, h, 0..2 * i, &mut gu).await?;
+                r.append(&format!("{ep}down_proj.weight"), [h, i], 0..h, &mut down)
+                    .await?;
             } else {
                 let j = x - e;
-                let names = gate_up(&sp);
-                let mut gu = r.rows(&names[0], [s * i, h], j * i..(j + 1) * i).await?;
-                gu.extend(r.rows(&names[1], [s * i, h], j * i..(j + 1) * i).await?);
-                let down: Vec<f32> = (0..h)
-                    .flat_map(|row| {
-                        shared_down[row * s * i + j * i..row * s * i + (j + 1) * i]
-                            .iter()
-                            .copied()
-                    })
-                    .collect();
-                (gu, down)
-            };
+                for name in gate_up(&sp) {
+                    r.append(&name, [s * i, h], j * i..(j + 1) * i, &mut gu).await?;
+                }
+                down.extend((0..h).flat_map(|row| &shared_down[row * s * i + j * i..row * s * i + (j + 1) * i]));
+            }
             gate_up_t.push_rows(&gu);
             down_t.push_rows(&down);
         }
@@ -620,6 +628,7 @@ async fn load_moe(c: &ModelConfig, r: &mut Reader<'_>, p: &str, dtype: WeightDty
             down_t: down_t.upload([count, i, h], device),
         });
     }
+    r.scratch = gu;
     Ok(Moe {
         router,
         correction_bias,
