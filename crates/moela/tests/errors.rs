@@ -127,3 +127,47 @@ fn prompt_longer_than_the_context_is_an_error() {
         .to_string();
     assert!(e.contains("100000") && e.contains("vocab"), "{e}");
 }
+
+#[test]
+fn a_non_finite_weight_names_the_file_tensor_and_index() {
+    let dir = copy_fixture("v2-lite-tiny", "nan");
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    // An expert's weight: packed straight from the file's bytes in q8 / q4, converted to f32 otherwise.
+    let name = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|k| k.contains("experts.1.up_proj"))
+        .expect("an expert weight")
+        .clone();
+    let t = &header[&name];
+    let width = match t["dtype"].as_str().unwrap() {
+        "F32" => 4,
+        _ => 2,
+    };
+    let at = 8 + n + t["data_offsets"][0].as_u64().unwrap() as usize + 5 * width;
+    // All exponent bits set: NaN in bf16, f16 and (with the mantissa) f32.
+    bytes[at..at + width].copy_from_slice(&if width == 4 {
+        f32::NAN.to_le_bytes().to_vec()
+    } else {
+        vec![0xc1, 0x7f]
+    });
+    std::fs::write(&path, &bytes).unwrap();
+    for weights in ["q4", "f16", "f32"] {
+        let options = LoadOptions {
+            dtype: moela::WeightDtype::parse(weights).unwrap(),
+            ..LoadOptions::default()
+        };
+        let e = Engine::load_dir(&dir, options, &mut |_| {})
+            .expect_err("load must fail")
+            .to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains(&name) && e.contains("non-finite") && e.contains("index 5"),
+            "{weights}: {e}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -224,17 +224,33 @@ impl WeightTexture {
     /// in the adapter's [`Layout`], or `None` when no device is registered or the words exceed what the
     /// adapter's textures can hold.
     pub fn new(words: &[u32], grid: [usize; 3]) -> Option<Arc<Self>> {
-        let gpu = GPU.get()?;
-        Self::with(words, grid, gpu.layout, gpu.max_rows)
+        Self::from_words(words.to_vec(), grid).ok()
     }
 
-    /// [`new`](Self::new) in `layout` with at most `max_rows` rows per layer (the adapter's limit, or
-    /// less in tests).
-    pub(crate) fn with(words: &[u32], grid: [usize; 3], layout: Layout, max_rows: usize) -> Option<Arc<Self>> {
-        let gpu = GPU.get()?;
+    /// [`new`](Self::new), taking the words: they are reused or let go before the texture's own copy is
+    /// made, so a load holds two copies of a weight at its peak, not three. Gives them back when no texture
+    /// can hold them.
+    pub fn from_words(words: Vec<u32>, grid: [usize; 3]) -> std::result::Result<Arc<Self>, Vec<u32>> {
+        match GPU.get() {
+            Some(gpu) => Self::with(words, grid, gpu.layout, gpu.max_rows),
+            None => Err(words),
+        }
+    }
+
+    /// [`from_words`](Self::from_words) in `layout` with at most `max_rows` rows per layer (the adapter's
+    /// limit, or less in tests).
+    pub(crate) fn with(
+        words: Vec<u32>,
+        grid: [usize; 3],
+        layout: Layout,
+        max_rows: usize,
+    ) -> std::result::Result<Arc<Self>, Vec<u32>> {
+        let Some(gpu) = GPU.get() else {
+            return Err(words);
+        };
         let [count, groups, cols] = grid;
         if words.len() != count * groups * cols * 4 || max_rows == 0 {
-            return None;
+            return Err(words);
         }
         let texels = words.len() / 4;
         let rows = texels.div_ceil(ROW).max(1);
@@ -247,7 +263,7 @@ impl WeightTexture {
             (layer_rows, layers, [layer_rows as u32 - 1, layer_rows.trailing_zeros()])
         };
         if ROW > gpu.max_rows || height > gpu.max_rows || layers > gpu.max_layers {
-            return None;
+            return Err(words);
         }
         let size = wgpu::Extent3d {
             width: ROW as u32,
@@ -266,20 +282,27 @@ impl WeightTexture {
         });
         let bytes = (ROW * height * layers * 16) as u64;
         // Whole rows are written: the texels in `layout` order, then zeros up to the end of the texture.
-        let mut data = vec![0u32; bytes as usize / 4];
-        match layout {
-            Layout::Rows => data[..words.len()].copy_from_slice(words),
+        let len = words.len();
+        let data = match layout {
+            Layout::Rows => {
+                let mut data = words;
+                data.resize(bytes as usize / 4, 0);
+                data
+            }
             Layout::Columns => {
+                let mut data = vec![0u32; bytes as usize / 4];
                 // One task per texel column (e, c): its texels down K, from the packed rows.
-                crate::model::packed::for_chunks(&mut data[..words.len()], groups * 4, |column, out| {
+                crate::model::packed::for_chunks(&mut data[..len], groups * 4, |column, out| {
                     let (e, c) = (column / cols, column % cols);
                     for (g, texel) in out.chunks_exact_mut(4).enumerate() {
                         let at = ((e * groups + g) * cols + c) * 4;
                         texel.copy_from_slice(&words[at..at + 4]);
                     }
                 });
+                drop(words);
+                data
             }
-        }
+        };
         gpu.queue.write_texture(
             wgpu::TexelCopyTextureInfo {
                 texture: &texture,
@@ -305,7 +328,7 @@ impl WeightTexture {
             ..Default::default()
         });
         TEXTURE_BYTES.fetch_add(bytes, Ordering::Relaxed);
-        Some(Arc::new(Self {
+        Ok(Arc::new(Self {
             texture,
             view,
             texels,

@@ -277,11 +277,25 @@ impl WeightSet {
     /// converting one layer overlaps reading the next.
     pub fn prefetch<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
         #[cfg(not(target_arch = "wasm32"))]
-        for name in names {
-            if let Some(e) = self.entries.get(name)
-                && let FileData::Mapped(m) = &self.files[e.file].data
-            {
-                m.prefetch(e.start..e.end);
+        {
+            let ranges: Vec<_> = names
+                .into_iter()
+                .filter_map(|name| {
+                    let e = self.entries.get(name)?;
+                    match &self.files[e.file].data {
+                        FileData::Mapped(m) => Some((m.clone(), e.start..e.end)),
+                        _ => None,
+                    }
+                })
+                .collect();
+            // Asking for readahead can itself take a while (the kernel queues every page's read): a thread of
+            // its own does it, so converting the current layer goes on meanwhile.
+            if !ranges.is_empty() {
+                std::thread::spawn(move || {
+                    for (m, range) in ranges {
+                        m.prefetch(range);
+                    }
+                });
             }
         }
         #[cfg(target_arch = "wasm32")]
@@ -315,6 +329,20 @@ impl WeightSet {
         rows: Range<usize>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
+        let stored = self.stored_rows(name, expected, rows).await?;
+        let at = out.len();
+        if let Some(i) = convert(stored.rows(), out) {
+            out.truncate(at);
+            return Err(stored.non_finite(i));
+        }
+        Ok(())
+    }
+
+    /// Rows `rows` (of the first dimension) of tensor `name` as the file stores them, shape checked: what the
+    /// packers quantise from directly, so that no f32 copy of a weight is made. Borrowed from a mapped file or
+    /// memory (the pages are let go when the [`StoredRows`] is dropped), read from a ranged source, or made
+    /// from a seed.
+    pub async fn stored_rows(&self, name: &str, expected: &[usize], rows: Range<usize>) -> Result<StoredRows<'_>> {
         self.check(name, expected)?;
         let e = self.entry(name)?;
         let file = &self.files[e.file];
@@ -337,11 +365,17 @@ impl WeightSet {
             )));
         }
         let n = rows.len() * cols;
-        let at = out.len();
+        let stored = |data| StoredRows {
+            data,
+            file,
+            tensor: name.to_string(),
+            first: rows.start * cols,
+            release: None,
+        };
         if let (FileData::Synthetic(s), Some(k)) = (&file.data, e.synthetic) {
-            out.resize(at + n, 0.0);
-            s.fill_rows(k, rows.start, cols, &mut out[at..]);
-            return Ok(());
+            let mut values = vec![0.0; n];
+            s.fill_rows(k, rows.start, cols, &mut values);
+            return Ok(stored(Stored::Values(values)));
         }
         let start = e.start + rows.start * cols * width;
         let end = start + n * width;
@@ -357,71 +391,182 @@ impl WeightSet {
             ));
         }
         let raw = read_range(file, start, end).await?;
-        let bad = convert(e.dtype, &raw, out);
-        drop(raw);
+        let mut out = stored(Stored::Bytes(e.dtype, raw));
         #[cfg(not(target_arch = "wasm32"))]
-        if let FileData::Mapped(m) = &file.data {
-            m.release(start..end);
+        if matches!(file.data, FileData::Mapped(_)) {
+            out.release = Some(start..end);
         }
-        if let Some(i) = bad {
-            out.truncate(at);
-            return Err(weights_error(
-                file,
-                format!(
-                    "tensor {name} holds a non-finite value at flat index {}",
-                    rows.start * cols + i
-                ),
-            ));
+        Ok(out)
+    }
+}
+
+/// A run of a tensor's rows as its file stores them ([`WeightSet::stored_rows`]).
+pub struct StoredRows<'a> {
+    data: Stored<'a>,
+    file: &'a WeightFile,
+    tensor: String,
+    /// The flat index of the first value in the tensor.
+    first: usize,
+    /// The mapped byte range to let go of when done.
+    release: Option<Range<usize>>,
+}
+
+enum Stored<'a> {
+    Bytes(Dtype, Cow<'a, [u8]>),
+    Values(Vec<f32>),
+}
+
+impl StoredRows<'_> {
+    /// The values, to be converted where they are consumed.
+    pub fn rows(&self) -> Rows<'_> {
+        match &self.data {
+            Stored::Values(v) => Rows::F32(v),
+            Stored::Bytes(Dtype::BF16, b) => Rows::Bf16(b),
+            Stored::Bytes(Dtype::F16, b) => Rows::F16(b),
+            Stored::Bytes(_, b) => Rows::F32Bytes(b),
+        }
+    }
+
+    /// Fails, naming the file, the tensor and the flat index, at the first value that is not finite.
+    pub fn check_finite(&self) -> Result<()> {
+        let rows = self.rows();
+        let mut buf = [0f32; 4096];
+        for at in (0..rows.len()).step_by(buf.len()) {
+            let part = &mut buf[..(rows.len() - at).min(4096)];
+            if !rows.read(at, part) {
+                let j = part.iter().position(|v| !v.is_finite()).unwrap_or(0);
+                return Err(self.non_finite(at + j));
+            }
         }
         Ok(())
+    }
+
+    /// The error for a non-finite value at index `i` of these rows, naming the file, tensor and flat index.
+    pub fn non_finite(&self, i: usize) -> Error {
+        weights_error(
+            self.file,
+            format!(
+                "tensor {} holds a non-finite value at flat index {}",
+                self.tensor,
+                self.first + i
+            ),
+        )
+    }
+}
+
+impl Drop for StoredRows<'_> {
+    fn drop(&mut self) {
+        #[cfg(not(target_arch = "wasm32"))]
+        if let (Some(range), FileData::Mapped(m)) = (self.release.take(), &self.file.data) {
+            m.release(range);
+        }
+    }
+}
+
+/// Consecutive values of a tensor as stored (little-endian bytes, or f32 already), read a block at a time by
+/// whoever consumes them: the quantisers convert 32 values on the stack instead of a whole tensor to f32.
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// f32 values as little-endian bytes.
+    F32Bytes(&'a [u8]),
+    /// bf16 values as little-endian bytes.
+    Bf16(&'a [u8]),
+    /// f16 values as little-endian bytes.
+    F16(&'a [u8]),
+}
+
+impl Rows<'_> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::F32(v) => v.len(),
+            Rows::F32Bytes(b) => b.len() / 4,
+            Rows::Bf16(b) | Rows::F16(b) => b.len() / 2,
+        }
+    }
+
+    /// True when there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values `at..at + out.len()` as f32 into `out`. Returns false when one of them is not finite.
+    ///
+    /// Finiteness is read off the bits: the largest magnitude's bit pattern (sign cleared) is below the
+    /// format's infinity exactly when every value is finite, and integer maxima vectorise where float ones
+    /// (with their NaN rules) do not.
+    #[inline]
+    pub fn read(&self, at: usize, out: &mut [f32]) -> bool {
+        let n = out.len();
+        match self {
+            Rows::F32(v) => {
+                let mut top = 0u32;
+                for (o, x) in out.iter_mut().zip(&v[at..at + n]) {
+                    top = top.max(x.to_bits() & 0x7fff_ffff);
+                    *o = *x;
+                }
+                top < 0x7f80_0000
+            }
+            Rows::F32Bytes(b) => {
+                let mut top = 0u32;
+                for (o, x) in out.iter_mut().zip(b[4 * at..4 * (at + n)].chunks_exact(4)) {
+                    let bits = u32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+                    top = top.max(bits & 0x7fff_ffff);
+                    *o = f32::from_bits(bits);
+                }
+                top < 0x7f80_0000
+            }
+            Rows::Bf16(b) => {
+                let mut top = 0u16;
+                for (o, x) in out.iter_mut().zip(b[2 * at..2 * (at + n)].chunks_exact(2)) {
+                    let bits = u16::from_le_bytes([x[0], x[1]]);
+                    top = top.max(bits & 0x7fff);
+                    *o = f32::from_bits(u32::from(bits) << 16);
+                }
+                top < 0x7f80
+            }
+            Rows::F16(b) => {
+                let mut top = 0u16;
+                for (o, x) in out.iter_mut().zip(b[2 * at..2 * (at + n)].chunks_exact(2)) {
+                    let bits = u16::from_le_bytes([x[0], x[1]]);
+                    top = top.max(bits & 0x7fff);
+                    *o = f16::from_bits(bits).to_f32();
+                }
+                top < 0x7c00
+            }
+        }
     }
 }
 
 /// Values converted per task: large enough that splitting costs nothing, small enough to share two cores.
 const CONVERT_CHUNK: usize = 1 << 16;
 
-/// Appends little-endian `dtype` values (BF16, F16 or F32) to `out` as f32, on every core natively. Returns
-/// the index among the appended values of the first that is not finite, if any.
-fn convert(dtype: Dtype, raw: &[u8], out: &mut Vec<f32>) -> Option<usize> {
-    let width = if dtype == Dtype::F32 { 4 } else { 2 };
+/// Appends `rows` to `out` as f32, on every core natively. Returns the index among the appended values of the
+/// first that is not finite, if any.
+fn convert(rows: Rows<'_>, out: &mut Vec<f32>) -> Option<usize> {
     let at = out.len();
-    out.resize(at + raw.len() / width, 0.0);
-    let one = |raw: &[u8], out: &mut [f32]| -> Option<usize> {
-        match dtype {
-            Dtype::BF16 => {
-                for (o, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
-                    *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
-                }
-            }
-            Dtype::F16 => {
-                for (o, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
-                    *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                }
-            }
-            _ => {
-                for (o, b) in out.iter_mut().zip(raw.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
-            }
-        }
-        out.iter().position(|v| !v.is_finite())
+    out.resize(at + rows.len(), 0.0);
+    let first_bad = |i: usize, chunk: &mut [f32]| {
+        (!rows.read(i * CONVERT_CHUNK, chunk))
+            .then(|| chunk.iter().position(|v| !v.is_finite()).map(|j| i * CONVERT_CHUNK + j))
+            .flatten()
     };
     let out = &mut out[at..];
     #[cfg(not(target_arch = "wasm32"))]
     {
         use rayon::prelude::*;
         out.par_chunks_mut(CONVERT_CHUNK)
-            .zip(raw.par_chunks(CONVERT_CHUNK * width))
             .enumerate()
-            .filter_map(|(i, (o, r))| one(r, o).map(|j| i * CONVERT_CHUNK + j))
+            .filter_map(|(i, c)| first_bad(i, c))
             .min()
     }
     #[cfg(target_arch = "wasm32")]
     {
         out.chunks_mut(CONVERT_CHUNK)
-            .zip(raw.chunks(CONVERT_CHUNK * width))
             .enumerate()
-            .find_map(|(i, (o, r))| one(r, o).map(|j| i * CONVERT_CHUNK + j))
+            .find_map(|(i, c)| first_bad(i, c))
     }
 }
 
@@ -507,7 +652,7 @@ mod tests {
             .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
             .collect();
         let mut out = vec![7.0];
-        assert_eq!(convert(Dtype::BF16, &raw, &mut out), None);
+        assert_eq!(convert(Rows::Bf16(&raw), &mut out), None);
         assert_eq!(out.len(), n + 1);
         for (o, v) in out[1..].iter().zip(&values) {
             assert_eq!(*o, half::bf16::from_f32(*v).to_f32());
@@ -515,6 +660,6 @@ mod tests {
         let mut raw16: Vec<u8> = values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
         let at = CONVERT_CHUNK + 3;
         raw16[2 * at..2 * at + 2].copy_from_slice(&f16::INFINITY.to_le_bytes());
-        assert_eq!(convert(Dtype::F16, &raw16, &mut Vec::new()), Some(at));
+        assert_eq!(convert(Rows::F16(&raw16), &mut Vec::new()), Some(at));
     }
 }

@@ -17,6 +17,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 use crate::kernels::{self, Kernels};
+use crate::load::Rows;
 use packed::Packed;
 
 /// How projection and expert weights are stored on the GPU. Activations, norms, softmax, the router, the
@@ -152,13 +153,35 @@ impl WeightsHost {
     /// # Panics
     /// When the stack is full or `rows` is not `N * K` values.
     pub fn push_rows(&mut self, rows: &[f32]) {
+        self.push(&[Rows::F32(rows)]);
+    }
+
+    /// Adds the next matrix from `parts`, consecutive runs of its HF rows as the checkpoint stores them
+    /// ([`PackedHost::push`](packed::PackedHost::push)). Returns false when a value is not finite.
+    ///
+    /// # Panics
+    /// When the stack is full or the parts are not `N * K` values in all.
+    pub fn push(&mut self, parts: &[Rows<'_>]) -> bool {
         match self {
-            WeightsHost::Packed(p) => p.push_rows(rows),
+            WeightsHost::Packed(p) => p.push(parts),
             WeightsHost::Dense(data, [count, k, n], filled) => {
-                assert!(*filled < *count && rows.len() == *k * *n, "one matrix of HF rows");
-                let out = &mut data[*filled * *k * *n..(*filled + 1) * *k * *n];
-                transpose_into(rows, *n, *k, out);
+                let (k, n) = (*k, *n);
+                assert!(*filled < *count, "the stack holds {count} matrices");
+                assert_eq!(
+                    parts.iter().map(Rows::len).sum::<usize>(),
+                    k * n,
+                    "one matrix of HF rows"
+                );
+                let mut rows = Vec::with_capacity(k * n);
+                let mut ok = true;
+                for p in parts {
+                    let at = rows.len();
+                    rows.resize(at + p.len(), 0.0);
+                    ok &= p.read(0, &mut rows[at..]);
+                }
+                transpose_into(&rows, n, k, &mut data[*filled * k * n..(*filled + 1) * k * n]);
                 *filled += 1;
+                ok
             }
         }
     }

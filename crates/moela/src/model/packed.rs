@@ -22,8 +22,10 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::WeightDtype;
+use crate::load::Rows;
 
 /// Weights per quantisation block (q8, q4).
 pub const BLOCK: usize = 32;
@@ -116,7 +118,7 @@ impl Packed {
             .map(|w| w as u32)
             .collect();
         let grid = texel_grid(self.format, self.shape);
-        if let Some(t) = crate::kernels::texture::WeightTexture::with(&host, grid, layout, rows) {
+        if let Ok(t) = crate::kernels::texture::WeightTexture::with(host, grid, layout, rows) {
             self.words = Words::Texture(t);
         }
         self
@@ -233,19 +235,33 @@ impl PackedHost {
     /// # Panics
     /// When the stack is full or `rows` is not `N * K` values.
     pub fn push_rows(&mut self, rows: &[f32]) {
+        self.push(&[Rows::F32(rows)]);
+    }
+
+    /// [`push_rows`](Self::push_rows) from `parts`, consecutive runs of the HF rows (e.g. gate_proj's then
+    /// up_proj's) as the checkpoint stores them: each block of 32 values is converted on the stack as it is
+    /// quantised. Returns false when a value is not finite (the stack is then not usable).
+    ///
+    /// # Panics
+    /// When the stack is full or the parts are not `N * K` values in all.
+    pub fn push(&mut self, parts: &[Rows<'_>]) -> bool {
         let [count, k, n] = self.shape;
         assert!(self.filled < count, "the stack holds {count} matrices");
-        assert_eq!(rows.len(), n * k, "one matrix of HF rows");
+        assert_eq!(
+            parts.iter().map(Rows::len).sum::<usize>(),
+            n * k,
+            "one matrix of HF rows"
+        );
         let per = words_per_matrix(self.format, k, n);
         let words = &mut self.words[self.filled * per..(self.filled + 1) * per];
         let blocks = self.scales.len() / count;
         let scales = &mut self.scales[self.filled * blocks..(self.filled + 1) * blocks];
+        self.filled += 1;
         match self.format {
-            WeightDtype::F16 => pack_f16_rows(rows, k, n, words),
-            WeightDtype::Q8 | WeightDtype::Q4 => pack_block_rows(rows, k, n, self.format, words, scales),
+            WeightDtype::F16 => pack_f16_rows(parts, k, n, words),
+            WeightDtype::Q8 | WeightDtype::Q4 => pack_block_rows(parts, k, n, self.format, words, scales),
             WeightDtype::F32 => unreachable!("checked by supports"),
         }
-        self.filled += 1;
     }
 
     /// Bytes held on the host.
@@ -263,30 +279,32 @@ impl PackedHost {
             scales,
             ..
         } = self;
-        let int = |v: &[u32]| {
-            let v: Vec<i32> = v.iter().map(|&w| w as i32).collect();
+        // The words become i32s in place (same size: the collect reuses the allocation).
+        let int = |v: Vec<u32>| {
+            let v: Vec<i32> = v.into_iter().map(|w| w as i32).collect();
             let len = v.len();
             Tensor::<1, Int>::from_data(TensorData::new(v, [len]), device)
         };
-        #[cfg(not(target_arch = "wasm32"))]
         // f16 texels hold eight columns of a row: N a multiple of 8.
-        let texture = ((format != WeightDtype::F16 || shape[2].is_multiple_of(8))
-            && crate::kernels::texture::available(device))
-        .then(|| crate::kernels::texture::WeightTexture::new(&words, texel_grid(format, shape)))
-        .flatten();
-        #[cfg(target_arch = "wasm32")]
-        let texture: Option<()> = None;
-        let words = match texture {
-            #[cfg(not(target_arch = "wasm32"))]
-            Some(t) => Words::Texture(t),
-            _ => Words::Buffer(int(&words)),
+        #[cfg(not(target_arch = "wasm32"))]
+        let words = if (format != WeightDtype::F16 || shape[2].is_multiple_of(8))
+            && crate::kernels::texture::available(device)
+        {
+            match crate::kernels::texture::WeightTexture::from_words(words, texel_grid(format, shape)) {
+                Ok(t) => Words::Texture(t),
+                Err(words) => Words::Buffer(int(words)),
+            }
+        } else {
+            Words::Buffer(int(words))
         };
+        #[cfg(target_arch = "wasm32")]
+        let words = Words::Buffer(int(words));
         Packed {
             format,
             shape,
             words,
             // f16 pairs per word: N is a multiple of 4, so a row of scales fills whole words.
-            scales: (format != WeightDtype::F16).then(|| int(bytemuck::cast_slice(&scales))),
+            scales: (format != WeightDtype::F16).then(|| int(bytemuck::cast_slice(&scales).to_vec())),
             zero: Tensor::zeros([1], device),
         }
     }
@@ -303,59 +321,147 @@ pub(crate) fn for_chunks<T: Send>(data: &mut [T], size: usize, f: impl Fn(usize,
     data.chunks_mut(size.max(1)).enumerate().for_each(|(i, c)| f(i, c));
 }
 
-/// f16 words `[K, N/2]` of one matrix from its HF rows `[N, K]`, in tasks of 64 rows of K.
-fn pack_f16_rows(rows: &[f32], k: usize, n: usize, words: &mut [u32]) {
-    const ROWS: usize = 64;
+/// Where each of the N HF rows of `parts` starts: `(part, offset of the row's first value)`.
+fn hf_rows<'a>(parts: &'a [Rows<'a>], k: usize) -> impl Iterator<Item = (Rows<'a>, usize)> + 'a {
+    parts
+        .iter()
+        .flat_map(move |p| (0..p.len() / k.max(1)).map(move |r| (*p, r * k)))
+}
+
+/// f16 words `[K, N/2]` of one matrix from its HF rows `[N, K]`, a task per 32 rows of K. Returns false when
+/// a value is not finite.
+fn pack_f16_rows(parts: &[Rows<'_>], k: usize, n: usize, words: &mut [u32]) -> bool {
     let half = n / 2;
-    for_chunks(words, ROWS * half, |t, out| {
-        let k0 = t * ROWS;
+    let finite = std::sync::atomic::AtomicBool::new(true);
+    for_chunks(words, BLOCK * half, |t, out| {
+        let k0 = t * BLOCK;
         let kk = out.len() / half;
+        let (mut a, mut b) = ([0f32; BLOCK], [0f32; BLOCK]);
+        let mut ok = true;
+        let mut rows = hf_rows(parts, k);
         for jj in 0..half {
-            let (a, b) = (&rows[2 * jj * k + k0..][..kk], &rows[(2 * jj + 1) * k + k0..][..kk]);
-            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            let ((pa, ra), (pb, rb)) = (rows.next().expect("N rows"), rows.next().expect("N rows"));
+            ok &= pa.read(ra + k0, &mut a[..kk]) & pb.read(rb + k0, &mut b[..kk]);
+            for (i, (x, y)) in a[..kk].iter().zip(&b[..kk]).enumerate() {
                 out[i * half + jj] =
                     u32::from(f16::from_f32(*x).to_bits()) | (u32::from(f16::from_f32(*y).to_bits()) << 16);
             }
         }
-    });
-}
-
-/// q8 / q4 words `[Kp/4 or Kp/8, N]` and f16 scales `[Kp/32, N]` of one matrix from its HF rows `[N, K]`, a
-/// task per block of 32 rows of K ([`quantise_block`] for each output).
-fn pack_block_rows(rows: &[f32], k: usize, n: usize, format: WeightDtype, words: &mut [u32], scales: &mut [u16]) {
-    let q8 = format == WeightDtype::Q8;
-    let per_word = if q8 { 4 } else { 8 };
-    let word_rows = BLOCK / per_word;
-    let mut tasks: Vec<(&mut [u32], &mut [u16])> = words.chunks_mut(word_rows * n).zip(scales.chunks_mut(n)).collect();
-    for_chunks(&mut tasks, 1, |b, task| {
-        let (out, scale_row) = &mut task[0];
-        let k0 = b * BLOCK;
-        let valid = BLOCK.min(k.saturating_sub(k0)); // the rest of the block is padding (zeros)
-        let mut codes = [0i32; BLOCK];
-        for j in 0..n {
-            scale_row[j] = quantise_block(&rows[j * k + k0..j * k + k0 + valid], q8, &mut codes);
-            for g in 0..word_rows {
-                let group = &codes[g * per_word..(g + 1) * per_word];
-                out[g * n + j] = if q8 {
-                    group
-                        .iter()
-                        .enumerate()
-                        .fold(0u32, |w, (i, &c)| w | ((c as u32 & 0xff) << (8 * i)))
-                } else {
-                    group
-                        .iter()
-                        .enumerate()
-                        .fold(0u32, |w, (i, &c)| w | (((c + 8) as u32) << (4 * i)))
-                };
-            }
+        if !ok {
+            finite.store(false, std::sync::atomic::Ordering::Relaxed);
         }
     });
+    finite.into_inner()
+}
+
+/// One packing task's columns of every word row and of every scale row.
+type TaskColumns<'a> = (Vec<&'a mut [u32]>, Vec<&'a mut [u16]>);
+
+/// HF rows (outputs) one packing task takes: it reads them whole, front to back, so the checkpoint's pages
+/// are read in order (reading a block from each of many rows stalls on every row).
+const TASK_ROWS: usize = 64;
+
+/// q8 / q4 words `[Kp/4 or Kp/8, N]` and f16 scales `[Kp/32, N]` of one matrix from its HF rows `[N, K]`, a
+/// task per [`TASK_ROWS`] outputs. Returns false when a value is not finite.
+fn pack_block_rows(
+    parts: &[Rows<'_>],
+    k: usize,
+    n: usize,
+    format: WeightDtype,
+    words: &mut [u32],
+    scales: &mut [u16],
+) -> bool {
+    let q8 = format == WeightDtype::Q8;
+    let qmax = if q8 { 127.0f32 } else { 7.0 };
+    let per_word = if q8 { 4 } else { 8 };
+    let word_rows = BLOCK / per_word;
+    let blocks = k.div_ceil(BLOCK);
+    // Each task's columns of every word row and scale row: disjoint slices, so the tasks write in parallel.
+    let tasks = n.div_ceil(TASK_ROWS);
+    let mut columns: Vec<TaskColumns<'_>> = (0..tasks)
+        .map(|_| (Vec::with_capacity(blocks * word_rows), Vec::with_capacity(blocks)))
+        .collect();
+    for row in words.chunks_mut(n) {
+        for (t, part) in row.chunks_mut(TASK_ROWS).enumerate() {
+            columns[t].0.push(part);
+        }
+    }
+    for row in scales.chunks_mut(n) {
+        for (t, part) in row.chunks_mut(TASK_ROWS).enumerate() {
+            columns[t].1.push(part);
+        }
+    }
+    let rows: Vec<(Rows<'_>, usize)> = hf_rows(parts, k).collect();
+    let finite = std::sync::atomic::AtomicBool::new(true);
+    for_chunks(&mut columns, 1, |t, task| {
+        let (out, scale_rows) = &mut task[0];
+        let mut values = vec![0f32; blocks * BLOCK]; // the padding stays zero
+        let (mut scaled, mut s16, mut s) = (vec![0f32; blocks], vec![f16::ZERO; blocks], vec![0f32; blocks]);
+        let mut codes = [0i32; BLOCK];
+        let mut ok = true;
+        for (jj, &(part, row)) in rows[t * TASK_ROWS..].iter().take(TASK_ROWS).enumerate() {
+            ok &= part.read(row, &mut values[..k]);
+            for (m, block) in scaled.iter_mut().zip(values.chunks_exact(BLOCK)) {
+                *m = block_max(block.try_into().expect("a block")) / qmax;
+            }
+            // Every scale of the row rounded through f16 in one call (vectorised where the CPU has F16C).
+            s16.convert_from_f32_slice(&scaled);
+            s16.convert_to_f32_slice(&mut s);
+            for (b, block) in values.chunks_exact(BLOCK).enumerate() {
+                scale_rows[b][jj] = s16[b].to_bits();
+                quantise_scaled(block.try_into().expect("a block"), s[b], qmax, &mut codes);
+                let packed = pack_codes(&codes, q8);
+                for (g, w) in packed[..word_rows].iter().enumerate() {
+                    out[b * word_rows + g][jj] = *w;
+                }
+            }
+        }
+        if !ok {
+            finite.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    finite.into_inner()
+}
+
+/// A block's codes as words: four signed bytes (q8: eight words) or eight nibbles `q + 8` (q4: four words
+/// and four unused), lowest first.
+#[inline(always)]
+fn pack_codes(codes: &[i32; BLOCK], q8: bool) -> [u32; 8] {
+    let mut w = [0u32; 8];
+    if q8 {
+        for (i, &c) in codes.iter().enumerate() {
+            w[i / 4] |= (c as u32 & 0xff) << (8 * (i % 4));
+        }
+    } else {
+        for (i, &c) in codes.iter().enumerate() {
+            w[i / 8] |= ((c + 8) as u32) << (4 * (i % 8));
+        }
+    }
+    w
+}
+
+/// The largest magnitude in a block, from the bits (an integer maximum vectorises; the values are finite,
+/// checked where they are read).
+#[inline(always)]
+fn block_max(block: &[f32; BLOCK]) -> f32 {
+    f32::from_bits(block.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff)))
+}
+
+/// Codes of a block for scale `s` (already rounded through f16): `v / s` rounded to nearest, clamped to
+/// `qmax`; all zeros when `s` is 0.
+#[inline(always)]
+fn quantise_scaled(block: &[f32; BLOCK], s: f32, qmax: f32, codes: &mut [i32; BLOCK]) {
+    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+    for (c, v) in codes.iter_mut().zip(block) {
+        *c = round_clamped(v * inv, qmax);
+    }
 }
 
 /// Quantises up to 32 values (a block; missing values are zeros) to q8 (-127..=127) or q4 (-7..=7) codes.
 /// Returns the f16 bits of the block's scale, `max |w| / 127` (q8) or `/ 7` (q4), rounded through f16 so
 /// the codes are computed with the scale the kernels will use; codes round to nearest, ties away from zero.
-/// Written without branches or libm calls so that it vectorises: it is most of a load's work.
+/// The same arithmetic as the packer's, which batches the scales of a row's blocks (the embedding table's rows
+/// come here one block at a time).
 #[inline]
 pub(crate) fn quantise_block(src: &[f32], q8: bool, codes: &mut [i32; BLOCK]) -> u16 {
     let qmax = if q8 { 127.0f32 } else { 7.0 };
@@ -363,19 +469,15 @@ pub(crate) fn quantise_block(src: &[f32], q8: bool, codes: &mut [i32; BLOCK]) ->
         Ok(whole) => whole,
         Err(_) => std::array::from_fn(|i| src.get(i).copied().unwrap_or(0.0)),
     };
-    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let s16 = f16::from_f32(amax / qmax);
-    let s = s16.to_f32();
-    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-    for (c, v) in codes.iter_mut().zip(&block) {
-        *c = round_clamped(v * inv, qmax);
-    }
+    let s16 = f16::from_f32(block_max(&block) / qmax);
+    quantise_scaled(&block, s16.to_f32(), qmax, codes);
     s16.to_bits()
 }
 
 /// `x` clamped to `[-qmax, qmax]` (a whole number) and rounded to the nearest integer, ties away from zero
 /// (as `f32::round`): the integer conversion truncates, exactly at these magnitudes.
-#[inline]
+/// Written without branches or libm calls so that it vectorises: it is most of a load's work.
+#[inline(always)]
 pub(crate) fn round_clamped(x: f32, qmax: f32) -> i32 {
     let x = x.clamp(-qmax, qmax);
     let t = x.abs();

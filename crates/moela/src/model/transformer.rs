@@ -17,7 +17,7 @@ use crate::cache::LatentCache;
 use crate::config::{ModelConfig, TopkMethod};
 use crate::error::{Error, Result};
 use crate::kernels::Kernels;
-use crate::load::{Progress, WeightSet};
+use crate::load::{Progress, Rows, StoredRows, WeightSet};
 
 /// The feed-forward half of a block.
 #[derive(Debug, Clone)]
@@ -86,14 +86,12 @@ struct Reader<'a> {
     done: u64,
     total: u64,
     progress: &'a mut dyn FnMut(Progress),
-    /// Reused for every slice, expert and part, so that reading touches no fresh memory per tensor.
-    scratch: Vec<f32>,
 }
 
-/// Rows read at a time from the largest tensors (the embedding, the head, wide projections): 64 MiB as f32.
+/// Rows read at a time from the embedding table: 64 MiB as f32.
 const SLICE_BYTES: usize = 64 << 20;
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn advance(&mut self, bytes: u64) {
         self.done += bytes;
         (self.progress)(Progress {
@@ -117,25 +115,36 @@ impl Reader<'_> {
         Ok(())
     }
 
-    /// Appends rows `rows` of `names` stacked along their rows (each `[each, cols]`; e.g. gate_proj then
-    /// up_proj) to `out`.
+    /// Rows `rows` of the 2-D tensor `name` (`[out, in]`) as the file stores them.
+    async fn stored(&mut self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<StoredRows<'a>> {
+        let part = self.set.byte_len(name) * rows.len() as u64 / shape[0].max(1) as u64;
+        let set = self.set;
+        let stored = set.stored_rows(name, &shape, rows).await?;
+        self.advance(part);
+        Ok(stored)
+    }
+
+    /// Rows `rows` of `names` stacked along their rows (each `[each, cols]`; e.g. gate_proj then up_proj), as
+    /// stored, in order.
     async fn stacked(
         &mut self,
         names: &[String],
         each: usize,
         cols: usize,
         rows: Range<usize>,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
+    ) -> Result<Vec<StoredRows<'a>>> {
+        let mut out = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let own = i * each..(i + 1) * each;
             let (start, end) = (rows.start.max(own.start), rows.end.min(own.end));
             if start < end {
-                self.append(name, [each, cols], start - own.start..end - own.start, out)
-                    .await?;
+                out.push(
+                    self.stored(name, [each, cols], start - own.start..end - own.start)
+                        .await?,
+                );
             }
         }
-        Ok(())
+        Ok(out)
     }
 
     /// A projection from the rows of `names` stacked (`[each, cols]` each), read and stored a part at a time.
@@ -148,17 +157,28 @@ impl Reader<'_> {
         device: &Device,
     ) -> Result<Linear> {
         let mut parts = Vec::new();
-        let mut rows = std::mem::take(&mut self.scratch);
         for range in Linear::part_rows(names.len() * each, cols) {
-            rows.clear();
-            self.stacked(names, each, cols, range.clone(), &mut rows).await?;
+            let rows = self.stacked(names, each, cols, range.clone()).await?;
             let mut host = WeightsHost::new(dtype, [1, cols, range.len()]);
-            host.push_rows(&rows);
+            push(&mut host, &rows)?;
+            drop(rows);
             parts.push(host.upload([cols, range.len()], device));
         }
-        self.scratch = rows;
         Ok(Linear::from_parts(parts))
     }
+}
+
+/// Adds the matrix whose HF rows are `parts` to `host`; a value that is not finite is an error naming its
+/// file, tensor and index.
+fn push(host: &mut WeightsHost, parts: &[StoredRows<'_>]) -> Result<()> {
+    let rows: Vec<Rows<'_>> = parts.iter().map(StoredRows::rows).collect();
+    if host.push(&rows) {
+        return Ok(());
+    }
+    for p in parts {
+        p.check_finite()?;
+    }
+    Err(Error::InvalidArgument("a weight holds a non-finite value".into()))
 }
 
 impl Transformer {
@@ -238,7 +258,6 @@ impl Transformer {
             done: 0,
             total,
             progress,
-            scratch: Vec::new(),
         };
         let norm = async |r: &mut Reader<'_>, name: &str, n: usize, eps: f64| -> Result<RmsNorm> {
             Ok(RmsNorm::new(r.get(name, &[n]).await?, eps, device))
@@ -256,7 +275,7 @@ impl Transformer {
                 .await?;
             embed.set_rows(first, &rows);
         }
-        r.scratch = rows;
+        drop(rows);
         set.prefetch(layer_names(0).collect::<Vec<_>>().iter().map(String::as_str));
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
@@ -597,29 +616,32 @@ async fn load_moe(c: &ModelConfig, r: &mut Reader<'_>, p: &str, dtype: WeightDty
     let per_expert = Weights::<3>::matrix_bytes(dtype, h, 2 * i).max(Weights::<3>::matrix_bytes(dtype, i, h));
     let per_chunk = (MAX_BINDING_BYTES / per_expert.max(1)).clamp(1, total);
     let mut chunks = Vec::new();
-    let (mut gu, mut down) = (std::mem::take(&mut r.scratch), Vec::new());
+    let mut down = Vec::new();
     for first in (0..total).step_by(per_chunk) {
         let count = per_chunk.min(total - first);
         let mut gate_up_t = WeightsHost::new(dtype, [count, h, 2 * i]);
         let mut down_t = WeightsHost::new(dtype, [count, i, h]);
         for x in first..first + count {
             // HF rows of the expert: gate/up [2I, H] (stacked), down [H, I].
-            gu.clear();
-            down.clear();
             if x < e {
                 let ep = format!("{p}mlp.experts.{x}.");
-                r.stacked(&gate_up(&ep), i, h, 0..2 * i, &mut gu).await?;
-                r.append(&format!("{ep}down_proj.weight"), [h, i], 0..h, &mut down)
-                    .await?;
+                let gu = r.stacked(&gate_up(&ep), i, h, 0..2 * i).await?;
+                push(&mut gate_up_t, &gu)?;
+                drop(gu);
+                let d = r.stored(&format!("{ep}down_proj.weight"), [h, i], 0..h).await?;
+                push(&mut down_t, std::slice::from_ref(&d))?;
             } else {
                 let j = x - e;
+                let mut gu = Vec::new();
                 for name in gate_up(&sp) {
-                    r.append(&name, [s * i, h], j * i..(j + 1) * i, &mut gu).await?;
+                    gu.push(r.stored(&name, [s * i, h], j * i..(j + 1) * i).await?);
                 }
+                push(&mut gate_up_t, &gu)?;
+                drop(gu);
+                down.clear();
                 down.extend((0..h).flat_map(|row| &shared_down[row * s * i + j * i..row * s * i + (j + 1) * i]));
+                down_t.push_rows(&down);
             }
-            gate_up_t.push_rows(&gu);
-            down_t.push_rows(&down);
         }
         chunks.push(ExpertChunk {
             first,
@@ -628,7 +650,6 @@ async fn load_moe(c: &ModelConfig, r: &mut Reader<'_>, p: &str, dtype: WeightDty
             down_t: down_t.upload([count, i, h], device),
         });
     }
-    r.scratch = gu;
     Ok(Moe {
         router,
         correction_bias,
