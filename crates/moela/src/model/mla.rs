@@ -163,11 +163,22 @@ impl Mla {
 
         // Decode (a few tokens): moela's kernels write the cache rows and attend in three launches.
         if self.kernels == Kernels::Wgsl && t <= kernels::matvec::MAX_ROWS {
+            // WebGPU forbids binding one buffer twice where a kernel may write it (the MLA kernels declare every
+            // binding read_write): in the browser, when the queries and the latents come from one product (no
+            // q_lora_rank), the latent columns are copied to a buffer of their own (T x 576 values).
+            #[cfg(target_arch = "wasm32")]
+            let own = q.is_none().then(|| both.clone().narrow(1, qw, width).mul_scalar(1.0));
+            #[cfg(not(target_arch = "wasm32"))]
+            let own: Option<Tensor<2>> = None;
+            let (kv, kv_col) = match &own {
+                Some(kv) => (kv, 0),
+                None => (&both, qw),
+            };
             let inputs = kernels::mla::MlaInputs {
                 q: q.as_ref().unwrap_or(&both),
                 q_col: 0,
-                kv: &both,
-                kv_col: qw,
+                kv,
+                kv_col,
                 w_uk: &self.w_uk,
                 w_uv_t: &self.w_uv_t,
                 gain: &self.kv_a_norm.weight,
