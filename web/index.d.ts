@@ -27,6 +27,8 @@ export function checkWebGPU(): Promise<AdapterSummary>;
 
 /** Imports and initialises the wasm module (done by `load`; call it to start the download early). */
 export function initWasm(): Promise<unknown>;
+/** Bytes of this thread's wasm memory (`WebAssembly.Memory`); 0 before the module is initialised. */
+export function wasmMemoryBytes(): number;
 
 /** Load progress: reading files (`download`, from the network, the cache or disk), then `convert`. */
 export type LoadProgress =

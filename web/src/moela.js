@@ -75,6 +75,8 @@ export async function checkWebGPU() {
 // The wasm module, initialised once per thread.
 
 let wasmModule;
+/** The initialised wasm instance's exports (its `memory` among them). */
+let wasmExports = null;
 /** The most recent Rust panic message (console_error_panic_hook writes it with console.error). */
 let lastPanic = null;
 /** Set once the wasm instance has panicked: it cannot be used again. */
@@ -107,7 +109,7 @@ export function initWasm() {
         );
       }
       try {
-        await mod.default();
+        wasmExports = await mod.default();
       } catch (e) {
         throw new Error(`cannot initialise the moela wasm module (${e?.message ?? e})`);
       }
@@ -118,6 +120,14 @@ export function initWasm() {
     });
   }
   return wasmModule;
+}
+
+/**
+ * Bytes of this thread's wasm memory (`WebAssembly.Memory`), or 0 before the module is initialised. A load
+ * keeps it bounded (the embedding table in its format plus one slice of weights), whatever the model's size.
+ */
+export function wasmMemoryBytes() {
+  return wasmExports?.memory?.buffer?.byteLength ?? 0;
 }
 
 function panicText(text) {
@@ -305,6 +315,87 @@ class UrlSource {
     return bytes;
   }
 
+  /**
+   * The file `name` as a Blob that the engine reads by byte ranges, so it never has to fit in memory: from the
+   * Cache API when an earlier visit stored it; else downloaded as a stream, straight into the Cache API (the
+   * browser keeps it on disk; an interrupted download stores nothing, and the next load starts it again) or,
+   * without a cache, into a Blob (which the browser also moves to disk when it is large).
+   */
+  async blob(name, { expected = 0, onBytes = () => {}, signal } = {}) {
+    const hit = await this.cached(name);
+    if (hit) {
+      const blob = await hit.blob();
+      onBytes(blob.size);
+      return blob;
+    }
+    const { response } = await this.response(name, { signal });
+    const url = this.url(name);
+    const length = Number(response.headers.get('content-length')) || 0;
+    let seen = 0;
+    const aborted = () => signal?.reason ?? new DOMException('the load was aborted', 'AbortError');
+    const counted = response.body.pipeThrough(
+      new TransformStream({
+        transform(chunk, controller) {
+          if (signal?.aborted) {
+            controller.error(aborted());
+            return;
+          }
+          seen += chunk.length;
+          onBytes(chunk.length);
+          controller.enqueue(chunk);
+        },
+      }),
+    );
+    const short = () =>
+      new Error(`cannot download ${url}: the connection ended after ${seen} of ${length || expected} bytes; load again to restart it`);
+    if (this.store) {
+      const headers = { 'content-type': 'application/octet-stream' };
+      if (length) headers['content-length'] = String(length);
+      try {
+        await this.store.put(url, new Response(counted, { headers }));
+      } catch (e) {
+        await this.store.delete(url).catch(() => {});
+        if (signal?.aborted) throw aborted();
+        if (e?.name === 'QuotaExceededError') {
+          throw new Error(
+            `cannot keep ${url} (${(length / 1e9).toFixed(2)} GB) in this site's storage: the browser's quota is full. ` +
+              'Free space (Engine.clearCache()) or load with cache: false',
+          );
+        }
+        throw length && seen < length ? short() : new Error(`cannot download ${url}: ${e?.message ?? e}`);
+      }
+      if (length && seen !== length) {
+        await this.store.delete(url).catch(() => {});
+        throw short();
+      }
+      const stored = await this.store.match(url);
+      if (stored) return stored.blob();
+    }
+    // No cache: gathered into a Blob, 64 MiB at a time, so the chunks themselves can be let go.
+    const parts = [];
+    let pending = [];
+    let pendingBytes = 0;
+    const reader = counted.getReader();
+    try {
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        pending.push(value);
+        pendingBytes += value.length;
+        if (pendingBytes >= 64 << 20) {
+          parts.push(new Blob(pending));
+          pending = [];
+          pendingBytes = 0;
+        }
+      }
+    } finally {
+      reader.releaseLock();
+    }
+    parts.push(new Blob(pending));
+    if (length && seen !== length) throw short();
+    return new Blob(parts);
+  }
+
   async put(name, bytes) {
     if (!this.store) return;
     try {
@@ -326,10 +417,44 @@ class UrlSource {
  * is read, so an unsupported model fails before a download.
  */
 async function preflight(mod, meta, options) {
+  let info;
   try {
-    await mod.WasmEngine.check(meta, options);
+    info = await mod.WasmEngine.check(meta, options);
   } catch (e) {
     throw explain(e);
+  }
+  checkFits(info, await adapterLimits());
+}
+
+/** wasm32's address space. */
+const WASM_MAX_BYTES = 4 * 2 ** 30;
+/** What a load holds in wasm memory besides the embedding table: one slice of weights as f32, one packed
+ *  expert stack, their copies on the way to the GPU, and the engine itself. */
+const LOAD_HEAP_BYTES = 2 ** 30;
+/** The largest storage binding moela's kernels use (every adapter must allow 128 MiB). */
+const BINDING_BYTES = 128 * 2 ** 20;
+
+async function adapterLimits() {
+  const adapter = await navigator.gpu?.requestAdapter?.().catch(() => null);
+  return adapter?.limits ?? null;
+}
+
+/** Throws, with the numbers, when a model described by `info` (`WasmEngine.check`) cannot load here. */
+function checkFits(info, limits) {
+  const gib = (b) => `${(b / 2 ** 30).toFixed(2)} GiB`;
+  const heap = info.host_weight_bytes + LOAD_HEAP_BYTES;
+  if (heap > WASM_MAX_BYTES) {
+    throw new Error(
+      `this model needs about ${gib(heap)} of wasm memory (its ${info.weight_dtype} embedding table of ` +
+        `${gib(info.host_weight_bytes)}, plus ${gib(LOAD_HEAP_BYTES)} while loading) but wasm32 has at most 4 GiB; ` +
+        'try weights "q4" or "q8"',
+    );
+  }
+  if (limits && (limits.maxStorageBufferBindingSize < BINDING_BYTES || limits.maxBufferSize < BINDING_BYTES)) {
+    throw new Error(
+      `this GPU's WebGPU limits (maxStorageBufferBindingSize ${limits.maxStorageBufferBindingSize}, maxBufferSize ` +
+        `${limits.maxBufferSize}) are below the ${BINDING_BYTES} bytes moela binds at once`,
+    );
   }
 }
 
@@ -397,12 +522,14 @@ async function filesFromUrl(base, { cache, onProgress, signal, check }) {
     const got = await Promise.all(batch.map((n) => src.size(n, signal)));
     got.forEach((s, j) => (sizes[i + j] = s));
   }
-  total += sizes.reduce((a, b) => a + b, 0);
+  const weightBytes = sizes.reduce((a, b) => a + b, 0);
+  total += weightBytes;
+  if (src.store && !manifest) await checkStorage(weightBytes, src.base.href);
 
   const weights = [];
   for (const [i, name] of names.entries()) {
     let seen = 0;
-    const bytes = await src.read(name, {
+    const blob = await src.blob(name, {
       expected: sizes[i],
       signal,
       onBytes: (n) => {
@@ -415,13 +542,45 @@ async function filesFromUrl(base, { cache, onProgress, signal, check }) {
         report({ file: name, loaded, total });
       },
     });
-    weights.push({ name, bytes });
+    weights.push(ranges(name, blob));
   }
   if (src.store && !manifest) {
     const body = JSON.stringify({ tokenizerConfig: !!tokenizerConfig, weights: names });
     await src.put(MANIFEST, new TextEncoder().encode(body));
   }
   return { config, tokenizer, tokenizerConfig, weights };
+}
+
+/**
+ * A weight file the engine reads by byte ranges from a Blob (a picked File, a download kept in the Cache API):
+ * only the range of the tensor being loaded is ever in memory.
+ */
+function ranges(name, blob) {
+  return {
+    name,
+    size: blob.size,
+    read: async (start, end) => {
+      try {
+        return new Uint8Array(await blob.slice(start, end).arrayBuffer());
+      } catch (e) {
+        throw new Error(`cannot read ${name} (bytes ${start}..${end}): ${e?.message ?? e}`);
+      }
+    },
+  };
+}
+
+/** Fails before a download that cannot fit the storage the browser grants this site, with the numbers. */
+async function checkStorage(bytes, where) {
+  const estimate = await globalThis.navigator?.storage?.estimate?.().catch(() => null);
+  if (!estimate?.quota) return;
+  const free = estimate.quota - (estimate.usage ?? 0);
+  if (bytes > free) {
+    throw new Error(
+      `the weights of ${where} take ${(bytes / 1e9).toFixed(2)} GB but the browser lets this site store only ` +
+        `${(free / 1e9).toFixed(2)} GB more (quota ${(estimate.quota / 1e9).toFixed(2)} GB); free space with ` +
+        'Engine.clearCache(), or load with cache: false to keep nothing',
+    );
+  }
 }
 
 /** Reads the files of a checkpoint folder picked with `<input type=file webkitdirectory>` (or dropped). */
@@ -455,7 +614,7 @@ async function filesFromFileList(fileList, { onProgress, signal, check }) {
   }
   if (!byName.has('tokenizer.json')) throw new Error('the picked folder has no tokenizer.json');
 
-  const wanted = ['config.json', 'tokenizer.json', 'tokenizer_config.json', ...names].filter((n) => byName.has(n));
+  const wanted = ['config.json', 'tokenizer.json', 'tokenizer_config.json'].filter((n) => byName.has(n));
   const total = wanted.reduce((s, n) => s + byName.get(n).size, 0);
   let loaded = 0;
   const read = async (name) => {
@@ -470,8 +629,8 @@ async function filesFromFileList(fileList, { onProgress, signal, check }) {
   const tokenizer = await read('tokenizer.json');
   const tokenizerConfig = await read('tokenizer_config.json');
   await check({ config, tokenizer, tokenizerConfig: tokenizerConfig ?? undefined });
-  const weights = [];
-  for (const name of names) weights.push({ name, bytes: await read(name) });
+  // The weights stay in their files: the engine reads them by ranges, tensor by tensor.
+  const weights = names.map((name) => ranges(name, byName.get(name)));
   return { config, tokenizer, tokenizerConfig, weights, name: folderName(dir || path(configs[0]).replace(/config\.json$/, '')) };
 }
 

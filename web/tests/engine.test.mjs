@@ -3,6 +3,8 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
 import {
   argmax,
   launch,
@@ -14,6 +16,7 @@ import {
   repoRoot,
   requirePkg,
   serve,
+  writeRealWidthCheckpoint,
 } from './helpers.mjs';
 
 const FIXTURES = ['v2-lite-tiny', 'v3-tiny', 'v2-group-odd', 'v3-moonlight-odd'];
@@ -398,4 +401,58 @@ test('downloaded files are kept in the Cache API and reused without the network'
 
   assert.equal(await page.evaluate(() => window.moela.Engine.clearCache()), true);
   assert.equal(await page.evaluate(async () => (await caches.has('moela-v1'))), false);
+});
+
+test('weights read by ranges give the same logits as weights passed as bytes', { timeout: 240_000 }, async () => {
+  const ref = readJson('tests/fixtures/v2-lite-tiny/reference.json');
+  const { ranged, whole } = await page.evaluate(async (tokens) => {
+    const mod = await window.moela.initWasm();
+    const get = async (f) => new Uint8Array(await (await fetch(`/tests/fixtures/v2-lite-tiny/${f}`)).arrayBuffer());
+    const meta = { config: await get('config.json'), tokenizer: await get('tokenizer.json'), tokenizerConfig: await get('tokenizer_config.json') };
+    const bytes = await get('model.safetensors');
+    const blob = new Blob([bytes]);
+    const reads = [];
+    const read = async (start, end) => {
+      reads.push(end - start);
+      return new Uint8Array(await blob.slice(start, end).arrayBuffer());
+    };
+    const logits = async (weights) => {
+      const engine = await mod.WasmEngine.load({ ...meta, weights: [weights] }, { weights: 'f32' });
+      const rows = (await engine.logits(tokens)).map((r) => Array.from(r));
+      engine.unload();
+      return rows;
+    };
+    const ranged = await logits({ name: 'model.safetensors', size: blob.size, read });
+    const whole = await logits({ name: 'model.safetensors', bytes });
+    return { ranged: { rows: ranged, reads: reads.length, largest: Math.max(...reads), size: blob.size }, whole };
+  }, ref.tokens);
+  assert.deepEqual(ranged.rows, whole, 'the same logits either way');
+  assert.ok(ranged.reads > 10 && ranged.largest < ranged.size, `read tensor by tensor: ${JSON.stringify({ ...ranged, rows: undefined })}`);
+  assert.ok(relL2(ranged.rows[0], ref.logits[0]) <= 1e-2);
+});
+
+test('a real-width checkpoint streams into the GPU with wasm memory below its size', { timeout: 600_000 }, async () => {
+  const dir = path.join(repoRoot, 'web/tests/.generated/v2-lite-width');
+  fs.rmSync(dir, { recursive: true, force: true });
+  const size = writeRealWidthCheckpoint(dir);
+  const fresh = await openHarness(browser, server);
+  try {
+    const r = await fresh.evaluate(async () => {
+      const t0 = performance.now();
+      const engine = await window.moela.Engine.load({ model: '/web/tests/.generated/v2-lite-width/', weights: 'q4', cache: false });
+      const seconds = (performance.now() - t0) / 1000;
+      const memory = window.moela.wasmMemoryBytes();
+      const rows = await engine.logits([0, 5, 17]);
+      const last = Array.from(rows.at(-1));
+      await engine.unload();
+      return { seconds, memory, finite: last.every(Number.isFinite), spread: Math.max(...last) - Math.min(...last) };
+    });
+    console.log(`real-width checkpoint: ${(size / 1e6).toFixed(0)} MB loaded in ${r.seconds.toFixed(1)} s, wasm memory ${(r.memory / 1e6).toFixed(0)} MB`);
+    assert.ok(r.finite && r.spread > 0, JSON.stringify(r));
+    // Loading from bytes would need the whole file in wasm memory, and more.
+    assert.ok(r.memory < size * 0.75, `wasm memory ${r.memory} for a ${size}-byte checkpoint`);
+  } finally {
+    await fresh.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });

@@ -169,3 +169,92 @@ export function parseNativeRun(out) {
   if (!content.endsWith('\n')) throw new Error(`native output does not end with a newline: ${JSON.stringify(out)}`);
   return { reasoning, content: content.slice(0, -1) };
 }
+
+/**
+ * Writes a checkpoint folder with DeepSeek-V2-Lite's widths (hidden 2048, 16 heads, kv_lora_rank 512, expert
+ * width 1408, dense width 10944) but fewer layers, experts and tokens, so that the browser's streaming path is
+ * tested on real-width tensors in a few hundred MB. bf16 values from a seeded generator; the shipped model's
+ * tokenizer. Returns the folder's size in bytes. (scripts/write_real_shape.py writes full-size folders.)
+ */
+export function writeRealWidthCheckpoint(dir, { layers = 2, experts = 8, topK = 2, vocab = 4096, dense = 10944, seed = 1 } = {}) {
+  const config = {
+    architectures: ['DeepseekV2ForCausalLM'], model_type: 'deepseek_v2',
+    vocab_size: vocab, hidden_size: 2048, intermediate_size: dense, moe_intermediate_size: 1408,
+    num_hidden_layers: layers, num_attention_heads: 16, num_key_value_heads: 16,
+    n_shared_experts: 2, n_routed_experts: experts, num_experts_per_tok: topK, routed_scaling_factor: 1.0,
+    kv_lora_rank: 512, q_lora_rank: null, qk_rope_head_dim: 64, v_head_dim: 128, qk_nope_head_dim: 128,
+    topk_method: 'greedy', n_group: 1, topk_group: 1, norm_topk_prob: false, scoring_func: 'softmax',
+    first_k_dense_replace: 1, moe_layer_freq: 1, hidden_act: 'silu', max_position_embeddings: 4096,
+    rms_norm_eps: 1e-6, rope_theta: 10000, bos_token_id: 0, eos_token_id: 1, tie_word_embeddings: false,
+    torch_dtype: 'bfloat16',
+  };
+  const h = 2048;
+  const tensors = [['model.embed_tokens.weight', [vocab, h]], ['model.norm.weight', [h]], ['lm_head.weight', [vocab, h]]];
+  const mlp = (p, i) => tensors.push([`${p}gate_proj.weight`, [i, h]], [`${p}up_proj.weight`, [i, h]], [`${p}down_proj.weight`, [h, i]]);
+  for (let l = 0; l < layers; l++) {
+    const p = `model.layers.${l}.`;
+    tensors.push(
+      [`${p}input_layernorm.weight`, [h]],
+      [`${p}post_attention_layernorm.weight`, [h]],
+      [`${p}self_attn.q_proj.weight`, [16 * 192, h]],
+      [`${p}self_attn.kv_a_proj_with_mqa.weight`, [512 + 64, h]],
+      [`${p}self_attn.kv_a_layernorm.weight`, [512]],
+      [`${p}self_attn.kv_b_proj.weight`, [16 * 256, 512]],
+      [`${p}self_attn.o_proj.weight`, [h, 16 * 128]],
+    );
+    if (l === 0) {
+      mlp(`${p}mlp.`, dense);
+    } else {
+      tensors.push([`${p}mlp.gate.weight`, [experts, h]]);
+      for (let x = 0; x < experts; x++) mlp(`${p}mlp.experts.${x}.`, 1408);
+      mlp(`${p}mlp.shared_experts.`, 2 * 1408);
+    }
+  }
+  tensors.sort((a, b) => (a[0] < b[0] ? -1 : 1));
+  const header = {};
+  let offset = 0;
+  for (const [name, shape] of tensors) {
+    const bytes = shape.reduce((a, b) => a * b, 1) * 2;
+    header[name] = { dtype: 'BF16', shape, data_offsets: [offset, offset + bytes] };
+    offset += bytes;
+  }
+  let text = JSON.stringify(header);
+  text += ' '.repeat((8 - (text.length % 8)) % 8);
+  fs.mkdirSync(dir, { recursive: true });
+  const fd = fs.openSync(path.join(dir, 'model.safetensors'), 'w');
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(text.length));
+  fs.writeSync(fd, len);
+  fs.writeSync(fd, text);
+  // A pool of uniform bf16 values (std 0.02) that tensors take windows of, from a xorshift generator.
+  let state = seed >>> 0 || 1;
+  const next = () => ((state ^= state << 13), (state ^= state >>> 17), (state ^= state << 5), state >>> 0);
+  const POOL = 1 << 22;
+  const pool = new Uint16Array(2 * POOL);
+  const f = new Float32Array(1);
+  const u = new Uint32Array(f.buffer);
+  for (let i = 0; i < POOL; i++) {
+    f[0] = ((next() / 2 ** 32) * 2 - 1) * 0.0346;
+    pool[i] = pool[i + POOL] = u[0] >>> 16;
+  }
+  const ones = new Uint16Array(h).fill(0x3f80);
+  for (const [name, shape] of tensors) {
+    let n = shape.reduce((a, b) => a * b, 1);
+    if (name.endsWith('norm.weight') || name.endsWith('layernorm.weight')) {
+      fs.writeSync(fd, new Uint8Array(ones.buffer, 0, n * 2));
+      continue;
+    }
+    while (n > 0) {
+      const take = Math.min(n, POOL);
+      const start = next() % POOL;
+      fs.writeSync(fd, new Uint8Array(pool.buffer, start * 2, take * 2));
+      n -= take;
+    }
+  }
+  fs.closeSync(fd);
+  fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(config, null, 2));
+  for (const f of ['tokenizer.json', 'tokenizer_config.json']) {
+    fs.copyFileSync(path.join(repoRoot, 'models/moela-arith-tiny', f), path.join(dir, f));
+  }
+  return 8 + text.length + offset;
+}

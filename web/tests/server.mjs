@@ -27,6 +27,8 @@ const MIME = {
 /** Starts the server; resolves to `{url, close()}` where url ends with a slash. */
 export function serve(root = repoRoot) {
   const server = http.createServer((req, res) => {
+    // A model folder may be served from a port of its own (bench.mjs --model): the page reads it cross-origin.
+    res.setHeader('access-control-allow-origin', '*');
     let rel;
     try {
       rel = decodeURIComponent(new URL(req.url, 'http://x').pathname);

@@ -8,13 +8,14 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use js_sys::{Array, Float32Array, Function, Reflect, Uint8Array};
+use js_sys::{Array, Float32Array, Function, Promise, Reflect, Uint8Array};
 use moela::bench::bench;
 use moela::preset::preset_files;
 use moela::{
     CheckpointFiles, Engine, Event, GenerateOptions, LoadOptions, Message, ModelConfig, Progress, SamplingOptions,
     Session, SessionOptions, Tokenizer, WeightDtype, WeightFile,
 };
+use moela::load::{FileData, RangeSource, ReadFuture};
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 
@@ -40,6 +41,49 @@ fn bytes(obj: &JsValue, key: &str) -> Result<Option<Vec<u8>>, JsError> {
         .dyn_into()
         .map_err(|_| JsError::new(&format!("field {key} must be a Uint8Array")))?;
     Ok(Some(arr.to_vec()))
+}
+
+/// A weight file the page reads by byte ranges (`read(start, end)` resolving to a `Uint8Array`): a download
+/// kept in the Cache API, a picked `File`, or a `Blob`, sliced. Only the range the loader asks for enters
+/// wasm memory, so a checkpoint of any size loads within a bounded heap.
+struct JsRanges {
+    name: String,
+    size: u64,
+    read: Function,
+}
+
+impl RangeSource for JsRanges {
+    fn len(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, start: u64, end: u64) -> ReadFuture<'_> {
+        Box::pin(async move {
+            let fail = |what: String| moela::Error::Weights {
+                file: self.name.clone(),
+                message: format!("reading bytes {start}..{end}: {what}"),
+            };
+            let pending = self
+                .read
+                .call2(&JsValue::NULL, &(start as f64).into(), &(end as f64).into())
+                .map_err(|e| fail(js_text(&e)))?;
+            let value = wasm_bindgen_futures::JsFuture::from(Promise::resolve(&pending))
+                .await
+                .map_err(|e| fail(js_text(&e)))?;
+            let bytes: Uint8Array = value
+                .dyn_into()
+                .map_err(|_| fail("the reader did not resolve to a Uint8Array".into()))?;
+            Ok(bytes.to_vec())
+        })
+    }
+}
+
+/// What a JS exception says.
+fn js_text(e: &JsValue) -> String {
+    e.dyn_ref::<js_sys::Error>()
+        .map(|e| String::from(e.message()))
+        .or_else(|| e.as_string())
+        .unwrap_or_else(|| format!("{e:?}"))
 }
 
 /// Options of `WasmEngine.load`.
@@ -111,8 +155,9 @@ pub struct WasmEngine {
 
 #[wasm_bindgen]
 impl WasmEngine {
-    /// Loads a checkpoint from its files: `{config, tokenizer?, tokenizerConfig?, weights: [{name, bytes}]}`
-    /// (all bytes as `Uint8Array`). `onProgress({loaded, total})` reports weight bytes converted.
+    /// Loads a checkpoint from its files: `{config, tokenizer?, tokenizerConfig?, weights}` (bytes as
+    /// `Uint8Array`), each weight file either `{name, bytes}` or `{name, size, read(start, end)}` (read by ranges,
+    /// tensor by tensor). `onProgress({loaded, total})` reports weight bytes converted.
     pub async fn load(files: JsValue, options: JsValue, on_progress: Option<Function>) -> Result<WasmEngine, JsError> {
         let opts = load_opts(options)?;
         let config = bytes(&files, "config")?.ok_or_else(|| JsError::new("config.json is missing"))?;
@@ -124,7 +169,23 @@ impl WasmEngine {
             let name = get(&w, "name")?
                 .as_string()
                 .ok_or_else(|| JsError::new("every weight file needs a name"))?;
-            let data = bytes(&w, "bytes")?.ok_or_else(|| JsError::new(&format!("{name}: no bytes")))?;
+            let read = get(&w, "read")?;
+            if let Some(read) = read.dyn_ref::<Function>() {
+                let size = get(&w, "size")?
+                    .as_f64()
+                    .filter(|s| *s >= 0.0 && s.fract() == 0.0)
+                    .ok_or_else(|| JsError::new(&format!("{name}: a ranged weight file needs its size")))?;
+                weights.push(WeightFile {
+                    name: name.clone(),
+                    data: FileData::Ranges(Arc::new(JsRanges {
+                        name,
+                        size: size as u64,
+                        read: read.clone(),
+                    })),
+                });
+                continue;
+            }
+            let data = bytes(&w, "bytes")?.ok_or_else(|| JsError::new(&format!("{name}: no bytes or read")))?;
             weights.push(WeightFile::from_bytes(name, data));
         }
         let files = CheckpointFiles {

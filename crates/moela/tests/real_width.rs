@@ -153,5 +153,15 @@ fn a_real_width_checkpoint_loads_within_its_memory_budget_and_matches_the_bytes_
         "the mapped file and its bytes give the same logits"
     );
     assert!(from_map.iter().flatten().all(|v| v.is_finite()));
+    for row in &from_map {
+        let (lo, hi) = row
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+        eprintln!("logits from {lo} to {hi}");
+        assert!(
+            hi - lo > 1e-3,
+            "the logits of a random model differ from token to token: {lo}..{hi}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,6 +5,7 @@
 //! rows) at a time, so host memory stays bounded whatever the checkpoint's size.
 
 use std::future::Future;
+#[cfg(not(target_arch = "wasm32"))]
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;

@@ -365,17 +365,17 @@ impl WeightSet {
             )));
         }
         let n = rows.len() * cols;
-        let stored = |data| StoredRows {
+        let stored = |data, release: Option<Range<usize>>| StoredRows {
             data,
             file,
             tensor: name.to_string(),
             first: rows.start * cols,
-            release: None,
+            release,
         };
         if let (FileData::Synthetic(s), Some(k)) = (&file.data, e.synthetic) {
             let mut values = vec![0.0; n];
             s.fill_rows(k, rows.start, cols, &mut values);
-            return Ok(stored(Stored::Values(values)));
+            return Ok(stored(Stored::Values(values), None));
         }
         let start = e.start + rows.start * cols * width;
         let end = start + n * width;
@@ -391,12 +391,11 @@ impl WeightSet {
             ));
         }
         let raw = read_range(file, start, end).await?;
-        let mut out = stored(Stored::Bytes(e.dtype, raw));
         #[cfg(not(target_arch = "wasm32"))]
-        if matches!(file.data, FileData::Mapped(_)) {
-            out.release = Some(start..end);
-        }
-        Ok(out)
+        let release = matches!(file.data, FileData::Mapped(_)).then_some(start..end);
+        #[cfg(target_arch = "wasm32")]
+        let release = None;
+        Ok(stored(Stored::Bytes(e.dtype, raw), release))
     }
 }
 
@@ -408,6 +407,7 @@ pub struct StoredRows<'a> {
     /// The flat index of the first value in the tensor.
     first: usize,
     /// The mapped byte range to let go of when done.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     release: Option<Range<usize>>,
 }
 
