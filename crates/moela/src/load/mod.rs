@@ -17,7 +17,6 @@ use std::ops::Range;
 
 use half::f16;
 use safetensors::Dtype;
-use safetensors::tensor::Metadata;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub use files::Mapped;
@@ -34,8 +33,9 @@ struct Entry {
     file: usize,
     dtype: Dtype,
     shape: Vec<usize>,
-    start: usize,
-    end: usize,
+    /// Byte offsets in the file: 64-bit, as a shard can be larger than wasm32's address space.
+    start: u64,
+    end: u64,
     /// Its index in a synthetic file.
     synthetic: Option<usize>,
 }
@@ -72,24 +72,26 @@ fn weights_error(file: &WeightFile, message: String) -> Error {
 }
 
 /// Bytes `start..end` of `file` (not a synthetic one): borrowed where the file is in memory or mapped.
-async fn read_range(file: &WeightFile, start: usize, end: usize) -> Result<Cow<'_, [u8]>> {
-    let len = file.len() as usize;
+async fn read_range(file: &WeightFile, start: u64, end: u64) -> Result<Cow<'_, [u8]>> {
+    let len = file.len();
     if end > len || start > end {
         return Err(weights_error(
             file,
             format!("truncated: bytes {start}..{end} are past its end ({len} bytes)"),
         ));
     }
+    // In memory or mapped, the whole file is addressable, so its offsets fit a usize.
+    let span = || start as usize..end as usize;
     match &file.data {
-        FileData::Bytes(b) => Ok(Cow::Borrowed(&(**b).as_ref()[start..end])),
+        FileData::Bytes(b) => Ok(Cow::Borrowed(&(**b).as_ref()[span()])),
         #[cfg(not(target_arch = "wasm32"))]
         FileData::Mapped(m) => {
-            m.check_len(&file.name, end)?;
-            Ok(Cow::Borrowed(&m.map[start..end]))
+            m.check_len(&file.name, end as usize)?;
+            Ok(Cow::Borrowed(&m.map[span()]))
         }
         FileData::Ranges(r) => {
-            let bytes = r.read(start as u64, end as u64).await?;
-            if bytes.len() != end - start {
+            let bytes = r.read(start, end).await?;
+            if bytes.len() as u64 != end - start {
                 return Err(weights_error(
                     file,
                     format!(
@@ -105,8 +107,20 @@ async fn read_range(file: &WeightFile, start: usize, end: usize) -> Result<Cow<'
     }
 }
 
-/// Reads and checks one file's safetensors header: `(where the data starts, the header)`.
-async fn read_header(file: &WeightFile) -> Result<(usize, Metadata)> {
+/// One tensor in a safetensors header. The header is read here rather than with the safetensors crate's own
+/// type, whose offsets are `usize`: on wasm32 those cannot describe a shard over 4 GiB, and every
+/// DeepSeek-V2-Lite shard is one.
+#[derive(serde::Deserialize)]
+struct HeaderTensor {
+    dtype: Dtype,
+    shape: Vec<u64>,
+    data_offsets: [u64; 2],
+}
+
+/// Reads and checks one file's safetensors header: where the data starts, and the tensors (name, dtype,
+/// shape, offsets from the data's start) in file order. The tensors must tile the data exactly, each as
+/// many bytes as its shape and dtype make, and end where the file ends.
+async fn read_header(file: &WeightFile) -> Result<(u64, Vec<(String, Dtype, Vec<usize>, [u64; 2])>)> {
     let len = file.len();
     if len < 8 {
         return Err(weights_error(
@@ -127,11 +141,47 @@ async fn read_header(file: &WeightFile) -> Result<(usize, Metadata)> {
             format!("not a safetensors file or truncated (its header length {n} exceeds the file's {len} bytes)"),
         ));
     }
-    let text = read_range(file, 8, 8 + n as usize).await?;
-    let meta: Metadata =
-        serde_json::from_slice(&text).map_err(|e| weights_error(file, format!("bad safetensors header: {e}")))?;
-    let data_start = 8 + n as usize;
-    let end = data_start as u64 + meta.data_len() as u64;
+    let text = read_range(file, 8, 8 + n).await?;
+    let bad = |message: String| weights_error(file, format!("bad safetensors header: {message}"));
+    let raw: HashMap<String, serde_json::Value> = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    let mut tensors = Vec::with_capacity(raw.len());
+    for (name, value) in raw {
+        if name == "__metadata__" {
+            continue;
+        }
+        let t: HeaderTensor = serde_json::from_value(value).map_err(|e| bad(format!("tensor {name}: {e}")))?;
+        let shape = t
+            .shape
+            .iter()
+            .map(|&d| usize::try_from(d))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|_| bad(format!("tensor {name}: shape {:?} is too large", t.shape)))?;
+        tensors.push((name, t.dtype, shape, t.data_offsets));
+    }
+    tensors.sort_by_key(|t| t.3);
+    let mut at = 0u64;
+    for (name, dtype, shape, [s, e]) in &tensors {
+        if *s != at || e < s {
+            return Err(bad(format!(
+                "tensor {name}: data_offsets [{s}, {e}] do not start where the previous tensor ends ({at})"
+            )));
+        }
+        let bytes = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .and_then(|count| count.checked_mul(dtype.bitsize() as u64))
+            .filter(|bits| bits % 8 == 0)
+            .map(|bits| bits / 8);
+        if bytes != Some(e - s) {
+            return Err(bad(format!(
+                "tensor {name}: data_offsets [{s}, {e}] hold {} bytes, not what shape {shape:?} of {dtype:?} takes",
+                e - s
+            )));
+        }
+        at = *e;
+    }
+    let data_start = 8 + n;
+    let end = data_start + at;
     if end > len {
         return Err(weights_error(
             file,
@@ -147,7 +197,7 @@ async fn read_header(file: &WeightFile) -> Result<(usize, Metadata)> {
             ),
         ));
     }
-    Ok((data_start, meta))
+    Ok((data_start, tensors))
 }
 
 impl WeightSet {
@@ -170,9 +220,9 @@ impl WeightSet {
                 None => Ok(()),
             };
             if let FileData::Synthetic(s) = &file.data {
-                let mut at = 0usize;
+                let mut at = 0u64;
                 for (k, t) in s.tensors.iter().enumerate() {
-                    let len = t.bytes() as usize;
+                    let len = t.bytes();
                     let dtype = match t.fill {
                         synthetic::Fill::UniformF32(_) => Dtype::F32,
                         _ => Dtype::BF16,
@@ -190,13 +240,12 @@ impl WeightSet {
                 }
                 continue;
             }
-            let (data_start, meta) = read_header(file).await?;
-            for (name, info) in meta.tensors() {
-                let (s, e) = info.data_offsets;
+            let (data_start, tensors) = read_header(file).await?;
+            for (name, dtype, shape, [s, e]) in tensors {
                 let entry = Entry {
                     file: i,
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
+                    dtype,
+                    shape,
                     start: data_start + s,
                     end: data_start + e,
                     synthetic: None,
@@ -236,7 +285,7 @@ impl WeightSet {
 
     /// Bytes of tensor data in all files.
     pub fn total_bytes(&self) -> u64 {
-        self.entries.values().map(|e| (e.end - e.start) as u64).sum()
+        self.entries.values().map(|e| e.end - e.start).sum()
     }
 
     fn file_names(&self) -> String {
@@ -270,7 +319,7 @@ impl WeightSet {
 
     /// Bytes of tensor data of `name` (0 when absent).
     pub fn byte_len(&self, name: &str) -> u64 {
-        self.entries.get(name).map_or(0, |e| (e.end - e.start) as u64)
+        self.entries.get(name).map_or(0, |e| e.end - e.start)
     }
 
     /// Starts reading these tensors from disk in the background (mapped files; elsewhere nothing), so that
@@ -283,7 +332,7 @@ impl WeightSet {
                 .filter_map(|name| {
                     let e = self.entries.get(name)?;
                     match &self.files[e.file].data {
-                        FileData::Mapped(m) => Some((m.clone(), e.start..e.end)),
+                        FileData::Mapped(m) => Some((m.clone(), e.start as usize..e.end as usize)),
                         _ => None,
                     }
                 })
@@ -377,9 +426,10 @@ impl WeightSet {
             s.fill_rows(k, rows.start, cols, &mut values);
             return Ok(stored(Stored::Values(values), None));
         }
-        let start = e.start + rows.start * cols * width;
-        let end = start + n * width;
-        if e.end - e.start != all_rows * cols * width || end > e.end {
+        let (cols64, width64) = (cols as u64, width as u64);
+        let start = e.start + rows.start as u64 * cols64 * width64;
+        let end = start + n as u64 * width64;
+        if e.end - e.start != all_rows as u64 * cols64 * width64 || end > e.end {
             return Err(weights_error(
                 file,
                 format!(
@@ -392,7 +442,7 @@ impl WeightSet {
         }
         let raw = read_range(file, start, end).await?;
         #[cfg(not(target_arch = "wasm32"))]
-        let release = matches!(file.data, FileData::Mapped(_)).then_some(start..end);
+        let release = matches!(file.data, FileData::Mapped(_)).then_some(start as usize..end as usize);
         #[cfg(target_arch = "wasm32")]
         let release = None;
         Ok(stored(Stored::Bytes(e.dtype, raw), release))
@@ -630,6 +680,33 @@ mod tests {
         long.extend([0u8; 5]);
         let e = open(vec![file("z.safetensors", long)]).err().unwrap().to_string();
         assert!(e.contains("z.safetensors") && e.contains("5 bytes after"), "{e}");
+    }
+
+    #[test]
+    fn header_offsets_must_tile_the_data() {
+        let file_with = |header: &str, data: usize| {
+            let mut text = header.to_string();
+            while !text.len().is_multiple_of(8) {
+                text.push(' ');
+            }
+            let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+            bytes.extend(text.as_bytes());
+            bytes.extend(vec![0u8; data]);
+            file("m.safetensors", bytes)
+        };
+        let gap = r#"{"a":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]},"b":{"dtype":"BF16","shape":[2],"data_offsets":[6,10]}}"#;
+        let e = open(vec![file_with(gap, 10)]).err().unwrap().to_string();
+        assert!(
+            e.contains("m.safetensors") && e.contains("tensor b") && e.contains("previous"),
+            "{e}"
+        );
+        let size = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#;
+        let e = open(vec![file_with(size, 4)]).err().unwrap().to_string();
+        assert!(e.contains("tensor a") && e.contains("[2]"), "{e}");
+        // Offsets past 4 GiB are read as such (a shard larger than wasm32's address space).
+        let far = r#"{"a":{"dtype":"BF16","shape":[3000000000],"data_offsets":[0,6000000000]}}"#;
+        let e = open(vec![file_with(far, 8)]).err().unwrap().to_string();
+        assert!(e.contains("truncated") && e.contains("6000000"), "{e}");
     }
 
     #[test]
