@@ -259,7 +259,12 @@ class UrlSource {
   }
 
   async cached(name) {
-    return this.store ? (await this.store.match(this.url(name))) ?? null : null;
+    if (!this.store) return null;
+    const hit = await this.store.match(this.url(name));
+    if (hit) return hit;
+    // Files too large for a Cache API entry are kept in the origin private file system.
+    const file = await opfsFile(this.url(name));
+    return file ? new Response(file, { headers: { 'content-length': String(file.size) } }) : null;
   }
 
   /** A Response for `name` (cache first), or null when the server says 404 and the file is optional. */
@@ -317,9 +322,10 @@ class UrlSource {
 
   /**
    * The file `name` as a Blob that the engine reads by byte ranges, so it never has to fit in memory: from the
-   * Cache API when an earlier visit stored it; else downloaded as a stream, straight into the Cache API (the
-   * browser keeps it on disk; an interrupted download stores nothing, and the next load starts it again) or,
-   * without a cache, into a Blob (which the browser also moves to disk when it is large).
+   * Cache API (or, for files over 1 GiB, the origin private file system) when an earlier visit stored it;
+   * else downloaded as a stream, straight into that store (the browser keeps it on disk; an interrupted
+   * download stores nothing, and the next load starts it again) or, without a cache, into a Blob (which the
+   * browser also moves to disk when it is large).
    */
   async blob(name, { expected = 0, onBytes = () => {}, signal } = {}) {
     const hit = await this.cached(name);
@@ -346,8 +352,32 @@ class UrlSource {
         },
       }),
     );
-    const short = () =>
-      new Error(`cannot download ${url}: the connection ended after ${seen} of ${length || expected} bytes; load again to restart it`);
+    const short = (cause) =>
+      new Error(
+        `cannot download ${url}: the transfer ended after ${seen} of ${length || expected} bytes` +
+          (cause ? ` (${cause?.message ?? cause})` : '') +
+          '; load again to restart it',
+      );
+    // What a failed attempt to keep the file says: the quota, a short transfer, or the store's own error.
+    const failed = (e) => {
+      if (signal?.aborted) return aborted();
+      if (e?.name === 'QuotaExceededError') {
+        return new Error(
+          `cannot keep ${url} (${(length / 1e9).toFixed(2)} GB) in this site's storage: the browser's quota is full. ` +
+            'Free space (Engine.clearCache()) or load with cache: false',
+        );
+      }
+      return length && seen < length ? short(e) : new Error(`cannot download ${url}: ${e?.message ?? e}`);
+    };
+    if (this.store && (length || expected) > CACHE_ENTRY_MAX && (await opfsDir())) {
+      try {
+        return await opfsStore(url, counted, () => {
+          if (length && seen !== length) throw short();
+        });
+      } catch (e) {
+        throw failed(e);
+      }
+    }
     if (this.store) {
       const headers = { 'content-type': 'application/octet-stream' };
       if (length) headers['content-length'] = String(length);
@@ -355,14 +385,7 @@ class UrlSource {
         await this.store.put(url, new Response(counted, { headers }));
       } catch (e) {
         await this.store.delete(url).catch(() => {});
-        if (signal?.aborted) throw aborted();
-        if (e?.name === 'QuotaExceededError') {
-          throw new Error(
-            `cannot keep ${url} (${(length / 1e9).toFixed(2)} GB) in this site's storage: the browser's quota is full. ` +
-              'Free space (Engine.clearCache()) or load with cache: false',
-          );
-        }
-        throw length && seen < length ? short() : new Error(`cannot download ${url}: ${e?.message ?? e}`);
+        throw failed(e);
       }
       if (length && seen !== length) {
         await this.store.delete(url).catch(() => {});
@@ -410,6 +433,57 @@ class UrlSource {
       this.store = null;
     }
   }
+}
+
+/** Chromium cannot keep a Cache API entry of 2 GiB or more: files over 1 GiB go to the origin private file system. */
+const CACHE_ENTRY_MAX = 2 ** 30;
+
+/** The folder in the origin private file system that holds large downloads, or null where there is none. */
+async function opfsDir({ create = true } = {}) {
+  try {
+    const root = await globalThis.navigator?.storage?.getDirectory?.();
+    return root ? await root.getDirectoryHandle(CACHE_NAME, { create }) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** A file name for a URL in that folder: its SHA-256, then the URL's last part (for whoever looks). */
+async function opfsName(url) {
+  const digest = new Uint8Array(await crypto.subtle.digest('SHA-256', new TextEncoder().encode(url)));
+  const hex = Array.from(digest, (b) => b.toString(16).padStart(2, '0')).join('');
+  return `${hex}-${url.split('/').pop().replace(/[^A-Za-z0-9._-]/g, '_')}`;
+}
+
+/** The complete download of `url` kept in the origin private file system, or null. */
+async function opfsFile(url) {
+  const dir = await opfsDir({ create: false });
+  if (!dir) return null;
+  try {
+    return await (await dir.getFileHandle(await opfsName(url))).getFile();
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Streams `body` into the origin private file system as the download of `url` and returns the stored File.
+ * It is written under a temporary name and renamed once `checkComplete()` accepts it, so an interrupted download leaves nothing
+ * that a later load would take for the file (the next load starts it again).
+ */
+async function opfsStore(url, body, checkComplete) {
+  const dir = await opfsDir();
+  const name = await opfsName(url);
+  const part = await dir.getFileHandle(`${name}.part`, { create: true });
+  try {
+    await body.pipeTo(await part.createWritable());
+    checkComplete();
+    await part.move(name);
+  } catch (e) {
+    await dir.removeEntry(`${name}.part`).catch(() => {});
+    throw e;
+  }
+  return (await dir.getFileHandle(name)).getFile();
 }
 
 /**
@@ -900,8 +974,10 @@ export class Engine {
 
   /** Deletes the downloaded files kept in the Cache API. Resolves to whether there was a cache. */
   static async clearCache() {
-    if (!globalThis.caches) return false;
-    return caches.delete(CACHE_NAME);
+    const root = await globalThis.navigator?.storage?.getDirectory?.().catch(() => null);
+    const large = root ? await root.removeEntry(CACHE_NAME, { recursive: true }).then(() => true, () => false) : false;
+    if (!globalThis.caches) return large;
+    return (await caches.delete(CACHE_NAME)) || large;
   }
 
   /** The model's name (its folder's name, or the preset's). */

@@ -3,11 +3,14 @@
 // and MB/s, and the size of the page's wasm memory once loaded (it only grows, so this is its peak).
 //
 //   node web/tests/bench.mjs [--preset v3-mini|v2-lite-mini] [--prompt-tokens N] [--gen-tokens N] [--weights f32|f16|q8|q4]
-//   node web/tests/bench.mjs --model DIR --weights q4   # DIR served over HTTP on a port of its own, streamed
-//                                                       # through the Cache API as Engine.load({model: url}) does
+//   node web/tests/bench.mjs --model DIR --weights q4 [--no-cache]   # DIR served over HTTP on a port of its
+//       own and loaded as Engine.load({model: url}) does, in a fresh on-disk profile (--no-cache: downloaded
+//       into a Blob, not kept)
 //
 // Chromium runs WebGPU on SwiftShader (the CPU) unless CHROMIUM_ARGS replaces the flags, e.g. on a machine
 // with a GPU: CHROMIUM_ARGS="--enable-unsafe-webgpu --enable-features=Vulkan --headless=new --no-sandbox".
+import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { launch, requirePkg, serve, watch } from './helpers.mjs';
@@ -16,6 +19,7 @@ const { values: opts } = parseArgs({
   options: {
     preset: { type: 'string', default: 'v3-mini' },
     model: { type: 'string' },
+    'no-cache': { type: 'boolean', default: false },
     'prompt-tokens': { type: 'string', default: '32' },
     'gen-tokens': { type: 'string', default: '8' },
     weights: { type: 'string', default: 'f32' },
@@ -27,19 +31,21 @@ requirePkg();
 const server = await serve();
 const models = opts.model ? await serve(path.resolve(opts.model)) : null;
 const args = process.env.CHROMIUM_ARGS ? process.env.CHROMIUM_ARGS.split(/\s+/).filter(Boolean) : undefined;
-const browser = await launch({ args });
+// A model from disk is kept (OPFS, Cache API) in a profile of its own on disk, with the disk's quota.
+const profile = opts.model ? fs.mkdtempSync(path.join(os.tmpdir(), 'moela-bench-')) : undefined;
+const browser = await launch({ args, profile });
 try {
   const page = watch(await browser.newPage());
   page.setDefaultTimeout(Number(opts.timeout) * 1000);
   await page.goto(`${server.url}web/tests/harness.html`);
   await page.waitForFunction(() => window.moela !== undefined);
   const result = await page.evaluate(
-    async ({ preset, model, promptTokens, genTokens, weights }) => {
+    async ({ preset, model, cache, promptTokens, genTokens, weights }) => {
       const { Engine, checkWebGPU, wasmMemoryBytes } = window.moela;
       const adapter = await checkWebGPU();
       const t0 = performance.now();
       const engine = model
-        ? await Engine.load({ model, weights })
+        ? await Engine.load({ model, weights, cache })
         : await Engine.loadPreset(preset, { seed: 0, weights });
       const loadSeconds = (performance.now() - t0) / 1000;
       const wasmMemory = wasmMemoryBytes();
@@ -69,6 +75,7 @@ try {
     {
       preset: opts.preset,
       model: models?.url ?? null,
+      cache: !opts['no-cache'],
       promptTokens: Number(opts['prompt-tokens']),
       genTokens: Number(opts['gen-tokens']),
       weights: opts.weights,
@@ -79,4 +86,5 @@ try {
   await browser.close();
   await server.close();
   await models?.close();
+  if (profile) fs.rmSync(profile, { recursive: true, force: true });
 }

@@ -74,18 +74,21 @@ export function requirePkg() {
 }
 
 /** Launches Chromium (holding the lock until close). `browser.close()` releases it. */
-export async function launch({ webgpu = true, args } = {}) {
+export async function launch({ webgpu = true, args, profile } = {}) {
   if (!fs.existsSync(CHROMIUM)) {
     throw new Error(`${CHROMIUM} is missing: install Debian's chromium (apt-get install chromium) or set CHROMIUM_PATH`);
   }
   const unlock = await lock();
   let browser;
   try {
-    browser = await chromium.launch({
+    const options = {
       executablePath: CHROMIUM,
       args: args ?? (webgpu ? WEBGPU_ARGS : NO_WEBGPU_ARGS),
       timeout: 60_000,
-    });
+    };
+    // A profile folder gives the pages on-disk storage (OPFS, Cache API) with the disk's quota; without one,
+    // Playwright's pages keep their storage in memory under a small quota.
+    browser = profile ? await chromium.launchPersistentContext(profile, options) : await chromium.launch(options);
   } catch (e) {
     unlock();
     throw e;
