@@ -167,8 +167,8 @@ struct InfoArgs {
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// A random-weight model in the shape of a real checkpoint instead of --model
-    /// (v2-lite-mini, v3-mini).
+    /// A random-weight model in the shape of a real checkpoint instead of --model: v2-lite (DeepSeek-V2-Lite
+    /// at full size, made as it loads), v3-layer (one V3 layer at full width), v2-lite-mini, v3-mini.
     #[arg(long, conflicts_with = "model")]
     preset: Option<String>,
     /// Prompt tokens to prefill.

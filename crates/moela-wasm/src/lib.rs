@@ -219,7 +219,8 @@ impl WasmEngine {
         to_js(&moela::ModelInfo::new(&config, dtype))
     }
 
-    /// A random-weight model in the shape of a real checkpoint (`v2-lite-mini`, `v3-mini`), for benchmarks.
+    /// A random-weight model in the shape of a real checkpoint (`v2-lite-mini`, `v3-mini`; `v2-lite` and
+    /// `v3-layer` at full size where the device holds them), for benchmarks.
     #[wasm_bindgen(js_name = loadPreset)]
     pub async fn load_preset(name: String, seed: u64, options: JsValue) -> Result<WasmEngine, JsError> {
         let opts = load_opts(options)?;
