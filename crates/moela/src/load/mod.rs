@@ -547,7 +547,7 @@ impl Rows<'_> {
     /// Finiteness is read off the bits: the largest magnitude's bit pattern (sign cleared) is below the
     /// format's infinity exactly when every value is finite, and integer maxima vectorise where float ones
     /// (with their NaN rules) do not.
-    #[inline]
+    #[inline(always)]
     pub fn read(&self, at: usize, out: &mut [f32]) -> bool {
         let n = out.len();
         match self {

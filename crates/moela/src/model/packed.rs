@@ -372,9 +372,7 @@ fn pack_block_rows(
     scales: &mut [u16],
 ) -> bool {
     let q8 = format == WeightDtype::Q8;
-    let qmax = if q8 { 127.0f32 } else { 7.0 };
-    let per_word = if q8 { 4 } else { 8 };
-    let word_rows = BLOCK / per_word;
+    let word_rows = if q8 { BLOCK / 4 } else { BLOCK / 8 };
     let blocks = k.div_ceil(BLOCK);
     // Each task's columns of every word row and scale row: disjoint slices, so the tasks write in parallel.
     let tasks = n.div_ceil(TASK_ROWS);
@@ -395,32 +393,71 @@ fn pack_block_rows(
     let finite = std::sync::atomic::AtomicBool::new(true);
     for_chunks(&mut columns, 1, |t, task| {
         let (out, scale_rows) = &mut task[0];
-        let mut values = vec![0f32; blocks * BLOCK]; // the padding stays zero
-        let (mut scaled, mut s16, mut s) = (vec![0f32; blocks], vec![f16::ZERO; blocks], vec![0f32; blocks]);
-        let mut codes = [0i32; BLOCK];
-        let mut ok = true;
-        for (jj, &(part, row)) in rows[t * TASK_ROWS..].iter().take(TASK_ROWS).enumerate() {
-            ok &= part.read(row, &mut values[..k]);
-            for (m, block) in scaled.iter_mut().zip(values.chunks_exact(BLOCK)) {
-                *m = block_max(block.try_into().expect("a block")) / qmax;
+        let rows = &rows[t * TASK_ROWS..(t * TASK_ROWS + TASK_ROWS).min(n)];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            if !unsafe { pack_task_avx2(out, scale_rows, rows, k, q8) } {
+                finite.store(false, std::sync::atomic::Ordering::Relaxed);
             }
-            // Every scale of the row rounded through f16 in one call (vectorised where the CPU has F16C).
-            s16.convert_from_f32_slice(&scaled);
-            s16.convert_to_f32_slice(&mut s);
-            for (b, block) in values.chunks_exact(BLOCK).enumerate() {
-                scale_rows[b][jj] = s16[b].to_bits();
-                quantise_scaled(block.try_into().expect("a block"), s[b], qmax, &mut codes);
-                let packed = pack_codes(&codes, q8);
-                for (g, w) in packed[..word_rows].iter().enumerate() {
-                    out[b * word_rows + g][jj] = *w;
-                }
-            }
+            return;
         }
-        if !ok {
+        if !pack_task(out, scale_rows, rows, k, q8) {
             finite.store(false, std::sync::atomic::Ordering::Relaxed);
         }
     });
     finite.into_inner()
+}
+
+/// [`pack_task`] compiled for AVX2: eight lanes where the portable build has four, in the loader's hottest
+/// loop (chosen at run time, so the binary still runs on any x86-64).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn pack_task_avx2(
+    out: &mut [&mut [u32]],
+    scale_rows: &mut [&mut [u16]],
+    rows: &[(Rows<'_>, usize)],
+    k: usize,
+    q8: bool,
+) -> bool {
+    pack_task(out, scale_rows, rows, k, q8)
+}
+
+/// One task of [`pack_block_rows`]: outputs `rows` (their HF rows), into column `jj` of every word row and
+/// scale row for the `jj`-th of them. Returns false when a value is not finite.
+#[inline(always)]
+fn pack_task(
+    out: &mut [&mut [u32]],
+    scale_rows: &mut [&mut [u16]],
+    rows: &[(Rows<'_>, usize)],
+    k: usize,
+    q8: bool,
+) -> bool {
+    let qmax = if q8 { 127.0f32 } else { 7.0 };
+    let word_rows = if q8 { BLOCK / 4 } else { BLOCK / 8 };
+    let blocks = scale_rows.len();
+    let mut values = vec![0f32; blocks * BLOCK]; // the padding stays zero
+    let (mut scaled, mut s16, mut s) = (vec![0f32; blocks], vec![f16::ZERO; blocks], vec![0f32; blocks]);
+    let mut codes = [0i32; BLOCK];
+    let mut ok = true;
+    for (jj, &(part, row)) in rows.iter().enumerate() {
+        ok &= part.read(row, &mut values[..k]);
+        for (m, block) in scaled.iter_mut().zip(values.chunks_exact(BLOCK)) {
+            *m = block_max(block.try_into().expect("a block")) / qmax;
+        }
+        // Every scale of the row rounded through f16 in one call (vectorised where the CPU has F16C).
+        s16.convert_from_f32_slice(&scaled);
+        s16.convert_to_f32_slice(&mut s);
+        for (b, block) in values.chunks_exact(BLOCK).enumerate() {
+            scale_rows[b][jj] = s16[b].to_bits();
+            quantise_scaled(block.try_into().expect("a block"), s[b], qmax, &mut codes);
+            let packed = pack_codes(&codes, q8);
+            for (g, w) in packed[..word_rows].iter().enumerate() {
+                out[b * word_rows + g][jj] = *w;
+            }
+        }
+    }
+    ok
 }
 
 /// A block's codes as words: four signed bytes (q8: eight words) or eight nibbles `q + 8` (q4: four words
@@ -547,6 +584,39 @@ fn f16_bits_to_f32(h: Tensor<1, Int>) -> Tensor<1> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_packer_quantises_as_the_block_quantiser_does() {
+        // The packer runs in a build for the CPU's vector width (AVX2 where there is one); the embedding's
+        // block quantiser in the portable build: the same scales and codes either way, padding included.
+        let (n, k) = (12, 100);
+        let rows: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-3).collect();
+        for format in [WeightDtype::Q8, WeightDtype::Q4] {
+            let q8 = format == WeightDtype::Q8;
+            let word_rows = if q8 { BLOCK / 4 } else { BLOCK / 8 };
+            let mut host = PackedHost::new(format, [1, k, n]);
+            host.push_rows(&rows);
+            for j in 0..n {
+                for b in 0..k.div_ceil(BLOCK) {
+                    let block = &rows[j * k + b * BLOCK..(j * k + (b + 1) * BLOCK).min((j + 1) * k)];
+                    let mut codes = [0; BLOCK];
+                    assert_eq!(
+                        host.scales[b * n + j],
+                        quantise_block(block, q8, &mut codes),
+                        "{format:?} scale"
+                    );
+                    let words = pack_codes(&codes, q8);
+                    for (g, word) in words[..word_rows].iter().enumerate() {
+                        assert_eq!(
+                            host.words[(b * word_rows + g) * n + j],
+                            *word,
+                            "{format:?} ({j}, {b}, {g})"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     /// The CPU device where the crate has it (the workspace build), else the GPU.
     fn cpu() -> Device {
