@@ -328,6 +328,12 @@ class UrlSource {
    * browser also moves to disk when it is large).
    */
   async blob(name, { expected = 0, onBytes = () => {}, signal } = {}) {
+    // A large file kept in the origin private file system is its own File (read by ranges, never copied).
+    const kept = this.store ? await opfsFile(this.url(name)) : null;
+    if (kept) {
+      onBytes(kept.size);
+      return kept;
+    }
     const hit = await this.cached(name);
     if (hit) {
       const blob = await hit.blob();
