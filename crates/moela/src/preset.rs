@@ -34,7 +34,8 @@ pub const PRESETS: &[(&str, &str)] = &[
     ),
 ];
 
-fn preset_config(name: &str) -> Result<String> {
+/// The config.json of preset `name` (one of [`PRESETS`]): for `v2-lite` and `v3-layer`, the published model's.
+pub fn preset_config(name: &str) -> Result<String> {
     let json = match name {
         "v2-lite" => serde_json::json!({
             "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",

@@ -12,22 +12,27 @@ use moela::load::{FileData, WeightFile};
 use moela::model::transformer::tensor_shapes;
 use moela::{CheckpointFiles, Engine, LoadOptions, ModelConfig, WeightDtype};
 
-const CONFIG: &str = r#"{
-    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
-    "vocab_size": 4096, "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
-    "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 16,
-    "n_shared_experts": 2, "n_routed_experts": 8, "num_experts_per_tok": 2, "routed_scaling_factor": 1.0,
-    "kv_lora_rank": 512, "q_lora_rank": null, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
-    "topk_method": "greedy", "n_group": 1, "topk_group": 1, "norm_topk_prob": false, "scoring_func": "softmax",
-    "first_k_dense_replace": 1, "moe_layer_freq": 1, "hidden_act": "silu", "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-6, "rope_theta": 10000, "bos_token_id": 0, "eos_token_id": 1,
-    "tie_word_embeddings": false, "torch_dtype": "bfloat16"
-}"#;
+/// DeepSeek-V2-Lite's published config.json (the `v2-lite` preset's) with 2 layers, 8 of its 64 routed experts
+/// (top-2) and a 4096-token vocabulary: every width is the real one.
+fn checkpoint_config() -> String {
+    let mut c: serde_json::Value = serde_json::from_str(&moela::preset::preset_config("v2-lite").unwrap()).unwrap();
+    for (key, value) in [
+        ("num_hidden_layers", 2),
+        ("n_routed_experts", 8),
+        ("num_experts_per_tok", 2),
+        ("vocab_size", 4096),
+        ("bos_token_id", 0),
+        ("eos_token_id", 1),
+    ] {
+        c[key] = value.into();
+    }
+    c.to_string()
+}
 
 /// Writes the checkpoint tensor by tensor (never whole in memory): bf16 values from a seeded generator
 /// (`load::synthetic`, read back as f32 rows and rounded). Returns the file's path and size.
 fn write_checkpoint(dir: &Path) -> (PathBuf, u64) {
-    let config = ModelConfig::from_json_bytes(CONFIG.as_bytes(), "config.json").unwrap();
+    let config = ModelConfig::from_json_bytes(checkpoint_config().as_bytes(), "config.json").unwrap();
     let mut shapes = tensor_shapes(&config);
     shapes.sort();
     let amp = 0.02 * 3f32.sqrt();
@@ -81,7 +86,7 @@ fn write_checkpoint(dir: &Path) -> (PathBuf, u64) {
     }
     file.flush().unwrap();
     drop(file);
-    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
+    std::fs::write(dir.join("config.json"), checkpoint_config()).unwrap();
     (path, 8 + text.len() as u64 + offset)
 }
 
@@ -141,7 +146,7 @@ fn a_real_width_checkpoint_loads_within_its_memory_budget_and_matches_the_bytes_
 
     let bytes = std::fs::read(&path).unwrap();
     let in_memory = CheckpointFiles {
-        config: CONFIG.as_bytes().to_vec(),
+        config: checkpoint_config().into_bytes(),
         tokenizer: None,
         tokenizer_config: None,
         weights: vec![WeightFile::from_bytes("model.safetensors", bytes)],
