@@ -1,4 +1,4 @@
-// Products with f16 weights packed in pairs in u32 words (model/packed.rs has the layout), unpacked with
+// Products with f16 weights packed in pairs in u32 words (gpu/packed.rs has the layout), unpacked with
 // unpack2x16float: half the bytes of f32 on any adapter, with no shader-f16 needed. f32 accumulation.
 // Same entry points and work split as matvec_q8.wgsl (matvec with {{R}} lines repeated per row of x,
 // gathered for MoE decode, grouped for MoE prefill, dequant for burn's ops); each invocation owns four adjacent columns and

@@ -1,5 +1,5 @@
-// Products with f16 weights read from a texture (native adapters; kernels/texture.rs): the words of
-// model/packed.rs's f16 layout ([K, N/2] words, a word holding columns 2j and 2j + 1 of row k) as 16-byte
+// Products with f16 weights read from a texture (native adapters; gpu/texture.rs): the words of
+// gpu/packed.rs's f16 layout ([K, N/2] words, a word holding columns 2j and 2j + 1 of row k) as 16-byte
 // texels, one texel holding eight adjacent columns of one row. Same entry points and bindings as
 // matvec_f16.wgsl; each invocation owns one texel column (eight outputs, two vec4 accumulators per row of
 // x), or two adjacent ones in a prompt's matvec / grouped launches where N/8 is even ({{P}} in this
@@ -37,7 +37,7 @@ fn xs(i: u32) -> f32 {
 }
 
 // Texel (k, c) of matrix e, as its eight f16 values: columns 8c..8c+4 and 8c+4..8c+8 of row k. A row-order
-// texture holds a matrix's texels as [K, N/8]; a column-order one (CPU adapters, kernels/texture.rs) as
+// texture holds a matrix's texels as [K, N/8]; a column-order one (CPU adapters, gpu/texture.rs) as
 // [N/8, K], each column contiguous along K, so an invocation reads one sequential stream ({{COLS}}).
 fn texel(e: u32, k: u32, c: u32) -> mat2x4<f32> {
     let n8 = shape.n4 / 2u;

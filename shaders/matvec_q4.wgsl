@@ -1,4 +1,4 @@
-// Products with 4-bit block-quantised weights (model/packed.rs has the layout): w[k, n] = (code - 8) * scale,
+// Products with 4-bit block-quantised weights (gpu/packed.rs has the layout): w[k, n] = (code - 8) * scale,
 // code a nibble, one f16 scale per block of 32 consecutive k of a column. Same entry points, bindings and
 // work split as matvec_q8.wgsl (SwiGLU variants and the grouped entry included); here one word holds eight rows of a column, so
 // a word group is 8 k and takes two vec4 of x.
@@ -11,7 +11,7 @@
 @group(0) @binding(0) var<storage, read_write> x: array<vec4<f32>>; {{XS}}
 @group(0) @binding(0) var<uniform> x: array<vec4<f32>, 4096>; {{XU}}
 // The words: a storage buffer, or (native) an rgba32uint texture of 4096-texel rows, array layers past the
-// adapter's height (kernels/texture.rs). The launcher keeps the {{BUF}} or the {{TEX}} lines.
+// adapter's height (gpu/texture.rs). The launcher keeps the {{BUF}} or the {{TEX}} lines.
 @group(0) @binding(1) var<storage, read_write> w: array<vec4<u32>>; {{BUF}}
 @group(0) @binding(1) var w: texture_2d_array<u32>; {{TEX}}
 @group(0) @binding(2) var<storage, read_write> s: array<vec2<u32>>;
@@ -41,7 +41,7 @@ fn xs(row: u32, g: u32) -> vec4<f32> {
 }
 
 // Texel (g, c) of matrix e: word group g (eight k), texel column c (four outputs). A buffer and a row-order
-// texture hold a matrix's texels as [k8, n4]; a column-order texture (CPU adapters, kernels/texture.rs)
+// texture hold a matrix's texels as [k8, n4]; a column-order texture (CPU adapters, gpu/texture.rs)
 // as [n4, k8], each column contiguous along K, so an invocation reads one sequential stream ({{COLS}}).
 fn word(e: u32, g: u32, c: u32) -> vec4<u32> {
     let k8 = shape.blocks * GROUPS;

@@ -1,4 +1,4 @@
-// Products with 8-bit block-quantised weights (model/packed.rs has the layout): w[k, n] = q * scale, q a
+// Products with 8-bit block-quantised weights (gpu/packed.rs has the layout): w[k, n] = q * scale, q a
 // signed byte, one f16 scale per block of 32 consecutive k of a column. Unpacked in registers, accumulated
 // in f32; the words are plain u32, so no shader-f16 or integer-dot extension is needed.
 //
@@ -33,7 +33,7 @@
 @group(0) @binding(0) var<storage, read_write> x: array<vec4<f32>>; {{XS}}
 @group(0) @binding(0) var<uniform> x: array<vec4<f32>, 4096>; {{XU}}
 // The words: a storage buffer, or (native) an rgba32uint texture of 4096-texel rows, array layers past the
-// adapter's height (kernels/texture.rs). The launcher keeps the {{BUF}} or the {{TEX}} lines.
+// adapter's height (gpu/texture.rs). The launcher keeps the {{BUF}} or the {{TEX}} lines.
 @group(0) @binding(1) var<storage, read_write> w: array<vec4<u32>>; {{BUF}}
 @group(0) @binding(1) var w: texture_2d_array<u32>; {{TEX}}
 @group(0) @binding(2) var<storage, read_write> s: array<vec2<u32>>;
@@ -63,7 +63,7 @@ fn xs(row: u32, g: u32) -> vec4<f32> {
 }
 
 // Texel (g, c) of matrix e: word group g (four k), texel column c (four outputs). A buffer and a row-order
-// texture hold a matrix's texels as [k4, n4]; a column-order texture (CPU adapters, kernels/texture.rs)
+// texture hold a matrix's texels as [k4, n4]; a column-order texture (CPU adapters, gpu/texture.rs)
 // as [n4, k4], each column contiguous along K, so an invocation reads one sequential stream ({{COLS}}).
 fn word(e: u32, g: u32, c: u32) -> vec4<u32> {
     let k4 = shape.blocks * GROUPS;

@@ -23,7 +23,7 @@ struct Shape {
 @group(0) @binding(3) var<uniform> shape: Shape;
 
 // Values 4 v4 .. 4 v4 + 4 of row r of head h's W_UV^T. A buffer and a row-order texture hold a head's texels
-// as [rank, dv / 4]; a column-order texture (CPU adapters, kernels/texture.rs) as [dv / 4, rank], each
+// as [rank, dv / 4]; a column-order texture (CPU adapters, gpu/texture.rs) as [dv / 4, rank], each
 // column contiguous along r ({{COLS}}).
 fn uv(h: u32, r: u32, v4: u32) -> vec4<f32> {
     let v4n = shape.dv / 4u;

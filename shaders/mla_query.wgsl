@@ -1,4 +1,4 @@
-// MLA decode, step 1 of 3 (deepseek-architecture.md §3.4): the absorbed queries and this step's cache rows.
+// MLA decode, step 1 of 3 (docs/architecture.md §3.4): the absorbed queries and this step's cache rows.
 //
 // Workgroup (h, t) for a head h < heads: the rope half of token t's query for head h is rotated, and its
 // no-rope half is moved into latent space with the absorbed key up-projection, q~[r] = sum_d q[d] W_UK[h, d, r].
@@ -49,7 +49,7 @@ fn qs(i: u32) -> f32 {
 }
 
 // Latent values 4 r4 .. 4 r4 + 4 of row d of head h's W_UK. A buffer and a row-order texture hold a head's
-// texels as [nope, rank / 4]; a column-order texture (CPU adapters, kernels/texture.rs) as [rank / 4, nope],
+// texels as [nope, rank / 4]; a column-order texture (CPU adapters, gpu/texture.rs) as [rank / 4, nope],
 // each column contiguous along d ({{COLS}}).
 fn uk(h: u32, d: u32, r4: u32) -> vec4<f32> {
     let r4n = shape.rank / 4u;

@@ -1,4 +1,4 @@
-// The MoE router's selection on the GPU (deepseek-architecture.md §4), one workgroup per token: the router
+// The MoE router's selection on the GPU (docs/architecture.md §4), one workgroup per token: the router
 // logits (lines tagged {{GATE}}: x times the router weight, written to `logits`; otherwise `logits` holds
 // them already), scores (softmax or sigmoid of the logits), the choice scores (plus the correction bias, lines tagged
 // {{BIAS}}: noaux_tc), the group limit (groups ranked by their best score, or by the sum of their best two

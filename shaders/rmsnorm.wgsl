@@ -1,4 +1,4 @@
-// RMSNorm over each row (deepseek-architecture.md §2): out = gain * (x / sqrt(mean(x^2) + eps)), one
+// RMSNorm over each row (docs/architecture.md §2): out = gain * (x / sqrt(mean(x^2) + eps)), one
 // workgroup per row. The residual variant (lines tagged {{ADD}}) first adds the previous block's output to
 // the residual stream: sum = x + delta is written out and normalised, so the add and the norm are one
 // launch. The MoE variant (also {{MOE}}) mixes that output here too: the sum over the K slots of

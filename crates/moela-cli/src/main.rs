@@ -7,12 +7,12 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use moela::bench::bench;
-use moela::preset::{PRESETS, preset_files};
 use moela::{
     CheckpointFiles, Engine, Event, GenerateOptions, Kernels, LoadOptions, Message, Progress, SamplingOptions,
     SessionOptions, Stats, WeightDtype,
 };
+use moela_tools::bench::bench;
+use moela_tools::preset::{PRESETS, preset_files};
 
 /// The model used when `--model` is not given: the checkpoint folder shipped with moela.
 const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/moela-arith-tiny");
@@ -431,7 +431,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let engine = load(&a.model)?;
     let tty = std::io::stderr().is_terminal();
-    let report = moela::arith::evaluate(&engine, a.problems, a.max_tokens, &mut |split, done, total| {
+    let report = moela_tools::arith::evaluate(&engine, a.problems, a.max_tokens, &mut |split, done, total| {
         if tty {
             eprint!("\r{split}: {done}/{total}   ");
             if done == total {
@@ -591,7 +591,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 m.weights_and_cache_bytes as f64 / (1 << 20) as f64
             );
         }
-        let by_kernel = |title: &str, list: &[moela::kernels::KernelStat]| {
+        let by_kernel = |title: &str, list: &[moela::gpu::KernelStat]| {
             println!("{title}");
             for k in list.iter().take(16) {
                 println!(

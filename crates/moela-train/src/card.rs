@@ -1,7 +1,7 @@
 //! The model card (`README.md` of the model folder), written from the measured training summary.
 
 use moela::ModelInfo;
-use moela::arith::Report;
+use moela_tools::arith::Report;
 
 fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
@@ -37,7 +37,7 @@ pub fn model_card(
         "| split | problems | accuracy after SFT | accuracy after GRPO | format after SFT | format after GRPO |\n\
          |---|---|---|---|---|---|\n",
     );
-    for split in moela::arith::SPLITS {
+    for split in moela_tools::arith::SPLITS {
         table.push_str(&row(split.name, sft, fin));
     }
     format!(

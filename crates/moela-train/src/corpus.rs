@@ -4,8 +4,8 @@
 use std::collections::HashSet;
 
 use anyhow::{Context, Result};
-use moela::arith::{self, Kind, Op, Problem};
 use moela::{Message, Tokenizer};
+use moela_tools::arith::{self, Kind, Op, Problem};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokenizers::models::TrainerWrapper;

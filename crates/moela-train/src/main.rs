@@ -1,6 +1,6 @@
 //! `moela-train`: trains moela's embedded default model from nothing but a seed.
 //!
-//! 1. generates arithmetic problems with worked solutions (`moela::arith`), holding out the evaluation sets;
+//! 1. generates arithmetic problems with worked solutions (`moela_tools::arith`), holding out the evaluation sets;
 //! 2. trains a byte-level BPE tokenizer on them (R1's special tokens, R1-style chat template);
 //! 3. initialises a tiny DeepSeek-V3 (MLA + DeepSeekMoE) and trains it with burn's autodiff on the engine's
 //!    own model definition: SFT, then GRPO with rule-based rewards and a KL penalty to the SFT model, while
@@ -18,8 +18,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use burn::tensor::Device;
 use clap::Parser;
-use moela::arith::{self, Report};
 use moela::{CheckpointFiles, Engine, LoadOptions, ModelInfo, Tokenizer};
+use moela_tools::arith::{self, Report};
 
 use crate::corpus::ProblemStream;
 use crate::train::Settings;
@@ -134,7 +134,7 @@ fn main() -> Result<()> {
             let vocab = tok.vocab_size().div_ceil(64) * 64;
             log::info!("tokenizer: {} tokens (vocab_size {vocab})", tok.vocab_size());
             let config = serde_json::to_string_pretty(&train::model_config(vocab, bos, eos))?;
-            let mut base = moela::preset::random_files(config, args.seed, 0.02)?;
+            let mut base = moela_tools::preset::random_files(config, args.seed, 0.02)?;
             base.tokenizer = Some(tokenizer_json.into_bytes());
             base.tokenizer_config = Some(tokenizer_config.into_bytes());
 

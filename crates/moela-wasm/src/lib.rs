@@ -9,8 +9,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use js_sys::{Array, Float32Array, Function, Promise, Reflect, Uint8Array};
-use moela::bench::bench;
-use moela::preset::preset_files;
+use moela_tools::bench::bench;
+use moela_tools::preset::preset_files;
 use moela::{
     CheckpointFiles, Engine, Event, GenerateOptions, LoadOptions, Message, ModelConfig, Progress, SamplingOptions,
     Session, SessionOptions, Tokenizer, WeightDtype, WeightFile,

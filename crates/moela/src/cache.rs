@@ -1,4 +1,4 @@
-//! The latent KV cache (`deepseek-architecture.md` §3.4): per layer, per token, the normalised latent `c'`
+//! The latent KV cache (`docs/architecture.md` §3.4): per layer, per token, the normalised latent `c'`
 //! (r_kv values) and the roped shared key `k_pe` (d_r values), preallocated for the session's context and
 //! written in place.
 

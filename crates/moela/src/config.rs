@@ -1,7 +1,7 @@
 //! HF `config.json` -> [`ModelConfig`], validated.
 //!
 //! Both DeepSeek-V2 (`deepseek_v2`) and DeepSeek-V3 (`deepseek_v3`) configs are read, with the class
-//! defaults of each type for missing keys (`deepseek-architecture.md` §1.2) and both spellings of the
+//! defaults of each type for missing keys (`docs/architecture.md` §1.2) and both spellings of the
 //! rope settings (`rope_theta` + `rope_scaling`, or the newer `rope_parameters`).
 
 use serde_json::{Map, Value};
@@ -26,7 +26,7 @@ pub enum ScoringFunc {
     Sigmoid,
 }
 
-/// How the router picks experts (`topk_method`), `deepseek-architecture.md` §4.
+/// How the router picks experts (`topk_method`), `docs/architecture.md` §4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TopkMethod {
@@ -49,7 +49,7 @@ impl TopkMethod {
     }
 }
 
-/// YaRN context extension (`rope_scaling.type == "yarn"`), `deepseek-architecture.md` §3.3.
+/// YaRN context extension (`rope_scaling.type == "yarn"`), `docs/architecture.md` §3.3.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Yarn {
     /// `factor`: the context extension ratio s.
@@ -259,7 +259,7 @@ impl ModelConfig {
         };
         let v3 = arch == Arch::V3;
 
-        // Class defaults differ per type (deepseek-architecture.md §1.2).
+        // Class defaults differ per type (docs/architecture.md §1.2).
         let hidden_size = f.usize_or("hidden_size", if v3 { 7168 } else { 4096 })?;
         let num_attention_heads = f.usize_or("num_attention_heads", if v3 { 128 } else { 32 })?;
         let q_lora_rank = if map.contains_key("q_lora_rank") {
@@ -643,7 +643,7 @@ mod tests {
         assert_eq!(c.arch, Arch::V2);
         assert_eq!(c.q_lora_rank, None);
         assert_eq!(c.latent_width(), 576);
-        // deepseek-architecture.md §3.3: V2-Lite 0.114721.
+        // docs/architecture.md §3.3: V2-Lite 0.114721.
         assert!((c.softmax_scale() - 0.114721).abs() < 1e-5, "{}", c.softmax_scale());
         let (freqs, amp) = c.rope_frequencies();
         assert_eq!(freqs.len(), 32);

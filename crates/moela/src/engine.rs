@@ -1,9 +1,8 @@
 //! The engine: a loaded model, its tokenizer and device. Front ends create one [`Engine`] and open
-//! [`Session`](crate::generate::Session)s on it.
+//! sessions on it ([`Engine::session`]).
 
 #[cfg(not(target_arch = "wasm32"))]
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
 
 use burn::tensor::Device;
 
@@ -11,11 +10,11 @@ use crate::cache::LatentCache;
 use crate::chat::Tokenizer;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::generate::{Session, SessionOptions};
+use crate::gpu::Kernels;
+use crate::gpu::WeightDtype;
+use crate::gpu::device::{default_device, is_default_device};
 use crate::info::ModelInfo;
-use crate::kernels::Kernels;
 use crate::load::{CheckpointFiles, Progress, WeightSet};
-use crate::model::WeightDtype;
 use crate::model::transformer::{LogitsFor, Transformer};
 
 /// How to load a model.
@@ -25,72 +24,6 @@ pub struct LoadOptions {
     pub dtype: WeightDtype,
     /// moela's WGSL kernels (the default) or burn's generic ops for the hot paths.
     pub kernels: Kernels,
-}
-
-static DEVICE: OnceLock<std::result::Result<Device, String>> = OnceLock::new();
-
-fn wgpu_options() -> burn::tensor::wgpu::WgpuOptions {
-    let options = Device::wgpu_options();
-    // On Linux only Vulkan is usable; asking for it alone also skips probing GL/EGL displays.
-    #[cfg(target_os = "linux")]
-    let options = options.graphics_api(burn::tensor::wgpu::WgpuBackend::Vulkan);
-    options
-}
-
-fn no_adapter(e: impl std::fmt::Display) -> String {
-    if cfg!(target_arch = "wasm32") {
-        format!(
-            "no WebGPU adapter ({e}). moela needs a browser with WebGPU enabled: Chrome or Edge 113+, \
-             Safari 26+, or Firefox 141+ (on Linux, Chrome needs --enable-unsafe-webgpu)"
-        )
-    } else {
-        format!(
-            "no usable GPU adapter ({e}). moela needs Vulkan, Metal or DX12; on Linux without a GPU \
-             install Mesa's lavapipe (Debian/Ubuntu: apt-get install mesa-vulkan-drivers)"
-        )
-    }
-}
-
-/// The process's one wgpu device, created on first use with the adapter's own limits and features.
-///
-/// Blocks while the adapter is requested: in a browser use [`default_device_async`].
-#[cfg(not(target_arch = "wasm32"))]
-pub fn default_device() -> Result<Device> {
-    DEVICE
-        .get_or_init(|| {
-            let (device, setup) = wgpu_options().init_with_setup().map_err(no_adapter)?;
-            let cpu = setup.adapter.get_info().device_type == burn::tensor::wgpu::wgpu::DeviceType::Cpu;
-            crate::kernels::texture::register(setup.device, setup.queue, cpu);
-            Ok(device)
-        })
-        .clone()
-        .map_err(Error::Device)
-}
-
-/// Whether `device` is the one [`default_device`] (or [`default_device_async`]) created.
-pub fn is_default_device(device: &Device) -> bool {
-    matches!(DEVICE.get(), Some(Ok(d)) if d == device)
-}
-
-/// [`default_device`] without blocking, as browsers require.
-pub async fn default_device_async() -> Result<Device> {
-    if let Some(d) = DEVICE.get() {
-        return d.clone().map_err(Error::Device);
-    }
-    let created = wgpu_options().init_async().await.map_err(no_adapter);
-    let _ = DEVICE.set(created);
-    DEVICE
-        .get()
-        .cloned()
-        .unwrap_or_else(|| Err("device initialisation raced".into()))
-        .map_err(Error::Device)
-}
-
-/// burn's CPU backend as a device (feature `cpu`): no GPU needed, and for tiny models faster than a software
-/// Vulkan driver, since every operation runs directly instead of as a shader dispatch.
-#[cfg(feature = "cpu")]
-pub fn cpu_device() -> Device {
-    Device::flex()
 }
 
 /// How a load went.
@@ -115,7 +48,7 @@ impl LoadReport {
 /// through wgpu; there an allocation that fails is reported by the device.)
 fn check_fits(config: &ModelConfig, dtype: WeightDtype, device: &Device) -> Result<()> {
     #[cfg(target_os = "linux")]
-    if is_default_device(device) && crate::kernels::texture::cpu_adapter() {
+    if is_default_device(device) && crate::gpu::texture::cpu_adapter() {
         let info = ModelInfo::new(config, dtype);
         let need = info.gpu_weight_bytes + info.host_weight_bytes;
         if let Some(available) = crate::memory::available_bytes()
@@ -244,9 +177,14 @@ impl Engine {
         self.model.dtype
     }
 
-    /// Opens a session with its own latent cache (call on an `Arc<Engine>`).
-    pub fn session(self: &Arc<Self>, options: SessionOptions) -> Result<Session> {
-        Session::new(self.clone(), options)
+    /// The device the model lives on.
+    pub fn device(&self) -> &Device {
+        &self.model.device
+    }
+
+    /// Which implementation runs the hot paths.
+    pub fn kernels(&self) -> Kernels {
+        self.model.head.kernels
     }
 
     pub(crate) fn new_cache(&self, max_context: usize) -> LatentCache {
@@ -259,61 +197,6 @@ impl Engine {
         let out = self.model.forward(tokens, &mut cache, LogitsFor::All, None)?;
         read_rows(out).await
     }
-
-    /// Logits at every position of `tokens`, fed one token at a time through the latent cache (`[T][V]`).
-    pub async fn logits_decode(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        let mut cache = self.new_cache(tokens.len().max(1));
-        let mut replay = Replay::default();
-        let mut rows = Vec::with_capacity(tokens.len());
-        for &t in tokens {
-            rows.push(self.decode_step(&mut cache, &mut replay, t).await?);
-        }
-        Ok(rows)
-    }
-
-    /// Runs `token` through `cache` (one decode step) and returns its logits: replayed from `replay`'s
-    /// recorded step where that covers the step, else run as usual and, natively with moela's kernels,
-    /// recorded for the steps after it (`kernels/replay.rs`).
-    pub(crate) async fn decode_step(
-        &self,
-        cache: &mut LatentCache,
-        replay: &mut Replay,
-        token: u32,
-    ) -> Result<Vec<f32>> {
-        #[cfg(not(target_arch = "wasm32"))]
-        if self.model.replayable() && cache.len() < cache.capacity() {
-            use crate::kernels::replay::Recording;
-            let pos = cache.len();
-            if let Some(plan) = &replay.plan
-                && plan.covers(pos, cache.layers())
-                && let Some(inputs) = self.model.step_inputs(token, pos)?
-            {
-                let logits = plan.run(&inputs, pos)?;
-                cache.advance(1);
-                replay.replayed += 1;
-                return Ok(logits);
-            }
-            let recording = Recording::start(pos);
-            let out = self.model.forward(&[token], cache, LogitsFor::Last, None)?;
-            replay.plan = recording.finish(&out, cache.layers());
-            return Ok(read_rows(out).await?.pop().unwrap_or_default());
-        }
-        #[cfg(target_arch = "wasm32")]
-        let _ = replay;
-        let out = self.model.forward(&[token], cache, LogitsFor::Last, None)?;
-        Ok(read_rows(out).await?.pop().unwrap_or_default())
-    }
-}
-
-/// The recorded decode step of one latent cache, replayed for the steps after it (native adapters with
-/// moela's kernels; `kernels/replay.rs`). Empty until the first decode step.
-#[derive(Debug, Default)]
-pub(crate) struct Replay {
-    #[cfg(not(target_arch = "wasm32"))]
-    plan: Option<crate::kernels::replay::Plan>,
-    /// Steps served by replaying.
-    #[cfg(not(target_arch = "wasm32"))]
-    pub(crate) replayed: usize,
 }
 
 /// Reads a `[R, V]` tensor back as rows (the one host read-back of a step).

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::cache::LatentCache;
 use crate::chat::{Message, prompt_opens_think};
-use crate::engine::{Engine, Replay, read_rows};
+use crate::engine::{Engine, read_rows};
 use crate::error::{Error, Result};
 use crate::model::transformer::LogitsFor;
 use crate::sample::{Sampler, SamplingOptions};
@@ -107,6 +107,68 @@ pub enum Event {
     Routing(Vec<Vec<u32>>),
     /// The end, with numbers.
     Done(Stats),
+}
+
+impl Engine {
+    /// Opens a session with its own latent cache (call on an `Arc<Engine>`).
+    pub fn session(self: &Arc<Self>, options: SessionOptions) -> Result<Session> {
+        Session::new(self.clone(), options)
+    }
+
+    /// Logits at every position of `tokens`, fed one token at a time through the latent cache (`[T][V]`).
+    pub async fn logits_decode(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let mut cache = self.new_cache(tokens.len().max(1));
+        let mut replay = Replay::default();
+        let mut rows = Vec::with_capacity(tokens.len());
+        for &t in tokens {
+            rows.push(self.decode_step(&mut cache, &mut replay, t).await?);
+        }
+        Ok(rows)
+    }
+
+    /// Runs `token` through `cache` (one decode step) and returns its logits: replayed from `replay`'s
+    /// recorded step where that covers the step, else run as usual and, natively with moela's kernels,
+    /// recorded for the steps after it (`gpu/replay.rs`).
+    pub(crate) async fn decode_step(
+        &self,
+        cache: &mut LatentCache,
+        replay: &mut Replay,
+        token: u32,
+    ) -> Result<Vec<f32>> {
+        #[cfg(not(target_arch = "wasm32"))]
+        if self.model.replayable() && cache.len() < cache.capacity() {
+            use crate::gpu::replay::Recording;
+            let pos = cache.len();
+            if let Some(plan) = &replay.plan
+                && plan.covers(pos, cache.layers())
+                && let Some(inputs) = self.model.step_inputs(token, pos)?
+            {
+                let logits = plan.run(&inputs, pos)?;
+                cache.advance(1);
+                replay.replayed += 1;
+                return Ok(logits);
+            }
+            let recording = Recording::start(pos);
+            let out = self.model.forward(&[token], cache, LogitsFor::Last, None)?;
+            replay.plan = recording.finish(&out, cache.layers());
+            return Ok(read_rows(out).await?.pop().unwrap_or_default());
+        }
+        #[cfg(target_arch = "wasm32")]
+        let _ = replay;
+        let out = self.model.forward(&[token], cache, LogitsFor::Last, None)?;
+        Ok(read_rows(out).await?.pop().unwrap_or_default())
+    }
+}
+
+/// The recorded decode step of one latent cache, replayed for the steps after it (native adapters with
+/// moela's kernels; `gpu/replay.rs`). Empty until the first decode step.
+#[derive(Debug, Default)]
+pub(crate) struct Replay {
+    #[cfg(not(target_arch = "wasm32"))]
+    plan: Option<crate::gpu::replay::Plan>,
+    /// Steps served by replaying.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) replayed: usize,
 }
 
 /// A conversation's state on the GPU: the latent cache and the tokens it holds.

@@ -3,9 +3,9 @@
 use serde::Serialize;
 
 use crate::config::{Arch, ModelConfig, TopkMethod};
-use crate::model::WeightDtype;
+use crate::gpu::WeightDtype;
 
-/// Cache sizes per token, MLA against an uncompressed multi-head cache (`deepseek-architecture.md` §3.4).
+/// Cache sizes per token, MLA against an uncompressed multi-head cache (`docs/architecture.md` §3.4).
 #[derive(Debug, Clone, Serialize)]
 pub struct CacheInfo {
     /// layers x (kv_lora_rank + qk_rope_head_dim).
@@ -167,7 +167,7 @@ mod tests {
             "v_head_dim":128,"qk_nope_head_dim":128,"topk_method":"greedy","first_k_dense_replace":1}"#;
         let c = ModelConfig::from_json_bytes(json.as_bytes(), "config.json").unwrap();
         let i = ModelInfo::new(&c, WeightDtype::F32);
-        // 15.7B total, 2.4B active (deepseek-architecture.md §6).
+        // 15.7B total, 2.4B active (docs/architecture.md §6).
         assert!(
             (i.total_parameters as f64 / 1e9 - 15.7).abs() < 0.1,
             "{}",

@@ -26,34 +26,32 @@
 //! What it does not do: training-time features (dropout, gradients through the cache), FP8 checkpoints,
 //! the multi-token-prediction layer of V3 (its weights are ignored), or GGUF files (yet).
 
-pub mod arith;
-pub mod bench;
 pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod gpu;
 pub mod info;
-pub mod kernels;
 pub mod load;
 pub mod memory;
 pub mod model;
-pub mod preset;
 pub mod sample;
 pub mod text;
 
 pub use chat::{Message, Tokenizer};
 pub use config::ModelConfig;
-#[cfg(feature = "cpu")]
-pub use engine::cpu_device;
-#[cfg(not(target_arch = "wasm32"))]
-pub use engine::default_device;
-pub use engine::{Engine, LoadOptions, LoadReport, default_device_async};
+pub use engine::{Engine, LoadOptions, LoadReport};
 pub use error::{Error, Result};
 pub use generate::{Event, FinishReason, GenerateOptions, Generation, Session, SessionOptions, Stats};
+pub use gpu::Kernels;
+pub use gpu::WeightDtype;
+#[cfg(feature = "cpu")]
+pub use gpu::device::cpu_device;
+#[cfg(not(target_arch = "wasm32"))]
+pub use gpu::device::default_device;
+pub use gpu::device::default_device_async;
 pub use info::ModelInfo;
-pub use kernels::Kernels;
 pub use load::{CheckpointFiles, Progress, WeightFile};
-pub use model::WeightDtype;
 pub use sample::SamplingOptions;

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use moela::WeightDtype;
 use moela::load::WeightSet;
-use moela::model::WeightDtype;
 use moela::model::transformer::{LogitsFor, Transformer};
 use moela::{CheckpointFiles, ModelConfig};
 

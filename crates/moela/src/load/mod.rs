@@ -15,7 +15,6 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 
-use half::f16;
 use safetensors::Dtype;
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -23,6 +22,7 @@ pub use files::Mapped;
 pub use files::{CheckpointFiles, FileData, MaybeSendSync, RangeSource, ReadFuture, WeightFile, index_files};
 
 use crate::error::{Error, Result};
+use crate::gpu::Rows;
 
 /// The largest safetensors header read (the safetensors library's own limit).
 const MAX_HEADER: u64 = 100_000_000;
@@ -513,83 +513,6 @@ impl Drop for StoredRows<'_> {
     }
 }
 
-/// Consecutive values of a tensor as stored (little-endian bytes, or f32 already), read a block at a time by
-/// whoever consumes them: the quantisers convert 32 values on the stack instead of a whole tensor to f32.
-#[derive(Debug, Clone, Copy)]
-pub enum Rows<'a> {
-    /// f32 values.
-    F32(&'a [f32]),
-    /// f32 values as little-endian bytes.
-    F32Bytes(&'a [u8]),
-    /// bf16 values as little-endian bytes.
-    Bf16(&'a [u8]),
-    /// f16 values as little-endian bytes.
-    F16(&'a [u8]),
-}
-
-impl Rows<'_> {
-    /// Number of values.
-    pub fn len(&self) -> usize {
-        match self {
-            Rows::F32(v) => v.len(),
-            Rows::F32Bytes(b) => b.len() / 4,
-            Rows::Bf16(b) | Rows::F16(b) => b.len() / 2,
-        }
-    }
-
-    /// True when there are no values.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Values `at..at + out.len()` as f32 into `out`. Returns false when one of them is not finite.
-    ///
-    /// Finiteness is read off the bits: the largest magnitude's bit pattern (sign cleared) is below the
-    /// format's infinity exactly when every value is finite, and integer maxima vectorise where float ones
-    /// (with their NaN rules) do not.
-    #[inline(always)]
-    pub fn read(&self, at: usize, out: &mut [f32]) -> bool {
-        let n = out.len();
-        match self {
-            Rows::F32(v) => {
-                let mut top = 0u32;
-                for (o, x) in out.iter_mut().zip(&v[at..at + n]) {
-                    top = top.max(x.to_bits() & 0x7fff_ffff);
-                    *o = *x;
-                }
-                top < 0x7f80_0000
-            }
-            Rows::F32Bytes(b) => {
-                let mut top = 0u32;
-                for (o, x) in out.iter_mut().zip(b[4 * at..4 * (at + n)].chunks_exact(4)) {
-                    let bits = u32::from_le_bytes([x[0], x[1], x[2], x[3]]);
-                    top = top.max(bits & 0x7fff_ffff);
-                    *o = f32::from_bits(bits);
-                }
-                top < 0x7f80_0000
-            }
-            Rows::Bf16(b) => {
-                let mut top = 0u16;
-                for (o, x) in out.iter_mut().zip(b[2 * at..2 * (at + n)].chunks_exact(2)) {
-                    let bits = u16::from_le_bytes([x[0], x[1]]);
-                    top = top.max(bits & 0x7fff);
-                    *o = f32::from_bits(u32::from(bits) << 16);
-                }
-                top < 0x7f80
-            }
-            Rows::F16(b) => {
-                let mut top = 0u16;
-                for (o, x) in out.iter_mut().zip(b[2 * at..2 * (at + n)].chunks_exact(2)) {
-                    let bits = u16::from_le_bytes([x[0], x[1]]);
-                    top = top.max(bits & 0x7fff);
-                    *o = f16::from_bits(bits).to_f32();
-                }
-                top < 0x7c00
-            }
-        }
-    }
-}
-
 /// Values converted per task: large enough that splitting costs nothing, small enough to share two cores.
 const CONVERT_CHUNK: usize = 1 << 16;
 
@@ -622,6 +545,8 @@ fn convert(rows: Rows<'_>, out: &mut Vec<f32>) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    use half::f16;
+
     use super::*;
 
     fn file(name: &str, bytes: Vec<u8>) -> WeightFile {

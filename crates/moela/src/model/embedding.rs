@@ -4,12 +4,12 @@
 //! 102400 x 2048 table is 839 MB as f32, 223 MB as q8, 118 MB as q4).
 //!
 //! q8 / q4 rows are quantised in blocks of 32 values along H with an f16 scale each, as packed weights are
-//! (`model/packed.rs`), so a row reads back with the same precision as the projections.
+//! (`gpu/packed.rs`), so a row reads back with the same precision as the projections.
 
 use half::f16;
 
-use super::WeightDtype;
-use super::packed::{BLOCK, for_chunks, quantise_block};
+use crate::gpu::WeightDtype;
+use crate::gpu::packed::{BLOCK, for_chunks, quantise_block};
 
 /// The table's values.
 #[derive(Debug, Clone)]
@@ -161,7 +161,7 @@ fn code_bytes_per_row(format: WeightDtype, cols: usize) -> usize {
     if format == WeightDtype::Q8 { padded } else { padded / 2 }
 }
 
-/// Quantises one row in blocks of 32, as `model/packed.rs` quantises weights ([`quantise_block`]).
+/// Quantises one row in blocks of 32, as `gpu/packed.rs` quantises weights ([`quantise_block`]).
 fn quantise_row(row: &[f32], q8: bool, codes: &mut [u8], scales: &mut [u16]) {
     let mut q = [0i32; BLOCK];
     for (b, block) in row.chunks(BLOCK).enumerate() {

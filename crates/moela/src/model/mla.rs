@@ -1,4 +1,4 @@
-//! Multi-head latent attention (`deepseek-architecture.md` §3), attending in latent space.
+//! Multi-head latent attention (`docs/architecture.md` §3), attending in latent space.
 //!
 //! Every token's key and value are one compressed latent `c'` (r_kv values, after `kv_a_layernorm`) plus one
 //! shared rope key `k_pe` (d_r values): that pair is all the cache holds. Queries are moved into latent space
@@ -12,8 +12,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::norm::RmsNorm;
 use super::rope;
-use super::{Linear, as_f32, upload};
-use crate::kernels::{self, Kernels};
+use crate::gpu::weights::Factor;
+use crate::gpu::{self, Kernels, Linear};
 
 /// How the query is produced from the first columns of [`Mla::input`]'s product.
 #[derive(Debug, Clone)]
@@ -29,84 +29,6 @@ pub enum QProj {
         /// `[r_q] -> [n_h * d_qk]`.
         b: Linear,
     },
-}
-
-/// An absorbed attention factor, f32 `[n_h, K, N]` (`W_UK` or `W_UV^T`): a burn tensor, or natively (N a
-/// multiple of 4) a texture that the decode kernels read four columns to a texel, as they read packed
-/// weights (`kernels/texture.rs`; on lavapipe 5x faster than a storage buffer). burn's ops get a copy.
-#[derive(Debug, Clone)]
-#[allow(clippy::large_enum_variant)] // a burn tensor handle, built once at load
-pub enum Factor {
-    /// A burn tensor: any device, and what training updates.
-    Tensor(Tensor<3>),
-    /// f32 bit patterns in a weight texture of `[n_h, K, N / 4]` texels.
-    #[cfg(not(target_arch = "wasm32"))]
-    Texture {
-        /// The texels.
-        texture: std::sync::Arc<crate::kernels::texture::WeightTexture>,
-        /// `[n_h, K, N]`.
-        dims: [usize; 3],
-        /// Where burn's copy goes.
-        device: Device,
-    },
-}
-
-impl Factor {
-    /// Uploads row-major `[n_h, K, N]` values: into a texture where the device has them, else a tensor.
-    pub fn new(data: Vec<f32>, dims: [usize; 3], device: &Device) -> Self {
-        #[cfg(not(target_arch = "wasm32"))]
-        if dims[2].is_multiple_of(4) && crate::kernels::texture::available(device) {
-            let grid = [dims[0], dims[1], dims[2] / 4];
-            if let Some(texture) = crate::kernels::texture::WeightTexture::new(bytemuck::cast_slice(&data), grid) {
-                return Factor::Texture {
-                    texture,
-                    dims,
-                    device: device.clone(),
-                };
-            }
-        }
-        Factor::Tensor(upload(data, dims, device))
-    }
-
-    /// `[n_h, K, N]`.
-    pub fn dims(&self) -> [usize; 3] {
-        match self {
-            Factor::Tensor(t) => t.dims(),
-            #[cfg(not(target_arch = "wasm32"))]
-            Factor::Texture { dims, .. } => *dims,
-        }
-    }
-
-    /// The burn tensor that training updates; `None` for a factor in a texture (native inference only).
-    pub fn trainable(&mut self) -> Option<&mut Tensor<3>> {
-        match self {
-            Factor::Tensor(t) => Some(t),
-            #[cfg(not(target_arch = "wasm32"))]
-            Factor::Texture { .. } => None,
-        }
-    }
-
-    /// The factor as an f32 tensor for burn's ops (copied out of the texture where it lives in one).
-    pub fn tensor(&self) -> Tensor<3> {
-        match self {
-            Factor::Tensor(t) => as_f32(t),
-            #[cfg(not(target_arch = "wasm32"))]
-            Factor::Texture { texture, dims, device } => {
-                let [h, k, n] = *dims;
-                let out = Tensor::<1>::zeros([h * k * n], device);
-                if let Ok(cube) = out.clone().try_into_primitive::<burn_cubecl::Cube>() {
-                    texture.copy_to(&cube);
-                }
-                match texture.layout() {
-                    crate::kernels::texture::Layout::Rows => out.reshape(*dims),
-                    // [h, N/4, K] texels back to [h, K, N/4].
-                    crate::kernels::texture::Layout::Columns => {
-                        out.reshape([h, n / 4, k, 4]).swap_dims(1, 2).reshape(*dims)
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// One attention block's weights.
@@ -162,7 +84,7 @@ impl Mla {
         let q = self.lora_queries(&both);
 
         // Decode (a few tokens): moela's kernels write the cache rows and attend in three launches.
-        if self.kernels == Kernels::Wgsl && t <= kernels::matvec::MAX_ROWS {
+        if self.kernels == Kernels::Wgsl && t <= gpu::matvec::MAX_ROWS {
             // WebGPU forbids binding one buffer twice where a kernel may write it (the MLA kernels declare every
             // binding read_write): in the browser, when the queries and the latents come from one product (no
             // q_lora_rank), the latent columns are copied to a buffer of their own (T x 576 values).
@@ -174,7 +96,7 @@ impl Mla {
                 Some(kv) => (kv, 0),
                 None => (&both, qw),
             };
-            let inputs = kernels::mla::MlaInputs {
+            let inputs = gpu::latent_attention::MlaInputs {
                 q: q.as_ref().unwrap_or(&both),
                 q_col: 0,
                 kv,
@@ -184,7 +106,7 @@ impl Mla {
                 gain: &self.kv_a_norm.weight,
                 tables,
             };
-            let shape = kernels::mla::MlaShape {
+            let shape = gpu::latent_attention::MlaShape {
                 heads: n_h,
                 nope: d_n,
                 rope: d_r,
@@ -193,7 +115,7 @@ impl Mla {
                 scale: self.scale,
                 eps: self.kv_a_norm.eps,
             };
-            if let Some(out) = kernels::mla::decode(&inputs, cache, pos, &shape) {
+            if let Some(out) = gpu::latent_attention::decode(&inputs, cache, pos, &shape) {
                 return self.o.forward(out);
             }
         }
@@ -405,8 +327,8 @@ mod tests {
     use burn::tensor::{Distribution, Tensor};
 
     use super::*;
-    use crate::kernels::worst_difference;
-    use crate::model::WeightDtype;
+    use crate::gpu::WeightDtype;
+    use crate::gpu::worst_difference;
 
     fn random(n: usize, device: &Device) -> Vec<f32> {
         Tensor::<1>::random([n], Distribution::Normal(0.0, 0.3), device)
@@ -443,7 +365,7 @@ mod tests {
     /// query blocks (the last one partial) and a later chunk over the earlier keys.
     #[test]
     fn attention_forms_agree() {
-        let Ok(device) = crate::engine::default_device() else {
+        let Ok(device) = crate::gpu::device::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };
@@ -481,7 +403,7 @@ mod tests {
     /// flash-decoding merge runs), for one and for three new tokens.
     #[test]
     fn decode_kernels_match_burn_ops() {
-        let Ok(device) = crate::engine::default_device() else {
+        let Ok(device) = crate::gpu::device::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };
@@ -496,7 +418,7 @@ mod tests {
         // The kernels read rope, latent and value rows as vec4: multiples of 4, but of nothing larger.
         let (h, d_n, d_r, r_kv, d_v) = (44, 13, 12, 28, 20);
         let mut mla = random_mla(h, [n_h, d_n, d_r, r_kv, d_v], &device);
-        let prompt = kernels::mla::CHUNK + 37;
+        let prompt = gpu::latent_attention::CHUNK + 37;
         let cap = prompt + 8;
         let tables = |pos: usize, t: usize| {
             let inv: Vec<f64> = (0..d_r / 2)
@@ -527,7 +449,7 @@ mod tests {
             let tab = tables(prompt, t);
             // Queries and kv_a as one product, one buffer, as the forward passes them.
             let both = mla.input.forward(x);
-            let inputs = kernels::mla::MlaInputs {
+            let inputs = gpu::latent_attention::MlaInputs {
                 q: &both,
                 q_col: 0,
                 kv: &both,
@@ -537,7 +459,7 @@ mod tests {
                 gain: &mla.kv_a_norm.weight,
                 tables: &tab,
             };
-            let shape = kernels::mla::MlaShape {
+            let shape = gpu::latent_attention::MlaShape {
                 heads: n_h,
                 nope: d_n,
                 rope: d_r,
@@ -547,9 +469,9 @@ mod tests {
                 eps: mla.kv_a_norm.eps,
             };
             // A rope width that is not a multiple of 4 is declined, leaving the cache to burn's path.
-            let odd = kernels::mla::MlaShape { rope: d_r - 2, ..shape };
+            let odd = gpu::latent_attention::MlaShape { rope: d_r - 2, ..shape };
             let untouched = kernel_cache.clone() + 0.0;
-            assert!(kernels::mla::decode(&inputs, &mut kernel_cache, prompt, &odd).is_none());
+            assert!(gpu::latent_attention::decode(&inputs, &mut kernel_cache, prompt, &odd).is_none());
             assert_eq!(
                 worst_difference(kernel_cache.clone(), untouched.clone()),
                 0.0,
@@ -558,9 +480,9 @@ mod tests {
             // Queries from a uniform copy (native texture launches) and from a storage buffer (browsers).
             for storage in [false, true] {
                 let mut kernel_cache = untouched.clone() + 0.0;
-                kernels::mla::STORAGE_QUERIES.set(storage);
-                let out = kernels::mla::decode(&inputs, &mut kernel_cache, prompt, &shape);
-                kernels::mla::STORAGE_QUERIES.set(false);
+                gpu::latent_attention::STORAGE_QUERIES.set(storage);
+                let out = gpu::latent_attention::decode(&inputs, &mut kernel_cache, prompt, &shape);
+                gpu::latent_attention::STORAGE_QUERIES.set(false);
                 let got = mla.o.forward(out.expect("the kernels cover this call"));
                 let diff = worst_difference(got, want.clone());
                 assert!(

@@ -3,8 +3,8 @@
 use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
 
-use super::{Linear, Weights};
-use crate::kernels::{self, Kernels};
+use crate::gpu::{self, Kernels};
+use crate::gpu::{Linear, Weights};
 
 /// Gate and up fused into one product (`[H] -> [2I]`), then down (`[I] -> [H]`).
 #[derive(Debug, Clone)]
@@ -23,7 +23,7 @@ impl Mlp {
         // SwiGLU inside the gate/up product's launch where its kernel has that variant (8-bit and 4-bit).
         if self.gate_up.kernels == Kernels::Wgsl
             && let [Weights::Packed(p)] = self.gate_up.parts.as_slice()
-            && let Some(act) = kernels::packed::product_at(&x, p, &p.zero, true)
+            && let Some(act) = gpu::products::product_at(&x, p, &p.zero, true)
         {
             return self.down.forward(act);
         }
@@ -39,7 +39,7 @@ pub(super) fn swiglu<const D: usize>(gate_up: Tensor<D>, width: usize, kernels: 
     if kernels == Kernels::Wgsl && width > 0 {
         let rows = dims.iter().product::<usize>() / (2 * width);
         let flat: Tensor<2> = gate_up.clone().reshape([rows, 2 * width]);
-        if let Some(y) = kernels::mlp::swiglu(&flat, width) {
+        if let Some(y) = gpu::swiglu::swiglu(&flat, width) {
             let mut out = dims;
             out[D - 1] = width;
             return y.reshape(out);

@@ -1,4 +1,4 @@
-//! DeepSeekMoE (`deepseek-architecture.md` §4): a router picks K of E routed experts per token, their outputs
+//! DeepSeekMoE (`docs/architecture.md` §4): a router picks K of E routed experts per token, their outputs
 //! are mixed by the router weights, and the shared experts are added.
 //!
 //! The shared experts are stored as S more experts after the routed ones (experts `E..E + S`, each one
@@ -29,10 +29,11 @@ use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::mlp::swiglu;
 use super::norm::Delta;
-use super::{Linear, MAX_BINDING_BYTES, Weights};
 use crate::config::{ScoringFunc, TopkMethod};
-use crate::kernels::moe::Pairs;
-use crate::kernels::{self, Kernels};
+use crate::gpu::experts::Pairs;
+use crate::gpu::weights::{MAX_BINDING_BYTES, as_f32};
+use crate::gpu::{self, Kernels};
+use crate::gpu::{Linear, Weights};
 
 /// A run of consecutive experts stacked in one tensor pair.
 #[derive(Debug, Clone)]
@@ -160,11 +161,11 @@ impl Moe {
             shape.extra = extra;
             let chosen = match self.router.parts.as_slice() {
                 [Weights::Dense(w)] if self.experts * h <= 1 << 20 => {
-                    kernels::moe::route(kernels::moe::Logits::Product { x: &x, router: w }, bias, &shape)
+                    gpu::experts::route(gpu::experts::Logits::Product { x: &x, router: w }, bias, &shape)
                 }
                 _ => {
                     let logits = self.router.forward(x.clone());
-                    kernels::moe::route(kernels::moe::Logits::Given(&logits), bias, &shape)
+                    gpu::experts::route(gpu::experts::Logits::Given(&logits), bias, &shape)
                 }
             };
             if let Some(chosen) = chosen {
@@ -232,7 +233,7 @@ impl Moe {
 
     /// How the selection is made and its weights finished, as moela's routing kernel and burn's path both
     /// read it.
-    fn route_shape(&self) -> kernels::moe::RouteShape {
+    fn route_shape(&self) -> gpu::experts::RouteShape {
         // Renormalised when the config says so (and K > 1); the factor applies always for V3 (sigmoid) and
         // for V2 (softmax) only when not renormalising.
         let normalise = self.norm_topk_prob && self.top_k > 1;
@@ -240,7 +241,7 @@ impl Moe {
             ScoringFunc::Sigmoid => true,
             ScoringFunc::Softmax => !normalise,
         };
-        kernels::moe::RouteShape {
+        gpu::experts::RouteShape {
             top_k: self.top_k,
             method: match self.method {
                 TopkMethod::Greedy => 0,
@@ -384,7 +385,7 @@ impl Moe {
         // read once per tile of its pairs rather than once per pair. Only where the pairs average two or
         // more per expert: a tile computes all its rows, so tiles of one pair would cost more than they save.
         let plan = if t > 1 && t * slots >= 2 * (self.experts + self.shared) {
-            kernels::moe::sort(&flat, self.experts + self.shared)
+            gpu::experts::sort(&flat, self.experts + self.shared)
         } else {
             None
         };
@@ -448,8 +449,8 @@ impl Moe {
             let into = out.as_ref();
             out = Some(match c.weights(side) {
                 Weights::Dense(_) if glu => return None,
-                Weights::Dense(t) => kernels::moe::gathered_matvec(x, t, pairs, (c.first, x_div), into)?,
-                Weights::Packed(p) => kernels::packed::gathered(x, p, pairs, (c.first, x_div, glu), into)?,
+                Weights::Dense(t) => gpu::experts::gathered_matvec(x, t, pairs, (c.first, x_div), into)?,
+                Weights::Packed(p) => gpu::products::gathered(x, p, pairs, (c.first, x_div, glu), into)?,
             });
         }
         out
@@ -463,15 +464,12 @@ impl Moe {
         match c.weights(side) {
             Weights::Packed(p) => {
                 let index = Tensor::<1, Int>::from_data(TensorData::new(vec![local as i32], [1]), &x.device());
-                kernels::packed::product_at(x, p, &index, glu)
+                gpu::products::product_at(x, p, &index, glu)
             }
             Weights::Dense(_) if glu => None,
             Weights::Dense(t) => {
                 let [_, k, n] = t.dims();
-                Some(
-                    x.clone()
-                        .matmul(super::as_f32(&t.clone().narrow(0, local, 1)).reshape([k, n])),
-                )
+                Some(x.clone().matmul(as_f32(&t.clone().narrow(0, local, 1)).reshape([k, n])))
             }
         }
     }
@@ -541,7 +539,7 @@ mod tests {
     use burn::tensor::{Distribution, Tensor};
 
     use super::*;
-    use crate::model::WeightDtype;
+    use crate::gpu::WeightDtype;
 
     fn router(e: usize, h: usize, method: TopkMethod, scoring: ScoringFunc, device: &burn::tensor::Device) -> Moe {
         let w: Vec<f32> = Tensor::<1>::random([e * h], Distribution::Normal(0.0, 1.0), device)
@@ -617,7 +615,7 @@ mod tests {
 
     #[test]
     fn chunked_stacks_and_shared_experts_match_one_stack_with_burn() {
-        let Ok(device) = crate::engine::default_device() else {
+        let Ok(device) = crate::gpu::device::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };
@@ -661,7 +659,7 @@ mod tests {
                         sets(want_idx),
                         "{format:?} {kernels:?} {t} tokens: another choice"
                     );
-                    let worst = crate::kernels::worst_difference(got, want);
+                    let worst = crate::gpu::worst_difference(got, want);
                     assert!(
                         worst < 1e-4,
                         "{format:?} {kernels:?} {t} tokens: worst difference {worst}"
@@ -673,7 +671,7 @@ mod tests {
 
     #[test]
     fn routing_kernel_matches_burn_for_every_method() {
-        let Ok(device) = crate::engine::default_device() else {
+        let Ok(device) = crate::gpu::device::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };
@@ -690,12 +688,12 @@ mod tests {
             let Weights::Dense(gate) = &moe.router.parts[0] else {
                 panic!("f32 routers are stored dense")
             };
-            let product = kernels::moe::Logits::Product { x: &x, router: gate };
+            let product = gpu::experts::Logits::Product { x: &x, router: gate };
             let bias = moe.correction_bias.as_ref();
-            let fused = kernels::moe::route(product, bias, &moe.route_shape()).expect("the kernel covers this router");
+            let fused = gpu::experts::route(product, bias, &moe.route_shape()).expect("the kernel covers this router");
             let logits = moe.router.forward(x.clone());
             let (fast_idx, fast_w) =
-                kernels::moe::route(kernels::moe::Logits::Given(&logits), bias, &moe.route_shape())
+                gpu::experts::route(gpu::experts::Logits::Given(&logits), bias, &moe.route_shape())
                     .expect("the kernel covers this router");
             moe.kernels = Kernels::Generic;
             moe.router.kernels = Kernels::Generic;
@@ -735,7 +733,7 @@ mod tests {
             // Two shared experts' slots appended: the same choice, then experts E and E + 1 at weight 1.
             let mut shape = moe.route_shape();
             shape.extra = 2;
-            let (idx, w) = kernels::moe::route(kernels::moe::Logits::Given(&logits), bias, &shape)
+            let (idx, w) = gpu::experts::route(gpu::experts::Logits::Given(&logits), bias, &shape)
                 .expect("the kernel covers this router");
             assert_eq!(idx.dims(), [5, 5]);
             let ids: Vec<i64> = idx.clone().narrow(1, 3, 2).into_data().iter::<i64>().collect();
@@ -744,7 +742,7 @@ mod tests {
             assert!(ones.iter().all(|&v| v == 1.0), "{method:?}: shared weights {ones:?}");
             let same: Vec<i64> = idx.narrow(1, 0, 3).into_data().iter::<i64>().collect();
             assert_eq!(same, fast_idx.into_data().iter::<i64>().collect::<Vec<_>>());
-            let worst = crate::kernels::worst_difference(w.narrow(1, 0, 3), fast_w);
+            let worst = crate::gpu::worst_difference(w.narrow(1, 0, 3), fast_w);
             assert_eq!(worst, 0.0, "{method:?}: routed weights with shared slots");
         }
     }

@@ -1,9 +1,9 @@
-//! RMSNorm in f32: `w * x / sqrt(mean(x^2) + eps)` (`deepseek-architecture.md` §2).
+//! RMSNorm in f32: `w * x / sqrt(mean(x^2) + eps)` (`docs/architecture.md` §2).
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use crate::kernels::norm::Residual;
-use crate::kernels::{self, Kernels};
+use crate::gpu::rms_norm::Residual;
+use crate::gpu::{self, Kernels};
 
 /// Root-mean-square normalisation over the last dimension with a learned gain.
 #[derive(Debug, Clone)]
@@ -34,7 +34,7 @@ impl RmsNorm {
         if self.kernels == Kernels::Wgsl && n > 0 {
             let rows = dims.iter().product::<usize>() / n;
             let flat: Tensor<2> = x.clone().reshape([rows, n]);
-            if let Some((y, _)) = kernels::norm::rms_norm(&flat, Residual::None, &self.weight, self.eps) {
+            if let Some((y, _)) = gpu::rms_norm::rms_norm(&flat, Residual::None, &self.weight, self.eps) {
                 return y.reshape(dims);
             }
         }
@@ -58,7 +58,7 @@ impl RmsNorm {
                     base: base.as_ref(),
                 },
             };
-            if let Some((y, sum)) = kernels::norm::rms_norm(&x, residual, &self.weight, self.eps) {
+            if let Some((y, sum)) = gpu::rms_norm::rms_norm(&x, residual, &self.weight, self.eps) {
                 return (sum.unwrap_or(x), y);
             }
         }
@@ -119,7 +119,7 @@ impl Delta {
 /// A MoE block's output from its gathered down projections `routed` (`[T * K, H]`), their router weights
 /// `[T, K]` and the shared experts' output `base`: one launch of moela's kernel, else burn's ops.
 pub(crate) fn mix(routed: Tensor<2>, weights: &Tensor<2>, base: Option<&Tensor<2>>) -> Tensor<2> {
-    if let Some(out) = kernels::moe::combine(&routed, weights, base) {
+    if let Some(out) = gpu::experts::combine(&routed, weights, base) {
         return out;
     }
     let [t, k] = weights.dims();

@@ -13,8 +13,9 @@ use super::moe::Moe;
 use super::norm::RmsNorm;
 use super::rope::interleave_rows;
 use super::transformer::{Embedding, FeedForward, Transformer};
-use super::{Linear, Weights, transpose};
 use crate::error::{Error, Result};
+use crate::gpu::weights::transpose;
+use crate::gpu::{Linear, Weights};
 
 /// A mutable reference to one learned tensor, whatever its rank.
 #[derive(Debug)]

@@ -1,4 +1,4 @@
-//! Rotary position embedding for the d_r rope dims, with YaRN frequencies (`deepseek-architecture.md` §3.2-3.3).
+//! Rotary position embedding for the d_r rope dims, with YaRN frequencies (`docs/architecture.md` §3.2-3.3).
 //!
 //! Checkpoints store rope dims as interleaved pairs `(x[2i], x[2i+1])`. At load the rows producing them are
 //! permuted to half-split order `[x0, x2, .., x1, x3, ..]` (see [`deinterleave_rows`]), so here the rotation

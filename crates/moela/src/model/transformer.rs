@@ -1,23 +1,24 @@
 //! The whole decoder: embedding, N x (RMSNorm -> MLA -> RMSNorm -> dense MLP | MoE), final norm, head.
 //!
-//! Weights are read by their HF names at the load site below (`deepseek-architecture.md` §2).
+//! Weights are read by their HF names at the load site below (`docs/architecture.md` §2).
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use std::ops::Range;
 
 use super::embedding::HostTable;
-use super::mla::{Factor, Mla, QProj};
+use super::mla::{Mla, QProj};
 use super::mlp::Mlp;
 use super::moe::{ExpertChunk, Moe};
 use super::norm::{Delta, RmsNorm};
 use super::rope::{Rope, deinterleave_rows};
-use super::{Linear, MAX_BINDING_BYTES, WeightDtype, Weights, WeightsHost, transpose};
 use crate::cache::LatentCache;
 use crate::config::{ModelConfig, TopkMethod};
 use crate::error::{Error, Result};
-use crate::kernels::Kernels;
-use crate::load::{Progress, Rows, StoredRows, WeightSet};
+use crate::gpu::Kernels;
+use crate::gpu::weights::{Factor, MAX_BINDING_BYTES, transpose};
+use crate::gpu::{Linear, Rows, WeightDtype, Weights, WeightsHost};
+use crate::load::{Progress, StoredRows, WeightSet};
 
 /// The feed-forward half of a block.
 #[derive(Debug, Clone)]
@@ -186,11 +187,11 @@ fn push(host: &mut WeightsHost, parts: &[StoredRows<'_>]) -> Result<()> {
 }
 
 impl Transformer {
-    /// Whether decode steps can be recorded and replayed (`kernels/replay.rs`): moela's kernels on the
+    /// Whether decode steps can be recorded and replayed (`gpu/replay.rs`): moela's kernels on the
     /// native wgpu device they share with burn.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn replayable(&self) -> bool {
-        self.head.kernels == Kernels::Wgsl && crate::kernels::texture::available(&self.device)
+        self.head.kernels == Kernels::Wgsl && crate::gpu::texture::available(&self.device)
     }
 
     /// Chooses the implementation of every projection: moela's WGSL kernels or burn's generic ops.
@@ -366,16 +367,16 @@ impl Transformer {
         Some(rows)
     }
 
-    /// What a replayed decode step of `token` at `pos` uploads (`kernels/replay.rs`): the values
+    /// What a replayed decode step of `token` at `pos` uploads (`gpu/replay.rs`): the values
     /// [`Transformer::forward`] would upload for it. `None` when the embedding table is on the device.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn step_inputs(&self, token: u32, pos: usize) -> Result<Option<crate::kernels::replay::StepInputs>> {
+    pub fn step_inputs(&self, token: u32, pos: usize) -> Result<Option<crate::gpu::replay::StepInputs>> {
         self.check_tokens(&[token])?;
         let Some(embedding) = self.host_rows(&[token]) else {
             return Ok(None);
         };
         let (cos, sin) = self.rope.host_tables(pos, 1);
-        Ok(Some(crate::kernels::replay::StepInputs { embedding, cos, sin }))
+        Ok(Some(crate::gpu::replay::StepInputs { embedding, cos, sin }))
     }
 
     /// `[T, H]` embeddings of `tokens`, checking every id against the vocabulary.
@@ -462,7 +463,7 @@ impl Transformer {
         // What a replay of this step writes anew (when it is being recorded).
         #[cfg(not(target_arch = "wasm32"))]
         {
-            use crate::kernels::replay::{Input, input};
+            use crate::gpu::replay::{Input, input};
             input(&x, Input::Embedding);
             input(&tables.0, Input::Cos);
             input(&tables.1, Input::Sin);

@@ -57,7 +57,7 @@ mod tests {
     use super::*;
 
     fn device() -> Option<burn::tensor::Device> {
-        crate::engine::default_device().ok()
+        crate::gpu::device::default_device().ok()
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! and queue: burn's pending work is flushed first, then one command buffer runs the kernel, so the order
 //! of work on the queue is kept. The weights' words are laid out as a flat array of 16-byte texels in rows
 //! of [`ROW`] texels (`i` at `(i % ROW, i / ROW)`), with array layers past the adapter's largest texture
-//! height. The texels of a matrix are in one of two orders ([`Layout`]): as `model/packed.rs` packs them
+//! height. The texels of a matrix are in one of two orders ([`Layout`]): as `gpu/packed.rs` packs them
 //! (a row of texels per group of K), which a GPU reads coalesced, or on a CPU adapter each texel column
 //! contiguous along K, so that each invocation of a product reads one sequential stream: a CPU's
 //! prefetchers follow that and not the row-strided walk (on lavapipe a q8 product over weights that are
@@ -196,7 +196,7 @@ pub fn cpu_adapter() -> bool {
 
 /// Whether weights on `device` can be stored in textures: it is the registered wgpu device.
 pub fn available(device: &burn::tensor::Device) -> bool {
-    GPU.get().is_some() && crate::engine::is_default_device(device)
+    GPU.get().is_some() && crate::gpu::device::is_default_device(device)
 }
 
 /// Bytes the live weight textures take.
@@ -292,7 +292,7 @@ impl WeightTexture {
             Layout::Columns => {
                 let mut data = vec![0u32; bytes as usize / 4];
                 // One task per texel column (e, c): its texels down K, from the packed rows.
-                crate::model::packed::for_chunks(&mut data[..len], groups * 4, |column, out| {
+                crate::gpu::packed::for_chunks(&mut data[..len], groups * 4, |column, out| {
                     let (e, c) = (column / cols, column % cols);
                     for (g, texel) in out.chunks_exact_mut(4).enumerate() {
                         let at = ((e * groups + g) * cols + c) * 4;

@@ -41,11 +41,11 @@ mod tests {
     use burn::tensor::activation::silu;
 
     use super::*;
-    use crate::kernels::worst_difference;
+    use crate::gpu::worst_difference;
 
     #[test]
     fn matches_burn_silu_times_up() {
-        let Ok(device) = crate::engine::default_device() else {
+        let Ok(device) = crate::gpu::device::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };

@@ -4,7 +4,7 @@
 //! [`MAX_ROWS`] of them per workgroup row, so a prompt's product is one launch), `gathered` (MoE decode:
 //! each (token, slot) pair times its chosen expert), `grouped` (MoE prefill: the pairs sorted by expert,
 //! each tile of pairs reading its expert once) and `dequant` (the whole stack as f32, for burn's ops:
-//! training and the dense expert form). Natively the words live in a texture (`kernels/texture.rs`; f16
+//! training and the dense expert form). Natively the words live in a texture (`gpu/texture.rs`; f16
 //! then uses `shaders/matvec_f16_texture.wgsl`, eight columns to a texel), in the browser in a buffer.
 
 use std::collections::HashMap;
@@ -13,13 +13,13 @@ use std::sync::{Mutex, OnceLock};
 use burn::tensor::{DType, Int, Shape, Tensor};
 use burn_cubecl::tensor::CubeTensor;
 
+use super::WeightDtype;
+use super::experts::Pairs;
 use super::matvec::MAX_ROWS;
-use super::moe::Pairs;
 #[cfg(not(target_arch = "wasm32"))]
 use super::texture;
 use super::{WgslKernel, cube_int_tensor, cube_tensor, per_row, repeated, repeated_halves, tagged};
-use crate::model::WeightDtype;
-use crate::model::packed::{self, BLOCK, Packed};
+use crate::gpu::packed::{self, BLOCK, Packed};
 
 const WORKGROUP: u32 = 64;
 
@@ -389,7 +389,7 @@ mod tests {
     use burn::tensor::{Distribution, TensorData};
 
     use super::*;
-    use crate::kernels::worst_of;
+    use crate::gpu::worst_of;
 
     const FORMATS: [WeightDtype; 3] = [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4];
 
@@ -419,7 +419,7 @@ mod tests {
 
     #[test]
     fn kernels_match_unpacking_with_burn_on_awkward_sizes() {
-        let Ok(device) = crate::engine::default_device() else {
+        let Ok(device) = crate::gpu::device::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };
@@ -491,7 +491,7 @@ mod tests {
 
     #[test]
     fn gathered_products_match_the_chosen_experts() {
-        let Ok(device) = crate::engine::default_device() else {
+        let Ok(device) = crate::gpu::device::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };
@@ -558,7 +558,7 @@ mod tests {
 
     #[test]
     fn sorted_pairs_match_each_pair() {
-        let Ok(device) = crate::engine::default_device() else {
+        let Ok(device) = crate::gpu::device::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };
@@ -568,7 +568,7 @@ mod tests {
         let pairs = t * top;
         let ids: Vec<i32> = (0..pairs).map(|q| ((q * q * 7 + q / 5 + 3) % 14) as i32).collect();
         let idx = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [pairs]), &device);
-        let plan = crate::kernels::moe::sort(&idx, 12).expect("the sort covers this call");
+        let plan = crate::gpu::experts::sort(&idx, 12).expect("the sort covers this call");
         // N/4 odd (one texel column per invocation), 6 (two) and 12 (four, SwiGLU's two of each half).
         for (format, n) in FORMATS.into_iter().flat_map(|f| [(f, 20), (f, 24), (f, 48)]) {
             let high = Packed::new(&host(count * k * n, 3), [count, k, n], format, &device);
@@ -610,7 +610,7 @@ mod tests {
         // 128 x 2600 q8 words fill 5.1 texture rows (f16 10.2, q4 2.5); at most 2 rows per layer gives
         // several array layers, so the shaders' (column, row, layer) split of a texel index is exercised
         // without a gigabyte of weights.
-        let Ok(device) = crate::engine::default_device() else {
+        let Ok(device) = crate::gpu::device::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };

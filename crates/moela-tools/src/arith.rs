@@ -512,16 +512,16 @@ impl Report {
 /// its end-of-sentence token.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn ask(
-    session: &mut crate::Session,
+    session: &mut moela::Session,
     question: &str,
-    options: crate::GenerateOptions,
-) -> crate::Result<(Vec<u32>, bool)> {
+    options: moela::GenerateOptions,
+) -> moela::Result<(Vec<u32>, bool)> {
     session.reset();
-    let mut generation = session.chat(&[crate::Message::user(question)], options)?;
+    let mut generation = session.chat(&[moela::Message::user(question)], options)?;
     let mut stopped = false;
     while let Some(ev) = generation.next_blocking() {
-        if let crate::Event::Done(stats) = ev? {
-            stopped = stats.finish_reason == crate::FinishReason::Eos;
+        if let moela::Event::Done(stats) = ev? {
+            stopped = stats.finish_reason == moela::FinishReason::Eos;
         }
     }
     Ok((generation.generated().to_vec(), stopped))
@@ -531,12 +531,12 @@ pub fn ask(
 /// `progress(split, done, total)` is called after every problem.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn evaluate(
-    engine: &std::sync::Arc<crate::Engine>,
+    engine: &std::sync::Arc<moela::Engine>,
     per_split: usize,
     max_tokens: usize,
     progress: &mut dyn FnMut(&str, usize, usize),
-) -> crate::Result<Report> {
-    use crate::{GenerateOptions, SessionOptions};
+) -> moela::Result<Report> {
+    use moela::{GenerateOptions, SessionOptions};
     let start = web_time::Instant::now();
     let tok = engine.require_tokenizer()?;
     let eos = tok.eos_token().unwrap_or("").to_string();

@@ -24,8 +24,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use super::WeightDtype;
-use crate::load::Rows;
+use super::{Rows, WeightDtype};
 
 /// Weights per quantisation block (q8, q4).
 pub const BLOCK: usize = 32;
@@ -51,9 +50,9 @@ pub struct Packed {
 pub enum Words {
     /// u32 bit patterns held in a flat int tensor: any device, and the browser.
     Buffer(Tensor<1, Int>),
-    /// A texture the kernels read (native wgpu; see `kernels/texture.rs`).
+    /// A texture the kernels read (native wgpu; see `gpu/texture.rs`).
     #[cfg(not(target_arch = "wasm32"))]
-    Texture(std::sync::Arc<crate::kernels::texture::WeightTexture>),
+    Texture(std::sync::Arc<crate::gpu::texture::WeightTexture>),
 }
 
 impl Packed {
@@ -72,7 +71,7 @@ impl Packed {
         assert_eq!(data.len(), count * k * n, "packed data length");
         let mut host = PackedHost::new(format, shape);
         for m in data.chunks(k * n) {
-            host.push_rows(&super::transpose(m, k, n));
+            host.push_rows(&super::weights::transpose(m, k, n));
         }
         host.upload(device)
     }
@@ -107,7 +106,7 @@ impl Packed {
     /// (tests of both layouts and of the layered placement without a gigabyte of weights); unchanged where
     /// textures are not available.
     #[cfg(all(test, not(target_arch = "wasm32")))]
-    pub(crate) fn in_texture(mut self, layout: crate::kernels::texture::Layout, rows: usize) -> Self {
+    pub(crate) fn in_texture(mut self, layout: crate::gpu::texture::Layout, rows: usize) -> Self {
         let host: Vec<u32> = self
             .words_tensor()
             .into_data()
@@ -118,7 +117,7 @@ impl Packed {
             .map(|w| w as u32)
             .collect();
         let grid = texel_grid(self.format, self.shape);
-        if let Ok(t) = crate::kernels::texture::WeightTexture::with(host, grid, layout, rows) {
+        if let Ok(t) = crate::gpu::texture::WeightTexture::with(host, grid, layout, rows) {
             self.words = Words::Texture(t);
         }
         self
@@ -137,8 +136,8 @@ impl Packed {
                     t.copy_to(&cube);
                 }
                 match t.layout() {
-                    crate::kernels::texture::Layout::Rows => out,
-                    crate::kernels::texture::Layout::Columns => {
+                    crate::gpu::texture::Layout::Rows => out,
+                    crate::gpu::texture::Layout::Columns => {
                         // [count, cols, rows] texels back to the packed [count, rows, cols].
                         let [count, rows, cols] = t.grid();
                         out.reshape([count, cols, rows, 4]).swap_dims(1, 2).reshape([len])
@@ -287,16 +286,15 @@ impl PackedHost {
         };
         // f16 texels hold eight columns of a row: N a multiple of 8.
         #[cfg(not(target_arch = "wasm32"))]
-        let words = if (format != WeightDtype::F16 || shape[2].is_multiple_of(8))
-            && crate::kernels::texture::available(device)
-        {
-            match crate::kernels::texture::WeightTexture::from_words(words, texel_grid(format, shape)) {
-                Ok(t) => Words::Texture(t),
-                Err(words) => Words::Buffer(int(words)),
-            }
-        } else {
-            Words::Buffer(int(words))
-        };
+        let words =
+            if (format != WeightDtype::F16 || shape[2].is_multiple_of(8)) && crate::gpu::texture::available(device) {
+                match crate::gpu::texture::WeightTexture::from_words(words, texel_grid(format, shape)) {
+                    Ok(t) => Words::Texture(t),
+                    Err(words) => Words::Buffer(int(words)),
+                }
+            } else {
+                Words::Buffer(int(words))
+            };
         #[cfg(target_arch = "wasm32")]
         let words = Words::Buffer(int(words));
         Packed {
@@ -621,9 +619,9 @@ mod tests {
     /// The CPU device where the crate has it (the workspace build), else the GPU.
     fn cpu() -> Device {
         #[cfg(feature = "cpu")]
-        return crate::engine::cpu_device();
+        return crate::gpu::device::cpu_device();
         #[cfg(not(feature = "cpu"))]
-        return crate::engine::default_device().expect("a device for the unpacking tests");
+        return crate::gpu::device::default_device().expect("a device for the unpacking tests");
     }
 
     fn sample(len: usize) -> Vec<f32> {
@@ -728,8 +726,8 @@ mod tests {
     #[cfg(not(target_arch = "wasm32"))]
     #[test]
     fn words_come_back_out_of_textures_in_either_layout() {
-        use crate::kernels::texture::Layout;
-        let Ok(device) = crate::engine::default_device() else {
+        use crate::gpu::texture::Layout;
+        let Ok(device) = crate::gpu::device::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };
@@ -739,7 +737,7 @@ mod tests {
         for format in [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4] {
             let mut host = PackedHost::new(format, shape);
             for m in data.chunks(shape[1] * shape[2]) {
-                host.push_rows(&crate::model::transpose(m, shape[1], shape[2]));
+                host.push_rows(&crate::gpu::weights::transpose(m, shape[1], shape[2]));
             }
             let words = host.words;
             for (layout, rows) in [

@@ -12,8 +12,8 @@ use burn::tensor::{DType, Tensor};
 use burn_cubecl::cubecl::server::Handle;
 use burn_cubecl::tensor::CubeTensor;
 
+use super::weights::Factor;
 use super::{cube_tensor, empty, float, repeated, tagged};
-use crate::model::mla::Factor;
 
 const QUERY: &str = include_str!("../../../../shaders/mla_query.wgsl");
 const ATTEND: &str = include_str!("../../../../shaders/mla_attend.wgsl");

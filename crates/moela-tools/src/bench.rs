@@ -4,11 +4,11 @@
 use burn::tensor::{Device, Tensor};
 use serde::Serialize;
 
-use crate::engine::{Engine, LoadReport};
-use crate::error::{Error, Result};
-use crate::generate::SessionOptions;
-use crate::kernels::{self, Kernels};
-use crate::model::{Linear, WeightDtype};
+use moela::SessionOptions;
+use moela::gpu::{self, Kernels};
+use moela::gpu::{Linear, WeightDtype};
+use moela::{Engine, LoadReport};
+use moela::{Error, Result};
 
 /// What a benchmark run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -40,10 +40,10 @@ pub struct BenchReport {
     pub dispatches_per_token: u64,
     /// The same launches by kernel, most frequent first (with their time when the bench was asked to
     /// profile: that step runs its kernels one at a time).
-    pub dispatches_by_kernel: Vec<kernels::KernelStat>,
+    pub dispatches_by_kernel: Vec<gpu::KernelStat>,
     /// With a profile: the launches of one more prefill of the same prompt by kernel, each timed (run one
     /// at a time, so the sum exceeds the prefill's time).
-    pub prefill_by_kernel: Option<Vec<kernels::KernelStat>>,
+    pub prefill_by_kernel: Option<Vec<gpu::KernelStat>>,
     /// The device memory after the run, against what the model needs (wgpu device only).
     pub gpu_memory: Option<GpuMemory>,
     /// How the model's load went: bytes read, seconds.
@@ -181,13 +181,13 @@ pub async fn bench(
     let decode_tps = gen_tokens as f64 / decode;
 
     // One more step, counted (outside the timing: the count takes a lock per launch, a profile serialises).
-    let counter = kernels::LaunchCounter::start(profile);
+    let counter = gpu::LaunchCounter::start(profile);
     session.step(argmax(&logits)).await?;
     let dispatches_by_kernel = counter.finish();
     let dispatches_per_token = dispatches_by_kernel.iter().map(|k| k.launches).sum();
     let prefill_by_kernel = if profile {
         session.reset();
-        let counter = kernels::LaunchCounter::start(true);
+        let counter = gpu::LaunchCounter::start(true);
         session.prefill(&prompt).await?;
         Some(counter.finish())
     } else {
@@ -196,7 +196,7 @@ pub async fn bench(
 
     let info = engine.info();
     let needed = info.gpu_weight_bytes + max_context as u64 * info.cache.bytes_per_token;
-    let gpu_memory = kernels::device_memory(&engine.model.device).map(|(reserved, in_use)| GpuMemory {
+    let gpu_memory = gpu::device_memory(engine.device()).map(|(reserved, in_use)| GpuMemory {
         reserved_bytes: reserved,
         in_use_bytes: in_use,
         weights_and_cache_bytes: needed,
@@ -206,8 +206,8 @@ pub async fn bench(
     let mean_context = (prompt_tokens + gen_tokens / 2) as u64;
     let bytes = info.active_weight_bytes_per_token + mean_context * info.cache.bytes_per_token;
     let achieved = bytes as f64 * decode_tps / 1e9;
-    let copy = copy_bandwidth(&engine.model.device).await?;
-    let matvec = matvec_throughput(&engine.model.device, engine.dtype(), engine.model.head.kernels).await?;
+    let copy = copy_bandwidth(engine.device()).await?;
+    let matvec = matvec_throughput(engine.device(), engine.dtype(), engine.kernels()).await?;
     Ok(BenchReport {
         prompt_tokens,
         gen_tokens,
@@ -229,7 +229,7 @@ pub async fn bench(
         gpu_memory,
         load: engine.load_report(),
         load_gb_per_second: engine.load_report().gb_per_second(),
-        peak_host_memory_bytes: crate::memory::peak_resident_bytes(),
+        peak_host_memory_bytes: moela::memory::peak_resident_bytes(),
     })
 }
 

@@ -136,12 +136,12 @@ mod tests {
     use burn::tensor::Distribution;
 
     use super::*;
-    use crate::kernels::worst_difference;
+    use crate::gpu::worst_difference;
     use crate::model::norm::RmsNorm;
 
     #[test]
     fn matches_burn_norm_with_and_without_residual() {
-        let Ok(device) = crate::engine::default_device() else {
+        let Ok(device) = crate::gpu::device::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };
@@ -153,7 +153,7 @@ mod tests {
             let norm = RmsNorm {
                 weight: gain.clone(),
                 eps: 1e-6,
-                kernels: crate::kernels::Kernels::Generic,
+                kernels: crate::gpu::Kernels::Generic,
             };
             let (out, none) = rms_norm(&x, Residual::None, &gain, 1e-6).expect("the kernel covers this shape");
             assert!(none.is_none());

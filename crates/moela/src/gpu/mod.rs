@@ -7,16 +7,23 @@
 //! on another backend such as the CPU or autodiff one, a dtype or shape the kernel does not cover), the
 //! launcher returns `None` and the caller takes burn's generic path, which stays the reference.
 
+pub mod device;
+pub mod experts;
+pub mod format;
+pub mod latent_attention;
 pub mod matvec;
-pub mod mla;
-pub mod mlp;
-pub mod moe;
-pub mod norm;
 pub mod packed;
+pub mod products;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod replay;
+pub mod rms_norm;
+pub mod swiglu;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod texture;
+pub mod weights;
+
+pub use format::{Rows, WeightDtype};
+pub use weights::{Linear, Weights, WeightsHost};
 
 use burn::tensor::{Int, Tensor};
 use burn_cubecl::cubecl::ir::UIntKind;

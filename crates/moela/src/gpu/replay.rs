@@ -112,7 +112,7 @@ fn with_trace(f: impl FnOnce(&mut Trace)) {
     });
 }
 
-/// Records a launch made through CubeCL (`kernels::launch_at`).
+/// Records a launch made through CubeCL (`gpu::launch_at`).
 pub(super) fn record_cube(
     anchor: &CubeTensor,
     kernel: &WgslKernel,
@@ -384,7 +384,7 @@ pub struct Plan {
     cache_ids: Vec<usize>,
     positions: Range<usize>,
     client: Client,
-    /// CubeCL's launch count when its queue was last flushed for this plan (`kernels::cube_launches`).
+    /// CubeCL's launch count when its queue was last flushed for this plan (`gpu::cube_launches`).
     flushed_at: std::sync::atomic::AtomicU64,
     /// Every buffer the steps bind, held so that CubeCL's pools neither reuse nor move them (a held
     /// binding does not count as an owner of a tensor, so the cache is still written in place).
@@ -651,16 +651,17 @@ impl Plan {
 mod tests {
     use std::path::Path;
 
-    use crate::engine::{Engine, LoadOptions, Replay, read_rows};
-    use crate::kernels::mla::CHUNK;
-    use crate::model::WeightDtype;
+    use crate::engine::{Engine, LoadOptions, read_rows};
+    use crate::generate::Replay;
+    use crate::gpu::WeightDtype;
+    use crate::gpu::latent_attention::CHUNK;
     use crate::model::transformer::LogitsFor;
 
     /// Replayed decode steps give the logits of the same steps run launch by launch, across the end of an
     /// attention chunk (where the plan is recorded again) and after the cache changed buffers.
     #[test]
     fn replayed_steps_match_steps_run_launch_by_launch() {
-        if crate::engine::default_device().is_err() {
+        if crate::gpu::device::default_device().is_err() {
             eprintln!("no GPU adapter: skipped");
             return;
         }
@@ -693,7 +694,7 @@ mod tests {
                     .forward(&[token], &mut reference, LogitsFor::Last, None)
                     .unwrap();
                 let want = pollster::block_on(read_rows(out)).unwrap().pop().unwrap();
-                let diff = crate::kernels::worst_of(&got, &want);
+                let diff = crate::gpu::worst_of(&got, &want);
                 assert!(diff <= 1e-6, "{name} {dtype:?}, step {step}: logits differ by {diff}");
             }
             // Recorded at the first step, at the first step of the next chunk and after the move: the other

@@ -15,7 +15,8 @@ use moela::{CheckpointFiles, Engine, LoadOptions, ModelConfig, WeightDtype};
 /// DeepSeek-V2-Lite's published config.json (the `v2-lite` preset's) with 2 layers, 8 of its 64 routed experts
 /// (top-2) and a 4096-token vocabulary: every width is the real one.
 fn checkpoint_config() -> String {
-    let mut c: serde_json::Value = serde_json::from_str(&moela::preset::preset_config("v2-lite").unwrap()).unwrap();
+    let mut c: serde_json::Value =
+        serde_json::from_str(&moela_tools::preset::preset_config("v2-lite").unwrap()).unwrap();
     for (key, value) in [
         ("num_hidden_layers", 2),
         ("n_routed_experts", 8),
@@ -120,7 +121,7 @@ fn a_real_width_checkpoint_loads_within_its_memory_budget_and_matches_the_bytes_
         // pages of the tensor being read, the device's own start-up, and the allocator's slack.
         let budget = 192u64 << 20;
         // On a CPU adapter (lavapipe) the GPU's memory is the process's own.
-        let gpu = if moela::kernels::texture::cpu_adapter() {
+        let gpu = if moela::gpu::texture::cpu_adapter() {
             info.gpu_weight_bytes * 11 / 10
         } else {
             0

@@ -398,11 +398,11 @@ mod tests {
     use burn::tensor::{Distribution, TensorData};
 
     use super::*;
-    use crate::kernels::worst_difference;
+    use crate::gpu::worst_difference;
 
     #[test]
     fn matches_selected_burn_products_on_awkward_sizes() {
-        let Ok(device) = crate::engine::default_device() else {
+        let Ok(device) = crate::gpu::device::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };
@@ -465,7 +465,7 @@ mod tests {
 
     #[test]
     fn sort_tiles_every_pair_once_by_expert() {
-        let Ok(device) = crate::engine::default_device() else {
+        let Ok(device) = crate::gpu::device::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };
@@ -527,7 +527,7 @@ mod tests {
 
     #[test]
     fn sorted_pairs_match_each_pair_in_f32() {
-        let Ok(device) = crate::engine::default_device() else {
+        let Ok(device) = crate::gpu::device::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };
@@ -559,7 +559,7 @@ mod tests {
 
     #[test]
     fn combine_matches_weighted_sum_plus_shared() {
-        let Ok(device) = crate::engine::default_device() else {
+        let Ok(device) = crate::gpu::device::default_device() else {
             eprintln!("no GPU adapter: skipped");
             return;
         };

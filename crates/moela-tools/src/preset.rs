@@ -8,11 +8,11 @@ use rand_chacha::ChaCha8Rng;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 
-use crate::config::ModelConfig;
-use crate::error::{Error, Result};
-use crate::load::synthetic::{Fill, Synthetic, SyntheticTensor};
-use crate::load::{CheckpointFiles, FileData, WeightFile};
-use crate::model::transformer::tensor_shapes;
+use moela::ModelConfig;
+use moela::load::synthetic::{Fill, Synthetic, SyntheticTensor};
+use moela::load::{CheckpointFiles, FileData, WeightFile};
+use moela::model::transformer::tensor_shapes;
+use moela::{Error, Result};
 
 /// Names accepted by [`preset_files`], with a line each.
 pub const PRESETS: &[(&str, &str)] = &[

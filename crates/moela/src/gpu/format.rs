@@ -1,0 +1,135 @@
+//! How weights are stored on the GPU ([`WeightDtype`]) and how a checkpoint's values arrive to be stored
+//! ([`Rows`]): the two ends a weight format connects. Adding a format means a variant here, its packer in
+//! `packed.rs` and its unpacking in the shader includes (`shaders/unpack_*.wgsl`).
+
+use half::f16;
+
+use crate::error::{Error, Result};
+
+/// How projection and expert weights are stored on the GPU. Activations, norms, softmax, the router, the
+/// absorbed attention factors and the embedding table stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    /// 4 bytes per weight.
+    #[default]
+    F32,
+    /// 2 bytes per weight: f16 pairs packed in u32 words (no shader-f16 needed).
+    F16,
+    /// 8.5 bits per weight: signed bytes with an f16 scale per block of 32.
+    Q8,
+    /// 4.5 bits per weight: 4-bit codes with an f16 scale per block of 32.
+    Q4,
+}
+
+impl WeightDtype {
+    /// Bits per stored weight, block scales included.
+    pub fn bits(self) -> f64 {
+        match self {
+            WeightDtype::F32 => 32.0,
+            WeightDtype::F16 => 16.0,
+            WeightDtype::Q8 => 8.0 + 16.0 / super::packed::BLOCK as f64,
+            WeightDtype::Q4 => 4.0 + 16.0 / super::packed::BLOCK as f64,
+        }
+    }
+
+    /// Whether weights of this format are stored packed ([`Packed`](super::packed::Packed)).
+    pub fn is_packed(self) -> bool {
+        self != WeightDtype::F32
+    }
+
+    /// The name used by the CLI, the JS options and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::F16 => "f16",
+            WeightDtype::Q8 => "q8",
+            WeightDtype::Q4 => "q4",
+        }
+    }
+
+    /// Parses `f32` / `f16` / `q8` / `q4`.
+    pub fn parse(s: &str) -> Result<Self> {
+        [Self::F32, Self::F16, Self::Q8, Self::Q4]
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| Error::InvalidArgument(format!("weights {s:?}: expected f32, f16, q8 or q4")))
+    }
+}
+
+/// Consecutive values of a tensor as stored (little-endian bytes, or f32 already), read a block at a time by
+/// whoever consumes them: the quantisers convert 32 values on the stack instead of a whole tensor to f32.
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// f32 values as little-endian bytes.
+    F32Bytes(&'a [u8]),
+    /// bf16 values as little-endian bytes.
+    Bf16(&'a [u8]),
+    /// f16 values as little-endian bytes.
+    F16(&'a [u8]),
+}
+
+impl Rows<'_> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::F32(v) => v.len(),
+            Rows::F32Bytes(b) => b.len() / 4,
+            Rows::Bf16(b) | Rows::F16(b) => b.len() / 2,
+        }
+    }
+
+    /// True when there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values `at..at + out.len()` as f32 into `out`. Returns false when one of them is not finite.
+    ///
+    /// Finiteness is read off the bits: the largest magnitude's bit pattern (sign cleared) is below the
+    /// format's infinity exactly when every value is finite, and integer maxima vectorise where float ones
+    /// (with their NaN rules) do not.
+    #[inline(always)]
+    pub fn read(&self, at: usize, out: &mut [f32]) -> bool {
+        let n = out.len();
+        match self {
+            Rows::F32(v) => {
+                let mut top = 0u32;
+                for (o, x) in out.iter_mut().zip(&v[at..at + n]) {
+                    top = top.max(x.to_bits() & 0x7fff_ffff);
+                    *o = *x;
+                }
+                top < 0x7f80_0000
+            }
+            Rows::F32Bytes(b) => {
+                let mut top = 0u32;
+                for (o, x) in out.iter_mut().zip(b[4 * at..4 * (at + n)].chunks_exact(4)) {
+                    let bits = u32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+                    top = top.max(bits & 0x7fff_ffff);
+                    *o = f32::from_bits(bits);
+                }
+                top < 0x7f80_0000
+            }
+            Rows::Bf16(b) => {
+                let mut top = 0u16;
+                for (o, x) in out.iter_mut().zip(b[2 * at..2 * (at + n)].chunks_exact(2)) {
+                    let bits = u16::from_le_bytes([x[0], x[1]]);
+                    top = top.max(bits & 0x7fff);
+                    *o = f32::from_bits(u32::from(bits) << 16);
+                }
+                top < 0x7f80
+            }
+            Rows::F16(b) => {
+                let mut top = 0u16;
+                for (o, x) in out.iter_mut().zip(b[2 * at..2 * (at + n)].chunks_exact(2)) {
+                    let bits = u16::from_le_bytes([x[0], x[1]]);
+                    top = top.max(bits & 0x7fff);
+                    *o = f16::from_bits(bits).to_f32();
+                }
+                top < 0x7c00
+            }
+        }
+    }
+}

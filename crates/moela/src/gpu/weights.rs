@@ -1,0 +1,354 @@
+//! A weight as the GPU holds it ([`Weights`]: f32, or packed words), its host-side assembly from a
+//! checkpoint's rows ([`WeightsHost`]), and the projection built on it ([`Linear`]).
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+use super::packed::{self, Packed};
+use super::{Kernels, Rows, WeightDtype};
+
+/// A projection's or an expert stack's weights as the GPU holds them.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // a burn tensor is a handle with inline shape metadata, built once at load
+pub enum Weights<const D: usize> {
+    /// f32, `[.., in, out]`: any shape, and what training updates.
+    Dense(Tensor<D>),
+    /// f16 / q8 / q4 words, unpacked by the kernels.
+    Packed(Box<Packed>),
+}
+
+impl<const D: usize> Weights<D> {
+    /// Stores row-major `[.., in, out]` values in `format`, or in f32 when the format cannot pack the shape
+    /// (outputs not a multiple of 4).
+    pub fn new(data: Vec<f32>, shape: [usize; D], format: WeightDtype, device: &Device) -> Self {
+        let n = shape[D - 1];
+        if Packed::supports(format, n) {
+            let count = shape[..D - 2].iter().product();
+            Weights::Packed(Box::new(Packed::new(&data, [count, shape[D - 2], n], format, device)))
+        } else {
+            Weights::Dense(Tensor::from_data(TensorData::new(data, shape), device))
+        }
+    }
+
+    /// The weights as f32, unpacked by moela's kernel (`kernels` wgsl, on the GPU) or burn's ops.
+    pub fn to_f32(&self, kernels: Kernels) -> Tensor<D> {
+        match self {
+            Weights::Dense(t) => as_f32(t),
+            Weights::Packed(p) => {
+                let fast = match kernels {
+                    Kernels::Wgsl => super::products::dequantise(p),
+                    Kernels::Generic => None,
+                };
+                let dims: [usize; D] = std::array::from_fn(|i| p.shape[3 - D + i]);
+                fast.unwrap_or_else(|| p.dequantise()).reshape(dims)
+            }
+        }
+    }
+
+    /// Bytes the weights take on the device.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weights::Dense(t) => t.shape().num_elements() * t.dtype().size(),
+            Weights::Packed(p) => p.bytes(),
+        }
+    }
+
+    /// Bytes one `[K, N]` matrix of `format` takes as [`Weights::new`] stores it.
+    pub fn matrix_bytes(format: WeightDtype, k: usize, n: usize) -> usize {
+        if Packed::supports(format, n) {
+            Packed::matrix_bytes(format, k, n)
+        } else {
+            k * n * 4
+        }
+    }
+}
+
+/// A stack of `[K, N]` matrices assembled on the host from a checkpoint's HF rows (`[N, K]` each), then
+/// stored on the device: packed as they arrive where the format packs the shape (no f32 copy of the stack is
+/// ever made), else transposed into f32.
+#[derive(Debug)]
+pub enum WeightsHost {
+    /// f32 `[count, K, N]`, and how many matrices are filled.
+    Dense(Vec<f32>, [usize; 3], usize),
+    /// Packed words and scales.
+    Packed(packed::PackedHost),
+}
+
+impl WeightsHost {
+    /// Room for `count` matrices of `[K, N]` stored in `format` (f32 where it cannot pack N).
+    pub fn new(format: WeightDtype, [count, k, n]: [usize; 3]) -> Self {
+        if Packed::supports(format, n) {
+            WeightsHost::Packed(packed::PackedHost::new(format, [count, k, n]))
+        } else {
+            WeightsHost::Dense(vec![0.0; count * k * n], [count, k, n], 0)
+        }
+    }
+
+    /// Adds the next matrix from its HF rows, `[N, K]` row-major.
+    ///
+    /// # Panics
+    /// When the stack is full or `rows` is not `N * K` values.
+    pub fn push_rows(&mut self, rows: &[f32]) {
+        self.push(&[Rows::F32(rows)]);
+    }
+
+    /// Adds the next matrix from `parts`, consecutive runs of its HF rows as the checkpoint stores them
+    /// ([`PackedHost::push`](packed::PackedHost::push)). Returns false when a value is not finite.
+    ///
+    /// # Panics
+    /// When the stack is full or the parts are not `N * K` values in all.
+    pub fn push(&mut self, parts: &[Rows<'_>]) -> bool {
+        match self {
+            WeightsHost::Packed(p) => p.push(parts),
+            WeightsHost::Dense(data, [count, k, n], filled) => {
+                let (k, n) = (*k, *n);
+                assert!(*filled < *count, "the stack holds {count} matrices");
+                assert_eq!(
+                    parts.iter().map(Rows::len).sum::<usize>(),
+                    k * n,
+                    "one matrix of HF rows"
+                );
+                let mut rows = Vec::with_capacity(k * n);
+                let mut ok = true;
+                for p in parts {
+                    let at = rows.len();
+                    rows.resize(at + p.len(), 0.0);
+                    ok &= p.read(0, &mut rows[at..]);
+                }
+                transpose_into(&rows, n, k, &mut data[*filled * k * n..(*filled + 1) * k * n]);
+                *filled += 1;
+                ok
+            }
+        }
+    }
+
+    /// Bytes held on the host.
+    pub fn bytes(&self) -> usize {
+        match self {
+            WeightsHost::Packed(p) => p.bytes(),
+            WeightsHost::Dense(data, ..) => data.len() * 4,
+        }
+    }
+
+    /// Stores the stack on `device` as `dims` (`[.., K, N]`, as many values as the stack).
+    pub fn upload<const D: usize>(self, dims: [usize; D], device: &Device) -> Weights<D> {
+        match self {
+            WeightsHost::Packed(p) => Weights::Packed(Box::new(p.upload(device))),
+            WeightsHost::Dense(data, ..) => Weights::Dense(Tensor::from_data(TensorData::new(data, dims), device)),
+        }
+    }
+}
+
+impl Weights<2> {
+    /// Stores an HF `[N, K]` row-major weight (outputs by inputs) as the `[K, N]` matrix the products take.
+    pub fn from_rows(rows: &[f32], n: usize, k: usize, format: WeightDtype, device: &Device) -> Self {
+        let mut host = WeightsHost::new(format, [1, k, n]);
+        host.push_rows(rows);
+        host.upload([k, n], device)
+    }
+}
+
+impl Weights<3> {
+    /// Matrices `first..first + count` of the stack as f32 `[count, K, N]`: the whole stack as
+    /// [`to_f32`](Self::to_f32) unpacks it, a part of it with burn's ops.
+    pub fn to_f32_range(&self, first: usize, count: usize, kernels: Kernels) -> Tensor<3> {
+        match self {
+            Weights::Packed(p) if first > 0 || count < p.shape[0] => p.dequantise_range(first, count),
+            Weights::Dense(t) if first > 0 || count < t.dims()[0] => as_f32(&t.clone().narrow(0, first, count)),
+            _ => self.to_f32(kernels),
+        }
+    }
+
+    /// Matrices in the stack.
+    pub fn count(&self) -> usize {
+        match self {
+            Weights::Dense(t) => t.dims()[0],
+            Weights::Packed(p) => p.shape[0],
+        }
+    }
+}
+
+/// The most bytes one tensor may take: WebGPU's guaranteed storage-binding size (128 MiB).
+pub const MAX_BINDING_BYTES: usize = 128 << 20;
+
+/// A projection `x W^T` with the weight stored transposed, `[in, out]`, so the product is `x @ w`.
+/// Weights larger than one storage binding are split by output columns.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Column blocks of the `[in, out]` weight, each within [`MAX_BINDING_BYTES`] once unpacked to f32.
+    pub parts: Vec<Weights<2>>,
+    /// Whether few-row products run moela's matrix-vector kernel (where it applies) or burn's matmul.
+    pub kernels: Kernels,
+}
+
+impl Linear {
+    /// The output rows of each part an `[out, in]` weight is split into: parts fit one binding even unpacked
+    /// to f32 (as burn's ops unpack them); packed parts take whole groups of four outputs.
+    pub fn part_rows(out: usize, inp: usize) -> Vec<std::ops::Range<usize>> {
+        let mut per_part = (MAX_BINDING_BYTES / (inp * 4).max(1)).clamp(1, out.max(1));
+        if per_part < out && per_part >= 4 {
+            per_part -= per_part % 4;
+        }
+        (0..out)
+            .step_by(per_part)
+            .map(|r0| r0..(r0 + per_part).min(out))
+            .collect()
+    }
+
+    /// Stores an `[out, in]` row-major weight (HF layout) in `dtype`, split into [parts](Self::part_rows).
+    pub fn from_rows(w: &[f32], out: usize, inp: usize, dtype: WeightDtype, device: &Device) -> Self {
+        let parts = Self::part_rows(out, inp)
+            .into_iter()
+            .map(|r| Weights::from_rows(&w[r.start * inp..r.end * inp], r.len(), inp, dtype, device))
+            .collect();
+        Self::from_parts(parts)
+    }
+
+    /// A projection from its column parts, in order.
+    pub fn from_parts(parts: Vec<Weights<2>>) -> Self {
+        Self {
+            parts,
+            kernels: Kernels::default(),
+        }
+    }
+
+    /// `x`: `[T, in]` -> `[T, out]`.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        if self.parts.len() == 1 {
+            return self.part(&x, &self.parts[0]);
+        }
+        let outs = self.parts.iter().map(|p| self.part(&x, p)).collect();
+        Tensor::cat(outs, 1)
+    }
+
+    fn part(&self, x: &Tensor<2>, w: &Weights<2>) -> Tensor<2> {
+        if self.kernels == Kernels::Wgsl {
+            let fast = match w {
+                Weights::Dense(t) => super::matvec::matvec(x, t),
+                // Any number of rows in one launch: packed weights are never unpacked here.
+                Weights::Packed(p) => super::products::product(x, p),
+            };
+            if let Some(y) = fast {
+                return y;
+            }
+        }
+        x.clone().matmul(w.to_f32(self.kernels))
+    }
+
+    /// Bytes the weight takes on the device.
+    pub fn bytes(&self) -> usize {
+        self.parts.iter().map(Weights::bytes).sum()
+    }
+}
+
+/// The tensor in f32: stored f16 weights are widened for the product (accumulation stays f32).
+pub fn as_f32<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
+    if t.dtype() == DType::F32 {
+        t.clone()
+    } else {
+        t.clone().cast(DType::F32)
+    }
+}
+
+/// Uploads host values as an f32 tensor.
+pub fn upload<const D: usize>(data: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+/// Transposes a row-major `[rows, cols]` matrix.
+pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; data.len()];
+    transpose_into(data, rows, cols, &mut out);
+    out
+}
+
+/// Transposes a row-major `[rows, cols]` matrix into `out` (`[cols, rows]`), in tasks of 32 output rows on
+/// every core natively, each reading 32 adjacent values of every input row.
+pub fn transpose_into(data: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    const B: usize = 32;
+    packed::for_chunks(out, B * rows.max(1), |t, chunk| {
+        let c0 = t * B;
+        let cc = chunk.len() / rows.max(1);
+        for r in 0..rows {
+            let src = &data[r * cols + c0..r * cols + c0 + cc];
+            for (c, v) in src.iter().enumerate() {
+                chunk[c * rows + r] = *v;
+            }
+        }
+    });
+}
+
+/// An absorbed attention factor, f32 `[n_h, K, N]` (`W_UK` or `W_UV^T`): a burn tensor, or natively (N a
+/// multiple of 4) a texture that the decode kernels read four columns to a texel, as they read packed
+/// weights (`gpu/texture.rs`; on lavapipe 5x faster than a storage buffer). burn's ops get a copy.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // a burn tensor handle, built once at load
+pub enum Factor {
+    /// A burn tensor: any device, and what training updates.
+    Tensor(Tensor<3>),
+    /// f32 bit patterns in a weight texture of `[n_h, K, N / 4]` texels.
+    #[cfg(not(target_arch = "wasm32"))]
+    Texture {
+        /// The texels.
+        texture: std::sync::Arc<super::texture::WeightTexture>,
+        /// `[n_h, K, N]`.
+        dims: [usize; 3],
+        /// Where burn's copy goes.
+        device: Device,
+    },
+}
+
+impl Factor {
+    /// Uploads row-major `[n_h, K, N]` values: into a texture where the device has them, else a tensor.
+    pub fn new(data: Vec<f32>, dims: [usize; 3], device: &Device) -> Self {
+        #[cfg(not(target_arch = "wasm32"))]
+        if dims[2].is_multiple_of(4) && super::texture::available(device) {
+            let grid = [dims[0], dims[1], dims[2] / 4];
+            if let Some(texture) = super::texture::WeightTexture::new(bytemuck::cast_slice(&data), grid) {
+                return Factor::Texture {
+                    texture,
+                    dims,
+                    device: device.clone(),
+                };
+            }
+        }
+        Factor::Tensor(upload(data, dims, device))
+    }
+
+    /// `[n_h, K, N]`.
+    pub fn dims(&self) -> [usize; 3] {
+        match self {
+            Factor::Tensor(t) => t.dims(),
+            #[cfg(not(target_arch = "wasm32"))]
+            Factor::Texture { dims, .. } => *dims,
+        }
+    }
+
+    /// The burn tensor that training updates; `None` for a factor in a texture (native inference only).
+    pub fn trainable(&mut self) -> Option<&mut Tensor<3>> {
+        match self {
+            Factor::Tensor(t) => Some(t),
+            #[cfg(not(target_arch = "wasm32"))]
+            Factor::Texture { .. } => None,
+        }
+    }
+
+    /// The factor as an f32 tensor for burn's ops (copied out of the texture where it lives in one).
+    pub fn tensor(&self) -> Tensor<3> {
+        match self {
+            Factor::Tensor(t) => as_f32(t),
+            #[cfg(not(target_arch = "wasm32"))]
+            Factor::Texture { texture, dims, device } => {
+                let [h, k, n] = *dims;
+                let out = Tensor::<1>::zeros([h * k * n], device);
+                if let Ok(cube) = out.clone().try_into_primitive::<burn_cubecl::Cube>() {
+                    texture.copy_to(&cube);
+                }
+                match texture.layout() {
+                    super::texture::Layout::Rows => out.reshape(*dims),
+                    // [h, N/4, K] texels back to [h, K, N/4].
+                    super::texture::Layout::Columns => out.reshape([h, n / 4, k, 4]).swap_dims(1, 2).reshape(*dims),
+                }
+            }
+        }
+    }
+}
