@@ -28,11 +28,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let k_len = shape.k;
     let n4 = shape.n4;
-    // One accumulator per row of x: the launcher repeats each line holding {{R}} per row (1 to 8 rows).
-    var acc{{R}} = vec4<f32>(0.0);
+    // One accumulator per row of x: the launcher repeats each line holding R per row (1 to 8 rows).
+{% for R in range(M) %}    var acc{{R}} = vec4<f32>(0.0);
+{% endfor %}
     for (var k = 0u; k < k_len; k++) {
         let wv = w[k * n4 + c];
-        acc{{R}} = fma(vec4<f32>(x[{{R}}u * k_len + k]), wv, acc{{R}});
+{% for R in range(M) %}        acc{{R}} = fma(vec4<f32>(x[{{R}}u * k_len + k]), wv, acc{{R}});
+{% endfor %}
     }
-    y[{{R}}u * n4 + c] = acc{{R}};
+{% for R in range(M) %}    y[{{R}}u * n4 + c] = acc{{R}};
+{% endfor %}
 }

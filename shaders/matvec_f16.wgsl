@@ -1,6 +1,6 @@
 // Products with f16 weights packed in pairs in u32 words (gpu/packed.rs has the layout), unpacked with
 // unpack2x16float: half the bytes of f32 on any adapter, with no shader-f16 needed. f32 accumulation.
-// Same entry points and work split as matvec_q8.wgsl (matvec with {{R}} lines repeated per row of x,
+// Same entry points and work split as matvec_packed.wgsl (matvec with the lines of a `for R` loop written once per row of x,
 // gathered for MoE decode, grouped for MoE prefill, dequant for burn's ops); each invocation owns four adjacent columns and
 // reads one vec2<u32> (four f16) per k.
 //
@@ -41,17 +41,23 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     let k_len = shape.k;
     let base = u32(idx[0]) * k_len * n4 + c;
     // This workgroup row's rows of x: r0.. (the last group's rows past M repeat row M - 1, unwritten);
-    // a launch of one group ({{ONE}} lines, decode) has exactly {{M}} rows.
-    let r0 = gid.y * {{M}}u; {{MANY}}
-    let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * k_len; {{MANY}}
-    let row{{R}} = {{R}}u * k_len; {{ONE}}
-    var acc{{R}} = vec4<f32>(0.0);
+    // a launch of one group (ONE lines, decode) has exactly M rows.
+{% if MANY %}    let r0 = gid.y * {{M}}u;{% endif %}
+{% if MANY %}{% for R in range(M) %}    let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * k_len;
+{% endfor %}{% endif %}
+{% if ONE %}{% for R in range(M) %}    let row{{R}} = {{R}}u * k_len;
+{% endfor %}{% endif %}
+{% for R in range(M) %}    var acc{{R}} = vec4<f32>(0.0);
+{% endfor %}
     for (var k = 0u; k < k_len; k++) {
         let wv = unpack(w[base + k * n4]);
-        acc{{R}} = fma(vec4<f32>(x[row{{R}} + k]), wv, acc{{R}});
+{% for R in range(M) %}        acc{{R}} = fma(vec4<f32>(x[row{{R}} + k]), wv, acc{{R}});
+{% endfor %}
     }
-    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * n4 + c] = acc{{R}}; } {{MANY}}
-    y[{{R}}u * n4 + c] = acc{{R}}; {{ONE}}
+{% if MANY %}{% for R in range(M) %}    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * n4 + c] = acc{{R}}; }
+{% endfor %}{% endif %}
+{% if ONE %}{% for R in range(M) %}    y[{{R}}u * n4 + c] = acc{{R}};
+{% endfor %}{% endif %}
 }
 
 @compute @workgroup_size(64)
@@ -81,7 +87,7 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 @compute @workgroup_size(64)
 fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
-    // Tile gid.y of the plan (shaders/moe_sort.wgsl), as in matvec_q8.wgsl.
+    // Tile gid.y of the plan (shaders/moe_sort.wgsl), as in matvec_packed.wgsl.
     let t = 4u * gid.y;
     let pairs = u32(idx[t + 2u]);
     let e = idx[t] - i32(shape.first);
@@ -93,17 +99,22 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let k_len = shape.k;
     let at = shape.order + u32(idx[t + 1u]);
-    let p{{R}} = u32(idx[at + min({{R}}u, pairs - 1u)]);
-    let row{{R}} = (p{{R}} / shape.x_div) * k_len;
-    var acc{{R}} = vec4<f32>(0.0);
+{% for R in range(M) %}    let p{{R}} = u32(idx[at + min({{R}}u, pairs - 1u)]);
+{% endfor %}
+{% for R in range(M) %}    let row{{R}} = (p{{R}} / shape.x_div) * k_len;
+{% endfor %}
+{% for R in range(M) %}    var acc{{R}} = vec4<f32>(0.0);
+{% endfor %}
     if (inside) {
         let base = u32(e) * k_len * n4 + c;
         for (var k = 0u; k < k_len; k++) {
             let wv = unpack(w[base + k * n4]);
-            acc{{R}} = fma(vec4<f32>(x[row{{R}} + k]), wv, acc{{R}});
+{% for R in range(M) %}            acc{{R}} = fma(vec4<f32>(x[row{{R}} + k]), wv, acc{{R}});
+{% endfor %}
         }
     }
-    if ({{R}}u < pairs) { y[p{{R}} * n4 + c] = acc{{R}}; }
+{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * n4 + c] = acc{{R}}; }
+{% endfor %}
 }
 
 @compute @workgroup_size(64)

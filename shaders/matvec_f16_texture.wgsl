@@ -2,14 +2,14 @@
 // gpu/packed.rs's f16 layout ([K, N/2] words, a word holding columns 2j and 2j + 1 of row k) as 16-byte
 // texels, one texel holding eight adjacent columns of one row. Same entry points and bindings as
 // matvec_f16.wgsl; each invocation owns one texel column (eight outputs, two vec4 accumulators per row of
-// x), or two adjacent ones in a prompt's matvec / grouped launches where N/8 is even ({{P}} in this
+// x), or two adjacent ones in a prompt's matvec / grouped launches where N/8 is even (P in this
 // variant), so N must be a multiple of 8. f32 accumulation; unpack2x16float needs no shader-f16.
 //
-// Bindings: x [rows, K] (a storage buffer, or a uniform copy: {{XS}} / {{XU}} lines), w (texture of
+// Bindings: x [rows, K] (a storage buffer, or a uniform copy: XS / XU lines), w (texture of
 // [count, K, N/8] texels), idx [P] i32, y [rows, N/4] vec4, then the shape.
 
-@group(0) @binding(0) var<storage, read_write> x: array<f32>; {{XS}}
-@group(0) @binding(0) var<uniform> x: array<vec4<f32>, 4096>; {{XU}}
+{% if XS %}@group(0) @binding(0) var<storage, read_write> x: array<f32>;{% endif %}
+{% if XU %}@group(0) @binding(0) var<uniform> x: array<vec4<f32>, 4096>;{% endif %}
 @group(0) @binding(1) var w: texture_2d_array<u32>;
 @group(0) @binding(2) var<storage, read_write> idx: array<i32>;
 @group(0) @binding(3) var<storage, read_write> y: array<vec4<f32>>;
@@ -32,17 +32,17 @@ struct Shape {
 
 // Value i of x.
 fn xs(i: u32) -> f32 {
-    return x[i]; {{XS}}
-    return x[i >> 2u][i & 3u]; {{XU}}
+{% if XS %}    return x[i];{% endif %}
+{% if XU %}    return x[i >> 2u][i & 3u];{% endif %}
 }
 
 // Texel (k, c) of matrix e, as its eight f16 values: columns 8c..8c+4 and 8c+4..8c+8 of row k. A row-order
 // texture holds a matrix's texels as [K, N/8]; a column-order one (CPU adapters, gpu/texture.rs) as
-// [N/8, K], each column contiguous along K, so an invocation reads one sequential stream ({{COLS}}).
+// [N/8, K], each column contiguous along K, so an invocation reads one sequential stream (COLS).
 fn texel(e: u32, k: u32, c: u32) -> mat2x4<f32> {
     let n8 = shape.n4 / 2u;
-    let i = (e * shape.k + k) * n8 + c; {{ROWS}}
-    let i = (e * n8 + c) * shape.k + k; {{COLS}}
+{% if ROWS %}    let i = (e * shape.k + k) * n8 + c;{% endif %}
+{% if COLS %}    let i = (e * n8 + c) * shape.k + k;{% endif %}
     let row = i >> 12u;
     let t = textureLoad(w, vec2<u32>(i & 4095u, row & shape.row_mask), row >> shape.layer_shift, 0);
     return mat2x4<f32>(
@@ -53,7 +53,7 @@ fn texel(e: u32, k: u32, c: u32) -> mat2x4<f32> {
 
 @compute @workgroup_size(64)
 fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
-    // {{P}} adjacent texel columns per invocation (lines holding {{C}} are repeated per column): one in
+    // P adjacent texel columns per invocation (lines in a `for C` loop are written once per column): one in
     // decode, two in a prompt's launches, where each x value read then serves 16 outputs.
     let c = gid.x * {{P}}u;
     let n8 = shape.n4 / 2u;
@@ -63,22 +63,34 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     let k_len = shape.k;
     let e = u32(idx[0]);
     // This workgroup row's rows of x: r0.. (the last group's rows past M repeat row M - 1, unwritten);
-    // a launch of one group ({{ONE}} lines, decode) has exactly {{M}} rows.
-    let r0 = gid.y * {{M}}u; {{MANY}}
-    let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * k_len; {{MANY}}
-    let row{{R}} = {{R}}u * k_len; {{ONE}}
-    var lo{{R}}_{{C}} = vec4<f32>(0.0);
-    var hi{{R}}_{{C}} = vec4<f32>(0.0);
+    // a launch of one group (ONE lines, decode) has exactly M rows.
+{% if MANY %}    let r0 = gid.y * {{M}}u;{% endif %}
+{% if MANY %}{% for R in range(M) %}    let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * k_len;
+{% endfor %}{% endif %}
+{% if ONE %}{% for R in range(M) %}    let row{{R}} = {{R}}u * k_len;
+{% endfor %}{% endif %}
+{% for C in range(P) %}{% for R in range(M) %}    var lo{{R}}_{{C}} = vec4<f32>(0.0);
+{% endfor %}{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}    var hi{{R}}_{{C}} = vec4<f32>(0.0);
+{% endfor %}{% endfor %}
     for (var k = 0u; k < k_len; k++) {
-        let wv{{C}} = texel(e, k, c + {{C}}u);
-        let xv{{R}} = vec4<f32>(xs(row{{R}} + k));
-        lo{{R}}_{{C}} = fma(xv{{R}}, wv{{C}}[0], lo{{R}}_{{C}});
-        hi{{R}}_{{C}} = fma(xv{{R}}, wv{{C}}[1], hi{{R}}_{{C}});
+{% for C in range(P) %}        let wv{{C}} = texel(e, k, c + {{C}}u);
+{% endfor %}
+{% for R in range(M) %}        let xv{{R}} = vec4<f32>(xs(row{{R}} + k));
+{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}        lo{{R}}_{{C}} = fma(xv{{R}}, wv{{C}}[0], lo{{R}}_{{C}});
+{% endfor %}{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}        hi{{R}}_{{C}} = fma(xv{{R}}, wv{{C}}[1], hi{{R}}_{{C}});
+{% endfor %}{% endfor %}
     }
-    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * shape.n4 + 2u * (c + {{C}}u)] = lo{{R}}_{{C}}; } {{MANY}}
-    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * shape.n4 + 2u * (c + {{C}}u) + 1u] = hi{{R}}_{{C}}; } {{MANY}}
-    y[{{R}}u * shape.n4 + 2u * (c + {{C}}u)] = lo{{R}}_{{C}}; {{ONE}}
-    y[{{R}}u * shape.n4 + 2u * (c + {{C}}u) + 1u] = hi{{R}}_{{C}}; {{ONE}}
+{% if MANY %}{% for C in range(P) %}{% for R in range(M) %}    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * shape.n4 + 2u * (c + {{C}}u)] = lo{{R}}_{{C}}; }
+{% endfor %}{% endfor %}{% endif %}
+{% if MANY %}{% for C in range(P) %}{% for R in range(M) %}    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * shape.n4 + 2u * (c + {{C}}u) + 1u] = hi{{R}}_{{C}}; }
+{% endfor %}{% endfor %}{% endif %}
+{% if ONE %}{% for C in range(P) %}{% for R in range(M) %}    y[{{R}}u * shape.n4 + 2u * (c + {{C}}u)] = lo{{R}}_{{C}};
+{% endfor %}{% endfor %}{% endif %}
+{% if ONE %}{% for C in range(P) %}{% for R in range(M) %}    y[{{R}}u * shape.n4 + 2u * (c + {{C}}u) + 1u] = hi{{R}}_{{C}};
+{% endfor %}{% endfor %}{% endif %}
 }
 
 @compute @workgroup_size(64)
@@ -112,7 +124,7 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 @compute @workgroup_size(64)
 fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
-    // Tile gid.y of the plan (shaders/moe_sort.wgsl), as in matvec_q8.wgsl; {{P}} texel columns per
+    // Tile gid.y of the plan (shaders/moe_sort.wgsl), as in matvec_packed.wgsl; P texel columns per
     // invocation, as in matvec.
     let t = 4u * gid.y;
     let pairs = u32(idx[t + 2u]);
@@ -125,20 +137,30 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let k_len = shape.k;
     let at = shape.order + u32(idx[t + 1u]);
-    let p{{R}} = u32(idx[at + min({{R}}u, pairs - 1u)]);
-    let row{{R}} = (p{{R}} / shape.x_div) * k_len;
-    var lo{{R}}_{{C}} = vec4<f32>(0.0);
-    var hi{{R}}_{{C}} = vec4<f32>(0.0);
+{% for R in range(M) %}    let p{{R}} = u32(idx[at + min({{R}}u, pairs - 1u)]);
+{% endfor %}
+{% for R in range(M) %}    let row{{R}} = (p{{R}} / shape.x_div) * k_len;
+{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}    var lo{{R}}_{{C}} = vec4<f32>(0.0);
+{% endfor %}{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}    var hi{{R}}_{{C}} = vec4<f32>(0.0);
+{% endfor %}{% endfor %}
     if (inside) {
         for (var k = 0u; k < k_len; k++) {
-            let wv{{C}} = texel(u32(e), k, c + {{C}}u);
-            let xv{{R}} = vec4<f32>(xs(row{{R}} + k));
-            lo{{R}}_{{C}} = fma(xv{{R}}, wv{{C}}[0], lo{{R}}_{{C}});
-            hi{{R}}_{{C}} = fma(xv{{R}}, wv{{C}}[1], hi{{R}}_{{C}});
+{% for C in range(P) %}            let wv{{C}} = texel(u32(e), k, c + {{C}}u);
+{% endfor %}
+{% for R in range(M) %}            let xv{{R}} = vec4<f32>(xs(row{{R}} + k));
+{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}            lo{{R}}_{{C}} = fma(xv{{R}}, wv{{C}}[0], lo{{R}}_{{C}});
+{% endfor %}{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}            hi{{R}}_{{C}} = fma(xv{{R}}, wv{{C}}[1], hi{{R}}_{{C}});
+{% endfor %}{% endfor %}
         }
     }
-    if ({{R}}u < pairs) { y[p{{R}} * shape.n4 + 2u * (c + {{C}}u)] = lo{{R}}_{{C}}; }
-    if ({{R}}u < pairs) { y[p{{R}} * shape.n4 + 2u * (c + {{C}}u) + 1u] = hi{{R}}_{{C}}; }
+{% for C in range(P) %}{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * shape.n4 + 2u * (c + {{C}}u)] = lo{{R}}_{{C}}; }
+{% endfor %}{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * shape.n4 + 2u * (c + {{C}}u) + 1u] = hi{{R}}_{{C}}; }
+{% endfor %}{% endfor %}
 }
 
 @compute @workgroup_size(64)

@@ -1,18 +1,18 @@
 // MLA decode, step 2 of 3: attention in latent space over the cache, split over chunks of positions
-// (flash-decoding) and over groups of {{G}} heads. Workgroup (c, g, t) reads the cache rows c * CHUNK ..
+// (flash-decoding) and over groups of G heads. Workgroup (c, g, t) reads the cache rows c * CHUNK ..
 // (c + 1) * CHUNK that token t may see (positions up to pos + t) once for all the heads of group g (the
 // heads share the cache: MLA's one latent per token): it scores them against each head's query
 // (score = scale * query[t, h] . [c' | k_pe]) into workgroup memory, takes each head's softmax over the
 // chunk (its maximum m and sum l of exp(score - m)), then the exp-weighted sums of the latents c'. It writes
-// [acc (rank values) | m | l] per head; mla_output merges the chunks. Lines holding {{H}} are repeated per
+// [acc (rank values) | m | l] per head; mla_output merges the chunks. Lines in a `for H` loop are written once per
 // head of the group, so each head's sums stay in registers.
 //
 // Bindings: query [T, heads, width] (a storage buffer, or in texture launches where it fits a uniform copy:
-// {{QS}} / {{QU}} lines), cache [capacity, width] (read as vec4), partial [T, heads, chunks, rank + 2],
+// QS / QU lines), cache [capacity, width] (read as vec4), partial [T, heads, chunks, rank + 2],
 // then the shape.
 
-@group(0) @binding(0) var<storage, read_write> query: array<vec4<f32>>; {{QS}}
-@group(0) @binding(0) var<uniform> query: array<vec4<f32>, 4096>; {{QU}}
+{% if QS %}@group(0) @binding(0) var<storage, read_write> query: array<vec4<f32>>;{% endif %}
+{% if QU %}@group(0) @binding(0) var<uniform> query: array<vec4<f32>, 4096>;{% endif %}
 @group(0) @binding(1) var<storage, read_write> cache: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> partial: array<f32>;
 
@@ -54,12 +54,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     // Invocation u scores positions start + u, start + u + 64, ...: each cache row is read once.
     for (var u = lid; u < n; u += WG) {
         let kb = (start + u) * w4;
-        var s{{H}} = 0.0;
+{% for H in range(G) %}        var s{{H}} = 0.0;
+{% endfor %}
         for (var i = 0u; i < w4; i++) {
             let k = cache[kb + i];
-            s{{H}} += dot(query[qb + {{H}}u * w4 + i], k);
+{% for H in range(G) %}            s{{H}} += dot(query[qb + {{H}}u * w4 + i], k);
+{% endfor %}
         }
-        weights[{{H}}u * CHUNK + u] = s{{H}} * shape.scale;
+{% for H in range(G) %}        weights[{{H}}u * CHUNK + u] = s{{H}} * shape.scale;
+{% endfor %}
     }
     workgroupBarrier();
 
@@ -84,16 +87,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     // Invocation r: vec4 r of the latent's weighted sum, for every head of the group.
     let stride = shape.rank + 2u;
     for (var r = lid; r < r4n; r += WG) {
-        var a{{H}} = vec4<f32>(0.0);
+{% for H in range(G) %}        var a{{H}} = vec4<f32>(0.0);
+{% endfor %}
         for (var u = 0u; u < n; u++) {
             let k = cache[(start + u) * w4 + r];
-            a{{H}} = fma(vec4<f32>(weights[{{H}}u * CHUNK + u]), k, a{{H}});
+{% for H in range(G) %}            a{{H}} = fma(vec4<f32>(weights[{{H}}u * CHUNK + u]), k, a{{H}});
+{% endfor %}
         }
-        let o{{H}} = ((t * shape.heads + h0 + {{H}}u) * shape.chunks + c) * stride + 4u * r;
-        partial[o{{H}}] = a{{H}}.x;
-        partial[o{{H}} + 1u] = a{{H}}.y;
-        partial[o{{H}} + 2u] = a{{H}}.z;
-        partial[o{{H}} + 3u] = a{{H}}.w;
+{% for H in range(G) %}        let o{{H}} = ((t * shape.heads + h0 + {{H}}u) * shape.chunks + c) * stride + 4u * r;
+{% endfor %}
+{% for H in range(G) %}        partial[o{{H}}] = a{{H}}.x;
+{% endfor %}
+{% for H in range(G) %}        partial[o{{H}} + 1u] = a{{H}}.y;
+{% endfor %}
+{% for H in range(G) %}        partial[o{{H}} + 2u] = a{{H}}.z;
+{% endfor %}
+{% for H in range(G) %}        partial[o{{H}} + 3u] = a{{H}}.w;
+{% endfor %}
     }
     if (lid < G) {
         let o = ((t * shape.heads + h0 + lid) * shape.chunks + c) * stride + shape.rank;

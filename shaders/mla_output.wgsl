@@ -3,11 +3,11 @@
 // the value up-projection: out[t, h * dv + v] = sum_r latent[r] W_UV^T[h, r, v].
 //
 // Bindings: partial [T, heads, chunks, rank + 2], w_uv [heads, rank, dv] (read as vec4: a storage buffer,
-// or natively an f32 texture, {{BUF}} / {{TEX}} lines), out [T, heads * dv], then the shape.
+// or natively an f32 texture, BUF / TEX lines), out [T, heads * dv], then the shape.
 
 @group(0) @binding(0) var<storage, read_write> partial: array<f32>;
-@group(0) @binding(1) var<storage, read_write> w_uv: array<vec4<f32>>; {{BUF}}
-@group(0) @binding(1) var w_uv: texture_2d_array<u32>; {{TEX}}
+{% if BUF %}@group(0) @binding(1) var<storage, read_write> w_uv: array<vec4<f32>>;{% endif %}
+{% if TEX %}@group(0) @binding(1) var w_uv: texture_2d_array<u32>;{% endif %}
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 
 struct Shape {
@@ -24,15 +24,15 @@ struct Shape {
 
 // Values 4 v4 .. 4 v4 + 4 of row r of head h's W_UV^T. A buffer and a row-order texture hold a head's texels
 // as [rank, dv / 4]; a column-order texture (CPU adapters, gpu/texture.rs) as [dv / 4, rank], each
-// column contiguous along r ({{COLS}}).
+// column contiguous along r (COLS).
 fn uv(h: u32, r: u32, v4: u32) -> vec4<f32> {
     let v4n = shape.dv / 4u;
-    let i = (h * shape.rank + r) * v4n + v4; {{ROWS}}
-    let i = (h * v4n + v4) * shape.rank + r; {{COLS}}
-    return w_uv[i]; {{BUF}}
-    let row = i >> 12u; {{TEX}}
-    let texel = textureLoad(w_uv, vec2<u32>(i & 4095u, row & shape.uv_mask), row >> shape.uv_shift, 0); {{TEX}}
-    return bitcast<vec4<f32>>(texel); {{TEX}}
+{% if ROWS %}    let i = (h * shape.rank + r) * v4n + v4;{% endif %}
+{% if COLS %}    let i = (h * v4n + v4) * shape.rank + r;{% endif %}
+{% if BUF %}    return w_uv[i];{% endif %}
+{% if TEX %}    let row = i >> 12u;{% endif %}
+{% if TEX %}    let texel = textureLoad(w_uv, vec2<u32>(i & 4095u, row & shape.uv_mask), row >> shape.uv_shift, 0);{% endif %}
+{% if TEX %}    return bitcast<vec4<f32>>(texel);{% endif %}
 }
 
 const WG: u32 = 64u;

@@ -8,18 +8,18 @@
 // Rope dims are in half-split order (model/rope.rs): x1 = first half, x2 = second half.
 //
 // Bindings: q (token t's query, heads * (nope + rope) values at t * q_stride + q_off: a storage buffer, or
-// natively a uniform copy where it fits, {{QS}} / {{QU}} lines), kv (token t's kv_a_proj_with_mqa output,
+// natively a uniform copy where it fits, QS / QU lines), kv (token t's kv_a_proj_with_mqa output,
 // rank + rope values at t * kv_stride + kv_off; q and kv may be one buffer, the output of one product for
-// both), w_uk [heads, nope, rank] (a storage buffer, or natively an f32 texture: {{BUF}} / {{TEX}} lines),
+// both), w_uk [heads, nope, rank] (a storage buffer, or natively an f32 texture: BUF / TEX lines),
 // gain [rank], cos [T, rope / 2], sin [T, rope / 2], cache [capacity, rank + rope], query
 // [T, heads, rank + rope], then the shape. rank and rope are multiples of 4 (vec4 loads; the launcher
 // checks).
 
-@group(0) @binding(0) var<storage, read_write> q: array<f32>; {{QS}}
-@group(0) @binding(0) var<uniform> q: array<vec4<f32>, 4096>; {{QU}}
+{% if QS %}@group(0) @binding(0) var<storage, read_write> q: array<f32>;{% endif %}
+{% if QU %}@group(0) @binding(0) var<uniform> q: array<vec4<f32>, 4096>;{% endif %}
 @group(0) @binding(1) var<storage, read_write> kv: array<f32>;
-@group(0) @binding(2) var<storage, read_write> w_uk: array<vec4<f32>>; {{BUF}}
-@group(0) @binding(2) var w_uk: texture_2d_array<u32>; {{TEX}}
+{% if BUF %}@group(0) @binding(2) var<storage, read_write> w_uk: array<vec4<f32>>;{% endif %}
+{% if TEX %}@group(0) @binding(2) var w_uk: texture_2d_array<u32>;{% endif %}
 @group(0) @binding(3) var<storage, read_write> gain: array<f32>;
 @group(0) @binding(4) var<storage, read_write> cos_t: array<f32>;
 @group(0) @binding(5) var<storage, read_write> sin_t: array<f32>;
@@ -44,21 +44,21 @@ struct Shape {
 
 // Value i of q.
 fn qs(i: u32) -> f32 {
-    return q[i]; {{QS}}
-    return q[i >> 2u][i & 3u]; {{QU}}
+{% if QS %}    return q[i];{% endif %}
+{% if QU %}    return q[i >> 2u][i & 3u];{% endif %}
 }
 
 // Latent values 4 r4 .. 4 r4 + 4 of row d of head h's W_UK. A buffer and a row-order texture hold a head's
 // texels as [nope, rank / 4]; a column-order texture (CPU adapters, gpu/texture.rs) as [rank / 4, nope],
-// each column contiguous along d ({{COLS}}).
+// each column contiguous along d (COLS).
 fn uk(h: u32, d: u32, r4: u32) -> vec4<f32> {
     let r4n = shape.rank / 4u;
-    let i = (h * shape.nope + d) * r4n + r4; {{ROWS}}
-    let i = (h * r4n + r4) * shape.nope + d; {{COLS}}
-    return w_uk[i]; {{BUF}}
-    let row = i >> 12u; {{TEX}}
-    let texel = textureLoad(w_uk, vec2<u32>(i & 4095u, row & shape.uk_mask), row >> shape.uk_shift, 0); {{TEX}}
-    return bitcast<vec4<f32>>(texel); {{TEX}}
+{% if ROWS %}    let i = (h * shape.nope + d) * r4n + r4;{% endif %}
+{% if COLS %}    let i = (h * r4n + r4) * shape.nope + d;{% endif %}
+{% if BUF %}    return w_uk[i];{% endif %}
+{% if TEX %}    let row = i >> 12u;{% endif %}
+{% if TEX %}    let texel = textureLoad(w_uk, vec2<u32>(i & 4095u, row & shape.uk_mask), row >> shape.uk_shift, 0);{% endif %}
+{% if TEX %}    return bitcast<vec4<f32>>(texel);{% endif %}
 }
 
 const WG: u32 = 64u;

@@ -9,9 +9,9 @@
 // matvec.wgsl. N must be a multiple of 4.
 //
 // The `grouped` entry (prefill) takes the pairs sorted by expert instead (shaders/moe_sort.wgsl's plan in
-// idx): each workgroup row is one tile of up to {{R}}-many pairs of one expert (lines holding {{R}} are
-// repeated per pair by the launcher), whose weights it reads once for all of them; there an invocation owns
-// {{P}} groups of four outputs (4 where N/4 allows, else 1).
+// idx): each workgroup row is one tile of up to M pairs of one expert (the lines of a `for R` loop are
+// written once per pair), whose weights it reads once for all of them; there an invocation owns
+// P groups of four outputs (4 where N/4 allows, else 1).
 //
 // Bindings: x [rows, K], w [count, K, N/4] as vec4, idx [P] (i32), y [P, N/4] as vec4, then the shape.
 
@@ -60,8 +60,8 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
 @compute @workgroup_size(64)
 fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
     // Tile gid.y of the plan: (expert, first position in the order, pairs); the rows past its pairs
-    // repeat its last pair and are not written. Each invocation owns {{P}} adjacent groups of four
-    // outputs (lines holding {{C}} are repeated per group), so each x value read serves all of them.
+    // repeat its last pair and are not written. Each invocation owns P adjacent groups of four
+    // outputs (lines in a `for C` loop are written once per group), so each x value read serves all of them.
     let t = 4u * gid.y;
     let pairs = u32(idx[t + 2u]);
     let e = idx[t] - i32(shape.first);
@@ -73,16 +73,23 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let k_len = shape.k;
     let at = shape.order + u32(idx[t + 1u]);
-    let p{{R}} = u32(idx[at + min({{R}}u, pairs - 1u)]);
-    let row{{R}} = (p{{R}} / shape.x_div) * k_len;
-    var acc{{R}}_{{C}} = vec4<f32>(0.0);
+{% for R in range(M) %}    let p{{R}} = u32(idx[at + min({{R}}u, pairs - 1u)]);
+{% endfor %}
+{% for R in range(M) %}    let row{{R}} = (p{{R}} / shape.x_div) * k_len;
+{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}    var acc{{R}}_{{C}} = vec4<f32>(0.0);
+{% endfor %}{% endfor %}
     if (inside) {
         let base = u32(e) * k_len * n4 + c;
         for (var k = 0u; k < k_len; k++) {
-            let wv{{C}} = w[base + k * n4 + {{C}}u];
-            let xv{{R}} = vec4<f32>(x[row{{R}} + k]);
-            acc{{R}}_{{C}} = fma(xv{{R}}, wv{{C}}, acc{{R}}_{{C}});
+{% for C in range(P) %}            let wv{{C}} = w[base + k * n4 + {{C}}u];
+{% endfor %}
+{% for R in range(M) %}            let xv{{R}} = vec4<f32>(x[row{{R}} + k]);
+{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}            acc{{R}}_{{C}} = fma(xv{{R}}, wv{{C}}, acc{{R}}_{{C}});
+{% endfor %}{% endfor %}
         }
     }
-    if ({{R}}u < pairs) { y[p{{R}} * n4 + c + {{C}}u] = acc{{R}}_{{C}}; }
+{% for C in range(P) %}{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * n4 + c + {{C}}u] = acc{{R}}_{{C}}; }
+{% endfor %}{% endfor %}
 }

@@ -1,7 +1,7 @@
 // The MoE router's selection on the GPU (docs/architecture.md §4), one workgroup per token: the router
-// logits (lines tagged {{GATE}}: x times the router weight, written to `logits`; otherwise `logits` holds
+// logits (lines tagged GATE: x times the router weight, written to `logits`; otherwise `logits` holds
 // them already), scores (softmax or sigmoid of the logits), the choice scores (plus the correction bias, lines tagged
-// {{BIAS}}: noaux_tc), the group limit (groups ranked by their best score, or by the sum of their best two
+// BIAS: noaux_tc), the group limit (groups ranked by their best score, or by the sum of their best two
 // for noaux_tc; experts of the groups not kept are masked), the top K, and their mixing weights (the
 // unbiased scores, renormalised and scaled as the config says). Nothing goes back to the host: the indices
 // feed the gathered expert kernels directly. With `extra` > 0 each token's row ends with that many more
@@ -18,11 +18,11 @@
 @group(0) @binding(0) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(1) var<storage, read_write> idx: array<i32>;
 @group(0) @binding(2) var<storage, read_write> weight: array<f32>;
-// x and gate are read as {{GT}}: vec4 where H and E are multiples of 4 ({{G4}} lines: four experts per
-// invocation, four k per step), else f32 ({{G1}} lines).
-@group(0) @binding(3) var<storage, read_write> x: array<{{GT}}>; {{GATE}}
-@group(0) @binding(4) var<storage, read_write> gate: array<{{GT}}>; {{GATE}}
-@group(0) @binding({{B}}) var<storage, read_write> bias: array<f32>; {{BIAS}}
+// x and gate are read as GT: vec4 where H and E are multiples of 4 (G4 lines: four experts per
+// invocation, four k per step), else f32 (G1 lines).
+{% if GATE %}@group(0) @binding(3) var<storage, read_write> x: array<{{GT}}>;{% endif %}
+{% if GATE %}@group(0) @binding(4) var<storage, read_write> gate: array<{{GT}}>;{% endif %}
+{% if BIAS %}@group(0) @binding({{B}}) var<storage, read_write> bias: array<f32>;{% endif %}
 
 struct Shape {
     experts: u32,
@@ -55,32 +55,32 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let base = t * e_n;
     let sigmoid = shape.sigmoid == 1u;
 
-    let h = shape.hidden; {{G1}}
-    for (var e = lid; e < e_n; e += WG) { {{G1}}
-        var l = 0.0; {{G1}}
-        for (var k = 0u; k < h; k++) { {{G1}}
-            l = fma(x[t * h + k], gate[k * e_n + e], l); {{G1}}
-        } {{G1}}
-        logits[base + e] = l; {{G1}}
-    } {{G1}}
-    let h4 = shape.hidden / 4u; {{G4}}
-    let e4n = e_n / 4u; {{G4}}
-    for (var e4 = lid; e4 < e4n; e4 += WG) { {{G4}}
-        var l = vec4<f32>(0.0); {{G4}}
-        for (var k4 = 0u; k4 < h4; k4++) { {{G4}}
-            let xv = x[t * h4 + k4]; {{G4}}
-            let r = 4u * k4 * e4n + e4; {{G4}}
-            l = fma(vec4<f32>(xv.x), gate[r], l); {{G4}}
-            l = fma(vec4<f32>(xv.y), gate[r + e4n], l); {{G4}}
-            l = fma(vec4<f32>(xv.z), gate[r + 2u * e4n], l); {{G4}}
-            l = fma(vec4<f32>(xv.w), gate[r + 3u * e4n], l); {{G4}}
-        } {{G4}}
-        logits[base + 4u * e4] = l.x; {{G4}}
-        logits[base + 4u * e4 + 1u] = l.y; {{G4}}
-        logits[base + 4u * e4 + 2u] = l.z; {{G4}}
-        logits[base + 4u * e4 + 3u] = l.w; {{G4}}
-    } {{G4}}
-    storageBarrier(); {{GATE}}
+{% if G1 %}    let h = shape.hidden;{% endif %}
+{% if G1 %}    for (var e = lid; e < e_n; e += WG) { {% endif %}
+{% if G1 %}        var l = 0.0;{% endif %}
+{% if G1 %}        for (var k = 0u; k < h; k++) { {% endif %}
+{% if G1 %}            l = fma(x[t * h + k], gate[k * e_n + e], l);{% endif %}
+{% if G1 %}        }{% endif %}
+{% if G1 %}        logits[base + e] = l;{% endif %}
+{% if G1 %}    }{% endif %}
+{% if G4 %}    let h4 = shape.hidden / 4u;{% endif %}
+{% if G4 %}    let e4n = e_n / 4u;{% endif %}
+{% if G4 %}    for (var e4 = lid; e4 < e4n; e4 += WG) { {% endif %}
+{% if G4 %}        var l = vec4<f32>(0.0);{% endif %}
+{% if G4 %}        for (var k4 = 0u; k4 < h4; k4++) { {% endif %}
+{% if G4 %}            let xv = x[t * h4 + k4];{% endif %}
+{% if G4 %}            let r = 4u * k4 * e4n + e4;{% endif %}
+{% if G4 %}            l = fma(vec4<f32>(xv.x), gate[r], l);{% endif %}
+{% if G4 %}            l = fma(vec4<f32>(xv.y), gate[r + e4n], l);{% endif %}
+{% if G4 %}            l = fma(vec4<f32>(xv.z), gate[r + 2u * e4n], l);{% endif %}
+{% if G4 %}            l = fma(vec4<f32>(xv.w), gate[r + 3u * e4n], l);{% endif %}
+{% if G4 %}        }{% endif %}
+{% if G4 %}        logits[base + 4u * e4] = l.x;{% endif %}
+{% if G4 %}        logits[base + 4u * e4 + 1u] = l.y;{% endif %}
+{% if G4 %}        logits[base + 4u * e4 + 2u] = l.z;{% endif %}
+{% if G4 %}        logits[base + 4u * e4 + 3u] = l.w;{% endif %}
+{% if G4 %}    }{% endif %}
+{% if GATE %}    storageBarrier();{% endif %}
 
     // Softmax statistics: m = max logit, inv = 1 / sum exp(logit - m).
     var local = LOW;
@@ -125,7 +125,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             for (var e = lid * per; e < (lid + 1u) * per; e++) {
                 let l = logits[base + e];
                 var v = select(exp(l - m) * inv, 1.0 / (1.0 + exp(-l)), sigmoid);
-                v += bias[e]; {{BIAS}}
+{% if BIAS %}                v += bias[e];{% endif %}
                 if (v > best) {
                     second = best;
                     best = v;
@@ -158,7 +158,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var e = lid; e < e_n; e += WG) {
             let l = logits[base + e];
             var v = select(exp(l - m) * inv, 1.0 / (1.0 + exp(-l)), sigmoid);
-            v += bias[e]; {{BIAS}}
+{% if BIAS %}            v += bias[e];{% endif %}
             if (limit && gkept[e / per] == 0u) {
                 v = LOW;
             }

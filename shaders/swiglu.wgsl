@@ -1,7 +1,7 @@
 // The SwiGLU activation of a fused [gate | up] product: out[r, i] = silu(gu[r, i]) * gu[r, width + i],
-// silu(g) = g / (1 + exp(-g)). One invocation per output {{T}} (vec4 where the width is a multiple of 4, a
-// quarter of the loads; else f32; the width and total in the shape count {{T}} values). The 8-bit and
-// 4-bit products do this inside their own launch (matvec_q8.wgsl); this kernel serves the other formats.
+// silu(g) = g / (1 + exp(-g)). One invocation per output T (vec4 where the width is a multiple of 4, a
+// quarter of the loads; else f32; the width and total in the shape count T values). The 8-bit and
+// 4-bit products do this inside their own launch (matvec_packed.wgsl); this kernel serves the other formats.
 //
 // Bindings: gu [rows, 2 * width], out [rows, width], then the shape.
 

@@ -12,7 +12,8 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gpu::Kernels;
 use crate::gpu::WeightDtype;
-use crate::gpu::device::{default_device, is_default_device};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::gpu::device::default_device;
 use crate::info::ModelInfo;
 use crate::load::{CheckpointFiles, Progress, WeightSet};
 use crate::model::transformer::{LogitsFor, Transformer};
@@ -48,7 +49,7 @@ impl LoadReport {
 /// through wgpu; there an allocation that fails is reported by the device.)
 fn check_fits(config: &ModelConfig, dtype: WeightDtype, device: &Device) -> Result<()> {
     #[cfg(target_os = "linux")]
-    if is_default_device(device) && crate::gpu::texture::cpu_adapter() {
+    if crate::gpu::device::is_default_device(device) && crate::gpu::texture::cpu_adapter() {
         let info = ModelInfo::new(config, dtype);
         let need = info.gpu_weight_bytes + info.host_weight_bytes;
         if let Some(available) = crate::memory::available_bytes()

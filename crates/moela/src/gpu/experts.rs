@@ -3,18 +3,13 @@
 //! router's choice; `shaders/moe_sort.wgsl`: the chosen (token, slot) pairs sorted by expert into tiles
 //! ([`Plan`]), so that prefill's grouped products read each expert's weights once per tile of pairs.
 
-use std::sync::OnceLock;
-
 use burn::tensor::{DType, Int, Tensor};
 use burn_cubecl::tensor::CubeTensor;
 
 use super::matvec::MAX_ROWS;
-use super::{WgslKernel, cube_int_tensor, cube_tensor, empty, float, grid, launch, per_row, repeated, tagged, wrap};
+use super::shader::{RouterProduct, Shader};
+use super::{WgslKernel, cube_int_tensor, cube_tensor, empty, float, grid, launch, wrap};
 
-const SOURCE: &str = include_str!("../../../../shaders/moe_matvec.wgsl");
-const ROUTE: &str = include_str!("../../../../shaders/moe_route.wgsl");
-const COMBINE: &str = include_str!("../../../../shaders/moe_combine.wgsl");
-const SORT: &str = include_str!("../../../../shaders/moe_sort.wgsl");
 const WORKGROUP: u32 = 64;
 
 /// Groups of four outputs per invocation of the f32 expert products: 4 in the grouped entry (prefill)
@@ -25,15 +20,6 @@ fn f32_columns(entry: &str, n4: usize) -> usize {
     } else {
         1
     }
-}
-
-/// `shaders/moe_matvec.wgsl` with its grouped entry's lines repeated per pair of a tile and per group of
-/// outputs (`cols`: 1 or 4).
-fn source(cols: usize) -> &'static str {
-    static SOURCES: OnceLock<[String; 2]> = OnceLock::new();
-    let sources = SOURCES
-        .get_or_init(|| [1, 4].map(|c| per_row(&repeated(&tagged(SOURCE, &[], &[("P", c)]), "{{C}}", c), TILE_PAIRS)));
-    &sources[usize::from(cols == 4)]
 }
 
 /// Pairs per tile of a [`Plan`]: the rows a grouped product serves with one read of an expert's weights.
@@ -130,36 +116,16 @@ pub fn route(logits: Logits, bias: Option<&Tensor<1>>, shape: &RouteShape) -> Op
         Some(b) => Some(cube_tensor(b)?),
         None => None,
     };
-    // Variants: [router product: none, f32, vec4][bias].
-    static VARIANTS: OnceLock<[[String; 2]; 3]> = OnceLock::new();
-    let sources = VARIANTS.get_or_init(|| {
-        [0, 1, 2].map(|product| {
-            [false, true].map(|bias| {
-                let b = if product > 0 { 5 } else { 3 };
-                let flags = [
-                    ("GATE", product > 0),
-                    ("G1", product == 1),
-                    ("G4", product == 2),
-                    ("BIAS", bias),
-                ];
-                tagged(ROUTE, &flags, &[("B", b), ("U", b + usize::from(bias))])
-                    .replace("{{GT}}", if product == 2 { "vec4<f32>" } else { "f32" })
-            })
-        })
-    });
-    let form = match &product {
-        None => 0,
-        Some((_, _, h)) if h.is_multiple_of(4) && e.is_multiple_of(4) => 2,
-        Some(_) => 1,
+    let router = match &product {
+        None => RouterProduct::None,
+        Some((_, _, h)) if h.is_multiple_of(4) && e.is_multiple_of(4) => RouterProduct::Vec4,
+        Some(_) => RouterProduct::Scalar,
     };
-    let has_bias = b.is_some();
-    let kernel = WgslKernel {
-        name: "moe_route",
-        entry: "main",
-        source: &sources[form][usize::from(has_bias)],
-        variant: form as u32 * 2 + u32::from(has_bias),
-        workgroup: 64,
+    let shader = Shader::Route {
+        product: router,
+        bias: b.is_some(),
     };
+    let kernel = WgslKernel::new("moe_route", "main", shader, 64)?;
     let slots = k + shape.extra;
     let (idx, w) = (empty(&l, t * slots), empty(&l, t * slots));
     let info = [
@@ -219,13 +185,7 @@ pub fn sort(idx: &Tensor<1, Int>, experts: usize) -> Option<Plan> {
         return None;
     }
     let idx = cube_int_tensor(idx).filter(|t| t.dtype == DType::I32)?;
-    let kernel = WgslKernel {
-        name: "moe_sort",
-        entry: "main",
-        source: SORT,
-        variant: 0,
-        workgroup: 256,
-    };
+    let kernel = WgslKernel::new("moe_sort", "main", Shader::Sort, 256)?;
     let table = empty(&idx, 4 * tiles + pairs);
     let info = [pairs, experts, tiles, TILE_PAIRS].map(|v| v as u32);
     launch(&idx, kernel, [1, 1, 1], &[&idx.handle, &table], &info);
@@ -260,16 +220,7 @@ pub fn combine(routed: &Tensor<2>, weight: &Tensor<2>, base: Option<&Tensor<2>>)
         Some(b) => Some(cube_tensor(b)?),
         None => None,
     };
-    static VARIANTS: OnceLock<[String; 2]> = OnceLock::new();
-    let sources =
-        VARIANTS.get_or_init(|| [false, true].map(|b| tagged(COMBINE, &[("BASE", b)], &[("U", 3 + usize::from(b))])));
-    let kernel = WgslKernel {
-        name: "moe_combine",
-        entry: "main",
-        source: &sources[usize::from(b.is_some())],
-        variant: u32::from(b.is_some()),
-        workgroup: 64,
-    };
+    let kernel = WgslKernel::new("moe_combine", "main", Shader::Combine { base: b.is_some() }, 64)?;
     let out = empty(&r, total);
     let info = [h as u32, k as u32, total as u32];
     match &b {
@@ -374,13 +325,7 @@ pub fn gathered_matvec(
         Some(t) => cube_tensor(t)?.handle,
         None => empty(&x, p * n),
     };
-    let kernel = WgslKernel {
-        name: "moe_matvec",
-        entry: l.entry,
-        source: source(cols),
-        variant: cols as u32,
-        workgroup: WORKGROUP,
-    };
+    let kernel = WgslKernel::new("moe_matvec", l.entry, Shader::ExpertMatvec { cols }, WORKGROUP)?;
     let keep = usize::from(into.is_some());
     let shape = [k, n / 4, first, count, x_div, keep, l.order as usize].map(|v| v as u32);
     launch(

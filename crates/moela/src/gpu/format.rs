@@ -1,6 +1,6 @@
 //! How weights are stored on the GPU ([`WeightDtype`]) and how a checkpoint's values arrive to be stored
 //! ([`Rows`]): the two ends a weight format connects. Adding a format means a variant here, its packer in
-//! `packed.rs` and its unpacking in the shader includes (`shaders/unpack_*.wgsl`).
+//! `packed.rs`, its unpacking in a shader include (`shaders/unpack_*.wgsl`) and its key in `shader.rs`.
 
 use half::f16;
 
@@ -30,6 +30,16 @@ impl WeightDtype {
             WeightDtype::F16 => 16.0,
             WeightDtype::Q8 => 8.0 + 16.0 / super::packed::BLOCK as f64,
             WeightDtype::Q4 => 4.0 + 16.0 / super::packed::BLOCK as f64,
+        }
+    }
+
+    /// Rows of a column one 32-bit word holds in the packed layouts (`packed.rs`): 4 for q8, 8 for q4, 1 for
+    /// f16 (a word's two values are of adjacent columns) and f32.
+    pub fn rows_per_word(self) -> usize {
+        match self {
+            WeightDtype::Q8 => 4,
+            WeightDtype::Q4 => 8,
+            WeightDtype::F16 | WeightDtype::F32 => 1,
         }
     }
 

@@ -5,19 +5,13 @@
 //! are read from textures ([`Factor`]) and the queries from uniform copies where they fit. In a browser they
 //! run through CubeCL with every operand in a storage buffer.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
-
 use burn::tensor::{DType, Tensor};
 use burn_cubecl::cubecl::server::Handle;
 use burn_cubecl::tensor::CubeTensor;
 
+use super::shader::{MlaReads, MlaStep, Shader};
 use super::weights::Factor;
-use super::{cube_tensor, empty, float, repeated, tagged};
-
-const QUERY: &str = include_str!("../../../../shaders/mla_query.wgsl");
-const ATTEND: &str = include_str!("../../../../shaders/mla_attend.wgsl");
-const OUTPUT: &str = include_str!("../../../../shaders/mla_output.wgsl");
+use super::{cube_tensor, empty, float};
 
 /// The most heads one attention workgroup serves (its scores sit in workgroup memory, its sums in
 /// registers).
@@ -30,38 +24,6 @@ fn head_group(heads: usize) -> usize {
         .rev()
         .find(|g| heads.is_multiple_of(*g))
         .unwrap_or(1)
-}
-
-/// How a variant reads its operands: a factor from a texture (in column order) or a buffer, the queries
-/// from a uniform copy or a buffer; `group` heads per attention workgroup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Reads {
-    texture: bool,
-    columns: bool,
-    uniform: bool,
-    group: usize,
-}
-
-/// `source` as `reads` says, written once per variant and process.
-fn variant(source: &'static str, reads: Reads) -> &'static str {
-    static VARIANTS: OnceLock<Mutex<HashMap<(usize, Reads), &'static str>>> = OnceLock::new();
-    let mut variants = VARIANTS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    variants.entry((source.as_ptr() as usize, reads)).or_insert_with(|| {
-        let flags = [
-            ("TEX", reads.texture),
-            ("BUF", !reads.texture),
-            ("COLS", reads.columns),
-            ("ROWS", !reads.columns),
-            ("QU", reads.uniform),
-            ("QS", !reads.uniform),
-        ];
-        let text = tagged(source, &flags, &[("G", reads.group)]);
-        // A few variants per shape: kept for the process's lifetime.
-        Box::leak(repeated(&text, "{{H}}", reads.group).into_boxed_str())
-    })
 }
 
 /// One binding of an MLA kernel.
@@ -111,13 +73,13 @@ impl FactorArg {
     }
 }
 
-/// Launches `source` (entry `main`, 64 invocations) over `grid` with `args`: natively on moela's own path
+/// Launches `shader` (entry `main`, 64 invocations) over `grid` with `args`: natively on moela's own path
 /// (`texture::dispatch_at`), in a browser through CubeCL. `info[pos_word]` is the step's position. `None`
 /// when it cannot run.
 fn run(
     anchor: &CubeTensor,
     name: &'static str,
-    source: &'static str,
+    shader: Shader,
     grid: [u32; 3],
     args: &[Arg],
     info: &[u32],
@@ -138,7 +100,7 @@ fn run(
         let kernel = TextureKernel {
             name,
             entry: "main",
-            source,
+            shader,
         };
         dispatch_at(anchor, &kernel, grid, &binds, info, pos_word)
     }
@@ -151,14 +113,7 @@ fn run(
                 Arg::Factor(FactorArg::Buffer(c)) => &c.handle,
             })
             .collect();
-        // CubeCL names a compiled kernel by its variant number: the text's address names the variant.
-        let kernel = super::WgslKernel {
-            name,
-            entry: "main",
-            source,
-            variant: source.as_ptr() as u32,
-            workgroup: 64,
-        };
+        let kernel = super::WgslKernel::new(name, "main", shader, 64)?;
         super::launch_at(anchor, kernel, grid, &handles, info, pos_word);
         Some(())
     }
@@ -273,14 +228,15 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
     });
     let cache = cache?;
     let group = head_group(s.heads);
-    let reads = |factor: &FactorArg, uniform: bool| {
+    let reads = |step: MlaStep, factor: &FactorArg, uniform: bool| {
         let (texture, columns) = factor.reads();
-        Reads {
+        let reads = MlaReads {
             texture,
             columns,
             uniform,
             group,
-        }
+        };
+        Shader::Mla { step, reads }
     };
 
     // 1. Absorbed queries and this step's cache rows; info[4] is the position.
@@ -309,11 +265,10 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         Arg::Buffer(&cache.handle),
         Arg::Buffer(&query),
     ];
-    let source = variant(QUERY, reads(&w_uk, uniform(q_bytes)));
     run(
         &q,
         "mla_query",
-        source,
+        reads(MlaStep::Query, &w_uk, uniform(q_bytes)),
         [s.heads as u32 + 1, t as u32, 1],
         &args,
         &info,
@@ -336,9 +291,9 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         Arg::Buffer(&cache.handle),
         Arg::Buffer(&partial),
     ];
-    let source = variant(ATTEND, reads(&w_uk, uniform(query_bytes)));
+    let shader = reads(MlaStep::Attend, &w_uk, uniform(query_bytes));
     let grid = [chunks as u32, (s.heads / group) as u32, t as u32];
-    run(&q, "mla_attend", source, grid, &args, &info, Some(3))?;
+    run(&q, "mla_attend", shader, grid, &args, &info, Some(3))?;
     // The chunk count (grid, partial buffer, merge) holds for the positions that give the same count.
     #[cfg(not(target_arch = "wasm32"))]
     super::replay::serves_positions(
@@ -350,11 +305,10 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
     let mut info = vec![s.heads as u32, s.rank as u32, s.v as u32, chunks as u32];
     info.extend(w_uv.placement());
     let args = [Arg::Buffer(&partial), Arg::Factor(&w_uv), Arg::Buffer(&out)];
-    let source = variant(OUTPUT, reads(&w_uv, false));
     run(
         &q,
         "mla_output",
-        source,
+        reads(MlaStep::Output, &w_uv, false),
         [s.heads as u32, t as u32, 1],
         &args,
         &info,

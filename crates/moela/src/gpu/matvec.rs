@@ -1,13 +1,10 @@
 //! `shaders/matvec.wgsl`: `x @ w` for up to [`MAX_ROWS`] rows of `x` (decode, and the few tokens of a
 //! speculative or short step), f32 weights stored `[in, out]`.
 
-use std::sync::OnceLock;
-
 use burn::tensor::{DType, Tensor};
 
-use super::{WgslKernel, cube_tensor, empty, float, launch, per_row};
-
-const SOURCE: &str = include_str!("../../../../shaders/matvec.wgsl");
+use super::shader::Shader;
+use super::{WgslKernel, cube_tensor, empty, float, launch};
 const WORKGROUP: u32 = 64;
 
 /// The most rows of `x` one launch takes.
@@ -27,13 +24,7 @@ pub fn matvec(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
     }
     let (x, w) = (cube_tensor(x)?, cube_tensor(w)?);
     let out = empty(&x, m * n);
-    let kernel = WgslKernel {
-        name: "matvec",
-        entry: "main",
-        source: variant(m),
-        variant: m as u32,
-        workgroup: WORKGROUP,
-    };
+    let kernel = WgslKernel::new("matvec", "main", Shader::Matvec { rows: m }, WORKGROUP)?;
     launch(
         &x,
         kernel,
@@ -42,12 +33,6 @@ pub fn matvec(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
         &[k as u32, (n / 4) as u32],
     );
     Some(float(&x, out, [m, n]))
-}
-
-/// The kernel's text for `m` (1..=[`MAX_ROWS`]) rows of x; the variants are written once per process.
-fn variant(m: usize) -> &'static str {
-    static VARIANTS: OnceLock<Vec<String>> = OnceLock::new();
-    &VARIANTS.get_or_init(|| (1..=MAX_ROWS).map(|m| per_row(SOURCE, m)).collect())[m - 1]
 }
 
 #[cfg(test)]

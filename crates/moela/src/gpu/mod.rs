@@ -1,5 +1,8 @@
-//! Thin launchers for moela's hand-written WGSL kernels (`shaders/*.wgsl`), run on burn's own wgpu device
-//! and buffers.
+//! The GPU layer: the device, how weights are stored (`format`, `packed`, `weights`, `texture`), moela's
+//! WGSL kernels (`shader`: every variant's template and key) with their launchers, and the recording and
+//! replay of a decode step (`replay`). It imports nothing from the model above it.
+//!
+//! The launchers run on burn's own wgpu device and buffers.
 //!
 //! A launcher takes burn tensors, reaches the buffers behind them (burn's `extension` API), launches the
 //! kernel through CubeCL's client (the same queue burn's own kernels use, so ordering is kept and nothing
@@ -17,6 +20,7 @@ pub mod products;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod replay;
 pub mod rms_norm;
+pub(crate) mod shader;
 pub mod swiglu;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod texture;
@@ -36,6 +40,7 @@ use burn_cubecl::cubecl::prelude::{CubeCount, CubeKernel};
 use burn_cubecl::cubecl::server::{Handle, KernelArguments, MetadataBindingInfo};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{Cube, kernel::into_contiguous};
+use shader::Shader;
 
 /// Which implementation runs the hot paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -60,15 +65,27 @@ impl Kernels {
     }
 }
 
-/// A WGSL kernel from `shaders/`: its text (built once per variant, never per launch) and launch shape.
-///
-/// CubeCL caches compiled kernels by id, which carries the kernel's name and variant number.
+/// A WGSL kernel from `shaders/` as CubeCL launches it: its variant, whose rendered text it carries, and its
+/// launch shape. CubeCL caches compiled kernels by id, which is the variant's [`Shader`] key.
 struct WgslKernel {
     name: &'static str,
     entry: &'static str,
-    source: &'static str,
-    variant: u32,
+    shader: Shader,
+    source: std::sync::Arc<str>,
     workgroup: u32,
+}
+
+impl WgslKernel {
+    /// `entry` of `shader`, `workgroup` invocations per workgroup; `None` when the variant does not render.
+    fn new(name: &'static str, entry: &'static str, shader: Shader, workgroup: u32) -> Option<Self> {
+        Some(Self {
+            name,
+            entry,
+            source: shader.source()?,
+            shader,
+            workgroup,
+        })
+    }
 }
 
 impl KernelMetadata for WgslKernel {
@@ -77,7 +94,7 @@ impl KernelMetadata for WgslKernel {
     }
 
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.name, self.entry, self.variant))
+        KernelId::new::<Self>().info((self.entry, self.shader))
     }
 
     fn address_type(&self) -> ElemType {
@@ -132,76 +149,6 @@ fn uniform(values: &[u32]) -> Vec<u64> {
         .collect();
     words.resize(words.len().div_ceil(2) * 2, 0);
     words
-}
-
-/// `source` with each line holding `{{R}}` repeated for rows `0..rows`, `{{R}}` replaced by the row: one
-/// variable per row of x, so the accumulators stay in registers (an indexed array would live in memory).
-fn per_row(source: &str, rows: usize) -> String {
-    repeated(source, "{{R}}", rows)
-}
-
-/// `source` with each line holding `tag` repeated `count` times, `tag` replaced by `0..count`.
-fn repeated(source: &str, tag: &str, count: usize) -> String {
-    let mut out = String::with_capacity(source.len() * 2);
-    for line in source.lines() {
-        if line.contains(tag) {
-            for r in 0..count {
-                out.push_str(&line.replace(tag, &r.to_string()));
-                out.push('\n');
-            }
-        } else {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
-}
-
-/// `source` with each line holding `{{G}}` repeated `half` times, `{{G}}` replaced by `0..half` and `{{GU}}`
-/// by `half..2 * half`: the SwiGLU write of gate column group g with its up group.
-fn repeated_halves(source: &str, half: usize) -> String {
-    let mut out = String::with_capacity(source.len() * 2);
-    for line in source.lines() {
-        if line.contains("{{G}}") {
-            for g in 0..half {
-                out.push_str(
-                    &line
-                        .replace("{{GU}}", &(g + half).to_string())
-                        .replace("{{G}}", &g.to_string()),
-                );
-                out.push('\n');
-            }
-        } else {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
-}
-
-/// `source` with the lines tagged `{{FLAG}}` kept (tag removed) for each flag that is on and dropped for each
-/// that is off, and each `{{NAME}}` of `values` replaced: the optional bindings of a kernel come last, so
-/// the bindings after them (the uniform `{{U}}`, ...) move.
-fn tagged(source: &str, flags: &[(&str, bool)], values: &[(&str, usize)]) -> String {
-    let mut out = String::with_capacity(source.len());
-    'lines: for line in source.lines() {
-        let mut line = line.to_string();
-        for (flag, on) in flags {
-            let tag = format!("{{{{{flag}}}}}");
-            if line.contains(&tag) {
-                if !on {
-                    continue 'lines;
-                }
-                line = line.replace(&tag, "").trim_end().to_string();
-            }
-        }
-        out.push_str(&line);
-        out.push('\n');
-    }
-    for (name, value) in values {
-        out = out.replace(&format!("{{{{{name}}}}}"), &value.to_string());
-    }
-    out
 }
 
 /// Launches `kernel` on `anchor`'s device over `groups` workgroups: `buffers` bound in order, then `info`

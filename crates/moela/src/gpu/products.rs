@@ -1,4 +1,4 @@
-//! `shaders/matvec_{f16,q8,q4}.wgsl`: products with packed weights ([`Packed`]), unpacked inside the kernel.
+//! `shaders/matvec_packed.wgsl` (q8, q4) and `matvec_f16*.wgsl`: products with packed weights ([`Packed`]), unpacked inside the kernel.
 //!
 //! Each shader has four entry points over one binding list: `matvec` (rows of x times one matrix, up to
 //! [`MAX_ROWS`] of them per workgroup row, so a prompt's product is one launch), `gathered` (MoE decode:
@@ -7,18 +7,16 @@
 //! training and the dense expert form). Natively the words live in a texture (`gpu/texture.rs`; f16
 //! then uses `shaders/matvec_f16_texture.wgsl`, eight columns to a texel), in the browser in a buffer.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
-
 use burn::tensor::{DType, Int, Shape, Tensor};
 use burn_cubecl::tensor::CubeTensor;
 
 use super::WeightDtype;
 use super::experts::Pairs;
 use super::matvec::MAX_ROWS;
+use super::shader::{PackedReads, Shader};
 #[cfg(not(target_arch = "wasm32"))]
 use super::texture;
-use super::{WgslKernel, cube_int_tensor, cube_tensor, per_row, repeated, repeated_halves, tagged};
+use super::{WgslKernel, cube_int_tensor, cube_tensor};
 use crate::gpu::packed::{self, BLOCK, Packed};
 
 const WORKGROUP: u32 = 64;
@@ -43,68 +41,10 @@ fn columns(p: &Packed, b: &Buffers, entry: &str, prompt: bool) -> usize {
     }
 }
 
-/// Where a launch's kernel reads its operands: words from a buffer or a texture; x from a storage or a
-/// uniform buffer (texture launches with x within [`texture::UNIFORM_BYTES`]); and what it writes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct Reads {
-    texture: bool,
-    uniform_x: bool,
-    /// The texture's texels are in [`texture::Layout::Columns`] order.
-    columns: bool,
-    /// `silu(gate) * up` of a fused `[gate | up]` weight (8-bit and 4-bit `matvec` / `gathered`).
-    glu: bool,
-    /// `matvec` over several workgroup rows of up to [`MAX_ROWS`] rows of x each (a prompt's product),
-    /// else over exactly one group (decode: no bounds on the rows to check).
-    many: bool,
-}
-
 /// Whether the SwiGLU variants cover `p`: 8-bit or 4-bit words, a gate and an up half of whole pairs of
 /// texel columns (N a multiple of 8).
 fn glu_covers(p: &Packed) -> bool {
     matches!(p.format, WeightDtype::Q8 | WeightDtype::Q4) && p.shape[2].is_multiple_of(8)
-}
-
-/// The shader of `format`, for `rows` rows of x (1..=[`MAX_ROWS`]) and `cols` texel columns per invocation
-/// ([`columns`]), reading as `reads` says; written once per variant and process.
-fn source(format: WeightDtype, rows: usize, cols: usize, reads: Reads) -> &'static str {
-    type Key = (WeightDtype, usize, usize, Reads);
-    static VARIANTS: OnceLock<Mutex<HashMap<Key, &'static str>>> = OnceLock::new();
-    let mut variants = VARIANTS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    variants.entry((format, rows, cols, reads)).or_insert_with(|| {
-        let text = match format {
-            WeightDtype::F16 if reads.texture => include_str!("../../../../shaders/matvec_f16_texture.wgsl"),
-            WeightDtype::F16 => include_str!("../../../../shaders/matvec_f16.wgsl"),
-            WeightDtype::Q8 => include_str!("../../../../shaders/matvec_q8.wgsl"),
-            _ => include_str!("../../../../shaders/matvec_q4.wgsl"),
-        };
-        let flags = [
-            ("BUF", !reads.texture),
-            ("TEX", reads.texture),
-            ("XS", !reads.uniform_x),
-            ("XU", reads.uniform_x),
-            ("ROWS", !reads.columns),
-            ("COLS", reads.columns),
-            ("LIN", !reads.glu),
-            ("GLU", reads.glu),
-            ("MANY", reads.many),
-            ("ONE", !reads.many),
-        ];
-        // What an invocation's {{C}} lines repeat over: f16 texels in a texture (two texel columns each),
-        // else texel columns; and the groups per half, of the gate's and of the up's (SwiGLU).
-        let per = if format == WeightDtype::F16 && reads.texture {
-            cols / 2
-        } else {
-            cols
-        };
-        let half = if reads.glu { per / 2 } else { per };
-        let text = tagged(text, &flags, &[("P", per), ("M", rows), ("H", half)]);
-        let text = repeated_halves(&text, half);
-        // Built once per variant (at most 3 x 8 x 3 x 3 x 2 x 2 x 2 of them): kept for the process's lifetime.
-        Box::leak(per_row(&repeated(&text, "{{C}}", per), rows).into_boxed_str())
-    })
 }
 
 /// Where a packed weight's words and scales are, or `None` when they are not on a WGSL device.
@@ -178,20 +118,20 @@ fn launch(
     let many = entry == "matvec" && count[1] > 1;
     match &b.words {
         Words::Buffer(words) => {
-            let reads = Reads {
+            let reads = PackedReads {
                 texture: false,
                 uniform_x: false,
                 columns: false,
                 glu,
                 many,
             };
-            let kernel = WgslKernel {
-                name: p.format.name(),
-                entry,
-                source: source(p.format, rows, cols, reads),
-                variant: (usize::from(many) * 1024 + rows * 32 + cols * 2 + usize::from(glu)) as u32,
-                workgroup: WORKGROUP,
+            let shader = Shader::Packed {
+                format: p.format,
+                rows,
+                cols,
+                reads,
             };
+            let kernel = WgslKernel::new(p.format.name(), entry, shader, WORKGROUP)?;
             let mut buffers = vec![&x.handle, &words.handle];
             if let Some(s) = &b.scales {
                 buffers.push(&s.handle);
@@ -203,7 +143,7 @@ fn launch(
         Words::Texture(t) => {
             use texture::Bind;
             let x_bytes = x.meta.num_elements() * 4;
-            let reads = Reads {
+            let reads = PackedReads {
                 texture: true,
                 uniform_x: x_bytes <= texture::UNIFORM_BYTES,
                 columns: t.layout() == texture::Layout::Columns,
@@ -213,7 +153,12 @@ fn launch(
             let kernel = texture::TextureKernel {
                 name: p.format.name(),
                 entry,
-                source: source(p.format, rows, cols, reads),
+                shader: Shader::Packed {
+                    format: p.format,
+                    rows,
+                    cols,
+                    reads,
+                },
             };
             let first = if reads.uniform_x {
                 Bind::Uniform(&x.handle, x_bytes)

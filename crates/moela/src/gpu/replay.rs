@@ -32,6 +32,7 @@ use burn_cubecl::cubecl::server::Handle;
 use burn_cubecl::cubecl::wgpu::{AutoCompiler, WgpuServer};
 use burn_cubecl::tensor::CubeTensor;
 
+use super::shader::Shader;
 use super::texture::{self, Bind, Slot, TextureKernel, WeightTexture};
 use super::{WgslKernel, cube_tensor};
 use crate::error::{Error, Result};
@@ -79,7 +80,7 @@ enum Bound {
 struct Recorded {
     name: &'static str,
     entry: &'static str,
-    source: &'static str,
+    shader: Shader,
     groups: [u32; 3],
     binds: Vec<Bound>,
     info: Vec<u32>,
@@ -124,7 +125,7 @@ pub(super) fn record_cube(
     record(anchor, true, || Recorded {
         name: kernel.name,
         entry: kernel.entry,
-        source: kernel.source,
+        shader: kernel.shader,
         groups,
         binds: buffers.iter().map(|h| Bound::Buffer((*h).clone())).collect(),
         info: info.to_vec(),
@@ -152,7 +153,7 @@ pub(super) fn record_texture(
     record(anchor, false, || Recorded {
         name: kernel.name,
         entry: kernel.entry,
-        source: kernel.source,
+        shader: kernel.shader,
         groups,
         binds: bindings
             .iter()
@@ -471,7 +472,7 @@ impl Plan {
                     Bound::Texture(_) => Slot::Texture,
                 })
                 .collect();
-            let pipeline = gpu.pipeline(l.name, l.source, l.entry, &slots);
+            let pipeline = gpu.pipeline(l.name, l.shader, l.entry, &slots)?;
             let shape = gpu.shape_uniform(&l.info);
             let mut copy = None;
             let mut resources = Vec::with_capacity(l.binds.len());

@@ -1,39 +1,9 @@
 //! `shaders/rmsnorm.wgsl`: RMSNorm over rows, alone or fused with the residual add before it.
 
-use std::sync::OnceLock;
-
 use burn::tensor::{DType, Tensor};
 
-use super::{WgslKernel, cube_tensor, empty, float, launch, tagged};
-
-const SOURCE: &str = include_str!("../../../../shaders/rmsnorm.wgsl");
-
-/// The shader without a residual (variant 0), with one (1), with a MoE block's unmixed output and the
-/// shared experts' (2), and with a MoE block's unmixed output alone (3), reading rows as vec4 (`wide`) or
-/// f32; written once per process.
-fn source(variant: usize, wide: bool) -> &'static str {
-    static VARIANTS: OnceLock<[String; 8]> = OnceLock::new();
-    &VARIANTS.get_or_init(|| {
-        let v = |i: usize| {
-            // (add, moe, base, delta's binding, the uniform's)
-            let forms = [
-                (false, false, false, 0, 3),
-                (true, false, true, 4, 5),
-                (true, true, true, 6, 7),
-                (true, true, false, 0, 6),
-            ];
-            let ((add, moe, base, d, u), wide) = (forms[i % 4], i >= 4);
-            let t = if wide { "vec4<f32>" } else { "f32" };
-            tagged(
-                SOURCE,
-                &[("ADD", add), ("MOE", moe), ("BASE", base), ("V4", wide), ("V1", !wide)],
-                &[("D", d), ("U", u)],
-            )
-            .replace("{{T}}", t)
-        };
-        std::array::from_fn(v)
-    })[variant + 4 * usize::from(wide)]
-}
+use super::shader::{NormForm, Shader};
+use super::{WgslKernel, cube_tensor, empty, float, launch};
 
 /// What is added to the residual stream before the norm.
 #[derive(Debug, Clone, Copy)]
@@ -92,20 +62,14 @@ pub fn rms_norm(
         Some((r, w, k)) => Some((cube_tensor(r)?, cube_tensor(w)?, k)),
         None => None,
     };
-    let variant = match (&d, &e) {
-        (None, None) => 0,
-        (Some(_), None) => 1,
-        (Some(_), Some(_)) => 2,
-        (None, Some(_)) => 3,
+    let form = match (&d, &e) {
+        (None, None) => NormForm::Plain,
+        (Some(_), None) => NormForm::Add,
+        (Some(_), Some(_)) => NormForm::ExpertsAndBase,
+        (None, Some(_)) => NormForm::Experts,
     };
     let wide = n.is_multiple_of(4);
-    let kernel = WgslKernel {
-        name: "rmsnorm",
-        entry: "main",
-        source: source(variant, wide),
-        variant: variant as u32 + 4 * u32::from(wide),
-        workgroup: 64,
-    };
+    let kernel = WgslKernel::new("rmsnorm", "main", Shader::RmsNorm { form, wide }, 64)?;
     let width = if wide { n / 4 } else { n };
     let info = [
         width as u32,
@@ -115,7 +79,7 @@ pub fn rms_norm(
     ];
     let groups = [rows as u32, 1, 1];
     let out = empty(&xc, rows * n);
-    if variant == 0 {
+    if form == NormForm::Plain {
         launch(&xc, kernel, groups, &[&xc.handle, &g.handle, &out], &info);
         return Some((float(&xc, out, [rows, n]), None));
     }

@@ -1,12 +1,9 @@
 //! `shaders/swiglu.wgsl`: `silu(gate) * up` of a fused `[gate | up]` product.
 
-use std::sync::OnceLock;
-
 use burn::tensor::{DType, Tensor};
 
+use super::shader::Shader;
 use super::{WgslKernel, cube_tensor, empty, float, grid, launch};
-
-const SOURCE: &str = include_str!("../../../../shaders/swiglu.wgsl");
 
 /// `gu` (`[rows, 2 * width]`) -> `[rows, width]`; `None` when the kernel does not cover the call.
 pub fn swiglu(gu: &Tensor<2>, width: usize) -> Option<Tensor<2>> {
@@ -19,16 +16,7 @@ pub fn swiglu(gu: &Tensor<2>, width: usize) -> Option<Tensor<2>> {
     let lanes = if width.is_multiple_of(4) { 4 } else { 1 };
     let groups = grid(total / lanes)?;
     let x = cube_tensor(gu)?;
-    static VARIANTS: OnceLock<[String; 2]> = OnceLock::new();
-    let sources = VARIANTS.get_or_init(|| ["f32", "vec4<f32>"].map(|t| SOURCE.replace("{{T}}", t)));
-    let variant = usize::from(lanes == 4);
-    let kernel = WgslKernel {
-        name: "swiglu",
-        entry: "main",
-        source: &sources[variant],
-        variant: variant as u32,
-        workgroup: 64,
-    };
+    let kernel = WgslKernel::new("swiglu", "main", Shader::Swiglu { wide: lanes == 4 }, 64)?;
     let info = [width / lanes, total / lanes, 0, 0].map(|v| v as u32);
     let out = empty(&x, total);
     launch(&x, kernel, groups, &[&x.handle, &out], &info);

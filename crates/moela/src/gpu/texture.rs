@@ -31,6 +31,8 @@ use burn_cubecl::cubecl::wgpu::{AutoCompiler, WgpuServer};
 use burn_cubecl::tensor::CubeTensor;
 use wgpu::util::DeviceExt;
 
+use super::shader::Shader;
+
 /// Texels per texture row (a power of two, so the shaders split an index with a mask and a shift).
 pub const ROW: usize = 4096;
 /// Rows per array layer when a texture needs more than one layer.
@@ -63,9 +65,8 @@ pub(super) struct Gpu {
     uniform_input: wgpu::Buffer,
 }
 
-/// A pipeline is named by its WGSL text (each variant's text is built once and kept, so its address
-/// names it) and entry point.
-type PipelineKey = (usize, usize, &'static str);
+/// A pipeline is one entry point of one shader variant.
+type PipelineKey = (Shader, &'static str);
 
 /// What one binding of a moela kernel is; the shape uniform comes after them all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,20 +85,22 @@ pub(super) fn gpu() -> Option<&'static Gpu> {
 }
 
 impl Gpu {
-    /// The pipeline of `entry` in `source` with `slots` then the shape uniform, built once per process.
+    /// The pipeline of `entry` in `shader` with `slots` then the shape uniform, built once per process;
+    /// `None` when the variant does not render.
     ///
     /// The layout is explicit (not derived from what the entry point uses), so a binding a variant leaves
     /// unread still matches its bind group.
     pub(super) fn pipeline(
         &self,
         name: &'static str,
-        source: &'static str,
+        shader: Shader,
         entry: &'static str,
         slots: &[Slot],
-    ) -> wgpu::ComputePipeline {
+    ) -> Option<wgpu::ComputePipeline> {
+        let source = shader.source()?;
         let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
-        cache
-            .entry((source.as_ptr() as usize, source.len(), entry))
+        let pipeline = cache
+            .entry((shader, entry))
             .or_insert_with(|| {
                 let entries: Vec<wgpu::BindGroupLayoutEntry> = slots
                     .iter()
@@ -137,7 +140,7 @@ impl Gpu {
                 });
                 let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(name),
-                    source: wgpu::ShaderSource::Wgsl(source.into()),
+                    source: wgpu::ShaderSource::Wgsl((*source).into()),
                 });
                 self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(name),
@@ -148,7 +151,8 @@ impl Gpu {
                     cache: None,
                 })
             })
-            .clone()
+            .clone();
+        Some(pipeline)
     }
 
     /// A uniform buffer holding `info` (u32 values, padded to 16 bytes): a kernel's shape.
@@ -427,7 +431,7 @@ impl Drop for WeightTexture {
 }
 
 /// One binding of a texture launch.
-pub enum Bind<'a> {
+pub(crate) enum Bind<'a> {
     /// A buffer burn's runtime owns.
     Buffer(&'a Handle),
     /// The first `bytes` (at most [`UNIFORM_BYTES`]) of a buffer burn's runtime owns, copied into a uniform
@@ -447,18 +451,18 @@ impl Bind<'_> {
     }
 }
 
-/// A kernel for [`dispatch`]: its name, WGSL text (built once per variant and kept) and entry point.
-pub struct TextureKernel {
-    pub name: &'static str,
-    pub entry: &'static str,
-    pub source: &'static str,
+/// A kernel for [`dispatch`]: its name, variant and entry point.
+pub(crate) struct TextureKernel {
+    pub(crate) name: &'static str,
+    pub(crate) entry: &'static str,
+    pub(crate) shader: Shader,
 }
 
 /// Runs `kernel` over `groups` workgroups with `bindings` at 0.. and `info` as the uniform after them.
 /// burn's queued work on `anchor`'s device is submitted first, so this launch sees its results and later
 /// burn work sees this one's. `None`, with nothing launched, when no device is registered or a buffer
 /// cannot be bound (burn's runtime reports it failed or unallocated): the caller takes burn's path.
-pub fn dispatch(
+pub(crate) fn dispatch(
     anchor: &CubeTensor,
     kernel: &TextureKernel,
     groups: [u32; 3],
@@ -470,7 +474,7 @@ pub fn dispatch(
 
 /// [`dispatch`], where `info[pos_word]` is the position of the step's first token: a replayed step
 /// (`replay.rs`) writes its own position there.
-pub fn dispatch_at(
+pub(crate) fn dispatch_at(
     anchor: &CubeTensor,
     kernel: &TextureKernel,
     groups: [u32; 3],
@@ -494,7 +498,7 @@ pub fn dispatch_at(
         .ok()?;
     let _ = anchor.client.flush();
     let slots: Vec<Slot> = bindings.iter().map(Bind::slot).collect();
-    let pipeline = gpu.pipeline(kernel.name, kernel.source, kernel.entry, &slots);
+    let pipeline = gpu.pipeline(kernel.name, kernel.shader, kernel.entry, &slots)?;
     let uniform = gpu.shape_uniform(info);
     let mut buffers = resources.iter();
     let mut copy = None;

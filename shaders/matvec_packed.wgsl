@@ -1,0 +1,278 @@
+// Products with block-quantised weights (gpu/packed.rs has the layouts): w[k, n] = q * scale, q a code of
+// the format, one f16 scale per block of 32 consecutive k of a column. The format's own part, how a word
+// holds its codes, is the include `unpack` names (unpack_q8.wgsl, unpack_q4.wgsl): GROUPS (words per block
+// of a column) and unpack(words, h), the 4x4 matrix of the h-th four rows of four adjacent columns' words;
+// each word holds X4 * 4 rows of a column. Everything else here is shared. Unpacked in registers,
+// accumulated in f32; the words are plain u32, so no shader-f16 or integer-dot extension is needed.
+//
+// Three entry points over one binding list:
+// - matvec: y[m] = x[m] @ w[idx[0]] for the M rows of x, M (1..=8) rows per workgroup row; lines
+//   in a `for R` loop are written once per row (one accumulator variable per row keeps them in
+//   registers), so a prefill's product over all its rows is one launch;
+// - gathered: for each (token, slot) pair p, y[p] = x[p / x_div] @ w[idx[p] - first] (MoE decode: only the
+//   chosen experts' weights are read); a pair whose expert is outside this chunk gets zeros, or with `keep`
+//   its row is left to the launch of the chunk that holds it (several chunks write one output);
+// - grouped: the gathered product with the pairs sorted by expert (shaders/moe_sort.wgsl's plan in idx):
+//   each workgroup row takes one tile of up to R-many pairs of one expert and reads that expert's
+//   weights once for all of them (prefill); tiles of experts outside the chunk are skipped;
+// - dequant: y = w as f32 [count, Kp, N], for burn's ops (training, the dense expert form).
+//
+// Each invocation owns four adjacent columns c (one vec4<u32> of words: four rows of each column), or
+// P such groups side by side (N/4 a multiple of P: 2 in decode, 4 in a prompt's launches, whose
+// x values each serve 8 rows' worth of weights), and walks K a block at a time: xv (four x values) times
+// the 4x4 matrix of one word group gives the four columns' partial sums, and each block's sums are scaled
+// once.
+//
+// SwiGLU variants of matvec, gathered and grouped (GLU lines, else LIN): for a fused [gate | up]
+// weight (N = 2I) the P column groups of an invocation are H adjacent groups of the gate half and the
+// same groups of the up half, and it writes silu(gate) * up: y is [rows, I], and SwiGLU takes no launch of
+// its own.
+//
+// Bindings: x [rows, K/4] vec4, w [count, Kp/(4 X4), N/4] vec4<u32>, s [count, Kp/32, N/4] vec2<u32> (f16 x4),
+// idx [P] i32, y, then the shape.
+
+// x: a storage buffer, or (texture launches, x up to 64 KiB) a copy in a uniform buffer, whose loads a
+// software driver serves once per workgroup instead of once per invocation (XU lines).
+{% if XS %}@group(0) @binding(0) var<storage, read_write> x: array<vec4<f32>>;{% endif %}
+{% if XU %}@group(0) @binding(0) var<uniform> x: array<vec4<f32>, 4096>;{% endif %}
+// The words: a storage buffer, or (native) an rgba32uint texture of 4096-texel rows, array layers past the
+// adapter's height (gpu/texture.rs). The variant keeps the `if BUF` or the `if TEX` lines.
+{% if BUF %}@group(0) @binding(1) var<storage, read_write> w: array<vec4<u32>>;{% endif %}
+{% if TEX %}@group(0) @binding(1) var w: texture_2d_array<u32>;{% endif %}
+@group(0) @binding(2) var<storage, read_write> s: array<vec2<u32>>;
+@group(0) @binding(3) var<storage, read_write> idx: array<i32>;
+@group(0) @binding(4) var<storage, read_write> y: array<vec4<f32>>;
+
+struct Shape {
+    blocks: u32,  // Kp / 32
+    n4: u32,      // N / 4
+    first: u32,   // first expert of the chunk (gathered)
+    count: u32,   // matrices in the stack
+    x_div: u32,   // pairs per row of x (gathered)
+    row_mask: u32,     // texture rows per layer - 1 (all ones for one layer)
+    layer_shift: u32,  // log2(rows per layer) (31 for one layer)
+    x_k4: u32,         // vec4 per row of x: K / 4, the reads past it zero
+    keep: u32,         // gathered: 1 leaves the rows of pairs outside the chunk as they are, 0 writes zeros
+    order: u32,        // grouped: where the plan's pair order starts
+    m: u32,            // matvec: rows of x (in groups of {{M}}, one workgroup row each)
+    _pad2: u32,
+}
+@group(0) @binding(5) var<uniform> shape: Shape;
+
+// Values 4g..4g+4 of the row of x that starts at vec4 `row`, zero past K (x is not padded to whole blocks;
+// the weights' padding rows are zero, but what lies past a row is not always a number).
+fn xs(row: u32, g: u32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), x[row + min(g, shape.x_k4 - 1u)], g < shape.x_k4);
+}
+
+// Texel (g, c) of matrix e: word group g (4 X4 k), texel column c (four outputs). A buffer and a row-order
+// texture hold a matrix's texels as [kw, n4]; a column-order texture (CPU adapters, gpu/texture.rs)
+// as [n4, kw], each column contiguous along K, so an invocation reads one sequential stream (COLS).
+fn word(e: u32, g: u32, c: u32) -> vec4<u32> {
+    let kw = shape.blocks * GROUPS;
+{% if ROWS %}    let i = (e * kw + g) * shape.n4 + c;{% endif %}
+{% if COLS %}    let i = (e * shape.n4 + c) * kw + g;{% endif %}
+{% if BUF %}    return w[i];{% endif %}
+{% if TEX %}    let row = i >> 12u;{% endif %}
+{% if TEX %}    return textureLoad(w, vec2<u32>(i & 4095u, row & shape.row_mask), row >> shape.layer_shift, 0);{% endif %}
+}
+
+{% include unpack %}
+
+// Invocation i's first texel column, the bound on it and the step from its gate columns to its up
+// columns: P adjacent groups, or (SwiGLU) H adjacent groups of the gate half and the same of the up
+// half, half the texel columns apart. Column group k of an invocation is at c + col(k, step).
+const H: u32 = {{H}}u;
+fn column_groups(i: u32) -> vec3<u32> {
+{% if LIN %}    return vec3<u32>(i * {{P}}u, shape.n4, 0u);{% endif %}
+{% if GLU %}    return vec3<u32>(i * H, shape.n4 / 2u, shape.n4 / 2u);{% endif %}
+}
+
+fn col(k: u32, step: u32) -> u32 {
+    return k % H + (k / H) * step;
+}
+
+// silu(v) = v * sigmoid(v), as shaders/swiglu.wgsl computes it.
+fn silu(v: vec4<f32>) -> vec4<f32> {
+    return v / (1.0 + exp(-v));
+}
+
+fn scale(v: vec2<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y));
+}
+
+@compute @workgroup_size(64)
+fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
+    // P adjacent texel columns per invocation (lines in a `for C` loop are written once per column): each x
+    // value read serves all of them.
+    let n4 = shape.n4;
+    let cols = column_groups(gid.x);
+    let c = cols.x;
+    let lim = cols.y;
+    let step = cols.z;
+    if (c >= lim) {
+        return;
+    }
+    let blocks = shape.blocks;
+    let e = u32(idx[0]);
+    // This workgroup row's rows of x: r0.. (the last group's rows past M repeat row M - 1, unwritten);
+    // a launch of one group (ONE lines, decode) has exactly M rows.
+{% if MANY %}    let r0 = gid.y * {{M}}u;{% endif %}
+{% if MANY %}{% for R in range(M) %}    let row{{R}} = min(r0 + {{R}}u, shape.m - 1u) * shape.x_k4;
+{% endfor %}{% endif %}
+{% if ONE %}{% for R in range(M) %}    let row{{R}} = {{R}}u * shape.x_k4;
+{% endfor %}{% endif %}
+    let sbase = e * blocks * n4 + c;
+{% for C in range(P) %}{% for R in range(M) %}    var acc{{R}}_{{C}} = vec4<f32>(0.0);
+{% endfor %}{% endfor %}
+    for (var b = 0u; b < blocks; b++) {
+{% for C in range(P) %}{% for R in range(M) %}        var part{{R}}_{{C}} = vec4<f32>(0.0);
+{% endfor %}{% endfor %}
+        for (var j = 0u; j < GROUPS; j++) {
+            let g = b * GROUPS + j;
+{% for C in range(P) %}            let words{{C}} = word(e, g, c + col({{C}}u, step));
+{% for h in range(X4) %}            let q{{C}}_{{h}} = unpack(words{{C}}, {{h}}u);
+{% endfor %}{% endfor %}
+{% for R in range(M) %}{% for h in range(X4) %}            let xv{{R}}_{{h}} = xs(row{{R}}, {{X4}}u * g + {{h}}u);
+{% endfor %}{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}            part{{R}}_{{C}} += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv{{R}}_{{h}} * q{{C}}_{{h}}{% endfor %};
+{% endfor %}{% endfor %}
+        }
+{% for C in range(P) %}        let sc{{C}} = scale(s[sbase + b * n4 + col({{C}}u, step)]);
+{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}        acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
+{% endfor %}{% endfor %}
+    }
+{% if LIN %}{% if MANY %}{% for C in range(P) %}{% for R in range(M) %}    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * n4 + c + {{C}}u] = acc{{R}}_{{C}}; }
+{% endfor %}{% endfor %}{% endif %}{% endif %}
+{% if GLU %}{% if MANY %}{% for G in range(H) %}{% for R in range(M) %}    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * lim + c + {{G}}u] = silu(acc{{R}}_{{G}}) * acc{{R}}_{{ G + H }}; }
+{% endfor %}{% endfor %}{% endif %}{% endif %}
+{% if LIN %}{% if ONE %}{% for C in range(P) %}{% for R in range(M) %}    y[{{R}}u * n4 + c + {{C}}u] = acc{{R}}_{{C}};
+{% endfor %}{% endfor %}{% endif %}{% endif %}
+{% if GLU %}{% if ONE %}{% for G in range(H) %}{% for R in range(M) %}    y[{{R}}u * lim + c + {{G}}u] = silu(acc{{R}}_{{G}}) * acc{{R}}_{{ G + H }};
+{% endfor %}{% endfor %}{% endif %}{% endif %}
+}
+
+@compute @workgroup_size(64)
+fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let p = gid.y;
+    let n4 = shape.n4;
+    let cols = column_groups(gid.x);
+    let c = cols.x;
+    let lim = cols.y;
+    let step = cols.z;
+    if (c >= lim) {
+        return;
+    }
+    let blocks = shape.blocks;
+    let e = idx[p] - i32(shape.first);
+    let inside = e >= 0 && u32(e) < shape.count;
+    if (!inside && shape.keep == 1u) {
+        return;
+    }
+{% for C in range(P) %}    var acc{{C}} = vec4<f32>(0.0);
+{% endfor %}
+    if (inside) {
+        let sbase = u32(e) * blocks * n4 + c;
+        let row = (p / shape.x_div) * shape.x_k4;
+        for (var b = 0u; b < blocks; b++) {
+{% for C in range(P) %}            var part{{C}} = vec4<f32>(0.0);
+{% endfor %}
+            for (var j = 0u; j < GROUPS; j++) {
+                let g = b * GROUPS + j;
+{% for h in range(X4) %}                let xv_{{h}} = xs(row, {{X4}}u * g + {{h}}u);
+{% endfor %}
+{% for C in range(P) %}                let words{{C}} = word(u32(e), g, c + col({{C}}u, step));
+                part{{C}} += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv_{{h}} * unpack(words{{C}}, {{h}}u){% endfor %};
+{% endfor %}
+            }
+{% for C in range(P) %}            acc{{C}} = fma(part{{C}}, scale(s[sbase + b * n4 + col({{C}}u, step)]), acc{{C}});
+{% endfor %}
+        }
+    }
+{% if LIN %}{% for C in range(P) %}    y[p * n4 + c + {{C}}u] = acc{{C}};
+{% endfor %}{% endif %}
+{% if GLU %}{% for G in range(H) %}    y[p * lim + c + {{G}}u] = silu(acc{{G}}) * acc{{ G + H }};
+{% endfor %}{% endif %}
+}
+
+@compute @workgroup_size(64)
+fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
+    // Tile gid.y of the plan: (expert, first position in the order, pairs); the rows past its pairs
+    // repeat its last pair and are not written.
+    let t = 4u * gid.y;
+    let pairs = u32(idx[t + 2u]);
+    let e = idx[t] - i32(shape.first);
+    let inside = e >= 0 && u32(e) < shape.count;
+    if (pairs == 0u || (!inside && shape.keep == 1u)) {
+        return;
+    }
+    let n4 = shape.n4;
+    let cols = column_groups(gid.x);
+    let c = cols.x;
+    let lim = cols.y;
+    let step = cols.z;
+    if (c >= lim) {
+        return;
+    }
+    let blocks = shape.blocks;
+    let at = shape.order + u32(idx[t + 1u]);
+{% for R in range(M) %}    let p{{R}} = u32(idx[at + min({{R}}u, pairs - 1u)]);
+{% endfor %}
+{% for R in range(M) %}    let row{{R}} = (p{{R}} / shape.x_div) * shape.x_k4;
+{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}    var acc{{R}}_{{C}} = vec4<f32>(0.0);
+{% endfor %}{% endfor %}
+    if (inside) {
+        let sbase = u32(e) * blocks * n4 + c;
+        for (var b = 0u; b < blocks; b++) {
+{% for C in range(P) %}{% for R in range(M) %}            var part{{R}}_{{C}} = vec4<f32>(0.0);
+{% endfor %}{% endfor %}
+            for (var j = 0u; j < GROUPS; j++) {
+                let g = b * GROUPS + j;
+{% for C in range(P) %}                let words{{C}} = word(u32(e), g, c + col({{C}}u, step));
+{% for h in range(X4) %}                let q{{C}}_{{h}} = unpack(words{{C}}, {{h}}u);
+{% endfor %}{% endfor %}
+{% for R in range(M) %}{% for h in range(X4) %}                let xv{{R}}_{{h}} = xs(row{{R}}, {{X4}}u * g + {{h}}u);
+{% endfor %}{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}                part{{R}}_{{C}} += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv{{R}}_{{h}} * q{{C}}_{{h}}{% endfor %};
+{% endfor %}{% endfor %}
+            }
+{% for C in range(P) %}            let sc{{C}} = scale(s[sbase + b * n4 + col({{C}}u, step)]);
+{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}            acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
+{% endfor %}{% endfor %}
+        }
+    }
+{% if LIN %}{% for C in range(P) %}{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * n4 + c + {{C}}u] = acc{{R}}_{{C}}; }
+{% endfor %}{% endfor %}{% endif %}
+{% if GLU %}{% for G in range(H) %}{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * lim + c + {{G}}u] = silu(acc{{R}}_{{G}}) * acc{{R}}_{{ G + H }}; }
+{% endfor %}{% endfor %}{% endif %}
+}
+
+@compute @workgroup_size(64)
+fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {
+    // x and idx are unused here but bound (the binding list is shared): touch them so they stay in the layout.
+    _ = x[0];
+    _ = idx[0];
+    let c = gid.x;
+    let g = gid.y;
+    let e = gid.z;
+    let n4 = shape.n4;
+    let kw = shape.blocks * GROUPS;
+    if (c >= n4 || g >= kw) {
+        return;
+    }
+    let words = word(e, g, c);
+    let sc = scale(s[(e * shape.blocks + g / GROUPS) * n4 + c]);
+    let out = (e * kw + g) * (4u * {{X4}}u) * n4 + c;
+    for (var h = 0u; h < {{X4}}u; h++) {
+        // Row i of the transpose: the four columns at k = 4 (X4 g + h) + i.
+        let rows = transpose(unpack(words, h));
+        let o = out + h * 4u * n4;
+        y[o] = rows[0] * sc;
+        y[o + n4] = rows[1] * sc;
+        y[o + 2u * n4] = rows[2] * sc;
+        y[o + 3u * n4] = rows[3] * sc;
+    }
+}
