@@ -123,8 +123,7 @@ pub async fn copy_bandwidth(device: &Device) -> Result<f64> {
 pub async fn matvec_throughput(device: &Device, dtype: WeightDtype, kernels: Kernels) -> Result<f64> {
     let n = 4096;
     let host: Vec<f32> = (0..n * n).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 3e-5).collect();
-    let mut w = Linear::from_rows(&host, n, n, dtype, device);
-    w.kernels = kernels;
+    let w = Linear::from_rows(&host, n, n, dtype, kernels, device);
     let x0: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.1).collect();
     let mut x: Tensor<2> = Tensor::from_data(burn::tensor::TensorData::new(x0, [1, n]), device);
     x = w.forward(x);

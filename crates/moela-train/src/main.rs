@@ -180,6 +180,7 @@ fn main() -> Result<()> {
             cfg,
             &set,
             moela::WeightDtype::F32,
+            moela::Kernels::default(),
             &plain,
             &mut |_| {},
         ))?;

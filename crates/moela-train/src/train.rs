@@ -73,7 +73,14 @@ pub fn model_config(vocab_size: usize, bos: u32, eos: u32) -> serde_json::Value 
 pub fn trainable(files: &CheckpointFiles, device: &Device) -> Result<Transformer> {
     let config = ModelConfig::from_json_bytes(&files.config, "config.json")?;
     let set = WeightSet::open_blocking(files.weights.clone())?;
-    let mut model = pollster::block_on(Transformer::load(config, &set, WeightDtype::F32, device, &mut |_| {}))?;
+    let mut model = pollster::block_on(Transformer::load(
+        config,
+        &set,
+        WeightDtype::F32,
+        moela::Kernels::default(),
+        device,
+        &mut |_| {},
+    ))?;
     model.embedding_on_device();
     require_grads(&mut model);
     Ok(model)

@@ -129,12 +129,18 @@ impl Engine {
         let set = WeightSet::open(files.weights).await?;
         check_fits(&config, options.dtype, device)?;
         let mut bytes = 0;
-        let mut model = Transformer::load(config, &set, options.dtype, device, &mut |p: Progress| {
-            bytes = p.total;
-            progress(p);
-        })
+        let model = Transformer::load(
+            config,
+            &set,
+            options.dtype,
+            options.kernels,
+            device,
+            &mut |p: Progress| {
+                bytes = p.total;
+                progress(p);
+            },
+        )
         .await?;
-        model.set_kernels(options.kernels);
         Ok(Self {
             model,
             tokenizer,
@@ -185,7 +191,7 @@ impl Engine {
 
     /// Which implementation runs the hot paths.
     pub fn kernels(&self) -> Kernels {
-        self.model.head.kernels
+        self.model.kernels
     }
 
     pub(crate) fn new_cache(&self, max_context: usize) -> LatentCache {

@@ -19,7 +19,15 @@ fn load(name: &str) -> (Transformer, WeightSet) {
     let config = ModelConfig::from_json_bytes(&files.config, "config.json").unwrap();
     let set = WeightSet::open_blocking(files.weights).unwrap();
     let device = moela::default_device().unwrap();
-    let model = pollster::block_on(Transformer::load(config, &set, WeightDtype::F32, &device, &mut |_| {})).unwrap();
+    let model = pollster::block_on(Transformer::load(
+        config,
+        &set,
+        WeightDtype::F32,
+        moela::Kernels::default(),
+        &device,
+        &mut |_| {},
+    ))
+    .unwrap();
     (model, set)
 }
 

@@ -338,6 +338,24 @@ pub fn gathered_matvec(
     Some(float(&x, out, [p, n]))
 }
 
+/// A MoE block's output from its gathered down projections `routed` (`[T * K, H]`), their router weights
+/// `[T, K]` and the shared experts' output `base`: one launch of moela's kernel, else burn's ops.
+pub fn mix(routed: Tensor<2>, weights: &Tensor<2>, base: Option<&Tensor<2>>) -> Tensor<2> {
+    if let Some(out) = combine(&routed, weights, base) {
+        return out;
+    }
+    let [t, k] = weights.dims();
+    let h = routed.dims()[1];
+    let mixed = (routed * weights.clone().reshape([t * k, 1]))
+        .reshape([t, k, h])
+        .sum_dim(1)
+        .reshape([t, h]);
+    match base {
+        Some(b) => mixed + b.clone(),
+        None => mixed,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use burn::tensor::{Distribution, TensorData};

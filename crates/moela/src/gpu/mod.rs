@@ -19,6 +19,7 @@ pub mod packed;
 pub mod products;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod replay;
+pub mod residual;
 pub mod rms_norm;
 pub(crate) mod shader;
 pub mod swiglu;

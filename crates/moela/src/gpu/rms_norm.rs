@@ -1,13 +1,15 @@
-//! `shaders/rmsnorm.wgsl`: RMSNorm over rows, alone or fused with the residual add before it.
+//! RMSNorm, `gain * x / sqrt(mean(x^2) + eps)` over each row (`docs/architecture.md` §2): moela's
+//! `shaders/rmsnorm.wgsl`, alone or fused with the residual add before it, else burn's ops.
 
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 
+use super::experts::mix;
 use super::shader::{NormForm, Shader};
-use super::{WgslKernel, cube_tensor, empty, float, launch};
+use super::{Kernels, WgslKernel, cube_tensor, empty, float, launch};
 
 /// What is added to the residual stream before the norm.
 #[derive(Debug, Clone, Copy)]
-pub enum Residual<'a> {
+pub enum Sum<'a> {
     /// Nothing.
     None,
     /// A block's output `[rows, n]`.
@@ -28,21 +30,16 @@ pub enum Residual<'a> {
 /// `gain * x / sqrt(mean(x^2) + eps)` over each row of `x` (`[rows, n]`); with a residual, the rows of
 /// `x + residual` instead, and that sum is returned too (the new residual stream). `None` when the kernel
 /// does not cover the call.
-pub fn rms_norm(
-    x: &Tensor<2>,
-    residual: Residual,
-    gain: &Tensor<1>,
-    eps: f64,
-) -> Option<(Tensor<2>, Option<Tensor<2>>)> {
+pub fn rms_norm(x: &Tensor<2>, residual: Sum, gain: &Tensor<1>, eps: f64) -> Option<(Tensor<2>, Option<Tensor<2>>)> {
     let [rows, n] = x.dims();
     let f32_of = |t: &Tensor<2>, dims: [usize; 2]| t.dims() == dims && t.dtype() == DType::F32;
     if rows == 0 || rows > 65_535 || gain.dims() != [n] || x.dtype() != DType::F32 || gain.dtype() != DType::F32 {
         return None;
     }
     let (delta, experts) = match residual {
-        Residual::None => (None, None),
-        Residual::Add(d) => (Some(d), None),
-        Residual::Experts { routed, weights, base } => {
+        Sum::None => (None, None),
+        Sum::Add(d) => (Some(d), None),
+        Sum::Experts { routed, weights, base } => {
             let k = weights.dims()[1];
             if k == 0 || !f32_of(weights, [rows, k]) || !f32_of(routed, [rows * k, n]) {
                 return None;
@@ -95,13 +92,70 @@ pub fn rms_norm(
     Some((float(&xc, out, [rows, n]), Some(float(&xc, sum, [rows, n]))))
 }
 
+/// Root-mean-square normalisation over the last dimension with a learned gain.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    /// Gain, `[width]`.
+    pub weight: Tensor<1>,
+    /// Added to the mean square before the root.
+    pub eps: f64,
+    /// moela's kernel (where it applies) or burn's ops.
+    pub kernels: Kernels,
+}
+
+impl RmsNorm {
+    /// A norm from host values, run by `kernels`.
+    pub fn new(weight: Vec<f32>, eps: f64, kernels: Kernels, device: &Device) -> Self {
+        let n = weight.len();
+        Self {
+            weight: Tensor::from_data(TensorData::new(weight, [n]), device),
+            eps,
+            kernels,
+        }
+    }
+
+    /// Normalises `x` (`[.., width]`) over its last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dims = x.dims();
+        let n = dims[D - 1];
+        if self.kernels == Kernels::Wgsl && n > 0 {
+            let rows = dims.iter().product::<usize>() / n;
+            let flat: Tensor<2> = x.clone().reshape([rows, n]);
+            if let Some((y, _)) = rms_norm(&flat, Sum::None, &self.weight, self.eps) {
+                return y.reshape(dims);
+            }
+        }
+        let ms = x.clone().square().mean_dim(D - 1);
+        let inv = ms.add_scalar(self.eps).sqrt().recip();
+        let mut shape = [1usize; D];
+        shape[D - 1] = self.weight.dims()[0];
+        x * inv * self.weight.clone().reshape(shape)
+    }
+
+    /// `(x + sum, norm(x + sum))`: the residual add fused with the norm after it, in one launch with moela's
+    /// kernel (a MoE block's mixing included).
+    pub fn forward_sum(&self, x: &Tensor<2>, sum: Sum) -> (Tensor<2>, Tensor<2>) {
+        if self.kernels == Kernels::Wgsl
+            && let Some((y, added)) = rms_norm(x, sum, &self.weight, self.eps)
+        {
+            return (added.unwrap_or_else(|| x.clone()), y);
+        }
+        let x = match sum {
+            Sum::None => x.clone(),
+            Sum::Add(d) => x.clone() + d.clone(),
+            Sum::Experts { routed, weights, base } => x.clone() + mix(routed.clone(), weights, base),
+        };
+        let y = self.forward(x.clone());
+        (x, y)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use burn::tensor::Distribution;
 
     use super::*;
     use crate::gpu::worst_difference;
-    use crate::model::norm::RmsNorm;
 
     #[test]
     fn matches_burn_norm_with_and_without_residual() {
@@ -119,10 +173,10 @@ mod tests {
                 eps: 1e-6,
                 kernels: crate::gpu::Kernels::Generic,
             };
-            let (out, none) = rms_norm(&x, Residual::None, &gain, 1e-6).expect("the kernel covers this shape");
+            let (out, none) = rms_norm(&x, Sum::None, &gain, 1e-6).expect("the kernel covers this shape");
             assert!(none.is_none());
             assert!(worst_difference(out, norm.forward(x.clone())) < 1e-5, "{rows}x{n}");
-            let (out, sum) = rms_norm(&x, Residual::Add(&delta), &gain, 1e-6).unwrap();
+            let (out, sum) = rms_norm(&x, Sum::Add(&delta), &gain, 1e-6).unwrap();
             let want_sum = x.clone() + delta.clone();
             assert!(
                 worst_difference(sum.unwrap(), want_sum.clone()) < 1e-6,
@@ -134,7 +188,7 @@ mod tests {
             let k = 3;
             let routed = Tensor::<2>::random([rows * k, n], Distribution::Normal(0.0, 1.0), &device);
             let weights = Tensor::<2>::random([rows, k], Distribution::Uniform(0.0, 1.0), &device);
-            let experts = Residual::Experts {
+            let experts = Sum::Experts {
                 routed: &routed,
                 weights: &weights,
                 base: Some(&delta),
@@ -155,7 +209,7 @@ mod tests {
                 "{rows}x{n} experts"
             );
             // Shared experts among the slots: no separate output to add.
-            let experts = Residual::Experts {
+            let experts = Sum::Experts {
                 routed: &routed,
                 weights: &weights,
                 base: None,

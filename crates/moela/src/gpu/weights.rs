@@ -194,21 +194,19 @@ impl Linear {
             .collect()
     }
 
-    /// Stores an `[out, in]` row-major weight (HF layout) in `dtype`, split into [parts](Self::part_rows).
-    pub fn from_rows(w: &[f32], out: usize, inp: usize, dtype: WeightDtype, device: &Device) -> Self {
+    /// Stores an `[out, in]` row-major weight (HF layout) in `dtype`, split into [parts](Self::part_rows),
+    /// run by `kernels`.
+    pub fn from_rows(w: &[f32], out: usize, inp: usize, dtype: WeightDtype, kernels: Kernels, device: &Device) -> Self {
         let parts = Self::part_rows(out, inp)
             .into_iter()
             .map(|r| Weights::from_rows(&w[r.start * inp..r.end * inp], r.len(), inp, dtype, device))
             .collect();
-        Self::from_parts(parts)
+        Self::from_parts(parts, kernels)
     }
 
-    /// A projection from its column parts, in order.
-    pub fn from_parts(parts: Vec<Weights<2>>) -> Self {
-        Self {
-            parts,
-            kernels: Kernels::default(),
-        }
+    /// A projection from its column parts, in order, run by `kernels`.
+    pub fn from_parts(parts: Vec<Weights<2>>, kernels: Kernels) -> Self {
+        Self { parts, kernels }
     }
 
     /// `x`: `[T, in]` -> `[T, out]`.
@@ -232,6 +230,19 @@ impl Linear {
             }
         }
         x.clone().matmul(w.to_f32(self.kernels))
+    }
+
+    /// `silu(gate) * up` of the product with a fused `[gate | up]` weight (`[T, in]` -> `[T, width]`): inside
+    /// the product's launch where its kernel has that variant (8-bit and 4-bit, one part), else a launch
+    /// of its own.
+    pub fn forward_swiglu(&self, x: Tensor<2>, width: usize) -> Tensor<2> {
+        if self.kernels == Kernels::Wgsl
+            && let [Weights::Packed(p)] = self.parts.as_slice()
+            && let Some(act) = super::products::product_at(&x, p, &p.zero, true)
+        {
+            return act;
+        }
+        super::swiglu::swiglu(self.forward(x), width, self.kernels)
     }
 
     /// Bytes the weight takes on the device.
@@ -298,10 +309,12 @@ pub enum Factor {
 }
 
 impl Factor {
-    /// Uploads row-major `[n_h, K, N]` values: into a texture where the device has them, else a tensor.
-    pub fn new(data: Vec<f32>, dims: [usize; 3], device: &Device) -> Self {
+    /// Uploads row-major `[n_h, K, N]` values: into a texture where the device has them and moela's kernels
+    /// read it, else a tensor.
+    pub fn new(data: Vec<f32>, dims: [usize; 3], kernels: Kernels, device: &Device) -> Self {
+        // burn's ops read tensors: with them, a texture would only be copied out at every step.
         #[cfg(not(target_arch = "wasm32"))]
-        if dims[2].is_multiple_of(4) && super::texture::available(device) {
+        if kernels == Kernels::Wgsl && dims[2].is_multiple_of(4) && super::texture::available(device) {
             let grid = [dims[0], dims[1], dims[2] / 4];
             if let Some(texture) = super::texture::WeightTexture::new(bytemuck::cast_slice(&data), grid) {
                 return Factor::Texture {

@@ -10,8 +10,8 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::norm::RmsNorm;
 use super::rope;
+use crate::gpu::rms_norm::RmsNorm;
 use crate::gpu::weights::Factor;
 use crate::gpu::{self, Kernels, Linear};
 
@@ -340,16 +340,32 @@ mod tests {
     /// A random attention block of hidden size `h` and `[n_h, d_n, d_r, r_kv, d_v]`, on burn's ops (plain
     /// queries, a norm gain near 1, scale 0.31).
     fn random_mla(h: usize, [n_h, d_n, d_r, r_kv, d_v]: [usize; 5], device: &Device) -> Mla {
-        let linear =
-            |out: usize, inp: usize| Linear::from_rows(&random(out * inp, device), out, inp, WeightDtype::F32, device);
-        let mut norm = RmsNorm::new(random(r_kv, device).iter().map(|v| 1.0 + v).collect(), 1e-6, device);
-        norm.kernels = Kernels::Generic;
+        let generic = Kernels::Generic;
+        let linear = |out: usize, inp: usize| {
+            Linear::from_rows(&random(out * inp, device), out, inp, WeightDtype::F32, generic, device)
+        };
+        let norm = RmsNorm::new(
+            random(r_kv, device).iter().map(|v| 1.0 + v).collect(),
+            1e-6,
+            generic,
+            device,
+        );
         Mla {
             input: linear(n_h * (d_n + d_r) + r_kv + d_r, h),
             q: QProj::Plain,
             kv_a_norm: norm,
-            w_uk: Factor::new(random(n_h * d_n * r_kv, device), [n_h, d_n, r_kv], device),
-            w_uv_t: Factor::new(random(n_h * r_kv * d_v, device), [n_h, r_kv, d_v], device),
+            w_uk: Factor::new(
+                random(n_h * d_n * r_kv, device),
+                [n_h, d_n, r_kv],
+                Kernels::Wgsl,
+                device,
+            ),
+            w_uv_t: Factor::new(
+                random(n_h * r_kv * d_v, device),
+                [n_h, r_kv, d_v],
+                Kernels::Wgsl,
+                device,
+            ),
             o: linear(h, n_h * d_v),
             heads: n_h,
             nope: d_n,

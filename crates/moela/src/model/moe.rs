@@ -27,10 +27,10 @@
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
-use super::mlp::swiglu;
-use super::norm::Delta;
 use crate::config::{ScoringFunc, TopkMethod};
 use crate::gpu::experts::Pairs;
+use crate::gpu::residual::BlockOutput;
+use crate::gpu::swiglu::swiglu;
 use crate::gpu::weights::{MAX_BINDING_BYTES, as_f32};
 use crate::gpu::{self, Kernels};
 use crate::gpu::{Linear, Weights};
@@ -295,7 +295,7 @@ impl Moe {
 
     /// [`Moe::forward`], leaving the experts' mixing to the norm that adds the output to the residual
     /// stream (one launch fewer with moela's kernels).
-    pub fn forward_delta(&self, x: Tensor<2>) -> (Delta, Chosen) {
+    pub fn forward_delta(&self, x: Tensor<2>) -> (BlockOutput, Chosen) {
         let [t, _] = x.dims();
         let k = self.top_k;
         // One token (decode) with moela's kernels: the shared experts' slots come from the routing kernel
@@ -323,7 +323,7 @@ impl Moe {
         } else {
             self.dense(x, idx, w)
         };
-        (Delta::Plain(out), chosen)
+        (BlockOutput::Dense(out), chosen)
     }
 
     /// The same block with tokens grouped by expert, for many tokens (training): each expert multiplies only
@@ -374,7 +374,7 @@ impl Moe {
     /// for the next norm to mix. `idx` / `w` hold `extra` shared slots per token (decode), or none: the
     /// shared experts then run here as products over all the tokens. `None`, before any product's launch
     /// (prefill's sort of the pairs may have run), when the gathered kernels do not cover the call.
-    fn forward_wgsl(&self, x: &Tensor<2>, idx: &Tensor<2, Int>, w: &Tensor<2>, extra: usize) -> Option<Delta> {
+    fn forward_wgsl(&self, x: &Tensor<2>, idx: &Tensor<2, Int>, w: &Tensor<2>, extra: usize) -> Option<BlockOutput> {
         let [t, h] = x.dims();
         let slots = idx.dims()[1];
         if !h.is_multiple_of(4) {
@@ -406,7 +406,7 @@ impl Moe {
         let Some(routed) = self.gathered_product(&act, Side::Down, pairs, (1, false)) else {
             // Not expected once the gate/up products ran (same pairs, dtypes and stacks); burn's form then.
             let (idx, w) = self.with_shared(idx.clone(), w.clone(), self.shared - extra);
-            return Some(Delta::Plain(self.gathered(x.clone(), idx, w)));
+            return Some(BlockOutput::Dense(self.gathered(x.clone(), idx, w)));
         };
         // The shared experts, when not among the slots: a product per expert over all the tokens.
         let mut base: Option<Tensor<2>> = None;
@@ -426,7 +426,7 @@ impl Moe {
                 None => y,
             });
         }
-        Some(Delta::Experts {
+        Some(BlockOutput::Experts {
             routed,
             weights: w.clone(),
             base,
@@ -551,7 +551,7 @@ mod tests {
             _ => (4, 2),
         };
         Moe {
-            router: Linear::from_rows(&w, e, h, WeightDtype::F32, device),
+            router: Linear::from_rows(&w, e, h, WeightDtype::F32, Kernels::Wgsl, device),
             correction_bias: (method == TopkMethod::NoauxTc)
                 .then(|| Tensor::<1>::random([e], Distribution::Normal(0.0, 0.1), device)),
             chunks: Vec::new(),

@@ -10,10 +10,10 @@ use burn::tensor::{DType, Tensor};
 use super::mla::{Mla, QProj};
 use super::mlp::Mlp;
 use super::moe::Moe;
-use super::norm::RmsNorm;
 use super::rope::interleave_rows;
 use super::transformer::{Embedding, FeedForward, Transformer};
 use crate::error::{Error, Result};
+use crate::gpu::rms_norm::RmsNorm;
 use crate::gpu::weights::transpose;
 use crate::gpu::{Linear, Weights};
 

@@ -6,41 +6,21 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use std::ops::Range;
 
+pub use super::block::{Block, FeedForward};
 use super::embedding::HostTable;
 use super::mla::{Mla, QProj};
 use super::mlp::Mlp;
 use super::moe::{ExpertChunk, Moe};
-use super::norm::{Delta, RmsNorm};
 use super::rope::{Rope, deinterleave_rows};
 use crate::cache::LatentCache;
 use crate::config::{ModelConfig, TopkMethod};
 use crate::error::{Error, Result};
 use crate::gpu::Kernels;
+use crate::gpu::residual::Residual;
+use crate::gpu::rms_norm::RmsNorm;
 use crate::gpu::weights::{Factor, MAX_BINDING_BYTES, transpose};
 use crate::gpu::{Linear, Rows, WeightDtype, Weights, WeightsHost};
 use crate::load::{Progress, StoredRows, WeightSet};
-
-/// The feed-forward half of a block.
-#[derive(Debug, Clone)]
-pub enum FeedForward {
-    /// The first `first_k_dense_replace` layers.
-    Dense(Mlp),
-    /// DeepSeekMoE.
-    Moe(Box<Moe>),
-}
-
-/// One decoder layer.
-#[derive(Debug, Clone)]
-pub struct Block {
-    /// `input_layernorm`.
-    pub attn_norm: RmsNorm,
-    /// Multi-head latent attention.
-    pub attn: Mla,
-    /// `post_attention_layernorm`.
-    pub ffn_norm: RmsNorm,
-    /// MLP or MoE.
-    pub ffn: FeedForward,
-}
 
 /// Where the embedding table (`[V, H]`) lives.
 #[derive(Debug, Clone)]
@@ -79,11 +59,17 @@ pub struct Transformer {
     pub device: Device,
     /// Weight dtype on the GPU.
     pub dtype: WeightDtype,
+    /// What runs the hot paths, chosen at load.
+    pub kernels: Kernels,
 }
 
 /// Reads tensors by HF name, checking shapes, and reports progress by bytes read.
 struct Reader<'a> {
     set: &'a WeightSet,
+    /// How weights are stored, what runs them and where.
+    dtype: WeightDtype,
+    kernels: Kernels,
+    device: &'a Device,
     done: u64,
     total: u64,
     progress: &'a mut dyn FnMut(Progress),
@@ -153,14 +139,8 @@ impl<'a> Reader<'a> {
     }
 
     /// A projection from the rows of `names` stacked (`[each, cols]` each), read and stored a part at a time.
-    async fn linear(
-        &mut self,
-        names: &[String],
-        each: usize,
-        cols: usize,
-        dtype: WeightDtype,
-        device: &Device,
-    ) -> Result<Linear> {
+    async fn linear(&mut self, names: &[String], each: usize, cols: usize) -> Result<Linear> {
+        let (dtype, device) = (self.dtype, self.device);
         let mut parts = Vec::new();
         for range in Linear::part_rows(names.len() * each, cols) {
             let rows = self.stacked(names, each, cols, range.clone()).await?;
@@ -169,7 +149,7 @@ impl<'a> Reader<'a> {
             drop(rows);
             parts.push(host.upload([cols, range.len()], device));
         }
-        Ok(Linear::from_parts(parts))
+        Ok(Linear::from_parts(parts, self.kernels))
     }
 }
 
@@ -191,44 +171,11 @@ impl Transformer {
     /// native wgpu device they share with burn.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn replayable(&self) -> bool {
-        self.head.kernels == Kernels::Wgsl && crate::gpu::texture::available(&self.device)
+        self.kernels == Kernels::Wgsl && crate::gpu::texture::available(&self.device)
     }
 
-    /// Chooses the implementation of every projection: moela's WGSL kernels or burn's generic ops.
-    pub fn set_kernels(&mut self, kernels: Kernels) {
-        self.norm.kernels = kernels;
-        let mut all: Vec<&mut Linear> = vec![&mut self.head];
-        for b in &mut self.blocks {
-            if let QProj::Lora { norm, b: q_b, .. } = &mut b.attn.q {
-                norm.kernels = kernels;
-                all.push(q_b);
-            }
-            all.extend([&mut b.attn.input, &mut b.attn.o]);
-            b.attn.kernels = kernels;
-            if kernels == Kernels::Generic {
-                // burn's ops read the absorbed factors as tensors: copied out of their textures once here,
-                // not at every step.
-                for f in [&mut b.attn.w_uk, &mut b.attn.w_uv_t] {
-                    *f = Factor::Tensor(f.tensor());
-                }
-            }
-            b.attn.kv_a_norm.kernels = kernels;
-            b.attn_norm.kernels = kernels;
-            b.ffn_norm.kernels = kernels;
-            match &mut b.ffn {
-                FeedForward::Dense(m) => all.extend([&mut m.gate_up, &mut m.down]),
-                FeedForward::Moe(m) => {
-                    m.kernels = kernels;
-                    all.push(&mut m.router);
-                }
-            }
-        }
-        for l in all {
-            l.kernels = kernels;
-        }
-    }
-
-    /// Builds the model from a checkpoint's tensors, converting to `dtype` on `device`.
+    /// Builds the model from a checkpoint's tensors, converting to `dtype` on `device`, every block run by
+    /// `kernels` (the one place that choice is made).
     ///
     /// Every tensor's presence and shape is checked before anything is read. Then tensors are read in model
     /// order, one at a time (the largest a slice of rows at a time), converted and stored on the device, while
@@ -238,6 +185,7 @@ impl Transformer {
         config: ModelConfig,
         set: &WeightSet,
         dtype: WeightDtype,
+        kernels: Kernels,
         device: &Device,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Self> {
@@ -260,12 +208,15 @@ impl Transformer {
         }
         let mut r = Reader {
             set,
+            dtype,
+            kernels,
+            device,
             done: 0,
             total,
             progress,
         };
         let norm = async |r: &mut Reader<'_>, name: &str, n: usize, eps: f64| -> Result<RmsNorm> {
-            Ok(RmsNorm::new(r.get(name, &[n]).await?, eps, device))
+            Ok(RmsNorm::new(r.get(name, &[n]).await?, eps, kernels, device))
         };
         let layer_names = |i: usize| layer_tensors(c, i).into_iter().map(|(n, _)| n);
 
@@ -305,11 +256,11 @@ impl Transformer {
                 c.rms_norm_eps,
             )
             .await?;
-            let attn = load_mla(c, &mut r, &p, dtype, device).await?;
+            let attn = load_mla(c, &mut r, &p).await?;
             let ffn = if c.is_moe_layer(i) {
-                FeedForward::Moe(Box::new(load_moe(c, &mut r, &p, dtype, device).await?))
+                FeedForward::Moe(Box::new(load_moe(c, &mut r, &p).await?))
             } else {
-                FeedForward::Dense(load_mlp(&mut r, &format!("{p}mlp."), h, c.intermediate_size, dtype, device).await?)
+                FeedForward::Dense(load_mlp(&mut r, &format!("{p}mlp."), h, c.intermediate_size).await?)
             };
             blocks.push(Block {
                 attn_norm,
@@ -320,7 +271,7 @@ impl Transformer {
         }
         let final_norm = norm(&mut r, "model.norm.weight", h, c.rms_norm_eps).await?;
         let head_name = if tied { embed_name } else { "lm_head.weight".into() };
-        let head = r.linear(&[head_name], v, h, dtype, device).await?;
+        let head = r.linear(&[head_name], v, h).await?;
         Ok(Self {
             rope: Rope::new(c),
             config,
@@ -330,6 +281,7 @@ impl Transformer {
             head,
             device: device.clone(),
             dtype,
+            kernels,
         })
     }
 
@@ -458,7 +410,7 @@ impl Transformer {
                 cache.capacity()
             )));
         }
-        let mut x = self.embed_tokens(tokens)?;
+        let x = self.embed_tokens(tokens)?;
         let tables = self.rope.tables(pos, t, &self.device);
         // What a replay of this step writes anew (when it is being recorded).
         #[cfg(not(target_arch = "wasm32"))]
@@ -468,36 +420,29 @@ impl Transformer {
             input(&tables.0, Input::Cos);
             input(&tables.1, Input::Sin);
         }
-        // Each block's output is added to the residual stream by the norm that follows it (one fused
-        // launch with moela's kernels): `pending` is the output not yet added.
-        let mut pending: Option<Delta> = None;
+        // h = h + block(h), layer by layer; each add is done by the norm that reads h next (gpu/residual.rs).
+        let mut h = Residual::new(x);
         for (i, b) in self.blocks.iter().enumerate() {
-            let (sum, n) = b.attn_norm.forward_add(x, pending.take());
-            let a = b.attn.forward(n, pos, cache.layer_mut(i), &tables, &self.device);
-            let (sum, n) = b.ffn_norm.forward_add(sum, Some(Delta::Plain(a)));
-            x = sum;
-            pending = Some(match &b.ffn {
-                FeedForward::Dense(m) => Delta::Plain(m.forward(n)),
-                FeedForward::Moe(m) => {
-                    let (out, chosen) = m.forward_delta(n);
-                    if let Some(r) = routing.as_mut() {
-                        r.push(chosen.routed());
-                    }
-                    out
-                }
-            });
+            b.forward(
+                &mut h,
+                pos,
+                cache.layer_mut(i),
+                &tables,
+                &self.device,
+                routing.as_deref_mut(),
+            );
         }
         cache.advance(t);
-        let (x, pending) = match which {
-            LogitsFor::All => (x, pending),
-            LogitsFor::Last => (x.narrow(0, t - 1, 1), pending.map(|d| d.last(t))),
-        };
-        let (_, n) = self.norm.forward_add(x, pending);
-        Ok(self.head.forward(n))
+        if which == LogitsFor::Last {
+            h = h.last(t);
+        }
+        // model.norm, then lm_head: [T or 1, H] -> [T or 1, V].
+        Ok(self.head.forward(h.norm(&self.norm)))
     }
 }
 
-async fn load_mla(c: &ModelConfig, r: &mut Reader<'_>, p: &str, dtype: WeightDtype, device: &Device) -> Result<Mla> {
+async fn load_mla(c: &ModelConfig, r: &mut Reader<'_>, p: &str) -> Result<Mla> {
+    let (dtype, kernels, device) = (r.dtype, r.kernels, r.device);
     let (h, n_h, d_n, d_r, d_v, r_kv) = (
         c.hidden_size,
         c.num_attention_heads,
@@ -529,9 +474,10 @@ async fn load_mla(c: &ModelConfig, r: &mut Reader<'_>, p: &str, dtype: WeightDty
                 norm: Box::new(RmsNorm::new(
                     r.get(&format!("{a}q_a_layernorm.weight"), &[r_q]).await?,
                     1e-6,
+                    kernels,
                     device,
                 )),
-                b: Linear::from_rows(&b, n_h * d_qk, r_q, dtype, device),
+                b: Linear::from_rows(&b, n_h * d_qk, r_q, dtype, kernels, device),
             };
             (r.get(&format!("{a}q_a_proj.weight"), &[r_q, h]).await?, q)
         }
@@ -544,10 +490,11 @@ async fn load_mla(c: &ModelConfig, r: &mut Reader<'_>, p: &str, dtype: WeightDty
         deinterleave_rows(&mut kv_a, h, r_kv, 0, 1, d_r);
     }
     input.extend(kv_a);
-    let input = Linear::from_rows(&input, q_width + r_kv + d_r, h, dtype, device);
+    let input = Linear::from_rows(&input, q_width + r_kv + d_r, h, dtype, kernels, device);
     let kv_a_norm = RmsNorm::new(
         r.get(&format!("{a}kv_a_layernorm.weight"), &[r_kv]).await?,
         1e-6,
+        kernels,
         device,
     );
 
@@ -564,15 +511,13 @@ async fn load_mla(c: &ModelConfig, r: &mut Reader<'_>, p: &str, dtype: WeightDty
         w_uv_t.extend(transpose(v_rows, d_v, r_kv));
     }
     drop(kv_b);
-    let o = r
-        .linear(&[format!("{a}o_proj.weight")], h, n_h * d_v, dtype, device)
-        .await?;
+    let o = r.linear(&[format!("{a}o_proj.weight")], h, n_h * d_v).await?;
     Ok(Mla {
         input,
         q,
         kv_a_norm,
-        w_uk: Factor::new(w_uk, [n_h, d_n, r_kv], device),
-        w_uv_t: Factor::new(w_uv_t, [n_h, r_kv, d_v], device),
+        w_uk: Factor::new(w_uk, [n_h, d_n, r_kv], kernels, device),
+        w_uv_t: Factor::new(w_uv_t, [n_h, r_kv, d_v], kernels, device),
         o,
         heads: n_h,
         nope: d_n,
@@ -580,7 +525,7 @@ async fn load_mla(c: &ModelConfig, r: &mut Reader<'_>, p: &str, dtype: WeightDty
         rank: r_kv,
         v: d_v,
         scale: c.softmax_scale(),
-        kernels: Kernels::default(),
+        kernels,
     })
 }
 
@@ -589,21 +534,23 @@ fn gate_up(p: &str) -> [String; 2] {
     [format!("{p}gate_proj.weight"), format!("{p}up_proj.weight")]
 }
 
-async fn load_mlp(r: &mut Reader<'_>, p: &str, h: usize, i: usize, dtype: WeightDtype, device: &Device) -> Result<Mlp> {
+async fn load_mlp(r: &mut Reader<'_>, p: &str, h: usize, i: usize) -> Result<Mlp> {
     Ok(Mlp {
-        gate_up: r.linear(&gate_up(p), i, h, dtype, device).await?,
-        down: r.linear(&[format!("{p}down_proj.weight")], h, i, dtype, device).await?,
+        gate_up: r.linear(&gate_up(p), i, h).await?,
+        down: r.linear(&[format!("{p}down_proj.weight")], h, i).await?,
         width: i,
     })
 }
 
-async fn load_moe(c: &ModelConfig, r: &mut Reader<'_>, p: &str, dtype: WeightDtype, device: &Device) -> Result<Moe> {
+async fn load_moe(c: &ModelConfig, r: &mut Reader<'_>, p: &str) -> Result<Moe> {
+    let (dtype, kernels, device) = (r.dtype, r.kernels, r.device);
     let (h, e, i) = (c.hidden_size, c.n_routed_experts, c.moe_intermediate_size);
     let router = Linear::from_rows(
         &r.get(&format!("{p}mlp.gate.weight"), &[e, h]).await?,
         e,
         h,
         WeightDtype::F32,
+        kernels,
         device,
     );
     let correction_bias = if c.topk_method == TopkMethod::NoauxTc {
@@ -675,7 +622,7 @@ async fn load_moe(c: &ModelConfig, r: &mut Reader<'_>, p: &str, dtype: WeightDty
         topk_group: c.topk_group.max(1),
         norm_topk_prob: c.norm_topk_prob,
         routed_scaling_factor: c.routed_scaling_factor,
-        kernels: Kernels::default(),
+        kernels,
     })
 }
 
