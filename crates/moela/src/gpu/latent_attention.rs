@@ -130,15 +130,15 @@ pub const CHUNK: usize = 256;
 #[derive(Debug, Clone, Copy)]
 pub struct MlaShape {
     /// n_h.
-    pub heads: usize,
+    pub num_attention_heads: usize,
     /// d_n (query/key dims without rope).
-    pub nope: usize,
+    pub qk_nope_head_dim: usize,
     /// d_r (rope dims).
-    pub rope: usize,
+    pub qk_rope_head_dim: usize,
     /// r_kv (latent rank).
-    pub rank: usize,
+    pub kv_lora_rank: usize,
     /// d_v.
-    pub v: usize,
+    pub v_head_dim: usize,
     /// Softmax scale.
     pub scale: f64,
     /// `kv_a_layernorm`'s eps.
@@ -174,27 +174,27 @@ pub struct MlaInputs<'a> {
 pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) -> Option<Tensor<2>> {
     let [t, qw] = inp.q.dims();
     let [t2, kw] = inp.kv.dims();
-    let width = s.rank + s.rope;
+    let width = s.kv_lora_rank + s.qk_rope_head_dim;
     let [capacity, cw] = layer.dims();
     let f32s = [inp.q.dtype(), inp.kv.dtype(), inp.gain.dtype()];
     if t == 0
         || t > 65_535
-        || s.heads == 0
-        || s.heads >= 65_535
-        || s.rank == 0
-        || !s.rope.is_multiple_of(4)
-        || !s.rank.is_multiple_of(4)
-        || !s.v.is_multiple_of(4)
-        || s.rank > MAX_RANK
+        || s.num_attention_heads == 0
+        || s.num_attention_heads >= 65_535
+        || s.kv_lora_rank == 0
+        || !s.qk_rope_head_dim.is_multiple_of(4)
+        || !s.kv_lora_rank.is_multiple_of(4)
+        || !s.v_head_dim.is_multiple_of(4)
+        || s.kv_lora_rank > MAX_RANK
         || width > MAX_WIDTH
-        || inp.q_col + s.heads * (s.nope + s.rope) > qw
+        || inp.q_col + s.num_attention_heads * (s.qk_nope_head_dim + s.qk_rope_head_dim) > qw
         || t2 != t
         || inp.kv_col + width > kw
-        || inp.w_uk.dims() != [s.heads, s.nope, s.rank]
-        || inp.w_uv_t.dims() != [s.heads, s.rank, s.v]
-        || inp.gain.dims() != [s.rank]
-        || inp.tables.0.dims() != [t, s.rope / 2]
-        || inp.tables.1.dims() != [t, s.rope / 2]
+        || inp.w_uk.dims() != [s.num_attention_heads, s.qk_nope_head_dim, s.kv_lora_rank]
+        || inp.w_uv_t.dims() != [s.num_attention_heads, s.kv_lora_rank, s.v_head_dim]
+        || inp.gain.dims() != [s.kv_lora_rank]
+        || inp.tables.0.dims() != [t, s.qk_rope_head_dim / 2]
+        || inp.tables.1.dims() != [t, s.qk_rope_head_dim / 2]
         || cw != width
         || pos + t > capacity
         || layer.dtype() != DType::F32
@@ -227,7 +227,7 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         Tensor::from_primitive::<burn_cubecl::Cube>(p)
     });
     let cache = cache?;
-    let group = head_group(s.heads);
+    let group = head_group(s.num_attention_heads);
     let reads = |step: MlaStep, factor: &FactorArg, uniform: bool| {
         let (texture, columns) = factor.reads();
         let reads = MlaReads {
@@ -240,13 +240,13 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
     };
 
     // 1. Absorbed queries and this step's cache rows; info[4] is the position.
-    let query = empty(&q, t * s.heads * width);
+    let query = empty(&q, t * s.num_attention_heads * width);
     let q_bytes = q.meta.num_elements() * 4;
     let mut info = vec![
-        s.heads as u32,
-        s.nope as u32,
-        s.rope as u32,
-        s.rank as u32,
+        s.num_attention_heads as u32,
+        s.qk_nope_head_dim as u32,
+        s.qk_rope_head_dim as u32,
+        s.kv_lora_rank as u32,
         pos as u32,
         (s.eps as f32).to_bits(),
         qw as u32,
@@ -269,30 +269,30 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         &q,
         "mla_query",
         reads(MlaStep::Query, &w_uk, uniform(q_bytes)),
-        [s.heads as u32 + 1, t as u32, 1],
+        [s.num_attention_heads as u32 + 1, t as u32, 1],
         &args,
         &info,
         Some(4),
     )?;
 
     // 2. Scores over the cache and the weighted latents, per chunk of positions; info[3] is the position.
-    let partial = empty(&q, t * s.heads * chunks * (s.rank + 2));
+    let partial = empty(&q, t * s.num_attention_heads * chunks * (s.kv_lora_rank + 2));
     let info = [
-        s.heads as u32,
-        s.rank as u32,
+        s.num_attention_heads as u32,
+        s.kv_lora_rank as u32,
         width as u32,
         pos as u32,
         chunks as u32,
         (s.scale as f32).to_bits(),
     ];
-    let query_bytes = t * s.heads * width * 4;
+    let query_bytes = t * s.num_attention_heads * width * 4;
     let args = [
         input(&query, query_bytes),
         Arg::Buffer(&cache.handle),
         Arg::Buffer(&partial),
     ];
     let shader = reads(MlaStep::Attend, &w_uk, uniform(query_bytes));
-    let grid = [chunks as u32, (s.heads / group) as u32, t as u32];
+    let grid = [chunks as u32, (s.num_attention_heads / group) as u32, t as u32];
     run(&q, "mla_attend", shader, grid, &args, &info, Some(3))?;
     // The chunk count (grid, partial buffer, merge) holds for the positions that give the same count.
     #[cfg(not(target_arch = "wasm32"))]
@@ -301,20 +301,25 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
     );
 
     // 3. The chunks merged, then W_UV.
-    let out = empty(&q, t * s.heads * s.v);
-    let mut info = vec![s.heads as u32, s.rank as u32, s.v as u32, chunks as u32];
+    let out = empty(&q, t * s.num_attention_heads * s.v_head_dim);
+    let mut info = vec![
+        s.num_attention_heads as u32,
+        s.kv_lora_rank as u32,
+        s.v_head_dim as u32,
+        chunks as u32,
+    ];
     info.extend(w_uv.placement());
     let args = [Arg::Buffer(&partial), Arg::Factor(&w_uv), Arg::Buffer(&out)];
     run(
         &q,
         "mla_output",
         reads(MlaStep::Output, &w_uv, false),
-        [s.heads as u32, t as u32, 1],
+        [s.num_attention_heads as u32, t as u32, 1],
         &args,
         &info,
         None,
     )?;
-    Some(float(&q, out, [t, s.heads * s.v]))
+    Some(float(&q, out, [t, s.num_attention_heads * s.v_head_dim]))
 }
 
 /// Whether a kernel input of `bytes` is read from a uniform copy: natively where it fits.

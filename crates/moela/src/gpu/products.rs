@@ -1,4 +1,5 @@
-//! `shaders/matvec_packed.wgsl` (q8, q4) and `matvec_f16*.wgsl`: products with packed weights ([`Packed`]), unpacked inside the kernel.
+//! `shaders/matvec_packed.wgsl` (q8, q4) and `matvec_f16*.wgsl`: products with packed weights ([`Packed`]),
+//! unpacked inside the kernel.
 //!
 //! Each shader has four entry points over one binding list: `matvec` (rows of x times one matrix, up to
 //! [`MAX_ROWS`] of them per workgroup row, so a prompt's product is one launch), `gathered` (MoE decode:
@@ -25,8 +26,8 @@ const WORKGROUP: u32 = 64;
 /// columns to a texel: 2, or two texels (4) in a prompt's launches where `N/4` is a multiple of 4. The
 /// 8-bit and 4-bit `matvec` / `gathered` pair them where `N/4` is even, so each x value read serves eight
 /// outputs (2), and a prompt's launches (`prompt`: `matvec` over several groups of rows, `grouped`) take
-/// four where `N/4` allows, so each x value serves sixteen: on lavapipe a q8 product over 256 rows went
-/// from ~10 to ~15 G row-weights/s (decode stays at two: its one group of rows has fewer invocations to
+/// four where `N/4` allows, so each x value serves sixteen (on lavapipe a q8 product over 256 rows runs
+/// about 1.5x faster than with two; decode stays at two: its one group of rows has fewer invocations to
 /// spread over the cores). Else 1.
 fn columns(p: &Packed, b: &Buffers, entry: &str, prompt: bool) -> usize {
     let n4 = p.shape[2] / 4;

@@ -171,20 +171,29 @@ impl Weights<3> {
 pub const MAX_BINDING_BYTES: usize = 128 << 20;
 
 /// A projection `x W^T` with the weight stored transposed, `[in, out]`, so the product is `x @ w`.
-/// Weights larger than one storage binding are split by output columns.
+/// Weights larger than one storage binding, as what runs the product binds them, are split by output
+/// columns.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// Column blocks of the `[in, out]` weight, each within [`MAX_BINDING_BYTES`] once unpacked to f32.
+    /// Column blocks of the `[in, out]` weight ([`part_rows`](Self::part_rows)).
     pub parts: Vec<Weights<2>>,
     /// Whether few-row products run moela's matrix-vector kernel (where it applies) or burn's matmul.
     pub kernels: Kernels,
 }
 
 impl Linear {
-    /// The output rows of each part an `[out, in]` weight is split into: parts fit one binding even unpacked
-    /// to f32 (as burn's ops unpack them); packed parts take whole groups of four outputs.
-    pub fn part_rows(out: usize, inp: usize) -> Vec<std::ops::Range<usize>> {
-        let mut per_part = (MAX_BINDING_BYTES / (inp * 4).max(1)).clamp(1, out.max(1));
+    /// The output rows of each part an `[out, in]` weight in `dtype` is split into: each part fits one binding
+    /// as `kernels` bind it, moela's kernels the stored words, burn's ops the weight unpacked to f32; packed
+    /// parts take whole groups of four outputs.
+    ///
+    /// One part is one launch and no join: a step whose products all have one part can be replayed
+    /// (`replay.rs`), so DeepSeek-V2-Lite's 102400-row q4 head (105 MB of words, 840 MB as f32) stays whole.
+    pub fn part_rows(out: usize, inp: usize, dtype: WeightDtype, kernels: Kernels) -> Vec<std::ops::Range<usize>> {
+        let row_bytes = match kernels {
+            Kernels::Wgsl => (packed::padded_k(dtype, inp) as f64 * dtype.bits() / 8.0).ceil() as usize,
+            Kernels::Generic => inp * 4,
+        };
+        let mut per_part = (MAX_BINDING_BYTES / row_bytes.max(1)).clamp(1, out.max(1));
         if per_part < out && per_part >= 4 {
             per_part -= per_part % 4;
         }
@@ -197,7 +206,7 @@ impl Linear {
     /// Stores an `[out, in]` row-major weight (HF layout) in `dtype`, split into [parts](Self::part_rows),
     /// run by `kernels`.
     pub fn from_rows(w: &[f32], out: usize, inp: usize, dtype: WeightDtype, kernels: Kernels, device: &Device) -> Self {
-        let parts = Self::part_rows(out, inp)
+        let parts = Self::part_rows(out, inp, dtype, kernels)
             .into_iter()
             .map(|r| Weights::from_rows(&w[r.start * inp..r.end * inp], r.len(), inp, dtype, device))
             .collect();

@@ -6,6 +6,11 @@
 //! mapped out with `W_UV`. A prompt's chunk of many tokens instead decompresses the cached latents into
 //! per-head keys and values (the expanded form, §3.1) where that costs fewer multiply-adds; the cache is
 //! the same either way.
+//!
+//! Shapes are written with the paper's short names for the config's sizes, each bound once per function
+//! from the fields that carry the config's own name: H = `hidden_size`, n_h = `num_attention_heads`,
+//! d_n = `qk_nope_head_dim`, d_r = `qk_rope_head_dim`, d_v = `v_head_dim`, r_kv = `kv_lora_rank`,
+//! r_q = `q_lora_rank`, d_qk = d_n + d_r.
 
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -23,7 +28,7 @@ pub enum QProj {
     /// `q_a_proj` (the first r_q columns) -> `q_a_layernorm` -> `q_b_proj` (V2, V3).
     Lora {
         /// r_q.
-        rank: usize,
+        q_lora_rank: usize,
         /// Norm over r_q (eps 1e-6).
         norm: Box<RmsNorm>,
         /// `[r_q] -> [n_h * d_qk]`.
@@ -48,15 +53,15 @@ pub struct Mla {
     /// `o_proj`: `[n_h * d_v] -> [H]`.
     pub o: Linear,
     /// n_h.
-    pub heads: usize,
+    pub num_attention_heads: usize,
     /// d_n.
-    pub nope: usize,
+    pub qk_nope_head_dim: usize,
     /// d_r.
-    pub rope: usize,
+    pub qk_rope_head_dim: usize,
     /// r_kv.
-    pub rank: usize,
+    pub kv_lora_rank: usize,
     /// d_v.
-    pub v: usize,
+    pub v_head_dim: usize,
     /// Softmax scale (with YaRN's mscale^2).
     pub scale: f64,
     /// Decode attention with moela's kernels (`shaders/mla_*.wgsl`, where they apply) or burn's ops.
@@ -76,7 +81,12 @@ impl Mla {
         device: &Device,
     ) -> Tensor<2> {
         let [t, _] = x.dims();
-        let (n_h, d_n, d_r, r_kv) = (self.heads, self.nope, self.rope, self.rank);
+        let (n_h, d_n, d_r, r_kv) = (
+            self.num_attention_heads,
+            self.qk_nope_head_dim,
+            self.qk_rope_head_dim,
+            self.kv_lora_rank,
+        );
         let width = r_kv + d_r;
         let s = pos + t;
         let both = self.input.forward(x);
@@ -107,11 +117,11 @@ impl Mla {
                 tables,
             };
             let shape = gpu::latent_attention::MlaShape {
-                heads: n_h,
-                nope: d_n,
-                rope: d_r,
-                rank: r_kv,
-                v: self.v,
+                num_attention_heads: n_h,
+                qk_nope_head_dim: d_n,
+                qk_rope_head_dim: d_r,
+                kv_lora_rank: r_kv,
+                v_head_dim: self.v_head_dim,
                 scale: self.scale,
                 eps: self.kv_a_norm.eps,
             };
@@ -147,8 +157,8 @@ impl Mla {
     /// Columns of [`Mla::input`]'s product that feed the query: n_h * d_qk, or r_q.
     pub fn q_width(&self) -> usize {
         match &self.q {
-            QProj::Plain => self.heads * (self.nope + self.rope),
-            QProj::Lora { rank, .. } => *rank,
+            QProj::Plain => self.num_attention_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim),
+            QProj::Lora { q_lora_rank, .. } => *q_lora_rank,
         }
     }
 
@@ -168,7 +178,7 @@ impl Mla {
         let q = self
             .lora_queries(&both)
             .unwrap_or_else(|| both.clone().narrow(1, 0, qw));
-        (q, both.narrow(1, qw, self.rank + self.rope))
+        (q, both.narrow(1, qw, self.kv_lora_rank + self.qk_rope_head_dim))
     }
 
     /// Causal attention for `b` independent sequences of `t` tokens at positions `0..t`, with no cache
@@ -184,7 +194,12 @@ impl Mla {
         tables: &(Tensor<2>, Tensor<2>),
         device: &Device,
     ) -> Tensor<2> {
-        let (n_h, d_n, d_r, r_kv) = (self.heads, self.nope, self.rope, self.rank);
+        let (n_h, d_n, d_r, r_kv) = (
+            self.num_attention_heads,
+            self.qk_nope_head_dim,
+            self.qk_rope_head_dim,
+            self.kv_lora_rank,
+        );
         let (q, a) = self.project(x);
         let q = q.reshape([b, t, n_h, d_n + d_r]).swap_dims(1, 2); // [B, n_h, T, d_qk]
         let q_nope = q.clone().narrow(3, 0, d_n);
@@ -206,7 +221,7 @@ impl Mla {
         let out = mixed
             .matmul(self.w_uv_t.tensor().unsqueeze_dim::<4>(0)) // [B, n_h, T, d_v]
             .swap_dims(1, 2)
-            .reshape([b * t, n_h * self.v]);
+            .reshape([b * t, n_h * self.v_head_dim]);
         self.o.forward(out)
     }
 }
@@ -222,7 +237,12 @@ impl Mla {
 /// (`n_h s (d_n + d_v)` values), is no larger than latent space's scores (`n_h t s`), so that it never
 /// needs a binding that the latent form would not (WebGPU's default limit is 128 MiB).
 fn prefers_expanded(mla: &Mla, t: usize, s: usize) -> bool {
-    let (d_n, d_r, r_kv, d_v) = (mla.nope, mla.rope, mla.rank, mla.v);
+    let (d_n, d_r, r_kv, d_v) = (
+        mla.qk_nope_head_dim,
+        mla.qk_rope_head_dim,
+        mla.kv_lora_rank,
+        mla.v_head_dim,
+    );
     let latent = t * r_kv * (d_n + d_v) + t * s * (2 * r_kv + d_r);
     let expanded = s * r_kv * (d_n + d_v) + t * s * (d_n + d_r + d_v);
     expanded < latent && d_n + d_v <= t
@@ -244,7 +264,11 @@ impl Mla {
         pos: usize,
         device: &Device,
     ) -> Tensor<2> {
-        let (n_h, r_kv, width) = (self.heads, self.rank, self.rank + self.rope);
+        let (n_h, r_kv, width) = (
+            self.num_attention_heads,
+            self.kv_lora_rank,
+            self.kv_lora_rank + self.qk_rope_head_dim,
+        );
         let [s, _] = keys.dims();
         let [_, t, _] = q_nope.dims();
         // Absorb W_UK into the query: q~ = q_nope W_UK, [n_h, T, r_kv]; scores over [c'; k_pe].
@@ -262,7 +286,7 @@ impl Mla {
         mixed
             .matmul(self.w_uv_t.tensor())
             .swap_dims(0, 1)
-            .reshape([t, n_h * self.v])
+            .reshape([t, n_h * self.v_head_dim])
     }
 
     /// The expanded form (§3.1) of [`Mla::attend_latent`]: same arguments, same result.
@@ -277,7 +301,13 @@ impl Mla {
         pos: usize,
         device: &Device,
     ) -> Tensor<2> {
-        let (n_h, d_n, d_r, r_kv, d_v) = (self.heads, self.nope, self.rope, self.rank, self.v);
+        let (n_h, d_n, d_r, r_kv, d_v) = (
+            self.num_attention_heads,
+            self.qk_nope_head_dim,
+            self.qk_rope_head_dim,
+            self.kv_lora_rank,
+            self.v_head_dim,
+        );
         let [s, _] = keys.dims();
         let [_, t, _] = q_nope.dims();
         // [r_kv, n_h * (d_n + d_v)]: every head's W_UK^T and W_UV^T side by side, as kv_b_proj transposed.
@@ -367,11 +397,11 @@ mod tests {
                 device,
             ),
             o: linear(h, n_h * d_v),
-            heads: n_h,
-            nope: d_n,
-            rope: d_r,
-            rank: r_kv,
-            v: d_v,
+            num_attention_heads: n_h,
+            qk_nope_head_dim: d_n,
+            qk_rope_head_dim: d_r,
+            kv_lora_rank: r_kv,
+            v_head_dim: d_v,
             scale: 0.31,
             kernels: Kernels::Generic,
         }
@@ -402,11 +432,11 @@ mod tests {
         // Decode stays in latent space; a prompt's chunk of the real shapes goes expanded.
         assert!(!prefers_expanded(&mla, 1, 300));
         let v2_lite = Mla {
-            heads: 16,
-            nope: 128,
-            rope: 64,
-            rank: 512,
-            v: 128,
+            num_attention_heads: 16,
+            qk_nope_head_dim: 128,
+            qk_rope_head_dim: 64,
+            kv_lora_rank: 512,
+            v_head_dim: 128,
             ..mla
         };
         assert!(prefers_expanded(&v2_lite, 256, 512));
@@ -476,16 +506,19 @@ mod tests {
                 tables: &tab,
             };
             let shape = gpu::latent_attention::MlaShape {
-                heads: n_h,
-                nope: d_n,
-                rope: d_r,
-                rank: r_kv,
-                v: d_v,
+                num_attention_heads: n_h,
+                qk_nope_head_dim: d_n,
+                qk_rope_head_dim: d_r,
+                kv_lora_rank: r_kv,
+                v_head_dim: d_v,
                 scale: mla.scale,
                 eps: mla.kv_a_norm.eps,
             };
             // A rope width that is not a multiple of 4 is declined, leaving the cache to burn's path.
-            let odd = gpu::latent_attention::MlaShape { rope: d_r - 2, ..shape };
+            let odd = gpu::latent_attention::MlaShape {
+                qk_rope_head_dim: d_r - 2,
+                ..shape
+            };
             let untouched = kernel_cache.clone() + 0.0;
             assert!(gpu::latent_attention::decode(&inputs, &mut kernel_cache, prompt, &odd).is_none());
             assert_eq!(

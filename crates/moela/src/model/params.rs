@@ -165,7 +165,14 @@ async fn export_mla(
     p: &str,
     out: &mut Vec<(String, Vec<usize>, Vec<f32>)>,
 ) -> Result<()> {
-    let (h, n_h, d_n, d_r, d_v, r_kv) = (c.hidden_size, m.heads, m.nope, m.rope, m.v, m.rank);
+    let (h, n_h, d_n, d_r, d_v, r_kv) = (
+        c.hidden_size,
+        m.num_attention_heads,
+        m.qk_nope_head_dim,
+        m.qk_rope_head_dim,
+        m.v_head_dim,
+        m.kv_lora_rank,
+    );
     let d_qk = d_n + d_r;
     let q_rows = |mut w: Vec<f32>, cols: usize| {
         if c.rope_interleave {
@@ -180,7 +187,11 @@ async fn export_mla(
     let mut kv_a = input.split_off(qw * h);
     match &m.q {
         QProj::Plain => out.push((format!("{a}q_proj.weight"), vec![n_h * d_qk, h], q_rows(input, h))),
-        QProj::Lora { rank: r_q, norm, b } => {
+        QProj::Lora {
+            q_lora_rank: r_q,
+            norm,
+            b,
+        } => {
             out.push((format!("{a}q_a_proj.weight"), vec![*r_q, h], input));
             out.push((
                 format!("{a}q_a_layernorm.weight"),

@@ -142,7 +142,7 @@ impl<'a> Reader<'a> {
     async fn linear(&mut self, names: &[String], each: usize, cols: usize) -> Result<Linear> {
         let (dtype, device) = (self.dtype, self.device);
         let mut parts = Vec::new();
-        for range in Linear::part_rows(names.len() * each, cols) {
+        for range in Linear::part_rows(names.len() * each, cols, dtype, self.kernels) {
             let rows = self.stacked(names, each, cols, range.clone()).await?;
             let mut host = WeightsHost::new(dtype, [1, cols, range.len()]);
             push(&mut host, &rows)?;
@@ -469,7 +469,7 @@ async fn load_mla(c: &ModelConfig, r: &mut Reader<'_>, p: &str) -> Result<Mla> {
         Some(r_q) => {
             let b = q_rows(r.get(&format!("{a}q_b_proj.weight"), &[n_h * d_qk, r_q]).await?, r_q);
             let q = QProj::Lora {
-                rank: r_q,
+                q_lora_rank: r_q,
                 // q_a_layernorm / kv_a_layernorm use eps 1e-6 whatever rms_norm_eps says (§2).
                 norm: Box::new(RmsNorm::new(
                     r.get(&format!("{a}q_a_layernorm.weight"), &[r_q]).await?,
@@ -519,11 +519,11 @@ async fn load_mla(c: &ModelConfig, r: &mut Reader<'_>, p: &str) -> Result<Mla> {
         w_uk: Factor::new(w_uk, [n_h, d_n, r_kv], kernels, device),
         w_uv_t: Factor::new(w_uv_t, [n_h, r_kv, d_v], kernels, device),
         o,
-        heads: n_h,
-        nope: d_n,
-        rope: d_r,
-        rank: r_kv,
-        v: d_v,
+        num_attention_heads: n_h,
+        qk_nope_head_dim: d_n,
+        qk_rope_head_dim: d_r,
+        kv_lora_rank: r_kv,
+        v_head_dim: d_v,
         scale: c.softmax_scale(),
         kernels,
     })
