@@ -15,9 +15,14 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 
+use super::reader::Reader;
 use super::rope;
+use super::rope::deinterleave_rows;
+use crate::config::ModelConfig;
+use crate::error::Result;
 use crate::gpu::rms_norm::RmsNorm;
 use crate::gpu::weights::Factor;
+use crate::gpu::weights::transpose;
 use crate::gpu::{self, Kernels, Linear};
 
 /// How the query is produced from the first columns of [`Mla::input`]'s product.
@@ -69,6 +74,96 @@ pub struct Mla {
 }
 
 impl Mla {
+    /// Loads layer `p`'s attention (`{p}self_attn.*`, `docs/architecture.md` §2), the query's and the
+    /// key's rope rows put in half-split order and `kv_b_proj` split into the absorbed factors.
+    pub(crate) async fn load(c: &ModelConfig, r: &mut Reader<'_>, p: &str) -> Result<Mla> {
+        let (dtype, kernels, device) = (r.dtype, r.kernels, r.device);
+        let (h, n_h, d_n, d_r, d_v, r_kv) = (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+            c.kv_lora_rank,
+        );
+        let d_qk = d_n + d_r;
+        let a = format!("{p}self_attn.");
+        // The query's rope rows (per head, after d_n nope rows) go to half-split order (rope.rs).
+        let q_rows = |mut w: Vec<f32>, cols: usize| {
+            if c.rope_interleave {
+                deinterleave_rows(&mut w, cols, d_n, d_qk, n_h, d_r);
+            }
+            w
+        };
+        // q_proj (or q_a_proj) and kv_a_proj_with_mqa read the same input: one weight, one product.
+        let (mut input, q) = match c.q_lora_rank {
+            None => (
+                q_rows(r.get(&format!("{a}q_proj.weight"), &[n_h * d_qk, h]).await?, h),
+                QProj::Plain,
+            ),
+            Some(r_q) => {
+                let b = q_rows(r.get(&format!("{a}q_b_proj.weight"), &[n_h * d_qk, r_q]).await?, r_q);
+                let q = QProj::Lora {
+                    q_lora_rank: r_q,
+                    // q_a_layernorm / kv_a_layernorm use eps 1e-6 whatever rms_norm_eps says (§2).
+                    norm: Box::new(RmsNorm::new(
+                        r.get(&format!("{a}q_a_layernorm.weight"), &[r_q]).await?,
+                        1e-6,
+                        kernels,
+                        device,
+                    )),
+                    b: Linear::from_rows(&b, n_h * d_qk, r_q, dtype, kernels, device),
+                };
+                (r.get(&format!("{a}q_a_proj.weight"), &[r_q, h]).await?, q)
+            }
+        };
+        let q_width = input.len() / h;
+        let mut kv_a = r
+            .get(&format!("{a}kv_a_proj_with_mqa.weight"), &[r_kv + d_r, h])
+            .await?;
+        if c.rope_interleave {
+            deinterleave_rows(&mut kv_a, h, r_kv, 0, 1, d_r);
+        }
+        input.extend(kv_a);
+        let input = Linear::from_rows(&input, q_width + r_kv + d_r, h, dtype, kernels, device);
+        let kv_a_norm = RmsNorm::new(
+            r.get(&format!("{a}kv_a_layernorm.weight"), &[r_kv]).await?,
+            1e-6,
+            kernels,
+            device,
+        );
+
+        // kv_b rows per head: [k_nope (d_n) | v (d_v)], each over r_kv columns (§3.4).
+        let kv_b = r
+            .get(&format!("{a}kv_b_proj.weight"), &[n_h * (d_n + d_v), r_kv])
+            .await?;
+        let mut w_uk = Vec::with_capacity(n_h * d_n * r_kv);
+        let mut w_uv_t = Vec::with_capacity(n_h * r_kv * d_v);
+        for head in 0..n_h {
+            let base = head * (d_n + d_v) * r_kv;
+            w_uk.extend_from_slice(&kv_b[base..base + d_n * r_kv]);
+            let v_rows = &kv_b[base + d_n * r_kv..base + (d_n + d_v) * r_kv];
+            w_uv_t.extend(transpose(v_rows, d_v, r_kv));
+        }
+        drop(kv_b);
+        let o = r.linear(&[format!("{a}o_proj.weight")], h, n_h * d_v).await?;
+        Ok(Mla {
+            input,
+            q,
+            kv_a_norm,
+            w_uk: Factor::new(w_uk, [n_h, d_n, r_kv], kernels, device),
+            w_uv_t: Factor::new(w_uv_t, [n_h, r_kv, d_v], kernels, device),
+            o,
+            num_attention_heads: n_h,
+            qk_nope_head_dim: d_n,
+            qk_rope_head_dim: d_r,
+            kv_lora_rank: r_kv,
+            v_head_dim: d_v,
+            scale: c.softmax_scale(),
+            kernels,
+        })
+    }
+
     /// Attention over the cache for `x` (`[T, H]`, normed) at positions `pos..pos+T`.
     ///
     /// Writes the new tokens' latents into `cache` (`[max_context, r_kv + d_r]`) and returns `[T, H]`.

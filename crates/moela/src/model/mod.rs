@@ -9,5 +9,6 @@ pub mod mla;
 pub mod mlp;
 pub mod moe;
 pub mod params;
+mod reader;
 pub mod rope;
 pub mod transformer;

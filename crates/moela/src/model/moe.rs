@@ -27,13 +27,17 @@
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
+use super::mlp::gate_up;
+use super::reader::{Reader, push};
+use crate::config::ModelConfig;
 use crate::config::{ScoringFunc, TopkMethod};
+use crate::error::Result;
 use crate::gpu::experts::Pairs;
 use crate::gpu::residual::BlockOutput;
 use crate::gpu::swiglu::swiglu;
 use crate::gpu::weights::{MAX_BINDING_BYTES, as_f32};
 use crate::gpu::{self, Kernels};
-use crate::gpu::{Linear, Weights};
+use crate::gpu::{Linear, WeightDtype, Weights, WeightsHost};
 
 /// A run of consecutive experts stacked in one tensor pair.
 #[derive(Debug, Clone)]
@@ -143,6 +147,92 @@ impl ExpertChunk {
 }
 
 impl Moe {
+    /// Loads layer `p`'s MoE block (`{p}mlp.gate`, `experts.*`, `shared_experts`): the experts packed in
+    /// chunks of one binding each, the shared experts after the routed ones.
+    pub(crate) async fn load(c: &ModelConfig, r: &mut Reader<'_>, p: &str) -> Result<Moe> {
+        let (dtype, kernels, device) = (r.dtype, r.kernels, r.device);
+        let (h, e, i) = (c.hidden_size, c.n_routed_experts, c.moe_intermediate_size);
+        let router = Linear::from_rows(
+            &r.get(&format!("{p}mlp.gate.weight"), &[e, h]).await?,
+            e,
+            h,
+            WeightDtype::F32,
+            kernels,
+            device,
+        );
+        let correction_bias = if c.topk_method == TopkMethod::NoauxTc {
+            let b = r.get(&format!("{p}mlp.gate.e_score_correction_bias"), &[e]).await?;
+            Some(Tensor::from_data(TensorData::new(b, [e]), device))
+        } else {
+            None
+        };
+        // The shared experts (one MLP of width S x I in the checkpoint) become S experts of width I after the
+        // routed ones: rows j*I..(j+1)*I of its gate and up, columns j*I..(j+1)*I of its down.
+        let s = c.n_shared_experts;
+        let sp = format!("{p}mlp.shared_experts.");
+        let shared_down = if s > 0 {
+            r.get(&format!("{sp}down_proj.weight"), &[h, s * i]).await? // [H, SI]
+        } else {
+            Vec::new()
+        };
+        // As many experts per chunk as their stored matrices fit one binding (the kernels bind a chunk whole;
+        // burn's ops unpack it in parts). Each chunk is packed on the host an expert at a time, then uploaded.
+        let total = e + s;
+        let per_expert = Weights::<3>::matrix_bytes(dtype, h, 2 * i).max(Weights::<3>::matrix_bytes(dtype, i, h));
+        let per_chunk = (MAX_BINDING_BYTES / per_expert.max(1)).clamp(1, total);
+        let mut chunks = Vec::new();
+        let mut down = Vec::new();
+        for first in (0..total).step_by(per_chunk) {
+            let count = per_chunk.min(total - first);
+            let mut gate_up_t = WeightsHost::new(dtype, [count, h, 2 * i]);
+            let mut down_t = WeightsHost::new(dtype, [count, i, h]);
+            for x in first..first + count {
+                // HF rows of the expert: gate/up [2I, H] (stacked), down [H, I].
+                if x < e {
+                    let ep = format!("{p}mlp.experts.{x}.");
+                    let gu = r.stacked(&gate_up(&ep), i, h, 0..2 * i).await?;
+                    push(&mut gate_up_t, &gu)?;
+                    drop(gu);
+                    let d = r.stored(&format!("{ep}down_proj.weight"), [h, i], 0..h).await?;
+                    push(&mut down_t, std::slice::from_ref(&d))?;
+                } else {
+                    let j = x - e;
+                    let mut gu = Vec::new();
+                    for name in gate_up(&sp) {
+                        gu.push(r.stored(&name, [s * i, h], j * i..(j + 1) * i).await?);
+                    }
+                    push(&mut gate_up_t, &gu)?;
+                    drop(gu);
+                    down.clear();
+                    down.extend((0..h).flat_map(|row| &shared_down[row * s * i + j * i..row * s * i + (j + 1) * i]));
+                    down_t.push_rows(&down);
+                }
+            }
+            chunks.push(ExpertChunk {
+                first,
+                count,
+                gate_up_t: gate_up_t.upload([count, h, 2 * i], device),
+                down_t: down_t.upload([count, i, h], device),
+            });
+        }
+        Ok(Moe {
+            router,
+            correction_bias,
+            chunks,
+            shared: s,
+            experts: e,
+            top_k: c.num_experts_per_tok,
+            width: i,
+            scoring: c.scoring_func,
+            method: c.topk_method,
+            n_group: c.n_group.max(1),
+            topk_group: c.topk_group.max(1),
+            norm_topk_prob: c.norm_topk_prob,
+            routed_scaling_factor: c.routed_scaling_factor,
+            kernels,
+        })
+    }
+
     /// Picks experts: indices `[T, K]` and their mixing weights `[T, K]`.
     pub fn route(&self, x: Tensor<2>) -> (Tensor<2, Int>, Tensor<2>) {
         self.route_slots(x, 0)

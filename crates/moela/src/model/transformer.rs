@@ -1,26 +1,25 @@
 //! The whole decoder: embedding, N x (RMSNorm -> MLA -> RMSNorm -> dense MLP | MoE), final norm, head.
 //!
-//! Weights are read by their HF names at the load site below (`docs/architecture.md` §2).
+//! Each block loads its own weights by their HF names (`Mla::load`, `Mlp::load`, `Moe::load`;
+//! `docs/architecture.md` §2); this file reads them in model order and runs the blocks over the residual
+//! stream.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use std::ops::Range;
-
 pub use super::block::{Block, FeedForward};
 use super::embedding::HostTable;
-use super::mla::{Mla, QProj};
-use super::mlp::Mlp;
-use super::moe::{ExpertChunk, Moe};
-use super::rope::{Rope, deinterleave_rows};
+use super::mla::Mla;
+use super::mlp::{Mlp, gate_up};
+use super::moe::Moe;
+use super::reader::Reader;
+use super::rope::Rope;
 use crate::cache::LatentCache;
 use crate::config::{ModelConfig, TopkMethod};
 use crate::error::{Error, Result};
-use crate::gpu::Kernels;
 use crate::gpu::residual::Residual;
 use crate::gpu::rms_norm::RmsNorm;
-use crate::gpu::weights::{Factor, MAX_BINDING_BYTES, transpose};
-use crate::gpu::{Linear, Rows, WeightDtype, Weights, WeightsHost};
-use crate::load::{Progress, StoredRows, WeightSet};
+use crate::gpu::{Kernels, Linear, WeightDtype};
+use crate::load::{Progress, WeightSet};
 
 /// Where the embedding table (`[V, H]`) lives.
 #[derive(Debug, Clone)]
@@ -63,108 +62,12 @@ pub struct Transformer {
     pub kernels: Kernels,
 }
 
-/// Reads tensors by HF name, checking shapes, and reports progress by bytes read.
-struct Reader<'a> {
-    set: &'a WeightSet,
-    /// How weights are stored, what runs them and where.
-    dtype: WeightDtype,
-    kernels: Kernels,
-    device: &'a Device,
-    done: u64,
-    total: u64,
-    progress: &'a mut dyn FnMut(Progress),
-}
-
 /// Layers (about 1.1 GB each in DeepSeek-V2-Lite) the disk is asked to read ahead of the one being loaded
 /// (two measured no faster on a 2-core machine: the readahead competes with the conversion for the CPU).
 const READ_AHEAD: usize = 1;
 
 /// Rows read at a time from the embedding table: 64 MiB as f32.
 const SLICE_BYTES: usize = 64 << 20;
-
-impl<'a> Reader<'a> {
-    fn advance(&mut self, bytes: u64) {
-        self.done += bytes;
-        (self.progress)(Progress {
-            loaded: self.done.min(self.total),
-            total: self.total,
-        });
-    }
-
-    /// The whole tensor `name` as f32.
-    async fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let t = self.set.read(name, shape).await?.data;
-        self.advance(self.set.byte_len(name));
-        Ok(t)
-    }
-
-    /// Appends rows `rows` of the 2-D tensor `name` (`[out, in]`) as f32 to `out`.
-    async fn append(&mut self, name: &str, shape: [usize; 2], rows: Range<usize>, out: &mut Vec<f32>) -> Result<()> {
-        let part = self.set.byte_len(name) * rows.len() as u64 / shape[0].max(1) as u64;
-        self.set.append_rows(name, &shape, rows, out).await?;
-        self.advance(part);
-        Ok(())
-    }
-
-    /// Rows `rows` of the 2-D tensor `name` (`[out, in]`) as the file stores them.
-    async fn stored(&mut self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<StoredRows<'a>> {
-        let part = self.set.byte_len(name) * rows.len() as u64 / shape[0].max(1) as u64;
-        let set = self.set;
-        let stored = set.stored_rows(name, &shape, rows).await?;
-        self.advance(part);
-        Ok(stored)
-    }
-
-    /// Rows `rows` of `names` stacked along their rows (each `[each, cols]`; e.g. gate_proj then up_proj), as
-    /// stored, in order.
-    async fn stacked(
-        &mut self,
-        names: &[String],
-        each: usize,
-        cols: usize,
-        rows: Range<usize>,
-    ) -> Result<Vec<StoredRows<'a>>> {
-        let mut out = Vec::new();
-        for (i, name) in names.iter().enumerate() {
-            let own = i * each..(i + 1) * each;
-            let (start, end) = (rows.start.max(own.start), rows.end.min(own.end));
-            if start < end {
-                out.push(
-                    self.stored(name, [each, cols], start - own.start..end - own.start)
-                        .await?,
-                );
-            }
-        }
-        Ok(out)
-    }
-
-    /// A projection from the rows of `names` stacked (`[each, cols]` each), read and stored a part at a time.
-    async fn linear(&mut self, names: &[String], each: usize, cols: usize) -> Result<Linear> {
-        let (dtype, device) = (self.dtype, self.device);
-        let mut parts = Vec::new();
-        for range in Linear::part_rows(names.len() * each, cols, dtype, self.kernels) {
-            let rows = self.stacked(names, each, cols, range.clone()).await?;
-            let mut host = WeightsHost::new(dtype, [1, cols, range.len()]);
-            push(&mut host, &rows)?;
-            drop(rows);
-            parts.push(host.upload([cols, range.len()], device));
-        }
-        Ok(Linear::from_parts(parts, self.kernels))
-    }
-}
-
-/// Adds the matrix whose HF rows are `parts` to `host`; a value that is not finite is an error naming its
-/// file, tensor and index.
-fn push(host: &mut WeightsHost, parts: &[StoredRows<'_>]) -> Result<()> {
-    let rows: Vec<Rows<'_>> = parts.iter().map(StoredRows::rows).collect();
-    if host.push(&rows) {
-        return Ok(());
-    }
-    for p in parts {
-        p.check_finite()?;
-    }
-    Err(Error::InvalidArgument("a weight holds a non-finite value".into()))
-}
 
 impl Transformer {
     /// Whether decode steps can be recorded and replayed (`gpu/replay.rs`): moela's kernels on the
@@ -256,11 +159,11 @@ impl Transformer {
                 c.rms_norm_eps,
             )
             .await?;
-            let attn = load_mla(c, &mut r, &p).await?;
+            let attn = Mla::load(c, &mut r, &p).await?;
             let ffn = if c.is_moe_layer(i) {
-                FeedForward::Moe(Box::new(load_moe(c, &mut r, &p).await?))
+                FeedForward::Moe(Box::new(Moe::load(c, &mut r, &p).await?))
             } else {
-                FeedForward::Dense(load_mlp(&mut r, &format!("{p}mlp."), h, c.intermediate_size).await?)
+                FeedForward::Dense(Mlp::load(&mut r, &format!("{p}mlp."), h, c.intermediate_size).await?)
             };
             blocks.push(Block {
                 attn_norm,
@@ -439,191 +342,6 @@ impl Transformer {
         // model.norm, then lm_head: [T or 1, H] -> [T or 1, V].
         Ok(self.head.forward(h.norm(&self.norm)))
     }
-}
-
-async fn load_mla(c: &ModelConfig, r: &mut Reader<'_>, p: &str) -> Result<Mla> {
-    let (dtype, kernels, device) = (r.dtype, r.kernels, r.device);
-    let (h, n_h, d_n, d_r, d_v, r_kv) = (
-        c.hidden_size,
-        c.num_attention_heads,
-        c.qk_nope_head_dim,
-        c.qk_rope_head_dim,
-        c.v_head_dim,
-        c.kv_lora_rank,
-    );
-    let d_qk = d_n + d_r;
-    let a = format!("{p}self_attn.");
-    // The query's rope rows (per head, after d_n nope rows) go to half-split order (rope.rs).
-    let q_rows = |mut w: Vec<f32>, cols: usize| {
-        if c.rope_interleave {
-            deinterleave_rows(&mut w, cols, d_n, d_qk, n_h, d_r);
-        }
-        w
-    };
-    // q_proj (or q_a_proj) and kv_a_proj_with_mqa read the same input: one weight, one product.
-    let (mut input, q) = match c.q_lora_rank {
-        None => (
-            q_rows(r.get(&format!("{a}q_proj.weight"), &[n_h * d_qk, h]).await?, h),
-            QProj::Plain,
-        ),
-        Some(r_q) => {
-            let b = q_rows(r.get(&format!("{a}q_b_proj.weight"), &[n_h * d_qk, r_q]).await?, r_q);
-            let q = QProj::Lora {
-                q_lora_rank: r_q,
-                // q_a_layernorm / kv_a_layernorm use eps 1e-6 whatever rms_norm_eps says (§2).
-                norm: Box::new(RmsNorm::new(
-                    r.get(&format!("{a}q_a_layernorm.weight"), &[r_q]).await?,
-                    1e-6,
-                    kernels,
-                    device,
-                )),
-                b: Linear::from_rows(&b, n_h * d_qk, r_q, dtype, kernels, device),
-            };
-            (r.get(&format!("{a}q_a_proj.weight"), &[r_q, h]).await?, q)
-        }
-    };
-    let q_width = input.len() / h;
-    let mut kv_a = r
-        .get(&format!("{a}kv_a_proj_with_mqa.weight"), &[r_kv + d_r, h])
-        .await?;
-    if c.rope_interleave {
-        deinterleave_rows(&mut kv_a, h, r_kv, 0, 1, d_r);
-    }
-    input.extend(kv_a);
-    let input = Linear::from_rows(&input, q_width + r_kv + d_r, h, dtype, kernels, device);
-    let kv_a_norm = RmsNorm::new(
-        r.get(&format!("{a}kv_a_layernorm.weight"), &[r_kv]).await?,
-        1e-6,
-        kernels,
-        device,
-    );
-
-    // kv_b rows per head: [k_nope (d_n) | v (d_v)], each over r_kv columns (§3.4).
-    let kv_b = r
-        .get(&format!("{a}kv_b_proj.weight"), &[n_h * (d_n + d_v), r_kv])
-        .await?;
-    let mut w_uk = Vec::with_capacity(n_h * d_n * r_kv);
-    let mut w_uv_t = Vec::with_capacity(n_h * r_kv * d_v);
-    for head in 0..n_h {
-        let base = head * (d_n + d_v) * r_kv;
-        w_uk.extend_from_slice(&kv_b[base..base + d_n * r_kv]);
-        let v_rows = &kv_b[base + d_n * r_kv..base + (d_n + d_v) * r_kv];
-        w_uv_t.extend(transpose(v_rows, d_v, r_kv));
-    }
-    drop(kv_b);
-    let o = r.linear(&[format!("{a}o_proj.weight")], h, n_h * d_v).await?;
-    Ok(Mla {
-        input,
-        q,
-        kv_a_norm,
-        w_uk: Factor::new(w_uk, [n_h, d_n, r_kv], kernels, device),
-        w_uv_t: Factor::new(w_uv_t, [n_h, r_kv, d_v], kernels, device),
-        o,
-        num_attention_heads: n_h,
-        qk_nope_head_dim: d_n,
-        qk_rope_head_dim: d_r,
-        kv_lora_rank: r_kv,
-        v_head_dim: d_v,
-        scale: c.softmax_scale(),
-        kernels,
-    })
-}
-
-/// `gate_proj` and `up_proj` under `p`: stacked, their rows are `[2I, H]`, the order [`Mlp`] splits them in.
-fn gate_up(p: &str) -> [String; 2] {
-    [format!("{p}gate_proj.weight"), format!("{p}up_proj.weight")]
-}
-
-async fn load_mlp(r: &mut Reader<'_>, p: &str, h: usize, i: usize) -> Result<Mlp> {
-    Ok(Mlp {
-        gate_up: r.linear(&gate_up(p), i, h).await?,
-        down: r.linear(&[format!("{p}down_proj.weight")], h, i).await?,
-        width: i,
-    })
-}
-
-async fn load_moe(c: &ModelConfig, r: &mut Reader<'_>, p: &str) -> Result<Moe> {
-    let (dtype, kernels, device) = (r.dtype, r.kernels, r.device);
-    let (h, e, i) = (c.hidden_size, c.n_routed_experts, c.moe_intermediate_size);
-    let router = Linear::from_rows(
-        &r.get(&format!("{p}mlp.gate.weight"), &[e, h]).await?,
-        e,
-        h,
-        WeightDtype::F32,
-        kernels,
-        device,
-    );
-    let correction_bias = if c.topk_method == TopkMethod::NoauxTc {
-        let b = r.get(&format!("{p}mlp.gate.e_score_correction_bias"), &[e]).await?;
-        Some(Tensor::from_data(TensorData::new(b, [e]), device))
-    } else {
-        None
-    };
-    // The shared experts (one MLP of width S x I in the checkpoint) become S experts of width I after the
-    // routed ones: rows j*I..(j+1)*I of its gate and up, columns j*I..(j+1)*I of its down.
-    let s = c.n_shared_experts;
-    let sp = format!("{p}mlp.shared_experts.");
-    let shared_down = if s > 0 {
-        r.get(&format!("{sp}down_proj.weight"), &[h, s * i]).await? // [H, SI]
-    } else {
-        Vec::new()
-    };
-    // As many experts per chunk as their stored matrices fit one binding (the kernels bind a chunk whole;
-    // burn's ops unpack it in parts). Each chunk is packed on the host an expert at a time, then uploaded.
-    let total = e + s;
-    let per_expert = Weights::<3>::matrix_bytes(dtype, h, 2 * i).max(Weights::<3>::matrix_bytes(dtype, i, h));
-    let per_chunk = (MAX_BINDING_BYTES / per_expert.max(1)).clamp(1, total);
-    let mut chunks = Vec::new();
-    let mut down = Vec::new();
-    for first in (0..total).step_by(per_chunk) {
-        let count = per_chunk.min(total - first);
-        let mut gate_up_t = WeightsHost::new(dtype, [count, h, 2 * i]);
-        let mut down_t = WeightsHost::new(dtype, [count, i, h]);
-        for x in first..first + count {
-            // HF rows of the expert: gate/up [2I, H] (stacked), down [H, I].
-            if x < e {
-                let ep = format!("{p}mlp.experts.{x}.");
-                let gu = r.stacked(&gate_up(&ep), i, h, 0..2 * i).await?;
-                push(&mut gate_up_t, &gu)?;
-                drop(gu);
-                let d = r.stored(&format!("{ep}down_proj.weight"), [h, i], 0..h).await?;
-                push(&mut down_t, std::slice::from_ref(&d))?;
-            } else {
-                let j = x - e;
-                let mut gu = Vec::new();
-                for name in gate_up(&sp) {
-                    gu.push(r.stored(&name, [s * i, h], j * i..(j + 1) * i).await?);
-                }
-                push(&mut gate_up_t, &gu)?;
-                drop(gu);
-                down.clear();
-                down.extend((0..h).flat_map(|row| &shared_down[row * s * i + j * i..row * s * i + (j + 1) * i]));
-                down_t.push_rows(&down);
-            }
-        }
-        chunks.push(ExpertChunk {
-            first,
-            count,
-            gate_up_t: gate_up_t.upload([count, h, 2 * i], device),
-            down_t: down_t.upload([count, i, h], device),
-        });
-    }
-    Ok(Moe {
-        router,
-        correction_bias,
-        chunks,
-        shared: s,
-        experts: e,
-        top_k: c.num_experts_per_tok,
-        width: i,
-        scoring: c.scoring_func,
-        method: c.topk_method,
-        n_group: c.n_group.max(1),
-        topk_group: c.topk_group.max(1),
-        norm_topk_prob: c.norm_topk_prob,
-        routed_scaling_factor: c.routed_scaling_factor,
-        kernels,
-    })
 }
 
 /// The tensors of layer `l` with their HF shapes.
