@@ -6,6 +6,9 @@ use half::f16;
 
 use crate::error::{Error, Result};
 
+/// Weights per quantisation block (q8, q4): one f16 scale each.
+pub const BLOCK: usize = 32;
+
 /// How projection and expert weights are stored on the GPU. Activations, norms, softmax, the router, the
 /// absorbed attention factors and the embedding table stay f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
@@ -28,8 +31,8 @@ impl WeightDtype {
         match self {
             WeightDtype::F32 => 32.0,
             WeightDtype::F16 => 16.0,
-            WeightDtype::Q8 => 8.0 + 16.0 / super::packed::BLOCK as f64,
-            WeightDtype::Q4 => 4.0 + 16.0 / super::packed::BLOCK as f64,
+            WeightDtype::Q8 => 8.0 + 16.0 / BLOCK as f64,
+            WeightDtype::Q4 => 4.0 + 16.0 / BLOCK as f64,
         }
     }
 

@@ -26,8 +26,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::{Rows, WeightDtype};
 
-/// Weights per quantisation block (q8, q4).
-pub const BLOCK: usize = 32;
+pub use super::format::BLOCK;
 
 /// A matrix, or a stack of matrices, stored packed.
 #[derive(Debug, Clone)]
@@ -71,7 +70,7 @@ impl Packed {
         assert_eq!(data.len(), count * k * n, "packed data length");
         let mut host = PackedHost::new(format, shape);
         for m in data.chunks(k * n) {
-            host.push_rows(&super::weights::transpose(m, k, n));
+            host.push_rows(&transpose(m, k, n));
         }
         host.upload(device)
     }
@@ -306,6 +305,29 @@ impl PackedHost {
             zero: Tensor::zeros([1], device),
         }
     }
+}
+
+/// Transposes a row-major `[rows, cols]` matrix.
+pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; data.len()];
+    transpose_into(data, rows, cols, &mut out);
+    out
+}
+
+/// Transposes a row-major `[rows, cols]` matrix into `out` (`[cols, rows]`), in tasks of 32 output rows on
+/// every core natively, each reading 32 adjacent values of every input row.
+pub fn transpose_into(data: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    const B: usize = 32;
+    for_chunks(out, B * rows.max(1), |t, chunk| {
+        let c0 = t * B;
+        let cc = chunk.len() / rows.max(1);
+        for r in 0..rows {
+            let src = &data[r * cols + c0..r * cols + c0 + cc];
+            for (c, v) in src.iter().enumerate() {
+                chunk[c * rows + r] = *v;
+            }
+        }
+    });
 }
 
 /// Runs `f(index, chunk)` over `data`'s chunks of `size` on every core natively (one thread on wasm32).
@@ -737,7 +759,7 @@ mod tests {
         for format in [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4] {
             let mut host = PackedHost::new(format, shape);
             for m in data.chunks(shape[1] * shape[2]) {
-                host.push_rows(&crate::gpu::weights::transpose(m, shape[1], shape[2]));
+                host.push_rows(&transpose(m, shape[1], shape[2]));
             }
             let words = host.words;
             for (layout, rows) in [

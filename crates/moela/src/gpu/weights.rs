@@ -3,7 +3,7 @@
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
-use super::packed::{self, Packed};
+use super::packed::{self, Packed, transpose_into};
 use super::{Kernels, Rows, WeightDtype};
 
 /// A projection's or an expert stack's weights as the GPU holds them.
@@ -272,29 +272,6 @@ pub fn as_f32<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
 /// Uploads host values as an f32 tensor.
 pub fn upload<const D: usize>(data: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
     Tensor::from_data(TensorData::new(data, shape), device)
-}
-
-/// Transposes a row-major `[rows, cols]` matrix.
-pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; data.len()];
-    transpose_into(data, rows, cols, &mut out);
-    out
-}
-
-/// Transposes a row-major `[rows, cols]` matrix into `out` (`[cols, rows]`), in tasks of 32 output rows on
-/// every core natively, each reading 32 adjacent values of every input row.
-pub fn transpose_into(data: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
-    const B: usize = 32;
-    packed::for_chunks(out, B * rows.max(1), |t, chunk| {
-        let c0 = t * B;
-        let cc = chunk.len() / rows.max(1);
-        for r in 0..rows {
-            let src = &data[r * cols + c0..r * cols + c0 + cc];
-            for (c, v) in src.iter().enumerate() {
-                chunk[c * rows + r] = *v;
-            }
-        }
-    });
 }
 
 /// An absorbed attention factor, f32 `[n_h, K, N]` (`W_UK` or `W_UV^T`): a burn tensor, or natively (N a

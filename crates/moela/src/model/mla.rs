@@ -20,9 +20,9 @@ use super::rope;
 use super::rope::deinterleave_rows;
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::gpu::packed::transpose;
 use crate::gpu::rms_norm::RmsNorm;
 use crate::gpu::weights::Factor;
-use crate::gpu::weights::transpose;
 use crate::gpu::{self, Kernels, Linear};
 
 /// How the query is produced from the first columns of [`Mla::input`]'s product.

@@ -13,8 +13,8 @@ use super::moe::Moe;
 use super::rope::interleave_rows;
 use super::transformer::{Embedding, FeedForward, Transformer};
 use crate::error::{Error, Result};
+use crate::gpu::packed::transpose;
 use crate::gpu::rms_norm::RmsNorm;
-use crate::gpu::weights::transpose;
 use crate::gpu::{Linear, Weights};
 
 /// A mutable reference to one learned tensor, whatever its rank.
