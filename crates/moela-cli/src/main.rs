@@ -46,7 +46,8 @@ enum Command {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// An HF checkpoint folder (config.json, *.safetensors, tokenizer.json, tokenizer_config.json).
+    /// An HF checkpoint folder (config.json, *.safetensors, tokenizer.json, tokenizer_config.json); `info` also
+    /// reads a GGUF file.
     /// Defaults to the model shipped with moela.
     #[arg(long, short)]
     model: Option<PathBuf>,
@@ -464,6 +465,9 @@ fn print_line(s: &str) -> Result<()> {
 
 fn cmd_info(a: InfoArgs) -> Result<()> {
     let dir = model_dir(&a.model);
+    if dir.is_file() && moela::load::gguf::is_gguf(&dir) {
+        return gguf_info(&dir, a.json);
+    }
     let bytes =
         std::fs::read(dir.join("config.json")).with_context(|| format!("reading {}/config.json", dir.display()))?;
     let config = moela::ModelConfig::from_json_bytes(&bytes, "config.json")?;
@@ -472,47 +476,107 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
         print_line(&serde_json::to_string_pretty(&info)?)?;
         return Ok(());
     }
-    print_info(&dir, &info);
-    Ok(())
+    print_info(&dir, &info)
 }
 
-fn print_info(dir: &Path, i: &moela::ModelInfo) {
+/// `moela info` for a GGUF file: its metadata and quantisation mix, read from the header alone.
+fn gguf_info(path: &Path, json: bool) -> Result<()> {
+    use moela::load::gguf::Value;
+    let h = moela::load::gguf::read_header(path)?;
+    if json {
+        // Scalars as they are; arrays (a tokenizer's 100k tokens) by their length.
+        let value = |v: &Value| match v {
+            Value::String(s) => serde_json::Value::from(s.as_str()),
+            Value::Bool(b) => (*b).into(),
+            Value::Array(a) => serde_json::json!({ "array": a.len() }),
+            Value::I8(v) => (*v).into(),
+            Value::I16(v) => (*v).into(),
+            Value::I32(v) => (*v).into(),
+            Value::I64(v) => (*v).into(),
+            Value::F32(v) => f64::from(*v).into(),
+            Value::F64(v) => (*v).into(),
+            other => other.as_u64().map_or(serde_json::Value::Null, serde_json::Value::from),
+        };
+        let metadata: serde_json::Map<String, serde_json::Value> =
+            h.metadata.iter().map(|(k, v)| (k.clone(), value(v))).collect();
+        let types: Vec<serde_json::Value> = h
+            .type_mix()
+            .iter()
+            .map(|(t, n, bytes)| serde_json::json!({"type": t.name(), "tensors": n, "bytes": bytes}))
+            .collect();
+        let out = serde_json::json!({
+            "file": path.display().to_string(),
+            "gguf_version": h.version,
+            "architecture": h.architecture(),
+            "tensors": h.tensors.len(),
+            "data_bytes": h.data_bytes(),
+            "types": types,
+            "metadata": metadata,
+        });
+        return print_line(&serde_json::to_string_pretty(&out)?);
+    }
+    let size = |b: u64| match b {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{:.1} KiB", b as f64 / 1024.0),
+    };
+    let mut out = format!("file           {} (GGUF v{})\n", path.display(), h.version);
+    out += &format!("architecture   {}\n", h.architecture().unwrap_or("(none given)"));
+    if let Some(name) = h.get("general.name").and_then(Value::as_str) {
+        out += &format!("name           {name}\n");
+    }
+    out += &format!("tensors        {}, {} of data\n", h.tensors.len(), size(h.data_bytes()));
+    out += "types          (bytes per ggml type, the most first)\n";
+    for (t, n, bytes) in h.type_mix() {
+        let share = 100.0 * bytes as f64 / h.data_bytes().max(1) as f64;
+        out += &format!("  {:<8} {n:>5} tensors  {:>11}  {share:>5.1}%\n", t.name(), size(bytes));
+    }
+    out += "metadata";
+    for (key, value) in &h.metadata {
+        out += &format!("\n  {key} = {}", value.summary());
+    }
+    print_line(&out)
+}
+
+fn print_info(dir: &Path, i: &moela::ModelInfo) -> Result<()> {
+    let mut out = String::new();
     let b = |n: u64| match n {
         n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
         n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
         n => n.to_string(),
     };
-    println!("model          {}", dir.display());
-    println!("architecture   {}", i.architecture);
-    println!(
-        "parameters     {} total, {} active per token",
+    out += &format!("model          {}\n", dir.display());
+    out += &format!("architecture   {}\n", i.architecture);
+    out += &format!(
+        "parameters     {} total, {} active per token\n",
         b(i.total_parameters),
         b(i.active_parameters_per_token)
     );
-    println!(
-        "layers         {} ({} dense), hidden {}, {} heads, vocab {}",
+    out += &format!(
+        "layers         {} ({} dense), hidden {}, {} heads, vocab {}\n",
         i.layers, i.dense_layers, i.hidden_size, i.heads, i.vocab_size
     );
-    println!(
-        "experts        {} routed (top-{}, {}), {} shared",
+    out += &format!(
+        "experts        {} routed (top-{}, {}), {} shared\n",
         i.routed_experts, i.experts_per_token, i.topk_method, i.shared_experts
     );
     let q = i
         .q_lora_rank
         .map_or("none (plain q_proj)".to_string(), |r| r.to_string());
-    println!(
-        "attention      MLA, q_lora_rank {q}, kv_lora_rank {}, rope scaling {}",
+    out += &format!(
+        "attention      MLA, q_lora_rank {q}, kv_lora_rank {}, rope scaling {}\n",
         i.kv_lora_rank, i.rope_scaling
     );
-    println!(
-        "latent cache   {} values/token ({} bytes at f32) vs {} for an uncompressed MHA cache: {:.1}x smaller",
+    out += &format!(
+        "latent cache   {} values/token ({} bytes at f32) vs {} for an uncompressed MHA cache: {:.1}x smaller\n",
         i.cache.values_per_token, i.cache.bytes_per_token, i.cache.mha_equivalent_values_per_token, i.cache.compression
     );
-    println!(
-        "GPU weights    {:.1} MiB as {}",
+    out += &format!(
+        "GPU weights    {:.1} MiB as {}\n",
         i.gpu_weight_bytes as f64 / (1 << 20) as f64,
         i.weight_dtype
     );
+    print_line(out.trim_end())
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {

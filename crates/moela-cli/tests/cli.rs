@@ -157,3 +157,27 @@ fn eval_reports_every_split() {
     }
     assert!(report["generated_tokens"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn info_reads_a_gguf_header_and_run_says_what_it_cannot_do() {
+    let file = fixture("gguf/tiny.gguf");
+    let path = file.to_str().unwrap();
+    let out = json(&ok(&["info", "--model", path, "--json"]));
+    assert_eq!(out["architecture"], "deepseek2");
+    assert_eq!(out["tensors"], 5);
+    assert_eq!(out["metadata"]["test.i16"], -30000);
+    assert_eq!(out["metadata"]["test.array_str"]["array"], 3);
+    let types: Vec<&str> = out["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["F32", "F16", "Q4_K", "Q8_0"], "the most bytes first");
+    let text = ok(&["info", "--model", path]);
+    assert!(text.contains("Q4_K") && text.contains("deepseek2"), "{text}");
+    let run = moela(&["run", "--model", path, "--prompt", "hi", "--device", "cpu"]);
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("is a GGUF file") && err.contains("moela info"), "{err}");
+}

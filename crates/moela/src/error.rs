@@ -39,7 +39,7 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
-    /// A safetensors file is corrupt, truncated or has a bad header.
+    /// A weight file (safetensors or GGUF) is corrupt, truncated or has a bad header.
     #[error("{file}: {message}")]
     Weights {
         /// The file.

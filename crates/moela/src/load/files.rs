@@ -239,6 +239,14 @@ impl CheckpointFiles {
                 Ok(None)
             }
         };
+        if dir.is_file() && super::gguf::is_gguf(dir) {
+            return Err(Error::InvalidArgument(format!(
+                "{} is a GGUF file: moela reads its header (`moela info --model FILE.gguf` lists its metadata and \
+                 quantisation mix) but runs models from HF folders only so far; use the model's HF folder \
+                 (config.json, *.safetensors, tokenizer.json)",
+                dir.display()
+            )));
+        }
         if !dir.is_dir() {
             return Err(io(
                 dir.to_path_buf(),

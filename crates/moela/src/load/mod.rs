@@ -9,6 +9,7 @@
 //! made from a seed for benchmarks.
 
 mod files;
+pub mod gguf;
 pub mod synthetic;
 
 use std::borrow::Cow;
