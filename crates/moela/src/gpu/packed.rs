@@ -102,8 +102,8 @@ impl Packed {
     }
 
     /// The same weights with their words in a texture in `layout`, of at most `rows` rows per array layer
-    /// (tests of both layouts and of the layered placement without a gigabyte of weights); unchanged where
-    /// textures are not available.
+    /// and written a row at a time (tests of both layouts, of the layered placement and of the slabs
+    /// without a gigabyte of weights); unchanged where textures are not available.
     #[cfg(all(test, not(target_arch = "wasm32")))]
     pub(crate) fn in_texture(mut self, layout: crate::gpu::texture::Layout, rows: usize) -> Self {
         let host: Vec<u32> = self
@@ -116,7 +116,7 @@ impl Packed {
             .map(|w| w as u32)
             .collect();
         let grid = texel_grid(self.format, self.shape);
-        if let Ok(t) = crate::gpu::texture::WeightTexture::with(host, grid, layout, rows) {
+        if let Ok(t) = crate::gpu::texture::WeightTexture::with(host, grid, layout, rows, 1) {
             self.words = Words::Texture(t);
         }
         self
@@ -204,6 +204,8 @@ pub struct PackedHost {
     scales: Vec<u16>,
     /// Matrices pushed so far.
     filled: usize,
+    /// Outputs of the matrix being pushed that are packed already.
+    next_output: usize,
 }
 
 impl PackedHost {
@@ -224,6 +226,7 @@ impl PackedHost {
             words: vec![0; count * words_per_matrix(format, k, n)],
             scales: vec![0; count * blocks * n],
             filled: 0,
+            next_output: 0,
         }
     }
 
@@ -243,23 +246,46 @@ impl PackedHost {
     /// # Panics
     /// When the stack is full or the parts are not `N * K` values in all.
     pub fn push(&mut self, parts: &[Rows<'_>]) -> bool {
+        self.push_outputs(0..self.shape[2], parts)
+    }
+
+    /// Packs outputs `outputs` of the next matrix from their HF rows `parts` (`outputs.len() * K` values):
+    /// a large weight a slice at a time, so that only one slice of the checkpoint is held. Slices come in
+    /// order, each starting where the last ended, in whole groups of four outputs but for the last; the
+    /// matrix is complete with its last output. Returns false when a value is not finite.
+    ///
+    /// # Panics
+    /// When the stack is full, the slice does not follow the last one, or the parts are not its values.
+    pub fn push_outputs(&mut self, outputs: std::ops::Range<usize>, parts: &[Rows<'_>]) -> bool {
         let [count, k, n] = self.shape;
         assert!(self.filled < count, "the stack holds {count} matrices");
+        assert!(
+            outputs.start == self.next_output
+                && outputs.end <= n
+                && (outputs.end == n || outputs.end.is_multiple_of(4)),
+            "outputs {outputs:?} do not follow {} of {n}",
+            self.next_output
+        );
         assert_eq!(
             parts.iter().map(Rows::len).sum::<usize>(),
-            n * k,
-            "one matrix of HF rows"
+            outputs.len() * k,
+            "the slice's HF rows"
         );
         let per = words_per_matrix(self.format, k, n);
         let words = &mut self.words[self.filled * per..(self.filled + 1) * per];
         let blocks = self.scales.len() / count;
         let scales = &mut self.scales[self.filled * blocks..(self.filled + 1) * blocks];
-        self.filled += 1;
-        match self.format {
-            WeightDtype::F16 => pack_f16_rows(parts, k, n, words),
-            WeightDtype::Q8 | WeightDtype::Q4 => pack_block_rows(parts, k, n, self.format, words, scales),
+        let done = outputs.end == n;
+        let ok = match self.format {
+            WeightDtype::F16 => pack_f16_rows(parts, k, n, outputs.clone(), words),
+            WeightDtype::Q8 | WeightDtype::Q4 => {
+                pack_block_rows(parts, k, n, outputs.clone(), self.format, words, scales)
+            }
             WeightDtype::F32 => unreachable!("checked by supports"),
-        }
+        };
+        self.next_output = if done { 0 } else { outputs.end };
+        self.filled += usize::from(done);
+        ok
     }
 
     /// Bytes held on the host.
@@ -348,10 +374,11 @@ fn hf_rows<'a>(parts: &'a [Rows<'a>], k: usize) -> impl Iterator<Item = (Rows<'a
         .flat_map(move |p| (0..p.len() / k.max(1)).map(move |r| (*p, r * k)))
 }
 
-/// f16 words `[K, N/2]` of one matrix from its HF rows `[N, K]`, a task per 32 rows of K. Returns false when
-/// a value is not finite.
-fn pack_f16_rows(parts: &[Rows<'_>], k: usize, n: usize, words: &mut [u32]) -> bool {
+/// f16 words `[K, N/2]` of one matrix, the columns of `outputs` from their HF rows `[outputs, K]`, a task
+/// per 32 rows of K. Returns false when a value is not finite.
+fn pack_f16_rows(parts: &[Rows<'_>], k: usize, n: usize, outputs: std::ops::Range<usize>, words: &mut [u32]) -> bool {
     let half = n / 2;
+    let (first_word, pairs) = (outputs.start / 2, outputs.len() / 2);
     let finite = std::sync::atomic::AtomicBool::new(true);
     for_chunks(words, BLOCK * half, |t, out| {
         let k0 = t * BLOCK;
@@ -359,7 +386,7 @@ fn pack_f16_rows(parts: &[Rows<'_>], k: usize, n: usize, words: &mut [u32]) -> b
         let (mut a, mut b) = ([0f32; BLOCK], [0f32; BLOCK]);
         let mut ok = true;
         let mut rows = hf_rows(parts, k);
-        for jj in 0..half {
+        for jj in first_word..first_word + pairs {
             let ((pa, ra), (pb, rb)) = (rows.next().expect("N rows"), rows.next().expect("N rows"));
             ok &= pa.read(ra + k0, &mut a[..kk]) & pb.read(rb + k0, &mut b[..kk]);
             for (i, (x, y)) in a[..kk].iter().zip(&b[..kk]).enumerate() {
@@ -381,12 +408,14 @@ type TaskColumns<'a> = (Vec<&'a mut [u32]>, Vec<&'a mut [u16]>);
 /// are read in order (reading a block from each of many rows stalls on every row).
 const TASK_ROWS: usize = 64;
 
-/// q8 / q4 words `[Kp/4 or Kp/8, N]` and f16 scales `[Kp/32, N]` of one matrix from its HF rows `[N, K]`, a
-/// task per [`TASK_ROWS`] outputs. Returns false when a value is not finite.
+/// q8 / q4 words `[Kp/4 or Kp/8, N]` and f16 scales `[Kp/32, N]` of one matrix, the columns of `outputs`
+/// from their HF rows `[outputs, K]`, a task per [`TASK_ROWS`] outputs. Returns false when a value is not
+/// finite.
 fn pack_block_rows(
     parts: &[Rows<'_>],
     k: usize,
     n: usize,
+    outputs: std::ops::Range<usize>,
     format: WeightDtype,
     words: &mut [u32],
     scales: &mut [u16],
@@ -395,17 +424,17 @@ fn pack_block_rows(
     let word_rows = if q8 { BLOCK / 4 } else { BLOCK / 8 };
     let blocks = k.div_ceil(BLOCK);
     // Each task's columns of every word row and scale row: disjoint slices, so the tasks write in parallel.
-    let tasks = n.div_ceil(TASK_ROWS);
+    let tasks = outputs.len().div_ceil(TASK_ROWS);
     let mut columns: Vec<TaskColumns<'_>> = (0..tasks)
         .map(|_| (Vec::with_capacity(blocks * word_rows), Vec::with_capacity(blocks)))
         .collect();
     for row in words.chunks_mut(n) {
-        for (t, part) in row.chunks_mut(TASK_ROWS).enumerate() {
+        for (t, part) in row[outputs.clone()].chunks_mut(TASK_ROWS).enumerate() {
             columns[t].0.push(part);
         }
     }
     for row in scales.chunks_mut(n) {
-        for (t, part) in row.chunks_mut(TASK_ROWS).enumerate() {
+        for (t, part) in row[outputs.clone()].chunks_mut(TASK_ROWS).enumerate() {
             columns[t].1.push(part);
         }
     }
@@ -413,7 +442,7 @@ fn pack_block_rows(
     let finite = std::sync::atomic::AtomicBool::new(true);
     for_chunks(&mut columns, 1, |t, task| {
         let (out, scale_rows) = &mut task[0];
-        let rows = &rows[t * TASK_ROWS..(t * TASK_ROWS + TASK_ROWS).min(n)];
+        let rows = &rows[t * TASK_ROWS..(t * TASK_ROWS + TASK_ROWS).min(rows.len())];
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2, checked just above.
@@ -635,6 +664,26 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn packing_in_slices_equals_packing_whole() {
+        // A weight pushed a slice of outputs at a time (the loader's way for a large one) packs to the same
+        // words and scales as pushed whole; the last slice is short.
+        let (n, k) = (200, 70);
+        let rows: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-3).collect();
+        for format in [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4] {
+            let mut whole = PackedHost::new(format, [1, k, n]);
+            whole.push_rows(&rows);
+            let mut sliced = PackedHost::new(format, [1, k, n]);
+            for start in (0..n).step_by(64) {
+                let end = (start + 64).min(n);
+                assert!(sliced.push_outputs(start..end, &[Rows::F32(&rows[start * k..end * k])]));
+            }
+            assert!(sliced.words == whole.words, "{format:?} words");
+            assert!(sliced.scales == whole.scales, "{format:?} scales");
+            assert_eq!(sliced.filled, 1, "{format:?}: the matrix is complete");
         }
     }
 

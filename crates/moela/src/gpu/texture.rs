@@ -38,6 +38,8 @@ use super::shader::Shader;
 pub const ROW: usize = 4096;
 /// Rows per array layer when a texture needs more than one layer.
 const LAYER_ROWS: usize = 1024;
+/// Bytes of texels written to a texture at a time.
+const SLAB_BYTES: usize = 8 << 20;
 /// The size of the uniform copy of a kernel's input ([`Bind::Uniform`]): WebGPU's guaranteed uniform
 /// binding size, and the array size the shaders declare.
 pub const UNIFORM_BYTES: usize = 64 << 10;
@@ -237,18 +239,19 @@ impl WeightTexture {
     /// can hold them.
     pub fn from_words(words: Vec<u32>, grid: [usize; 3]) -> std::result::Result<Arc<Self>, Vec<u32>> {
         match GPU.get() {
-            Some(gpu) => Self::with(words, grid, gpu.layout, gpu.max_rows),
+            Some(gpu) => Self::with(words, grid, gpu.layout, gpu.max_rows, SLAB_BYTES / (ROW * 16)),
             None => Err(words),
         }
     }
 
     /// [`from_words`](Self::from_words) in `layout` with at most `max_rows` rows per layer (the adapter's
-    /// limit, or less in tests).
+    /// limit, or less in tests), written `slab_rows` rows at a time.
     pub(crate) fn with(
         words: Vec<u32>,
         grid: [usize; 3],
         layout: Layout,
         max_rows: usize,
+        slab_rows: usize,
     ) -> std::result::Result<Arc<Self>, Vec<u32>> {
         let Some(gpu) = GPU.get() else {
             return Err(words);
@@ -286,48 +289,71 @@ impl WeightTexture {
             view_formats: &[],
         });
         let bytes = (ROW * height * layers * 16) as u64;
-        // Whole rows are written: the texels in `layout` order, then zeros up to the end of the texture.
-        let len = words.len();
-        let data = match layout {
-            Layout::Rows => {
-                let mut data = words;
-                data.resize(bytes as usize / 4, 0);
-                data
-            }
-            Layout::Columns => {
-                let mut data = vec![0u32; bytes as usize / 4];
-                // One task per texel column (e, c): its texels down K, from the packed rows.
-                crate::gpu::packed::for_chunks(&mut data[..len], groups * 4, |column, out| {
-                    let (e, c) = (column / cols, column % cols);
-                    for (g, texel) in out.chunks_exact_mut(4).enumerate() {
-                        let at = ((e * groups + g) * cols + c) * 4;
-                        texel.copy_from_slice(&words[at..at + 4]);
+        // Written a slab of rows at a time, each slab's texels in `layout` order (zeros past the words), and
+        // submitted at once: wgpu keeps a written slab in a staging buffer until its submit, so the host
+        // holds the packed words plus one slab, never a second and a third copy of the whole weight.
+        let slab_rows = slab_rows.clamp(1, height);
+        let mut slab: Vec<u32> = Vec::new();
+        for layer in 0..layers {
+            for row0 in (0..height).step_by(slab_rows) {
+                let n_rows = slab_rows.min(height - row0);
+                let first = (layer * height + row0) * ROW; // the slab's first texel
+                let end = (first + n_rows * ROW).min(texels.max(first));
+                let data: &[u32] = match layout {
+                    // The packed order is the texture's: whole rows straight from the words.
+                    Layout::Rows if first + n_rows * ROW <= texels => &words[first * 4..(first + n_rows * ROW) * 4],
+                    _ => {
+                        slab.clear();
+                        slab.resize(n_rows * ROW * 4, 0);
+                        let words = &words;
+                        // Texel i of the texture (in `layout` order) from its place in the packed words.
+                        let source = |i: usize| match layout {
+                            Layout::Rows => i,
+                            Layout::Columns => {
+                                let (column, g) = (i / groups, i % groups);
+                                let (e, c) = (column / cols, column % cols);
+                                (e * groups + g) * cols + c
+                            }
+                        };
+                        let live = (end - first) * 4;
+                        crate::gpu::packed::for_chunks(&mut slab[..live], groups.max(64) * 4, |k, out| {
+                            let base = first + k * groups.max(64);
+                            for (t, texel) in out.chunks_exact_mut(4).enumerate() {
+                                let at = source(base + t) * 4;
+                                texel.copy_from_slice(&words[at..at + 4]);
+                            }
+                        });
+                        &slab
                     }
-                });
-                drop(words);
-                data
+                };
+                gpu.queue.write_texture(
+                    wgpu::TexelCopyTextureInfo {
+                        texture: &texture,
+                        mip_level: 0,
+                        origin: wgpu::Origin3d {
+                            x: 0,
+                            y: row0 as u32,
+                            z: layer as u32,
+                        },
+                        aspect: wgpu::TextureAspect::All,
+                    },
+                    bytemuck::cast_slice(data),
+                    wgpu::TexelCopyBufferLayout {
+                        offset: 0,
+                        bytes_per_row: Some((ROW * 16) as u32),
+                        rows_per_image: Some(n_rows as u32),
+                    },
+                    wgpu::Extent3d {
+                        width: ROW as u32,
+                        height: n_rows as u32,
+                        depth_or_array_layers: 1,
+                    },
+                );
+                gpu.queue.submit([]);
+                let _ = gpu.device.poll(wgpu::PollType::Poll);
             }
-        };
-        gpu.queue.write_texture(
-            wgpu::TexelCopyTextureInfo {
-                texture: &texture,
-                mip_level: 0,
-                origin: wgpu::Origin3d::ZERO,
-                aspect: wgpu::TextureAspect::All,
-            },
-            bytemuck::cast_slice(&data),
-            wgpu::TexelCopyBufferLayout {
-                offset: 0,
-                bytes_per_row: Some((ROW * 16) as u32),
-                rows_per_image: Some(height as u32),
-            },
-            size,
-        );
-        drop(data);
-        // wgpu holds a written texture's bytes in a staging buffer until the next submit: submitting now lets
-        // each weight's staging copy go as soon as it is on the device, instead of a whole model's at once.
-        gpu.queue.submit([]);
-        let _ = gpu.device.poll(wgpu::PollType::Poll);
+        }
+        drop(words);
         let view = texture.create_view(&wgpu::TextureViewDescriptor {
             dimension: Some(wgpu::TextureViewDimension::D2Array),
             ..Default::default()

@@ -121,6 +121,36 @@ impl WeightsHost {
         }
     }
 
+    /// Adds outputs `outputs` of a one-matrix stack from their HF rows (`[outputs, K]`), a slice of a large
+    /// weight at a time ([`PackedHost::push_outputs`](packed::PackedHost::push_outputs)). Returns false when
+    /// a value is not finite.
+    ///
+    /// # Panics
+    /// When the stack holds more than one matrix, is full, or the parts are not the slice's values.
+    pub fn push_outputs(&mut self, outputs: std::ops::Range<usize>, parts: &[Rows<'_>]) -> bool {
+        match self {
+            WeightsHost::Packed(p) => p.push_outputs(outputs, parts),
+            WeightsHost::Dense(data, [count, k, n], filled) => {
+                let (k, n) = (*k, *n);
+                assert!(*count == 1 && *filled == 0, "slices of one matrix");
+                assert_eq!(parts.iter().map(Rows::len).sum::<usize>(), outputs.len() * k);
+                let mut row = vec![0f32; k];
+                let mut ok = true;
+                let rows = parts
+                    .iter()
+                    .flat_map(|p| (0..p.len() / k.max(1)).map(move |r| (p, r * k)));
+                for (j, (part, at)) in outputs.clone().zip(rows) {
+                    ok &= part.read(at, &mut row);
+                    for (kk, v) in row.iter().enumerate() {
+                        data[kk * n + j] = *v;
+                    }
+                }
+                *filled += usize::from(outputs.end == n);
+                ok
+            }
+        }
+    }
+
     /// Bytes held on the host.
     pub fn bytes(&self) -> usize {
         match self {

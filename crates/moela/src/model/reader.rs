@@ -9,6 +9,9 @@ use crate::error::{Error, Result};
 use crate::gpu::{Kernels, Linear, Rows, WeightDtype, WeightsHost};
 use crate::load::{Progress, StoredRows, WeightSet};
 
+/// Rows read at a time from a large tensor: 64 MiB as f32.
+pub(crate) const SLICE_BYTES: usize = 64 << 20;
+
 /// Reads tensors by HF name, checking shapes, and reports progress by bytes read.
 pub(crate) struct Reader<'a> {
     pub(crate) set: &'a WeightSet,
@@ -87,11 +90,16 @@ impl<'a> Reader<'a> {
     pub(crate) async fn linear(&mut self, names: &[String], each: usize, cols: usize) -> Result<Linear> {
         let (dtype, device) = (self.dtype, self.device);
         let mut parts = Vec::new();
+        // A slice of rows at a time (whole packing tasks of 64 outputs), released once packed: the host
+        // holds one slice of the checkpoint, however large the part (V2-Lite's head is 420 MB of bf16).
+        let step = (SLICE_BYTES / (cols * 4).max(1)).max(64) / 64 * 64;
         for range in Linear::part_rows(names.len() * each, cols, dtype, self.kernels) {
-            let rows = self.stacked(names, each, cols, range.clone()).await?;
             let mut host = WeightsHost::new(dtype, [1, cols, range.len()]);
-            push(&mut host, &rows)?;
-            drop(rows);
+            for start in range.clone().step_by(step) {
+                let end = (start + step).min(range.end);
+                let rows = self.stacked(names, each, cols, start..end).await?;
+                push_outputs(&mut host, start - range.start..end - range.start, &rows)?;
+            }
             parts.push(host.upload([cols, range.len()], device));
         }
         Ok(Linear::from_parts(parts, self.kernels))
@@ -102,7 +110,18 @@ impl<'a> Reader<'a> {
 /// file, tensor and index.
 pub(crate) fn push(host: &mut WeightsHost, parts: &[StoredRows<'_>]) -> Result<()> {
     let rows: Vec<Rows<'_>> = parts.iter().map(StoredRows::rows).collect();
-    if host.push(&rows) {
+    finite(host.push(&rows), parts)
+}
+
+/// [`push`] of outputs `outputs` of a one-matrix weight ([`WeightsHost::push_outputs`]).
+fn push_outputs(host: &mut WeightsHost, outputs: Range<usize>, parts: &[StoredRows<'_>]) -> Result<()> {
+    let rows: Vec<Rows<'_>> = parts.iter().map(StoredRows::rows).collect();
+    finite(host.push_outputs(outputs, &rows), parts)
+}
+
+/// `Ok` when the packer found every value finite, else the error naming the first that is not.
+fn finite(ok: bool, parts: &[StoredRows<'_>]) -> Result<()> {
+    if ok {
         return Ok(());
     }
     for p in parts {

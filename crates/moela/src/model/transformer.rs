@@ -11,7 +11,7 @@ use super::embedding::HostTable;
 use super::mla::Mla;
 use super::mlp::{Mlp, gate_up};
 use super::moe::Moe;
-use super::reader::Reader;
+use super::reader::{Reader, SLICE_BYTES};
 use super::rope::Rope;
 use crate::cache::LatentCache;
 use crate::config::{ModelConfig, TopkMethod};
@@ -65,9 +65,6 @@ pub struct Transformer {
 /// Layers (about 1.1 GB each in DeepSeek-V2-Lite) the disk is asked to read ahead of the one being loaded
 /// (two measured no faster on a 2-core machine: the readahead competes with the conversion for the CPU).
 const READ_AHEAD: usize = 1;
-
-/// Rows read at a time from the embedding table: 64 MiB as f32.
-const SLICE_BYTES: usize = 64 << 20;
 
 impl Transformer {
     /// Whether decode steps can be recorded and replayed (`gpu/replay.rs`): moela's kernels on the
