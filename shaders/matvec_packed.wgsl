@@ -79,6 +79,29 @@ fn word(e: u32, g: u32, c: u32) -> vec4<u32> {
 
 {% include unpack %}
 
+// The rows of x (rowR, M of them) times the P texel columns of matrix `expert` from c, block by block,
+// into accR_C: the inner loop every product entry shares, each block's partial sums scaled once.
+{% macro rows_times_blocks(expert) %}
+    for (var b = 0u; b < blocks; b++) {
+{% for C in range(P) %}{% for R in range(M) %}        var part{{R}}_{{C}} = vec4<f32>(0.0);
+{% endfor %}{% endfor %}
+        for (var j = 0u; j < GROUPS; j++) {
+            let g = b * GROUPS + j;
+{% for C in range(P) %}            let words{{C}} = word({{ expert }}, g, c + col({{C}}u, step));
+{% for h in range(X4) %}            let q{{C}}_{{h}} = unpack(words{{C}}, {{h}}u);
+{% endfor %}{% endfor %}
+{% for R in range(M) %}{% for h in range(X4) %}            let xv{{R}}_{{h}} = xs(row{{R}}, {{X4}}u * g + {{h}}u);
+{% endfor %}{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}            part{{R}}_{{C}} += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv{{R}}_{{h}} * q{{C}}_{{h}}{% endfor %};
+{% endfor %}{% endfor %}
+        }
+{% for C in range(P) %}        let sc{{C}} = scale(s[sbase + b * n4 + col({{C}}u, step)]);
+{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}        acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
+{% endfor %}{% endfor %}
+    }
+{% endmacro %}
+
 // Invocation i's first texel column, the bound on it and the step from its gate columns to its up
 // columns: P adjacent groups, or (SwiGLU) H adjacent groups of the gate half and the same of the up
 // half, half the texel columns apart. Column group k of an invocation is at c + col(k, step).
@@ -125,24 +148,7 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     let sbase = e * blocks * n4 + c;
 {% for C in range(P) %}{% for R in range(M) %}    var acc{{R}}_{{C}} = vec4<f32>(0.0);
 {% endfor %}{% endfor %}
-    for (var b = 0u; b < blocks; b++) {
-{% for C in range(P) %}{% for R in range(M) %}        var part{{R}}_{{C}} = vec4<f32>(0.0);
-{% endfor %}{% endfor %}
-        for (var j = 0u; j < GROUPS; j++) {
-            let g = b * GROUPS + j;
-{% for C in range(P) %}            let words{{C}} = word(e, g, c + col({{C}}u, step));
-{% for h in range(X4) %}            let q{{C}}_{{h}} = unpack(words{{C}}, {{h}}u);
-{% endfor %}{% endfor %}
-{% for R in range(M) %}{% for h in range(X4) %}            let xv{{R}}_{{h}} = xs(row{{R}}, {{X4}}u * g + {{h}}u);
-{% endfor %}{% endfor %}
-{% for C in range(P) %}{% for R in range(M) %}            part{{R}}_{{C}} += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv{{R}}_{{h}} * q{{C}}_{{h}}{% endfor %};
-{% endfor %}{% endfor %}
-        }
-{% for C in range(P) %}        let sc{{C}} = scale(s[sbase + b * n4 + col({{C}}u, step)]);
-{% endfor %}
-{% for C in range(P) %}{% for R in range(M) %}        acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
-{% endfor %}{% endfor %}
-    }
+{{ rows_times_blocks("e") }}
 {% if LIN %}{% if MANY %}{% for C in range(P) %}{% for R in range(M) %}    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * n4 + c + {{C}}u] = acc{{R}}_{{C}}; }
 {% endfor %}{% endfor %}{% endif %}{% endif %}
 {% if GLU %}{% if MANY %}{% for G in range(H) %}{% for R in range(M) %}    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * lim + c + {{G}}u] = silu(acc{{R}}_{{G}}) * acc{{R}}_{{ G + H }}; }
@@ -225,24 +231,7 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
 {% endfor %}{% endfor %}
     if (inside) {
         let sbase = u32(e) * blocks * n4 + c;
-        for (var b = 0u; b < blocks; b++) {
-{% for C in range(P) %}{% for R in range(M) %}            var part{{R}}_{{C}} = vec4<f32>(0.0);
-{% endfor %}{% endfor %}
-            for (var j = 0u; j < GROUPS; j++) {
-                let g = b * GROUPS + j;
-{% for C in range(P) %}                let words{{C}} = word(u32(e), g, c + col({{C}}u, step));
-{% for h in range(X4) %}                let q{{C}}_{{h}} = unpack(words{{C}}, {{h}}u);
-{% endfor %}{% endfor %}
-{% for R in range(M) %}{% for h in range(X4) %}                let xv{{R}}_{{h}} = xs(row{{R}}, {{X4}}u * g + {{h}}u);
-{% endfor %}{% endfor %}
-{% for C in range(P) %}{% for R in range(M) %}                part{{R}}_{{C}} += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv{{R}}_{{h}} * q{{C}}_{{h}}{% endfor %};
-{% endfor %}{% endfor %}
-            }
-{% for C in range(P) %}            let sc{{C}} = scale(s[sbase + b * n4 + col({{C}}u, step)]);
-{% endfor %}
-{% for C in range(P) %}{% for R in range(M) %}            acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
-{% endfor %}{% endfor %}
-        }
+{{ rows_times_blocks("u32(e)") }}
     }
 {% if LIN %}{% for C in range(P) %}{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * n4 + c + {{C}}u] = acc{{R}}_{{C}}; }
 {% endfor %}{% endfor %}{% endif %}
