@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/gguf/: a small GGUF file written by llama.cpp's own Python package (`gguf` on PyPI,
 the writer its converter uses), with metadata of every value type and tensors of several ggml types, and
-what that package's reader (GGUFReader) finds in it, as JSON, for moela's parser to be checked against.
+what that package's reader (GGUFReader) finds in it, as JSON, for moela's parser to be checked against; and,
+for three of the HF fixtures, the metadata llama.cpp's converter writes for them (`NAME.gguf`, zero weights),
+for reading a model's config from a GGUF header.
 
     pip install gguf==0.19.0 numpy
     python3 scripts/gen_gguf_fixtures.py
@@ -53,6 +55,67 @@ def write(path):
     w.close()
 
 
+def write_header_of(fixture, path):
+    """The metadata llama.cpp's converter (convert_hf_to_gguf.py, DeepseekV2Model.set_gguf_parameters, which
+    serves V2, V2-Lite and V3) writes for the HF fixture `fixture`, through the same writer methods, and the
+    tensors that tell the loader the rest: the embedding, a separate head (untied) and V3's router bias.
+    The weights are zeros: these files test reading a model's config from a GGUF header."""
+    root = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", fixture)
+    c = json.load(open(os.path.join(root, "config.json")))
+    w = gguf.GGUFWriter(path, "deepseek2")
+    w.add_name(fixture)
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(1)  # MLA as MQA: one latent shared by the heads
+    rs = c.get("rope_scaling") or {}
+    if rs.get("type", rs.get("rope_type")) == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rs["factor"])
+        w.add_rope_scaling_orig_ctx_len(rs["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_beta_fast(rs["beta_fast"])
+        w.add_rope_scaling_yarn_beta_slow(rs["beta_slow"])
+        w.add_rope_scaling_yarn_log_mul(0.1 * rs["mscale_all_dim"])
+    w.add_rope_freq_base(c["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_expert_count(c["n_routed_experts"])
+    w.add_expert_used_count(c["num_experts_per_tok"])
+    w.add_expert_group_count(c["n_group"])
+    w.add_expert_group_used_count(c["topk_group"])
+    gating = {"softmax": gguf.ExpertGatingFuncType.SOFTMAX, "sigmoid": gguf.ExpertGatingFuncType.SIGMOID}
+    w.add_expert_gating_func(gating[c["scoring_func"]])
+    w.add_leading_dense_block_count(c["first_k_dense_replace"])
+    w.add_vocab_size(c["vocab_size"])
+    if c.get("q_lora_rank") is not None:
+        w.add_q_lora_rank(c["q_lora_rank"])
+    w.add_kv_lora_rank(c["kv_lora_rank"])
+    w.add_key_length(c["kv_lora_rank"] + c["qk_rope_head_dim"])
+    w.add_value_length(c["kv_lora_rank"])
+    w.add_key_length_mla(c["qk_nope_head_dim"] + c["qk_rope_head_dim"])
+    w.add_value_length_mla(c["v_head_dim"])
+    w.add_expert_feed_forward_length(c["moe_intermediate_size"])
+    w.add_expert_shared_count(c.get("n_shared_experts", 0))
+    w.add_expert_weights_scale(c["routed_scaling_factor"])
+    if c.get("norm_topk_prob"):
+        w.add_expert_weights_norm(True)
+    w.add_rope_dimension_count(c["qk_rope_head_dim"])
+    w.add_bos_token_id(c["bos_token_id"])
+    w.add_eos_token_id(c["eos_token_id"])
+    h, v = c["hidden_size"], c["vocab_size"]
+    w.add_tensor("token_embd.weight", np.zeros((v, h), dtype=np.float16))
+    if not c.get("tie_word_embeddings"):
+        w.add_tensor("output.weight", np.zeros((v, h), dtype=np.float16))
+    if c.get("topk_method") == "noaux_tc":
+        first = c["first_k_dense_replace"]
+        w.add_tensor(f"blk.{first}.exp_probs_b.bias", np.zeros(c["n_routed_experts"], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def describe(path):
     r = gguf.GGUFReader(path)
     metadata = {}
@@ -97,3 +160,7 @@ if __name__ == "__main__":
     with open(os.path.join(OUT, "tiny.json"), "w") as f:
         json.dump(describe(path), f, indent=1)
     print(path, os.path.getsize(path), "bytes")
+    for fixture in ["v2-lite-tiny", "v3-tiny", "v2-group-odd"]:
+        path = os.path.join(OUT, fixture + ".gguf")
+        write_header_of(fixture, path)
+        print(path, os.path.getsize(path), "bytes")

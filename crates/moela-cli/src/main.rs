@@ -466,7 +466,7 @@ fn print_line(s: &str) -> Result<()> {
 fn cmd_info(a: InfoArgs) -> Result<()> {
     let dir = model_dir(&a.model);
     if dir.is_file() && moela::load::gguf::is_gguf(&dir) {
-        return gguf_info(&dir, a.json);
+        return gguf_info(&dir, WeightDtype::parse(&a.model.weights)?, a.json);
     }
     let bytes =
         std::fs::read(dir.join("config.json")).with_context(|| format!("reading {}/config.json", dir.display()))?;
@@ -479,10 +479,14 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
     print_info(&dir, &info)
 }
 
-/// `moela info` for a GGUF file: its metadata and quantisation mix, read from the header alone.
-fn gguf_info(path: &Path, json: bool) -> Result<()> {
+/// `moela info` for a GGUF file: its metadata and quantisation mix, read from the header alone, and the
+/// model its metadata describes.
+fn gguf_info(path: &Path, dtype: WeightDtype, json: bool) -> Result<()> {
     use moela::load::gguf::Value;
     let h = moela::load::gguf::read_header(path)?;
+    let model = h
+        .model_config(&path.display().to_string())
+        .map(|c| moela::ModelInfo::new(&c, dtype));
     if json {
         // Scalars as they are; arrays (a tokenizer's 100k tokens) by their length.
         let value = |v: &Value| match v {
@@ -512,6 +516,8 @@ fn gguf_info(path: &Path, json: bool) -> Result<()> {
             "data_bytes": h.data_bytes(),
             "types": types,
             "metadata": metadata,
+            "model": model.as_ref().ok(),
+            "model_error": model.as_ref().err().map(ToString::to_string),
         });
         return print_line(&serde_json::to_string_pretty(&out)?);
     }
@@ -535,7 +541,11 @@ fn gguf_info(path: &Path, json: bool) -> Result<()> {
     for (key, value) in &h.metadata {
         out += &format!("\n  {key} = {}", value.summary());
     }
-    print_line(&out)
+    print_line(&out)?;
+    match model {
+        Ok(info) => print_info(path, &info),
+        Err(e) => print_line(&format!("model          not one moela runs: {e}")),
+    }
 }
 
 fn print_info(dir: &Path, i: &moela::ModelInfo) -> Result<()> {

@@ -176,6 +176,24 @@ fn info_reads_a_gguf_header_and_run_says_what_it_cannot_do() {
     assert_eq!(types, ["F32", "F16", "Q4_K", "Q8_0"], "the most bytes first");
     let text = ok(&["info", "--model", path]);
     assert!(text.contains("Q4_K") && text.contains("deepseek2"), "{text}");
+    // The metadata's model is the HF fixture's: the same parameter counts and cache.
+    let gguf = json(&ok(&[
+        "info",
+        "--model",
+        fixture("gguf/v3-tiny.gguf").to_str().unwrap(),
+        "--json",
+    ]));
+    let hf = json(&ok(&[
+        "info",
+        "--model",
+        fixture("v3-tiny").to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(gguf["model"]["architecture"], "deepseek_v3");
+    for field in ["total_parameters", "active_parameters_per_token", "cache"] {
+        assert_eq!(gguf["model"][field], hf[field], "{field}");
+    }
+    assert!(out["model_error"].as_str().unwrap().contains("rope.dimension_count"));
     let run = moela(&["run", "--model", path, "--prompt", "hi", "--device", "cpu"]);
     assert!(!run.status.success());
     let err = String::from_utf8_lossy(&run.stderr);

@@ -531,6 +531,113 @@ impl GgufHeader {
         self.get("general.architecture").and_then(Value::as_str)
     }
 
+    /// The model's config as HF's `config.json` states it, from the `deepseek2.*` metadata llama.cpp's
+    /// converter writes and the tensor table (a separate `output.weight` means an untied head; V3's router
+    /// bias `exp_probs_b` means V3's routing), checked as any config.json is. `file` names the file in errors.
+    pub fn model_config(&self, file: &str) -> Result<crate::config::ModelConfig> {
+        let json = self.config_json(file)?;
+        crate::config::ModelConfig::from_json_bytes(json.to_string().as_bytes(), &format!("{file} (its metadata)"))
+    }
+
+    /// [`model_config`](Self::model_config) before it is checked: the `config.json` the metadata describes.
+    pub fn config_json(&self, file: &str) -> Result<serde_json::Value> {
+        let bad = |message: String| Error::Weights {
+            file: file.to_string(),
+            message,
+        };
+        let arch = self.architecture().unwrap_or("(none)");
+        if arch != "deepseek2" {
+            return Err(bad(format!(
+                "general.architecture is {arch:?}: moela runs DeepSeek-V2/V3 models (architecture \"deepseek2\")"
+            )));
+        }
+        let key = |k: &str| format!("deepseek2.{k}");
+        let int = |k: &str| self.get(&key(k)).and_then(Value::as_u64);
+        let float = |k: &str| self.get(&key(k)).and_then(Value::as_f64);
+        let need = |k: &str| int(k).ok_or_else(|| bad(format!("metadata {} is missing or not an integer", key(k))));
+        let rope = need("rope.dimension_count")?;
+        // Files written since llama.cpp split kv_b state the per-head sizes in the `_mla` keys (key_length is
+        // then the latent's width); older ones in key_length / value_length.
+        let (qk, v) = match (int("attention.key_length_mla"), int("attention.value_length_mla")) {
+            (Some(k), Some(v)) if k > 0 && v > 0 => (k, v),
+            _ => (need("attention.key_length")?, need("attention.value_length")?),
+        };
+        let nope = qk.checked_sub(rope).ok_or_else(|| {
+            bad(format!(
+                "the key length {qk} is shorter than the rope dimensions {rope}"
+            ))
+        })?;
+        let has = |suffix: &str| self.tensors.iter().any(|t| t.name.ends_with(suffix));
+        let v3 = has("exp_probs_b.bias");
+        let groups = int("expert_group_count").unwrap_or(1).max(1);
+        let sigmoid = int("expert_gating_func") == Some(2);
+        let vocab = match int("vocab_size") {
+            Some(v) => v,
+            None => self
+                .tensors
+                .iter()
+                .find(|t| t.name == "token_embd.weight")
+                .and_then(|t| t.dims.get(1).copied())
+                .ok_or_else(|| bad("neither deepseek2.vocab_size nor token_embd.weight is present".into()))?,
+        };
+        let mut c = serde_json::json!({
+            "model_type": if v3 { "deepseek_v3" } else { "deepseek_v2" },
+            "hidden_size": need("embedding_length")?,
+            "num_hidden_layers": need("block_count")?,
+            "max_position_embeddings": need("context_length")?,
+            "intermediate_size": need("feed_forward_length")?,
+            "num_attention_heads": need("attention.head_count")?,
+            "num_key_value_heads": need("attention.head_count")?,
+            "q_lora_rank": int("attention.q_lora_rank"),
+            "kv_lora_rank": need("attention.kv_lora_rank")?,
+            "qk_rope_head_dim": rope,
+            "qk_nope_head_dim": nope,
+            "v_head_dim": v,
+            "rms_norm_eps": float("attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
+            "first_k_dense_replace": int("leading_dense_block_count").unwrap_or(0),
+            "moe_layer_freq": 1,
+            "vocab_size": vocab,
+            "moe_intermediate_size": int("expert_feed_forward_length"),
+            "n_routed_experts": int("expert_count"),
+            "n_shared_experts": int("expert_shared_count").unwrap_or(0),
+            "num_experts_per_tok": int("expert_used_count"),
+            "routed_scaling_factor": float("expert_weights_scale").unwrap_or(1.0),
+            "norm_topk_prob": self.get(&key("expert_weights_norm")).and_then(Value::as_bool).unwrap_or(false),
+            "scoring_func": if sigmoid { "sigmoid" } else { "softmax" },
+            "topk_method": if v3 { "noaux_tc" } else if groups > 1 { "group_limited_greedy" } else { "greedy" },
+            "n_group": groups,
+            "topk_group": int("expert_group_used_count").unwrap_or(1).max(1),
+            "rope_theta": float("rope.freq_base").unwrap_or(10000.0),
+            "tie_word_embeddings": !has("output.weight"),
+            "hidden_act": "silu",
+            "attention_bias": false,
+        });
+        for (k, hf) in [
+            ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+            ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ] {
+            if let Some(id) = self.get(k).and_then(Value::as_u64) {
+                c[hf] = id.into();
+            }
+        }
+        if self.get(&key("rope.scaling.type")).and_then(Value::as_str) == Some("yarn") {
+            // The converter stores 0.1 x mscale_all_dim; llama.cpp takes mscale equal to it for deepseek2, as
+            // the published configs have it.
+            let all_dim = float("rope.scaling.yarn_log_multiplier").map_or(1.0, |m| m / 0.1);
+            c["rope_scaling"] = serde_json::json!({
+                "type": "yarn",
+                "factor": float("rope.scaling.factor").unwrap_or(1.0),
+                "original_max_position_embeddings": int("rope.scaling.original_context_length")
+                    .ok_or_else(|| bad(format!("metadata {} is missing", key("rope.scaling.original_context_length"))))?,
+                "beta_fast": float("rope.scaling.yarn_beta_fast").unwrap_or(32.0),
+                "beta_slow": float("rope.scaling.yarn_beta_slow").unwrap_or(1.0),
+                "mscale": all_dim,
+                "mscale_all_dim": all_dim,
+            });
+        }
+        Ok(c)
+    }
+
     /// Tensors and bytes per ggml type, the most bytes first: the file's quantisation mix.
     pub fn type_mix(&self) -> Vec<(GgmlType, usize, u64)> {
         let mut mix: BTreeMap<GgmlType, (usize, u64)> = BTreeMap::new();
@@ -658,6 +765,50 @@ mod tests {
         let mix = h.type_mix();
         assert_eq!(mix[0].0, GgmlType::F32, "F32 holds the most bytes");
         assert_eq!(mix.iter().map(|m| m.2).sum::<u64>(), h.data_bytes());
+    }
+
+    /// The config the converter's metadata describes is the HF fixture's own (floats within f32 rounding).
+    #[test]
+    fn metadata_gives_the_checkpoints_config() {
+        fn same(a: &serde_json::Value, b: &serde_json::Value, at: &str) {
+            match (a, b) {
+                (serde_json::Value::Number(x), serde_json::Value::Number(y)) => {
+                    let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                    assert!((x - y).abs() <= 1e-6 * y.abs().max(1.0), "{at}: {x} against {y}");
+                }
+                (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                    assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>(), "{at}");
+                    for (k, v) in x {
+                        same(v, &y[k], &format!("{at}.{k}"));
+                    }
+                }
+                _ => assert_eq!(a, b, "{at}"),
+            }
+        }
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/");
+        for name in ["v2-lite-tiny", "v3-tiny", "v2-group-odd"] {
+            let bytes = std::fs::read(format!("{root}gguf/{name}.gguf")).unwrap();
+            let from_gguf = header(&bytes).model_config(name).unwrap();
+            let mut json: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(format!("{root}{name}/config.json")).unwrap()).unwrap();
+            // GGUF keeps YaRN's mscale_all_dim only, and llama.cpp takes mscale equal to it (as every published
+            // DeepSeek config has them): v2-group-odd's 1.0 against 0.8 cannot travel.
+            let all_dim = json["rope_scaling"]["mscale_all_dim"].clone();
+            json["rope_scaling"]["mscale"] = all_dim;
+            let json = json.to_string();
+            let from_hf = crate::config::ModelConfig::from_json_bytes(json.as_bytes(), "config.json").unwrap();
+            same(
+                &serde_json::to_value(&from_gguf).unwrap(),
+                &serde_json::to_value(&from_hf).unwrap(),
+                name,
+            );
+        }
+        let (tiny, _) = fixture();
+        let mut h = header(&tiny);
+        h.metadata
+            .insert("general.architecture".into(), Value::String("llama".into()));
+        let e = h.model_config("tiny.gguf").unwrap_err().to_string();
+        assert!(e.contains("\"llama\"") && e.contains("deepseek2"), "{e}");
     }
 
     /// A prefix that ends inside the header asks for more; with that many bytes it parses.
