@@ -57,8 +57,9 @@ struct ModelArgs {
     /// Hot-path implementation on the GPU: wgsl (moela's kernels) or generic (burn's ops, the reference).
     #[arg(long, default_value = "wgsl", value_parser = ["wgsl", "generic"])]
     kernels: String,
-    /// Where the model runs: gpu (wgpu: Vulkan, Metal, DX12) or cpu (burn's CPU backend).
-    #[arg(long, default_value = "gpu", value_parser = ["gpu", "cpu"])]
+    /// Where the model runs: auto (the GPU when there is one, else the CPU with a notice), gpu (wgpu: Vulkan,
+    /// Metal, DX12; an error without one) or cpu (burn's CPU backend).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "gpu", "cpu"])]
     device: String,
 }
 
@@ -202,7 +203,51 @@ struct EvalArgs {
     max_tokens: usize,
 }
 
+/// The device `--device` names; with `auto`, the GPU when there is one, else the CPU with a one-line notice
+/// saying how to get the GPU path.
+fn choose_device(choice: &str) -> Result<moela::Device> {
+    Ok(match choice {
+        "cpu" => moela::cpu_device(),
+        "gpu" => moela::default_device()?,
+        _ => match moela::default_device() {
+            Ok(d) => d,
+            Err(_) => {
+                eprintln!(
+                    "moela: no GPU adapter, so this runs on the CPU. For the GPU path install a Vulkan driver (on \
+                     Debian/Ubuntu without a GPU: apt-get install mesa-vulkan-drivers); --device cpu skips this check."
+                );
+                moela::cpu_device()
+            }
+        },
+    })
+}
+
+/// Gives Mesa's window-system probing a valid `XDG_RUNTIME_DIR` where the environment has none (a server, a
+/// container, CI): otherwise every run on a Mesa driver starts with four "XDG_RUNTIME_DIR is invalid" lines.
+/// Only moela's own process sees it.
+fn runtime_dir() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| Path::new(&d).is_dir()) {
+        return;
+    }
+    let user = std::env::var("USER").unwrap_or_default();
+    let dir = std::env::temp_dir().join(format!("moela-runtime-{user}"));
+    let made = std::fs::create_dir_all(&dir).is_ok() && {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).is_ok()
+        }
+        #[cfg(not(unix))]
+        true
+    };
+    if made {
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+    }
+}
+
 fn main() {
+    runtime_dir();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
@@ -240,10 +285,7 @@ fn load_files(files: CheckpointFiles, args: &ModelArgs, what: &str) -> Result<Ar
     } else {
         ProgressBar::hidden()
     };
-    let device = match args.device.as_str() {
-        "cpu" => moela::cpu_device(),
-        _ => moela::default_device()?,
-    };
+    let device = choose_device(&args.device)?;
     let kernels = Kernels::parse(&args.kernels)?;
     let engine = pollster::block_on(Engine::load(
         files,
@@ -611,10 +653,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.json {
         let out = serde_json::json!({
             "model": name,
-            "adapter": match a.model.device.as_str() {
-                "cpu" => "cpu (burn-flex)".to_string(),
-                _ => format!("{:?}", moela::default_device()?),
-            },
+            "adapter": format!("{:?}", engine.device()),
             "parameters": { "total": info.total_parameters, "active_per_token": info.active_parameters_per_token },
             "bench": report,
         });

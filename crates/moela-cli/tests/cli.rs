@@ -199,3 +199,28 @@ fn info_reads_a_gguf_header_and_run_says_what_it_cannot_do() {
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(err.contains("is a GGUF file") && err.contains("moela info"), "{err}");
 }
+
+#[test]
+fn without_a_gpu_driver_run_falls_back_to_the_cpu_and_mesa_stays_quiet() {
+    // No Vulkan driver at all (the loader is pointed at none), and no XDG_RUNTIME_DIR.
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_moela"))
+            .args(["run", "--prompt", "What is 2 + 2?", "--max-tokens", "8"])
+            .args(extra)
+            .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
+            .env("VK_DRIVER_FILES", "/nonexistent/icd.json")
+            .env_remove("XDG_RUNTIME_DIR")
+            .output()
+            .expect("moela runs")
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("no GPU adapter, so this runs on the CPU"), "{err}");
+    assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+    assert!(!out.stdout.is_empty());
+    // Asked for the GPU explicitly, it says what is missing instead.
+    let out = run(&["--device", "gpu"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no usable GPU adapter"), "{err}");
+}

@@ -40,6 +40,9 @@ pub mod model;
 pub mod sample;
 pub mod text;
 
+/// The device a model is loaded onto ([`default_device_async`]; natively also `default_device`, and with the
+/// `cpu` feature `cpu_device`).
+pub use burn::tensor::Device;
 pub use chat::{Message, Tokenizer};
 pub use config::ModelConfig;
 pub use engine::{Engine, LoadOptions, LoadReport};

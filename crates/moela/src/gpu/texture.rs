@@ -4,7 +4,7 @@
 //! 32-bit word at a time, with a branch per word, even where every lane reads the same address inside a
 //! loop; a texel fetch loads all 16 bytes of an `rgba32uint` texel per lane in one go, and a uniform-buffer
 //! load at an address shared by the lanes is one scalar load. The packed products (f16, q8, q4) read their
-//! weights as texels (`textureLoad`) and their input vector from a uniform copy ([`Bind::Uniform`]), which
+//! weights as texels (`textureLoad`) and their input vector from a uniform copy (`Bind::Uniform`), which
 //! makes a q8 4096 x 4096 product on lavapipe about 5x faster than from storage buffers. On hardware GPUs
 //! texel fetches and uniform loads are as fast as buffer loads, so the same path serves every native
 //! adapter.
@@ -40,7 +40,7 @@ pub const ROW: usize = 4096;
 const LAYER_ROWS: usize = 1024;
 /// Bytes of texels written to a texture at a time.
 const SLAB_BYTES: usize = 8 << 20;
-/// The size of the uniform copy of a kernel's input ([`Bind::Uniform`]): WebGPU's guaranteed uniform
+/// The size of the uniform copy of a kernel's input (`Bind::Uniform`): WebGPU's guaranteed uniform
 /// binding size, and the array size the shaders declare.
 pub const UNIFORM_BYTES: usize = 64 << 10;
 
