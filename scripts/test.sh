@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo test --release --workspace
+# The examples/ of the README, run as a user would (the shipped model).
+cargo run --release -p moela --example generate
+cargo run --release -p moela --example chat
 
 bash scripts/build-wasm.sh
 (cd web && npm ci --no-audit --no-fund)
