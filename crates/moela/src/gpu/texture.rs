@@ -228,15 +228,8 @@ pub struct WeightTexture {
 
 impl WeightTexture {
     /// Uploads `words`, `[count, rows, cols]` texels of four words in the packed order, into a new texture
-    /// in the adapter's [`Layout`], or `None` when no device is registered or the words exceed what the
-    /// adapter's textures can hold.
-    pub fn new(words: &[u32], grid: [usize; 3]) -> Option<Arc<Self>> {
-        Self::from_words(words.to_vec(), grid).ok()
-    }
-
-    /// [`new`](Self::new), taking the words: they are reused or let go before the texture's own copy is
-    /// made, so a load holds two copies of a weight at its peak, not three. Gives them back when no texture
-    /// can hold them.
+    /// in the adapter's [`Layout`], a slab of rows at a time, so the host holds the words and one slab. Gives
+    /// the words back when no device is registered or the adapter's textures cannot hold them.
     pub fn from_words(words: Vec<u32>, grid: [usize; 3]) -> std::result::Result<Arc<Self>, Vec<u32>> {
         match GPU.get() {
             Some(gpu) => Self::with(words, grid, gpu.layout, gpu.max_rows, SLAB_BYTES / (ROW * 16)),

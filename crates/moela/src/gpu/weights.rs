@@ -330,16 +330,26 @@ impl Factor {
     pub fn new(data: Vec<f32>, dims: [usize; 3], kernels: Kernels, device: &Device) -> Self {
         // burn's ops read tensors: with them, a texture would only be copied out at every step.
         #[cfg(not(target_arch = "wasm32"))]
-        if kernels == Kernels::Wgsl && dims[2].is_multiple_of(4) && super::texture::available(device) {
+        let data = if kernels == Kernels::Wgsl && dims[2].is_multiple_of(4) && super::texture::available(device) {
             let grid = [dims[0], dims[1], dims[2] / 4];
-            if let Some(texture) = super::texture::WeightTexture::new(bytemuck::cast_slice(&data), grid) {
-                return Factor::Texture {
-                    texture,
-                    dims,
-                    device: device.clone(),
-                };
+            // The values' bits become the texture's words in their own allocation, given back when no texture
+            // can hold them.
+            let words: Vec<u32> = data.into_iter().map(f32::to_bits).collect();
+            match super::texture::WeightTexture::from_words(words, grid) {
+                Ok(texture) => {
+                    return Factor::Texture {
+                        texture,
+                        dims,
+                        device: device.clone(),
+                    };
+                }
+                Err(words) => words.into_iter().map(f32::from_bits).collect(),
             }
-        }
+        } else {
+            data
+        };
+        #[cfg(target_arch = "wasm32")]
+        let _ = kernels; // browsers keep every factor in a buffer
         Factor::Tensor(upload(data, dims, device))
     }
 

@@ -212,6 +212,7 @@ pub struct CheckpointFiles {
 }
 
 /// The largest config, tokenizer or index file read whole (a real tokenizer.json is a few MB).
+#[cfg(not(target_arch = "wasm32"))]
 const MAX_SMALL_FILE: u64 = 256 << 20;
 
 impl CheckpointFiles {
