@@ -153,8 +153,38 @@ def describe(path):
             "tensors": tensors, "type_sizes": sizes}
 
 
+def write_quants(path):
+    """Blocks of every quantised type moela decodes (random codes, scales of a sane size) and, beside each,
+    its values as the `gguf` package's own dequantisation (`gguf.quants.dequantize`, a NumPy port of
+    llama.cpp's) gives them: `q.TYPE` and `ref.TYPE` (F32), four rows of two blocks."""
+    w = gguf.GGUFWriter(path, "deepseek2")
+    rng = np.random.default_rng(11)
+    T = gguf.GGMLQuantizationType
+    for t in [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]:
+        per, size = gguf.GGML_QUANT_SIZES[t]
+        blocks = rng.integers(0, 256, size=(8, size), dtype=np.uint8)
+        # The f16 fields (scale d, and the minimum or dmin where the type has one) as values of a sane size.
+        half = lambda n: rng.uniform(-0.05, 0.05, size=(8, n)).astype(np.float16).view(np.uint8)
+        if t == T.Q6_K:
+            blocks[:, -2:] = half(1)
+        elif t in (T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K):
+            blocks[:, 0:4] = half(2)
+        else:
+            blocks[:, 0:2] = half(1)
+        raw = blocks.reshape(4, 2 * size)
+        w.add_tensor(f"q.{t.name}", raw, raw_dtype=t)
+        w.add_tensor(f"ref.{t.name}", gguf.quants.dequantize(raw, t).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
+    path = os.path.join(OUT, "quants.gguf")
+    write_quants(path)
+    print(path, os.path.getsize(path), "bytes")
     path = os.path.join(OUT, "tiny.gguf")
     write(path)
     with open(os.path.join(OUT, "tiny.json"), "w") as f:

@@ -4,6 +4,7 @@
 
 use half::f16;
 
+use super::ggml::GgmlType;
 use crate::error::{Error, Result};
 
 /// Weights per quantisation block (q8, q4): one f16 scale each.
@@ -70,7 +71,7 @@ impl WeightDtype {
     }
 }
 
-/// Consecutive values of a tensor as stored (little-endian bytes, or f32 already), read a block at a time by
+/// Consecutive values of a tensor as stored (little-endian bytes, ggml blocks, or f32 already), read a block at a time by
 /// whoever consumes them: the quantisers convert 32 values on the stack instead of a whole tensor to f32.
 #[derive(Debug, Clone, Copy)]
 pub enum Rows<'a> {
@@ -82,6 +83,8 @@ pub enum Rows<'a> {
     Bf16(&'a [u8]),
     /// f16 values as little-endian bytes.
     F16(&'a [u8]),
+    /// Whole blocks of a quantised ggml type (a GGUF file's `Q8_0`, `Q4_K`, ...), decoded as they are read.
+    Ggml(GgmlType, &'a [u8]),
 }
 
 impl Rows<'_> {
@@ -91,6 +94,9 @@ impl Rows<'_> {
             Rows::F32(v) => v.len(),
             Rows::F32Bytes(b) => b.len() / 4,
             Rows::Bf16(b) | Rows::F16(b) => b.len() / 2,
+            Rows::Ggml(t, b) => t
+                .block()
+                .map_or(0, |(per, size)| b.len() / size as usize * per as usize),
         }
     }
 
@@ -143,6 +149,7 @@ impl Rows<'_> {
                 }
                 top < 0x7c00
             }
+            Rows::Ggml(t, b) => super::ggml::decode(*t, b, at, out),
         }
     }
 }

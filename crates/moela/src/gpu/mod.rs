@@ -13,6 +13,7 @@
 pub mod device;
 pub mod experts;
 pub mod format;
+pub mod ggml;
 pub mod latent_attention;
 pub mod matvec;
 pub mod packed;

@@ -490,6 +490,23 @@ fn pack_task(
     let mut codes = [0i32; BLOCK];
     let mut ok = true;
     for (jj, &(part, row)) in rows.iter().enumerate() {
+        // A ggml file's Q8_0 / Q4_0 rows are moela's q8 / q4 blocks already: their codes and scales are
+        // copied, not re-quantised.
+        if let Rows::Ggml(ty, bytes) = part
+            && k.is_multiple_of(BLOCK)
+            && super::ggml::exact_block(ty, bytes, row, q8, &mut codes).is_some()
+        {
+            for b in 0..blocks {
+                let s = super::ggml::exact_block(ty, bytes, row + b * BLOCK, q8, &mut codes).expect("the same rows");
+                ok &= f16::from_bits(s).is_finite();
+                scale_rows[b][jj] = s;
+                let packed = pack_codes(&codes, q8);
+                for (g, w) in packed[..word_rows].iter().enumerate() {
+                    out[b * word_rows + g][jj] = *w;
+                }
+            }
+            continue;
+        }
         ok &= part.read(row, &mut values[..k]);
         for (m, block) in scaled.iter_mut().zip(values.chunks_exact(BLOCK)) {
             *m = block_max(block.try_into().expect("a block")) / qmax;
@@ -737,6 +754,50 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// A GGUF file's Q8_0 / Q4_0 rows packed as q8 / q4 unpack to exactly the values they hold (their codes
+    /// and scales copied, Q4_0's code -8 included), and other block types to within the format's precision.
+    #[test]
+    fn ggml_blocks_pack_exactly_where_the_formats_agree() {
+        use crate::gpu::ggml::{GgmlType, decode};
+        let device = cpu();
+        let (k, n) = (64, 8);
+        // Blocks with every code and a sane f16 scale (random bytes elsewhere).
+        let block = |ty: GgmlType, i: usize| -> Vec<u8> {
+            let size = ty.block().unwrap().1 as usize;
+            let mut b: Vec<u8> = (0..size).map(|j| ((i * 131 + j * 29 + 7) % 256) as u8).collect();
+            let d = half::f16::from_f32(0.01 + 0.001 * (i % 7) as f32).to_le_bytes();
+            b[..2].copy_from_slice(&d);
+            b
+        };
+        for (ty, format, exact) in [
+            (GgmlType::Q8_0, WeightDtype::Q8, true),
+            (GgmlType::Q4_0, WeightDtype::Q4, true),
+            (GgmlType::Q5_0, WeightDtype::Q8, false),
+        ] {
+            let bytes: Vec<u8> = (0..n * k / 32).flat_map(|i| block(ty, i)).collect();
+            let mut want = vec![0f32; n * k];
+            assert!(decode(ty, &bytes, 0, &mut want));
+            let mut host = PackedHost::new(format, [1, k, n]);
+            assert!(host.push(&[Rows::Ggml(ty, &bytes)]));
+            let got = host
+                .upload(&device)
+                .dequantise()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            for j in 0..n {
+                for r in 0..k {
+                    let (g, w) = (got[r * n + j], want[j * k + r]);
+                    let tolerance = if exact { 0.0 } else { 0.51 * 0.03 / 127.0 * 16.0 };
+                    assert!(
+                        (g - w).abs() <= tolerance,
+                        "{ty:?} as {format:?} output {j} row {r}: {g} vs {w}"
+                    );
                 }
             }
         }

@@ -1,0 +1,273 @@
+//! ggml's tensor types, as GGUF files store them: their ids and block layouts, and the decoding of the
+//! quantised blocks to f32 on the CPU, a run of 32 values at a time (what the packers take). The layouts
+//! are llama.cpp's (`ggml-common.h`): a block of 32 values (`Q4_0`, `Q5_0`, `Q8_0`, and `Q4_1` / `Q5_1` with
+//! a minimum) or a super-block of 256 in eight sub-blocks of 32 with 6-bit scales and minimums (`Q4_K`,
+//! `Q5_K`) or sixteen of 16 with 8-bit scales (`Q6_K`), always with f16 super-scales.
+
+use half::f16;
+
+use super::WeightDtype;
+
+/// A ggml tensor type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GgmlType(pub u32);
+
+impl GgmlType {
+    /// F32.
+    pub const F32: Self = Self(0);
+    /// F16.
+    pub const F16: Self = Self(1);
+    /// Q4_0: blocks of 32, an f16 scale and 4-bit codes.
+    pub const Q4_0: Self = Self(2);
+    /// Q4_1: blocks of 32, an f16 scale and minimum and 4-bit codes.
+    pub const Q4_1: Self = Self(3);
+    /// Q5_0: blocks of 32, an f16 scale and 5-bit codes.
+    pub const Q5_0: Self = Self(6);
+    /// Q5_1: blocks of 32, an f16 scale and minimum and 5-bit codes.
+    pub const Q5_1: Self = Self(7);
+    /// Q8_0: blocks of 32, an f16 scale and 8-bit codes.
+    pub const Q8_0: Self = Self(8);
+    /// Q4_K: super-blocks of 256.
+    pub const Q4_K: Self = Self(12);
+    /// Q5_K: super-blocks of 256.
+    pub const Q5_K: Self = Self(13);
+    /// Q6_K: super-blocks of 256.
+    pub const Q6_K: Self = Self(14);
+    /// BF16.
+    pub const BF16: Self = Self(30);
+
+    /// `(name, values per block, bytes per block)` of the types a file may store (`Q8_1` is only ever made
+    /// in memory), or `None` for any other id.
+    fn layout(self) -> Option<(&'static str, u64, u64)> {
+        Some(match self.0 {
+            0 => ("F32", 1, 4),
+            1 => ("F16", 1, 2),
+            2 => ("Q4_0", 32, 18),
+            3 => ("Q4_1", 32, 20),
+            6 => ("Q5_0", 32, 22),
+            7 => ("Q5_1", 32, 24),
+            8 => ("Q8_0", 32, 34),
+            10 => ("Q2_K", 256, 84),
+            11 => ("Q3_K", 256, 110),
+            12 => ("Q4_K", 256, 144),
+            13 => ("Q5_K", 256, 176),
+            14 => ("Q6_K", 256, 210),
+            15 => ("Q8_K", 256, 292),
+            16 => ("IQ2_XXS", 256, 66),
+            17 => ("IQ2_XS", 256, 74),
+            18 => ("IQ3_XXS", 256, 98),
+            19 => ("IQ1_S", 256, 50),
+            20 => ("IQ4_NL", 32, 18),
+            21 => ("IQ3_S", 256, 110),
+            22 => ("IQ2_S", 256, 82),
+            23 => ("IQ4_XS", 256, 136),
+            24 => ("I8", 1, 1),
+            25 => ("I16", 1, 2),
+            26 => ("I32", 1, 4),
+            27 => ("I64", 1, 8),
+            28 => ("F64", 1, 8),
+            29 => ("IQ1_M", 256, 56),
+            30 => ("BF16", 1, 2),
+            34 => ("TQ1_0", 256, 54),
+            35 => ("TQ2_0", 256, 66),
+            39 => ("MXFP4", 32, 17),
+            40 => ("NVFP4", 64, 36),
+            41 => ("Q1_0", 128, 18),
+            _ => return None,
+        })
+    }
+
+    /// The type's name as llama.cpp prints it (`Q4_K`), or `type N` for an unknown id.
+    pub fn name(self) -> String {
+        self.layout()
+            .map_or_else(|| format!("type {}", self.0), |(n, ..)| n.to_string())
+    }
+
+    /// Values per block and bytes per block.
+    pub fn block(self) -> Option<(u64, u64)> {
+        self.layout().map(|(_, b, s)| (b, s))
+    }
+
+    /// Whether moela reads values of this type: the float types and the block types [`decode`] covers.
+    pub fn readable(self) -> bool {
+        matches!(self, Self::F32 | Self::F16 | Self::BF16) || self.is_block_type()
+    }
+
+    /// The quantised block types [`decode`] covers.
+    fn is_block_type(self) -> bool {
+        matches!(
+            self,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::Q4_K | Self::Q5_K | Self::Q6_K
+        )
+    }
+
+    /// The format moela stores a file of this type in by default: its own where the blocks are the same
+    /// (q4 for Q4_0, whose blocks go to the GPU unchanged), f16 for F16 / BF16, f32 for F32, and q8 for the
+    /// other block types, which it holds without a visible loss (q4 would round their values a second time).
+    pub fn nearest_format(self) -> WeightDtype {
+        match self {
+            Self::F32 => WeightDtype::F32,
+            Self::F16 | Self::BF16 => WeightDtype::F16,
+            Self::Q4_0 => WeightDtype::Q4,
+            _ => WeightDtype::Q8,
+        }
+    }
+
+    /// Bytes of `values` consecutive values, or `None` when they are not whole blocks or the type is unknown.
+    pub fn bytes_of(self, values: u64) -> Option<u64> {
+        let (per, bytes) = self.block()?;
+        values.is_multiple_of(per).then(|| values / per * bytes)
+    }
+}
+
+/// Values `at..at + out.len()` of the consecutive blocks of type `ty` in `bytes`, as f32, into `out`. Returns
+/// false when one of them is not finite (a block's f16 scale can be infinite or NaN).
+///
+/// # Panics
+/// When `ty` is not a block type [`GgmlType::readable`] names, or the values are past the end of `bytes`.
+pub fn decode(ty: GgmlType, bytes: &[u8], at: usize, out: &mut [f32]) -> bool {
+    let (per, size) = ty.block().map(|(p, s)| (p as usize, s as usize)).expect("a known type");
+    assert!(ty.is_block_type(), "{} is not a block type", ty.name());
+    let mut run = [0f32; 32];
+    let mut i = 0;
+    while i < out.len() {
+        let p = at + i;
+        let (block, within) = (p / per, p % per);
+        let (part, skip) = (within / 32, within % 32);
+        let take = (32 - skip).min(out.len() - i);
+        let block = &bytes[block * size..(block + 1) * size];
+        if take == 32 {
+            decode_run(ty, block, part, (&mut out[i..i + 32]).try_into().expect("32 values"));
+        } else {
+            decode_run(ty, block, part, &mut run);
+            out[i..i + take].copy_from_slice(&run[skip..skip + take]);
+        }
+        i += take;
+    }
+    out.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff)) < 0x7f80_0000
+}
+
+/// A block's f16 at `at`, as f32.
+#[inline(always)]
+fn half_at(block: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([block[at], block[at + 1]])).to_f32()
+}
+
+/// The scale and minimum multipliers (6 bits each) of sub-block `s` of a `Q4_K` / `Q5_K` super-block, from
+/// its 12 packed bytes: sub-blocks 0-3 keep theirs in the low 6 bits of bytes 0-3 (scales) and 4-7
+/// (minimums); 4-7 in the nibbles of bytes 8-11, with their top two bits in the top bits of bytes 0-7.
+#[inline(always)]
+fn scale_min_k4(scales: &[u8], s: usize) -> (f32, f32) {
+    let (sc, m) = if s < 4 {
+        (scales[s] & 63, scales[s + 4] & 63)
+    } else {
+        (
+            (scales[s + 4] & 0x0f) | ((scales[s - 4] >> 6) << 4),
+            (scales[s + 4] >> 4) | ((scales[s] >> 6) << 4),
+        )
+    };
+    (f32::from(sc), f32::from(m))
+}
+
+/// Run `part` (values `32 part..32 part + 32`) of one block of `ty`.
+#[inline(always)]
+fn decode_run(ty: GgmlType, b: &[u8], part: usize, out: &mut [f32; 32]) {
+    match ty {
+        GgmlType::Q8_0 => {
+            let d = half_at(b, 0);
+            for (o, &q) in out.iter_mut().zip(&b[2..34]) {
+                *o = f32::from(q as i8) * d;
+            }
+        }
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            // Low nibbles hold values 0-15, high nibbles 16-31: Q4_0's value is `(q - 8) d`, Q4_1's `q d + m`.
+            let d = half_at(b, 0);
+            let (offset, min, qs) = match ty {
+                GgmlType::Q4_0 => (8, 0.0, &b[2..18]),
+                _ => (0, half_at(b, 2), &b[4..20]),
+            };
+            for (j, &q) in qs.iter().enumerate() {
+                out[j] = (i32::from(q & 15) - offset) as f32 * d + min;
+                out[j + 16] = (i32::from(q >> 4) - offset) as f32 * d + min;
+            }
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            // As Q4_0 / Q4_1, with value j's fifth bit in bit j of a 32-bit word.
+            let d = half_at(b, 0);
+            let (offset, min, at) = match ty {
+                GgmlType::Q5_0 => (16, 0.0, 2),
+                _ => (0, half_at(b, 2), 4),
+            };
+            let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+            for (j, &q) in b[at + 4..at + 20].iter().enumerate() {
+                let lo = (u32::from(q & 15) | ((qh >> j) & 1) << 4) as i32;
+                let hi = (u32::from(q >> 4) | ((qh >> (j + 16)) & 1) << 4) as i32;
+                out[j] = (lo - offset) as f32 * d + min;
+                out[j + 16] = (hi - offset) as f32 * d + min;
+            }
+        }
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            // Sub-blocks 2c and 2c+1 share 32 bytes of codes: the low nibbles and the high ones. Q5_K's fifth
+            // bit of value j of sub-block s is bit s of byte j of its 32 high-bit bytes.
+            let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+            let (sc, m) = scale_min_k4(&b[4..16], part);
+            let (scale, min) = (d * sc, dmin * m);
+            let (codes, high) = match ty {
+                GgmlType::Q4_K => (&b[16 + 32 * (part / 2)..][..32], None),
+                _ => (&b[48 + 32 * (part / 2)..][..32], Some(&b[16..48])),
+            };
+            let shift = 4 * (part % 2);
+            for (j, &q) in codes.iter().enumerate() {
+                let mut q = u32::from(q >> shift) & 15;
+                if let Some(h) = high {
+                    q |= u32::from((h[j] >> part) & 1) << 4;
+                }
+                out[j] = scale * q as f32 - min;
+            }
+        }
+        GgmlType::Q6_K => {
+            // Each half of 128 values: low nibbles in 64 bytes (values 0-31 and 32-63 in the low nibbles of
+            // bytes 0-31 and 32-63, 64-95 and 96-127 in their high nibbles), the top two bits in 32 bytes (bit
+            // pairs 0, 1, 2, 3 for the four runs), and an 8-bit scale per 16 values.
+            let d = half_at(b, 208);
+            let (half, r) = (part / 4, part % 4);
+            let ql = &b[64 * half + 32 * (r % 2)..][..32];
+            let qh = &b[128 + 32 * half..][..32];
+            let scales = &b[192..208];
+            for j in 0..32 {
+                let low = (ql[j] >> (4 * (r / 2))) & 15;
+                let high = (qh[j] >> (2 * r)) & 3;
+                let q = i32::from(low | (high << 4)) - 32;
+                let scale = d * f32::from(scales[2 * part + j / 16] as i8);
+                out[j] = scale * q as f32;
+            }
+        }
+        other => unreachable!("{} is not a block type", other.name()),
+    }
+}
+
+/// The block of 32 at value `at` as moela's own block codes and f16 scale, where `ty` stores exactly that:
+/// `Q8_0` for q8 (codes -128..=127) and `Q4_0` for q4 (codes -8..=7, which moela's q4 unpacking, `nibble -
+/// 8`, reads as they are). A checkpoint in either moves to the GPU without a value being re-quantised.
+#[inline(always)]
+pub(crate) fn exact_block(ty: GgmlType, bytes: &[u8], at: usize, q8: bool, codes: &mut [i32; 32]) -> Option<u16> {
+    if !at.is_multiple_of(32) {
+        return None;
+    }
+    let b = match (ty, q8) {
+        (GgmlType::Q8_0, true) => &bytes[at / 32 * 34..][..34],
+        (GgmlType::Q4_0, false) => &bytes[at / 32 * 18..][..18],
+        _ => return None,
+    };
+    if q8 {
+        for (c, &q) in codes.iter_mut().zip(&b[2..34]) {
+            *c = i32::from(q as i8);
+        }
+    } else {
+        for (j, &q) in b[2..18].iter().enumerate() {
+            codes[j] = i32::from(q & 15) - 8;
+            codes[j + 16] = i32::from(q >> 4) - 8;
+        }
+    }
+    Some(u16::from_le_bytes([b[0], b[1]]))
+}
