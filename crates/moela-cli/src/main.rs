@@ -46,14 +46,15 @@ enum Command {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// An HF checkpoint folder (config.json, *.safetensors, tokenizer.json, tokenizer_config.json); `info` also
-    /// reads a GGUF file.
-    /// Defaults to the model shipped with moela.
+    /// An HF checkpoint folder (config.json, *.safetensors, tokenizer.json, tokenizer_config.json) or a GGUF
+    /// file (for a split one, any of its parts). Defaults to the model shipped with moela.
     #[arg(long, short)]
     model: Option<PathBuf>,
-    /// How weights are stored on the GPU: f32, f16, q8 (8-bit blocks) or q4 (4-bit blocks).
-    #[arg(long, default_value = "f32")]
-    weights: String,
+    /// How weights are stored on the GPU: f32, f16, q8 (8-bit blocks) or q4 (4-bit blocks). Defaults to f32
+    /// for an HF folder and, for a GGUF file, to the format nearest its main type (Q8_0, Q5, Q6_K: q8;
+    /// Q4_0, Q4_K: q4; F16, BF16: f16).
+    #[arg(long)]
+    weights: Option<String>,
     /// Hot-path implementation on the GPU: wgsl (moela's kernels) or generic (burn's ops, the reference).
     #[arg(long, default_value = "wgsl", value_parser = ["wgsl", "generic"])]
     kernels: String,
@@ -270,8 +271,29 @@ fn model_dir(args: &ModelArgs) -> PathBuf {
     args.model.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL))
 }
 
+/// The `--weights` asked for, or the default for the model at `path`.
+fn weight_dtype(args: &ModelArgs, path: &Path) -> Result<WeightDtype> {
+    if let Some(w) = &args.weights {
+        return Ok(WeightDtype::parse(w)?);
+    }
+    if path.is_file() && moela::load::gguf::is_gguf(path) {
+        let header = moela::load::gguf::read_header(path)?;
+        if let Some(&(main, ..)) = header.type_mix().first() {
+            let dtype = main.nearest_format();
+            eprintln!(
+                "moela: {} holds mostly {}; its weights go to the GPU as {} (--weights to choose)",
+                path.display(),
+                main.name(),
+                dtype.name()
+            );
+            return Ok(dtype);
+        }
+    }
+    Ok(WeightDtype::F32)
+}
+
 fn load_files(files: CheckpointFiles, args: &ModelArgs, what: &str) -> Result<Arc<Engine>> {
-    let dtype = WeightDtype::parse(&args.weights)?;
+    let dtype = weight_dtype(args, &model_dir(args))?;
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -508,12 +530,12 @@ fn print_line(s: &str) -> Result<()> {
 fn cmd_info(a: InfoArgs) -> Result<()> {
     let dir = model_dir(&a.model);
     if dir.is_file() && moela::load::gguf::is_gguf(&dir) {
-        return gguf_info(&dir, WeightDtype::parse(&a.model.weights)?, a.json);
+        return gguf_info(&dir, weight_dtype(&a.model, &dir)?, a.json);
     }
     let bytes =
         std::fs::read(dir.join("config.json")).with_context(|| format!("reading {}/config.json", dir.display()))?;
     let config = moela::ModelConfig::from_json_bytes(&bytes, "config.json")?;
-    let info = moela::ModelInfo::new(&config, WeightDtype::parse(&a.model.weights)?);
+    let info = moela::ModelInfo::new(&config, weight_dtype(&a.model, &dir)?);
     if a.json {
         print_line(&serde_json::to_string_pretty(&info)?)?;
         return Ok(());

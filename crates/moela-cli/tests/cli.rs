@@ -159,7 +159,7 @@ fn eval_reports_every_split() {
 }
 
 #[test]
-fn info_reads_a_gguf_header_and_run_says_what_it_cannot_do() {
+fn info_reads_a_gguf_header_and_run_runs_a_whole_gguf_model() {
     let file = fixture("gguf/tiny.gguf");
     let path = file.to_str().unwrap();
     let out = json(&ok(&["info", "--model", path, "--json"]));
@@ -194,10 +194,28 @@ fn info_reads_a_gguf_header_and_run_says_what_it_cannot_do() {
         assert_eq!(gguf["model"][field], hf[field], "{field}");
     }
     assert!(out["model_error"].as_str().unwrap().contains("rope.dimension_count"));
+    // That file is a header without a whole model: run names what is missing.
     let run = moela(&["run", "--model", path, "--prompt", "hi", "--device", "cpu"]);
     assert!(!run.status.success());
     let err = String::from_utf8_lossy(&run.stderr);
-    assert!(err.contains("is a GGUF file") && err.contains("moela info"), "{err}");
+    assert!(
+        err.contains("rope.dimension_count") && err.contains("tiny.gguf"),
+        "{err}"
+    );
+    // A whole one runs, its weights stored in the format nearest the file's main type.
+    let q8_0 = fixture("gguf/v2-lite-tiny.q8_0.gguf");
+    let run = moela(&[
+        "run",
+        "--model",
+        q8_0.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "4",
+    ]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert!(err.contains("holds mostly Q8_0") && err.contains("as q8"), "{err}");
 }
 
 #[test]

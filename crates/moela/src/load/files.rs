@@ -218,7 +218,8 @@ const MAX_SMALL_FILE: u64 = 256 << 20;
 impl CheckpointFiles {
     /// Opens a checkpoint folder: reads config.json, the tokenizer files if present and the shard index, and
     /// maps `model.safetensors` or the shards named by `model.safetensors.index.json` (else every
-    /// `*.safetensors` in the folder). Nothing of the weights is read yet.
+    /// `*.safetensors` in the folder). Nothing of the weights is read yet. A GGUF file (or one part of a
+    /// split one) is opened as its folder would be, its config and tokenizer read from its metadata.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read_dir(dir: &Path) -> Result<Self> {
         let io = |path: PathBuf, source| Error::Io { path, source };
@@ -241,12 +242,7 @@ impl CheckpointFiles {
             }
         };
         if dir.is_file() && super::gguf::is_gguf(dir) {
-            return Err(Error::InvalidArgument(format!(
-                "{} is a GGUF file: moela reads its header (`moela info --model FILE.gguf` lists its metadata and \
-                 quantisation mix) but runs models from HF folders only so far; use the model's HF folder \
-                 (config.json, *.safetensors, tokenizer.json)",
-                dir.display()
-            )));
+            return super::gguf::open_path(dir);
         }
         if !dir.is_dir() {
             return Err(io(

@@ -24,21 +24,97 @@ pub use files::{CheckpointFiles, FileData, MaybeSendSync, RangeSource, ReadFutur
 
 use crate::error::{Error, Result};
 use crate::gpu::Rows;
+use crate::gpu::ggml::GgmlType;
 
 /// The largest safetensors header read (the safetensors library's own limit).
 const MAX_HEADER: u64 = 100_000_000;
 
-/// Where a tensor lives: file index, dtype, shape, byte range inside the file.
+/// Where a tensor lives: file index, type, shape, byte range inside the file.
 #[derive(Debug, Clone)]
 struct Entry {
     file: usize,
-    dtype: Dtype,
+    /// How its values are stored (safetensors' float dtypes are ggml's F32, F16 and BF16); `None` for a
+    /// safetensors dtype moela does not read.
+    ty: Option<GgmlType>,
+    /// The stored type's name, for errors.
+    type_name: String,
     shape: Vec<usize>,
     /// Byte offsets in the file: 64-bit, as a shard can be larger than wasm32's address space.
     start: u64,
     end: u64,
     /// Its index in a synthetic file.
     synthetic: Option<usize>,
+    /// A GGUF file's `attn_k_b` and `attn_v_b`, which make this `kv_b_proj` ([`gguf::names`]).
+    split_kv_b: Option<Box<[Entry; 2]>>,
+}
+
+impl Entry {
+    /// An entry in file `file` from a safetensors dtype.
+    fn safetensors(file: usize, dtype: Dtype, shape: Vec<usize>, start: u64, end: u64) -> Self {
+        let ty = match dtype {
+            Dtype::F32 => Some(GgmlType::F32),
+            Dtype::F16 => Some(GgmlType::F16),
+            Dtype::BF16 => Some(GgmlType::BF16),
+            _ => None,
+        };
+        Self {
+            file,
+            ty,
+            type_name: format!("{dtype:?}"),
+            shape,
+            start,
+            end,
+            synthetic: None,
+            split_kv_b: None,
+        }
+    }
+
+    /// An entry in GGUF file `file`.
+    fn gguf(file: usize, t: gguf::names::HfTensor) -> Self {
+        match t {
+            gguf::names::HfTensor::Range {
+                ggml_type,
+                shape,
+                start,
+                end,
+                ..
+            } => Self {
+                file,
+                ty: Some(ggml_type),
+                type_name: ggml_type.name(),
+                shape,
+                start,
+                end,
+                synthetic: None,
+                split_kv_b: None,
+            },
+            split @ gguf::names::HfTensor::SplitKvB { .. } => {
+                let shape = split.shape();
+                let gguf::names::HfTensor::SplitKvB { k_b, v_b } = split else {
+                    unreachable!()
+                };
+                let (k_b, v_b) = (Self::gguf(file, *k_b), Self::gguf(file, *v_b));
+                Self {
+                    file,
+                    ty: Some(GgmlType::F32),
+                    type_name: format!("{} and {}", k_b.type_name, v_b.type_name),
+                    shape,
+                    start: k_b.start.min(v_b.start),
+                    end: k_b.end.max(v_b.end),
+                    synthetic: None,
+                    split_kv_b: Some(Box::new([k_b, v_b])),
+                }
+            }
+        }
+    }
+
+    /// Bytes of the file it is read from.
+    fn bytes(&self) -> u64 {
+        match &self.split_kv_b {
+            Some(parts) => parts.iter().map(Entry::bytes).sum(),
+            None => self.end - self.start,
+        }
+    }
 }
 
 /// Progress of a load, in bytes of weights converted so far.
@@ -208,7 +284,7 @@ impl WeightSet {
         if files.is_empty() {
             return Err(Error::Weights {
                 file: "*.safetensors".into(),
-                message: "no safetensors files in the checkpoint".into(),
+                message: "no weight files (safetensors or GGUF) in the checkpoint".into(),
             });
         }
         let mut entries = HashMap::new();
@@ -229,29 +305,27 @@ impl WeightSet {
                         _ => Dtype::BF16,
                     };
                     let entry = Entry {
-                        file: i,
-                        dtype,
-                        shape: t.shape.clone(),
-                        start: at,
-                        end: at + len,
                         synthetic: Some(k),
+                        ..Entry::safetensors(i, dtype, t.shape.clone(), at, at + len)
                     };
                     add(&t.name, entry)?;
                     at += len;
                 }
                 continue;
             }
+            if gguf::starts_gguf(file).await? {
+                let header = gguf::read_file_header(file).await?;
+                for (name, t) in gguf::names::hf_tensors(&header, &file.name)? {
+                    add(&name, Entry::gguf(i, t))?;
+                }
+                continue;
+            }
             let (data_start, tensors) = read_header(file).await?;
             for (name, dtype, shape, [s, e]) in tensors {
-                let entry = Entry {
-                    file: i,
-                    dtype,
-                    shape,
-                    start: data_start + s,
-                    end: data_start + e,
-                    synthetic: None,
-                };
-                add(&name, entry)?;
+                add(
+                    &name,
+                    Entry::safetensors(i, dtype, shape, data_start + s, data_start + e),
+                )?;
             }
         }
         Ok(Self { files, entries })
@@ -286,7 +360,7 @@ impl WeightSet {
 
     /// Bytes of tensor data in all files.
     pub fn total_bytes(&self) -> u64 {
-        self.entries.values().map(|e| e.end - e.start).sum()
+        self.entries.values().map(Entry::bytes).sum()
     }
 
     fn file_names(&self) -> String {
@@ -320,7 +394,7 @@ impl WeightSet {
 
     /// Bytes of tensor data of `name` (0 when absent).
     pub fn byte_len(&self, name: &str) -> u64 {
-        self.entries.get(name).map_or(0, |e| e.end - e.start)
+        self.entries.get(name).map_or(0, Entry::bytes)
     }
 
     /// Starts reading these tensors from disk in the background (mapped files; elsewhere nothing), so that
@@ -396,17 +470,6 @@ impl WeightSet {
         self.check(name, expected)?;
         let e = self.entry(name)?;
         let file = &self.files[e.file];
-        let width = match e.dtype {
-            Dtype::BF16 | Dtype::F16 => 2,
-            Dtype::F32 => 4,
-            other => {
-                return Err(Error::DType {
-                    file: file.name.clone(),
-                    tensor: name.to_string(),
-                    dtype: format!("{other:?}"),
-                });
-            }
-        };
         let all_rows = e.shape.first().copied().unwrap_or(1);
         let cols: usize = e.shape.iter().skip(1).product();
         if rows.start > rows.end || rows.end > all_rows {
@@ -414,6 +477,47 @@ impl WeightSet {
                 "rows {rows:?} of tensor {name}, which has {all_rows}"
             )));
         }
+        if let Some(parts) = &e.split_kv_b {
+            // A few MB even for V3: both halves are read whole and joined as f32.
+            let [k_b, v_b] = &**parts;
+            let (k, v) = (&k_b.shape, &v_b.shape);
+            let (k_values, v_values) = (self.values(name, k_b).await?, self.values(name, v_b).await?);
+            let mut values = gguf::names::join_kv_b(&k_values, &v_values, k[0], k[1], k[2], v[1]);
+            values.truncate(rows.end * cols);
+            values.drain(..rows.start * cols);
+            return Ok(StoredRows {
+                data: Stored::Values(values),
+                file,
+                tensor: name.to_string(),
+                first: rows.start * cols,
+                release: None,
+            });
+        }
+        self.entry_rows(name, e, rows).await
+    }
+
+    /// Every value of a plain (not joined) entry as f32, for tensor `name` (named in errors).
+    async fn values(&self, name: &str, e: &Entry) -> Result<Vec<f32>> {
+        let rows = e.shape.first().copied().unwrap_or(1);
+        let stored = self.entry_rows(name, e, 0..rows).await?;
+        let mut out = Vec::new();
+        if let Some(i) = convert(stored.rows(), &mut out) {
+            return Err(stored.non_finite(i));
+        }
+        Ok(out)
+    }
+
+    /// Rows `rows` of a plain entry (checked against its shape by the caller) for tensor `name`.
+    async fn entry_rows(&self, name: &str, e: &Entry, rows: Range<usize>) -> Result<StoredRows<'_>> {
+        let file = &self.files[e.file];
+        let unreadable = || Error::DType {
+            file: file.name.clone(),
+            tensor: name.to_string(),
+            dtype: e.type_name.clone(),
+        };
+        let ty = e.ty.filter(|t| t.readable()).ok_or_else(unreadable)?;
+        let all_rows = e.shape.first().copied().unwrap_or(1);
+        let cols: usize = e.shape.iter().skip(1).product();
         let n = rows.len() * cols;
         let stored = |data, release: Option<Range<usize>>| StoredRows {
             data,
@@ -427,17 +531,26 @@ impl WeightSet {
             s.fill_rows(k, rows.start, cols, &mut values);
             return Ok(stored(Stored::Values(values), None));
         }
-        let (cols64, width64) = (cols as u64, width as u64);
-        let start = e.start + rows.start as u64 * cols64 * width64;
-        let end = start + n as u64 * width64;
-        if e.end - e.start != all_rows as u64 * cols64 * width64 || end > e.end {
+        // A row is whole blocks of a quantised type (llama.cpp quantises rows, never across them).
+        let row_bytes = ty.bytes_of(cols as u64).ok_or_else(|| {
+            weights_error(
+                file,
+                format!(
+                    "tensor {name}: rows of {cols} values are not whole {} blocks",
+                    e.type_name
+                ),
+            )
+        })?;
+        let start = e.start + rows.start as u64 * row_bytes;
+        let end = start + rows.len() as u64 * row_bytes;
+        if e.end - e.start != all_rows as u64 * row_bytes || end > e.end {
             return Err(weights_error(
                 file,
                 format!(
-                    "tensor {name}: {} bytes for {} {:?} values (header is corrupt)",
+                    "tensor {name}: {} bytes for {} {} values (header is corrupt)",
                     e.end - e.start,
                     all_rows * cols,
-                    e.dtype
+                    e.type_name
                 ),
             ));
         }
@@ -446,7 +559,7 @@ impl WeightSet {
         let release = matches!(file.data, FileData::Mapped(_)).then_some(start as usize..end as usize);
         #[cfg(target_arch = "wasm32")]
         let release = None;
-        Ok(stored(Stored::Bytes(e.dtype, raw), release))
+        Ok(stored(Stored::Bytes(ty, raw), release))
     }
 }
 
@@ -463,7 +576,7 @@ pub struct StoredRows<'a> {
 }
 
 enum Stored<'a> {
-    Bytes(Dtype, Cow<'a, [u8]>),
+    Bytes(GgmlType, Cow<'a, [u8]>),
     Values(Vec<f32>),
 }
 
@@ -472,9 +585,10 @@ impl StoredRows<'_> {
     pub fn rows(&self) -> Rows<'_> {
         match &self.data {
             Stored::Values(v) => Rows::F32(v),
-            Stored::Bytes(Dtype::BF16, b) => Rows::Bf16(b),
-            Stored::Bytes(Dtype::F16, b) => Rows::F16(b),
-            Stored::Bytes(_, b) => Rows::F32Bytes(b),
+            Stored::Bytes(GgmlType::BF16, b) => Rows::Bf16(b),
+            Stored::Bytes(GgmlType::F16, b) => Rows::F16(b),
+            Stored::Bytes(GgmlType::F32, b) => Rows::F32Bytes(b),
+            Stored::Bytes(t, b) => Rows::Ggml(*t, b),
         }
     }
 

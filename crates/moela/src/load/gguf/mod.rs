@@ -14,6 +14,10 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
+pub use crate::gpu::ggml::GgmlType;
+
+pub mod names;
+pub mod vocab;
 
 /// `GGUF` as a little-endian u32.
 const MAGIC: u32 = 0x4655_4747;
@@ -74,7 +78,9 @@ impl Value {
     /// The value as a float, when it is a number.
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
-            Value::F32(v) => Some(v.into()),
+            // The shortest decimal that is this f32, as f64: the value the file was written from (an
+            // `rms_norm_eps` of 1e-6 reads as 1e-6, not 9.99999997e-7).
+            Value::F32(v) => v.to_string().parse().ok(),
             Value::F64(v) => Some(v),
             Value::I8(v) => Some(v.into()),
             Value::I16(v) => Some(v.into()),
@@ -121,81 +127,6 @@ impl Value {
             Value::U32(v) => v.to_string(),
             Value::U64(v) => v.to_string(),
         }
-    }
-}
-
-/// A ggml tensor type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct GgmlType(pub u32);
-
-impl GgmlType {
-    /// F32.
-    pub const F32: Self = Self(0);
-    /// F16.
-    pub const F16: Self = Self(1);
-    /// Q4_0: blocks of 32, an f16 scale and 4-bit codes.
-    pub const Q4_0: Self = Self(2);
-    /// Q8_0: blocks of 32, an f16 scale and 8-bit codes.
-    pub const Q8_0: Self = Self(8);
-    /// Q4_K: super-blocks of 256.
-    pub const Q4_K: Self = Self(12);
-    /// Q5_K: super-blocks of 256.
-    pub const Q5_K: Self = Self(13);
-    /// Q6_K: super-blocks of 256.
-    pub const Q6_K: Self = Self(14);
-    /// BF16.
-    pub const BF16: Self = Self(30);
-
-    /// `(name, values per block, bytes per block)` of the types a file may store (`Q8_1` is only ever made
-    /// in memory), or `None` for any other id.
-    fn layout(self) -> Option<(&'static str, u64, u64)> {
-        Some(match self.0 {
-            0 => ("F32", 1, 4),
-            1 => ("F16", 1, 2),
-            2 => ("Q4_0", 32, 18),
-            3 => ("Q4_1", 32, 20),
-            6 => ("Q5_0", 32, 22),
-            7 => ("Q5_1", 32, 24),
-            8 => ("Q8_0", 32, 34),
-            10 => ("Q2_K", 256, 84),
-            11 => ("Q3_K", 256, 110),
-            12 => ("Q4_K", 256, 144),
-            13 => ("Q5_K", 256, 176),
-            14 => ("Q6_K", 256, 210),
-            15 => ("Q8_K", 256, 292),
-            16 => ("IQ2_XXS", 256, 66),
-            17 => ("IQ2_XS", 256, 74),
-            18 => ("IQ3_XXS", 256, 98),
-            19 => ("IQ1_S", 256, 50),
-            20 => ("IQ4_NL", 32, 18),
-            21 => ("IQ3_S", 256, 110),
-            22 => ("IQ2_S", 256, 82),
-            23 => ("IQ4_XS", 256, 136),
-            24 => ("I8", 1, 1),
-            25 => ("I16", 1, 2),
-            26 => ("I32", 1, 4),
-            27 => ("I64", 1, 8),
-            28 => ("F64", 1, 8),
-            29 => ("IQ1_M", 256, 56),
-            30 => ("BF16", 1, 2),
-            34 => ("TQ1_0", 256, 54),
-            35 => ("TQ2_0", 256, 66),
-            39 => ("MXFP4", 32, 17),
-            40 => ("NVFP4", 64, 36),
-            41 => ("Q1_0", 128, 18),
-            _ => return None,
-        })
-    }
-
-    /// The type's name as llama.cpp prints it (`Q4_K`), or `type N` for an unknown id.
-    pub fn name(self) -> String {
-        self.layout()
-            .map_or_else(|| format!("type {}", self.0), |(n, ..)| n.to_string())
-    }
-
-    /// Values per block and bytes per block.
-    pub fn block(self) -> Option<(u64, u64)> {
-        self.layout().map(|(_, b, s)| (b, s))
     }
 }
 
@@ -655,6 +586,112 @@ impl GgufHeader {
     }
 }
 
+/// Whether `file` starts with GGUF's magic.
+pub(super) async fn starts_gguf(file: &super::WeightFile) -> Result<bool> {
+    if file.len() < 4 {
+        return Ok(false);
+    }
+    let magic = super::read_range(file, 0, 4).await?;
+    Ok(magic.as_ref() == MAGIC.to_le_bytes())
+}
+
+/// The first bytes of a GGUF file read for its header; more are read when the header is longer (a real
+/// tokenizer's vocabulary and merges take a few MB).
+const FIRST_READ: u64 = 4 << 20;
+
+/// Reads `file`'s GGUF header, from as many of its first bytes as the header takes.
+pub async fn read_file_header(file: &super::WeightFile) -> Result<GgufHeader> {
+    let len = file.len();
+    let mut want = FIRST_READ.min(len);
+    loop {
+        let bytes = super::read_range(file, 0, want).await?;
+        match GgufHeader::parse(&bytes, len, &file.name)? {
+            Parsed::Header(h) => return Ok(h),
+            Parsed::NeedBytes(n) if n > want && n <= len => want = n.max(want.saturating_mul(2)).min(len),
+            Parsed::NeedBytes(_) => {
+                return Err(Error::Weights {
+                    file: file.name.clone(),
+                    message: "the header ends past the end of the file (truncated)".into(),
+                });
+            }
+        }
+    }
+}
+
+/// A GGUF model's files as a checkpoint: its config and tokenizer from the first file's metadata (what
+/// `config.json`, `tokenizer.json` and `tokenizer_config.json` hold in an HF folder), its weights from every
+/// file (one, or the parts of a split file in order).
+pub async fn checkpoint(weights: Vec<super::WeightFile>) -> Result<super::CheckpointFiles> {
+    let first = weights.first().ok_or_else(|| Error::Weights {
+        file: "*.gguf".into(),
+        message: "no GGUF file given".into(),
+    })?;
+    let header = read_file_header(first).await?;
+    if let Some(count) = header.get("split.count").and_then(Value::as_u64)
+        && count != weights.len() as u64
+    {
+        return Err(Error::Weights {
+            file: first.name.clone(),
+            message: format!(
+                "it is part of a model split in {count} files (split.count), but {} were given",
+                weights.len()
+            ),
+        });
+    }
+    let config = header.config_json(&first.name)?;
+    let (tokenizer, tokenizer_config) = match vocab::tokenizer_files(&header, &first.name)? {
+        Some((t, c)) => (Some(t), Some(c)),
+        None => (None, None),
+    };
+    Ok(super::CheckpointFiles {
+        config: config.to_string().into_bytes(),
+        tokenizer,
+        tokenizer_config,
+        weights,
+    })
+}
+
+/// The files of the GGUF model at `path`: the file itself, or, for one part of a split model
+/// (`NAME-00002-of-00003.gguf`), every part in order, each mapped.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn open_path(path: &std::path::Path) -> Result<super::CheckpointFiles> {
+    let parts = split_parts(path)?;
+    let weights = parts
+        .iter()
+        .map(|p| super::WeightFile::map(p))
+        .collect::<Result<Vec<_>>>()?;
+    pollster::block_on(checkpoint(weights))
+}
+
+/// `path`, or every part of the split model it belongs to (llama.cpp's `-NNNNN-of-NNNNN.gguf` names), each
+/// checked to exist.
+#[cfg(not(target_arch = "wasm32"))]
+fn split_parts(path: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let split = name.strip_suffix(".gguf").and_then(|stem| {
+        let (rest, count) = stem.rsplit_once("-of-")?;
+        let (prefix, _) = rest.rsplit_once('-')?;
+        let n: usize = count.parse().ok().filter(|&n| n > 0 && n < 100_000)?;
+        Some((prefix.to_string(), n, count.len()))
+    });
+    let Some((prefix, count, width)) = split else {
+        return Ok(vec![path.to_path_buf()]);
+    };
+    let parts: Vec<_> = (1..=count)
+        .map(|i| path.with_file_name(format!("{prefix}-{i:0width$}-of-{count:0width$}.gguf")))
+        .collect();
+    if let Some(missing) = parts.iter().find(|p| !p.exists()) {
+        return Err(Error::Io {
+            path: missing.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("part of the {count}-file split model {name} is missing"),
+            ),
+        });
+    }
+    Ok(parts)
+}
+
 /// Whether the file at `path` starts with GGUF's magic.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn is_gguf(path: &std::path::Path) -> bool {
@@ -689,6 +726,42 @@ pub fn read_header(path: &std::path::Path) -> Result<GgufHeader> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every block type decoded as the `gguf` package's own dequantisation decodes it (exactly: the same
+    /// f32 operations in the same order), read whole and from odd offsets.
+    #[test]
+    fn blocks_decode_as_llama_cpp_s_layout_says() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/gguf/");
+        let bytes = std::fs::read(format!("{dir}quants.gguf")).expect("tests/fixtures/gguf/quants.gguf");
+        let Parsed::Header(h) = GgufHeader::parse(&bytes, bytes.len() as u64, "quants.gguf").unwrap() else {
+            panic!("a whole file")
+        };
+        let data = |t: &GgufTensor| &bytes[t.offset as usize..][..t.bytes as usize];
+        let mut types = 0;
+        for q in h.tensors.iter().filter(|t| t.name.starts_with("q.")) {
+            let r = h
+                .tensors
+                .iter()
+                .find(|t| t.name == format!("ref.{}", &q.name[2..]))
+                .unwrap();
+            let expected: Vec<f32> = data(r)
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let rows = crate::gpu::Rows::Ggml(q.ggml_type, data(q));
+            assert_eq!(rows.len(), expected.len(), "{}", q.name);
+            let mut all = vec![0f32; expected.len()];
+            assert!(rows.read(0, &mut all), "{}", q.name);
+            assert_eq!(all, expected, "{}", q.name);
+            for (at, n) in [(5, 40), (31, 2), (240, 13), (64, 64)] {
+                let mut part = vec![0f32; n];
+                assert!(rows.read(at, &mut part));
+                assert_eq!(part, expected[at..at + n], "{} at {at}", q.name);
+            }
+            types += 1;
+        }
+        assert_eq!(types, 8);
+    }
 
     fn fixture() -> (Vec<u8>, serde_json::Value) {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/gguf/");
