@@ -538,6 +538,48 @@ function checkFits(info, limits) {
   }
 }
 
+/** llama.cpp's names for the parts of a split GGUF model: `NAME-00001-of-00003.gguf`. */
+const GGUF_PART = /^(.*)-(\d+)-of-(\d+)\.gguf$/;
+
+/** A GGUF model's file names from one of them: the file, or every part of a split one, in order. */
+function ggufParts(name) {
+  const m = GGUF_PART.exec(name);
+  if (!m) return [name];
+  const [, prefix, , count] = m;
+  const n = Number(count);
+  return Array.from({ length: n }, (_, i) => `${prefix}-${String(i + 1).padStart(count.length, '0')}-of-${count}.gguf`);
+}
+
+/**
+ * Downloads (or reads from the cache) the GGUF model at `url` (a split one's parts from any part's URL): its
+ * config and tokenizer are in its header, which the engine reads from the kept file.
+ */
+async function ggufFromUrl(url, { cache, onProgress, signal }) {
+  const file = decodeURIComponent(url.pathname.split('/').pop());
+  const base = new URL('.', url);
+  const src = new UrlSource(base, cache);
+  await src.open();
+  const names = ggufParts(file);
+  const sizes = [];
+  for (const n of names) sizes.push(await src.size(n, signal));
+  const total = sizes.reduce((a, b) => a + b, 0);
+  if (src.store) await checkStorage(total, url.href);
+  let loaded = 0;
+  const weights = [];
+  for (const [i, name] of names.entries()) {
+    const blob = await src.blob(name, {
+      expected: sizes[i],
+      signal,
+      onBytes: (n) => {
+        loaded += n;
+        onProgress?.({ phase: 'download', file: name, loaded, total });
+      },
+    });
+    weights.push(ranges(name, blob));
+  }
+  return { weights };
+}
+
 /** Downloads (or reads from the cache) the files of the HF folder at `base`. */
 async function filesFromUrl(base, { cache, onProgress, signal, check }) {
   const src = new UrlSource(base, cache);
@@ -666,8 +708,18 @@ async function checkStorage(bytes, where) {
 /** Reads the files of a checkpoint folder picked with `<input type=file webkitdirectory>` (or dropped). */
 async function filesFromFileList(fileList, { onProgress, signal, check }) {
   const all = Array.from(fileList ?? []);
-  if (all.length === 0) throw new Error('no files given: pick the checkpoint folder (config.json, *.safetensors, tokenizer.json)');
+  if (all.length === 0) throw new Error('no files given: pick the checkpoint folder (config.json, *.safetensors, tokenizer.json) or a GGUF file');
   const path = (f) => f.webkitRelativePath || f.name;
+  const ggufs = all.filter((f) => f.name.endsWith('.gguf'));
+  if (ggufs.length && !all.some((f) => f.name === 'config.json')) {
+    // A GGUF model: one file, or every part of a split one (pick them together).
+    const byName = new Map(ggufs.map((f) => [f.name, f]));
+    const names = ggufParts(ggufs.map((f) => f.name).sort()[0]);
+    const missing = names.filter((n) => !byName.has(n));
+    if (missing.length) throw new Error(`the GGUF model is split in ${names.length} files; pick them all (missing: ${missing.join(', ')})`);
+    onProgress?.({ phase: 'download', file: names[0], loaded: 0, total: 0 });
+    return { weights: names.map((n) => ranges(n, byName.get(n))), name: names[0].replace(/(-\d+-of-\d+)?\.gguf$/, '') };
+  }
   const dirOf = (p) => p.slice(0, p.lastIndexOf('/') + 1);
   // The folder holding config.json (the shallowest one, when the picked folder has subfolders).
   const configs = all.filter((f) => path(f).split('/').pop() === 'config.json');
@@ -927,8 +979,10 @@ export class Engine {
 
   /**
    * Loads a Hugging Face checkpoint folder: `model` is its base URL (files are fetched and kept in the
-   * Cache API unless `cache` is false), or `files` are its File objects (from a folder picker). With
-   * neither, the package's own model loads ({@link DEFAULT_MODEL}: moela-arith-tiny).
+   * Cache API unless `cache` is false), or `files` are its File objects (from a folder picker). `model` may
+   * also be a GGUF file's URL (a split one's: any part), and `files` a GGUF file (or a split one's parts):
+   * its config, tokenizer and chat template come from its header. With neither, the package's own model
+   * loads ({@link DEFAULT_MODEL}: moela-arith-tiny).
    */
   static async load({ model, files, weights = 'f32', maxContext = 0, onProgress, cache = true, signal } = {}) {
     await checkWebGPU();
@@ -940,6 +994,10 @@ export class Engine {
     if (files) {
       checkpoint = await filesFromFileList(files, { onProgress, signal, check });
       name = checkpoint.name;
+    } else if (model && new URL(model, globalThis.location?.href).pathname.endsWith('.gguf')) {
+      const url = new URL(model, globalThis.location?.href);
+      checkpoint = await ggufFromUrl(url, { cache, onProgress, signal });
+      name = decodeURIComponent(url.pathname.split('/').pop()).replace(/(-\d+-of-\d+)?\.gguf$/, '');
     } else if (model) {
       const base = folderUrl(model);
       checkpoint = await filesFromUrl(base, { cache, onProgress, signal, check });
@@ -950,7 +1008,7 @@ export class Engine {
       name = folderName(base.pathname);
     }
     const wasmFiles = {
-      config: checkpoint.config,
+      config: checkpoint.config ?? undefined,
       tokenizer: checkpoint.tokenizer ?? undefined,
       tokenizerConfig: checkpoint.tokenizerConfig ?? undefined,
       weights: checkpoint.weights,

@@ -95,6 +95,31 @@ for (const fixture of FIXTURES) {
   });
 }
 
+test('a GGUF file by URL (a split one by any part) runs with its own tokenizer, and its logits match HF transformers', { timeout: 240_000 }, async () => {
+  for (const [file, fixture, weights] of [
+    ['v2-lite-tiny.f32.gguf', 'v2-lite-tiny', 'f32'],
+    ['v3-tiny.f16-00003-of-00003.gguf', 'v3-tiny', 'f16'],
+  ]) {
+    const ref = readJson(`tests/fixtures/${fixture}/reference.json`);
+    const got = await page.evaluate(
+      async ({ file, weights, tokens }) => {
+        const engine = await window.moela.Engine.load({ model: `/tests/fixtures/gguf/${file}`, weights, cache: false });
+        const rows = (await engine.logits(tokens)).map((r) => Array.from(r));
+        const ids = Array.from(await engine.encode('Hello world'));
+        await engine.unload();
+        return { rows, ids, model: engine.model };
+      },
+      { file, weights, tokens: ref.tokens },
+    );
+    assert.ok(got.ids.length > 0, `${file}: its tokenizer encodes`);
+    for (const [i, row] of got.rows.entries()) {
+      const err = relL2(row, ref.logits[i]);
+      assert.ok(err <= 1e-2, `${file} position ${i}: relative L2 ${err.toExponential(3)} > 1e-2`);
+      assert.equal(argmax(row), argmax(ref.logits[i]), `${file} position ${i}: argmax`);
+    }
+  }
+});
+
 test('Engine.load() without a model loads the shipped model, and its logits match HF transformers', { timeout: 240_000 }, async () => {
   const ref = readJson('tests/fixtures/moela-arith-tiny.reference.json');
   const { model, default: url } = await page.evaluate(async () => {

@@ -157,10 +157,11 @@ pub struct WasmEngine {
 impl WasmEngine {
     /// Loads a checkpoint from its files: `{config, tokenizer?, tokenizerConfig?, weights}` (bytes as
     /// `Uint8Array`), each weight file either `{name, bytes}` or `{name, size, read(start, end)}` (read by ranges,
-    /// tensor by tensor). `onProgress({loaded, total})` reports weight bytes converted.
+    /// tensor by tensor); or a GGUF model, `{weights}` alone (its `*.gguf` file, or a split one's parts in
+    /// order). `onProgress({loaded, total})` reports weight bytes converted.
     pub async fn load(files: JsValue, options: JsValue, on_progress: Option<Function>) -> Result<WasmEngine, JsError> {
         let opts = load_opts(options)?;
-        let config = bytes(&files, "config")?.ok_or_else(|| JsError::new("config.json is missing"))?;
+        let config = bytes(&files, "config")?;
         let weights_js: Array = get(&files, "weights")?
             .dyn_into()
             .map_err(|_| JsError::new("weights must be an array of {name, bytes}"))?;
@@ -188,11 +189,18 @@ impl WasmEngine {
             let data = bytes(&w, "bytes")?.ok_or_else(|| JsError::new(&format!("{name}: no bytes or read")))?;
             weights.push(WeightFile::from_bytes(name, data));
         }
-        let files = CheckpointFiles {
-            config,
-            tokenizer: bytes(&files, "tokenizer")?,
-            tokenizer_config: bytes(&files, "tokenizerConfig")?,
-            weights,
+        let files = match config {
+            Some(config) => CheckpointFiles {
+                config,
+                tokenizer: bytes(&files, "tokenizer")?,
+                tokenizer_config: bytes(&files, "tokenizerConfig")?,
+                weights,
+            },
+            // A GGUF model carries its config and tokenizer in its first file's header.
+            None if weights.first().is_some_and(|w| w.name.ends_with(".gguf")) => {
+                moela::load::gguf::checkpoint(weights).await.map_err(js_err)?
+            }
+            None => return Err(JsError::new("config.json is missing")),
         };
         Self::from_files(files, opts, on_progress).await
     }
