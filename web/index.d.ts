@@ -37,15 +37,20 @@ export type LoadProgress =
 
 export interface LoadOptions {
   /**
-   * Base URL of a Hugging Face checkpoint folder (config.json, tokenizer.json, model.safetensors or shards).
-   * Without `model` or `files`, the package's own model ({@link DEFAULT_MODEL}) loads.
+   * Base URL of a Hugging Face checkpoint folder (config.json, tokenizer.json, model.safetensors or shards),
+   * or the URL of a GGUF file (a split one's: any part). Without `model` or `files`, the package's own model
+   * ({@link DEFAULT_MODEL}) loads.
    */
   model?: string | URL;
-  /** The folder's files instead, e.g. from `<input type="file" webkitdirectory>`. */
+  /**
+   * The folder's files instead, e.g. from `<input type="file" webkitdirectory>`, or a GGUF file (a split one's
+   * parts together).
+   */
   files?: FileList | File[];
   /**
-   * How projection and expert weights are stored on the GPU: "f32" (default), "f16" (packed pairs), "q8" or
-   * "q4" (8- or 4-bit codes with an f16 scale per block of 32). All run on any WebGPU adapter.
+   * How projection and expert weights are stored on the GPU: "f32", "f16" (packed pairs), "q8" or "q4" (8- or
+   * 4-bit codes with an f16 scale per block of 32). All run on any WebGPU adapter. Default: for a GGUF file
+   * the format nearest its main type (Q8_0, Q5, K-quants: "q8"; Q4_0: "q4"; F16/BF16: "f16"), else "f32".
    */
   weights?: WeightFormat;
   /** Tokens the chat session holds; 0 (default) is min(max_position_embeddings, 4096). */
@@ -89,6 +94,8 @@ export interface ModelInfo {
   gpu_weight_bytes: number;
   /** Bytes of weights one decoded token reads, in the stored format. */
   active_weight_bytes_per_token: number;
+  /** How the checkpoint's files store the weights (a GGUF's quantisation mix), the most bytes first. */
+  stored_types: { type: string; tensors: number; bytes: number }[];
   cache: {
     /** layers x (kv_lora_rank + qk_rope_head_dim). */
     values_per_token: number;

@@ -113,6 +113,11 @@ $('model-folder').addEventListener('change', () => {
   $('folder-text').textContent = files.length ? `${dir}: ${files.length} files` : 'Choose a checkpoint folder…';
 });
 
+$('model-gguf').addEventListener('change', () => {
+  const files = $('model-gguf').files;
+  $('gguf-text').textContent = files.length ? [...files].map((f) => f.name).join(', ') : 'Choose a GGUF file (all parts of a split one)…';
+});
+
 $('default-model-text').textContent = DEFAULT_MODEL_LABEL;
 
 const promptBox = $('prompt');
@@ -154,6 +159,9 @@ function showInfo(info) {
     ['Cache per token', `${bytes(info.cache.bytes_per_token)} (${info.cache.compression.toFixed(1)}× < MHA)`],
     ['Weights', `${info.weight_dtype} · ${bytes(info.gpu_weight_bytes)} on GPU`],
   ];
+  if (info.stored_types?.length) {
+    facts.push(['Stored as', info.stored_types.map((t) => `${t.type} ${bytes(t.bytes)}`).join(' · ')]);
+  }
   const dl = $('model-info');
   dl.replaceChildren();
   for (const [k, v] of facts) {
@@ -168,7 +176,8 @@ function showInfo(info) {
 
 async function load() {
   if (state.busy) return;
-  const options = { weights: $('weights').value, onProgress: showProgress };
+  const weights = $('weights').value;
+  const options = { weights: weights === 'auto' ? undefined : weights, onProgress: showProgress };
   let label;
   switch (source()) {
     case 'default':
@@ -195,6 +204,17 @@ async function load() {
       }
       options.files = files;
       label = 'the picked folder';
+      break;
+    }
+    case 'gguf': {
+      const files = $('model-gguf').files;
+      if (!files?.length) {
+        $('load-error').textContent = 'Choose a GGUF file first.';
+        $('load-error').hidden = false;
+        return;
+      }
+      options.files = files;
+      label = files[0].name;
       break;
     }
   }

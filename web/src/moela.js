@@ -984,7 +984,7 @@ export class Engine {
    * its config, tokenizer and chat template come from its header. With neither, the package's own model
    * loads ({@link DEFAULT_MODEL}: moela-arith-tiny).
    */
-  static async load({ model, files, weights = 'f32', maxContext = 0, onProgress, cache = true, signal } = {}) {
+  static async load({ model, files, weights, maxContext = 0, onProgress, cache = true, signal } = {}) {
     await checkWebGPU();
     const mod = await initWasm();
     if (crashed) throw new Error(`moela crashed earlier (${crashed}): reload the page`);

@@ -147,6 +147,15 @@ test('the demo loads the default model, answers a prompt and draws the routing h
     await page.locator('#load').click();
     await page.locator('#status-text', { hasText: 'v2-lite-tiny · ready' }).waitFor({ timeout: 120_000 });
     assert.match(await page.locator('#model-info').innerText(), /deepseek_v2/);
+
+    // A picked GGUF file replaces it, stored in the format nearest its own, its quantisation mix shown.
+    await page.locator('input[name="source"][value="gguf"]').check({ force: true });
+    await page.locator('#model-gguf').setInputFiles(path.join(repoRoot, 'tests', 'fixtures', 'gguf', 'v2-lite-tiny.q8_0.gguf'));
+    await page.locator('#load').click();
+    await page.locator('#status-text', { hasText: 'v2-lite-tiny.q8_0 · ready' }).waitFor({ timeout: 120_000 });
+    const info = await page.locator('#model-info').innerText();
+    assert.match(info, /q8 ·/, info);
+    assert.match(info, /Stored as\s+Q8_0 [\d.]+ [KM]iB · /, info);
     assert.deepEqual(page.problems, [], 'no errors in the console');
   });
 });

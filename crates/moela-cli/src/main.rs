@@ -279,7 +279,7 @@ fn weight_dtype(args: &ModelArgs, path: &Path) -> Result<WeightDtype> {
     if path.is_file() && moela::load::gguf::is_gguf(path) {
         let header = moela::load::gguf::read_header(path)?;
         if let Some(&(main, ..)) = header.type_mix().first() {
-            let dtype = main.nearest_format();
+            let dtype = header.nearest_format();
             eprintln!(
                 "moela: {} holds mostly {}; its weights go to the GPU as {} (--weights to choose)",
                 path.display(),

@@ -189,6 +189,7 @@ impl WasmEngine {
             let data = bytes(&w, "bytes")?.ok_or_else(|| JsError::new(&format!("{name}: no bytes or read")))?;
             weights.push(WeightFile::from_bytes(name, data));
         }
+        let mut opts = opts;
         let files = match config {
             Some(config) => CheckpointFiles {
                 config,
@@ -196,9 +197,12 @@ impl WasmEngine {
                 tokenizer_config: bytes(&files, "tokenizerConfig")?,
                 weights,
             },
-            // A GGUF model carries its config and tokenizer in its first file's header.
+            // A GGUF model carries its config and tokenizer in its first file's header, and is stored in the
+            // format nearest its own unless another is asked for.
             None if weights.first().is_some_and(|w| w.name.ends_with(".gguf")) => {
-                moela::load::gguf::checkpoint(weights).await.map_err(js_err)?
+                let (files, header) = moela::load::gguf::checkpoint(weights).await.map_err(js_err)?;
+                opts.weights.get_or_insert_with(|| header.nearest_format().name().to_string());
+                files
             }
             None => return Err(JsError::new("config.json is missing")),
         };

@@ -87,6 +87,8 @@ pub struct Engine {
     pub(crate) model: Transformer,
     tokenizer: Option<Tokenizer>,
     load: LoadReport,
+    /// How the checkpoint's files stored the weights.
+    stored_types: Vec<crate::info::StoredType>,
 }
 
 impl Engine {
@@ -127,6 +129,11 @@ impl Engine {
             });
         }
         let set = WeightSet::open(files.weights).await?;
+        let stored_types = set
+            .stored_types()
+            .into_iter()
+            .map(|(name, tensors, bytes)| crate::info::StoredType { name, tensors, bytes })
+            .collect();
         check_fits(&config, options.dtype, device)?;
         let mut bytes = 0;
         let model = Transformer::load(
@@ -148,6 +155,7 @@ impl Engine {
                 bytes,
                 seconds: started.elapsed().as_secs_f64(),
             },
+            stored_types,
         })
     }
 
@@ -176,7 +184,10 @@ impl Engine {
 
     /// Facts about the model: parameters, cache sizes.
     pub fn info(&self) -> ModelInfo {
-        ModelInfo::new(&self.model.config, self.model.dtype)
+        ModelInfo {
+            stored_types: self.stored_types.clone(),
+            ..ModelInfo::new(&self.model.config, self.model.dtype)
+        }
     }
 
     /// Weight dtype on the GPU.

@@ -66,6 +66,21 @@ pub struct ModelInfo {
     pub active_weight_bytes_per_token: u64,
     /// The cache.
     pub cache: CacheInfo,
+    /// How the checkpoint's files store the weights, the most bytes first (`BF16`, or a GGUF's mix such as
+    /// `Q4_K`, `Q6_K`, `F32`); empty when not known (facts from a config alone).
+    pub stored_types: Vec<StoredType>,
+}
+
+/// Tensors of one stored type in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoredType {
+    /// The type as llama.cpp names it (`BF16`, `Q8_0`, `Q4_K`).
+    #[serde(rename = "type")]
+    pub name: String,
+    /// Tensors of this type.
+    pub tensors: usize,
+    /// Their bytes in the files.
+    pub bytes: u64,
 }
 
 impl ModelInfo {
@@ -151,6 +166,7 @@ impl ModelInfo {
                 mha_equivalent_values_per_token: mha,
                 compression: mha as f64 / values as f64,
             },
+            stored_types: Vec::new(),
         }
     }
 }

@@ -106,7 +106,13 @@ fn an_f32_gguf_is_its_hf_folder() {
         assert!(worst(&d) <= 1e-4, "{what}: relative L2 {:.2e}", worst(&d));
     }
     let (t, g) = (hf.tokenizer().unwrap(), gguf.tokenizer().unwrap());
-    for text in ["Hello world", " 12 + 345 = 357\n<think>x</think>", "héllo, 世界"] {
+    for text in [
+        "Hello world",
+        " 12 + 345 = 357\n<think>x</think>",
+        "héllo, 世界！ 1234567",
+        "don't stop...\n\n   x\ty",
+        "<｜User｜>2+2?<｜Assistant｜>",
+    ] {
         assert_eq!(t.encode(text, true).unwrap(), g.encode(text, true).unwrap(), "{text:?}");
     }
     let messages = [Message::user("What is 2 + 2?")];

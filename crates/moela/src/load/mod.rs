@@ -358,6 +358,24 @@ impl WeightSet {
         self.entries.get(name).map(|e| e.shape.as_slice())
     }
 
+    /// How the files store the tensors: tensors and bytes per type (its name, `BF16` or `Q4_K`), the most
+    /// bytes first.
+    pub fn stored_types(&self) -> Vec<(String, usize, u64)> {
+        let mut types: HashMap<&str, (usize, u64)> = HashMap::new();
+        let plain = self.entries.values().flat_map(|e| match &e.split_kv_b {
+            Some(parts) => parts.iter().collect::<Vec<_>>(),
+            None => vec![e],
+        });
+        for e in plain {
+            let t = types.entry(e.type_name.as_str()).or_default();
+            t.0 += 1;
+            t.1 += e.end - e.start;
+        }
+        let mut types: Vec<_> = types.into_iter().map(|(n, (c, b))| (n.to_string(), c, b)).collect();
+        types.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+        types
+    }
+
     /// Bytes of tensor data in all files.
     pub fn total_bytes(&self) -> u64 {
         self.entries.values().map(Entry::bytes).sum()

@@ -580,6 +580,14 @@ impl GgufHeader {
         mix
     }
 
+    /// The format moela stores this file's weights in by default: the one nearest its main type (the type
+    /// holding the most bytes; [`GgmlType::nearest_format`]).
+    pub fn nearest_format(&self) -> crate::gpu::WeightDtype {
+        self.type_mix()
+            .first()
+            .map_or(crate::gpu::WeightDtype::F32, |&(t, ..)| t.nearest_format())
+    }
+
     /// Bytes of tensor data.
     pub fn data_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.bytes).sum()
@@ -620,8 +628,8 @@ pub async fn read_file_header(file: &super::WeightFile) -> Result<GgufHeader> {
 
 /// A GGUF model's files as a checkpoint: its config and tokenizer from the first file's metadata (what
 /// `config.json`, `tokenizer.json` and `tokenizer_config.json` hold in an HF folder), its weights from every
-/// file (one, or the parts of a split file in order).
-pub async fn checkpoint(weights: Vec<super::WeightFile>) -> Result<super::CheckpointFiles> {
+/// file (one, or the parts of a split file in order); and the first file's header.
+pub async fn checkpoint(weights: Vec<super::WeightFile>) -> Result<(super::CheckpointFiles, GgufHeader)> {
     let first = weights.first().ok_or_else(|| Error::Weights {
         file: "*.gguf".into(),
         message: "no GGUF file given".into(),
@@ -643,12 +651,13 @@ pub async fn checkpoint(weights: Vec<super::WeightFile>) -> Result<super::Checkp
         Some((t, c)) => (Some(t), Some(c)),
         None => (None, None),
     };
-    Ok(super::CheckpointFiles {
+    let files = super::CheckpointFiles {
         config: config.to_string().into_bytes(),
         tokenizer,
         tokenizer_config,
         weights,
-    })
+    };
+    Ok((files, header))
 }
 
 /// The files of the GGUF model at `path`: the file itself, or, for one part of a split model
@@ -660,7 +669,7 @@ pub fn open_path(path: &std::path::Path) -> Result<super::CheckpointFiles> {
         .iter()
         .map(|p| super::WeightFile::map(p))
         .collect::<Result<Vec<_>>>()?;
-    pollster::block_on(checkpoint(weights))
+    pollster::block_on(checkpoint(weights)).map(|(files, _)| files)
 }
 
 /// `path`, or every part of the split model it belongs to (llama.cpp's `-NNNNN-of-NNNNN.gguf` names), each
