@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use moela::{Engine, Kernels, LoadOptions, Message, WeightDtype};
 use serde_json::Value;
 
+mod common;
+use common::{argmax, ids, rel_l2, rows};
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
@@ -29,46 +32,6 @@ fn scratch(tag: &str) -> PathBuf {
 
 fn json(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).expect("fixture")).expect("JSON")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("ids")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-fn rows(v: &Value) -> Vec<Vec<f32>> {
-    v.as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .expect("row")
-                .iter()
-                .map(|x| x.as_f64().expect("logit") as f32)
-                .collect()
-        })
-        .collect()
-}
-
-fn argmax(v: &[f32]) -> usize {
-    (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b })
-}
-
-/// Relative L2 distance per position.
-fn rel_l2(got: &[Vec<f32>], want: &[Vec<f32>]) -> Vec<f64> {
-    assert_eq!(got.len(), want.len(), "positions");
-    got.iter()
-        .zip(want)
-        .map(|(g, w)| {
-            assert_eq!(g.len(), w.len(), "vocabulary");
-            let num: f64 = g.iter().zip(w).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-            let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
-            (num / den).sqrt()
-        })
-        .collect()
 }
 
 /// Positions whose argmax differs.

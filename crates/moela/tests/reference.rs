@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use moela::{Engine, Kernels, LoadOptions, Message, WeightDtype};
 use serde_json::Value;
 
+mod common;
+use common::{argmax, ids, rel_l2, rows};
+
 const FIXTURES: &[&str] = &["v2-lite-tiny", "v3-tiny", "v2-group-odd", "v3-moonlight-odd"];
 
 fn fixture(name: &str) -> PathBuf {
@@ -29,32 +32,6 @@ fn load_with(name: &str, kernels: Kernels) -> Engine {
         ..LoadOptions::default()
     };
     Engine::load_dir(&fixture(name), options, &mut |_| {}).unwrap_or_else(|e| panic!("loading {name}: {e}"))
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id list")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-fn rows(v: &Value) -> Vec<Vec<f32>> {
-    v.as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .expect("row")
-                .iter()
-                .map(|x| x.as_f64().expect("logit") as f32)
-                .collect()
-        })
-        .collect()
-}
-
-fn argmax(v: &[f32]) -> usize {
-    (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b })
 }
 
 /// Relative L2 error per position, and the same argmax (unless the reference's top-2 are within 1e-4).
@@ -164,16 +141,7 @@ fn load_format(dir: &Path, dtype: WeightDtype, kernels: Kernels) -> Engine {
 
 /// Relative L2 distance per position between two sets of logit rows, sorted ascending.
 fn rel_l2_sorted(got: &[Vec<f32>], want: &[Vec<f32>]) -> Vec<f64> {
-    assert_eq!(got.len(), want.len());
-    let mut d: Vec<f64> = got
-        .iter()
-        .zip(want)
-        .map(|(g, w)| {
-            let num: f64 = g.iter().zip(w).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-            let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
-            (num / den).sqrt()
-        })
-        .collect();
+    let mut d = rel_l2(got, want);
     d.sort_by(f64::total_cmp);
     d
 }
