@@ -550,16 +550,48 @@ function ggufParts(name) {
   return Array.from({ length: n }, (_, i) => `${prefix}-${String(i + 1).padStart(count.length, '0')}-of-${count}.gguf`);
 }
 
+/** The first `n` bytes at `url` (a range request; a server that ignores it is read only that far). */
+async function fetchPrefix(url, n, signal) {
+  const r = await fetch(url, { headers: { Range: `bytes=0-${n - 1}` }, signal });
+  if (!r.ok) throw new Error(`cannot download ${url}: HTTP ${r.status}`);
+  const reader = r.body.getReader();
+  const out = new Uint8Array(n);
+  let at = 0;
+  while (at < n) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    const take = Math.min(value.length, n - at);
+    out.set(value.subarray(0, take), at);
+    at += take;
+  }
+  await reader.cancel().catch(() => {});
+  return out.subarray(0, at);
+}
+
 /**
  * Downloads (or reads from the cache) the GGUF model at `url` (a split one's parts from any part's URL): its
  * config and tokenizer are in its header, which the engine reads from the kept file.
  */
-async function ggufFromUrl(url, { cache, onProgress, signal }) {
+async function ggufFromUrl(url, { cache, onProgress, signal, checkHeader }) {
   const file = decodeURIComponent(url.pathname.split('/').pop());
   const base = new URL('.', url);
   const src = new UrlSource(base, cache);
   await src.open();
   const names = ggufParts(file);
+  // The header (config, tokenizer, tensor table) is checked from the first part's first bytes before any
+  // weight is downloaded.
+  const first = await src.cached(names[0]);
+  if (!first) {
+    const size = await src.size(names[0], signal);
+    let want = Math.min(4 * 2 ** 20, size || 4 * 2 ** 20);
+    for (;;) {
+      const prefix = await fetchPrefix(src.url(names[0]), want, signal);
+      const need = await checkHeader(prefix, size || prefix.length, names[0]);
+      if (!need) break;
+      if (need <= prefix.length || (size && need > size)) throw new Error(`${src.url(names[0])}: the GGUF header ends past the end of the file`);
+      want = Math.max(need, want * 2);
+    }
+  }
   const sizes = [];
   for (const n of names) sizes.push(await src.size(n, signal));
   const total = sizes.reduce((a, b) => a + b, 0);
@@ -996,7 +1028,18 @@ export class Engine {
       name = checkpoint.name;
     } else if (model && new URL(model, globalThis.location?.href).pathname.endsWith('.gguf')) {
       const url = new URL(model, globalThis.location?.href);
-      checkpoint = await ggufFromUrl(url, { cache, onProgress, signal });
+      const checkHeader = async (bytes, size, file) => {
+        let info;
+        try {
+          info = await mod.WasmEngine.checkGguf(bytes, size, file, { weights, maxContext });
+        } catch (e) {
+          throw explain(e);
+        }
+        if (info.need) return info.need;
+        checkFits(info, await adapterLimits());
+        return 0;
+      };
+      checkpoint = await ggufFromUrl(url, { cache, onProgress, signal, checkHeader });
       name = decodeURIComponent(url.pathname.split('/').pop()).replace(/(-\d+-of-\d+)?\.gguf$/, '');
     } else if (model) {
       const base = folderUrl(model);

@@ -352,6 +352,16 @@ test('bad requests and bad models fail with clear errors', { timeout: 180_000 },
       const body = kind === 'llama' ? { ...config, model_type: 'llama', architectures: ['LlamaForCausalLM'] } : config;
       return route.fulfill({ contentType: 'application/json', body: JSON.stringify(body) });
     }
+    if (file.endsWith('.gguf')) {
+      // A GGUF file of another architecture: its header names it.
+      const response = await route.fetch({ url: new URL('/tests/fixtures/gguf/v2-lite-tiny.f32.gguf', url).href });
+      if (route.request().method() !== 'GET') return route.fulfill({ response });
+      weightRequests.push(`${kind}/${file}`);
+      const body = Buffer.from(await response.body());
+      const at = body.indexOf('deepseek2');
+      body.write('deepseek9', at);
+      return route.fulfill({ status: 200, contentType: 'application/octet-stream', body });
+    }
     const response = await route.fetch({ url: new URL(`/tests/fixtures/v2-lite-tiny/${file}`, url).href });
     if (route.request().method() !== 'GET' || response.status() !== 200) return route.fulfill({ response });
     if (file.endsWith('.safetensors')) weightRequests.push(`${kind}/${file}`);
@@ -378,6 +388,7 @@ test('bad requests and bad models fail with clear errors', { timeout: 180_000 },
       notAModel: await msg(() => Engine.load({ model: '/web/', cache: false })),
       llama: await msg(() => Engine.load({ model: '/bad/llama/', cache: false })),
       cut: await msg(() => Engine.load({ model: '/bad/cut/', cache: false })),
+      gguf: await msg(() => Engine.load({ model: '/bad/gguf/other.gguf', cache: false })),
     };
   });
   await page.unrouteAll();
@@ -387,7 +398,9 @@ test('bad requests and bad models fail with clear errors', { timeout: 180_000 },
   assert.match(r.notAModel, /config\.json: HTTP 404/);
   assert.match(r.llama, /config\.json: unsupported model_type = "llama"/);
   assert.match(r.cut, /model\.safetensors: .*truncated/);
-  assert.deepEqual(weightRequests, ['cut/model.safetensors'], 'the unsupported config was refused before its weights downloaded');
+  assert.match(r.gguf, /other\.gguf.*general\.architecture is "deepseek9"/);
+  // The GGUF was read once, for its header (a range request), and not downloaded.
+  assert.deepEqual(weightRequests, ['cut/model.safetensors', 'gguf/other.gguf'], 'unsupported models were refused before their weights downloaded');
   await unload('chat');
 });
 

@@ -231,6 +231,34 @@ impl WasmEngine {
         to_js(&moela::ModelInfo::new(&config, dtype))
     }
 
+    /// Checks a GGUF model from the first bytes of its (first) file, before any weight is downloaded:
+    /// `header` is a prefix of the file `name` of `size` bytes. Resolves to `{need}` (bytes of the file the
+    /// header takes, more than given) or to the model's facts (`info()`) for the format it would be stored in,
+    /// or throws the first problem found (not a GGUF file, not a DeepSeek model, a damaged header or
+    /// tokenizer).
+    #[wasm_bindgen(js_name = checkGguf)]
+    pub fn check_gguf(header: Vec<u8>, size: f64, name: String, options: JsValue) -> Result<JsValue, JsError> {
+        use moela::load::gguf::{GgufHeader, Parsed};
+        let opts = load_opts(options)?;
+        let header = match GgufHeader::parse(&header, size as u64, &name).map_err(js_err)? {
+            Parsed::NeedBytes(n) => {
+                let o = js_sys::Object::new();
+                let _ = Reflect::set(&o, &"need".into(), &(n as f64).into());
+                return Ok(o.into());
+            }
+            Parsed::Header(h) => h,
+        };
+        let config = header.model_config(&name).map_err(js_err)?;
+        if let Some((t, c)) = moela::load::gguf::vocab::tokenizer_files(&header, &name).map_err(js_err)? {
+            Tokenizer::from_bytes(&t, Some(&c)).map_err(js_err)?;
+        }
+        let dtype = match opts.weights.as_deref() {
+            Some(w) => WeightDtype::parse(w).map_err(js_err)?,
+            None => header.nearest_format(),
+        };
+        to_js(&moela::ModelInfo::new(&config, dtype))
+    }
+
     /// A random-weight model in the shape of a real checkpoint (`v2-lite-mini`, `v3-mini`; `v2-lite` and
     /// `v3-layer` at full size where the device holds them), for benchmarks.
     #[wasm_bindgen(js_name = loadPreset)]
