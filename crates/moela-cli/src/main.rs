@@ -42,6 +42,22 @@ enum Command {
     Bench(BenchArgs),
     /// Score the arithmetic model on held-out problems with greedy decoding (JSON).
     Eval(EvalArgs),
+    /// Write a model as a GGUF file that llama.cpp reads (its converter's tensor names, layouts and metadata).
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The HF checkpoint folder (or GGUF file) to write.
+    #[arg(long, short)]
+    model: PathBuf,
+    /// The GGUF file to write.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// The type of the matrices: f32, f16, bf16, q8_0 or q4_0. Norms, 1-D tensors and the router stay F32,
+    /// and a matrix whose rows are not whole blocks of the type is F16, as llama.cpp's converter does.
+    #[arg(long = "type", default_value = "q8_0", value_parser = ["f32", "f16", "bf16", "q8_0", "q4_0"])]
+    ty: String,
 }
 
 #[derive(Args)]
@@ -264,6 +280,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => cmd_info(a),
         Command::Bench(a) => cmd_bench(a),
         Command::Eval(a) => cmd_eval(a),
+        Command::Quantize(a) => cmd_quantize(a),
     }
 }
 
@@ -651,6 +668,44 @@ fn print_info(dir: &Path, i: &moela::ModelInfo) -> Result<()> {
         i.weight_dtype
     );
     print_line(out.trim_end())
+}
+
+fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
+    use moela::load::gguf::GgmlType;
+    let ty = match a.ty.as_str() {
+        "f32" => GgmlType::F32,
+        "f16" => GgmlType::F16,
+        "bf16" => GgmlType::BF16,
+        "q4_0" => GgmlType::Q4_0,
+        _ => GgmlType::Q8_0,
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "writing [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ({eta} left)",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let started = std::time::Instant::now();
+    let written = moela::load::gguf::write::quantize(&a.model, &a.out, ty, &mut |p: Progress| {
+        bar.set_length(p.total);
+        bar.set_position(p.loaded);
+    })
+    .with_context(|| format!("writing {}", a.out.display()))?;
+    bar.finish_and_clear();
+    eprintln!(
+        "[wrote {} tensors, {:.2} GB, to {} in {:.1} s]",
+        written.tensors,
+        written.bytes as f64 / 1e9,
+        a.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {

@@ -200,3 +200,77 @@ fn an_unreadable_type_is_named() {
         .to_string();
     assert!(e.contains("IQ4_NL") && e.contains("damaged.gguf"), "{e}");
 }
+
+/// The tensors of GGUF files (a split model's parts together) by name: type, dims and bytes.
+fn tensors_of(paths: &[PathBuf]) -> std::collections::BTreeMap<String, (u32, Vec<u64>, Vec<u8>)> {
+    let mut out = std::collections::BTreeMap::new();
+    for path in paths {
+        let header = moela::load::gguf::read_header(path).unwrap();
+        let bytes = std::fs::read(path).unwrap();
+        for t in header.tensors {
+            let data = bytes[t.offset as usize..(t.offset + t.bytes) as usize].to_vec();
+            out.insert(t.name, (t.ggml_type.0, t.dims, data));
+        }
+    }
+    out
+}
+
+/// `moela quantize` writes what llama.cpp's converter writes: for the same HF folder, the same tensors
+/// (names, types, dimensions and every byte: Q8_0 rounded as llama.cpp rounds, the experts stacked, kv_b
+/// split per head) and the same metadata but for the model's display name and a separator-token flag.
+#[test]
+fn quantize_writes_what_llama_cpp_s_converter_writes() {
+    use moela::load::gguf::{GgmlType, read_header};
+    let dir = scratch("quantize");
+    for (fixture, ty, theirs) in [
+        ("v2-lite-tiny", GgmlType::Q8_0, vec!["gguf/v2-lite-tiny.q8_0.gguf"]),
+        (
+            "v3-tiny",
+            GgmlType::F16,
+            vec![
+                "gguf/v3-tiny.f16-00001-of-00003.gguf",
+                "gguf/v3-tiny.f16-00002-of-00003.gguf",
+                "gguf/v3-tiny.f16-00003-of-00003.gguf",
+            ],
+        ),
+    ] {
+        let out = dir.join(format!("{fixture}.gguf"));
+        let mut last = None;
+        let written =
+            moela::load::gguf::write::quantize(&fixtures().join(fixture), &out, ty, &mut |p| last = Some(p)).unwrap();
+        let last = last.unwrap();
+        assert_eq!(last.loaded, last.total, "progress ends complete");
+        assert_eq!(written.bytes, std::fs::metadata(&out).unwrap().len());
+        let theirs: Vec<PathBuf> = theirs.iter().map(|p| fixtures().join(p)).collect();
+        let (a, b) = (tensors_of(std::slice::from_ref(&out)), tensors_of(&theirs));
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            b.keys().collect::<Vec<_>>(),
+            "{fixture}: tensor names"
+        );
+        for (name, (ty_b, dims_b, data_b)) in &b {
+            let (ty_a, dims_a, data_a) = &a[name];
+            assert_eq!((ty_a, dims_a), (ty_b, dims_b), "{fixture}: {name}'s type and dims");
+            assert!(data_a == data_b, "{fixture}: {name}'s bytes differ");
+        }
+        let (ours, theirs) = (read_header(&out).unwrap(), read_header(&theirs[0]).unwrap());
+        for (key, value) in &theirs.metadata {
+            if ["general.name", "general.size_label", "tokenizer.ggml.add_sep_token"].contains(&key.as_str())
+                || key.starts_with("split.")
+            {
+                continue;
+            }
+            assert_eq!(ours.metadata.get(key), Some(value), "{fixture}: metadata {key}");
+        }
+    }
+    // A type moela does not write is refused by name.
+    let e = moela::load::gguf::write::quantize(
+        &fixtures().join("v2-lite-tiny"),
+        &dir.join("x.gguf"),
+        GgmlType::Q4_K,
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("Q4_K") && e.contains("q8_0"), "{e}");
+}

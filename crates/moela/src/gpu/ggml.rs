@@ -246,6 +246,42 @@ fn decode_run(ty: GgmlType, b: &[u8], part: usize, out: &mut [f32; 32]) {
     }
 }
 
+/// Appends `values` stored as `ty` (F32, F16, BF16, Q8_0 or Q4_0; the block types whole blocks of values)
+/// to `out`, rounded as llama.cpp's reference quantisers round (`ggml-quants.c`): Q8_0 with the scale
+/// `max |x| / 127` and codes `round(x / scale)`, ties away from zero; Q4_0 with the scale `-m / 8` for `m`
+/// the value of largest magnitude, codes `x / scale + 8.5` truncated and clamped to 15; the scale is
+/// stored as f16 after the codes are made with it in f32.
+///
+/// # Panics
+/// For another type, or values that are not whole blocks.
+pub fn encode(ty: GgmlType, values: &[f32], out: &mut Vec<u8>) {
+    match ty {
+        GgmlType::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+        GgmlType::F16 => out.extend(values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes())),
+        GgmlType::BF16 => out.extend(values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())),
+        GgmlType::Q8_0 | GgmlType::Q4_0 => {
+            assert!(values.len().is_multiple_of(32), "whole blocks of 32");
+            for block in values.chunks_exact(32) {
+                if ty == GgmlType::Q8_0 {
+                    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let d = amax / 127.0;
+                    let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+                    out.extend(f16::from_f32(d).to_le_bytes());
+                    out.extend(block.iter().map(|v| (v * id).round() as i8 as u8));
+                } else {
+                    let m = block.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                    let d = m / -8.0;
+                    let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+                    let code = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+                    out.extend(f16::from_f32(d).to_le_bytes());
+                    out.extend((0..16).map(|j| code(block[j]) | (code(block[j + 16]) << 4)));
+                }
+            }
+        }
+        other => panic!("{} cannot be written", other.name()),
+    }
+}
+
 /// The block of 32 at value `at` as moela's own block codes and f16 scale, where `ty` stores exactly that:
 /// `Q8_0` for q8 (codes -128..=127) and `Q4_0` for q4 (codes -8..=7, which moela's q4 unpacking, `nibble -
 /// 8`, reads as they are). A checkpoint in either moves to the GPU without a value being re-quantised.

@@ -18,6 +18,8 @@ pub use crate::gpu::ggml::GgmlType;
 
 pub mod names;
 pub mod vocab;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod write;
 
 /// `GGUF` as a little-endian u32.
 const MAGIC: u32 = 0x4655_4747;

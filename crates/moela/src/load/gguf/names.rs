@@ -49,7 +49,7 @@ impl HfTensor {
 }
 
 /// The HF name of each part of a block's GGUF name (`attn_q_a` in `blk.N.attn_q_a.weight`).
-const BLOCK_NAMES: &[(&str, &str)] = &[
+pub(super) const BLOCK_NAMES: &[(&str, &str)] = &[
     ("attn_norm.weight", "input_layernorm.weight"),
     ("attn_q.weight", "self_attn.q_proj.weight"),
     ("attn_q_a.weight", "self_attn.q_a_proj.weight"),
@@ -71,7 +71,7 @@ const BLOCK_NAMES: &[(&str, &str)] = &[
 ];
 
 /// The stacked routed experts: GGUF part, HF projection.
-const EXPERT_NAMES: &[(&str, &str)] = &[
+pub(super) const EXPERT_NAMES: &[(&str, &str)] = &[
     ("ffn_gate_exps.weight", "gate_proj"),
     ("ffn_up_exps.weight", "up_proj"),
     ("ffn_down_exps.weight", "down_proj"),

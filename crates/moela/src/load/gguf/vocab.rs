@@ -38,21 +38,34 @@ const DEEPSEEK_V3: &[&str] = &[
 /// DeepSeek Coder (`deepseek-coder`).
 const DEEPSEEK_CODER: &[&str] = &["[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", "[一-龥ࠀ-一가-퟿]+", "\\p{N}"];
 
+/// The pre-tokenizer names moela knows with their split rules (`None`: GPT-2's own, the byte-level
+/// pre-tokenizer's built-in regex).
+pub(super) const PRE_TOKENIZERS: &[(&str, Option<&[&str]>)] = &[
+    ("deepseek-llm", Some(DEEPSEEK_LLM)),
+    ("deepseek-v3", Some(DEEPSEEK_V3)),
+    ("deepseek-coder", Some(DEEPSEEK_CODER)),
+    ("gpt-2", None),
+];
+
 /// The split rules `tokenizer.ggml.pre` names, or `None` for GPT-2's own (the byte-level pre-tokenizer's
 /// built-in regex).
 fn split_rules(pre: &str) -> Option<Option<&'static [&'static str]>> {
-    match pre {
-        "deepseek-llm" => Some(Some(DEEPSEEK_LLM)),
-        "deepseek-v3" => Some(Some(DEEPSEEK_V3)),
-        "deepseek-coder" => Some(Some(DEEPSEEK_CODER)),
-        "default" | "gpt-2" | "gpt2" => Some(None),
-        _ => None,
-    }
+    let pre = if matches!(pre, "default" | "gpt2") {
+        "gpt-2"
+    } else {
+        pre
+    };
+    PRE_TOKENIZERS
+        .iter()
+        .find(|(name, _)| *name == pre)
+        .map(|(_, rules)| *rules)
 }
 
 /// llama.cpp's token types.
-const CONTROL: u64 = 3;
-const USER_DEFINED: u64 = 4;
+pub(super) const NORMAL: u64 = 1;
+pub(super) const CONTROL: u64 = 3;
+pub(super) const USER_DEFINED: u64 = 4;
+pub(super) const UNUSED: u64 = 5;
 
 /// The `tokenizer.json` and `tokenizer_config.json` that `header`'s tokenizer metadata describes, or `None`
 /// when the file has no tokenizer. `file` names the file in errors.
