@@ -204,35 +204,124 @@ fn clear(e: moela::Error) -> Result<bool, String> {
     Ok(false)
 }
 
-#[test]
-fn damaged_checkpoints_give_clear_errors_or_run() {
-    let model = shipped();
-    let mut rng = ChaCha8Rng::seed_from_u64(0x10ad);
+/// Runs up to `CASES` damaged copies made by `damage`, each through `run` on a thread of its own, and fails
+/// on a panic, an unclear error or a case that does not finish within `HANG`.
+fn fuzz<M: Send + 'static>(
+    what: &str,
+    seed: u64,
+    mut damage: impl FnMut(&mut ChaCha8Rng) -> (String, M),
+    run: fn(M) -> Result<bool, String>,
+) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let start = Instant::now();
     let (mut ran, mut errors, mut done) = (0, 0, 0);
     for case in 0..CASES {
         if start.elapsed() > BUDGET {
             break;
         }
-        let (what, files) = damage(&model, &mut rng);
+        let (damaged, files) = damage(&mut rng);
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_and_run(files)));
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(files)));
             let _ = tx.send(result);
         });
         match rx.recv_timeout(HANG) {
             Ok(Ok(Ok(true))) => ran += 1,
             Ok(Ok(Ok(false))) => errors += 1,
-            Ok(Ok(Err(e))) => panic!("case {case} ({what}): {e}"),
-            Ok(Err(_)) => panic!("case {case} ({what}): panicked"),
-            Err(_) => panic!("case {case} ({what}): no answer within {HANG:?}"),
+            Ok(Ok(Err(e))) => panic!("case {case} ({damaged}): {e}"),
+            Ok(Err(_)) => panic!("case {case} ({damaged}): panicked"),
+            Err(_) => panic!("case {case} ({damaged}): no answer within {HANG:?}"),
         }
         done += 1;
     }
-    eprintln!("{done} damaged checkpoints: {errors} clear errors, {ran} loaded and ran");
+    eprintln!("{done} damaged {what}: {errors} clear errors, {ran} loaded and ran");
     assert!(done >= 50, "only {done} cases ran within {BUDGET:?}");
     assert!(
         errors > 0 && ran > 0,
         "{errors} errors, {ran} ran: the damage is not varied"
     );
+}
+
+#[test]
+fn damaged_checkpoints_give_clear_errors_or_run() {
+    let model = shipped();
+    fuzz("checkpoints", 0x10ad, |rng| damage(&model, rng), load_and_run);
+}
+
+/// A GGUF file from llama.cpp's converter (v2-lite-tiny, Q8_0), damaged: random bytes in its header (metadata,
+/// tensor table), a rewritten dimension or offset, truncation, random bytes in its data.
+#[test]
+fn damaged_gguf_files_give_clear_errors_or_run() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/v2-lite-tiny.q8_0.gguf");
+    let bytes = std::fs::read(&path).unwrap();
+    let header = moela::load::gguf::read_header(&path).unwrap();
+    let data_start = header.data_start as usize;
+    // Where the tensor table's dimensions and offsets are: after each tensor's name.
+    let fields: Vec<usize> = header
+        .tensors
+        .iter()
+        .filter_map(|t| {
+            bytes
+                .windows(t.name.len())
+                .position(|w| w == t.name.as_bytes())
+                .map(|at| at + t.name.len())
+        })
+        .collect();
+    let damage = |rng: &mut ChaCha8Rng| {
+        let mut out = bytes.clone();
+        let what = match rng.random_range(0..4) {
+            0 => {
+                let n = rng.random_range(1..8);
+                for _ in 0..n {
+                    out[rng.random_range(0..data_start)] = rng.random();
+                }
+                format!("{n} random bytes in the header")
+            }
+            1 => {
+                let at = fields[rng.random_range(0..fields.len())] + rng.random_range(0..28);
+                out[at] = rng.random();
+                format!("byte {at} in a tensor's dimensions, type or offset")
+            }
+            2 => {
+                let len = rng.random_range(0..bytes.len());
+                out.truncate(len);
+                format!("truncated to {len} bytes")
+            }
+            _ => {
+                let n = rng.random_range(1..32);
+                for _ in 0..n {
+                    out[rng.random_range(data_start..bytes.len())] = rng.random();
+                }
+                format!("{n} random bytes in the tensor data")
+            }
+        };
+        (what, out)
+    };
+    fuzz("GGUF files", 0x66_75_66, damage, load_gguf_and_run);
+}
+
+/// Loads a GGUF file from its bytes and computes logits: `Ok(true)` when it ran, `Ok(false)` for a clear error.
+fn load_gguf_and_run(bytes: Vec<u8>) -> Result<bool, String> {
+    let weights = vec![WeightFile::from_bytes("damaged.gguf", bytes)];
+    let (files, _) = match pollster::block_on(moela::load::gguf::checkpoint(weights)) {
+        Ok(f) => f,
+        Err(e) => return clear(e),
+    };
+    #[cfg(feature = "cpu")]
+    let device = moela::cpu_device();
+    #[cfg(not(feature = "cpu"))]
+    let device = moela::default_device().map_err(|e| e.to_string())?;
+    let options = LoadOptions {
+        dtype: moela::WeightDtype::Q8,
+        ..LoadOptions::default()
+    };
+    let engine = match pollster::block_on(Engine::load(files, options, &device, &mut |_| {})) {
+        Ok(e) => e,
+        Err(e) => return clear(e),
+    };
+    match pollster::block_on(engine.logits(&[0, 17, 300, 5])) {
+        Ok(_) => Ok(true),
+        Err(e) => clear(e),
+    }
 }
