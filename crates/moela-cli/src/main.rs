@@ -298,7 +298,7 @@ fn weight_dtype(args: &ModelArgs, path: &Path) -> Result<WeightDtype> {
         if let Some(&(main, ..)) = header.type_mix().first() {
             let dtype = header.nearest_format();
             eprintln!(
-                "moela: {} holds mostly {}; its weights go to the GPU as {} (--weights to choose)",
+                "moela: {} holds mostly {}; its weights are stored as {} (--weights to choose)",
                 path.display(),
                 main.name(),
                 dtype.name()
