@@ -8,8 +8,9 @@
 
 use half::f16;
 
-use crate::gpu::WeightDtype;
+use crate::gpu::ggml::exact_block;
 use crate::gpu::packed::{BLOCK, for_chunks, quantise_block};
+use crate::gpu::{Rows, WeightDtype};
 
 /// The table's values.
 #[derive(Debug, Clone)]
@@ -114,6 +115,41 @@ impl HostTable {
         }
     }
 
+    /// Stores rows `first..` from `rows` as a checkpoint stores them (whole rows): a GGUF file's Q8_0 / Q4_0
+    /// rows into a q8 / q4 table as they are (codes and scales copied), anything else converted. Returns
+    /// false when a value is not finite.
+    ///
+    /// # Panics
+    /// When the rows run past the table or are not whole rows.
+    pub fn set_stored(&mut self, first: usize, rows: Rows<'_>) -> bool {
+        let cols = self.cols;
+        let (q8, per_row) = (self.format == WeightDtype::Q8, self.code_bytes_per_row());
+        let blocks = cols.div_ceil(BLOCK);
+        if let (Rows::Ggml(ty, bytes), Values::Blocks { codes, scales }) = (rows, &mut self.values)
+            && cols.is_multiple_of(BLOCK)
+            && exact_block(ty, bytes, 0, q8, &mut [0; BLOCK]).is_some()
+        {
+            let count = rows.len() / cols;
+            assert!(first + count <= self.rows, "rows past the table");
+            let mut q = [0i32; BLOCK];
+            let mut finite = true;
+            for r in 0..count {
+                let row_codes = &mut codes[(first + r) * per_row..][..per_row];
+                for b in 0..blocks {
+                    let s = exact_block(ty, bytes, r * cols + b * BLOCK, q8, &mut q).expect("the same type");
+                    finite &= half::f16::from_bits(s).is_finite();
+                    scales[(first + r) * blocks + b] = s;
+                    put_codes(&q, q8, &mut row_codes[b * per_block(q8)..][..per_block(q8)]);
+                }
+            }
+            return finite;
+        }
+        let mut values = vec![0f32; rows.len()];
+        let finite = rows.read(0, &mut values);
+        self.set_rows(first, &values);
+        finite
+    }
+
     /// Appends row `row` as f32 to `out`.
     ///
     /// # Panics
@@ -166,23 +202,55 @@ fn quantise_row(row: &[f32], q8: bool, codes: &mut [u8], scales: &mut [u16]) {
     let mut q = [0i32; BLOCK];
     for (b, block) in row.chunks(BLOCK).enumerate() {
         scales[b] = quantise_block(block, q8, &mut q);
-        if q8 {
-            for (c, v) in codes[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(&q) {
-                *c = *v as i8 as u8;
-            }
-        } else {
-            for (c, pair) in codes[b * BLOCK / 2..(b + 1) * BLOCK / 2]
-                .iter_mut()
-                .zip(q.chunks_exact(2))
-            {
-                *c = ((pair[0] + 8) as u8) | (((pair[1] + 8) as u8) << 4);
-            }
+        put_codes(&q, q8, &mut codes[b * per_block(q8)..(b + 1) * per_block(q8)]);
+    }
+}
+
+/// Bytes of one block's codes.
+fn per_block(q8: bool) -> usize {
+    if q8 { BLOCK } else { BLOCK / 2 }
+}
+
+/// A block's codes as the table stores them: a signed byte each (q8), or two `q + 8` nibbles per byte (q4).
+fn put_codes(q: &[i32; BLOCK], q8: bool, out: &mut [u8]) {
+    if q8 {
+        for (c, v) in out.iter_mut().zip(q) {
+            *c = *v as i8 as u8;
+        }
+    } else {
+        for (c, pair) in out.iter_mut().zip(q.chunks_exact(2)) {
+            *c = ((pair[0] + 8) as u8) | (((pair[1] + 8) as u8) << 4);
         }
     }
 }
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Q8_0 / Q4_0 rows are stored as they are: a row reads back as the blocks' own values.
+    #[test]
+    fn ggml_rows_are_kept_exactly() {
+        use crate::gpu::ggml::{GgmlType, decode};
+        let (rows, cols) = (3, 64);
+        for (ty, format, size) in [
+            (GgmlType::Q8_0, WeightDtype::Q8, 34),
+            (GgmlType::Q4_0, WeightDtype::Q4, 18),
+        ] {
+            let mut bytes: Vec<u8> = (0..rows * cols / 32 * size).map(|i| (i * 37 % 251) as u8).collect();
+            for b in bytes.chunks_exact_mut(size) {
+                b[..2].copy_from_slice(&half::f16::from_f32(0.02).to_le_bytes());
+            }
+            let mut want = vec![0f32; rows * cols];
+            assert!(decode(ty, &bytes, 0, &mut want));
+            let mut t = HostTable::new(format, rows, cols);
+            assert!(t.set_stored(0, Rows::Ggml(ty, &bytes)));
+            for r in 0..rows {
+                let mut got = Vec::new();
+                t.push_row(r, &mut got);
+                assert_eq!(got, want[r * cols..(r + 1) * cols], "{ty:?} row {r}");
+            }
+        }
+    }
 
     #[test]
     fn rows_come_back_within_the_format_precision() {

@@ -40,20 +40,6 @@ impl<'a> Reader<'a> {
         Ok(t)
     }
 
-    /// Appends rows `rows` of the 2-D tensor `name` (`[out, in]`) as f32 to `out`.
-    pub(crate) async fn append(
-        &mut self,
-        name: &str,
-        shape: [usize; 2],
-        rows: Range<usize>,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
-        let part = self.set.byte_len(name) * rows.len() as u64 / shape[0].max(1) as u64;
-        self.set.append_rows(name, &shape, rows, out).await?;
-        self.advance(part);
-        Ok(())
-    }
-
     /// Rows `rows` of the 2-D tensor `name` (`[out, in]`) as the file stores them.
     pub(crate) async fn stored(&mut self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<StoredRows<'a>> {
         let part = self.set.byte_len(name) * rows.len() as u64 / shape[0].max(1) as u64;

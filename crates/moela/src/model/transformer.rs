@@ -136,14 +136,14 @@ impl Transformer {
         let embed_name = "model.embed_tokens.weight".to_string();
         let mut embed = HostTable::new(dtype, v, h);
         let slice_rows = (SLICE_BYTES / (h * 4).max(1)).max(1);
-        let mut rows = Vec::new();
         for first in (0..v).step_by(slice_rows) {
-            rows.clear();
-            r.append(&embed_name, [v, h], first..(first + slice_rows).min(v), &mut rows)
+            let rows = r
+                .stored(&embed_name, [v, h], first..(first + slice_rows).min(v))
                 .await?;
-            embed.set_rows(first, &rows);
+            if !embed.set_stored(first, rows.rows()) {
+                rows.check_finite()?;
+            }
         }
-        drop(rows);
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             prefetch(i + READ_AHEAD);
