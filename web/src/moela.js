@@ -541,6 +541,11 @@ function checkFits(info, limits) {
 /** llama.cpp's names for the parts of a split GGUF model: `NAME-00001-of-00003.gguf`. */
 const GGUF_PART = /^(.*)-(\d+)-of-(\d+)\.gguf$/;
 
+/** The model's name from a GGUF file's: without `.gguf` and a split part's `-0000K-of-0000N`. */
+function ggufModelName(file) {
+  return file.replace(/(-\d+-of-\d+)?\.gguf$/, '');
+}
+
 /** A GGUF model's file names from one of them: the file, or every part of a split one, in order. */
 function ggufParts(name) {
   const m = GGUF_PART.exec(name);
@@ -750,7 +755,7 @@ async function filesFromFileList(fileList, { onProgress, signal, check }) {
     const missing = names.filter((n) => !byName.has(n));
     if (missing.length) throw new Error(`the GGUF model is split in ${names.length} files; pick them all (missing: ${missing.join(', ')})`);
     onProgress?.({ phase: 'download', file: names[0], loaded: 0, total: 0 });
-    return { weights: names.map((n) => ranges(n, byName.get(n))), name: names[0].replace(/(-\d+-of-\d+)?\.gguf$/, '') };
+    return { weights: names.map((n) => ranges(n, byName.get(n))), name: ggufModelName(names[0]) };
   }
   const dirOf = (p) => p.slice(0, p.lastIndexOf('/') + 1);
   // The folder holding config.json (the shallowest one, when the picked folder has subfolders).
@@ -1040,7 +1045,7 @@ export class Engine {
         return 0;
       };
       checkpoint = await ggufFromUrl(url, { cache, onProgress, signal, checkHeader });
-      name = decodeURIComponent(url.pathname.split('/').pop()).replace(/(-\d+-of-\d+)?\.gguf$/, '');
+      name = ggufModelName(decodeURIComponent(url.pathname.split('/').pop()));
     } else if (model) {
       const base = folderUrl(model);
       checkpoint = await filesFromUrl(base, { cache, onProgress, signal, check });

@@ -88,17 +88,13 @@ impl Entry {
                 synthetic: None,
                 split_kv_b: None,
             },
-            split @ gguf::names::HfTensor::SplitKvB { .. } => {
-                let shape = split.shape();
-                let gguf::names::HfTensor::SplitKvB { k_b, v_b } = split else {
-                    unreachable!()
-                };
+            gguf::names::HfTensor::SplitKvB { k_b, v_b } => {
                 let (k_b, v_b) = (Self::gguf(file, *k_b), Self::gguf(file, *v_b));
                 Self {
                     file,
                     ty: Some(GgmlType::F32),
                     type_name: format!("{} and {}", k_b.type_name, v_b.type_name),
-                    shape,
+                    shape: gguf::names::kv_b_shape(&k_b.shape, &v_b.shape),
                     start: k_b.start.min(v_b.start),
                     end: k_b.end.max(v_b.end),
                     synthetic: None,

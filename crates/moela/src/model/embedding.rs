@@ -144,10 +144,16 @@ impl HostTable {
             }
             return finite;
         }
+        // Converted on every core, as the loader converts any other slice.
         let mut values = vec![0f32; rows.len()];
-        let finite = rows.read(0, &mut values);
+        let finite = std::sync::atomic::AtomicBool::new(true);
+        for_chunks(&mut values, 1 << 16, |i, chunk| {
+            if !rows.read(i << 16, chunk) {
+                finite.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
         self.set_rows(first, &values);
-        finite
+        finite.into_inner()
     }
 
     /// Appends row `row` as f32 to `out`.

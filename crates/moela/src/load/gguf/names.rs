@@ -40,12 +40,15 @@ impl HfTensor {
     pub fn shape(&self) -> Vec<usize> {
         match self {
             HfTensor::Range { shape, .. } => shape.clone(),
-            HfTensor::SplitKvB { k_b, v_b } => {
-                let (k, v) = (k_b.shape(), v_b.shape());
-                vec![k[0] * (k[2] + v[1]), k[1]]
-            }
+            HfTensor::SplitKvB { k_b, v_b } => kv_b_shape(&k_b.shape(), &v_b.shape()),
         }
     }
+}
+
+/// `kv_b_proj`'s shape, `[n_head * (qk_nope_head_dim + v_head_dim), kv_lora_rank]`, from `attn_k_b`'s
+/// (`[n_head, kv_lora_rank, qk_nope_head_dim]`) and `attn_v_b`'s (`[n_head, v_head_dim, kv_lora_rank]`).
+pub fn kv_b_shape(k_b: &[usize], v_b: &[usize]) -> Vec<usize> {
+    vec![k_b[0] * (k_b[2] + v_b[1]), k_b[1]]
 }
 
 /// The HF name of each part of a block's GGUF name (`attn_q_a` in `blk.N.attn_q_a.weight`).
