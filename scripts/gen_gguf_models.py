@@ -10,6 +10,8 @@
   converted to F32 and quantised by llama.cpp's quantiser (`llama_model_quantize` through llama-cpp-python),
   and `k256.llama.json`: llama.cpp's own logits for each of those files (CPU backend) over one token
   sequence, and the F32 file's.
+* `k256.moela.q4_k.gguf`: the same model written by `moela quantize --type q4_k` (Q4_K, with Q5_0 where rows
+  are not whole super-blocks and a Q8_0 head), and llama.cpp's logits for it in `k256.llama.json`.
 
 The converter runs unchanged but for one thing: it names a BPE pre-tokenizer by hashing a real vocabulary's
 output, and the fixtures' tokenizer is a small one trained with DeepSeek-V3's pre-tokenizer rules
@@ -111,7 +113,9 @@ def k256_model(folder):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-cpp", required=True, help="llama.cpp's source (convert_hf_to_gguf.py)")
-    llama = os.path.abspath(ap.parse_args().llama_cpp)
+    ap.add_argument("--moela", default="moela", help="the moela binary (for its `quantize --type q4_k`)")
+    args = ap.parse_args()
+    llama, moela = os.path.abspath(args.llama_cpp), args.moela
     import llama_cpp
 
     convert(llama, os.path.join(FIXTURES, "v2-lite-tiny"), os.path.join(OUT, "v2-lite-tiny.f32.gguf"), "f32")
@@ -135,6 +139,10 @@ def main():
             quantize(f32, path, ftype)
             out["files"][name] = {"types": type_mix(path), "logits": llama_logits(path, tokens).astype(np.float64).round(4).tolist()}
             print(path, os.path.getsize(path), "bytes", type_mix(path))
+        # moela's own Q4_K writer, read by llama.cpp.
+        path = os.path.join(OUT, "k256.moela.q4_k.gguf")
+        subprocess.run([moela, "quantize", "--model", hf, "--out", path, "--type", "q4_k"], check=True)
+        out["files"]["moela.q4_k"] = {"types": type_mix(path), "logits": llama_logits(path, tokens).astype(np.float64).round(4).tolist()}
         out["llama_cpp_python"] = llama_cpp.__version__
         with open(os.path.join(OUT, "k256.llama.json"), "w") as f:
             json.dump(out, f, separators=(",", ":"))

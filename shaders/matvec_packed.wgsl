@@ -1,9 +1,12 @@
-// Products with block-quantised weights (gpu/packed.rs has the layouts): w[k, n] = q * scale, q a code of
-// the format, one f16 scale per block of 32 consecutive k of a column. The format's own part, how a word
-// holds its codes, is the include `unpack` names (unpack_q8.wgsl, unpack_q4.wgsl): GROUPS (words per block
-// of a column) and unpack(words, h), the 4x4 matrix of the h-th four rows of four adjacent columns' words;
-// each word holds X4 * 4 rows of a column. Everything else here is shared. Unpacked in registers,
-// accumulated in f32; the words are plain u32, so no shader-f16 or integer-dot extension is needed.
+// Products with block-quantised weights (gpu/packed.rs has the layouts): w[k, n] = q * scale - min, q a
+// code of the format, a scale (and for q4k a minimum; MINS lines) per block of 32 consecutive k of a
+// column. The format's own part, how a word holds its codes, is the include `unpack` names (unpack_q8.wgsl,
+// unpack_q4.wgsl, unpack_q4k.wgsl): GROUPS (words per block of a column) and unpack(words, h), the 4x4
+// matrix of the h-th four rows of four adjacent columns' words; each word holds X4 * 4 rows of a column;
+// and with MINS, frame(), a block's scales and minimums (else the f16 scales of s). Everything else here
+// is shared. Unpacked in registers, accumulated in f32; the words are plain u32, so no shader-f16 or
+// integer-dot extension is needed. A block's minimum is applied once: sum(x * (q * scale - min)) =
+// scale * sum(x * q) - min * sum(x).
 //
 // Three entry points over one binding list:
 // - matvec: y[m] = x[m] @ w[idx[0]] for the M rows of x, M (1..=8) rows per workgroup row; lines
@@ -78,6 +81,12 @@ fn word(e: u32, g: u32, c: u32) -> vec4<u32> {
 }
 
 {% include unpack %}
+{% if not MINS %}
+// Block b's scales: four columns' f16s in s[i] (no minimums).
+fn frame(e: u32, b: u32, c: u32, i: u32) -> mat2x4<f32> {
+    return mat2x4<f32>(scale(s[i]), vec4<f32>(0.0));
+}
+{% endif %}
 
 // The rows of x (rowR, M of them) times the P texel columns of matrix `expert` from c, block by block,
 // into accR_C: the inner loop every product entry shares, each block's partial sums scaled once.
@@ -85,6 +94,8 @@ fn word(e: u32, g: u32, c: u32) -> vec4<u32> {
     for (var b = 0u; b < blocks; b++) {
 {% for C in range(P) %}{% for R in range(M) %}        var part{{R}}_{{C}} = vec4<f32>(0.0);
 {% endfor %}{% endfor %}
+{% if MINS %}{% for R in range(M) %}        var xsum{{R}} = vec4<f32>(0.0);
+{% endfor %}{% endif %}
         for (var j = 0u; j < GROUPS; j++) {
             let g = b * GROUPS + j;
 {% for C in range(P) %}            let words{{C}} = word({{ expert }}, g, c + col({{C}}u, step));
@@ -92,13 +103,16 @@ fn word(e: u32, g: u32, c: u32) -> vec4<u32> {
 {% endfor %}{% endfor %}
 {% for R in range(M) %}{% for h in range(X4) %}            let xv{{R}}_{{h}} = xs(row{{R}}, {{X4}}u * g + {{h}}u);
 {% endfor %}{% endfor %}
+{% if MINS %}{% for R in range(M) %}            xsum{{R}} += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv{{R}}_{{h}}{% endfor %};
+{% endfor %}{% endif %}
 {% for C in range(P) %}{% for R in range(M) %}            part{{R}}_{{C}} += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv{{R}}_{{h}} * q{{C}}_{{h}}{% endfor %};
 {% endfor %}{% endfor %}
         }
-{% for C in range(P) %}        let sc{{C}} = scale(s[sbase + b * n4 + col({{C}}u, step)]);
+{% for C in range(P) %}        let f{{C}} = frame({{ expert }}, b, c + col({{C}}u, step), sbase + b * n4 + col({{C}}u, step));
 {% endfor %}
-{% for C in range(P) %}{% for R in range(M) %}        acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, sc{{C}}, acc{{R}}_{{C}});
-{% endfor %}{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}        acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, f{{C}}[0], acc{{R}}_{{C}});
+{% if MINS %}        acc{{R}}_{{C}} -= dot(xsum{{R}}, vec4<f32>(1.0)) * f{{C}}[1];
+{% endif %}{% endfor %}{% endfor %}
     }
 {% endmacro %}
 
@@ -184,16 +198,22 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
         for (var b = 0u; b < blocks; b++) {
 {% for C in range(P) %}            var part{{C}} = vec4<f32>(0.0);
 {% endfor %}
+{% if MINS %}            var xsum = vec4<f32>(0.0);
+{% endif %}
             for (var j = 0u; j < GROUPS; j++) {
                 let g = b * GROUPS + j;
 {% for h in range(X4) %}                let xv_{{h}} = xs(row, {{X4}}u * g + {{h}}u);
 {% endfor %}
+{% if MINS %}                xsum += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv_{{h}}{% endfor %};
+{% endif %}
 {% for C in range(P) %}                let words{{C}} = word(u32(e), g, c + col({{C}}u, step));
                 part{{C}} += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv_{{h}} * unpack(words{{C}}, {{h}}u){% endfor %};
 {% endfor %}
             }
-{% for C in range(P) %}            acc{{C}} = fma(part{{C}}, scale(s[sbase + b * n4 + col({{C}}u, step)]), acc{{C}});
-{% endfor %}
+{% for C in range(P) %}            let f{{C}} = frame(u32(e), b, c + col({{C}}u, step), sbase + b * n4 + col({{C}}u, step));
+            acc{{C}} = fma(part{{C}}, f{{C}}[0], acc{{C}});
+{% if MINS %}            acc{{C}} -= dot(xsum, vec4<f32>(1.0)) * f{{C}}[1];
+{% endif %}{% endfor %}
         }
     }
 {% if LIN %}{% for C in range(P) %}    y[p * n4 + c + {{C}}u] = acc{{C}};
@@ -253,15 +273,15 @@ fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let words = word(e, g, c);
-    let sc = scale(s[(e * shape.blocks + g / GROUPS) * n4 + c]);
+    let f = frame(e, g / GROUPS, c, (e * shape.blocks + g / GROUPS) * n4 + c);
     let out = (e * kw + g) * (4u * {{X4}}u) * n4 + c;
     for (var h = 0u; h < {{X4}}u; h++) {
         // Row i of the transpose: the four columns at k = 4 (X4 g + h) + i.
         let rows = transpose(unpack(words, h));
         let o = out + h * 4u * n4;
-        y[o] = rows[0] * sc;
-        y[o + n4] = rows[1] * sc;
-        y[o + 2u * n4] = rows[2] * sc;
-        y[o + 3u * n4] = rows[3] * sc;
+        y[o] = rows[0] * f[0] - f[1];
+        y[o + n4] = rows[1] * f[0] - f[1];
+        y[o + 2u * n4] = rows[2] * f[0] - f[1];
+        y[o + 3u * n4] = rows[3] * f[0] - f[1];
     }
 }

@@ -56,7 +56,7 @@ struct QuantizeArgs {
     out: PathBuf,
     /// The type of the matrices: f32, f16, bf16, q8_0 or q4_0. Norms, 1-D tensors and the router stay F32,
     /// and a matrix whose rows are not whole blocks of the type is F16, as llama.cpp's converter does.
-    #[arg(long = "type", default_value = "q8_0", value_parser = ["f32", "f16", "bf16", "q8_0", "q4_0"])]
+    #[arg(long = "type", default_value = "q8_0", value_parser = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k"])]
     ty: String,
 }
 
@@ -66,9 +66,10 @@ struct ModelArgs {
     /// file (for a split one, any of its parts). Defaults to the model shipped with moela.
     #[arg(long, short)]
     model: Option<PathBuf>,
-    /// How weights are stored on the GPU: f32, f16, q8 (8-bit blocks) or q4 (4-bit blocks). Defaults to f32
-    /// for an HF folder and, for a GGUF file, to the format nearest its main type (Q8_0, Q5, Q6_K: q8;
-    /// Q4_0, Q4_K: q4; F16, BF16: f16).
+    /// How weights are stored on the GPU: f32, f16, q8 (8-bit blocks), q4 (4-bit blocks) or q4k (GGUF's
+    /// Q4_K: 4-bit codes, a scale and minimum per 32). Defaults to f32 for an HF folder and, for a GGUF file,
+    /// to the format nearest its main type (Q8_0, Q5, Q6_K: q8; Q4_0: q4; Q4_K: q4k, which keeps the
+    /// file's Q4_K tensors as they are and its other tensors in their own nearest format; F16, BF16: f16).
     #[arg(long)]
     weights: Option<String>,
     /// Hot-path implementation on the GPU: wgsl (moela's kernels) or generic (burn's ops, the reference).
@@ -677,6 +678,7 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
         "f16" => GgmlType::F16,
         "bf16" => GgmlType::BF16,
         "q4_0" => GgmlType::Q4_0,
+        "q4_k" => GgmlType::Q4_K,
         _ => GgmlType::Q8_0,
     };
     let bar = if std::io::stderr().is_terminal() {

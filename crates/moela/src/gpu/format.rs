@@ -7,8 +7,11 @@ use half::f16;
 use super::ggml::GgmlType;
 use crate::error::{Error, Result};
 
-/// Weights per quantisation block (q8, q4): one f16 scale each.
+/// Weights per quantisation block (q8, q4, q4k): one scale each.
 pub const BLOCK: usize = 32;
+
+/// Weights per q4k super-block: one f16 scale and minimum for its eight blocks' 6-bit ones.
+pub const SUPER_BLOCK: usize = 256;
 
 /// How projection and expert weights are stored on the GPU. Activations, norms, softmax, the router, the
 /// absorbed attention factors and the embedding table stay f32.
@@ -24,6 +27,10 @@ pub enum WeightDtype {
     Q8,
     /// 4.5 bits per weight: 4-bit codes with an f16 scale per block of 32.
     Q4,
+    /// 4.625 bits per weight: GGUF's `Q4_K` super-blocks kept as they are: 4-bit codes from 0 to 15, a
+    /// 6-bit scale and minimum per block of 32, an f16 scale and minimum for each of them per 256; a weight
+    /// is `d * scale * q - dmin * min`. K is padded to whole super-blocks of 256.
+    Q4K,
 }
 
 impl WeightDtype {
@@ -34,6 +41,7 @@ impl WeightDtype {
             WeightDtype::F16 => 16.0,
             WeightDtype::Q8 => 8.0 + 16.0 / BLOCK as f64,
             WeightDtype::Q4 => 4.0 + 16.0 / BLOCK as f64,
+            WeightDtype::Q4K => 4.0 + 16.0 / BLOCK as f64 + 32.0 / SUPER_BLOCK as f64,
         }
     }
 
@@ -42,7 +50,7 @@ impl WeightDtype {
     pub fn rows_per_word(self) -> usize {
         match self {
             WeightDtype::Q8 => 4,
-            WeightDtype::Q4 => 8,
+            WeightDtype::Q4 | WeightDtype::Q4K => 8,
             WeightDtype::F16 | WeightDtype::F32 => 1,
         }
     }
@@ -59,15 +67,22 @@ impl WeightDtype {
             WeightDtype::F16 => "f16",
             WeightDtype::Q8 => "q8",
             WeightDtype::Q4 => "q4",
+            WeightDtype::Q4K => "q4k",
         }
     }
 
-    /// Parses `f32` / `f16` / `q8` / `q4`.
+    /// Parses `f32` / `f16` / `q8` / `q4` / `q4k`.
     pub fn parse(s: &str) -> Result<Self> {
-        [Self::F32, Self::F16, Self::Q8, Self::Q4]
+        [Self::F32, Self::F16, Self::Q8, Self::Q4, Self::Q4K]
             .into_iter()
             .find(|d| d.name() == s)
-            .ok_or_else(|| Error::InvalidArgument(format!("weights {s:?}: expected f32, f16, q8 or q4")))
+            .ok_or_else(|| Error::InvalidArgument(format!("weights {s:?}: expected f32, f16, q8, q4 or q4k")))
+    }
+
+    /// Whether the format's blocks have a minimum as well as a scale (q4k): its products subtract
+    /// `min * sum(x)` per block.
+    pub fn has_mins(self) -> bool {
+        self == WeightDtype::Q4K
     }
 }
 

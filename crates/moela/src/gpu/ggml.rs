@@ -102,13 +102,15 @@ impl GgmlType {
     }
 
     /// The format moela stores a file of this type in by default: its own where the blocks are the same
-    /// (q4 for Q4_0, whose blocks go to the GPU unchanged), f16 for F16 / BF16, f32 for F32, and q8 for the
-    /// other block types, which it holds without a visible loss (q4 would round their values a second time).
+    /// (q4 for Q4_0 and q4k for Q4_K, whose blocks go to the GPU unchanged), f16 for F16 / BF16, f32 for
+    /// F32, and q8 for the other block types, which it holds exactly (Q8_0, Q5_0) or without a visible loss
+    /// (q4 would round their values a second time).
     pub fn nearest_format(self) -> WeightDtype {
         match self {
             Self::F32 => WeightDtype::F32,
             Self::F16 | Self::BF16 => WeightDtype::F16,
             Self::Q4_0 => WeightDtype::Q4,
+            Self::Q4_K => WeightDtype::Q4K,
             _ => WeightDtype::Q8,
         }
     }
@@ -246,11 +248,12 @@ fn decode_run(ty: GgmlType, b: &[u8], part: usize, out: &mut [f32; 32]) {
     }
 }
 
-/// Appends `values` stored as `ty` (F32, F16, BF16, Q8_0 or Q4_0; the block types whole blocks of values)
-/// to `out`, rounded as llama.cpp's reference quantisers round (`ggml-quants.c`): Q8_0 with the scale
-/// `max |x| / 127` and codes `round(x / scale)`, ties away from zero; Q4_0 with the scale `-m / 8` for `m`
-/// the value of largest magnitude, codes `x / scale + 8.5` truncated and clamped to 15; the scale is
-/// stored as f16 after the codes are made with it in f32.
+/// Appends `values` stored as `ty` (F32, F16, BF16, Q8_0, Q4_0, Q5_0 or Q4_K; the block types whole blocks
+/// of values) to `out`. Q8_0, Q4_0 and Q5_0 are rounded as llama.cpp's reference quantisers round
+/// (`ggml-quants.c`): Q8_0 with the scale `max |x| / 127` and codes `round(x / scale)`, ties away from zero;
+/// Q4_0 with the scale `-m / 8` for `m` the value of largest magnitude, codes `x / scale + 8.5` truncated
+/// and clamped to 15 (Q5_0: `-m / 16`, `+ 16.5`, 31); the scale is stored as f16 after the codes are made
+/// with it in f32. Q4_K as [`encode_q4_k`] makes it.
 ///
 /// # Panics
 /// For another type, or values that are not whole blocks.
@@ -278,32 +281,149 @@ pub fn encode(ty: GgmlType, values: &[f32], out: &mut Vec<u8>) {
                 }
             }
         }
+        GgmlType::Q5_0 => {
+            assert!(values.len().is_multiple_of(32), "whole blocks of 32");
+            for block in values.chunks_exact(32) {
+                // As Q4_0 with 32 steps: the scale `-m / 16`, codes `x / scale + 16.5` truncated, at most 31,
+                // the fifth bit of value j in bit j of a word after the scale.
+                let m = block.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let d = m / -16.0;
+                let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+                let code = |v: f32| ((v * id + 16.5) as i32).clamp(0, 31) as u32;
+                let high = (0..32).fold(0u32, |h, j| h | (code(block[j]) >> 4) << j);
+                out.extend(f16::from_f32(d).to_le_bytes());
+                out.extend(high.to_le_bytes());
+                out.extend((0..16).map(|j| (code(block[j]) & 15 | (code(block[j + 16]) & 15) << 4) as u8));
+            }
+        }
+        GgmlType::Q4_K => {
+            assert!(values.len().is_multiple_of(256), "whole super-blocks of 256");
+            for block in values.chunks_exact(256) {
+                out.extend(encode_q4_k(block.try_into().expect("a super-block")));
+            }
+        }
         other => panic!("{} cannot be written", other.name()),
     }
 }
 
-/// The block of 32 at value `at` as moela's own block codes and f16 scale, where `ty` stores exactly that:
-/// `Q8_0` for q8 (codes -128..=127) and `Q4_0` for q4 (codes -8..=7, which moela's q4 unpacking, `nibble -
-/// 8`, reads as they are). A checkpoint in either moves to the GPU without a value being re-quantised.
+/// One `Q4_K` super-block of 256 values. Each block of 32 takes the range from its smallest value (or 0,
+/// whichever is lower) to its largest in 16 steps; the eight steps (rounded up) and offsets are stored as
+/// 6-bit multiples of the super-block's f16 scale and minimum, and the codes are rounded with the values
+/// those give. llama.cpp's quantiser searches each block's range for a smaller error; this is the plain
+/// min-max choice, in the same layout (any reader of `Q4_K` reads it).
+pub(crate) fn encode_q4_k(values: &[f32; 256]) -> [u8; 144] {
+    let (mut steps, mut offsets) = ([0f32; 8], [0f32; 8]);
+    for (j, block) in values.chunks_exact(32).enumerate() {
+        let lo = block.iter().fold(0f32, |m, &v| m.min(v));
+        let hi = block.iter().fold(lo, |m, &v| m.max(v));
+        steps[j] = (hi - lo) / 15.0;
+        offsets[j] = -lo;
+    }
+    let d = f16::from_f32(steps.iter().fold(0f32, |m, &v| m.max(v)) / 63.0);
+    let dmin = f16::from_f32(offsets.iter().fold(0f32, |m, &v| m.max(v)) / 63.0);
+    // Steps round up, so that a block's codes span its range (a step rounded down would clip its top).
+    let six = |v: f32, unit: f32| if unit > 0.0 { v / unit } else { 0.0 };
+    let sc: [u8; 8] = std::array::from_fn(|j| six(steps[j], d.to_f32()).ceil().clamp(0.0, 63.0) as u8);
+    let m: [u8; 8] = std::array::from_fn(|j| six(offsets[j], dmin.to_f32()).round().clamp(0.0, 63.0) as u8);
+    let mut b = [0u8; 144];
+    b[..2].copy_from_slice(&d.to_le_bytes());
+    b[2..4].copy_from_slice(&dmin.to_le_bytes());
+    for j in 0..4 {
+        b[4 + j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+        b[8 + j] = m[j] | ((m[j + 4] >> 4) << 6);
+        b[12 + j] = (sc[j + 4] & 15) | ((m[j + 4] & 15) << 4);
+    }
+    for (j, block) in values.chunks_exact(32).enumerate() {
+        let (scale, min) = (d.to_f32() * f32::from(sc[j]), dmin.to_f32() * f32::from(m[j]));
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let qs = &mut b[16 + 32 * (j / 2)..][..32];
+        for (q, &v) in qs.iter_mut().zip(block) {
+            let code = ((v + min) * inv).round().clamp(0.0, 15.0) as u8;
+            *q |= code << (4 * (j % 2));
+        }
+    }
+    b
+}
+
+/// One `Q4_K` super-block (144 bytes) in moela's q4k layout (`packed.rs`): the super-block's f16 scale and
+/// minimum as one word (scale low), each block's 6-bit scale and minimum as `scale | min << 8`, and each
+/// block's codes as four words of eight nibbles (value `8g + i` of the block in bits `4i..4i+4` of word `g`).
+#[inline(always)]
+pub(crate) fn q4k_block(b: &[u8]) -> (u32, [u16; 8], [[u32; 4]; 8]) {
+    let head = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let mut frames = [0u16; 8];
+    let mut words = [[0u32; 4]; 8];
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(&b[4..16], j);
+        frames[j] = sc as u16 | ((m as u16) << 8);
+        let (codes, shift) = (&b[16 + 32 * (j / 2)..][..32], 4 * (j % 2));
+        for (i, &q) in codes.iter().enumerate() {
+            words[j][i / 8] |= u32::from((q >> shift) & 15) << (4 * (i % 8));
+        }
+    }
+    (head, frames, words)
+}
+
+/// The block of 32 at value `at` as moela's own block codes and f16 scale, where `ty` stores exactly that: in
+/// q8 `Q8_0` (codes -128..=127), `Q5_0` (-16..=15) and `Q4_0` (-8..=7); in q4 `Q4_0`, whose codes moela's q4
+/// unpacking (`nibble - 8`) reads as they are. A checkpoint in these moves to the GPU without a value being
+/// re-quantised.
 #[inline(always)]
 pub(crate) fn exact_block(ty: GgmlType, bytes: &[u8], at: usize, q8: bool, codes: &mut [i32; 32]) -> Option<u16> {
-    if !at.is_multiple_of(32) {
+    let exact = matches!(ty, GgmlType::Q4_0) || (q8 && matches!(ty, GgmlType::Q8_0 | GgmlType::Q5_0));
+    if !at.is_multiple_of(32) || !exact {
         return None;
     }
-    let b = match (ty, q8) {
-        (GgmlType::Q8_0, true) => &bytes[at / 32 * 34..][..34],
-        (GgmlType::Q4_0, false) => &bytes[at / 32 * 18..][..18],
+    let (_, size) = ty.block()?;
+    let b = &bytes[at / 32 * size as usize..][..size as usize];
+    match ty {
+        GgmlType::Q8_0 => {
+            for (c, &q) in codes.iter_mut().zip(&b[2..34]) {
+                *c = i32::from(q as i8);
+            }
+        }
+        GgmlType::Q4_0 | GgmlType::Q5_0 => {
+            // decode_run's arithmetic without the scale: Q5_0's fifth bits are bit j of a word.
+            let (qs, high, offset) = match ty {
+                GgmlType::Q4_0 => (&b[2..18], 0, 8),
+                _ => (&b[6..22], u32::from_le_bytes([b[2], b[3], b[4], b[5]]), 16),
+            };
+            for (j, &q) in qs.iter().enumerate() {
+                codes[j] = (u32::from(q & 15) | ((high >> j) & 1) << 4) as i32 - offset;
+                codes[j + 16] = (u32::from(q >> 4) | ((high >> (j + 16)) & 1) << 4) as i32 - offset;
+            }
+        }
         _ => return None,
-    };
-    if q8 {
-        for (c, &q) in codes.iter_mut().zip(&b[2..34]) {
-            *c = i32::from(q as i8);
-        }
-    } else {
-        for (j, &q) in b[2..18].iter().enumerate() {
-            codes[j] = i32::from(q & 15) - 8;
-            codes[j + 16] = i32::from(q >> 4) - 8;
-        }
     }
     Some(u16::from_le_bytes([b[0], b[1]]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `encode_q4_k`'s blocks read back (with llama.cpp's layout, `decode`) within one step of each block's
+    /// range, and a block of zeros (a padded tail) reads back as zeros.
+    #[test]
+    fn q4_k_blocks_read_back_within_a_step() {
+        let values: Vec<f32> = (0..1024)
+            .map(|i| {
+                ((i * 7919 % 2003) as f32 - 1001.0) * 1e-3 * (1 + i / 256) as f32 + if i % 64 < 32 { 0.3 } else { 0.0 }
+            })
+            .collect();
+        let mut bytes = Vec::new();
+        encode(GgmlType::Q4_K, &values, &mut bytes);
+        encode(GgmlType::Q4_K, &[0.0; 256], &mut bytes);
+        assert_eq!(bytes.len(), 5 * 144);
+        let mut back = vec![0f32; 1280];
+        assert!(decode(GgmlType::Q4_K, &bytes, 0, &mut back));
+        for (b, (want, got)) in values.chunks(32).zip(back.chunks(32)).enumerate() {
+            let lo = want.iter().fold(0f32, |m, &v| m.min(v));
+            let hi = want.iter().fold(lo, |m, &v| m.max(v));
+            for (w, g) in want.iter().zip(got) {
+                assert!((w - g).abs() <= (hi - lo) / 15.0, "block {b}: {g} for {w}");
+            }
+        }
+        assert!(back[1024..].iter().all(|&v| v == 0.0));
+    }
 }

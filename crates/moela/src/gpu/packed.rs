@@ -11,8 +11,12 @@
 //! - q4: word `(g, n)` holds rows `8g..8g+8` of column `n`, one nibble each (row `8g + i` in bits
 //!   `4i..4i+4`), stored as `q + 8` for `q` in -7..=7: `[Kp/8, N]` words;
 //! - q8 / q4 scales: one f16 per (block, column), pairs of columns per word: `[Kp/32, N/2]` words.
+//! - q4k (GGUF's `Q4_K`): words as q4's, the nibbles being codes 0..=15; per (block, column) a 16-bit
+//!   `scale | min << 8` of 6-bit multipliers where q8 / q4 have their f16 scales, and after all of those,
+//!   per (super-block of 256, column) one word of two f16s, the super-block's scale (low) and minimum:
+//!   `[count, Kp/256, N]` words. A weight is `d * scale * q - dmin * min`.
 //!
-//! `Kp` is K rounded up to a whole block; the padding rows are zero. A weight is `q * scale` with
+//! `Kp` is K rounded up to a whole block (q4k: super-block); the padding rows are zero. A weight is `q * scale` with
 //! `scale = max |w| / 127` (q8) or `/ 7` (q4) over its block, rounded to nearest (no zero point: DeepSeek's
 //! weights are centred). N must be a multiple of 4 (four adjacent columns make one vec4 in the kernels);
 //! [`Packed::supports`] says whether a shape can be packed, and the loader keeps other weights in f32.
@@ -26,7 +30,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::{Rows, WeightDtype};
 
-pub use super::format::BLOCK;
+pub use super::format::{BLOCK, SUPER_BLOCK};
 
 /// A matrix, or a stack of matrices, stored packed.
 #[derive(Debug, Clone)]
@@ -37,7 +41,7 @@ pub struct Packed {
     pub shape: [usize; 3],
     /// The packed words.
     pub words: Words,
-    /// Block scales (q8, q4): f16 pairs per word, flat.
+    /// Block scales (q8, q4; q4k: the blocks' multipliers, then the super-blocks' scales), flat.
     pub scales: Option<Tensor<1, Int>>,
     /// A one-element zero index, bound by the matrix-vector kernel to choose the first matrix of the stack.
     pub zero: Tensor<1, Int>,
@@ -88,8 +92,10 @@ impl Packed {
 
     /// Bytes one packed `[K, N]` matrix of `format` takes, words and scales.
     pub fn matrix_bytes(format: WeightDtype, k: usize, n: usize) -> usize {
+        let kp = padded_k(format, k);
         let scales = match format {
-            WeightDtype::Q8 | WeightDtype::Q4 => padded_k(format, k) / BLOCK * n * 2,
+            WeightDtype::Q8 | WeightDtype::Q4 => kp / BLOCK * n * 2,
+            WeightDtype::Q4K => kp / BLOCK * n * 2 + kp / SUPER_BLOCK * n * 4,
             _ => 0,
         };
         words_per_matrix(format, k, n) * 4 + scales
@@ -172,23 +178,50 @@ impl Packed {
                 let signed = bytes.clone() - bytes.greater_equal_elem(128).int().mul_scalar(256);
                 signed.swap_dims(2, 3).reshape([count, kp, n]).float()
             }
-            WeightDtype::Q4 => {
+            WeightDtype::Q4 | WeightDtype::Q4K => {
                 let nibbles = split_bits(words.reshape([count, kp / 8, n]), 4, 8); // [count, Kp/8, N, 8]
-                nibbles.sub_scalar(8).swap_dims(2, 3).reshape([count, kp, n]).float()
+                let centre = if self.format == WeightDtype::Q4 { 8 } else { 0 };
+                nibbles
+                    .sub_scalar(centre)
+                    .swap_dims(2, 3)
+                    .reshape([count, kp, n])
+                    .float()
             }
             WeightDtype::F32 => unreachable!("packed weights are never f32"),
         };
         let blocks = kp / BLOCK;
-        let mut scales = self.scales.clone().expect("q8 / q4 weights have scales");
-        if count < all {
-            scales = scales.narrow(0, first * blocks * n / 2, count * blocks * n / 2);
-        }
-        let scales = split_bits(scales.reshape([count, blocks, n / 2]), 16, 2).reshape([count * blocks * n]);
-        let scales = f16_bits_to_f32(scales)
-            .reshape([count, blocks, 1, n])
-            .expand([count, blocks, BLOCK, n])
-            .reshape([count, kp, n]);
-        let w = full * scales;
+        let all_scales = self.scales.clone().expect("q8 / q4 / q4k weights have scales");
+        let per_block = |t: Tensor<3>| -> Tensor<3> {
+            t.reshape([count, blocks, 1, n])
+                .expand([count, blocks, BLOCK, n])
+                .reshape([count, kp, n])
+        };
+        let fields = split_bits(
+            all_scales
+                .clone()
+                .narrow(0, first * blocks * n / 2, count * blocks * n / 2)
+                .reshape([count, blocks, n / 2]),
+            16,
+            2,
+        )
+        .reshape([count, blocks, n]);
+        let w = if self.format == WeightDtype::Q4K {
+            // Each block's 6-bit multipliers times its super-block's f16 scale and minimum.
+            let supers = kp / SUPER_BLOCK;
+            let heads = all_scales.narrow(0, all * blocks * n / 2 + first * supers * n, count * supers * n);
+            let heads = split_bits(heads.reshape([count, supers, n]), 16, 2); // [count, supers, N, 2]
+            let head = |i: usize| {
+                let h = f16_bits_to_f32(heads.clone().narrow(3, i, 1).reshape([count * supers * n]));
+                h.reshape([count, supers, 1, n])
+                    .expand([count, supers, SUPER_BLOCK / BLOCK, n])
+                    .reshape([count, blocks, n])
+            };
+            let scale = head(0) * fields.clone().bitwise_and_scalar(63).float();
+            let min = head(1) * fields.bitwise_right_shift_scalar(8).float();
+            full * per_block(scale) - per_block(min)
+        } else {
+            full * per_block(f16_bits_to_f32(fields.reshape([count * blocks * n])).reshape([count, blocks, n]))
+        };
         if kp == k { w } else { w.narrow(1, 0, k) }
     }
 }
@@ -200,8 +233,10 @@ pub struct PackedHost {
     format: WeightDtype,
     shape: [usize; 3],
     words: Vec<u32>,
-    /// f16 bit patterns, `[count, Kp/32, N]` (q8, q4).
+    /// f16 bit patterns (q8, q4) or q4k's 6-bit multipliers, `[count, Kp/32, N]`.
     scales: Vec<u16>,
+    /// q4k: the super-blocks' f16 scale and minimum, `[count, Kp/256, N]`.
+    supers: Vec<u32>,
     /// Matrices pushed so far.
     filled: usize,
     /// Outputs of the matrix being pushed that are packed already.
@@ -217,14 +252,20 @@ impl PackedHost {
         let [count, k, n] = shape;
         assert!(Packed::supports(format, n), "{format:?} cannot pack {k}x{n}");
         let blocks = match format {
-            WeightDtype::Q8 | WeightDtype::Q4 => padded_k(format, k) / BLOCK,
+            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K => padded_k(format, k) / BLOCK,
             _ => 0,
+        };
+        let supers = if format == WeightDtype::Q4K {
+            blocks * BLOCK / SUPER_BLOCK
+        } else {
+            0
         };
         Self {
             format,
             shape,
             words: vec![0; count * words_per_matrix(format, k, n)],
             scales: vec![0; count * blocks * n],
+            supers: vec![0; count * supers * n],
             filled: 0,
             next_output: 0,
         }
@@ -275,11 +316,13 @@ impl PackedHost {
         let words = &mut self.words[self.filled * per..(self.filled + 1) * per];
         let blocks = self.scales.len() / count;
         let scales = &mut self.scales[self.filled * blocks..(self.filled + 1) * blocks];
+        let supers = self.supers.len() / count;
+        let supers = &mut self.supers[self.filled * supers..(self.filled + 1) * supers];
         let done = outputs.end == n;
         let ok = match self.format {
             WeightDtype::F16 => pack_f16_rows(parts, k, n, outputs.clone(), words),
-            WeightDtype::Q8 | WeightDtype::Q4 => {
-                pack_block_rows(parts, k, n, outputs.clone(), self.format, words, scales)
+            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K => {
+                pack_block_rows(parts, k, n, outputs.clone(), self.format, words, (scales, supers))
             }
             WeightDtype::F32 => unreachable!("checked by supports"),
         };
@@ -290,7 +333,7 @@ impl PackedHost {
 
     /// Bytes held on the host.
     pub fn bytes(&self) -> usize {
-        self.words.len() * 4 + self.scales.len() * 2
+        self.words.len() * 4 + self.scales.len() * 2 + self.supers.len() * 4
     }
 
     /// Stores the stack on `device`: its words in a texture where the device has them (natively), else in a
@@ -301,6 +344,7 @@ impl PackedHost {
             shape,
             words,
             scales,
+            supers,
             ..
         } = self;
         // The words become i32s in place (same size: the collect reuses the allocation).
@@ -326,8 +370,13 @@ impl PackedHost {
             format,
             shape,
             words,
-            // f16 pairs per word: N is a multiple of 4, so a row of scales fills whole words.
-            scales: (format != WeightDtype::F16).then(|| int(bytemuck::cast_slice(&scales).to_vec())),
+            // f16 pairs per word: N is a multiple of 4, so a row of scales fills whole words (and q4k's
+            // super-block words start on a whole vec2, as the kernels read them).
+            scales: (format != WeightDtype::F16).then(|| {
+                let mut words: Vec<u32> = bytemuck::cast_slice(&scales).to_vec();
+                words.extend(supers);
+                int(words)
+            }),
             zero: Tensor::zeros([1], device),
         }
     }
@@ -401,16 +450,16 @@ fn pack_f16_rows(parts: &[Rows<'_>], k: usize, n: usize, outputs: std::ops::Rang
     finite.into_inner()
 }
 
-/// One packing task's columns of every word row and of every scale row.
-type TaskColumns<'a> = (Vec<&'a mut [u32]>, Vec<&'a mut [u16]>);
+/// One packing task's columns of every word row, scale row and (q4k) super-block row.
+type TaskColumns<'a> = (Vec<&'a mut [u32]>, Vec<&'a mut [u16]>, Vec<&'a mut [u32]>);
 
 /// HF rows (outputs) one packing task takes: it reads them whole, front to back, so the checkpoint's pages
 /// are read in order (reading a block from each of many rows stalls on every row).
 const TASK_ROWS: usize = 64;
 
-/// q8 / q4 words `[Kp/4 or Kp/8, N]` and f16 scales `[Kp/32, N]` of one matrix, the columns of `outputs`
-/// from their HF rows `[outputs, K]`, a task per [`TASK_ROWS`] outputs. Returns false when a value is not
-/// finite.
+/// q8 / q4 / q4k words `[Kp/4 or Kp/8, N]`, scales `[Kp/32, N]` and (q4k) super-block words `[Kp/256, N]`
+/// of one matrix, the columns of `outputs` from their HF rows `[outputs, K]`, a task per [`TASK_ROWS`]
+/// outputs. Returns false when a value is not finite.
 fn pack_block_rows(
     parts: &[Rows<'_>],
     k: usize,
@@ -418,15 +467,21 @@ fn pack_block_rows(
     outputs: std::ops::Range<usize>,
     format: WeightDtype,
     words: &mut [u32],
-    scales: &mut [u16],
+    (scales, supers): (&mut [u16], &mut [u32]),
 ) -> bool {
     let q8 = format == WeightDtype::Q8;
     let word_rows = if q8 { BLOCK / 4 } else { BLOCK / 8 };
-    let blocks = k.div_ceil(BLOCK);
+    let blocks = padded_k(format, k) / BLOCK;
     // Each task's columns of every word row and scale row: disjoint slices, so the tasks write in parallel.
     let tasks = outputs.len().div_ceil(TASK_ROWS);
     let mut columns: Vec<TaskColumns<'_>> = (0..tasks)
-        .map(|_| (Vec::with_capacity(blocks * word_rows), Vec::with_capacity(blocks)))
+        .map(|_| {
+            (
+                Vec::with_capacity(blocks * word_rows),
+                Vec::with_capacity(blocks),
+                Vec::new(),
+            )
+        })
         .collect();
     for row in words.chunks_mut(n) {
         for (t, part) in row[outputs.clone()].chunks_mut(TASK_ROWS).enumerate() {
@@ -438,11 +493,22 @@ fn pack_block_rows(
             columns[t].1.push(part);
         }
     }
+    for row in supers.chunks_mut(n) {
+        for (t, part) in row[outputs.clone()].chunks_mut(TASK_ROWS).enumerate() {
+            columns[t].2.push(part);
+        }
+    }
     let rows: Vec<(Rows<'_>, usize)> = hf_rows(parts, k).collect();
     let finite = std::sync::atomic::AtomicBool::new(true);
     for_chunks(&mut columns, 1, |t, task| {
-        let (out, scale_rows) = &mut task[0];
+        let (out, scale_rows, super_rows) = &mut task[0];
         let rows = &rows[t * TASK_ROWS..(t * TASK_ROWS + TASK_ROWS).min(rows.len())];
+        if format == WeightDtype::Q4K {
+            if !pack_q4k_task(out, scale_rows, super_rows, rows, k) {
+                finite.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2, checked just above.
@@ -526,6 +592,49 @@ fn pack_task(
     ok
 }
 
+/// One task of [`pack_block_rows`] for q4k: each output's super-blocks as `Q4_K` blocks, a file's own where
+/// its rows are `Q4_K` (copied, not re-quantised), else made from its values (`ggml::encode_q4_k`), then
+/// placed in column `jj` of every word, scale and super-block row. Returns false when a value is not finite.
+fn pack_q4k_task(
+    out: &mut [&mut [u32]],
+    scale_rows: &mut [&mut [u16]],
+    super_rows: &mut [&mut [u32]],
+    rows: &[(Rows<'_>, usize)],
+    k: usize,
+) -> bool {
+    let per = SUPER_BLOCK / BLOCK;
+    let mut values = [0f32; SUPER_BLOCK];
+    let mut ok = true;
+    for (jj, &(part, row)) in rows.iter().enumerate() {
+        for (sb, head) in super_rows.iter_mut().enumerate() {
+            let at = sb * SUPER_BLOCK;
+            let made;
+            let block = match part {
+                Rows::Ggml(super::ggml::GgmlType::Q4_K, bytes) if row.is_multiple_of(SUPER_BLOCK) => {
+                    &bytes[(row + at) / SUPER_BLOCK * 144..][..144]
+                }
+                _ => {
+                    let take = k.saturating_sub(at).min(SUPER_BLOCK);
+                    values[take..].fill(0.0);
+                    ok &= part.read(row + at, &mut values[..take]);
+                    made = super::ggml::encode_q4_k(&values);
+                    &made
+                }
+            };
+            let (h, frames, words) = super::ggml::q4k_block(block);
+            ok &= f16::from_bits(h as u16).is_finite() && f16::from_bits((h >> 16) as u16).is_finite();
+            head[jj] = h;
+            for (j, (frame, block_words)) in frames.iter().zip(&words).enumerate() {
+                scale_rows[sb * per + j][jj] = *frame;
+                for (g, w) in block_words.iter().enumerate() {
+                    out[(sb * per + j) * 4 + g][jj] = *w;
+                }
+            }
+        }
+    }
+    ok
+}
+
 /// A block's codes as words: four signed bytes (q8: eight words) or eight nibbles `q + 8` (q4: four words
 /// and four unused), lowest first.
 #[inline(always)]
@@ -589,10 +698,11 @@ pub(crate) fn round_clamped(x: f32, qmax: f32) -> i32 {
     if x < 0.0 { -r } else { r }
 }
 
-/// K rounded up to a whole block for the block formats.
+/// K rounded up to a whole block for the block formats (q4k: a whole super-block).
 pub fn padded_k(format: WeightDtype, k: usize) -> usize {
     match format {
         WeightDtype::Q8 | WeightDtype::Q4 => k.div_ceil(BLOCK) * BLOCK,
+        WeightDtype::Q4K => k.div_ceil(SUPER_BLOCK) * SUPER_BLOCK,
         _ => k,
     }
 }
@@ -603,7 +713,7 @@ pub fn padded_k(format: WeightDtype, k: usize) -> usize {
 pub fn texel_grid(format: WeightDtype, [count, k, n]: [usize; 3]) -> [usize; 3] {
     match format {
         WeightDtype::Q8 => [count, padded_k(format, k) / 4, n / 4],
-        WeightDtype::Q4 => [count, padded_k(format, k) / 8, n / 4],
+        WeightDtype::Q4 | WeightDtype::Q4K => [count, padded_k(format, k) / 8, n / 4],
         _ => [count, k, n / 8],
     }
 }
@@ -613,7 +723,7 @@ fn words_per_matrix(format: WeightDtype, k: usize, n: usize) -> usize {
     match format {
         WeightDtype::F16 => k * n / 2,
         WeightDtype::Q8 => padded_k(format, k) / 4 * n,
-        WeightDtype::Q4 => padded_k(format, k) / 8 * n,
+        WeightDtype::Q4 | WeightDtype::Q4K => padded_k(format, k) / 8 * n,
         WeightDtype::F32 => k * n,
     }
 }
@@ -690,7 +800,7 @@ mod tests {
         // words and scales as pushed whole; the last slice is short.
         let (n, k) = (200, 70);
         let rows: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-3).collect();
-        for format in [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4] {
+        for format in [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4, WeightDtype::Q4K] {
             let mut whole = PackedHost::new(format, [1, k, n]);
             whole.push_rows(&rows);
             let mut sliced = PackedHost::new(format, [1, k, n]);
@@ -700,6 +810,7 @@ mod tests {
             }
             assert!(sliced.words == whole.words, "{format:?} words");
             assert!(sliced.scales == whole.scales, "{format:?} scales");
+            assert!(sliced.supers == whole.supers, "{format:?} super-blocks");
             assert_eq!(sliced.filled, 1, "{format:?}: the matrix is complete");
         }
     }
@@ -735,6 +846,8 @@ mod tests {
             (WeightDtype::F16, 1e-3),
             (WeightDtype::Q8, 1.0 / 127.0),
             (WeightDtype::Q4, 1.0 / 7.0),
+            // Within one step of the block's range (at most twice its largest magnitude) in 15.
+            (WeightDtype::Q4K, 2.0 / 15.0 / 0.51),
         ] {
             let p = Packed::new(&data, [count, k, n], format, &device);
             let got = p.dequantise().into_data().try_to_vec::<f32>().unwrap();
@@ -759,27 +872,35 @@ mod tests {
         }
     }
 
-    /// A GGUF file's Q8_0 / Q4_0 rows packed as q8 / q4 unpack to exactly the values they hold (their codes
-    /// and scales copied, Q4_0's code -8 included), and other block types to within the format's precision.
+    /// A GGUF file's Q8_0 / Q5_0 / Q4_0 rows packed as q8, Q4_0's as q4 and Q4_K's as q4k unpack to exactly
+    /// the values llama.cpp's block layout gives (`ggml::decode`): their codes and scales are copied (Q4_0's
+    /// code -8 included). Other block types come within the format's precision.
     #[test]
     fn ggml_blocks_pack_exactly_where_the_formats_agree() {
         use crate::gpu::ggml::{GgmlType, decode};
         let device = cpu();
-        let (k, n) = (64, 8);
-        // Blocks with every code and a sane f16 scale (random bytes elsewhere).
+        let (k, n) = (512, 8);
+        // Blocks with every code and sane f16 scales (Q4_K: and minimums; random bytes elsewhere).
         let block = |ty: GgmlType, i: usize| -> Vec<u8> {
             let size = ty.block().unwrap().1 as usize;
             let mut b: Vec<u8> = (0..size).map(|j| ((i * 131 + j * 29 + 7) % 256) as u8).collect();
             let d = half::f16::from_f32(0.01 + 0.001 * (i % 7) as f32).to_le_bytes();
             b[..2].copy_from_slice(&d);
+            if ty == GgmlType::Q4_K {
+                b[2..4].copy_from_slice(&half::f16::from_f32(0.002 * (i % 5) as f32).to_le_bytes());
+            }
             b
         };
         for (ty, format, exact) in [
             (GgmlType::Q8_0, WeightDtype::Q8, true),
             (GgmlType::Q4_0, WeightDtype::Q4, true),
-            (GgmlType::Q5_0, WeightDtype::Q8, false),
+            (GgmlType::Q4_0, WeightDtype::Q8, true),
+            (GgmlType::Q5_0, WeightDtype::Q8, true),
+            (GgmlType::Q4_K, WeightDtype::Q4K, true),
+            (GgmlType::Q4_K, WeightDtype::Q8, false),
         ] {
-            let bytes: Vec<u8> = (0..n * k / 32).flat_map(|i| block(ty, i)).collect();
+            let (per, _) = ty.block().unwrap();
+            let bytes: Vec<u8> = (0..n * k / per as usize).flat_map(|i| block(ty, i)).collect();
             let mut want = vec![0f32; n * k];
             assert!(decode(ty, &bytes, 0, &mut want));
             let mut host = PackedHost::new(format, [1, k, n]);
@@ -790,10 +911,11 @@ mod tests {
                 .into_data()
                 .try_to_vec::<f32>()
                 .unwrap();
+            let amax = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             for j in 0..n {
                 for r in 0..k {
                     let (g, w) = (got[r * n + j], want[j * k + r]);
-                    let tolerance = if exact { 0.0 } else { 0.51 * 0.03 / 127.0 * 16.0 };
+                    let tolerance = if exact { 0.0 } else { 0.51 * amax / 127.0 };
                     assert!(
                         (g - w).abs() <= tolerance,
                         "{ty:?} as {format:?} output {j} row {r}: {g} vs {w}"
@@ -849,6 +971,8 @@ mod tests {
         assert_eq!(bytes(WeightDtype::F16), 64 * 8 * 2);
         assert_eq!(bytes(WeightDtype::Q8), 64 * 8 + 2 * 8 * 2);
         assert_eq!(bytes(WeightDtype::Q4), 64 * 8 / 2 + 2 * 8 * 2);
+        // q4k: K padded to 256, eight blocks' multipliers and one super-block word per column.
+        assert_eq!(bytes(WeightDtype::Q4K), 256 * 8 / 2 + 8 * 8 * 2 + 8 * 4);
         assert!(!Packed::supports(WeightDtype::Q8, 10));
         assert!(!Packed::supports(WeightDtype::F32, 8));
     }
@@ -866,7 +990,7 @@ mod tests {
         // 2 x 64 x 2600: several texture rows, so 2 rows per layer also gives several layers.
         let shape = [2, 64, 2600];
         let data = sample(shape.iter().product());
-        for format in [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4] {
+        for format in [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4, WeightDtype::Q4K] {
             let mut host = PackedHost::new(format, shape);
             for m in data.chunks(shape[1] * shape[2]) {
                 host.push_rows(&transpose(m, shape[1], shape[2]));

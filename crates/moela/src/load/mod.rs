@@ -372,6 +372,11 @@ impl WeightSet {
         types
     }
 
+    /// The ggml type a GGUF file stores `name` in (`None` for a safetensors tensor or an unknown name).
+    pub fn ggml_type(&self, name: &str) -> Option<crate::gpu::ggml::GgmlType> {
+        self.entries.get(name).and_then(|e| e.ty)
+    }
+
     /// Bytes of tensor data in all files.
     pub fn total_bytes(&self) -> u64 {
         self.entries.values().map(Entry::bytes).sum()

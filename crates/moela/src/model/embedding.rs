@@ -36,12 +36,18 @@ pub struct HostTable {
 }
 
 impl HostTable {
-    /// A zero table of `rows` x `cols` in `format`.
+    /// A zero table of `rows` x `cols` in `format`; a q4k model's table is held as q8 (a row is read by
+    /// the host, not by a product, and q8 holds a `Q4_K` row's values without a visible loss).
     pub fn new(format: WeightDtype, rows: usize, cols: usize) -> Self {
+        let format = if format == WeightDtype::Q4K {
+            WeightDtype::Q8
+        } else {
+            format
+        };
         let values = match format {
             WeightDtype::F32 => Values::F32(vec![0.0; rows * cols]),
             WeightDtype::F16 => Values::F16(vec![0; rows * cols]),
-            WeightDtype::Q8 | WeightDtype::Q4 => Values::Blocks {
+            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K => Values::Blocks {
                 codes: vec![0; rows * code_bytes_per_row(format, cols)],
                 scales: vec![0; rows * cols.div_ceil(BLOCK)],
             },

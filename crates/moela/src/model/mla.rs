@@ -77,7 +77,7 @@ impl Mla {
     /// Loads layer `p`'s attention (`{p}self_attn.*`, `docs/architecture.md` §2), the query's and the
     /// key's rope rows put in half-split order and `kv_b_proj` split into the absorbed factors.
     pub(crate) async fn load(c: &ModelConfig, r: &mut Reader<'_>, p: &str) -> Result<Mla> {
-        let (dtype, kernels, device) = (r.dtype, r.kernels, r.device);
+        let (kernels, device) = (r.kernels, r.device);
         let (h, n_h, d_n, d_r, d_v, r_kv) = (
             c.hidden_size,
             c.num_attention_heads,
@@ -88,6 +88,16 @@ impl Mla {
         );
         let d_qk = d_n + d_r;
         let a = format!("{p}self_attn.");
+        // These weights are rebuilt from their values (rope rows reordered, q and kv_a joined).
+        let dtype = r.format_for(
+            &[
+                &format!("{a}q_proj.weight"),
+                &format!("{a}q_a_proj.weight"),
+                &format!("{a}q_b_proj.weight"),
+                &format!("{a}kv_a_proj_with_mqa.weight"),
+            ],
+            true,
+        );
         // The query's rope rows (per head, after d_n nope rows) go to half-split order (rope.rs).
         let q_rows = |mut w: Vec<f32>, cols: usize| {
             if c.rope_interleave {

@@ -150,7 +150,7 @@ impl Moe {
     /// Loads layer `p`'s MoE block (`{p}mlp.gate`, `experts.*`, `shared_experts`): the experts packed in
     /// chunks of one binding each, the shared experts after the routed ones.
     pub(crate) async fn load(c: &ModelConfig, r: &mut Reader<'_>, p: &str) -> Result<Moe> {
-        let (dtype, kernels, device) = (r.dtype, r.kernels, r.device);
+        let (kernels, device) = (r.kernels, r.device);
         let (h, e, i) = (c.hidden_size, c.n_routed_experts, c.moe_intermediate_size);
         let router = Linear::from_rows(
             &r.get(&format!("{p}mlp.gate.weight"), &[e, h]).await?,
@@ -178,14 +178,26 @@ impl Moe {
         // As many experts per chunk as their stored matrices fit one binding (the kernels bind a chunk whole;
         // burn's ops unpack it in parts). Each chunk is packed on the host an expert at a time, then uploaded.
         let total = e + s;
-        let per_expert = Weights::<3>::matrix_bytes(dtype, h, 2 * i).max(Weights::<3>::matrix_bytes(dtype, i, h));
+        // One format per stack (a GGUF file's types can differ between gate/up and down).
+        let [gu0, gu1] = gate_up(&format!("{p}mlp.experts.0."));
+        let [sg, su] = gate_up(&sp);
+        let gu_format = r.format_for(&[&gu0, &gu1, &sg, &su], false);
+        let down_format = r.format_for(
+            &[
+                &format!("{p}mlp.experts.0.down_proj.weight"),
+                &format!("{sp}down_proj.weight"),
+            ],
+            false,
+        );
+        let per_expert =
+            Weights::<3>::matrix_bytes(gu_format, h, 2 * i).max(Weights::<3>::matrix_bytes(down_format, i, h));
         let per_chunk = (MAX_BINDING_BYTES / per_expert.max(1)).clamp(1, total);
         let mut chunks = Vec::new();
         let mut down = Vec::new();
         for first in (0..total).step_by(per_chunk) {
             let count = per_chunk.min(total - first);
-            let mut gate_up_t = WeightsHost::new(dtype, [count, h, 2 * i]);
-            let mut down_t = WeightsHost::new(dtype, [count, i, h]);
+            let mut gate_up_t = WeightsHost::new(gu_format, [count, h, 2 * i]);
+            let mut down_t = WeightsHost::new(down_format, [count, i, h]);
             for x in first..first + count {
                 // HF rows of the expert: gate/up [2I, H] (stacked), down [H, I].
                 if x < e {

@@ -40,6 +40,31 @@ impl<'a> Reader<'a> {
         Ok(t)
     }
 
+    /// The format a weight made of the rows of `names` is stored in: the model's, but for a q4k model, which
+    /// keeps a GGUF file's `Q4_K` blocks as they are and stores a tensor of another quantised ggml type in
+    /// that type's nearest format (q8 holds Q8_0 and Q5_0 exactly, q4 Q4_0): a `Q4_K_M` file mixes them.
+    /// `rebuilt`: the weight is made from the values (rows reordered or joined), so no block can be copied,
+    /// and a quantised file's values go to q8 rather than being rounded to 4 bits a second time. Float tensors (safetensors,
+    /// F32 / F16 / BF16 GGUF) are quantised to q4k.
+    pub(crate) fn format_for(&self, names: &[&str], rebuilt: bool) -> WeightDtype {
+        use crate::gpu::ggml::GgmlType;
+        if self.dtype != WeightDtype::Q4K {
+            return self.dtype;
+        }
+        let stored: Vec<GgmlType> = names
+            .iter()
+            .filter_map(|n| self.set.ggml_type(n))
+            .filter(|t| t.nearest_format().is_packed() && t.nearest_format() != WeightDtype::F16)
+            .collect();
+        if rebuilt && !stored.is_empty() {
+            return WeightDtype::Q8;
+        }
+        stored
+            .iter()
+            .find(|&&t| t != GgmlType::Q4_K)
+            .map_or(WeightDtype::Q4K, |t| t.nearest_format())
+    }
+
     /// Rows `rows` of the 2-D tensor `name` (`[out, in]`) as the file stores them.
     pub(crate) async fn stored(&mut self, name: &str, shape: [usize; 2], rows: Range<usize>) -> Result<StoredRows<'a>> {
         let part = self.set.byte_len(name) * rows.len() as u64 / shape[0].max(1) as u64;
@@ -74,7 +99,8 @@ impl<'a> Reader<'a> {
 
     /// A projection from the rows of `names` stacked (`[each, cols]` each), read and stored a part at a time.
     pub(crate) async fn linear(&mut self, names: &[String], each: usize, cols: usize) -> Result<Linear> {
-        let (dtype, device) = (self.dtype, self.device);
+        let named: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (dtype, device) = (self.format_for(&named, false), self.device);
         let mut parts = Vec::new();
         // A slice of rows at a time (whole packing tasks of 64 outputs), released once packed: the host
         // holds one slice of the checkpoint, however large the part (V2-Lite's head is 420 MB of bf16).

@@ -33,6 +33,8 @@ fn file_type(ty: GgmlType) -> Option<u32> {
         GgmlType::F16 => 1,
         GgmlType::Q4_0 => 2,
         GgmlType::Q8_0 => 7,
+        // MOSTLY_Q4_K_S: Q4_K, with Q5_0 where rows are not whole super-blocks.
+        GgmlType::Q4_K => 14,
         GgmlType::BF16 => 32,
         _ => return None,
     })
@@ -67,11 +69,24 @@ impl Planned {
     }
 }
 
-/// The type llama.cpp's converter gives a tensor named `name` with ggml dims `dims` in a file of `ty`.
+/// The type llama.cpp's converter gives a tensor named `name` with ggml dims `dims` in a file of `ty`. For
+/// Q4_K, which the converter does not write, llama.cpp's quantiser's choices: Q5_0 for rows that are not
+/// whole super-blocks (V2-Lite's 1408-wide expert rows); the output head, which it stores in Q6_K, is Q8_0
+/// here (moela holds Q6_K as q8 anyway).
 fn type_for(name: &str, dims: &[u64], ty: GgmlType) -> GgmlType {
     if dims.len() <= 1 || name.ends_with("_norm.weight") || name.contains("ffn_gate_inp") || !name.ends_with(".weight")
     {
         return GgmlType::F32;
+    }
+    if ty == GgmlType::Q4_K {
+        let fallback = if name == "output.weight" {
+            GgmlType::Q8_0
+        } else {
+            GgmlType::Q5_0
+        };
+        if name == "output.weight" || ty.bytes_of(dims[0]).is_none() {
+            return type_for(name, dims, fallback);
+        }
     }
     if ty.bytes_of(dims[0]).is_some() {
         ty
@@ -89,7 +104,7 @@ pub struct Written {
     pub bytes: u64,
 }
 
-/// Writes the model in `files` to `out` as a GGUF file mostly of `ty` (F32, F16, BF16, Q8_0 or Q4_0), with
+/// Writes the model in `files` to `out` as a GGUF file mostly of `ty` (F32, F16, BF16, Q8_0, Q4_0 or Q4_K), with
 /// its tokenizer and chat template. `name` is the model's name (`general.name`).
 pub fn write_gguf(
     files: CheckpointFiles,
@@ -100,7 +115,7 @@ pub fn write_gguf(
 ) -> Result<Written> {
     let Some(file_type) = file_type(ty) else {
         return Err(Error::InvalidArgument(format!(
-            "GGUF type {}: moela writes f32, f16, bf16, q8_0 and q4_0",
+            "GGUF type {}: moela writes f32, f16, bf16, q8_0, q4_0 and q4_k",
             ty.name()
         )));
     };
