@@ -120,6 +120,27 @@ test('a GGUF file by URL (a split one by any part) runs with its own tokenizer, 
   }
 });
 
+test('a Q4_K_M GGUF runs in the q4k kernels by default, and its logits match llama.cpp\'s for the same file', { timeout: 240_000 }, async () => {
+  const ref = readJson('tests/fixtures/gguf/k256.llama.json');
+  const want = ref.files.q4_k_m.logits;
+  const got = await page.evaluate(async (tokens) => {
+    const engine = await window.moela.Engine.load({ model: '/tests/fixtures/gguf/k256.q4_k_m.gguf', cache: false });
+    const rows = (await engine.logits(tokens)).map((r) => Array.from(r));
+    const info = engine.info();
+    await engine.unload();
+    return { rows, dtype: info.weight_dtype };
+  }, ref.tokens);
+  assert.equal(got.dtype, 'q4k', 'a Q4_K file is stored as q4k without being asked');
+  // As natively (crates/moela/tests/gguf.rs): llama.cpp rounds activations to 8 bits, moela does not.
+  let differs = 0;
+  for (const [i, row] of got.rows.entries()) {
+    const err = relL2(row, want[i]);
+    assert.ok(err <= 0.1, `position ${i}: relative L2 ${err.toExponential(3)} > 0.1`);
+    differs += argmax(row) === argmax(want[i]) ? 0 : 1;
+  }
+  assert.ok(differs * 8 <= want.length, `the argmax differs at ${differs} of ${want.length} positions`);
+});
+
 test('Engine.load() without a model loads the shipped model, and its logits match HF transformers', { timeout: 240_000 }, async () => {
   const ref = readJson('tests/fixtures/moela-arith-tiny.reference.json');
   const { model, default: url } = await page.evaluate(async () => {
