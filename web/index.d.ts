@@ -172,6 +172,10 @@ export interface ChatCompletionRequest {
   top_k?: number;
   min_p?: number;
   repetition_penalty?: number;
+  /** OpenAI's: minus this times a token's count so far, in [-2, 2]. */
+  frequency_penalty?: number;
+  /** OpenAI's: minus this for every token seen so far, in [-2, 2]. */
+  presence_penalty?: number;
   seed?: number;
   /** Stop when the answer contains one of these (not emitted). */
   stop?: string | string[];

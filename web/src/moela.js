@@ -872,6 +872,8 @@ function wasmRequest(req) {
     top_k: req.top_k,
     min_p: req.min_p,
     repetition_penalty: req.repetition_penalty,
+    frequency_penalty: req.frequency_penalty,
+    presence_penalty: req.presence_penalty,
     seed: req.seed,
     stop: req.stop,
     thinking_budget: req.thinking_budget,

@@ -11,6 +11,8 @@ use moela::{
     CheckpointFiles, Engine, Event, GenerateOptions, Kernels, LoadOptions, Message, Progress, SamplingOptions,
     SessionOptions, Stats, WeightDtype,
 };
+mod serve;
+
 use moela_tools::bench::bench;
 use moela_tools::preset::{PRESETS, preset_files};
 
@@ -44,6 +46,32 @@ enum Command {
     Eval(EvalArgs),
     /// Write a model as a GGUF file that llama.cpp reads (its converter's tensor names, layouts and metadata).
     Quantize(QuantizeArgs),
+    /// Serve the model over HTTP with the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port to listen on (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Requests generated at once, each in a slot with its own latent cache.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Requests that may wait for a free slot; more are refused with 503 and Retry-After.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Tokens each slot's cache holds (0: min(max_position_embeddings, 4096)).
+    #[arg(long, default_value_t = 0)]
+    max_context: usize,
+    /// Largest request body in bytes (413 past it).
+    #[arg(long, default_value_t = 4 << 20)]
+    body_limit: usize,
 }
 
 #[derive(Args)]
@@ -101,6 +129,12 @@ struct GenArgs {
     /// Penalise tokens already seen (1: off).
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
+    /// Subtract this times a token's count so far from its logit (OpenAI's frequency_penalty, -2..2; 0: off).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    frequency_penalty: f32,
+    /// Subtract this from the logit of every token seen so far (OpenAI's presence_penalty, -2..2; 0: off).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    presence_penalty: f32,
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -127,6 +161,8 @@ impl GenArgs {
                 top_p: self.top_p,
                 min_p: self.min_p,
                 repetition_penalty: self.repetition_penalty,
+                frequency_penalty: self.frequency_penalty,
+                presence_penalty: self.presence_penalty,
                 seed: self.seed,
             },
             max_tokens: self.max_tokens,
@@ -282,6 +318,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => cmd_bench(a),
         Command::Eval(a) => cmd_eval(a),
         Command::Quantize(a) => cmd_quantize(a),
+        Command::Serve(a) => cmd_serve(a),
     }
 }
 
@@ -669,6 +706,34 @@ fn print_info(dir: &Path, i: &moela::ModelInfo) -> Result<()> {
         i.weight_dtype
     );
     print_line(out.trim_end())
+}
+
+fn cmd_serve(a: ServeArgs) -> Result<()> {
+    let engine = load(&a.model)?;
+    print_load(&engine);
+    let dir = model_dir(&a.model);
+    // The model's name: its folder's, or its file's without `.gguf` (and a split file's part number).
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("moela");
+    let name = name.strip_suffix(".gguf").unwrap_or(name);
+    let split = name
+        .len()
+        .checked_sub(15)
+        .and_then(|i| Some((name.get(..i)?, name.get(i..)?)));
+    let name = match split {
+        Some((head, tail)) if tail.starts_with('-') && tail.get(6..10) == Some("-of-") => head,
+        _ => name,
+    };
+    serve::run(
+        engine,
+        serve::Options {
+            addr: std::net::SocketAddr::new(a.host, a.port),
+            parallel: a.parallel,
+            queue: a.queue,
+            max_context: a.max_context,
+            body_limit: a.body_limit,
+            model_id: name.to_string(),
+        },
+    )
 }
 
 fn cmd_quantize(a: QuantizeArgs) -> Result<()> {

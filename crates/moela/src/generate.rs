@@ -80,6 +80,8 @@ pub struct Stats {
     pub reused_tokens: usize,
     /// Tokens generated.
     pub generated_tokens: usize,
+    /// Of those, tokens generated inside `<think>...</think>`.
+    pub reasoning_tokens: usize,
     /// Seconds spent prefilling.
     pub prefill_seconds: f64,
     /// Prefilled tokens per second.
@@ -499,6 +501,7 @@ impl<'s> Generation<'s> {
             prompt_tokens: self.prompt_tokens,
             reused_tokens: self.reused,
             generated_tokens: self.generated.len(),
+            reasoning_tokens: self.reasoning_tokens,
             prefill_seconds: self.prefill_seconds,
             prefill_tokens_per_second: rate(prefilled, self.prefill_seconds),
             decode_seconds,

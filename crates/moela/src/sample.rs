@@ -1,7 +1,7 @@
 //! Token samplers over a row of logits on the host.
 //!
-//! The pipeline follows HF transformers' `generate`: repetition penalty, then greedy argmax when the
-//! temperature is 0, else temperature, top-k, top-p, min-p, and a draw from the renormalised distribution.
+//! The pipeline follows HF transformers' `generate`: repetition penalty (and OpenAI's frequency and
+//! presence penalties), then greedy argmax when the temperature is 0, else temperature, top-k, top-p, min-p, and a draw from the renormalised distribution.
 //! The random generator is a seeded ChaCha8, so a seed reproduces a generation on every platform.
 
 use std::cmp::Ordering;
@@ -28,6 +28,12 @@ pub struct SamplingOptions {
     /// Penalty on tokens already in `previous` (CTRL / HF style: positive logits are divided by it, negative
     /// ones multiplied); > 0, 1 turns it off.
     pub repetition_penalty: f32,
+    /// Subtracted from a token's logit once per time it appears in `previous` (OpenAI's
+    /// `frequency_penalty`); in [-2, 2], 0 turns it off.
+    pub frequency_penalty: f32,
+    /// Subtracted from the logit of every token that appears in `previous` (OpenAI's `presence_penalty`); in
+    /// [-2, 2], 0 turns it off.
+    pub presence_penalty: f32,
     /// Seed of the random generator.
     pub seed: u64,
 }
@@ -40,6 +46,8 @@ impl Default for SamplingOptions {
             top_p: 1.0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             seed: 0,
         }
     }
@@ -69,13 +77,25 @@ impl SamplingOptions {
                 "finite and > 0 (1 = off)",
             );
         }
+        for (field, value) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return bad(field, value, "in [-2, 2] (0 = off)");
+            }
+        }
         Ok(())
     }
 
-    /// True when the choice is the argmax of the raw logits (temperature 0, no repetition penalty), so it
-    /// can be made on the device without reading the logits back.
+    /// True when the choice is the argmax of the raw logits (temperature 0, no penalty), so it can be made
+    /// on the device without reading the logits back.
     pub fn is_plain_greedy(&self) -> bool {
-        self.temperature == 0.0 && self.repetition_penalty == 1.0
+        self.temperature == 0.0 && !self.has_penalties()
+    }
+
+    fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
     }
 }
 
@@ -109,8 +129,8 @@ impl Sampler {
 
     /// Picks the next token from one row of `logits` (one per vocabulary entry).
     ///
-    /// `previous` are the tokens the repetition penalty applies to (usually prompt and generated tokens;
-    /// ids beyond the row are ignored). The penalty is applied to `logits` in place. NaN logits are never
+    /// `previous` are the tokens the penalties apply to (usually prompt and generated tokens; ids beyond the
+    /// row are ignored). The penalties are applied to `logits` in place. NaN logits are never
     /// chosen; greedy ties go to the lowest id. Costs O(V) without top-p, O(V log V) with it. Fails only on
     /// an empty row.
     pub fn sample(&mut self, logits: &mut [f32], previous: &[u32]) -> Result<u32> {
@@ -123,7 +143,7 @@ impl Sampler {
                 logits.len()
             )));
         }
-        self.apply_repetition_penalty(logits, previous);
+        self.apply_penalties(logits, previous);
         let opts = &self.options;
         if opts.temperature == 0.0 {
             return Ok(argmax(logits));
@@ -190,18 +210,21 @@ impl Sampler {
     }
 
     /// Divides positive logits and multiplies negative ones of each distinct previous token by the penalty.
-    fn apply_repetition_penalty(&mut self, logits: &mut [f32], previous: &[u32]) {
-        let penalty = self.options.repetition_penalty;
-        if penalty == 1.0 || previous.is_empty() {
+    fn apply_penalties(&mut self, logits: &mut [f32], previous: &[u32]) {
+        let o = &self.options;
+        if !o.has_penalties() || previous.is_empty() {
             return;
         }
+        let (penalty, frequency, presence) = (o.repetition_penalty, o.frequency_penalty, o.presence_penalty);
         self.seen.clear();
         self.seen.extend_from_slice(previous);
         self.seen.sort_unstable();
-        self.seen.dedup();
-        for &id in &self.seen {
-            if let Some(x) = logits.get_mut(id as usize) {
-                *x = if *x > 0.0 { *x / penalty } else { *x * penalty };
+        for run in self.seen.chunk_by(|a, b| a == b) {
+            if let Some(x) = logits.get_mut(run[0] as usize) {
+                if penalty != 1.0 {
+                    *x = if *x > 0.0 { *x / penalty } else { *x * penalty };
+                }
+                *x -= frequency * run.len() as f32 + presence;
             }
         }
     }
@@ -352,6 +375,25 @@ mod tests {
     }
 
     #[test]
+    fn frequency_and_presence_penalties_subtract_per_occurrence_and_once() {
+        let opts = SamplingOptions {
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..SamplingOptions::default()
+        };
+        assert!(!opts.is_plain_greedy());
+        let mut logits = [2.0, 1.9, -1.0, 0.5];
+        // Token 0 seen twice: 2 - 2 * 0.5 - 0.25; token 2 once; id 99 ignored.
+        assert_eq!(sampler(opts).sample(&mut logits, &[0, 0, 2, 99]).expect("samples"), 1);
+        assert_eq!(logits, [0.75, 1.9, -1.75, 0.5]);
+        let bad = SamplingOptions {
+            presence_penalty: 2.5,
+            ..SamplingOptions::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("presence_penalty"));
+    }
+
+    #[test]
     fn repetition_penalty_changes_the_argmax() {
         let opts = SamplingOptions {
             repetition_penalty: 1.5,
@@ -494,6 +536,8 @@ mod tests {
             top_p: 0.95,
             min_p: 0.05,
             repetition_penalty: 1.1,
+            frequency_penalty: -0.5,
+            presence_penalty: 2.0,
             seed: 1,
         };
         assert!(full.validate().is_ok());
