@@ -159,3 +159,21 @@ test('the demo loads the default model, answers a prompt and draws the routing h
     assert.deepEqual(page.problems, [], 'no errors in the console');
   });
 });
+
+test('examples/browser: the smallest page using the package streams reasoning and answer apart', { timeout: 180_000 }, async () => {
+  await withBrowser(true, async ({ server, page }) => {
+    await page.goto(`${server.url}examples/browser/index.html`);
+    await page.waitForFunction(() => /Done|moela:/.test(document.getElementById('status').textContent), null, {
+      timeout: 150_000,
+    });
+    const got = await page.evaluate(() => ({
+      status: document.getElementById('status').textContent,
+      reasoning: document.getElementById('reasoning').textContent,
+      answer: document.getElementById('answer').textContent,
+    }));
+    assert.equal(got.status, 'Done.', got.status);
+    assert.equal(got.answer, 'The answer is 846.');
+    assert.match(got.reasoning, /457 \+ 389 = 846/);
+    assert.deepEqual(page.problems, []);
+  });
+});

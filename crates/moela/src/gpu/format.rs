@@ -27,6 +27,9 @@ pub enum WeightDtype {
     Q8,
     /// 4.5 bits per weight: 4-bit codes with an f16 scale per block of 32.
     Q4,
+    /// 5.5 bits per weight: GGUF's `Q5_0` blocks kept as they are: 5-bit codes (-16..=15) with an f16 scale
+    /// per block of 32.
+    Q5,
     /// 4.625 bits per weight: GGUF's `Q4_K` super-blocks kept as they are: 4-bit codes from 0 to 15, a
     /// 6-bit scale and minimum per block of 32, an f16 scale and minimum for each of them per 256; a weight
     /// is `d * scale * q - dmin * min`. K is padded to whole super-blocks of 256.
@@ -42,6 +45,7 @@ impl WeightDtype {
             WeightDtype::Q8 => 8.0 + 16.0 / BLOCK as f64,
             WeightDtype::Q4 => 4.0 + 16.0 / BLOCK as f64,
             WeightDtype::Q4K => 4.0 + 16.0 / BLOCK as f64 + 32.0 / SUPER_BLOCK as f64,
+            WeightDtype::Q5 => 5.0 + 16.0 / BLOCK as f64,
         }
     }
 
@@ -50,7 +54,7 @@ impl WeightDtype {
     pub fn rows_per_word(self) -> usize {
         match self {
             WeightDtype::Q8 => 4,
-            WeightDtype::Q4 | WeightDtype::Q4K => 8,
+            WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 => 8,
             WeightDtype::F16 | WeightDtype::F32 => 1,
         }
     }
@@ -68,15 +72,22 @@ impl WeightDtype {
             WeightDtype::Q8 => "q8",
             WeightDtype::Q4 => "q4",
             WeightDtype::Q4K => "q4k",
+            WeightDtype::Q5 => "q5",
         }
     }
 
-    /// Parses `f32` / `f16` / `q8` / `q4` / `q4k`.
+    /// Parses `f32` / `f16` / `q8` / `q5` / `q4` / `q4k`.
     pub fn parse(s: &str) -> Result<Self> {
-        [Self::F32, Self::F16, Self::Q8, Self::Q4, Self::Q4K]
+        [Self::F32, Self::F16, Self::Q8, Self::Q5, Self::Q4, Self::Q4K]
             .into_iter()
             .find(|d| d.name() == s)
-            .ok_or_else(|| Error::InvalidArgument(format!("weights {s:?}: expected f32, f16, q8, q4 or q4k")))
+            .ok_or_else(|| Error::InvalidArgument(format!("weights {s:?}: expected f32, f16, q8, q5, q4 or q4k")))
+    }
+
+    /// Whether the format's codes have a fifth bit kept apart from their nibbles (q5): one word of them per
+    /// block and column, after the scales.
+    pub fn has_high_bits(self) -> bool {
+        self == WeightDtype::Q5
     }
 
     /// Whether the format's blocks have a minimum as well as a scale (q4k): its products subtract

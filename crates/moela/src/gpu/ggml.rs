@@ -102,15 +102,16 @@ impl GgmlType {
     }
 
     /// The format moela stores a file of this type in by default: its own where the blocks are the same
-    /// (q4 for Q4_0 and q4k for Q4_K, whose blocks go to the GPU unchanged), f16 for F16 / BF16, f32 for
-    /// F32, and q8 for the other block types, which it holds exactly (Q8_0, Q5_0) or without a visible loss
-    /// (q4 would round their values a second time).
+    /// (q4 for Q4_0, q5 for Q5_0 and q4k for Q4_K, whose blocks go to the GPU unchanged), f16 for F16 / BF16,
+    /// f32 for F32, and q8 for the other block types, which it holds exactly (Q8_0) or without a visible
+    /// loss (q4 would round their values a second time).
     pub fn nearest_format(self) -> WeightDtype {
         match self {
             Self::F32 => WeightDtype::F32,
             Self::F16 | Self::BF16 => WeightDtype::F16,
             Self::Q4_0 => WeightDtype::Q4,
             Self::Q4_K => WeightDtype::Q4K,
+            Self::Q5_0 => WeightDtype::Q5,
             _ => WeightDtype::Q8,
         }
     }
@@ -343,6 +344,23 @@ pub(crate) fn encode_q4_k(values: &[f32; 256]) -> [u8; 144] {
         }
     }
     b
+}
+
+/// One `Q5_0` block (22 bytes) in moela's q5 layout (`packed.rs`): its f16 scale, its codes' low four bits as
+/// four words of eight nibbles (value `8g + i` in bits `4i..4i+4` of word `g`, as q4's words), and their fifth
+/// bits as one word (value `i` in bit `i`, as the block stores them).
+#[inline(always)]
+pub(crate) fn q5_block(b: &[u8]) -> (u16, [u32; 4], u32) {
+    let mut words = [0u32; 4];
+    for (j, &q) in b[6..22].iter().enumerate() {
+        words[j / 8] |= u32::from(q & 15) << (4 * (j % 8));
+        words[2 + j / 8] |= u32::from(q >> 4) << (4 * (j % 8));
+    }
+    (
+        u16::from_le_bytes([b[0], b[1]]),
+        words,
+        u32::from_le_bytes([b[2], b[3], b[4], b[5]]),
+    )
 }
 
 /// One `Q4_K` super-block (144 bytes) in moela's q4k layout (`packed.rs`): the super-block's f16 scale and

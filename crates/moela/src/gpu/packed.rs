@@ -15,6 +15,9 @@
 //!   `scale | min << 8` of 6-bit multipliers where q8 / q4 have their f16 scales, and after all of those,
 //!   per (super-block of 256, column) one word of two f16s, the super-block's scale (low) and minimum:
 //!   `[count, Kp/256, N]` words. A weight is `d * scale * q - dmin * min`.
+//! - q5 (GGUF's `Q5_0`): q4's words hold the codes' low four bits, f16 scales as q8's, and after all of
+//!   those one word per (block, column) of the codes' fifth bits (row `i` of the block in bit `i`):
+//!   `[count, Kp/32, N]` words. A weight is `(q - 16) * scale`.
 //!
 //! `Kp` is K rounded up to a whole block (q4k: super-block); the padding rows are zero. A weight is `q * scale` with
 //! `scale = max |w| / 127` (q8) or `/ 7` (q4) over its block, rounded to nearest (no zero point: DeepSeek's
@@ -41,7 +44,8 @@ pub struct Packed {
     pub shape: [usize; 3],
     /// The packed words.
     pub words: Words,
-    /// Block scales (q8, q4; q4k: the blocks' multipliers, then the super-blocks' scales), flat.
+    /// Block scales (q8, q4, q5; q4k: the blocks' multipliers), then the format's extra words (q4k's
+    /// super-blocks, q5's fifth bits), flat.
     pub scales: Option<Tensor<1, Int>>,
     /// A one-element zero index, bound by the matrix-vector kernel to choose the first matrix of the stack.
     pub zero: Tensor<1, Int>,
@@ -96,6 +100,7 @@ impl Packed {
         let scales = match format {
             WeightDtype::Q8 | WeightDtype::Q4 => kp / BLOCK * n * 2,
             WeightDtype::Q4K => kp / BLOCK * n * 2 + kp / SUPER_BLOCK * n * 4,
+            WeightDtype::Q5 => kp / BLOCK * n * (2 + 4),
             _ => 0,
         };
         words_per_matrix(format, k, n) * 4 + scales
@@ -178,14 +183,26 @@ impl Packed {
                 let signed = bytes.clone() - bytes.greater_equal_elem(128).int().mul_scalar(256);
                 signed.swap_dims(2, 3).reshape([count, kp, n]).float()
             }
-            WeightDtype::Q4 | WeightDtype::Q4K => {
+            WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 => {
                 let nibbles = split_bits(words.reshape([count, kp / 8, n]), 4, 8); // [count, Kp/8, N, 8]
-                let centre = if self.format == WeightDtype::Q4 { 8 } else { 0 };
-                nibbles
-                    .sub_scalar(centre)
-                    .swap_dims(2, 3)
-                    .reshape([count, kp, n])
-                    .float()
+                let nibbles = nibbles.swap_dims(2, 3).reshape([count, kp, n]);
+                match self.format {
+                    WeightDtype::Q4 => nibbles.sub_scalar(8).float(),
+                    WeightDtype::Q5 => {
+                        // Each block's fifth bits: one word per column, bit i for row i of the block.
+                        let blocks = kp / BLOCK;
+                        let at = all * blocks * n / 2 + first * blocks * n;
+                        let high =
+                            self.scales
+                                .clone()
+                                .expect("q5 weights have scales")
+                                .narrow(0, at, count * blocks * n);
+                        let bits = split_bits(high.reshape([count, blocks, n]), 1, 32); // [count, blocks, N, 32]
+                        let bits = bits.swap_dims(2, 3).reshape([count, kp, n]);
+                        (nibbles + bits.mul_scalar(16)).sub_scalar(16).float()
+                    }
+                    _ => nibbles.float(),
+                }
             }
             WeightDtype::F32 => unreachable!("packed weights are never f32"),
         };
@@ -235,8 +252,9 @@ pub struct PackedHost {
     words: Vec<u32>,
     /// f16 bit patterns (q8, q4) or q4k's 6-bit multipliers, `[count, Kp/32, N]`.
     scales: Vec<u16>,
-    /// q4k: the super-blocks' f16 scale and minimum, `[count, Kp/256, N]`.
-    supers: Vec<u32>,
+    /// The format's extra words: q4k's super-block f16 scale and minimum (`[count, Kp/256, N]`), q5's fifth
+    /// bits (`[count, Kp/32, N]`).
+    extra: Vec<u32>,
     /// Matrices pushed so far.
     filled: usize,
     /// Outputs of the matrix being pushed that are packed already.
@@ -252,20 +270,20 @@ impl PackedHost {
         let [count, k, n] = shape;
         assert!(Packed::supports(format, n), "{format:?} cannot pack {k}x{n}");
         let blocks = match format {
-            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K => padded_k(format, k) / BLOCK,
+            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 => padded_k(format, k) / BLOCK,
             _ => 0,
         };
-        let supers = if format == WeightDtype::Q4K {
-            blocks * BLOCK / SUPER_BLOCK
-        } else {
-            0
+        let extra = match format {
+            WeightDtype::Q4K => blocks * BLOCK / SUPER_BLOCK,
+            WeightDtype::Q5 => blocks,
+            _ => 0,
         };
         Self {
             format,
             shape,
             words: vec![0; count * words_per_matrix(format, k, n)],
             scales: vec![0; count * blocks * n],
-            supers: vec![0; count * supers * n],
+            extra: vec![0; count * extra * n],
             filled: 0,
             next_output: 0,
         }
@@ -316,13 +334,13 @@ impl PackedHost {
         let words = &mut self.words[self.filled * per..(self.filled + 1) * per];
         let blocks = self.scales.len() / count;
         let scales = &mut self.scales[self.filled * blocks..(self.filled + 1) * blocks];
-        let supers = self.supers.len() / count;
-        let supers = &mut self.supers[self.filled * supers..(self.filled + 1) * supers];
+        let extra = self.extra.len() / count;
+        let extra = &mut self.extra[self.filled * extra..(self.filled + 1) * extra];
         let done = outputs.end == n;
         let ok = match self.format {
             WeightDtype::F16 => pack_f16_rows(parts, k, n, outputs.clone(), words),
-            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K => {
-                pack_block_rows(parts, k, n, outputs.clone(), self.format, words, (scales, supers))
+            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 => {
+                pack_block_rows(parts, k, n, outputs.clone(), self.format, words, (scales, extra))
             }
             WeightDtype::F32 => unreachable!("checked by supports"),
         };
@@ -333,7 +351,7 @@ impl PackedHost {
 
     /// Bytes held on the host.
     pub fn bytes(&self) -> usize {
-        self.words.len() * 4 + self.scales.len() * 2 + self.supers.len() * 4
+        self.words.len() * 4 + self.scales.len() * 2 + self.extra.len() * 4
     }
 
     /// Stores the stack on `device`: its words in a texture where the device has them (natively), else in a
@@ -344,7 +362,7 @@ impl PackedHost {
             shape,
             words,
             scales,
-            supers,
+            extra,
             ..
         } = self;
         // The words become i32s in place (same size: the collect reuses the allocation).
@@ -370,11 +388,11 @@ impl PackedHost {
             format,
             shape,
             words,
-            // f16 pairs per word: N is a multiple of 4, so a row of scales fills whole words (and q4k's
-            // super-block words start on a whole vec2, as the kernels read them).
+            // f16 pairs per word: N is a multiple of 4, so a row of scales fills whole words (and the extra
+            // words start on a whole vec2, as the kernels read them).
             scales: (format != WeightDtype::F16).then(|| {
                 let mut words: Vec<u32> = bytemuck::cast_slice(&scales).to_vec();
-                words.extend(supers);
+                words.extend(extra);
                 int(words)
             }),
             zero: Tensor::zeros([1], device),
@@ -450,15 +468,15 @@ fn pack_f16_rows(parts: &[Rows<'_>], k: usize, n: usize, outputs: std::ops::Rang
     finite.into_inner()
 }
 
-/// One packing task's columns of every word row, scale row and (q4k) super-block row.
+/// One packing task's columns of every word row, scale row and extra row (q4k, q5).
 type TaskColumns<'a> = (Vec<&'a mut [u32]>, Vec<&'a mut [u16]>, Vec<&'a mut [u32]>);
 
 /// HF rows (outputs) one packing task takes: it reads them whole, front to back, so the checkpoint's pages
 /// are read in order (reading a block from each of many rows stalls on every row).
 const TASK_ROWS: usize = 64;
 
-/// q8 / q4 / q4k words `[Kp/4 or Kp/8, N]`, scales `[Kp/32, N]` and (q4k) super-block words `[Kp/256, N]`
-/// of one matrix, the columns of `outputs` from their HF rows `[outputs, K]`, a task per [`TASK_ROWS`]
+/// q8 / q4 / q4k / q5 words `[Kp/4 or Kp/8, N]`, scales `[Kp/32, N]` and extra words (q4k's super-blocks,
+/// q5's fifth bits) of one matrix, the columns of `outputs` from their HF rows `[outputs, K]`, a task per [`TASK_ROWS`]
 /// outputs. Returns false when a value is not finite.
 fn pack_block_rows(
     parts: &[Rows<'_>],
@@ -467,7 +485,7 @@ fn pack_block_rows(
     outputs: std::ops::Range<usize>,
     format: WeightDtype,
     words: &mut [u32],
-    (scales, supers): (&mut [u16], &mut [u32]),
+    (scales, extra): (&mut [u16], &mut [u32]),
 ) -> bool {
     let q8 = format == WeightDtype::Q8;
     let word_rows = if q8 { BLOCK / 4 } else { BLOCK / 8 };
@@ -493,7 +511,7 @@ fn pack_block_rows(
             columns[t].1.push(part);
         }
     }
-    for row in supers.chunks_mut(n) {
+    for row in extra.chunks_mut(n) {
         for (t, part) in row[outputs.clone()].chunks_mut(TASK_ROWS).enumerate() {
             columns[t].2.push(part);
         }
@@ -501,10 +519,15 @@ fn pack_block_rows(
     let rows: Vec<(Rows<'_>, usize)> = hf_rows(parts, k).collect();
     let finite = std::sync::atomic::AtomicBool::new(true);
     for_chunks(&mut columns, 1, |t, task| {
-        let (out, scale_rows, super_rows) = &mut task[0];
+        let (out, scale_rows, extra_rows) = &mut task[0];
         let rows = &rows[t * TASK_ROWS..(t * TASK_ROWS + TASK_ROWS).min(rows.len())];
-        if format == WeightDtype::Q4K {
-            if !pack_q4k_task(out, scale_rows, super_rows, rows, k) {
+        let own = match format {
+            WeightDtype::Q4K => Some(pack_q4k_task(out, scale_rows, extra_rows, rows, k)),
+            WeightDtype::Q5 => Some(pack_q5_task(out, scale_rows, extra_rows, rows, k)),
+            _ => None,
+        };
+        if let Some(ok) = own {
+            if !ok {
                 finite.store(false, std::sync::atomic::Ordering::Relaxed);
             }
             return;
@@ -635,6 +658,48 @@ fn pack_q4k_task(
     ok
 }
 
+/// One task of [`pack_block_rows`] for q5: each output's blocks as `Q5_0` blocks, a file's own where its rows
+/// are `Q5_0` (copied), else rounded from its values as llama.cpp rounds them (`ggml::encode`), then placed in
+/// column `jj` of every word, scale and fifth-bit row. Returns false when a value is not finite.
+fn pack_q5_task(
+    out: &mut [&mut [u32]],
+    scale_rows: &mut [&mut [u16]],
+    high_rows: &mut [&mut [u32]],
+    rows: &[(Rows<'_>, usize)],
+    k: usize,
+) -> bool {
+    use super::ggml::GgmlType;
+    let mut values = [0f32; BLOCK];
+    let mut made = Vec::with_capacity(22);
+    let mut ok = true;
+    for (jj, &(part, row)) in rows.iter().enumerate() {
+        for (b, high) in high_rows.iter_mut().enumerate() {
+            let at = b * BLOCK;
+            let block = match part {
+                Rows::Ggml(GgmlType::Q5_0, bytes) if row.is_multiple_of(BLOCK) => {
+                    &bytes[(row + at) / BLOCK * 22..][..22]
+                }
+                _ => {
+                    let take = k.saturating_sub(at).min(BLOCK);
+                    values[take..].fill(0.0);
+                    ok &= part.read(row + at, &mut values[..take]);
+                    made.clear();
+                    super::ggml::encode(GgmlType::Q5_0, &values, &mut made);
+                    &made[..]
+                }
+            };
+            let (scale, words, bits) = super::ggml::q5_block(block);
+            ok &= f16::from_bits(scale).is_finite();
+            scale_rows[b][jj] = scale;
+            high[jj] = bits;
+            for (g, w) in words.iter().enumerate() {
+                out[b * 4 + g][jj] = *w;
+            }
+        }
+    }
+    ok
+}
+
 /// A block's codes as words: four signed bytes (q8: eight words) or eight nibbles `q + 8` (q4: four words
 /// and four unused), lowest first.
 #[inline(always)]
@@ -701,7 +766,7 @@ pub(crate) fn round_clamped(x: f32, qmax: f32) -> i32 {
 /// K rounded up to a whole block for the block formats (q4k: a whole super-block).
 pub fn padded_k(format: WeightDtype, k: usize) -> usize {
     match format {
-        WeightDtype::Q8 | WeightDtype::Q4 => k.div_ceil(BLOCK) * BLOCK,
+        WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q5 => k.div_ceil(BLOCK) * BLOCK,
         WeightDtype::Q4K => k.div_ceil(SUPER_BLOCK) * SUPER_BLOCK,
         _ => k,
     }
@@ -713,7 +778,7 @@ pub fn padded_k(format: WeightDtype, k: usize) -> usize {
 pub fn texel_grid(format: WeightDtype, [count, k, n]: [usize; 3]) -> [usize; 3] {
     match format {
         WeightDtype::Q8 => [count, padded_k(format, k) / 4, n / 4],
-        WeightDtype::Q4 | WeightDtype::Q4K => [count, padded_k(format, k) / 8, n / 4],
+        WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 => [count, padded_k(format, k) / 8, n / 4],
         _ => [count, k, n / 8],
     }
 }
@@ -723,7 +788,7 @@ fn words_per_matrix(format: WeightDtype, k: usize, n: usize) -> usize {
     match format {
         WeightDtype::F16 => k * n / 2,
         WeightDtype::Q8 => padded_k(format, k) / 4 * n,
-        WeightDtype::Q4 | WeightDtype::Q4K => padded_k(format, k) / 8 * n,
+        WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 => padded_k(format, k) / 8 * n,
         WeightDtype::F32 => k * n,
     }
 }
@@ -800,7 +865,13 @@ mod tests {
         // words and scales as pushed whole; the last slice is short.
         let (n, k) = (200, 70);
         let rows: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-3).collect();
-        for format in [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4, WeightDtype::Q4K] {
+        for format in [
+            WeightDtype::F16,
+            WeightDtype::Q8,
+            WeightDtype::Q4,
+            WeightDtype::Q4K,
+            WeightDtype::Q5,
+        ] {
             let mut whole = PackedHost::new(format, [1, k, n]);
             whole.push_rows(&rows);
             let mut sliced = PackedHost::new(format, [1, k, n]);
@@ -810,7 +881,7 @@ mod tests {
             }
             assert!(sliced.words == whole.words, "{format:?} words");
             assert!(sliced.scales == whole.scales, "{format:?} scales");
-            assert!(sliced.supers == whole.supers, "{format:?} super-blocks");
+            assert!(sliced.extra == whole.extra, "{format:?} extra words");
             assert_eq!(sliced.filled, 1, "{format:?}: the matrix is complete");
         }
     }
@@ -848,6 +919,9 @@ mod tests {
             (WeightDtype::Q4, 1.0 / 7.0),
             // Within one step of the block's range (at most twice its largest magnitude) in 15.
             (WeightDtype::Q4K, 2.0 / 15.0 / 0.51),
+            // llama.cpp's Q5_0 rounding: half a step of max |w| / 16, a whole one where the largest positive
+            // value meets a largest negative one (code 32 clamps to 31).
+            (WeightDtype::Q5, 1.0 / 16.0 / 0.51),
         ] {
             let p = Packed::new(&data, [count, k, n], format, &device);
             let got = p.dequantise().into_data().try_to_vec::<f32>().unwrap();
@@ -896,6 +970,7 @@ mod tests {
             (GgmlType::Q4_0, WeightDtype::Q4, true),
             (GgmlType::Q4_0, WeightDtype::Q8, true),
             (GgmlType::Q5_0, WeightDtype::Q8, true),
+            (GgmlType::Q5_0, WeightDtype::Q5, true),
             (GgmlType::Q4_K, WeightDtype::Q4K, true),
             (GgmlType::Q4_K, WeightDtype::Q8, false),
         ] {
@@ -973,6 +1048,8 @@ mod tests {
         assert_eq!(bytes(WeightDtype::Q4), 64 * 8 / 2 + 2 * 8 * 2);
         // q4k: K padded to 256, eight blocks' multipliers and one super-block word per column.
         assert_eq!(bytes(WeightDtype::Q4K), 256 * 8 / 2 + 8 * 8 * 2 + 8 * 4);
+        // q5: q4's words and scales, and a word of fifth bits per block and column.
+        assert_eq!(bytes(WeightDtype::Q5), 64 * 8 / 2 + 2 * 8 * 2 + 2 * 8 * 4);
         assert!(!Packed::supports(WeightDtype::Q8, 10));
         assert!(!Packed::supports(WeightDtype::F32, 8));
     }
@@ -990,7 +1067,13 @@ mod tests {
         // 2 x 64 x 2600: several texture rows, so 2 rows per layer also gives several layers.
         let shape = [2, 64, 2600];
         let data = sample(shape.iter().product());
-        for format in [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4, WeightDtype::Q4K] {
+        for format in [
+            WeightDtype::F16,
+            WeightDtype::Q8,
+            WeightDtype::Q4,
+            WeightDtype::Q4K,
+            WeightDtype::Q5,
+        ] {
             let mut host = PackedHost::new(format, shape);
             for m in data.chunks(shape[1] * shape[2]) {
                 host.push_rows(&transpose(m, shape[1], shape[2]));

@@ -1,4 +1,4 @@
-//! `shaders/matvec_packed.wgsl` (q8, q4, q4k) and `matvec_f16*.wgsl`: products with packed weights ([`Packed`]),
+//! `shaders/matvec_packed.wgsl` (q8, q4, q4k, q5) and `matvec_f16*.wgsl`: products with packed weights ([`Packed`]),
 //! unpacked inside the kernel.
 //!
 //! Each shader has four entry points over one binding list: `matvec` (rows of x times one matrix, up to
@@ -42,10 +42,13 @@ fn columns(p: &Packed, b: &Buffers, entry: &str, prompt: bool) -> usize {
     }
 }
 
-/// Whether the SwiGLU variants cover `p`: 8-bit or 4-bit words (q8, q4, q4k), a gate and an up half of whole pairs of
+/// Whether the SwiGLU variants cover `p`: 8-bit or 4-bit words (q8, q4, q4k, q5), a gate and an up half of whole pairs of
 /// texel columns (N a multiple of 8).
 fn glu_covers(p: &Packed) -> bool {
-    matches!(p.format, WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K) && p.shape[2].is_multiple_of(8)
+    matches!(
+        p.format,
+        WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5
+    ) && p.shape[2].is_multiple_of(8)
 }
 
 /// Where a packed weight's words and scales are, or `None` when they are not on a WGSL device.
@@ -337,7 +340,13 @@ mod tests {
     use super::*;
     use crate::gpu::worst_of;
 
-    const FORMATS: [WeightDtype; 4] = [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4, WeightDtype::Q4K];
+    const FORMATS: [WeightDtype; 5] = [
+        WeightDtype::F16,
+        WeightDtype::Q8,
+        WeightDtype::Q4,
+        WeightDtype::Q4K,
+        WeightDtype::Q5,
+    ];
 
     fn values(t: Tensor<2>) -> Vec<f32> {
         t.into_data().try_to_vec::<f32>().unwrap()

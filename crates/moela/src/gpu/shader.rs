@@ -4,7 +4,7 @@
 //! bindings, a texture or a buffer read), `{% for R in range(M) %}` writes a line once per row of x (one
 //! accumulator variable per row keeps them in registers, where an indexed array would live in memory), and
 //! `{% include %}` shares text between files: the packed products are one template, and each quantised
-//! format writes only its unpacking (`unpack_q8.wgsl`, `unpack_q4.wgsl`, `unpack_q4k.wgsl`).
+//! format writes only its unpacking (`unpack_q8.wgsl`, `unpack_q4.wgsl`, `unpack_q4k.wgsl`, `unpack_q5.wgsl`).
 //!
 //! A [`Shader`] names one variant: the file and every value its template takes. It is the key of the
 //! rendered text (rendered once per process), of CubeCL's compiled kernels and of the texture launches'
@@ -32,6 +32,7 @@ const FILES: &[(&str, &str)] = &[
     ("unpack_q8.wgsl", include_str!("../../../../shaders/unpack_q8.wgsl")),
     ("unpack_q4.wgsl", include_str!("../../../../shaders/unpack_q4.wgsl")),
     ("unpack_q4k.wgsl", include_str!("../../../../shaders/unpack_q4k.wgsl")),
+    ("unpack_q5.wgsl", include_str!("../../../../shaders/unpack_q5.wgsl")),
     ("mla_attend.wgsl", include_str!("../../../../shaders/mla_attend.wgsl")),
     ("mla_output.wgsl", include_str!("../../../../shaders/mla_output.wgsl")),
     ("mla_query.wgsl", include_str!("../../../../shaders/mla_query.wgsl")),
@@ -208,6 +209,7 @@ impl Shader {
                         // q4 stores its codes centred on 8, q4k's minimums do that work.
                         c.insert("ZERO", if format == WeightDtype::Q4 { "8.0" } else { "0.0" }.into());
                         c.insert("MINS", format.has_mins().into());
+                        c.insert("HIGH", format.has_high_bits().into());
                         "matvec_packed.wgsl"
                     }
                 }
@@ -352,7 +354,13 @@ mod tests {
                 });
             }
         }
-        for format in [WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4, WeightDtype::Q4K] {
+        for format in [
+            WeightDtype::F16,
+            WeightDtype::Q8,
+            WeightDtype::Q4,
+            WeightDtype::Q4K,
+            WeightDtype::Q5,
+        ] {
             for (rows, cols) in [(1, 1), (3, 2), (8, 4)] {
                 for bits in 0..32u32 {
                     let reads = PackedReads {

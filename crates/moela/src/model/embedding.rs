@@ -36,10 +36,10 @@ pub struct HostTable {
 }
 
 impl HostTable {
-    /// A zero table of `rows` x `cols` in `format`; a q4k model's table is held as q8 (a row is read by
-    /// the host, not by a product, and q8 holds a `Q4_K` row's values without a visible loss).
+    /// A zero table of `rows` x `cols` in `format`; a q4k or q5 model's table is held as q8 (a row is read
+    /// by the host, not by a product; q8 holds a `Q5_0` row exactly and a `Q4_K` one without a visible loss).
     pub fn new(format: WeightDtype, rows: usize, cols: usize) -> Self {
-        let format = if format == WeightDtype::Q4K {
+        let format = if matches!(format, WeightDtype::Q4K | WeightDtype::Q5) {
             WeightDtype::Q8
         } else {
             format
@@ -47,7 +47,7 @@ impl HostTable {
         let values = match format {
             WeightDtype::F32 => Values::F32(vec![0.0; rows * cols]),
             WeightDtype::F16 => Values::F16(vec![0; rows * cols]),
-            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K => Values::Blocks {
+            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 => Values::Blocks {
                 codes: vec![0; rows * code_bytes_per_row(format, cols)],
                 scales: vec![0; rows * cols.div_ceil(BLOCK)],
             },

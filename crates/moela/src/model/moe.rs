@@ -177,25 +177,37 @@ impl Moe {
         };
         // As many experts per chunk as their stored matrices fit one binding (the kernels bind a chunk whole;
         // burn's ops unpack it in parts). Each chunk is packed on the host an expert at a time, then uploaded.
+        // A chunk has one format for gate/up and one for down: a GGUF file's types can differ between them,
+        // and between the routed and the shared experts, which then get chunks of their own.
         let total = e + s;
-        // One format per stack (a GGUF file's types can differ between gate/up and down).
         let [gu0, gu1] = gate_up(&format!("{p}mlp.experts.0."));
         let [sg, su] = gate_up(&sp);
-        let gu_format = r.format_for(&[&gu0, &gu1, &sg, &su], false);
-        let down_format = r.format_for(
-            &[
-                &format!("{p}mlp.experts.0.down_proj.weight"),
-                &format!("{sp}down_proj.weight"),
-            ],
-            false,
+        let routed = (
+            r.format_for(&[&gu0, &gu1], false),
+            r.format_for(&[&format!("{p}mlp.experts.0.down_proj.weight")], false),
         );
-        let per_expert =
-            Weights::<3>::matrix_bytes(gu_format, h, 2 * i).max(Weights::<3>::matrix_bytes(down_format, i, h));
-        let per_chunk = (MAX_BINDING_BYTES / per_expert.max(1)).clamp(1, total);
+        // The shared down matrix is cut into experts by columns, from its values.
+        let shared = (
+            r.format_for(&[&sg, &su], false),
+            r.format_for(&[&format!("{sp}down_proj.weight")], true),
+        );
+        let per_chunk = |(gu, d): (WeightDtype, WeightDtype)| {
+            let per_expert = Weights::<3>::matrix_bytes(gu, h, 2 * i).max(Weights::<3>::matrix_bytes(d, i, h));
+            (MAX_BINDING_BYTES / per_expert.max(1)).max(1)
+        };
+        let mut ranges = Vec::new();
+        let apart = s > 0 && shared != routed;
+        for (range, formats) in [
+            (0..if apart { e } else { total }, routed),
+            (if apart { e } else { total }..total, shared),
+        ] {
+            for first in range.clone().step_by(per_chunk(formats)) {
+                ranges.push((first, per_chunk(formats).min(range.end - first), formats));
+            }
+        }
         let mut chunks = Vec::new();
         let mut down = Vec::new();
-        for first in (0..total).step_by(per_chunk) {
-            let count = per_chunk.min(total - first);
+        for (first, count, (gu_format, down_format)) in ranges {
             let mut gate_up_t = WeightsHost::new(gu_format, [count, h, 2 * i]);
             let mut down_t = WeightsHost::new(down_format, [count, i, h]);
             for x in first..first + count {
