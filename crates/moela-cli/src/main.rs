@@ -94,7 +94,7 @@ struct ModelArgs {
     /// file (for a split one, any of its parts). Defaults to the model shipped with moela.
     #[arg(long, short)]
     model: Option<PathBuf>,
-        /// How weights are stored on the GPU: f32, f16, q8 (8-bit blocks), q5 (GGUF's Q5_0), q4 (4-bit blocks)
+    /// How weights are stored on the GPU: f32, f16, q8 (8-bit blocks), q5 (GGUF's Q5_0), q4 (4-bit blocks)
     /// or q4k (GGUF's Q4_K: 4-bit codes, a scale and minimum per 32). Defaults to f32 for an HF folder and,
     /// for a GGUF file, to the format nearest its main type (Q8_0, Q6_K and the rest: q8; Q5_0: q5; Q4_0:
     /// q4; Q4_K: q4k, which keeps each of the file's tensors in its own nearest format; F16, BF16: f16).
