@@ -286,6 +286,25 @@ export class WorkerEngine {
 }
 export interface WorkerEngine extends MoelaEngine {}
 
+/**
+ * A model served by `moela serve` (OpenAI's HTTP API), with the chat API of `Engine`: no WebGPU needed on the
+ * page. `encode` and `logits` are not served.
+ */
+export class ServerEngine {
+  /** Connects to the server at `base` (default: the page's origin); fails if it is not a moela server. */
+  static connect(base?: string): Promise<ServerEngine>;
+  readonly chat: { completions: Completions };
+  readonly model: string;
+  /** `Engine.info()`'s facts, and the server's `context` (tokens per slot) and `slots`. */
+  info(): ModelInfo & { context: number; slots: number };
+  /** The cache the last answer left in its slot. */
+  cacheUsage(): Promise<CacheUsage>;
+  resetChat(): Promise<void>;
+  /** Rejects: benchmarks run on the server's machine (`moela bench`). */
+  bench(options?: BenchOptions): Promise<BenchReport>;
+  unload(): Promise<void>;
+}
+
 /** Folds a stream's chunks into a `chat.completion`. */
 export function collectCompletion(stream: AsyncIterable<ChatCompletionChunk>): Promise<ChatCompletion>;
 

@@ -2,7 +2,7 @@
 // speed, latent cache and expert routing. The engine runs in a Web Worker (WorkerEngine), so the page
 // stays responsive while the model loads and generates.
 
-import { WorkerEngine, checkWebGPU } from '../src/moela.js';
+import { ServerEngine, WorkerEngine, checkWebGPU } from '../src/moela.js';
 
 /** The model the "Built-in" choice loads, relative to web/index.html. Change this to ship another one. */
 export const DEFAULT_MODEL_URL = '../models/moela-arith-tiny/';
@@ -91,7 +91,8 @@ function source() {
 function updateControls() {
   const ready = !!state.engine;
   const generating = !!state.generating;
-  $('load').disabled = state.busy || generating || state.noWebGPU;
+  // A model on the server needs no WebGPU here.
+  $('load').disabled = state.busy || generating || (state.noWebGPU && source() !== 'server');
   $('bench').disabled = !ready || state.busy || generating;
   $('new-chat').disabled = !ready || state.busy;
   $('prompt').disabled = !ready || state.busy;
@@ -104,6 +105,7 @@ function updateControls() {
 for (const radio of document.querySelectorAll('input[name="source"]')) {
   radio.addEventListener('change', () => {
     for (const pane of document.querySelectorAll('.source-pane')) pane.hidden = pane.dataset.source !== source();
+    updateControls();
   });
 }
 
@@ -180,6 +182,9 @@ async function load() {
   const options = { weights: weights === 'auto' ? undefined : weights, onProgress: showProgress };
   let label;
   switch (source()) {
+    case 'server':
+      label = 'the server\'s model';
+      break;
     case 'default':
       options.model = params.get('model') ?? DEFAULT_MODEL_URL;
       label = options.model;
@@ -232,7 +237,7 @@ async function load() {
   showProgress({ phase: 'download', loaded: 0, total: 0 });
   const t0 = performance.now();
   try {
-    const engine = await WorkerEngine.load(options);
+    const engine = source() === 'server' ? await ServerEngine.connect() : await WorkerEngine.load(options);
     state.engine = engine;
     state.info = engine.info();
     showInfo(state.info);
@@ -704,16 +709,32 @@ async function start() {
   if (params.get('model')) {
     $('default-model-text').textContent = `From the page address: ${params.get('model')}`;
   }
+  // Served by `moela serve`: its model, on the server's GPU, is the first choice.
+  const served = await ServerEngine.connect().catch(() => null);
+  if (served) {
+    const info = served.info();
+    $('source-server').hidden = false;
+    $('server-text').textContent =
+      `${served.model} on the moela server at ${location.origin} (${info.slots} slots of ${info.context} tokens), ` +
+      'run by the native engine: nothing is downloaded.';
+    if (!params.get('model')) {
+      document.querySelector('input[name="source"][value="server"]').checked = true;
+      for (const pane of document.querySelectorAll('.source-pane')) pane.hidden = pane.dataset.source !== 'server';
+    }
+  }
   try {
     const adapter = await checkWebGPU();
     const gpu = [adapter.vendor, adapter.architecture, adapter.description].filter(Boolean).join(' ');
     setStatus(`WebGPU ready${gpu ? ` (${gpu})` : ''} · no model loaded`);
   } catch (e) {
     state.noWebGPU = true;
-    showBanner('WebGPU is not available', e.message, 'error');
-    setStatus('WebGPU is not available', 'error');
     updateControls();
-    return;
+    if (!served) {
+      showBanner('WebGPU is not available', e.message, 'error');
+      setStatus('WebGPU is not available', 'error');
+      return;
+    }
+    setStatus('No WebGPU in this browser: the model runs on the server');
   }
   if (AUTOLOAD && params.get('autoload') !== '0') await load();
 }

@@ -1210,6 +1210,128 @@ export class Engine {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// The same chat API over `moela serve` (the native engine, reached over OpenAI's HTTP API).
+
+/**
+ * A model served by `moela serve`, with the chat API of `Engine`: the page needs no WebGPU, and the model runs
+ * on the server's GPU. `ServerEngine.connect()` reaches the server that served the page.
+ */
+export class ServerEngine {
+  #base;
+  #info;
+  #last = null;
+
+  /** Connects to the `moela serve` at `base` (default: the page's own origin); fails if it is not one. */
+  static async connect(base = '/') {
+    const url = new URL(base, location.href);
+    let response;
+    try {
+      response = await fetch(new URL('moela/info', url));
+    } catch (e) {
+      throw new Error(`cannot reach ${url.origin}: ${e.message}`);
+    }
+    if (!response.ok) throw new Error(`${url.href} is not a moela server (GET /moela/info: HTTP ${response.status})`);
+    const engine = new ServerEngine();
+    engine.#base = url;
+    engine.#info = await response.json();
+    return engine;
+  }
+
+  /** The served model's name. */
+  get model() {
+    return this.#info.model;
+  }
+
+  /** Facts about the model, as `Engine.info()` gives them (and the server's `context` and `slots`). */
+  info() {
+    return structuredClone(this.#info);
+  }
+
+  /** The cache the last answer left in its slot: `{tokens, bytes, mhaBytes}`. */
+  async cacheUsage() {
+    const s = this.#last;
+    const tokens = s ? s.prompt_tokens + s.generated_tokens : 0;
+    const c = this.#info.cache;
+    return { tokens, bytes: s?.cache_bytes ?? 0, mhaBytes: tokens * c.mha_equivalent_values_per_token * c.dtype_bytes };
+  }
+
+  /** Forgets the conversation (the server keeps its slots' caches and reuses whatever prefix matches). */
+  async resetChat() {
+    this.#last = null;
+  }
+
+  /** Nothing to release on the page. */
+  async unload() {}
+
+  /** Benchmarks run where the GPU is: `moela bench` on the server's machine. */
+  async bench() {
+    throw new Error('the model runs on the server: run `moela bench --model ...` on that machine');
+  }
+
+  /** OpenAI-shaped chat API, as `Engine`'s: `engine.chat.completions.create(request)`. */
+  get chat() {
+    return { completions: { create: (request) => this.#create(request) } };
+  }
+
+  async #create(request) {
+    const { signal, onRouting, ...fields } = request;
+    const body = { ...fields, stream: true, stream_options: { include_usage: true } };
+    if (typeof onRouting === 'function') body.moela_routing = true;
+    for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
+    const response = await fetch(new URL('v1/chat/completions', this.#base), {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify(body),
+      signal,
+    });
+    if (!response.ok) {
+      const e = await response.json().catch(() => null);
+      throw new Error(e?.error?.message ?? `the server answered HTTP ${response.status}`);
+    }
+    const stream = this.#chunks(response, signal, onRouting);
+    return request.stream ? stream : collectCompletion(stream);
+  }
+
+  /** The server-sent events as chunks; stopping (`signal`) ends the stream with finish_reason "abort". */
+  async *#chunks(response, signal, onRouting) {
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = '';
+    let last = null;
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return;
+        buffer += value;
+        let end;
+        while ((end = buffer.indexOf('\n\n')) >= 0) {
+          const event = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          for (const line of event.split('\n')) {
+            if (!line.startsWith('data: ')) continue;
+            const data = line.slice(6);
+            if (data === '[DONE]') return;
+            const chunk = JSON.parse(data);
+            if (chunk.error) throw new Error(chunk.error.message);
+            if (chunk.moela_routing) onRouting?.(chunk.moela_routing);
+            if (chunk.x_moela) this.#last = chunk.x_moela;
+            if (chunk.choices?.length) {
+              last = chunk;
+              yield chunk;
+            }
+          }
+        }
+      }
+    } catch (e) {
+      if (!signal?.aborted) throw e;
+      // Stopped by the caller: the server cancels the generation when the connection closes.
+      yield { ...(last ?? { object: 'chat.completion.chunk', model: this.model }), choices: [{ index: 0, delta: {}, finish_reason: 'abort', logprobs: null }] };
+    } finally {
+      reader.releaseLock();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // The same API, with the engine in a module Web Worker.
 
 const ERROR_CLASSES = { WebGPUUnavailableError };

@@ -18,6 +18,8 @@ use moela_tools::preset::{PRESETS, preset_files};
 
 /// The model used when `--model` is not given: the checkpoint folder shipped with moela.
 const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/moela-arith-tiny");
+/// The demo page `moela serve` serves by default.
+const DEFAULT_WEB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../web");
 
 #[derive(Parser)]
 #[command(
@@ -72,6 +74,13 @@ struct ServeArgs {
     /// Largest request body in bytes (413 past it).
     #[arg(long, default_value_t = 4 << 20)]
     body_limit: usize,
+    /// A folder served at / (default: the demo page, web/ of moela's source tree, when it is there); the
+    /// page's "This server" engine is this server.
+    #[arg(long)]
+    web: Option<PathBuf>,
+    /// Serve the API alone, no files.
+    #[arg(long, conflicts_with = "web")]
+    no_web: bool,
 }
 
 #[derive(Args)]
@@ -732,6 +741,11 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
             max_context: a.max_context,
             body_limit: a.body_limit,
             model_id: name.to_string(),
+            web: match (a.no_web, a.web) {
+                (true, _) => None,
+                (false, Some(dir)) => Some(dir),
+                (false, None) => Some(PathBuf::from(DEFAULT_WEB)).filter(|d| d.join("index.html").is_file()),
+            },
         },
     )
 }

@@ -10,7 +10,12 @@
 //!   `Retry-After`. A client that disconnects cancels its generation before its next token and frees its
 //!   slot.
 //! - `/v1/chat/completions` (streamed as server-sent events or not), `/v1/completions`, `/v1/models`,
-//!   `/health`; the text inside `<think>` is `reasoning_content`, the answer `content`.
+//!   `/health`; the text inside `<think>` is `reasoning_content`, the answer `content`. moela's own
+//!   additions: the last chunk's (and a whole answer's) `x_moela` with the generation's numbers (speeds, cache
+//!   in use), the experts of each token when asked (`moela_routing`), and `GET /moela/info`, the model's
+//!   facts as `moela info --json` gives them.
+//! - With a `web` folder, every other path is a file of it: the demo page, whose "This server" engine is
+//!   this server.
 
 mod openai;
 
@@ -22,6 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
+use axum::handler::HandlerWithoutStateExt;
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -48,6 +54,8 @@ pub struct Options {
     pub body_limit: usize,
     /// The model's name in `/v1/models` and responses.
     pub model_id: String,
+    /// A folder served at `/` (the demo page: `web/`), or none.
+    pub web: Option<std::path::PathBuf>,
 }
 
 struct Slot {
@@ -125,14 +133,14 @@ pub fn run(engine: Arc<Engine>, options: Options) -> anyhow::Result<()> {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
-        .fallback(|| async {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "not_found",
-                "no such route: moela serve has /v1/chat/completions, /v1/completions, /v1/models and /health",
-            )
-        })
+        .route("/moela/info", get(info));
+    let app = match &options.web {
+        Some(dir) => {
+            app.fallback_service(tower_http::services::ServeDir::new(dir).not_found_service(not_found.into_service()))
+        }
+        None => app.fallback(not_found),
+    };
+    let app = app
         .layer(DefaultBodyLimit::max(options.body_limit))
         .with_state(server.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -143,8 +151,13 @@ pub fn run(engine: Arc<Engine>, options: Options) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         let slots = server.slots.lock().map_or(0, |s| s.len());
         println!(
-            "moela serve: http://{addr} (model {}, {slots} slots of {context} tokens)",
-            server.model_id
+            "moela serve: http://{addr} (model {}, {slots} slots of {context} tokens{})",
+            server.model_id,
+            if options.web.is_some() {
+                "; the demo page at /"
+            } else {
+                ""
+            }
         );
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
@@ -263,12 +276,16 @@ fn generate(mut lease: Lease, request: Request, tx: mpsc::Sender<moela::Result<E
         let item = generation.next_blocking();
         parking_lot::MutexGuard::unlock_fair(turn);
         let Some(item) = item else { return };
-        let last = !matches!(item, Ok(Event::Reasoning(_) | Event::Content(_) | Event::Routing(_)));
+        if !matches!(item, Ok(Event::Reasoning(_) | Event::Content(_) | Event::Routing(_))) {
+            // The end: the slot is free again before the client hears of it, so that its next request
+            // finds its cache there.
+            drop(generation);
+            drop(lease);
+            let _ = tx.blocking_send(item);
+            return;
+        }
         if tx.blocking_send(item).is_err() {
             return cancel(&mut generation);
-        }
-        if last {
-            return;
         }
     }
 }
@@ -405,7 +422,7 @@ impl Shape {
         choice["finish_reason"] = finish_reason(stats.finish_reason).into();
         json!({
             "id": self.id, "object": self.object(false), "created": self.created, "model": self.model,
-            "choices": [choice], "usage": usage(stats),
+            "choices": [choice], "usage": usage(stats), "x_moela": stats,
         })
     }
 
@@ -451,9 +468,16 @@ fn stream(shape: Shape, mut rx: mpsc::Receiver<moela::Result<Event>>) -> impl In
             let sent = match item {
                 Ok(Event::Reasoning(t)) => send(shape.chunk("reasoning_content", &t, None)).await,
                 Ok(Event::Content(t)) => send(shape.chunk("content", &t, None)).await,
-                Ok(Event::Routing(_)) => true,
+                Ok(Event::Routing(experts)) => {
+                    let mut c = shape.chunk("", "", None);
+                    c["choices"] = json!([]);
+                    c["moela_routing"] = json!(experts);
+                    send(c).await
+                }
                 Ok(Event::Done(stats)) => {
-                    let mut ok = send(shape.chunk("", "", Some(finish_reason(stats.finish_reason)))).await;
+                    let mut last = shape.chunk("", "", Some(finish_reason(stats.finish_reason)));
+                    last["x_moela"] = json!(stats);
+                    let mut ok = send(last).await;
                     if ok && shape.include_usage {
                         let mut last = json!({
                             "id": shape.id, "object": shape.object(true), "created": shape.created,
@@ -478,6 +502,24 @@ fn stream(shape: Shape, mut rx: mpsc::Receiver<moela::Result<Event>>) -> impl In
         }
     });
     Sse::new(ReceiverStream::new(body)).keep_alive(KeepAlive::default())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "not_found",
+        "no such route: moela serve has /v1/chat/completions, /v1/completions, /v1/models, /health and /moela/info",
+    )
+}
+
+/// The model's facts (`moela info --json`), its name and the slots' context: what the demo page shows.
+async fn info(State(server): State<Arc<Server>>) -> Json<Value> {
+    let mut v = json!(server.engine.info());
+    v["model"] = server.model_id.clone().into();
+    v["context"] = server.context.into();
+    v["slots"] = server.slots.lock().map_or(0, |s| s.len()).into();
+    Json(v)
 }
 
 async fn models(State(server): State<Arc<Server>>) -> Json<Value> {

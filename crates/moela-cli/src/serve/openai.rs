@@ -176,7 +176,9 @@ impl Request {
                 max_tokens: max_tokens.map_or(defaults.max_tokens, |n| n as usize),
                 thinking_budget: f.uint("thinking_budget")?.map(|n| n as usize),
                 stop: f.stop()?,
-                record_routing: false,
+                // moela's own: stream the experts each generated token was routed to (chunks with no choices
+                // and a `moela_routing` field), as the demo page's heat map draws them.
+                record_routing: f.boolean("moela_routing")?.unwrap_or(false),
             },
         })
     }
