@@ -293,6 +293,8 @@ export interface WorkerEngine extends MoelaEngine {}
 export class ServerEngine {
   /** Connects to the server at `base` (default: the page's origin); fails if it is not a moela server. */
   static connect(base?: string): Promise<ServerEngine>;
+  /** The `moela serve` that served this page (its responses carry `x-moela-server`), or null. */
+  static served(): Promise<ServerEngine | null>;
   readonly chat: { completions: Completions };
   readonly model: string;
   /** `Engine.info()`'s facts, and the server's `context` (tokens per slot) and `slots`. */

@@ -710,7 +710,7 @@ async function start() {
     $('default-model-text').textContent = `From the page address: ${params.get('model')}`;
   }
   // Served by `moela serve`: its model, on the server's GPU, is the first choice.
-  const served = await ServerEngine.connect().catch(() => null);
+  const served = await ServerEngine.served().catch(() => null);
   if (served) {
     const info = served.info();
     $('source-server').hidden = false;

@@ -1237,6 +1237,15 @@ export class ServerEngine {
     return engine;
   }
 
+  /**
+   * The `moela serve` that served this page, connected, or null: its responses carry an `x-moela-server`
+   * header, so the page asks for itself rather than for a path that fails on other hosts.
+   */
+  static async served() {
+    const page = await fetch(location.href, { method: 'HEAD', cache: 'no-store' }).catch(() => null);
+    return page?.headers.get('x-moela-server') ? ServerEngine.connect() : null;
+  }
+
   /** The served model's name. */
   get model() {
     return this.#info.model;

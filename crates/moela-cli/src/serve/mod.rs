@@ -142,6 +142,7 @@ pub fn run(engine: Arc<Engine>, options: Options) -> anyhow::Result<()> {
     };
     let app = app
         .layer(DefaultBodyLimit::max(options.body_limit))
+        .layer(axum::middleware::map_response(mark))
         .with_state(server.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -502,6 +503,16 @@ fn stream(shape: Shape, mut rx: mpsc::Receiver<moela::Result<Event>>) -> impl In
         }
     });
     Sse::new(ReceiverStream::new(body)).keep_alive(KeepAlive::default())
+}
+
+/// Marks every response as moela serve's (`x-moela-server: VERSION`): a page it served finds its server
+/// with a request that succeeds on any host (its own address), rather than one that fails elsewhere.
+async fn mark(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        "x-moela-server",
+        axum::http::HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
+    );
+    response
 }
 
 async fn not_found() -> ApiError {

@@ -521,13 +521,8 @@ fn pack_block_rows(
     for_chunks(&mut columns, 1, |t, task| {
         let (out, scale_rows, extra_rows) = &mut task[0];
         let rows = &rows[t * TASK_ROWS..(t * TASK_ROWS + TASK_ROWS).min(rows.len())];
-        let own = match format {
-            WeightDtype::Q4K => Some(pack_q4k_task(out, scale_rows, extra_rows, rows, k)),
-            WeightDtype::Q5 => Some(pack_q5_task(out, scale_rows, extra_rows, rows, k)),
-            _ => None,
-        };
-        if let Some(ok) = own {
-            if !ok {
+        if matches!(format, WeightDtype::Q4K | WeightDtype::Q5) {
+            if !pack_ggml_task(format, out, scale_rows, extra_rows, rows, k) {
                 finite.store(false, std::sync::atomic::Ordering::Relaxed);
             }
             return;
@@ -615,42 +610,64 @@ fn pack_task(
     ok
 }
 
-/// One task of [`pack_block_rows`] for q4k: each output's super-blocks as `Q4_K` blocks, a file's own where
-/// its rows are `Q4_K` (copied, not re-quantised), else made from its values (`ggml::encode_q4_k`), then
-/// placed in column `jj` of every word, scale and super-block row. Returns false when a value is not finite.
-fn pack_q4k_task(
+/// One task of [`pack_block_rows`] for the formats that are a ggml type's own blocks (q4k: `Q4_K`, q5:
+/// `Q5_0`): each output's blocks of that type, a file's own where its rows are of the type (copied, not
+/// re-quantised), else made from its values (`ggml::encode`), then placed in column `jj` of every word, scale
+/// and extra row (q4k: super-block words; q5: fifth bits). Returns false when a value is not finite.
+fn pack_ggml_task(
+    format: WeightDtype,
     out: &mut [&mut [u32]],
     scale_rows: &mut [&mut [u16]],
-    super_rows: &mut [&mut [u32]],
+    extra_rows: &mut [&mut [u32]],
     rows: &[(Rows<'_>, usize)],
     k: usize,
 ) -> bool {
-    let per = SUPER_BLOCK / BLOCK;
-    let mut values = [0f32; SUPER_BLOCK];
+    use super::ggml::{GgmlType, encode, q4k_block, q5_block};
+    let ty = if format == WeightDtype::Q4K {
+        GgmlType::Q4_K
+    } else {
+        GgmlType::Q5_0
+    };
+    let (per, size) = ty.block().map(|(p, s)| (p as usize, s as usize)).expect("a block type");
+    // Blocks of 32 in one of the type's blocks, each with a scale row.
+    let blocks = per / BLOCK;
+    let mut values = vec![0f32; per];
+    let mut made = Vec::with_capacity(size);
     let mut ok = true;
     for (jj, &(part, row)) in rows.iter().enumerate() {
-        for (sb, head) in super_rows.iter_mut().enumerate() {
-            let at = sb * SUPER_BLOCK;
-            let made;
+        for (i, extra) in extra_rows.iter_mut().enumerate() {
+            let at = i * per;
             let block = match part {
-                Rows::Ggml(super::ggml::GgmlType::Q4_K, bytes) if row.is_multiple_of(SUPER_BLOCK) => {
-                    &bytes[(row + at) / SUPER_BLOCK * 144..][..144]
-                }
+                Rows::Ggml(t, bytes) if t == ty && row.is_multiple_of(per) => &bytes[(row + at) / per * size..][..size],
                 _ => {
-                    let take = k.saturating_sub(at).min(SUPER_BLOCK);
+                    let take = k.saturating_sub(at).min(per);
                     values[take..].fill(0.0);
                     ok &= part.read(row + at, &mut values[..take]);
-                    made = super::ggml::encode_q4_k(&values);
-                    &made
+                    made.clear();
+                    encode(ty, &values, &mut made);
+                    &made[..]
                 }
             };
-            let (h, frames, words) = super::ggml::q4k_block(block);
-            ok &= f16::from_bits(h as u16).is_finite() && f16::from_bits((h >> 16) as u16).is_finite();
-            head[jj] = h;
-            for (j, (frame, block_words)) in frames.iter().zip(&words).enumerate() {
-                scale_rows[sb * per + j][jj] = *frame;
-                for (g, w) in block_words.iter().enumerate() {
-                    out[(sb * per + j) * 4 + g][jj] = *w;
+            let (word, scales, codes) = match format {
+                WeightDtype::Q4K => q4k_block(block),
+                _ => {
+                    let (scale, words, bits) = q5_block(block);
+                    let mut scales = [0u16; 8];
+                    let mut codes = [[0u32; 4]; 8];
+                    (scales[0], codes[0]) = (scale, words);
+                    (bits, scales, codes)
+                }
+            };
+            // The f16 halves of the word (q4k) or the scale (q5) must be numbers.
+            ok &= match format {
+                WeightDtype::Q4K => half_finite(word as u16) && half_finite((word >> 16) as u16),
+                _ => half_finite(scales[0]),
+            };
+            extra[jj] = word;
+            for b in 0..blocks {
+                scale_rows[i * blocks + b][jj] = scales[b];
+                for (g, w) in codes[b].iter().enumerate() {
+                    out[(i * blocks + b) * 4 + g][jj] = *w;
                 }
             }
         }
@@ -658,46 +675,9 @@ fn pack_q4k_task(
     ok
 }
 
-/// One task of [`pack_block_rows`] for q5: each output's blocks as `Q5_0` blocks, a file's own where its rows
-/// are `Q5_0` (copied), else rounded from its values as llama.cpp rounds them (`ggml::encode`), then placed in
-/// column `jj` of every word, scale and fifth-bit row. Returns false when a value is not finite.
-fn pack_q5_task(
-    out: &mut [&mut [u32]],
-    scale_rows: &mut [&mut [u16]],
-    high_rows: &mut [&mut [u32]],
-    rows: &[(Rows<'_>, usize)],
-    k: usize,
-) -> bool {
-    use super::ggml::GgmlType;
-    let mut values = [0f32; BLOCK];
-    let mut made = Vec::with_capacity(22);
-    let mut ok = true;
-    for (jj, &(part, row)) in rows.iter().enumerate() {
-        for (b, high) in high_rows.iter_mut().enumerate() {
-            let at = b * BLOCK;
-            let block = match part {
-                Rows::Ggml(GgmlType::Q5_0, bytes) if row.is_multiple_of(BLOCK) => {
-                    &bytes[(row + at) / BLOCK * 22..][..22]
-                }
-                _ => {
-                    let take = k.saturating_sub(at).min(BLOCK);
-                    values[take..].fill(0.0);
-                    ok &= part.read(row + at, &mut values[..take]);
-                    made.clear();
-                    super::ggml::encode(GgmlType::Q5_0, &values, &mut made);
-                    &made[..]
-                }
-            };
-            let (scale, words, bits) = super::ggml::q5_block(block);
-            ok &= f16::from_bits(scale).is_finite();
-            scale_rows[b][jj] = scale;
-            high[jj] = bits;
-            for (g, w) in words.iter().enumerate() {
-                out[b * 4 + g][jj] = *w;
-            }
-        }
-    }
-    ok
+/// Whether f16 bits hold a number.
+fn half_finite(bits: u16) -> bool {
+    f16::from_bits(bits).is_finite()
 }
 
 /// A block's codes as words: four signed bytes (q8: eight words) or eight nibbles `q + 8` (q4: four words
