@@ -37,6 +37,9 @@ pub enum WeightDtype {
 }
 
 impl WeightDtype {
+    /// Every packed format (all but f32).
+    pub const PACKED: [WeightDtype; 5] = [Self::F16, Self::Q8, Self::Q4, Self::Q4K, Self::Q5];
+
     /// Bits per stored weight, block scales included.
     pub fn bits(self) -> f64 {
         match self {
@@ -78,8 +81,8 @@ impl WeightDtype {
 
     /// Parses `f32` / `f16` / `q8` / `q5` / `q4` / `q4k`.
     pub fn parse(s: &str) -> Result<Self> {
-        [Self::F32, Self::F16, Self::Q8, Self::Q5, Self::Q4, Self::Q4K]
-            .into_iter()
+        std::iter::once(Self::F32)
+            .chain(Self::PACKED)
             .find(|d| d.name() == s)
             .ok_or_else(|| Error::InvalidArgument(format!("weights {s:?}: expected f32, f16, q8, q5, q4 or q4k")))
     }

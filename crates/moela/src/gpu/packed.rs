@@ -845,13 +845,7 @@ mod tests {
         // words and scales as pushed whole; the last slice is short.
         let (n, k) = (200, 70);
         let rows: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-3).collect();
-        for format in [
-            WeightDtype::F16,
-            WeightDtype::Q8,
-            WeightDtype::Q4,
-            WeightDtype::Q4K,
-            WeightDtype::Q5,
-        ] {
+        for format in WeightDtype::PACKED {
             let mut whole = PackedHost::new(format, [1, k, n]);
             whole.push_rows(&rows);
             let mut sliced = PackedHost::new(format, [1, k, n]);
@@ -1047,13 +1041,7 @@ mod tests {
         // 2 x 64 x 2600: several texture rows, so 2 rows per layer also gives several layers.
         let shape = [2, 64, 2600];
         let data = sample(shape.iter().product());
-        for format in [
-            WeightDtype::F16,
-            WeightDtype::Q8,
-            WeightDtype::Q4,
-            WeightDtype::Q4K,
-            WeightDtype::Q5,
-        ] {
+        for format in WeightDtype::PACKED {
             let mut host = PackedHost::new(format, shape);
             for m in data.chunks(shape[1] * shape[2]) {
                 host.push_rows(&transpose(m, shape[1], shape[2]));

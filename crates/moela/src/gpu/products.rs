@@ -340,14 +340,6 @@ mod tests {
     use super::*;
     use crate::gpu::worst_of;
 
-    const FORMATS: [WeightDtype; 5] = [
-        WeightDtype::F16,
-        WeightDtype::Q8,
-        WeightDtype::Q4,
-        WeightDtype::Q4K,
-        WeightDtype::Q5,
-    ];
-
     fn values(t: Tensor<2>) -> Vec<f32> {
         t.into_data().try_to_vec::<f32>().unwrap()
     }
@@ -378,7 +370,7 @@ mod tests {
             eprintln!("no GPU adapter: skipped");
             return;
         };
-        for format in FORMATS {
+        for format in WeightDtype::PACKED {
             // K not a multiple of 32 (q8 / q4 pad x), N a multiple of 4 only.
             // N/4 odd (one texel column per invocation) and even (two); x past the 64 KiB a texture launch
             // copies into a uniform buffer (2 x 8200 values), read from its storage buffer instead; more rows
@@ -457,7 +449,10 @@ mod tests {
         let each = Pairs::Each(&idx);
         // N/4 odd and even.
         // N/4 odd (one texel column per invocation), 6 (two) and 12 (four, SwiGLU's two of each half).
-        for (format, n) in FORMATS.into_iter().flat_map(|f| [(f, 20), (f, 24), (f, 48)]) {
+        for (format, n) in WeightDtype::PACKED
+            .into_iter()
+            .flat_map(|f| [(f, 20), (f, 24), (f, 48)])
+        {
             let packed = Packed::new(&host(count * k * n, 3), [count, k, n], format, &device);
             let dense = packed.dequantise();
             let x = Tensor::<2>::random([t, k], Distribution::Normal(0.0, 1.0), &device);
@@ -525,7 +520,10 @@ mod tests {
         let idx = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [pairs]), &device);
         let plan = crate::gpu::experts::sort(&idx, 12).expect("the sort covers this call");
         // N/4 odd (one texel column per invocation), 6 (two) and 12 (four, SwiGLU's two of each half).
-        for (format, n) in FORMATS.into_iter().flat_map(|f| [(f, 20), (f, 24), (f, 48)]) {
+        for (format, n) in WeightDtype::PACKED
+            .into_iter()
+            .flat_map(|f| [(f, 20), (f, 24), (f, 48)])
+        {
             let high = Packed::new(&host(count * k * n, 3), [count, k, n], format, &device);
             let low = Packed::new(&host(first * k * n, 9), [first, k, n], format, &device);
             // Gate/up (a row of x per token) and down (a row per pair).
@@ -571,7 +569,7 @@ mod tests {
         };
         let (k, n) = (128, 2600);
         let layouts = [texture::Layout::Rows, texture::Layout::Columns];
-        for (format, layout) in FORMATS.into_iter().flat_map(|f| layouts.map(|l| (f, l))) {
+        for (format, layout) in WeightDtype::PACKED.into_iter().flat_map(|f| layouts.map(|l| (f, l))) {
             let p = Packed::new(&host(k * n, 5), [1, k, n], format, &device).in_texture(layout, 2);
             assert!(
                 matches!(&p.words, packed::Words::Texture(t) if t.layout() == layout),

@@ -354,13 +354,7 @@ mod tests {
                 });
             }
         }
-        for format in [
-            WeightDtype::F16,
-            WeightDtype::Q8,
-            WeightDtype::Q4,
-            WeightDtype::Q4K,
-            WeightDtype::Q5,
-        ] {
+        for format in WeightDtype::PACKED {
             for (rows, cols) in [(1, 1), (3, 2), (8, 4)] {
                 for bits in 0..32u32 {
                     let reads = PackedReads {
