@@ -235,6 +235,21 @@ impl Session {
     /// Makes the cache hold `prompt`, reusing the longest cached prefix, and returns the logits after its
     /// last token plus how many tokens were reused.
     pub async fn prefill(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
+        let common = self.keep_prefix(prompt)?;
+        let mut logits = None;
+        for chunk in prompt[common..].chunks(PREFILL_CHUNK) {
+            logits = self
+                .prefill_chunk(chunk, self.tokens.len() + chunk.len() == prompt.len())
+                .await?;
+        }
+        Ok((logits.unwrap_or_default(), common))
+    }
+
+    /// The first part of [`prefill`](Self::prefill): checks `prompt` against the context and cuts the cache
+    /// back to the longest prefix it shares with it (never the whole prompt: its last token must run to give
+    /// logits). Returns that prefix's length; the rest of the prompt then goes through
+    /// [`prefill_chunk`](Self::prefill_chunk) in order.
+    pub fn keep_prefix(&mut self, prompt: &[u32]) -> Result<usize> {
         if prompt.is_empty() {
             return Err(Error::InvalidArgument("empty prompt".into()));
         }
@@ -245,24 +260,39 @@ impl Session {
                 self.cache.capacity()
             )));
         }
-        let mut common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-        if common == prompt.len() {
-            common -= 1; // the last token must run again to give its logits
-        }
+        let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let common = common.min(prompt.len() - 1);
         self.cache.truncate(common);
         self.tokens.truncate(common);
-        let mut last = None;
-        for chunk in prompt[common..].chunks(PREFILL_CHUNK) {
-            last = Some(
-                self.engine
-                    .model
-                    .forward(chunk, &mut self.cache, LogitsFor::Last, None)?,
-            );
-            self.tokens.extend_from_slice(chunk);
+        Ok(common)
+    }
+
+    /// Runs the next `chunk` of a prompt (at most [`PREFILL_CHUNK`] tokens) into the cache; with `last`, returns
+    /// the logits after its last token.
+    pub async fn prefill_chunk(&mut self, chunk: &[u32], last: bool) -> Result<Option<Vec<f32>>> {
+        if chunk.is_empty() || chunk.len() > PREFILL_CHUNK {
+            return Err(Error::InvalidArgument(format!(
+                "a prefill chunk of {} tokens: expected 1 to {PREFILL_CHUNK}",
+                chunk.len()
+            )));
         }
-        let logits = last.ok_or_else(|| Error::InvalidArgument("empty prompt".into()))?;
-        let row = read_rows(logits).await?.pop().unwrap_or_default();
-        Ok((row, common))
+        if self.tokens.len() + chunk.len() > self.cache.capacity() {
+            return Err(Error::Limit(format!(
+                "{} more tokens do not fit the session's context of {} tokens ({} held)",
+                chunk.len(),
+                self.cache.capacity(),
+                self.tokens.len()
+            )));
+        }
+        let logits = self
+            .engine
+            .model
+            .forward(chunk, &mut self.cache, LogitsFor::Last, None)?;
+        self.tokens.extend_from_slice(chunk);
+        if !last {
+            return Ok(None);
+        }
+        Ok(Some(read_rows(logits).await?.pop().unwrap_or_default()))
     }
 
     /// Runs one token through the cache and returns its logits.
@@ -328,6 +358,8 @@ pub struct Generation<'s> {
     eos: Vec<u32>,
     close_think: Vec<u32>,
     prompt: Option<Vec<u32>>,
+    /// Where the prefill has got to in `prompt` (`None` before it starts).
+    prefilled: Option<usize>,
     prompt_tokens: usize,
     reused: usize,
     logits: Vec<f32>,
@@ -363,6 +395,7 @@ impl<'s> Generation<'s> {
         Ok(Self {
             prompt_tokens: prompt.len(),
             prompt: Some(prompt),
+            prefilled: None,
             decoder: StreamDecoder::new(true),
             stop: StopMatcher::new(&options.stop),
             splitter: ThinkSplitter::new("<think>", "</think>", opens_think),
@@ -382,6 +415,28 @@ impl<'s> Generation<'s> {
             prefill_seconds: 0.0,
             decode_start: 0.0,
         })
+    }
+
+    /// One step of work, with the events it produced (often none): a chunk of the prompt's prefill (at most
+    /// [`PREFILL_CHUNK`] tokens), or one token. `None` once the generation has finished and its events were
+    /// taken. Callers that share a device between generations (`moela serve`) take turns between steps, so a
+    /// long prompt does not hold it for its whole prefill.
+    pub async fn step(&mut self) -> Option<Result<Vec<Event>>> {
+        if self.pending.is_empty() {
+            if self.finished {
+                return None;
+            }
+            if let Err(e) = self.advance().await {
+                self.finished = true;
+                return Some(Err(e));
+            }
+        }
+        Some(Ok(self.pending.drain(..).collect()))
+    }
+
+    /// [`Generation::step`] for native callers that can block.
+    pub fn step_blocking(&mut self) -> Option<Result<Vec<Event>>> {
+        pollster::block_on(self.step())
     }
 
     /// The next event, or `None` after [`Event::Done`].
@@ -430,13 +485,27 @@ impl<'s> Generation<'s> {
     }
 
     async fn advance(&mut self) -> Result<()> {
-        if let Some(prompt) = self.prompt.take() {
+        if let Some(prompt) = &self.prompt {
+            // One chunk of the prompt per call.
             let t0 = now();
-            let (logits, reused) = self.session.prefill(&prompt).await?;
-            self.logits = logits;
-            self.reused = reused;
-            self.prefill_seconds = now() - t0;
-            self.decode_start = now();
+            let at = match self.prefilled {
+                Some(at) => at,
+                None => {
+                    let common = self.session.keep_prefix(prompt)?;
+                    self.reused = common;
+                    common
+                }
+            };
+            let end = (at + PREFILL_CHUNK).min(prompt.len());
+            let last = end == prompt.len();
+            let logits = self.session.prefill_chunk(&prompt[at..end], last).await?;
+            self.prefill_seconds += now() - t0;
+            self.prefilled = Some(end);
+            if let Some(logits) = logits {
+                self.logits = logits;
+                self.prompt = None;
+                self.decode_start = now();
+            }
             return Ok(());
         }
         let token = match self.forced.pop_front() {

@@ -261,3 +261,53 @@ fn routing_events_name_k_distinct_experts_per_moe_layer() {
     }
     assert!(seen >= 1);
 }
+
+/// A prompt longer than one prefill chunk is prefilled a chunk per `step` (each step returning no events),
+/// and the generation that follows is the one `next` gives.
+#[test]
+fn a_long_prompt_is_prefilled_a_chunk_per_step() {
+    let engine = load("v3-tiny");
+    let prompt = "hello world ".repeat(150);
+    let tokens = engine.tokenizer().unwrap().encode(&prompt, true).unwrap().len();
+    assert!(
+        tokens > 2 * moela::generate::PREFILL_CHUNK,
+        "{tokens} tokens: more than two chunks"
+    );
+    let options = GenerateOptions {
+        max_tokens: 6,
+        ..GenerateOptions::default()
+    };
+    let mut s = engine.session(SessionOptions::default()).unwrap();
+    let want = collect(s.complete(&prompt, options.clone()).unwrap());
+
+    let mut s = engine.session(SessionOptions::default()).unwrap();
+    let mut g = s.complete(&prompt, options).unwrap();
+    let mut quiet = 0;
+    let mut events = Vec::new();
+    while let Some(step) = g.step_blocking() {
+        let step = step.unwrap();
+        if events.is_empty() && step.is_empty() {
+            quiet += 1;
+        }
+        events.extend(step);
+    }
+    assert!(
+        quiet >= tokens.div_ceil(moela::generate::PREFILL_CHUNK),
+        "{quiet} quiet steps for {tokens} tokens"
+    );
+    let content: String = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Content(t) | Event::Reasoning(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(content, format!("{}{}", want.reasoning, want.content));
+    let Some(Event::Done(stats)) = events.last() else {
+        panic!("the last event is Done: {events:?}")
+    };
+    assert_eq!(
+        (stats.prompt_tokens, stats.generated_tokens),
+        (want.stats.prompt_tokens, want.stats.generated_tokens)
+    );
+}

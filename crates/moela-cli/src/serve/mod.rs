@@ -4,8 +4,8 @@
 //!   slot whose cached tokens share the longest prefix with its prompt (else the least recently used one),
 //!   so a follow-up that repeats the conversation so far prefills only its new turn.
 //! - Turns: a generation runs on a blocking thread of its own and takes the device for one step at a time
-//!   (the prefill, then one token), handing it on fairly to the next waiting generation after each, so
-//!   every stream keeps moving while others are written.
+//!   (a chunk of its prompt's prefill, or one token), handing it on fairly to the next waiting generation
+//!   after each, so every stream keeps moving while others are written or prefilled.
 //! - Back-pressure: with every slot busy a request waits in a queue of `--queue` places; past it, 503 with
 //!   `Retry-After`. A client that disconnects cancels its generation before its next token and frees its
 //!   slot.
@@ -273,20 +273,32 @@ fn generate(mut lease: Lease, request: Request, tx: mpsc::Sender<moela::Result<E
         if tx.is_closed() {
             return cancel(&mut generation);
         }
+        // One step (a chunk of the prompt, or one token) per turn on the device.
         let turn = server.turn.lock();
-        let item = generation.next_blocking();
+        let step = generation.step_blocking();
         parking_lot::MutexGuard::unlock_fair(turn);
-        let Some(item) = item else { return };
-        if !matches!(item, Ok(Event::Reasoning(_) | Event::Content(_) | Event::Routing(_))) {
-            // The end: the slot is free again before the client hears of it, so that its next request
-            // finds its cache there.
-            drop(generation);
-            drop(lease);
-            let _ = tx.blocking_send(item);
-            return;
-        }
-        if tx.blocking_send(item).is_err() {
-            return cancel(&mut generation);
+        let events = match step {
+            None => return,
+            Some(Ok(events)) => events,
+            Some(Err(e)) => {
+                drop(generation);
+                drop(lease);
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        };
+        for event in events {
+            if let Event::Done(_) = event {
+                // The end: the slot is free again before the client hears of it, so that its next request
+                // finds its cache there.
+                drop(generation);
+                drop(lease);
+                let _ = tx.blocking_send(Ok(event));
+                return;
+            }
+            if tx.blocking_send(Ok(event)).is_err() {
+                return cancel(&mut generation);
+            }
         }
     }
 }
