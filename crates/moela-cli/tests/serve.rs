@@ -281,64 +281,93 @@ fn a_full_queue_is_refused_and_a_client_that_leaves_frees_its_slot() {
     assert_eq!(code, 200, "{r}");
 }
 
+/// The server process's resident memory, in bytes (Linux).
+fn resident(s: &Server) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.child.id())).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+/// The assistant message of a streamed answer, folded from its chunks.
+fn streamed_message(s: &Server, question: &str) -> Value {
+    let mut req = ask(question);
+    req["stream"] = true.into();
+    let (_, body) = s.request("POST", "/v1/chat/completions", req.to_string().as_bytes());
+    let chunks: Vec<Value> = events(&body)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| parse(e))
+        .collect();
+    let text = |f: &str| -> String {
+        chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"][f].as_str())
+            .collect()
+    };
+    json!({"role": "assistant", "content": text("content"), "reasoning_content": text("reasoning_content")})
+}
+
 #[test]
 fn concurrent_requests_answer_as_they_do_alone() {
-    let s = Server::start(&["--parallel", "4", "--queue", "64"]);
-    let questions: Vec<String> = (0..12)
+    let s = Server::start(&["--parallel", "4", "--queue", "96"]);
+    let questions: Vec<String> = (0..16)
         .map(|i| format!("What is {} + {}?", 10 + i * 7, 3 + i))
         .collect();
     let alone: Vec<Value> = questions
         .iter()
         .map(|q| s.post("/v1/chat/completions", &ask(q)).1["choices"][0]["message"].clone())
         .collect();
-    // Twelve at once over four slots (eight wait in the queue), streamed and not, and four clients that
-    // leave after the first bytes.
-    let together: Vec<Value> = std::thread::scope(|scope| {
-        let leavers: Vec<_> = (0..4)
-            .map(|i| {
-                let s = &s;
-                scope.spawn(move || {
-                    let mut req = ask(&format!("What is {} + 999999999?", 100000 + i));
-                    req["stream"] = true.into();
-                    let mut c = s.send("POST", "/v1/chat/completions", req.to_string().as_bytes());
-                    let _ = c.read(&mut [0u8; 64]);
+    // 64 requests at once over four slots (the rest wait in the queue), streamed and not, and 16 clients
+    // that leave after the first bytes; twice, so that the second round shows whether memory grows.
+    let round = || -> Vec<Value> {
+        std::thread::scope(|scope| {
+            let leavers: Vec<_> = (0..16)
+                .map(|i| {
+                    let s = &s;
+                    scope.spawn(move || {
+                        let mut req = ask(&format!("What is {} + 999999999?", 100000 + i));
+                        req["stream"] = true.into();
+                        let mut c = s.send("POST", "/v1/chat/completions", req.to_string().as_bytes());
+                        let _ = c.read(&mut [0u8; 64]);
+                    })
                 })
-            })
-            .collect();
-        let handles: Vec<_> = questions
-            .iter()
-            .enumerate()
-            .map(|(i, q)| {
-                let s = &s;
-                scope.spawn(move || {
-                    if i % 2 == 0 {
-                        return s.post("/v1/chat/completions", &ask(q)).1["choices"][0]["message"].clone();
-                    }
-                    let mut req = ask(q);
-                    req["stream"] = true.into();
-                    let (_, body) = s.request("POST", "/v1/chat/completions", req.to_string().as_bytes());
-                    let chunks: Vec<Value> = events(&body)
-                        .iter()
-                        .filter(|e| *e != "[DONE]")
-                        .map(|e| parse(e))
-                        .collect();
-                    let text = |f: &str| -> String {
-                        chunks.iter().filter_map(|c| c["choices"][0]["delta"][f].as_str()).collect()
-                    };
-                    json!({"role": "assistant", "content": text("content"), "reasoning_content": text("reasoning_content")})
+                .collect();
+            let handles: Vec<_> = (0..64)
+                .map(|i| {
+                    let (s, q) = (&s, &questions[i % questions.len()]);
+                    scope.spawn(move || {
+                        if i % 2 == 0 {
+                            s.post("/v1/chat/completions", &ask(q)).1["choices"][0]["message"].clone()
+                        } else {
+                            streamed_message(s, q)
+                        }
+                    })
                 })
-            })
-            .collect();
-        for l in leavers {
-            l.join().unwrap();
+                .collect();
+            for l in leavers {
+                l.join().unwrap();
+            }
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let mut memory = Vec::new();
+    for _ in 0..2 {
+        let together = round();
+        for (i, b) in together.iter().enumerate() {
+            let (q, a) = (&questions[i % questions.len()], &alone[i % questions.len()]);
+            assert_eq!(a["content"], b["content"], "{q}: {a} vs {b}");
+            assert_eq!(a["reasoning_content"], b["reasoning_content"], "{q}");
         }
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
-        assert_eq!(a["content"], b["content"], "{}: {a} vs {b}", questions[i]);
-        assert_eq!(a["reasoning_content"], b["reasoning_content"], "{}", questions[i]);
+        let h = s.idle(Duration::from_secs(60));
+        assert_eq!(h["slots_idle"], 4, "{h}");
+        assert_eq!(h["requests_waiting"], 0, "{h}");
+        memory.extend(resident(&s));
     }
-    let h = s.idle(Duration::from_secs(60));
-    assert_eq!(h["slots_idle"], 4, "{h}");
-    assert_eq!(h["requests_waiting"], 0, "{h}");
+    if let [first, second] = memory[..] {
+        eprintln!("resident memory after the first round {first} bytes, after the second {second}");
+        assert!(
+            second <= first + first / 20 + (8 << 20),
+            "memory grew from {first} to {second} bytes over 80 more requests"
+        );
+    }
 }
