@@ -251,10 +251,10 @@ fn bad_requests_get_openai_errors_and_leave_the_server_working() {
 }
 
 #[test]
-fn a_full_queue_is_refused_and_a_client_that_leaves_frees_its_slot() {
-    let s = Server::start(&["--parallel", "1", "--queue", "0"]);
+fn a_full_queue_is_refused_and_a_client_that_leaves_frees_its_place() {
+    let s = Server::start(&["--parallel", "1", "--queue", "1"]);
     let long = "What is 987654321987654321 + 123456789123456789?";
-    // A long streamed answer holds the only slot: another request is refused with Retry-After.
+    // A long streamed answer holds the only slot.
     let mut req = ask(long);
     req["stream"] = true.into();
     let mut held = s.send("POST", "/v1/chat/completions", req.to_string().as_bytes());
@@ -265,6 +265,24 @@ fn a_full_queue_is_refused_and_a_client_that_leaves_frees_its_slot() {
         "the stream started"
     );
     assert_eq!(s.health()["slots_processing"], 1);
+    // The next request waits in the queue's one place; the one after is refused with Retry-After.
+    let queued = s.send(
+        "POST",
+        "/v1/chat/completions",
+        ask("What is 1 + 1?").to_string().as_bytes(),
+    );
+    let until = |what: &str, done: &dyn Fn(&Value) -> bool| {
+        let start = Instant::now();
+        loop {
+            let h = s.health();
+            if done(&h) {
+                return h;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "{what}: {h}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    until("the second request queued", &|h| h["requests_waiting"] == 1);
     let (code, body) = s.request(
         "POST",
         "/v1/chat/completions",
@@ -272,7 +290,10 @@ fn a_full_queue_is_refused_and_a_client_that_leaves_frees_its_slot() {
     );
     assert_eq!(code, 503, "{body}");
     assert_eq!(parse(&body)["error"]["code"], "server_busy");
-    // The client leaves mid-stream: its generation stops and the slot is free again.
+    // A queued client that leaves gives its place back at once.
+    drop(queued);
+    until("the queued client's place freed", &|h| h["requests_waiting"] == 0);
+    // The streaming client leaves: its generation stops and the slot is free again.
     drop(held);
     let h = s.idle(Duration::from_secs(30));
     assert_eq!(h["slots_idle"], 1, "{h}");

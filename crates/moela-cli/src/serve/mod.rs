@@ -99,6 +99,15 @@ impl Drop for Lease {
     }
 }
 
+/// One request in the queue, for as long as this lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Runs the server until Ctrl-C. Prints the address it listens on (`http://HOST:PORT`) on stdout first.
 pub fn run(engine: Arc<Engine>, options: Options) -> anyhow::Result<()> {
     let sessions = (0..options.parallel.max(1))
@@ -207,9 +216,10 @@ impl Server {
                         ),
                     ));
                 }
-                let p = self.free.clone().acquire_owned().await;
-                self.waiting.fetch_sub(1, Ordering::SeqCst);
-                p.map_err(|_| {
+                // Counted as waiting until this ends, however it ends: a client that leaves while queued
+                // drops this future at the await.
+                let _waiting = Waiting(&self.waiting);
+                self.free.clone().acquire_owned().await.map_err(|_| {
                     ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "server_error",
