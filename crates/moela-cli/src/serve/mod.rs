@@ -364,6 +364,8 @@ async fn start(
             )
         })?;
     }
+    let mut request = request;
+    request.options.max_tokens = request.options.max_tokens.min(server.context - ids.len());
     let lease = server.lease(&ids).await?;
     let (tx, rx) = mpsc::channel(256);
     let job = request.clone();

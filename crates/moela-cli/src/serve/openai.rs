@@ -123,7 +123,6 @@ impl Request {
         } else {
             (None, Some(f.prompt()?))
         };
-        let defaults = GenerateOptions::default();
         let max_tokens = match f.uint("max_completion_tokens")? {
             Some(n) => Some(n),
             None => f.uint("max_tokens")?,
@@ -173,7 +172,8 @@ impl Request {
             include_usage,
             options: GenerateOptions {
                 sampling,
-                max_tokens: max_tokens.map_or(defaults.max_tokens, |n| n as usize),
+                // Without a limit, the answer may take the rest of the context (`start` bounds it there).
+                max_tokens: max_tokens.map_or(usize::MAX, |n| n as usize),
                 thinking_budget: f.uint("thinking_budget")?.map(|n| n as usize),
                 stop: f.stop()?,
                 // moela's own: stream the experts each generated token was routed to (chunks with no choices
