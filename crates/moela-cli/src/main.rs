@@ -356,21 +356,23 @@ fn weight_dtype(args: &ModelArgs, path: &Path) -> Result<WeightDtype> {
     Ok(WeightDtype::F32)
 }
 
+/// A progress bar in bytes on stderr, with speed and ETA, labelled `what` (hidden when stderr is not a terminal).
+fn bytes_bar(what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ({eta} left)")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
 fn load_files(files: CheckpointFiles, args: &ModelArgs, what: &str) -> Result<Arc<Engine>> {
     let dtype = weight_dtype(args, &model_dir(args))?;
-    let bar = if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "loading {msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ({eta} left)",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar.set_message(what.to_string());
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = bytes_bar(&format!("loading {what}"));
     let device = choose_device(&args.device)?;
     let kernels = Kernels::parse(&args.kernels)?;
     let engine = pollster::block_on(Engine::load(
@@ -760,18 +762,7 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
         "q4_k" => GgmlType::Q4_K,
         _ => GgmlType::Q8_0,
     };
-    let bar = if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "writing [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ({eta} left)",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = bytes_bar("writing");
     let started = std::time::Instant::now();
     let written = moela::load::gguf::write::quantize(&a.model, &a.out, ty, &mut |p: Progress| {
         bar.set_length(p.total);
