@@ -252,6 +252,10 @@ struct BenchArgs {
     /// list where they go.
     #[arg(long)]
     profile: bool,
+    /// Also measure the aggregate decode speed of this many streams stepped together (one batched
+    /// forward per step, as `moela serve` runs concurrent requests), e.g. `--streams 1,4,8`.
+    #[arg(long, value_delimiter = ',')]
+    streams: Vec<usize>,
 }
 
 #[derive(Args)]
@@ -798,14 +802,29 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         None => (load(&a.model)?, model_dir(&a.model).display().to_string()),
     };
     let report = pollster::block_on(bench(&engine, a.prompt_tokens, a.gen_tokens, a.seed, a.profile))?;
+    let streams = if a.streams.is_empty() {
+        Vec::new()
+    } else {
+        pollster::block_on(moela_tools::bench::streams(
+            &engine,
+            a.prompt_tokens,
+            a.gen_tokens,
+            &a.streams,
+            a.seed,
+            a.profile,
+        ))?
+    };
     let info = engine.info();
     if a.json {
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "model": name,
             "adapter": format!("{:?}", engine.device()),
             "parameters": { "total": info.total_parameters, "active_per_token": info.active_parameters_per_token },
             "bench": report,
         });
+        if !streams.is_empty() {
+            out["streams"] = serde_json::json!(streams);
+        }
         print_line(&serde_json::to_string_pretty(&out)?)?;
     } else {
         println!("model            {name}");
@@ -869,6 +888,15 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         }
         if let Some(list) = &report.prefill_by_kernel {
             by_kernel("prefill, by kernel:", list);
+        }
+        for r in &streams {
+            println!(
+                "{:>2} streams       {:.2} tok/s together, {:.2}x one stream, {} dispatches per step",
+                r.streams, r.decode_tokens_per_second, r.speedup, r.dispatches_per_step
+            );
+            if let Some(list) = &r.by_kernel {
+                by_kernel(&format!("{} streams' step, by kernel:", r.streams), list);
+            }
         }
     }
     Ok(())

@@ -232,6 +232,93 @@ pub async fn bench(
     })
 }
 
+/// Aggregate decode speed of several streams stepped together.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamsRate {
+    /// Sessions decoding at once.
+    pub streams: usize,
+    /// Tokens decoded per second by all of them together.
+    pub decode_tokens_per_second: f64,
+    /// `decode_tokens_per_second` over the single stream's (measured in the same call).
+    pub speedup: f64,
+    /// Kernel launches of one batched step (all streams).
+    pub dispatches_per_step: u64,
+    /// With a profile: that step's launches by kernel, each timed (run one at a time).
+    pub by_kernel: Option<Vec<gpu::KernelStat>>,
+}
+
+/// Decode speed of `streams` sessions at once (each entry a separate measurement), each with its own
+/// `prompt_tokens`-token prompt, stepped together `gen_tokens` times (after one untimed step) with
+/// [`Session::step_many`](moela::Session::step_many): one batched forward per step, as `moela serve` runs
+/// concurrent requests. The rate of one stream is measured first, for the speedups. With `profile`, the
+/// kernels of one more step are timed one by one.
+pub async fn streams(
+    engine: &std::sync::Arc<Engine>,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    streams: &[usize],
+    seed: u64,
+    profile: bool,
+) -> Result<Vec<StreamsRate>> {
+    if prompt_tokens == 0 || gen_tokens == 0 || streams.contains(&0) {
+        return Err(Error::InvalidArgument(
+            "bench needs at least 1 prompt token, 1 generated token and 1 stream".into(),
+        ));
+    }
+    let cfg = engine.config();
+    let vocab = cfg.vocab_size as u64;
+    let max_context = prompt_tokens + gen_tokens + 2;
+    if max_context > cfg.max_position_embeddings {
+        return Err(Error::Limit(format!(
+            "{prompt_tokens} prompt + {gen_tokens} generated tokens exceed max_position_embeddings {}",
+            cfg.max_position_embeddings
+        )));
+    }
+    let mut counts: Vec<usize> = vec![1];
+    counts.extend(streams.iter().copied().filter(|&n| n != 1));
+    let mut rates: Vec<StreamsRate> = Vec::new();
+    for n in counts {
+        let mut sessions = Vec::with_capacity(n);
+        let mut next = Vec::with_capacity(n);
+        for j in 0..n as u64 {
+            let prompt: Vec<u32> = (0..prompt_tokens as u64)
+                .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed + 7919 * j)) % vocab) as u32)
+                .collect();
+            let mut s = engine.session(SessionOptions { max_context })?;
+            let (logits, _) = s.prefill(&prompt).await?;
+            next.push(argmax(&logits));
+            sessions.push(s);
+        }
+        let mut refs: Vec<&mut moela::Session> = sessions.iter_mut().collect();
+        // Warm-up: the kernels of n rows are compiled on the first step.
+        let logits = moela::Session::step_many(&mut refs, &next).await?;
+        next = logits.iter().map(|l| argmax(l)).collect();
+        let t0 = web_time::Instant::now();
+        for _ in 0..gen_tokens {
+            let logits = moela::Session::step_many(&mut refs, &next).await?;
+            next = logits.iter().map(|l| argmax(l)).collect();
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        let counter = gpu::LaunchCounter::start(profile);
+        moela::Session::step_many(&mut refs, &next).await?;
+        let by_kernel = counter.finish();
+        let dispatches_per_step = by_kernel.iter().map(|k| k.launches).sum();
+        let rate = (n * gen_tokens) as f64 / seconds.max(1e-9);
+        let single = rates.first().map_or(rate, |r| r.decode_tokens_per_second);
+        rates.push(StreamsRate {
+            streams: n,
+            decode_tokens_per_second: rate,
+            speedup: rate / single,
+            dispatches_per_step,
+            by_kernel: profile.then_some(by_kernel),
+        });
+    }
+    if !streams.contains(&1) {
+        rates.remove(0);
+    }
+    Ok(rates)
+}
+
 fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
     for (i, x) in v.iter().enumerate() {

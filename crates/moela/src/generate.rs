@@ -13,6 +13,7 @@ use crate::cache::LatentCache;
 use crate::chat::{Message, prompt_opens_think};
 use crate::engine::{Engine, read_rows};
 use crate::error::{Error, Result};
+use crate::gpu::matvec::MAX_ROWS;
 use crate::model::transformer::LogitsFor;
 use crate::sample::{Sampler, SamplingOptions};
 use crate::text::{StopMatcher, StreamDecoder, TextEvent, ThinkSplitter};
@@ -162,6 +163,23 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// One token for each of several caches (`tokens[i]` into `caches[i]`), in batched steps of at most
+    /// [`MAX_ROWS`] rows; the logits of each row, read back together.
+    pub(crate) async fn decode_rows(&self, caches: &mut [&mut LatentCache], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(tokens.len().div_ceil(MAX_ROWS));
+        for (caches, tokens) in caches.chunks_mut(MAX_ROWS).zip(tokens.chunks(MAX_ROWS)) {
+            out.push(self.model.forward_rows(tokens, caches)?);
+        }
+        let out = if out.len() == 1 {
+            out.pop().expect("one batch")
+        } else {
+            Tensor::cat(out, 0)
+        };
+        read_rows(out).await
+    }
+}
+
 /// The recorded decode step of one latent cache, replayed for the steps after it (native adapters with
 /// moela's kernels; `gpu/replay.rs`). Empty until the first decode step.
 #[derive(Debug, Default)]
@@ -300,6 +318,40 @@ impl Session {
         Ok(self.step_with_routing(token, false).await?.0)
     }
 
+    /// One token for each of several sessions of one engine in one batched forward (`tokens[i]` into
+    /// `sessions[i]`): the weights are read once for all of them and each attends to its own cache. Returns
+    /// each session's logits, in order. A server decodes its streams together this way; a single session takes
+    /// [`Session::step`]. On an error no session keeps a partial step.
+    pub async fn step_many(sessions: &mut [&mut Session], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        if sessions.len() != tokens.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} tokens for {} sessions: expected one token per session",
+                tokens.len(),
+                sessions.len()
+            )));
+        }
+        match sessions {
+            [] => return Ok(Vec::new()),
+            [one] => return Ok(vec![one.step(tokens[0]).await?]),
+            _ => {}
+        }
+        let engine = sessions[0].engine.clone();
+        if sessions.iter().any(|s| !Arc::ptr_eq(&s.engine, &engine)) {
+            return Err(Error::InvalidArgument(
+                "sessions of different engines cannot share a step".into(),
+            ));
+        }
+        let mut caches: Vec<&mut LatentCache> = sessions.iter_mut().map(|s| &mut s.cache).collect();
+        let logits = engine.decode_rows(&mut caches, tokens).await;
+        for (s, &t) in sessions.iter_mut().zip(tokens) {
+            match logits {
+                Ok(_) => s.tokens.push(t),
+                Err(_) => s.cache.truncate(s.tokens.len()),
+            }
+        }
+        logits
+    }
+
     /// [`Session::step`], also returning (when `record`) the experts each MoE layer chose for the token,
     /// `[moe layer][k]`: one more read-back, for visualisations.
     pub async fn step_with_routing(&mut self, token: u32, record: bool) -> Result<(Vec<f32>, Option<Vec<Vec<u32>>>)> {
@@ -336,20 +388,74 @@ impl Session {
         let text = tok.render_chat(messages, true)?;
         let ids = tok.encode(&text, false)?;
         let opens = prompt_opens_think(&text);
-        Generation::new(self, ids, options, opens)
+        Generation::new(Held::Borrowed(self), ids, options, opens).map_err(|(e, _)| e)
     }
 
     /// Continues raw text (no chat template; bos added as the tokenizer config says).
     pub fn complete(&mut self, prompt: &str, options: GenerateOptions) -> Result<Generation<'_>> {
         let tok = self.engine.require_tokenizer()?;
         let ids = tok.encode(prompt, true)?;
-        Generation::new(self, ids, options, prompt_opens_think(prompt))
+        Generation::new(Held::Borrowed(self), ids, options, prompt_opens_think(prompt)).map_err(|(e, _)| e)
+    }
+
+    /// [`Session::chat`] on a session it takes, so that the generation can be kept in a struct or moved to
+    /// another thread (a server's batch); [`Generation::into_session`] gives the session back. On an error the
+    /// session comes back with it.
+    pub fn into_chat(
+        self,
+        messages: &[Message],
+        options: GenerateOptions,
+    ) -> std::result::Result<Generation<'static>, (Error, Box<Session>)> {
+        let prompt = self.engine.require_tokenizer().and_then(|tok| {
+            let text = tok.render_chat(messages, true)?;
+            Ok((tok.encode(&text, false)?, prompt_opens_think(&text)))
+        });
+        Generation::owned(Box::new(self), prompt, options)
+    }
+
+    /// [`Session::complete`] on a session it takes (see [`Session::into_chat`]).
+    pub fn into_complete(
+        self,
+        prompt: &str,
+        options: GenerateOptions,
+    ) -> std::result::Result<Generation<'static>, (Error, Box<Session>)> {
+        let ids = self.engine.require_tokenizer().and_then(|tok| tok.encode(prompt, true));
+        Generation::owned(
+            Box::new(self),
+            ids.map(|ids| (ids, prompt_opens_think(prompt))),
+            options,
+        )
+    }
+}
+
+/// The session a generation runs in: its caller's, or its own ([`Session::into_chat`]).
+enum Held<'s> {
+    Borrowed(&'s mut Session),
+    Owned(Box<Session>),
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        match self {
+            Held::Borrowed(s) => s,
+            Held::Owned(s) => s,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut Session {
+        match self {
+            Held::Borrowed(s) => s,
+            Held::Owned(s) => s,
+        }
     }
 }
 
 /// A generation in progress: call [`Generation::next`] until it returns `None`.
 pub struct Generation<'s> {
-    session: &'s mut Session,
+    session: Held<'s>,
     options: GenerateOptions,
     sampler: Sampler,
     decoder: StreamDecoder,
@@ -373,24 +479,54 @@ pub struct Generation<'s> {
     decode_start: f64,
 }
 
+impl Generation<'static> {
+    /// A generation that owns its session; on an error the session comes back with it.
+    fn owned(
+        session: Box<Session>,
+        prompt: Result<(Vec<u32>, bool)>,
+        options: GenerateOptions,
+    ) -> std::result::Result<Self, (Error, Box<Session>)> {
+        let (ids, opens_think) = match prompt {
+            Ok(p) => p,
+            Err(e) => return Err((e, session)),
+        };
+        Generation::new(Held::Owned(session), ids, options, opens_think).map_err(|(e, held)| match held {
+            Held::Owned(s) => (e, s),
+            Held::Borrowed(_) => unreachable!("an owned generation holds its own session"),
+        })
+    }
+}
+
 impl<'s> Generation<'s> {
-    fn new(session: &'s mut Session, prompt: Vec<u32>, options: GenerateOptions, opens_think: bool) -> Result<Self> {
+    fn new(
+        session: Held<'s>,
+        prompt: Vec<u32>,
+        options: GenerateOptions,
+        opens_think: bool,
+    ) -> std::result::Result<Self, (Error, Held<'s>)> {
         let engine = session.engine.clone();
-        let tok = engine.require_tokenizer()?;
-        let sampler = Sampler::new(options.sampling.clone())?;
-        if options.max_tokens == 0 {
-            return Err(Error::InvalidArgument("max_tokens must be at least 1".into()));
-        }
-        let mut eos: Vec<u32> = tok.eos_id().into_iter().collect();
-        if let Some(e) = engine.config().eos_token_id
-            && !eos.contains(&e)
-        {
-            eos.push(e);
-        }
-        let close_think = if options.thinking_budget.is_some() {
-            tok.encode("\n</think>\n\n", false)?
-        } else {
-            Vec::new()
+        let checked = (|| {
+            let tok = engine.require_tokenizer()?;
+            let sampler = Sampler::new(options.sampling.clone())?;
+            if options.max_tokens == 0 {
+                return Err(Error::InvalidArgument("max_tokens must be at least 1".into()));
+            }
+            let mut eos: Vec<u32> = tok.eos_id().into_iter().collect();
+            if let Some(e) = engine.config().eos_token_id
+                && !eos.contains(&e)
+            {
+                eos.push(e);
+            }
+            let close_think = if options.thinking_budget.is_some() {
+                tok.encode("\n</think>\n\n", false)?
+            } else {
+                Vec::new()
+            };
+            Ok((sampler, eos, close_think))
+        })();
+        let (sampler, eos, close_think) = match checked {
+            Ok(parts) => parts,
+            Err(e) => return Err((e, session)),
         };
         Ok(Self {
             prompt_tokens: prompt.len(),
@@ -431,7 +567,7 @@ impl<'s> Generation<'s> {
                 return Some(Err(e));
             }
         }
-        Some(Ok(self.pending.drain(..).collect()))
+        self.take_pending()
     }
 
     /// [`Generation::step`] for native callers that can block.
@@ -475,6 +611,87 @@ impl<'s> Generation<'s> {
         &self.generated
     }
 
+    /// The session of a generation started with [`Session::into_chat`] or [`Session::into_complete`], holding
+    /// the conversation so far (`None` for one that borrows its session).
+    pub fn into_session(self) -> Option<Session> {
+        match self.session {
+            Held::Owned(s) => Some(*s),
+            Held::Borrowed(_) => None,
+        }
+    }
+
+    /// Steps several generations at once, each as [`Generation::step`] would, except that the tokens of all
+    /// those decoding go through the model together ([`Session::step_many`]: the weights are read once per
+    /// step for all of them) and that at most one of them prefills per call, one chunk of its prompt, so
+    /// that a new prompt holds up the others' streams for one chunk at a time. The others still prefilling
+    /// wait for a later call (their result is no events). Generations that record routing step alone.
+    /// Returns one result per generation, in order.
+    pub async fn step_all(generations: &mut [&mut Generation<'_>]) -> Vec<Option<Result<Vec<Event>>>> {
+        let mut out: Vec<Option<Result<Vec<Event>>>> = Vec::with_capacity(generations.len());
+        let mut prefilled = false;
+        let mut feed: Vec<(usize, u32)> = Vec::new();
+        for (i, g) in generations.iter_mut().enumerate() {
+            if !g.pending.is_empty() || g.finished {
+                out.push(g.take_pending());
+                continue;
+            }
+            let step = if g.prompt.is_some() {
+                if prefilled {
+                    Ok(())
+                } else {
+                    prefilled = true;
+                    g.prefill_step().await
+                }
+            } else {
+                match g.next_token() {
+                    Ok(Some(token)) if g.options.record_routing => g.feed(token).await,
+                    Ok(Some(token)) => {
+                        feed.push((i, token));
+                        Ok(())
+                    }
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            };
+            out.push(step.err().map(|e| {
+                g.finished = true;
+                Err(e)
+            }));
+        }
+        if !feed.is_empty() {
+            let tokens: Vec<u32> = feed.iter().map(|&(_, t)| t).collect();
+            let mut fed = feed.iter().map(|&(i, _)| i).peekable();
+            let mut sessions: Vec<&mut Session> = Vec::with_capacity(feed.len());
+            for (i, g) in generations.iter_mut().enumerate() {
+                if fed.next_if_eq(&i).is_some() {
+                    sessions.push(&mut g.session);
+                }
+            }
+            match Session::step_many(&mut sessions, &tokens).await {
+                Ok(logits) => {
+                    for (&(i, _), logits) in feed.iter().zip(logits) {
+                        generations[i].logits = logits;
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    let mut first = Some(e);
+                    for &(i, _) in &feed {
+                        generations[i].finished = true;
+                        let e = first
+                            .take()
+                            .unwrap_or_else(|| Error::Device(format!("a batched decode step failed: {message}")));
+                        out[i] = Some(Err(e));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .zip(generations.iter_mut())
+            .map(|(o, g)| o.or_else(|| g.take_pending()))
+            .collect()
+    }
+
     fn emit(&mut self, events: Vec<TextEvent>) {
         for ev in events {
             self.pending.push_back(match ev {
@@ -485,29 +702,46 @@ impl<'s> Generation<'s> {
     }
 
     async fn advance(&mut self) -> Result<()> {
-        if let Some(prompt) = &self.prompt {
-            // One chunk of the prompt per call.
-            let t0 = now();
-            let at = match self.prefilled {
-                Some(at) => at,
-                None => {
-                    let common = self.session.keep_prefix(prompt)?;
-                    self.reused = common;
-                    common
-                }
-            };
-            let end = (at + PREFILL_CHUNK).min(prompt.len());
-            let last = end == prompt.len();
-            let logits = self.session.prefill_chunk(&prompt[at..end], last).await?;
-            self.prefill_seconds += now() - t0;
-            self.prefilled = Some(end);
-            if let Some(logits) = logits {
-                self.logits = logits;
-                self.prompt = None;
-                self.decode_start = now();
-            }
-            return Ok(());
+        if self.prompt.is_some() {
+            return self.prefill_step().await;
         }
+        match self.next_token()? {
+            Some(token) => self.feed(token).await,
+            None => Ok(()),
+        }
+    }
+
+    /// One chunk of the prompt through the model (the first one after cutting the cache back to the prefix
+    /// it shares with the prompt).
+    async fn prefill_step(&mut self) -> Result<()> {
+        let Some(prompt) = &self.prompt else {
+            return Ok(());
+        };
+        let t0 = now();
+        let at = match self.prefilled {
+            Some(at) => at,
+            None => {
+                let common = self.session.keep_prefix(prompt)?;
+                self.reused = common;
+                common
+            }
+        };
+        let end = (at + PREFILL_CHUNK).min(prompt.len());
+        let last = end == prompt.len();
+        let logits = self.session.prefill_chunk(&prompt[at..end], last).await?;
+        self.prefill_seconds += now() - t0;
+        self.prefilled = Some(end);
+        if let Some(logits) = logits {
+            self.logits = logits;
+            self.prompt = None;
+            self.decode_start = now();
+        }
+        Ok(())
+    }
+
+    /// The next token (sampled from the last logits, or forced), with its text emitted: returned when it is
+    /// to be fed back through the model, `None` when it ended the generation.
+    fn next_token(&mut self) -> Result<Option<u32>> {
         let token = match self.forced.pop_front() {
             Some(t) => t,
             // The session's tokens are the prompt and every generated token fed so far.
@@ -515,7 +749,7 @@ impl<'s> Generation<'s> {
         };
         self.generated.push(token);
         if self.eos.contains(&token) {
-            return self.finish(FinishReason::Eos);
+            return self.finish(FinishReason::Eos).map(|()| None);
         }
         let tok = self.session.engine.require_tokenizer()?;
         let piece = self.decoder.push(tok, token)?.unwrap_or_default();
@@ -526,7 +760,7 @@ impl<'s> Generation<'s> {
         let events = self.splitter.push(&out.text);
         self.emit(events);
         if out.stop.is_some() {
-            return self.finish(FinishReason::Stop);
+            return self.finish(FinishReason::Stop).map(|()| None);
         }
         if let Some(budget) = self.options.thinking_budget
             && !self.budget_spent
@@ -537,11 +771,16 @@ impl<'s> Generation<'s> {
             self.forced.extend(self.close_think.iter().copied());
         }
         if self.generated.len() >= self.options.max_tokens {
-            return self.finish(FinishReason::Length);
+            return self.finish(FinishReason::Length).map(|()| None);
         }
         if self.session.cache.len() >= self.session.cache.capacity() {
-            return self.finish(FinishReason::ContextFull);
+            return self.finish(FinishReason::ContextFull).map(|()| None);
         }
+        Ok(Some(token))
+    }
+
+    /// Runs `token` through the model for the next logits (and its routing, when recorded).
+    async fn feed(&mut self, token: u32) -> Result<()> {
         let (logits, routing) = self
             .session
             .step_with_routing(token, self.options.record_routing)
@@ -551,6 +790,14 @@ impl<'s> Generation<'s> {
             self.pending.push_back(Event::Routing(r));
         }
         Ok(())
+    }
+
+    /// The events waiting to be taken; `None` once the generation has finished and they were taken.
+    fn take_pending(&mut self) -> Option<Result<Vec<Event>>> {
+        if self.finished && self.pending.is_empty() {
+            return None;
+        }
+        Some(Ok(self.pending.drain(..).collect()))
     }
 
     fn finish(&mut self, reason: FinishReason) -> Result<()> {

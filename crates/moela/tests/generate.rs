@@ -311,3 +311,114 @@ fn a_long_prompt_is_prefilled_a_chunk_per_step() {
         (want.stats.prompt_tokens, want.stats.generated_tokens)
     );
 }
+
+/// One token for each of several sessions in one batched step gives each session the logits it gets
+/// stepping alone: more sessions than one launch takes (so the batch is split), every one at its own
+/// position, on plain and LoRA queries, f32 and q8 weights.
+#[test]
+fn a_batched_step_gives_each_session_its_logits_alone() {
+    for (name, dtype) in [
+        ("v2-lite-tiny", moela::WeightDtype::F32),
+        ("v3-tiny", moela::WeightDtype::F32),
+        ("v3-tiny", moela::WeightDtype::Q8),
+    ] {
+        let options = LoadOptions {
+            dtype,
+            ..LoadOptions::default()
+        };
+        let engine = Arc::new(Engine::load_dir(&fixture(name), options, &mut |_| {}).unwrap());
+        let tok = engine.tokenizer().unwrap();
+        let prompts: Vec<Vec<u32>> = (0..11)
+            .map(|i| tok.encode(&"the cat sat on the mat ".repeat(i + 1), true).unwrap())
+            .collect();
+        let open = || {
+            prompts
+                .iter()
+                .map(|p| {
+                    let mut s = engine.session(SessionOptions { max_context: 256 }).unwrap();
+                    pollster::block_on(s.prefill(p)).unwrap();
+                    s
+                })
+                .collect::<Vec<_>>()
+        };
+        let (mut alone, mut batched) = (open(), open());
+        for step in 0..3u32 {
+            let tokens: Vec<u32> = (0..prompts.len() as u32).map(|i| 5 + 7 * i + step).collect();
+            let want: Vec<Vec<f32>> = alone
+                .iter_mut()
+                .zip(&tokens)
+                .map(|(s, &t)| pollster::block_on(s.step(t)).unwrap())
+                .collect();
+            let mut sessions: Vec<&mut moela::Session> = batched.iter_mut().collect();
+            let got = pollster::block_on(moela::Session::step_many(&mut sessions, &tokens)).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let diff = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let scale = w.iter().map(|v| v.abs()).fold(0f32, f32::max);
+                assert!(
+                    diff <= 1e-4 * scale.max(1.0),
+                    "{name} {dtype:?}, step {step}, session {i}: logits differ by {diff} (scale {scale})"
+                );
+            }
+        }
+        for (a, b) in alone.iter().zip(&batched) {
+            assert_eq!(a.tokens(), b.tokens());
+            assert_eq!(a.cache().len(), b.cache().len());
+        }
+    }
+}
+
+/// Generations stepped together (`Generation::step_all`: decoding ones batched, one prefill chunk per call)
+/// give the tokens each gives alone, and finish each with its own reason; a long prompt is prefilled while
+/// the others decode.
+#[test]
+fn generations_stepped_together_answer_as_alone() {
+    let engine = load("v3-tiny");
+    let long = "hello world ".repeat(150);
+    let prompts = ["hello", "the cat sat", long.as_str(), "what is two plus two", "a"];
+    let options = |i: usize| GenerateOptions {
+        max_tokens: 6 + 3 * i,
+        ..GenerateOptions::default()
+    };
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut s = engine.session(SessionOptions::default()).unwrap();
+            let mut g = s.complete(p, options(i)).unwrap();
+            while g.next_blocking().is_some() {}
+            g.generated().to_vec()
+        })
+        .collect();
+    let mut generations: Vec<moela::Generation<'static>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let s = engine.session(SessionOptions::default()).unwrap();
+            s.into_complete(p, options(i)).map_err(|(e, _)| e).unwrap()
+        })
+        .collect();
+    let mut done = vec![false; prompts.len()];
+    let mut calls = 0;
+    while done.iter().any(|d| !d) {
+        calls += 1;
+        assert!(calls < 200, "step_all makes progress");
+        let mut all: Vec<&mut moela::Generation<'static>> = generations.iter_mut().collect();
+        let results = pollster::block_on(moela::Generation::step_all(&mut all));
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                None => done[i] = true,
+                Some(events) => {
+                    let events = events.unwrap();
+                    if events.iter().any(|e| matches!(e, Event::Done(_))) {
+                        done[i] = true;
+                    }
+                }
+            }
+        }
+    }
+    for (i, g) in generations.into_iter().enumerate() {
+        assert_eq!(g.generated(), &alone[i][..], "generation {i}");
+        let session = g.into_session().expect("an owned generation gives its session back");
+        assert!(session.tokens().len() >= alone[i].len());
+    }
+}

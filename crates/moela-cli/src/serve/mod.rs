@@ -3,9 +3,10 @@
 //! - Slots: each of `--parallel` slots keeps a session, with its own latent cache. A request takes the free
 //!   slot whose cached tokens share the longest prefix with its prompt (else the least recently used one),
 //!   so a follow-up that repeats the conversation so far prefills only its new turn.
-//! - Turns: a generation runs on a blocking thread of its own and takes the device for one step at a time
-//!   (a chunk of its prompt's prefill, or one token), handing it on fairly to the next waiting generation
-//!   after each, so every stream keeps moving while others are written or prefilled.
+//! - Batches: one engine thread steps every active generation together (`Generation::step_all`): the
+//!   next token of all the streams that are decoding goes through the model in one batched forward, which
+//!   reads the weights once for all of them, each row attending to its own slot's cache. A new prompt is
+//!   prefilled one chunk per step between them, so it holds the others up for one chunk at a time.
 //! - Back-pressure: with every slot busy a request waits in a queue of `--queue` places; past it, 503 with
 //!   `Retry-After`. A client that disconnects cancels its generation before its next token and frees its
 //!   slot.
@@ -37,7 +38,7 @@ use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
-use moela::{Engine, Event, Session, SessionOptions, Stats};
+use moela::{Engine, Event, Generation, Session, SessionOptions, Stats};
 use openai::{ApiError, Request, finish_reason, usage};
 
 /// How the server is set up.
@@ -73,8 +74,8 @@ struct Server {
     free: Arc<Semaphore>,
     waiting: AtomicUsize,
     queue: usize,
-    /// The device's turn: one generation step at a time.
-    turn: parking_lot::Mutex<()>,
+    /// Where requests go to be generated: the engine thread ([`drive`]).
+    jobs: std::sync::mpsc::Sender<Job>,
     clock: AtomicU64,
     context: usize,
     next_id: AtomicU64,
@@ -123,6 +124,7 @@ pub fn run(engine: Arc<Engine>, options: Options) -> anyhow::Result<()> {
         })
         .collect::<moela::Result<Vec<_>>>()?;
     let context = sessions[0].session.as_ref().map_or(0, |s| s.cache().capacity());
+    let (jobs, queue) = std::sync::mpsc::channel();
     let server = Arc::new(Server {
         model_id: options.model_id,
         created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -130,13 +132,16 @@ pub fn run(engine: Arc<Engine>, options: Options) -> anyhow::Result<()> {
         slots: Mutex::new(sessions),
         waiting: AtomicUsize::new(0),
         queue: options.queue,
-        turn: parking_lot::Mutex::new(()),
+        jobs,
         clock: AtomicU64::new(1),
         context,
         next_id: AtomicU64::new(1),
         cancelled: AtomicU64::new(0),
         engine,
     });
+    std::thread::Builder::new()
+        .name("moela-engine".into())
+        .spawn(move || drive(queue))?;
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -256,61 +261,132 @@ impl Server {
     }
 }
 
-/// Generates `request` in `lease`'s session on this (blocking) thread, sending each event to `tx`. Stops at
-/// the end, on an error, or as soon as the receiver is gone (the client disconnected).
-fn generate(mut lease: Lease, request: Request, tx: mpsc::Sender<moela::Result<Event>>) {
-    let server = lease.server.clone();
-    let Some(session) = lease.session.as_mut() else {
-        return;
-    };
-    let started = match (&request.messages, &request.prompt) {
-        (Some(m), _) => session.chat(m, request.options),
-        (None, Some(p)) => session.complete(p, request.options),
-        (None, None) => return,
-    };
-    let mut generation = match started {
-        Ok(g) => g,
-        Err(e) => {
-            let _ = tx.blocking_send(Err(e));
-            return;
-        }
-    };
-    let cancel = |generation: &mut moela::Generation<'_>| {
-        let _ = generation.cancel();
-        server.cancelled.fetch_add(1, Ordering::Relaxed);
-    };
+/// A request on its way to the engine thread, with its slot and where its events go.
+struct Job {
+    lease: Lease,
+    request: Request,
+    tx: Events,
+}
+
+/// Where a request's events go (unbounded: the engine thread never waits for a slow client).
+type Events = mpsc::UnboundedSender<moela::Result<Event>>;
+
+/// A generation on the engine thread.
+struct Active {
+    generation: Generation<'static>,
+    lease: Lease,
+    tx: Events,
+}
+
+impl Active {
+    /// Gives the slot its session back (and the slot's permit to the pool); returns where the events go,
+    /// for the last of them: a client hears of the end after its slot, with its cache, is free again.
+    fn release(self) -> Events {
+        let Active {
+            generation,
+            mut lease,
+            tx,
+        } = self;
+        lease.session = generation.into_session();
+        tx
+    }
+
+    /// Stops the generation because its client left, and frees its slot.
+    fn cancel(mut self) {
+        let _ = self.generation.cancel();
+        self.lease.server.cancelled.fetch_add(1, Ordering::Relaxed);
+        self.release();
+    }
+}
+
+/// The engine thread: starts the requests that arrive and steps all active generations together until the
+/// server stops (`Generation::step_all`: one batched forward for the decoding streams, at most one chunk of
+/// prefill).
+fn drive(jobs: std::sync::mpsc::Receiver<Job>) {
+    let mut active: Vec<Active> = Vec::new();
     loop {
-        if tx.is_closed() {
-            return cancel(&mut generation);
+        // Wait for work when there is none; take every request that arrived since the last step.
+        if active.is_empty() {
+            match jobs.recv() {
+                Ok(job) => active.extend(begin(job)),
+                Err(_) => return,
+            }
         }
-        // One step (a chunk of the prompt, or one token) per turn on the device.
-        let turn = server.turn.lock();
-        let step = generation.step_blocking();
-        parking_lot::MutexGuard::unlock_fair(turn);
-        let events = match step {
-            None => return,
-            Some(Ok(events)) => events,
-            Some(Err(e)) => {
-                drop(generation);
-                drop(lease);
-                let _ = tx.blocking_send(Err(e));
-                return;
+        while let Ok(job) = jobs.try_recv() {
+            active.extend(begin(job));
+        }
+        // Clients that left are cancelled before the step.
+        let (left, staying): (Vec<Active>, Vec<Active>) = active.drain(..).partition(|a| a.tx.is_closed());
+        left.into_iter().for_each(Active::cancel);
+        active = staying;
+        if active.is_empty() {
+            continue;
+        }
+        let mut generations: Vec<&mut Generation<'static>> = active.iter_mut().map(|a| &mut a.generation).collect();
+        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pollster::block_on(Generation::step_all(&mut generations))
+        }));
+        let results = match step {
+            Ok(results) => results,
+            Err(_) => {
+                // Not expected; the requests in flight end with an error and their slots start afresh.
+                for a in active.drain(..) {
+                    let tx = a.release();
+                    let _ = tx.send(Err(moela::Error::Device("the engine failed during a step".into())));
+                }
+                continue;
             }
         };
-        for event in events {
-            if let Event::Done(_) = event {
-                // The end: the slot is free again before the client hears of it, so that its next request
-                // finds its cache there.
-                drop(generation);
-                drop(lease);
-                let _ = tx.blocking_send(Ok(event));
-                return;
-            }
-            if tx.blocking_send(Ok(event)).is_err() {
-                return cancel(&mut generation);
-            }
+        for (a, result) in std::mem::take(&mut active).into_iter().zip(results) {
+            active.extend(deliver(a, result));
         }
     }
+}
+
+/// Starts `job`'s generation in its slot's session; an error goes to its client at once.
+fn begin(job: Job) -> Option<Active> {
+    let Job { mut lease, request, tx } = job;
+    let session = lease.session.take()?;
+    let started = match (&request.messages, &request.prompt) {
+        (Some(m), _) => session.into_chat(m, request.options),
+        (None, Some(p)) => session.into_complete(p, request.options),
+        (None, None) => Err((moela::Error::InvalidArgument("no prompt".into()), Box::new(session))),
+    };
+    match started {
+        Ok(generation) => Some(Active { generation, lease, tx }),
+        Err((e, session)) => {
+            lease.session = Some(*session);
+            drop(lease);
+            let _ = tx.send(Err(e));
+            None
+        }
+    }
+}
+
+/// Sends one step's events to `a`'s client; returns `a` while its generation goes on.
+fn deliver(a: Active, result: Option<moela::Result<Vec<Event>>>) -> Option<Active> {
+    let events = match result {
+        None => {
+            a.release();
+            return None;
+        }
+        Some(Err(e)) => {
+            let _ = a.release().send(Err(e));
+            return None;
+        }
+        Some(Ok(events)) => events,
+    };
+    for event in events {
+        if let Event::Done(_) = event {
+            let _ = a.release().send(Ok(event));
+            return None;
+        }
+        if a.tx.send(Ok(event)).is_err() {
+            a.cancel();
+            return None;
+        }
+    }
+    Some(a)
 }
 
 /// Reads a request, checks it against the model and the context, and starts its generation: the events
@@ -319,7 +395,7 @@ async fn start(
     server: &Arc<Server>,
     body: Result<Bytes, BytesRejection>,
     chat: bool,
-) -> Result<(Request, mpsc::Receiver<moela::Result<Event>>), ApiError> {
+) -> Result<(Request, mpsc::UnboundedReceiver<moela::Result<Event>>), ApiError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -367,9 +443,20 @@ async fn start(
     let mut request = request;
     request.options.max_tokens = request.options.max_tokens.min(server.context - ids.len());
     let lease = server.lease(&ids).await?;
-    let (tx, rx) = mpsc::channel(256);
-    let job = request.clone();
-    tokio::task::spawn_blocking(move || generate(lease, job, tx));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let job = Job {
+        lease,
+        request: request.clone(),
+        tx,
+    };
+    if server.jobs.send(job).is_err() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "shutting_down",
+            "the server is stopping",
+        ));
+    }
     Ok((request, rx))
 }
 
@@ -479,7 +566,7 @@ impl Shape {
 
 /// The events as server-sent events: chunks, the usage chunk when asked for, then `[DONE]`. Dropping the
 /// stream (the client left) drops the receiver, which stops the generation.
-fn stream(shape: Shape, mut rx: mpsc::Receiver<moela::Result<Event>>) -> impl IntoResponse {
+fn stream(shape: Shape, mut rx: mpsc::UnboundedReceiver<moela::Result<Event>>) -> impl IntoResponse {
     let (out, body) = mpsc::channel::<Result<SseEvent, std::convert::Infallible>>(64);
     tokio::spawn(async move {
         let send = |v: Value| {

@@ -147,13 +147,18 @@ pub struct MlaShape {
 
 /// The weights and inputs of one decode attention call.
 pub struct MlaInputs<'a> {
-    /// Queries: columns `q_col..q_col + n_h * (d_n + d_r)` of each row, rope dims unrotated.
+    /// Queries: columns `q_col..q_col + n_h * (d_n + d_r)` of rows `row..row + T`, rope dims unrotated (T is
+    /// the tables' row count).
     pub q: &'a Tensor<2>,
+    /// The first query row in `q`: a batch of sequences attends row by row, each to its own cache.
+    pub row: usize,
     /// The first query column in `q`.
     pub q_col: usize,
-    /// `kv_a_proj_with_mqa` output: columns `kv_col..kv_col + r_kv + d_r` (latent before its norm, rope key
-    /// unrotated). May be the same tensor as `q` (one product for both).
+    /// `kv_a_proj_with_mqa` output: columns `kv_col..kv_col + r_kv + d_r` of rows `kv_row..kv_row + T`
+    /// (latent before its norm, rope key unrotated). May be the same tensor as `q` (one product for both).
     pub kv: &'a Tensor<2>,
+    /// The first row in `kv`.
+    pub kv_row: usize,
     /// The first latent column in `kv`.
     pub kv_col: usize,
     /// Absorbed `W_UK` `[n_h, d_n, r_kv]`.
@@ -172,8 +177,9 @@ pub struct MlaInputs<'a> {
 /// untouched (or, if a launch after the first failed, these tokens' rows written as burn's path writes
 /// them again); the caller then runs burn's ops.
 pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) -> Option<Tensor<2>> {
-    let [t, qw] = inp.q.dims();
-    let [t2, kw] = inp.kv.dims();
+    let [q_rows, qw] = inp.q.dims();
+    let [kv_rows, kw] = inp.kv.dims();
+    let [t, _] = inp.tables.0.dims();
     let width = s.kv_lora_rank + s.qk_rope_head_dim;
     let [capacity, cw] = layer.dims();
     let f32s = [inp.q.dtype(), inp.kv.dtype(), inp.gain.dtype()];
@@ -188,7 +194,8 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         || s.kv_lora_rank > MAX_RANK
         || width > MAX_WIDTH
         || inp.q_col + s.num_attention_heads * (s.qk_nope_head_dim + s.qk_rope_head_dim) > qw
-        || t2 != t
+        || inp.row + t > q_rows
+        || inp.kv_row + t > kv_rows
         || inp.kv_col + width > kw
         || inp.w_uk.dims() != [s.num_attention_heads, s.qk_nope_head_dim, s.kv_lora_rank]
         || inp.w_uv_t.dims() != [s.num_attention_heads, s.kv_lora_rank, s.v_head_dim]
@@ -250,9 +257,9 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         pos as u32,
         (s.eps as f32).to_bits(),
         qw as u32,
-        inp.q_col as u32,
+        (inp.row * qw + inp.q_col) as u32,
         kw as u32,
-        inp.kv_col as u32,
+        (inp.kv_row * kw + inp.kv_col) as u32,
     ];
     info.extend(w_uk.placement());
     let args = [

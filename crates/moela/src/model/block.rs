@@ -4,7 +4,7 @@
 
 use burn::tensor::{Device, Int, Tensor};
 
-use super::mla::Mla;
+use super::mla::{Mla, RowAt};
 use super::mlp::Mlp;
 use super::moe::Moe;
 use crate::gpu::residual::{BlockOutput, Residual};
@@ -48,7 +48,20 @@ impl Block {
         // Attention: h = h + MLA(input_layernorm(h)).
         let a = self.attn.forward(h.norm(&self.attn_norm), pos, cache, tables, device);
         h.add(BlockOutput::Dense(a));
-        // Feed-forward: h = h + FFN(post_attention_layernorm(h)); a MoE output is mixed where it is added.
+        self.feed_forward(h, routing);
+    }
+
+    /// The layer over a batch of sequences, one token each: row `i` of `h` (`[B, H]`) is the next token of
+    /// the sequence `rows[i]` describes, whose cache and position its attention uses; the feed-forward half
+    /// runs over all rows at once.
+    pub fn forward_rows(&self, h: &mut Residual, rows: &mut [RowAt<'_>], device: &Device) {
+        let a = self.attn.forward_rows(h.norm(&self.attn_norm), rows, device);
+        h.add(BlockOutput::Dense(a));
+        self.feed_forward(h, None);
+    }
+
+    /// h = h + FFN(post_attention_layernorm(h)); a MoE output is mixed where it is added.
+    fn feed_forward(&self, h: &mut Residual, routing: Option<&mut Vec<Tensor<2, Int>>>) {
         let n = h.norm(&self.ffn_norm);
         let f = match &self.ffn {
             FeedForward::Dense(m) => BlockOutput::Dense(m.forward(n)),

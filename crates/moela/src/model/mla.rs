@@ -186,6 +186,46 @@ impl Mla {
         device: &Device,
     ) -> Tensor<2> {
         let [t, _] = x.dims();
+        let both = self.input.forward(x);
+        let q = self.lora_queries(&both);
+        let at = RowAt { pos, cache, tables };
+        self.o.forward(self.attend(&both, q.as_ref(), 0, t, at, device))
+    }
+
+    /// Attention for a batch of sequences, one token each: row `i` of `x` (`[B, H]`, normed) is the next
+    /// token of the sequence `rows[i]` describes, and attends to that sequence's cache only. The products
+    /// (`input`, `q_b`, `o`) run once for all rows; the attention itself runs row by row. Returns `[B, H]`.
+    pub fn forward_rows(&self, x: Tensor<2>, rows: &mut [RowAt<'_>], device: &Device) -> Tensor<2> {
+        let both = self.input.forward(x);
+        let q = self.lora_queries(&both);
+        let out = rows
+            .iter_mut()
+            .enumerate()
+            .map(|(i, at)| {
+                let at = RowAt {
+                    pos: at.pos,
+                    cache: &mut *at.cache,
+                    tables: at.tables,
+                };
+                self.attend(&both, q.as_ref(), i, 1, at, device)
+            })
+            .collect();
+        self.o.forward(Tensor::cat(out, 0))
+    }
+
+    /// Rows `row..row + t` of the input product `both` (and of the LoRA queries `q`, where the model has
+    /// them) attended over `at`'s cache: returns `[t, n_h * d_v]`, the input of `o_proj`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        both: &Tensor<2>,
+        q: Option<&Tensor<2>>,
+        row: usize,
+        t: usize,
+        at: RowAt<'_>,
+        device: &Device,
+    ) -> Tensor<2> {
+        let RowAt { pos, cache, tables } = at;
         let (n_h, d_n, d_r, r_kv) = (
             self.num_attention_heads,
             self.qk_nope_head_dim,
@@ -194,9 +234,7 @@ impl Mla {
         );
         let width = r_kv + d_r;
         let s = pos + t;
-        let both = self.input.forward(x);
         let qw = self.q_width();
-        let q = self.lora_queries(&both);
 
         // Decode (a few tokens): moela's kernels write the cache rows and attend in three launches.
         if self.kernels == Kernels::Wgsl && t <= gpu::matvec::MAX_ROWS {
@@ -204,17 +242,21 @@ impl Mla {
             // binding read_write): in the browser, when the queries and the latents come from one product (no
             // q_lora_rank), the latent columns are copied to a buffer of their own (T x 576 values).
             #[cfg(target_arch = "wasm32")]
-            let own = q.is_none().then(|| both.clone().narrow(1, qw, width).mul_scalar(1.0));
+            let own = q
+                .is_none()
+                .then(|| both.clone().narrow(0, row, t).narrow(1, qw, width).mul_scalar(1.0));
             #[cfg(not(target_arch = "wasm32"))]
             let own: Option<Tensor<2>> = None;
-            let (kv, kv_col) = match &own {
-                Some(kv) => (kv, 0),
-                None => (&both, qw),
+            let (kv, kv_row, kv_col) = match &own {
+                Some(kv) => (kv, 0, 0),
+                None => (both, row, qw),
             };
             let inputs = gpu::latent_attention::MlaInputs {
-                q: q.as_ref().unwrap_or(&both),
+                q: q.unwrap_or(both),
+                row,
                 q_col: 0,
                 kv,
+                kv_row,
                 kv_col,
                 w_uk: &self.w_uk,
                 w_uv_t: &self.w_uv_t,
@@ -231,10 +273,19 @@ impl Mla {
                 eps: self.kv_a_norm.eps,
             };
             if let Some(out) = gpu::latent_attention::decode(&inputs, cache, pos, &shape) {
-                return self.o.forward(out);
+                return out;
             }
         }
-        let q = q.unwrap_or_else(|| both.clone().narrow(1, 0, qw));
+        let rows = |x: &Tensor<2>| {
+            let [all, _] = x.dims();
+            if row == 0 && t == all {
+                x.clone()
+            } else {
+                x.clone().narrow(0, row, t)
+            }
+        };
+        let both = rows(both);
+        let q = q.map_or_else(|| both.clone().narrow(1, 0, qw), rows);
         let a = both.narrow(1, qw, width);
 
         // Queries: [T, n_h * d_qk] -> [n_h, T, d_qk].
@@ -249,13 +300,23 @@ impl Mla {
         cache.inplace(|c| c.slice_assign([pos..s, 0..width], entry));
         let keys = cache.clone().slice([0..s, 0..width]); // [S, r_kv + d_r]
 
-        let out = if prefers_expanded(self, t, s) {
+        if prefers_expanded(self, t, s) {
             self.attend_expanded(q_nope, q_pe, keys, pos, device)
         } else {
             self.attend_latent(q_nope, q_pe, keys, pos, device)
-        };
-        self.o.forward(out)
+        }
     }
+}
+
+/// Where one sequence's tokens go in attention: their first position, the cache of this layer
+/// (`[max_context, r_kv + d_r]`), and the rope tables for their positions.
+pub struct RowAt<'a> {
+    /// Position of the first token (tokens already cached).
+    pub pos: usize,
+    /// This layer's cache of the sequence.
+    pub cache: &'a mut Tensor<2>,
+    /// Rope cos and sin `[T, d_r / 2]` for positions `pos..pos + T`.
+    pub tables: &'a (Tensor<2>, Tensor<2>),
 }
 
 impl Mla {
@@ -602,8 +663,10 @@ mod tests {
             let both = mla.input.forward(x);
             let inputs = gpu::latent_attention::MlaInputs {
                 q: &both,
+                row: 0,
                 q_col: 0,
                 kv: &both,
+                kv_row: 0,
                 kv_col: mla.q_width(),
                 w_uk: &mla.w_uk,
                 w_uv_t: &mla.w_uv_t,

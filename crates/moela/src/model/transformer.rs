@@ -8,7 +8,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 pub use super::block::{Block, FeedForward};
 use super::embedding::HostTable;
-use super::mla::Mla;
+use super::mla::{Mla, RowAt};
 use super::mlp::{Mlp, gate_up};
 use super::moe::Moe;
 use super::reader::{Reader, SLICE_BYTES};
@@ -337,6 +337,48 @@ impl Transformer {
             h = h.last(t);
         }
         // model.norm, then lm_head: [T or 1, H] -> [T or 1, V].
+        Ok(self.head.forward(h.norm(&self.norm)))
+    }
+
+    /// Runs one token for each of a batch of sequences: `tokens[i]` at position `caches[i].len()`, appending
+    /// its latent to `caches[i]`. Returns logits `[B, V]`, row `i` for sequence `i`. The products read their
+    /// weights once for all rows; each row's attention reads only its own cache.
+    pub fn forward_rows(&self, tokens: &[u32], caches: &mut [&mut LatentCache]) -> Result<Tensor<2>> {
+        if tokens.is_empty() || tokens.len() != caches.len() {
+            return Err(Error::InvalidArgument(format!(
+                "a batch of {} tokens for {} sequences: expected one token per sequence, at least one",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        for (i, c) in caches.iter().enumerate() {
+            if c.len() >= c.capacity() {
+                return Err(Error::Limit(format!(
+                    "context full: sequence {i} of the batch holds {} tokens, its max_context",
+                    c.capacity()
+                )));
+            }
+        }
+        let tables: Vec<_> = caches
+            .iter()
+            .map(|c| self.rope.tables(c.len(), 1, &self.device))
+            .collect();
+        let mut h = Residual::new(self.embed_tokens(tokens)?);
+        for (i, b) in self.blocks.iter().enumerate() {
+            let mut rows: Vec<RowAt<'_>> = caches
+                .iter_mut()
+                .zip(&tables)
+                .map(|(c, tables)| RowAt {
+                    pos: c.len(),
+                    cache: c.layer_mut(i),
+                    tables,
+                })
+                .collect();
+            b.forward_rows(&mut h, &mut rows, &self.device);
+        }
+        for c in caches.iter_mut() {
+            c.advance(1);
+        }
         Ok(self.head.forward(h.norm(&self.norm)))
     }
 }
