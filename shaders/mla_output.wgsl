@@ -3,7 +3,8 @@
 // the value up-projection: out[t, h * dv + v] = sum_r latent[r] W_UV^T[h, r, v].
 //
 // Bindings: partial [T, heads, chunks, rank + 2], w_uv [heads, rank, dv] (read as vec4: a storage buffer,
-// or natively an f32 texture, BUF / TEX lines), out [T, heads * dv], then the shape.
+// or natively an f32 texture, BUF / TEX lines), out [rows, heads * dv] (token t's row at out_row + t), then
+// the shape.
 
 @group(0) @binding(0) var<storage, read_write> partial: array<f32>;
 {% if BUF %}@group(0) @binding(1) var<storage, read_write> w_uv: array<vec4<f32>>;{% endif %}
@@ -17,7 +18,7 @@ struct Shape {
     chunks: u32,
     uv_mask: u32,   // texture rows per layer - 1 (all ones for one layer)
     uv_shift: u32,  // log2(rows per layer) (31 for one layer)
-    _pad0: u32,
+    out_row: u32,   // the output row of token 0 (a batch of sequences writes one output, row by row)
     _pad1: u32,
 }
 @group(0) @binding(3) var<uniform> shape: Shape;
@@ -72,7 +73,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let slices = WG / lanes;
     let col = lid % lanes;
     let slice = lid / lanes;
-    let ob = (t * shape.heads + h) * shape.dv;
+    let ob = ((shape.out_row + t) * shape.heads + h) * shape.dv;
     for (var base = 0u; base < v4n; base += lanes) {
         let v4 = base + col;
         var a = vec4<f32>(0.0);

@@ -11,7 +11,7 @@
 // natively a uniform copy where it fits, QS / QU lines), kv (token t's kv_a_proj_with_mqa output,
 // rank + rope values at t * kv_stride + kv_off; q and kv may be one buffer, the output of one product for
 // both), w_uk [heads, nope, rank] (a storage buffer, or natively an f32 texture: BUF / TEX lines),
-// gain [rank], cos [T, rope / 2], sin [T, rope / 2], cache [capacity, rank + rope], query
+// gain [rank], cos [rows, rope / 2], sin [rows, rope / 2] (token t's row at table_row + t), cache [capacity, rank + rope], query
 // [T, heads, rank + rope], then the shape. rank and rope are multiples of 4 (vec4 loads; the launcher
 // checks).
 
@@ -39,6 +39,7 @@ struct Shape {
     kv_off: u32,
     uk_mask: u32,   // texture rows per layer - 1 (all ones for one layer)
     uk_shift: u32,  // log2(rows per layer) (31 for one layer)
+    table_row: u32, // the rope tables' row of token 0 (a batch of sequences shares one table)
 }
 @group(0) @binding(8) var<uniform> shape: Shape;
 
@@ -76,8 +77,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let qb = t * shape.q_stride + shape.q_off + h * (nope + shape.rope);
         let ob = (t * shape.heads + h) * width;
         for (var i = lid; i < half; i += WG) {
-            let c = cos_t[t * half + i];
-            let s = sin_t[t * half + i];
+            let c = cos_t[(shape.table_row + t) * half + i];
+            let s = sin_t[(shape.table_row + t) * half + i];
             let x1 = qs(qb + nope + i);
             let x2 = qs(qb + nope + half + i);
             query[ob + rank + i] = x1 * c - x2 * s;
@@ -119,8 +120,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         cache[cb + r] = gain[r] * (kv[kb + r] * inv);
     }
     for (var i = lid; i < half; i += WG) {
-        let c = cos_t[t * half + i];
-        let s = sin_t[t * half + i];
+        let c = cos_t[(shape.table_row + t) * half + i];
+        let s = sin_t[(shape.table_row + t) * half + i];
         let x1 = kv[kb + rank + i];
         let x2 = kv[kb + rank + half + i];
         cache[cb + rank + i] = x1 * c - x2 * s;

@@ -7,7 +7,10 @@
 //
 // Rows are read as T: vec4 where the row length is a multiple of 4 (a quarter of the loads), else f32.
 //
-// Bindings: x [rows, n], gain [n], out [rows, n], (sum [rows, n]), (routed [rows * K, n], weight [rows, K]),
+// x's rows may be the first columns of a wider tensor (the queries' LoRA columns of one product for a batch
+// of tokens), `stride` values apart.
+//
+// Bindings: x [rows, stride], gain [n], out [rows, n], (sum [rows, n]), (routed [rows * K, n], weight [rows, K]),
 // (delta [rows, n]), then the shape.
 
 @group(0) @binding(0) var<storage, read_write> x: array<{{T}}>;
@@ -23,6 +26,7 @@ struct Shape {
     eps: f32,
     top_k: u32,   // MoE variant
     len: u32,     // f32 values per row
+    stride: u32,  // {{T}} values from one row of x to the next
 }
 @group(0) @binding({{U}}) var<uniform> shape: Shape;
 
@@ -39,9 +43,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let n = shape.n;
     let row = wid.x;
     let base = row * n;
+    let xbase = row * shape.stride;
     var ss = 0.0;
     for (var i = lid; i < n; i += WG) {
-        var v = x[base + i];
+        var v = x[xbase + i];
 {% if ADD %}        var d = {{T}}(0.0);{% endif %}
 {% if MOE %}        for (var k = 0u; k < shape.top_k; k++) { {% endif %}
 {% if MOE %}            let p = row * shape.top_k + k;{% endif %}
@@ -62,7 +67,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let inv = 1.0 / sqrt(partial[0] / f32(shape.len) + shape.eps);
     for (var i = lid; i < n; i += WG) {
-        var v = x[base + i];
+        var v = x[xbase + i];
 {% if ADD %}        v = sum[base + i];{% endif %}
         out[base + i] = gain[i] * (v * inv);
     }

@@ -89,6 +89,10 @@ pub struct Engine {
     load: LoadReport,
     /// How the checkpoint's files stored the weights.
     stored_types: Vec<crate::info::StoredType>,
+    /// The recorded steps of the batches last decoded together (`Session::step_many`), replayed while the
+    /// same sessions step together (`gpu/replay.rs`); a few, for batches split at the rows one launch takes.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) batch_plans: std::sync::Mutex<Vec<crate::gpu::replay::Plan>>,
 }
 
 impl Engine {
@@ -156,6 +160,8 @@ impl Engine {
                 seconds: started.elapsed().as_secs_f64(),
             },
             stored_types,
+            #[cfg(not(target_arch = "wasm32"))]
+            batch_plans: std::sync::Mutex::new(Vec::new()),
         })
     }
 

@@ -143,17 +143,17 @@ impl Engine {
             use crate::gpu::replay::Recording;
             let pos = cache.len();
             if let Some(plan) = &replay.plan
-                && plan.covers(pos, cache.layers())
-                && let Some(inputs) = self.model.step_inputs(token, pos)?
+                && plan.covers(&[pos], &[cache.layers()])
+                && let Some(inputs) = self.model.step_inputs(&[token], &[pos])?
             {
-                let logits = plan.run(&inputs, pos)?;
+                let logits = plan.run(&inputs, &[pos])?;
                 cache.advance(1);
                 replay.replayed += 1;
                 return Ok(logits);
             }
-            let recording = Recording::start(pos);
+            let recording = Recording::start(&[pos]);
             let out = self.model.forward(&[token], cache, LogitsFor::Last, None)?;
-            replay.plan = recording.finish(&out, cache.layers());
+            replay.plan = recording.finish(&out, &[cache.layers()]);
             return Ok(read_rows(out).await?.pop().unwrap_or_default());
         }
         #[cfg(target_arch = "wasm32")]
@@ -166,7 +166,18 @@ impl Engine {
 impl Engine {
     /// One token for each of several caches (`tokens[i]` into `caches[i]`), in batched steps of at most
     /// [`MAX_ROWS`] rows; the logits of each row, read back together.
+    ///
+    /// Natively with moela's kernels each batch's step is recorded and replayed while the same caches step
+    /// together (`gpu/replay.rs`), as a single session's decode steps are.
     pub(crate) async fn decode_rows(&self, caches: &mut [&mut LatentCache], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        #[cfg(not(target_arch = "wasm32"))]
+        if self.model.replayable() {
+            let mut rows = Vec::with_capacity(tokens.len());
+            for (caches, tokens) in caches.chunks_mut(MAX_ROWS).zip(tokens.chunks(MAX_ROWS)) {
+                rows.extend(self.replay_rows(caches, tokens).await?);
+            }
+            return Ok(rows);
+        }
         let mut out = Vec::with_capacity(tokens.len().div_ceil(MAX_ROWS));
         for (caches, tokens) in caches.chunks_mut(MAX_ROWS).zip(tokens.chunks(MAX_ROWS)) {
             out.push(self.model.forward_rows(tokens, caches)?);
@@ -177,6 +188,54 @@ impl Engine {
             Tensor::cat(out, 0)
         };
         read_rows(out).await
+    }
+
+    /// One batched step of at most [`MAX_ROWS`] caches: replayed from a recorded step of the same caches
+    /// where one covers their positions, else run and recorded.
+    #[cfg(not(target_arch = "wasm32"))]
+    async fn replay_rows(&self, caches: &mut [&mut LatentCache], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        match self.replay_or_record(caches, tokens)? {
+            Ok(logits) => Ok(logits.chunks(self.config().vocab_size).map(|r| r.to_vec()).collect()),
+            Err(out) => read_rows(out).await,
+        }
+    }
+
+    /// [`Engine::replay_rows`] up to the read-back: the logits of a replayed step (`Ok`), or those of a step
+    /// run and recorded, still on the device (`Err`).
+    #[cfg(not(target_arch = "wasm32"))]
+    fn replay_or_record(
+        &self,
+        caches: &mut [&mut LatentCache],
+        tokens: &[u32],
+    ) -> Result<std::result::Result<Vec<f32>, Tensor<2>>> {
+        use crate::gpu::replay::Recording;
+        /// Batches whose recorded steps are kept.
+        const KEPT: usize = 4;
+        let positions: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let mut plans = self.batch_plans.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let layers: Vec<&[Tensor<2>]> = caches.iter().map(|c| c.layers()).collect();
+            if let Some(i) = plans.iter().position(|p| p.covers(&positions, &layers))
+                && caches.iter().all(|c| c.len() < c.capacity())
+                && let Some(inputs) = self.model.step_inputs(tokens, &positions)?
+            {
+                let logits = plans[i].run(&inputs, &positions)?;
+                for c in caches.iter_mut() {
+                    c.advance(1);
+                }
+                return Ok(Ok(logits));
+            }
+        }
+        let recording = Recording::start(&positions);
+        let out = self.model.forward_rows(tokens, caches)?;
+        let layers: Vec<&[Tensor<2>]> = caches.iter().map(|c| c.layers()).collect();
+        if let Some(plan) = recording.finish(&out, &layers) {
+            if plans.len() == KEPT {
+                plans.remove(0);
+            }
+            plans.push(plan);
+        }
+        Ok(Err(out))
     }
 }
 

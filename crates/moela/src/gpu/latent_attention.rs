@@ -147,11 +147,13 @@ pub struct MlaShape {
 
 /// The weights and inputs of one decode attention call.
 pub struct MlaInputs<'a> {
-    /// Queries: columns `q_col..q_col + n_h * (d_n + d_r)` of rows `row..row + T`, rope dims unrotated (T is
-    /// the tables' row count).
+    /// Queries: columns `q_col..q_col + n_h * (d_n + d_r)` of rows `row..row + T`, rope dims unrotated.
     pub q: &'a Tensor<2>,
-    /// The first query row in `q`: a batch of sequences attends row by row, each to its own cache.
+    /// The first query row in `q`, and of the rope tables: a batch of sequences attends row by row, each to
+    /// its own cache.
     pub row: usize,
+    /// T, the tokens of this call.
+    pub rows: usize,
     /// The first query column in `q`.
     pub q_col: usize,
     /// `kv_a_proj_with_mqa` output: columns `kv_col..kv_col + r_kv + d_r` of rows `kv_row..kv_row + T`
@@ -167,19 +169,23 @@ pub struct MlaInputs<'a> {
     pub w_uv_t: &'a Factor,
     /// `kv_a_layernorm`'s gain `[r_kv]`.
     pub gain: &'a Tensor<1>,
-    /// Rope cos and sin tables `[T, d_r / 2]` for positions `pos..pos + T`.
+    /// Rope cos and sin tables `[rows, d_r / 2]`, rows `row..row + T` for positions `pos..pos + T`.
     pub tables: &'a (Tensor<2>, Tensor<2>),
+    /// Where the output goes: rows `row..row + T` of this tensor (`[rows, n_h * d_v]`, f32, a batch's one
+    /// output), or a new `[T, n_h * d_v]` tensor.
+    pub into: Option<&'a Tensor<2>>,
 }
 
 /// Attention for `T` tokens at positions `pos..pos + T` (`pos` = tokens already in `layer`, the cache of
 /// this layer `[capacity, r_kv + d_r]`): writes their cache rows in place and returns the attention output
-/// `[T, n_h * d_v]` (before `o_proj`). `None` when the kernels do not cover the call, with the cache
+/// `[T, n_h * d_v]` (before `o_proj`), or, [`into`](MlaInputs::into) a batch's output, that output. `None` when the kernels do not cover the call, with the cache
 /// untouched (or, if a launch after the first failed, these tokens' rows written as burn's path writes
 /// them again); the caller then runs burn's ops.
 pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) -> Option<Tensor<2>> {
     let [q_rows, qw] = inp.q.dims();
     let [kv_rows, kw] = inp.kv.dims();
-    let [t, _] = inp.tables.0.dims();
+    let t = inp.rows;
+    let [table_rows, half] = inp.tables.0.dims();
     let width = s.kv_lora_rank + s.qk_rope_head_dim;
     let [capacity, cw] = layer.dims();
     let f32s = [inp.q.dtype(), inp.kv.dtype(), inp.gain.dtype()];
@@ -200,8 +206,13 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         || inp.w_uk.dims() != [s.num_attention_heads, s.qk_nope_head_dim, s.kv_lora_rank]
         || inp.w_uv_t.dims() != [s.num_attention_heads, s.kv_lora_rank, s.v_head_dim]
         || inp.gain.dims() != [s.kv_lora_rank]
-        || inp.tables.0.dims() != [t, s.qk_rope_head_dim / 2]
-        || inp.tables.1.dims() != [t, s.qk_rope_head_dim / 2]
+        || half != s.qk_rope_head_dim / 2
+        || inp.tables.1.dims() != [table_rows, half]
+        || inp.row + t > table_rows
+        || inp.into.is_some_and(|o| {
+            let [rows, width] = o.dims();
+            inp.row + t > rows || width != s.num_attention_heads * s.v_head_dim || o.dtype() != DType::F32
+        })
         || cw != width
         || pos + t > capacity
         || layer.dtype() != DType::F32
@@ -214,6 +225,10 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         return None;
     }
     let q = cube_tensor(inp.q)?;
+    let into = match inp.into {
+        Some(o) => Some(cube_tensor(o)?),
+        None => None,
+    };
     let kv = cube_tensor(inp.kv)?;
     let w_uk = FactorArg::new(inp.w_uk)?;
     let w_uv = FactorArg::new(inp.w_uv_t)?;
@@ -262,6 +277,7 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         (inp.kv_row * kw + inp.kv_col) as u32,
     ];
     info.extend(w_uk.placement());
+    info.push(inp.row as u32);
     let args = [
         input(&q.handle, q_bytes),
         Arg::Buffer(&kv.handle),
@@ -308,7 +324,10 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
     );
 
     // 3. The chunks merged, then W_UV.
-    let out = empty(&q, t * s.num_attention_heads * s.v_head_dim);
+    let (out, out_row) = match &into {
+        Some(into) => (into.handle.clone(), inp.row),
+        None => (empty(&q, t * s.num_attention_heads * s.v_head_dim), 0),
+    };
     let mut info = vec![
         s.num_attention_heads as u32,
         s.kv_lora_rank as u32,
@@ -316,6 +335,7 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         chunks as u32,
     ];
     info.extend(w_uv.placement());
+    info.extend([out_row as u32, 0]);
     let args = [Arg::Buffer(&partial), Arg::Factor(&w_uv), Arg::Buffer(&out)];
     run(
         &q,
@@ -326,7 +346,10 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         &info,
         None,
     )?;
-    Some(float(&q, out, [t, s.num_attention_heads * s.v_head_dim]))
+    match inp.into {
+        Some(into) => Some(into.clone()),
+        None => Some(float(&q, out, [t, s.num_attention_heads * s.v_head_dim])),
+    }
 }
 
 /// Whether a kernel input of `bytes` is read from a uniform copy: natively where it fits.

@@ -38,18 +38,18 @@ use super::{WgslKernel, cube_tensor};
 use crate::error::{Error, Result};
 
 /// A value a decode step reads that changes from token to token: uploaded by the recorded step, written
-/// into the same buffer before each replay.
+/// into the same buffer before each replay. A step of a batch of sequences has a row of each per sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Input {
-    /// The token's embedding row, `[1, H]`.
+    /// The tokens' embedding rows, `[B, H]`.
     Embedding,
-    /// The rope cosines at the token's position, `[1, d_r / 2]`.
+    /// The rope cosines at the tokens' positions, `[B, d_r / 2]`.
     Cos,
-    /// The rope sines at the token's position, `[1, d_r / 2]`.
+    /// The rope sines at the tokens' positions, `[B, d_r / 2]`.
     Sin,
 }
 
-/// One token's [`Input`] values, as the forward pass would upload them.
+/// One step's [`Input`] values, as the forward pass would upload them.
 #[derive(Debug, Clone)]
 pub struct StepInputs {
     /// [`Input::Embedding`].
@@ -85,14 +85,18 @@ struct Recorded {
     binds: Vec<Bound>,
     info: Vec<u32>,
     pos_word: Option<usize>,
+    /// The row (sequence) of the batch whose position `pos_word` holds.
+    pos_row: usize,
 }
 
 #[derive(Default)]
 struct Trace {
     launches: Vec<Recorded>,
     inputs: Vec<(Input, Handle)>,
-    /// Positions every recorded launch also serves.
-    positions: Option<Range<usize>>,
+    /// Per row of the batch, the positions every recorded launch also serves (`None`: any).
+    positions: Vec<Option<Range<usize>>>,
+    /// The row whose attention is being launched ([`at_row`]).
+    row: usize,
     /// Launches recorded on their way to CubeCL that its observer has not reported yet.
     pending: usize,
     /// A launch that was not moela's ran, or an input could not be recorded: no plan.
@@ -130,6 +134,7 @@ pub(super) fn record_cube(
         binds: buffers.iter().map(|h| Bound::Buffer((*h).clone())).collect(),
         info: info.to_vec(),
         pos_word,
+        pos_row: 0,
     });
 }
 
@@ -165,6 +170,7 @@ pub(super) fn record_texture(
             .collect(),
         info: info.to_vec(),
         pos_word,
+        pos_row: 0,
     });
 }
 
@@ -174,19 +180,31 @@ fn record(anchor: &CubeTensor, via_cube: bool, launch: impl FnOnce() -> Recorded
     with_trace(|t| {
         t.pending += usize::from(via_cube);
         t.client.get_or_insert_with(|| anchor.client.clone());
-        t.launches.push(launch());
+        let mut l = launch();
+        l.pos_row = t.row;
+        t.launches.push(l);
     });
 }
 
+/// Says that the launches after this one are for row `row` of a batch of sequences (their position
+/// words hold that row's position); a no-op when nothing is recording.
+pub fn at_row(row: usize) {
+    with_trace(|t| t.row = row);
+}
+
 /// Says that the launch just recorded serves only the step positions in `range` (its shape or grid
-/// depends on more than the position word).
+/// depends on more than the position word), for the row it is for.
 pub(super) fn serves_positions(range: Range<usize>) {
     with_trace(|t| {
-        let r = match t.positions.take() {
+        let row = t.row;
+        if t.positions.len() <= row {
+            t.positions.resize(row + 1, None);
+        }
+        let r = match t.positions[row].take() {
             Some(p) => p.start.max(range.start)..p.end.min(range.end),
             None => range,
         };
-        t.positions = Some(r);
+        t.positions[row] = Some(r);
     });
 }
 
@@ -205,31 +223,44 @@ pub fn input(t: &Tensor<2>, input: Input) {
 
 /// A decode step being recorded on this thread: started before the step's forward pass, finished after.
 pub struct Recording {
-    pos: usize,
+    positions: Vec<usize>,
 }
 
 impl Recording {
-    /// Starts recording this thread's launches for a one-token step at position `pos`.
-    pub fn start(pos: usize) -> Self {
+    /// Starts recording this thread's launches for a step of one token per sequence, at `positions` (one
+    /// sequence, or a batch of them).
+    pub fn start(positions: &[usize]) -> Self {
         super::observe();
         TRACE.with_borrow_mut(|t| *t = Some(Trace::default()));
-        Self { pos }
+        Self {
+            positions: positions.to_vec(),
+        }
     }
 
-    /// Stops recording: the plan that replays the step whose logits are `logits` over `cache` (the session's
-    /// latent cache, `[capacity, width]` per layer), or `None` when the step cannot be replayed (a launch
-    /// that was not moela's, an input not recorded, no registered device).
-    pub fn finish(self, logits: &Tensor<2>, cache: &[Tensor<2>]) -> Option<Plan> {
+    /// Stops recording: the plan that replays the step whose logits are `logits` over `caches` (each
+    /// sequence's latent cache, `[capacity, width]` per layer), or `None` when the step cannot be replayed
+    /// (a launch that was not moela's, an input not recorded, no registered device).
+    pub fn finish(self, logits: &Tensor<2>, caches: &[&[Tensor<2>]]) -> Option<Plan> {
         let trace = TRACE.with_borrow_mut(|t| t.take())?;
-        let positions = trace.positions.clone().unwrap_or(0..usize::MAX);
         if trace.spoiled || trace.pending != 0 {
             log::debug!(
-                "decode step at {} not replayed: a launch that is not moela's ran",
-                self.pos
+                "decode step at {:?} not replayed: a launch that is not moela's ran",
+                self.positions
             );
             return None;
         }
-        if !positions.contains(&self.pos) || trace.launches.is_empty() {
+        let positions: Vec<Range<usize>> = (0..self.positions.len())
+            .map(|r| trace.positions.get(r).cloned().flatten().unwrap_or(0..usize::MAX))
+            .collect();
+        if trace.positions.len() > self.positions.len()
+            || caches.len() != self.positions.len()
+            || positions.iter().zip(&self.positions).any(|(r, p)| !r.contains(p))
+            || trace.launches.is_empty()
+            || trace
+                .launches
+                .iter()
+                .any(|l| l.pos_word.is_some() && l.pos_row >= self.positions.len())
+        {
             return None;
         }
         // Each input recorded once.
@@ -241,7 +272,10 @@ impl Recording {
             return None;
         }
         let logits = cube_tensor(logits)?;
-        let cache_ids = cache.iter().map(memory_id).collect::<Option<Vec<_>>>()?;
+        let cache_ids = caches
+            .iter()
+            .map(|c| c.iter().map(memory_id).collect::<Option<Vec<_>>>())
+            .collect::<Option<Vec<_>>>()?;
         Plan::build(trace, logits, cache_ids, positions)
     }
 }
@@ -371,6 +405,7 @@ struct Step {
     copy: Option<(Target, u64)>,
     shape: wgpu::Buffer,
     pos_word: Option<usize>,
+    pos_row: usize,
 }
 
 /// A recorded decode step, replayed for the tokens after it.
@@ -382,8 +417,10 @@ pub struct Plan {
     vocab: usize,
     staging: wgpu::Buffer,
     uniform: wgpu::Buffer,
-    cache_ids: Vec<usize>,
-    positions: Range<usize>,
+    /// Per sequence, its cache's buffers.
+    cache_ids: Vec<Vec<usize>>,
+    /// Per sequence, the positions the plan serves.
+    positions: Vec<Range<usize>>,
     client: Client,
     /// CubeCL's launch count when its queue was last flushed for this plan (`gpu::cube_launches`).
     flushed_at: std::sync::atomic::AtomicU64,
@@ -412,7 +449,12 @@ impl std::fmt::Debug for Plan {
 }
 
 impl Plan {
-    fn build(trace: Trace, logits: CubeTensor, cache_ids: Vec<usize>, positions: Range<usize>) -> Option<Self> {
+    fn build(
+        trace: Trace,
+        logits: CubeTensor,
+        cache_ids: Vec<Vec<usize>>,
+        positions: Vec<Range<usize>>,
+    ) -> Option<Self> {
         let gpu = texture::gpu()?;
         let client = trace.client?;
         let mut held: Vec<Box<dyn Any + Send>> = Vec::new();
@@ -504,6 +546,7 @@ impl Plan {
                 copy,
                 shape,
                 pos_word: l.pos_word,
+                pos_row: l.pos_row,
             });
         }
         log::debug!(
@@ -536,19 +579,27 @@ impl Plan {
         })
     }
 
-    /// Whether the plan can replay a step at `pos` over `cache` (the same buffers it was recorded with).
-    pub fn covers(&self, pos: usize, cache: &[Tensor<2>]) -> bool {
-        self.positions.contains(&pos)
-            && cache.len() == self.cache_ids.len()
-            && cache
-                .iter()
-                .zip(&self.cache_ids)
-                .all(|(t, id)| memory_id(t) == Some(*id))
+    /// Whether the plan can replay a step at `positions` over `caches` (one per sequence, in the order
+    /// recorded, each in the buffers it was recorded with).
+    pub fn covers(&self, positions: &[usize], caches: &[&[Tensor<2>]]) -> bool {
+        positions.len() == self.positions.len()
+            && caches.len() == self.cache_ids.len()
+            && positions.iter().zip(&self.positions).all(|(p, r)| r.contains(p))
+            && caches.iter().zip(&self.cache_ids).all(|(cache, ids)| {
+                cache.len() == ids.len() && cache.iter().zip(ids).all(|(t, id)| memory_id(t) == Some(*id))
+            })
     }
 
-    /// Launches the recorded step for the token whose values are `inputs`, at `pos`, and reads its logits
-    /// back.
-    pub fn run(&self, inputs: &StepInputs, pos: usize) -> Result<Vec<f32>> {
+    /// Launches the recorded step for the tokens whose values are `inputs`, at `positions` (one per
+    /// sequence), and reads its logits back (`[B, V]`, row-major).
+    pub fn run(&self, inputs: &StepInputs, positions: &[usize]) -> Result<Vec<f32>> {
+        if positions.len() != self.positions.len() {
+            return Err(Error::Device(format!(
+                "a replayed step of {} sequences run for {}",
+                self.positions.len(),
+                positions.len()
+            )));
+        }
         let gpu = texture::gpu().ok_or_else(|| Error::Device("the wgpu device is gone".into()))?;
         // Work burn has queued since the last replay (a prefill, say: anything that writes the cache is a
         // launch) reaches the queue before this one; without any, no round trip to CubeCL's device thread.
@@ -572,8 +623,9 @@ impl Plan {
         }
         for s in &self.steps {
             if let Some(w) = s.pos_word {
+                let pos = positions[s.pos_row] as u32;
                 gpu.queue
-                    .write_buffer(&s.shape, (w * 4) as u64, bytemuck::bytes_of(&(pos as u32)));
+                    .write_buffer(&s.shape, (w * 4) as u64, bytemuck::bytes_of(&pos));
             }
         }
         if super::timing_launches() {
@@ -701,6 +753,60 @@ mod tests {
             // Recorded at the first step, at the first step of the next chunk and after the move: the other
             // four steps were replays.
             assert_eq!(replay.replayed, 4, "{name} {dtype:?}");
+        }
+    }
+
+    /// Batched steps (a token for each of several caches, each at its own position) replayed from a
+    /// recorded one give the logits of each cache's own step run launch by launch, with LoRA queries (read
+    /// in place by the norm) and plain ones.
+    #[test]
+    fn replayed_batches_match_each_cache_run_alone() {
+        if crate::gpu::device::default_device().is_err() {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        }
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        for (name, dtype) in [("v2-lite-tiny", WeightDtype::F32), ("v3-tiny", WeightDtype::Q8)] {
+            let options = LoadOptions {
+                dtype,
+                ..Default::default()
+            };
+            let engine = Engine::load_dir(&fixtures.join(name), options, &mut |_| {}).unwrap();
+            let vocab = engine.config().vocab_size as u32;
+            let lengths = [5usize, 17, 40];
+            let mut caches = Vec::new();
+            let mut references = Vec::new();
+            for &n in &lengths {
+                let prompt: Vec<u32> = (0..n as u32).map(|i| (i * 37 + n as u32) % vocab).collect();
+                let (mut c, mut r) = (engine.new_cache(64), engine.new_cache(64));
+                for c in [&mut c, &mut r] {
+                    engine.model.forward(&prompt, c, LogitsFor::Last, None).unwrap();
+                }
+                caches.push(c);
+                references.push(r);
+            }
+            for step in 0..4u32 {
+                let tokens: Vec<u32> = (0..lengths.len() as u32)
+                    .map(|i| (step * 31 + i * 7 + 3) % vocab)
+                    .collect();
+                let mut batch: Vec<&mut crate::cache::LatentCache> = caches.iter_mut().collect();
+                let got = pollster::block_on(engine.decode_rows(&mut batch, &tokens)).unwrap();
+                for (i, r) in references.iter_mut().enumerate() {
+                    let out = engine.model.forward(&[tokens[i]], r, LogitsFor::Last, None).unwrap();
+                    let want = pollster::block_on(read_rows(out)).unwrap().pop().unwrap();
+                    let diff = crate::gpu::worst_of(&got[i], &want);
+                    assert!(
+                        diff <= 1e-5,
+                        "{name} {dtype:?}, step {step}, row {i}: logits differ by {diff}"
+                    );
+                }
+                // The first step recorded the batch's plan; the others replayed it.
+                assert_eq!(
+                    engine.batch_plans.lock().unwrap().len(),
+                    1,
+                    "{name} {dtype:?}, step {step}"
+                );
+            }
         }
     }
 }

@@ -50,7 +50,13 @@ pub fn rms_norm(x: &Tensor<2>, residual: Sum, gain: &Tensor<1>, eps: f64) -> Opt
     if delta.is_some_and(|d| !f32_of(d, [rows, n])) {
         return None;
     }
-    let (xc, g) = (cube_tensor(x)?, cube_tensor(gain)?);
+    // The plain form reads rows `stride` apart in place: the first columns of a wider tensor need no copy.
+    let strided = matches!(residual, Sum::None).then(|| first_columns(x)).flatten();
+    let stride = strided.as_ref().map_or(n, |(_, s)| *s);
+    let (xc, g) = match strided {
+        Some((xc, _)) => (xc, cube_tensor(gain)?),
+        None => (cube_tensor(x)?, cube_tensor(gain)?),
+    };
     let d = match delta {
         Some(d) => Some(cube_tensor(d)?),
         None => None,
@@ -66,13 +72,15 @@ pub fn rms_norm(x: &Tensor<2>, residual: Sum, gain: &Tensor<1>, eps: f64) -> Opt
         (None, Some(_)) => NormForm::Experts,
     };
     let wide = n.is_multiple_of(4);
-    let kernel = WgslKernel::new("rmsnorm", "main", Shader::RmsNorm { form, wide }, 64)?;
+    let wide = wide && stride.is_multiple_of(4);
     let width = if wide { n / 4 } else { n };
+    let kernel = WgslKernel::new("rmsnorm", "main", Shader::RmsNorm { form, wide }, 64)?;
     let info = [
         width as u32,
         (eps as f32).to_bits(),
         e.as_ref().map_or(0, |e| e.2 as u32),
         n as u32,
+        (if wide { stride / 4 } else { stride }) as u32,
     ];
     let groups = [rows as u32, 1, 1];
     let out = empty(&xc, rows * n);
@@ -93,6 +101,19 @@ pub fn rms_norm(x: &Tensor<2>, residual: Sum, gain: &Tensor<1>, eps: f64) -> Opt
 }
 
 /// Root-mean-square normalisation over the last dimension with a learned gain.
+/// `x` (`[rows, n]`) as the first `n` columns of a wider row-major buffer: its buffer, from its start, and
+/// the values between its rows. `None` for any other layout (contiguous ones included: they take the
+/// usual path).
+fn first_columns(x: &Tensor<2>) -> Option<(burn_cubecl::tensor::CubeTensor, usize)> {
+    let c = x.clone().try_into_primitive::<burn_cubecl::Cube>().ok()?;
+    let [rows, n] = x.dims();
+    let strides = c.meta.strides();
+    let stride = strides[0];
+    let plain = c.handle.offset_start.unwrap_or(0) == 0 && strides[1] == 1 && rows > 1 && stride > n;
+    (c.client.name().contains("wgsl") && plain && c.handle.size() as usize >= ((rows - 1) * stride + n) * 4)
+        .then_some((c, stride))
+}
+
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     /// Gain, `[width]`.

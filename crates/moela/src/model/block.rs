@@ -52,10 +52,16 @@ impl Block {
     }
 
     /// The layer over a batch of sequences, one token each: row `i` of `h` (`[B, H]`) is the next token of
-    /// the sequence `rows[i]` describes, whose cache and position its attention uses; the feed-forward half
-    /// runs over all rows at once.
-    pub fn forward_rows(&self, h: &mut Residual, rows: &mut [RowAt<'_>], device: &Device) {
-        let a = self.attn.forward_rows(h.norm(&self.attn_norm), rows, device);
+    /// the sequence `rows[i]` describes, whose cache and position (row `i` of `tables`) its attention uses;
+    /// the feed-forward half runs over all rows at once.
+    pub fn forward_rows(
+        &self,
+        h: &mut Residual,
+        rows: &mut [RowAt<'_>],
+        tables: &(Tensor<2>, Tensor<2>),
+        device: &Device,
+    ) {
+        let a = self.attn.forward_rows(h.norm(&self.attn_norm), rows, tables, device);
         h.add(BlockOutput::Dense(a));
         self.feed_forward(h, None);
     }

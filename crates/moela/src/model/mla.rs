@@ -188,44 +188,70 @@ impl Mla {
         let [t, _] = x.dims();
         let both = self.input.forward(x);
         let q = self.lora_queries(&both);
-        let at = RowAt { pos, cache, tables };
-        self.o.forward(self.attend(&both, q.as_ref(), 0, t, at, device))
+        let at = RowAt { pos, cache };
+        let out = self.attend(&both, q.as_ref(), (0, t), at, tables, None, device);
+        self.o
+            .forward(out.expect("an attention without `into` returns its output"))
     }
 
     /// Attention for a batch of sequences, one token each: row `i` of `x` (`[B, H]`, normed) is the next
-    /// token of the sequence `rows[i]` describes, and attends to that sequence's cache only. The products
-    /// (`input`, `q_b`, `o`) run once for all rows; the attention itself runs row by row. Returns `[B, H]`.
-    pub fn forward_rows(&self, x: Tensor<2>, rows: &mut [RowAt<'_>], device: &Device) -> Tensor<2> {
+    /// token of the sequence `rows[i]` describes, and attends to that sequence's cache only; row `i` of
+    /// `tables` (`[B, d_r / 2]` each) is for its position. The products (`input`, `q_b`, `o`) run once for
+    /// all rows; the attention itself runs row by row, writing one output. Returns `[B, H]`.
+    pub fn forward_rows(
+        &self,
+        x: Tensor<2>,
+        rows: &mut [RowAt<'_>],
+        tables: &(Tensor<2>, Tensor<2>),
+        device: &Device,
+    ) -> Tensor<2> {
+        let [b, _] = x.dims();
         let both = self.input.forward(x);
         let q = self.lora_queries(&both);
-        let out = rows
-            .iter_mut()
-            .enumerate()
-            .map(|(i, at)| {
-                let at = RowAt {
-                    pos: at.pos,
-                    cache: &mut *at.cache,
-                    tables: at.tables,
-                };
-                self.attend(&both, q.as_ref(), i, 1, at, device)
-            })
-            .collect();
-        self.o.forward(Tensor::cat(out, 0))
+        // The kernels write each row into one output (no launch to join the rows).
+        let into = (self.kernels == Kernels::Wgsl)
+            .then(|| Tensor::<2>::empty([b, self.num_attention_heads * self.v_head_dim], device));
+        let mut own = Vec::with_capacity(b);
+        for (i, at) in rows.iter_mut().enumerate() {
+            #[cfg(not(target_arch = "wasm32"))]
+            gpu::replay::at_row(i);
+            let at = RowAt {
+                pos: at.pos,
+                cache: &mut *at.cache,
+            };
+            own.push(self.attend(&both, q.as_ref(), (i, 1), at, tables, into.as_ref(), device));
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        gpu::replay::at_row(0);
+        let out = match into {
+            Some(into) if own.iter().all(Option::is_none) => into,
+            // Some row was not the kernels' (not expected: the shapes are the same for every row).
+            into => Tensor::cat(
+                own.into_iter()
+                    .enumerate()
+                    .map(|(i, o)| o.unwrap_or_else(|| into.clone().expect("written into the output").narrow(0, i, 1)))
+                    .collect(),
+                0,
+            ),
+        };
+        self.o.forward(out)
     }
 
     /// Rows `row..row + t` of the input product `both` (and of the LoRA queries `q`, where the model has
-    /// them) attended over `at`'s cache: returns `[t, n_h * d_v]`, the input of `o_proj`.
+    /// them) attended over `at`'s cache, with the same rows of the rope `tables`: returns `[t, n_h * d_v]`,
+    /// the input of `o_proj`, or `None` where the kernels wrote it into those rows of `into`.
     #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         both: &Tensor<2>,
         q: Option<&Tensor<2>>,
-        row: usize,
-        t: usize,
+        (row, t): (usize, usize),
         at: RowAt<'_>,
+        tables: &(Tensor<2>, Tensor<2>),
+        into: Option<&Tensor<2>>,
         device: &Device,
-    ) -> Tensor<2> {
-        let RowAt { pos, cache, tables } = at;
+    ) -> Option<Tensor<2>> {
+        let RowAt { pos, cache } = at;
         let (n_h, d_n, d_r, r_kv) = (
             self.num_attention_heads,
             self.qk_nope_head_dim,
@@ -254,6 +280,7 @@ impl Mla {
             let inputs = gpu::latent_attention::MlaInputs {
                 q: q.unwrap_or(both),
                 row,
+                rows: t,
                 q_col: 0,
                 kv,
                 kv_row,
@@ -262,6 +289,7 @@ impl Mla {
                 w_uv_t: &self.w_uv_t,
                 gain: &self.kv_a_norm.weight,
                 tables,
+                into,
             };
             let shape = gpu::latent_attention::MlaShape {
                 num_attention_heads: n_h,
@@ -273,7 +301,7 @@ impl Mla {
                 eps: self.kv_a_norm.eps,
             };
             if let Some(out) = gpu::latent_attention::decode(&inputs, cache, pos, &shape) {
-                return out;
+                return into.is_none().then_some(out);
             }
         }
         let rows = |x: &Tensor<2>| {
@@ -286,6 +314,7 @@ impl Mla {
         };
         let both = rows(both);
         let q = q.map_or_else(|| both.clone().narrow(1, 0, qw), rows);
+        let tables = &(rows(&tables.0), rows(&tables.1));
         let a = both.narrow(1, qw, width);
 
         // Queries: [T, n_h * d_qk] -> [n_h, T, d_qk].
@@ -300,23 +329,21 @@ impl Mla {
         cache.inplace(|c| c.slice_assign([pos..s, 0..width], entry));
         let keys = cache.clone().slice([0..s, 0..width]); // [S, r_kv + d_r]
 
-        if prefers_expanded(self, t, s) {
+        Some(if prefers_expanded(self, t, s) {
             self.attend_expanded(q_nope, q_pe, keys, pos, device)
         } else {
             self.attend_latent(q_nope, q_pe, keys, pos, device)
-        }
+        })
     }
 }
 
-/// Where one sequence's tokens go in attention: their first position, the cache of this layer
-/// (`[max_context, r_kv + d_r]`), and the rope tables for their positions.
+/// Where one sequence's tokens go in attention: their first position and the cache of this layer
+/// (`[max_context, r_kv + d_r]`).
 pub struct RowAt<'a> {
     /// Position of the first token (tokens already cached).
     pub pos: usize,
     /// This layer's cache of the sequence.
     pub cache: &'a mut Tensor<2>,
-    /// Rope cos and sin `[T, d_r / 2]` for positions `pos..pos + T`.
-    pub tables: &'a (Tensor<2>, Tensor<2>),
 }
 
 impl Mla {
@@ -664,6 +691,7 @@ mod tests {
             let inputs = gpu::latent_attention::MlaInputs {
                 q: &both,
                 row: 0,
+                rows: t,
                 q_col: 0,
                 kv: &both,
                 kv_row: 0,
@@ -672,6 +700,7 @@ mod tests {
                 w_uv_t: &mla.w_uv_t,
                 gain: &mla.kv_a_norm.weight,
                 tables: &tab,
+                into: None,
             };
             let shape = gpu::latent_attention::MlaShape {
                 num_attention_heads: n_h,

@@ -415,7 +415,7 @@ impl Moe {
         // One token (decode) with moela's kernels: the shared experts' slots come from the routing kernel
         // and share the routed experts' launches. Several tokens: the shared experts run as products over
         // all of them (read once per group of rows rather than once per token).
-        let extra = if self.kernels == Kernels::Wgsl && t == 1 {
+        let extra = if self.kernels == Kernels::Wgsl && t <= gpu::matvec::MAX_ROWS {
             self.shared
         } else {
             0

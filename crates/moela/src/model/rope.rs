@@ -26,8 +26,16 @@ impl Rope {
 
     /// cos and sin tables `[len, d_r/2]` for positions `start..start+len`.
     pub fn tables(&self, start: usize, len: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        self.upload(self.host_tables(start, len), len, device)
+    }
+
+    /// cos and sin tables `[B, d_r/2]`, row `i` for position `positions[i]` (a batch of sequences).
+    pub fn tables_at(&self, positions: &[usize], device: &Device) -> (Tensor<2>, Tensor<2>) {
+        self.upload(self.host_tables_at(positions), positions.len(), device)
+    }
+
+    fn upload(&self, (cos, sin): (Vec<f32>, Vec<f32>), len: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
         let half = self.inv_freq.len();
-        let (cos, sin) = self.host_tables(start, len);
         (
             Tensor::from_data(TensorData::new(cos, [len, half]), device),
             Tensor::from_data(TensorData::new(sin, [len, half]), device),
@@ -36,10 +44,19 @@ impl Rope {
 
     /// [`Rope::tables`] on the host, row-major `[len, d_r / 2]` each.
     pub fn host_tables(&self, start: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+        self.host_rows(start..start + len)
+    }
+
+    /// [`Rope::tables_at`] on the host.
+    pub fn host_tables_at(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        self.host_rows(positions.iter().copied())
+    }
+
+    fn host_rows(&self, positions: impl ExactSizeIterator<Item = usize>) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for p in start..start + len {
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for p in positions {
             for &f in &self.inv_freq {
                 // Angles in f64: positions past 2^24 would lose precision in f32.
                 let a = p as f64 * f;

@@ -219,15 +219,16 @@ impl Transformer {
         Some(rows)
     }
 
-    /// What a replayed decode step of `token` at `pos` uploads (`gpu/replay.rs`): the values
-    /// [`Transformer::forward`] would upload for it. `None` when the embedding table is on the device.
+    /// What a replayed decode step of `tokens` at `positions` uploads (`gpu/replay.rs`): the values
+    /// [`Transformer::forward`] (one token) or [`Transformer::forward_rows`] (a token per sequence) would
+    /// upload for them. `None` when the embedding table is on the device.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn step_inputs(&self, token: u32, pos: usize) -> Result<Option<crate::gpu::replay::StepInputs>> {
-        self.check_tokens(&[token])?;
-        let Some(embedding) = self.host_rows(&[token]) else {
+    pub fn step_inputs(&self, tokens: &[u32], positions: &[usize]) -> Result<Option<crate::gpu::replay::StepInputs>> {
+        self.check_tokens(tokens)?;
+        let Some(embedding) = self.host_rows(tokens) else {
             return Ok(None);
         };
-        let (cos, sin) = self.rope.host_tables(pos, 1);
+        let (cos, sin) = self.rope.host_tables_at(positions);
         Ok(Some(crate::gpu::replay::StepInputs { embedding, cos, sin }))
     }
 
@@ -359,22 +360,27 @@ impl Transformer {
                 )));
             }
         }
-        let tables: Vec<_> = caches
-            .iter()
-            .map(|c| self.rope.tables(c.len(), 1, &self.device))
-            .collect();
-        let mut h = Residual::new(self.embed_tokens(tokens)?);
+        let positions: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let x = self.embed_tokens(tokens)?;
+        let tables = self.rope.tables_at(&positions, &self.device);
+        // What a replay of this step writes anew (when it is being recorded).
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            use crate::gpu::replay::{Input, input};
+            input(&x, Input::Embedding);
+            input(&tables.0, Input::Cos);
+            input(&tables.1, Input::Sin);
+        }
+        let mut h = Residual::new(x);
         for (i, b) in self.blocks.iter().enumerate() {
             let mut rows: Vec<RowAt<'_>> = caches
                 .iter_mut()
-                .zip(&tables)
-                .map(|(c, tables)| RowAt {
+                .map(|c| RowAt {
                     pos: c.len(),
                     cache: c.layer_mut(i),
-                    tables,
                 })
                 .collect();
-            b.forward_rows(&mut h, &mut rows, &self.device);
+            b.forward_rows(&mut h, &mut rows, &tables, &self.device);
         }
         for c in caches.iter_mut() {
             c.advance(1);
