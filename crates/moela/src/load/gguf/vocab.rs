@@ -61,10 +61,12 @@ fn split_rules(pre: &str) -> Option<Option<&'static [&'static str]>> {
         .map(|(_, rules)| *rules)
 }
 
-/// llama.cpp's token types.
+/// llama.cpp's token types (the writer, native only, uses all of them).
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 pub(super) const NORMAL: u64 = 1;
 pub(super) const CONTROL: u64 = 3;
 pub(super) const USER_DEFINED: u64 = 4;
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 pub(super) const UNUSED: u64 = 5;
 
 /// The `tokenizer.json` and `tokenizer_config.json` that `header`'s tokenizer metadata describes, or `None`
