@@ -5,13 +5,15 @@
   converter (`convert_hf_to_gguf.py --outtype f32 / q8_0`).
 * `v3-tiny.f16-0000K-of-0000N.gguf`: tests/fixtures/v3-tiny converted to F16 and split into parts
   (`--split-max-tensors`), as large models are published.
-* `k256.q4_k_m.gguf` (Q4_K, Q6_K and Q5_0 tensors), `k256.q4_0.gguf`: a random DeepSeek-V2 model 256 values wide (so that
+* `k256.q4_k_m.gguf` (Q4_K, Q6_K and Q5_0 tensors), `k256.q5_k_m.gguf` (Q5_K, Q6_K and Q5_1),
+  `k256.q4_0.gguf`: a random DeepSeek-V2 model 256 values wide (so that
   llama.cpp's K-quants apply: they need rows of whole 256-value super-blocks), made with transformers,
   converted to F32 and quantised by llama.cpp's quantiser (`llama_model_quantize` through llama-cpp-python),
   and `k256.llama.json`: llama.cpp's own logits for each of those files (CPU backend) over one token
   sequence, and the F32 file's.
-* `k256.moela.q4_k.gguf`: the same model written by `moela quantize --type q4_k` (Q4_K, with Q5_0 where rows
-  are not whole super-blocks and a Q8_0 head), and llama.cpp's logits for it in `k256.llama.json`.
+* `k256.moela.q4_k.gguf`, `k256.moela.q5_k.gguf`: the same model written by `moela quantize --type q4_k` /
+  `q5_k` (Q4_K / Q5_K, with Q5_0 where rows are not whole super-blocks and a Q8_0 head), and llama.cpp's
+  logits for them in `k256.llama.json`.
 
 The converter runs unchanged but for one thing: it names a BPE pre-tokenizer by hashing a real vocabulary's
 output, and the fixtures' tokenizer is a small one trained with DeepSeek-V3's pre-tokenizer rules
@@ -113,7 +115,7 @@ def k256_model(folder):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-cpp", required=True, help="llama.cpp's source (convert_hf_to_gguf.py)")
-    ap.add_argument("--moela", default="moela", help="the moela binary (for its `quantize --type q4_k`)")
+    ap.add_argument("--moela", default="moela", help="the moela binary (for its `quantize --type q4_k / q5_k`)")
     args = ap.parse_args()
     llama, moela = os.path.abspath(args.llama_cpp), args.moela
     import llama_cpp
@@ -134,15 +136,17 @@ def main():
         tokens = [0] + list(np.random.default_rng(5).integers(2, 512, size=15))
         tokens = [int(t) for t in tokens]
         out = {"tokens": tokens, "f32": llama_logits(f32, tokens).astype(np.float64).round(4).tolist(), "files": {}}
-        for name, ftype in [("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)]:
+        for name, ftype in [("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0),
+                            ("q5_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M)]:
             path = os.path.join(OUT, f"k256.{name}.gguf")
             quantize(f32, path, ftype)
             out["files"][name] = {"types": type_mix(path), "logits": llama_logits(path, tokens).astype(np.float64).round(4).tolist()}
             print(path, os.path.getsize(path), "bytes", type_mix(path))
-        # moela's own Q4_K writer, read by llama.cpp.
-        path = os.path.join(OUT, "k256.moela.q4_k.gguf")
-        subprocess.run([moela, "quantize", "--model", hf, "--out", path, "--type", "q4_k"], check=True)
-        out["files"]["moela.q4_k"] = {"types": type_mix(path), "logits": llama_logits(path, tokens).astype(np.float64).round(4).tolist()}
+        # moela's own K-quant writer, read by llama.cpp.
+        for ty in ["q4_k", "q5_k"]:
+            path = os.path.join(OUT, f"k256.moela.{ty}.gguf")
+            subprocess.run([moela, "quantize", "--model", hf, "--out", path, "--type", ty], check=True)
+            out["files"][f"moela.{ty}"] = {"types": type_mix(path), "logits": llama_logits(path, tokens).astype(np.float64).round(4).tolist()}
         out["llama_cpp_python"] = llama_cpp.__version__
         with open(os.path.join(OUT, "k256.llama.json"), "w") as f:
             json.dump(out, f, separators=(",", ":"))

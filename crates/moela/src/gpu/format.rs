@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 /// Weights per quantisation block (q8, q4, q4k): one scale each.
 pub const BLOCK: usize = 32;
 
-/// Weights per q4k super-block: one f16 scale and minimum for its eight blocks' 6-bit ones.
+/// Weights per q4k / q5k super-block: one f16 scale and minimum for its eight blocks' 6-bit ones.
 pub const SUPER_BLOCK: usize = 256;
 
 /// How projection and expert weights are stored on the GPU. Activations, norms, softmax, the router, the
@@ -34,11 +34,14 @@ pub enum WeightDtype {
     /// 6-bit scale and minimum per block of 32, an f16 scale and minimum for each of them per 256; a weight
     /// is `d * scale * q - dmin * min`. K is padded to whole super-blocks of 256.
     Q4K,
+    /// 5.625 bits per weight: GGUF's `Q5_K` super-blocks kept as they are: q4k's layout with codes from 0
+    /// to 31, their fifth bits in a word per block of 32 (as q5's).
+    Q5K,
 }
 
 impl WeightDtype {
     /// Every packed format (all but f32).
-    pub const PACKED: [WeightDtype; 5] = [Self::F16, Self::Q8, Self::Q4, Self::Q4K, Self::Q5];
+    pub const PACKED: [WeightDtype; 6] = [Self::F16, Self::Q8, Self::Q4, Self::Q4K, Self::Q5, Self::Q5K];
 
     /// Bits per stored weight, block scales included.
     pub fn bits(self) -> f64 {
@@ -49,6 +52,7 @@ impl WeightDtype {
             WeightDtype::Q4 => 4.0 + 16.0 / BLOCK as f64,
             WeightDtype::Q4K => 4.0 + 16.0 / BLOCK as f64 + 32.0 / SUPER_BLOCK as f64,
             WeightDtype::Q5 => 5.0 + 16.0 / BLOCK as f64,
+            WeightDtype::Q5K => 5.0 + 16.0 / BLOCK as f64 + 32.0 / SUPER_BLOCK as f64,
         }
     }
 
@@ -57,7 +61,7 @@ impl WeightDtype {
     pub fn rows_per_word(self) -> usize {
         match self {
             WeightDtype::Q8 => 4,
-            WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 => 8,
+            WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K => 8,
             WeightDtype::F16 | WeightDtype::F32 => 1,
         }
     }
@@ -76,27 +80,29 @@ impl WeightDtype {
             WeightDtype::Q4 => "q4",
             WeightDtype::Q4K => "q4k",
             WeightDtype::Q5 => "q5",
+            WeightDtype::Q5K => "q5k",
         }
     }
 
-    /// Parses `f32` / `f16` / `q8` / `q5` / `q4` / `q4k`.
+    /// Parses `f32` / `f16` / `q8` / `q5` / `q4` / `q4k` / `q5k`.
     pub fn parse(s: &str) -> Result<Self> {
         std::iter::once(Self::F32)
             .chain(Self::PACKED)
             .find(|d| d.name() == s)
-            .ok_or_else(|| Error::InvalidArgument(format!("weights {s:?}: expected f32, f16, q8, q5, q4 or q4k")))
+            .ok_or_else(|| Error::InvalidArgument(format!("weights {s:?}: expected f32, f16, q8, q5, q4, q4k or q5k")))
     }
 
-    /// Whether the format's codes have a fifth bit kept apart from their nibbles (q5): one word of them per
-    /// block and column, after the scales.
+    /// Whether the format's codes have a fifth bit kept apart from their nibbles (q5, q5k): one word of them
+    /// per block and column, after the scales (and q5k's super-block words).
     pub fn has_high_bits(self) -> bool {
-        self == WeightDtype::Q5
+        matches!(self, WeightDtype::Q5 | WeightDtype::Q5K)
     }
 
-    /// Whether the format's blocks have a minimum as well as a scale (q4k): its products subtract
-    /// `min * sum(x)` per block.
+    /// Whether the format's blocks have a minimum as well as a scale (q4k, q5k): its products subtract
+    /// `min * sum(x)` per block. These are the K-quants: their blocks' 6-bit multipliers scale an f16 scale
+    /// and minimum per [`SUPER_BLOCK`].
     pub fn has_mins(self) -> bool {
-        self == WeightDtype::Q4K
+        matches!(self, WeightDtype::Q4K | WeightDtype::Q5K)
     }
 }
 

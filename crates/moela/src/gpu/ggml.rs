@@ -102,7 +102,7 @@ impl GgmlType {
     }
 
     /// The format moela stores a file of this type in by default: its own where the blocks are the same
-    /// (q4 for Q4_0, q5 for Q5_0 and q4k for Q4_K, whose blocks go to the GPU unchanged), f16 for F16 / BF16,
+    /// (q4 for Q4_0, q5 for Q5_0, q4k for Q4_K and q5k for Q5_K, whose blocks go to the GPU unchanged), f16 for F16 / BF16,
     /// f32 for F32, and q8 for the other block types, which it holds exactly (Q8_0) or without a visible
     /// loss (q4 would round their values a second time).
     pub fn nearest_format(self) -> WeightDtype {
@@ -112,6 +112,7 @@ impl GgmlType {
             Self::Q4_0 => WeightDtype::Q4,
             Self::Q4_K => WeightDtype::Q4K,
             Self::Q5_0 => WeightDtype::Q5,
+            Self::Q5_K => WeightDtype::Q5K,
             _ => WeightDtype::Q8,
         }
     }
@@ -254,7 +255,7 @@ fn decode_run(ty: GgmlType, b: &[u8], part: usize, out: &mut [f32; 32]) {
 /// (`ggml-quants.c`): Q8_0 with the scale `max |x| / 127` and codes `round(x / scale)`, ties away from zero;
 /// Q4_0 with the scale `-m / 8` for `m` the value of largest magnitude, codes `x / scale + 8.5` truncated
 /// and clamped to 15 (Q5_0: `-m / 16`, `+ 16.5`, 31); the scale is stored as f16 after the codes are made
-/// with it in f32. Q4_K as [`encode_q4_k`] makes it.
+/// with it in f32. Q4_K and Q5_K as [`encode_k`] makes them.
 ///
 /// # Panics
 /// For another type, or values that are not whole blocks.
@@ -297,27 +298,30 @@ pub fn encode(ty: GgmlType, values: &[f32], out: &mut Vec<u8>) {
                 out.extend((0..16).map(|j| (code(block[j]) & 15 | (code(block[j + 16]) & 15) << 4) as u8));
             }
         }
-        GgmlType::Q4_K => {
+        GgmlType::Q4_K | GgmlType::Q5_K => {
             assert!(values.len().is_multiple_of(256), "whole super-blocks of 256");
             for block in values.chunks_exact(256) {
-                out.extend(encode_q4_k(block.try_into().expect("a super-block")));
+                out.extend(encode_k(ty, block.try_into().expect("a super-block")));
             }
         }
         other => panic!("{} cannot be written", other.name()),
     }
 }
 
-/// One `Q4_K` super-block of 256 values. Each block of 32 takes the range from its smallest value (or 0,
-/// whichever is lower) to its largest in 16 steps; the eight steps (rounded up) and offsets are stored as
-/// 6-bit multiples of the super-block's f16 scale and minimum, and the codes are rounded with the values
-/// those give. llama.cpp's quantiser searches each block's range for a smaller error; this is the plain
-/// min-max choice, in the same layout (any reader of `Q4_K` reads it).
-pub(crate) fn encode_q4_k(values: &[f32; 256]) -> [u8; 144] {
+/// One `Q4_K` (144 bytes) or `Q5_K` (176 bytes) super-block of 256 values. Each block of 32 takes the range
+/// from its smallest value (or 0, whichever is lower) to its largest in 16 (`Q5_K`: 32) steps; the eight
+/// steps (rounded up) and offsets are stored as 6-bit multiples of the super-block's f16 scale and minimum,
+/// and the codes are rounded with the values those give. llama.cpp's quantiser searches each block's range
+/// for a smaller error; this is the plain min-max choice, in the same layout (any reader of the type reads
+/// it).
+pub(crate) fn encode_k(ty: GgmlType, values: &[f32; 256]) -> Vec<u8> {
+    let five = ty == GgmlType::Q5_K;
+    let top = if five { 31.0 } else { 15.0 };
     let (mut steps, mut offsets) = ([0f32; 8], [0f32; 8]);
     for (j, block) in values.chunks_exact(32).enumerate() {
         let lo = block.iter().fold(0f32, |m, &v| m.min(v));
         let hi = block.iter().fold(lo, |m, &v| m.max(v));
-        steps[j] = (hi - lo) / 15.0;
+        steps[j] = (hi - lo) / top;
         offsets[j] = -lo;
     }
     let d = f16::from_f32(steps.iter().fold(0f32, |m, &v| m.max(v)) / 63.0);
@@ -326,7 +330,9 @@ pub(crate) fn encode_q4_k(values: &[f32; 256]) -> [u8; 144] {
     let six = |v: f32, unit: f32| if unit > 0.0 { v / unit } else { 0.0 };
     let sc: [u8; 8] = std::array::from_fn(|j| six(steps[j], d.to_f32()).ceil().clamp(0.0, 63.0) as u8);
     let m: [u8; 8] = std::array::from_fn(|j| six(offsets[j], dmin.to_f32()).round().clamp(0.0, 63.0) as u8);
-    let mut b = [0u8; 144];
+    // Q5_K has the fifth bits (32 bytes) between the multipliers and the nibbles.
+    let codes_at = if five { 48 } else { 16 };
+    let mut b = vec![0u8; codes_at + 128];
     b[..2].copy_from_slice(&d.to_le_bytes());
     b[2..4].copy_from_slice(&dmin.to_le_bytes());
     for j in 0..4 {
@@ -337,10 +343,12 @@ pub(crate) fn encode_q4_k(values: &[f32; 256]) -> [u8; 144] {
     for (j, block) in values.chunks_exact(32).enumerate() {
         let (scale, min) = (d.to_f32() * f32::from(sc[j]), dmin.to_f32() * f32::from(m[j]));
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        let qs = &mut b[16 + 32 * (j / 2)..][..32];
-        for (q, &v) in qs.iter_mut().zip(block) {
-            let code = ((v + min) * inv).round().clamp(0.0, 15.0) as u8;
-            *q |= code << (4 * (j % 2));
+        for (i, &v) in block.iter().enumerate() {
+            let code = ((v + min) * inv).round().clamp(0.0, top) as u8;
+            b[codes_at + 32 * (j / 2) + i] |= (code & 15) << (4 * (j % 2));
+            if five {
+                b[16 + i] |= (code >> 4) << j;
+            }
         }
     }
     b
@@ -368,13 +376,28 @@ pub(crate) fn q5_block(b: &[u8]) -> (u16, [u32; 4], u32) {
 /// block's codes as four words of eight nibbles (value `8g + i` of the block in bits `4i..4i+4` of word `g`).
 #[inline(always)]
 pub(crate) fn q4k_block(b: &[u8]) -> (u32, [u16; 8], [[u32; 4]; 8]) {
+    k_block(b, 16)
+}
+
+/// One `Q5_K` super-block (176 bytes) in moela's q5k layout (`packed.rs`): [`q4k_block`]'s words for its
+/// low four bits, and each block's fifth bits as one word (value `i` of the block in bit `i`, as q5's).
+#[inline(always)]
+pub(crate) fn q5k_block(b: &[u8]) -> (u32, [u16; 8], [[u32; 4]; 8], [u32; 8]) {
+    let (head, frames, words) = k_block(b, 48);
+    let high = std::array::from_fn(|j| (0..32).fold(0u32, |h, i| h | u32::from((b[16 + i] >> j) & 1) << i));
+    (head, frames, words, high)
+}
+
+/// [`q4k_block`] for a K-quant super-block whose nibbles start at byte `codes_at`.
+#[inline(always)]
+fn k_block(b: &[u8], codes_at: usize) -> (u32, [u16; 8], [[u32; 4]; 8]) {
     let head = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     let mut frames = [0u16; 8];
     let mut words = [[0u32; 4]; 8];
     for j in 0..8 {
         let (sc, m) = scale_min_k4(&b[4..16], j);
         frames[j] = sc as u16 | ((m as u16) << 8);
-        let (codes, shift) = (&b[16 + 32 * (j / 2)..][..32], 4 * (j % 2));
+        let (codes, shift) = (&b[codes_at + 32 * (j / 2)..][..32], 4 * (j % 2));
         for (i, &q) in codes.iter().enumerate() {
             words[j][i / 8] |= u32::from((q >> shift) & 15) << (4 * (i % 8));
         }
@@ -420,28 +443,30 @@ pub(crate) fn exact_block(ty: GgmlType, bytes: &[u8], at: usize, q8: bool, codes
 mod tests {
     use super::*;
 
-    /// `encode_q4_k`'s blocks read back (with llama.cpp's layout, `decode`) within one step of each block's
-    /// range, and a block of zeros (a padded tail) reads back as zeros.
+    /// `encode_k`'s blocks read back (with llama.cpp's layout, `decode`) within one step of each block's
+    /// range (16 steps for `Q4_K`, 32 for `Q5_K`), and a block of zeros (a padded tail) reads back as zeros.
     #[test]
-    fn q4_k_blocks_read_back_within_a_step() {
+    fn k_quant_blocks_read_back_within_a_step() {
         let values: Vec<f32> = (0..1024)
             .map(|i| {
                 ((i * 7919 % 2003) as f32 - 1001.0) * 1e-3 * (1 + i / 256) as f32 + if i % 64 < 32 { 0.3 } else { 0.0 }
             })
             .collect();
-        let mut bytes = Vec::new();
-        encode(GgmlType::Q4_K, &values, &mut bytes);
-        encode(GgmlType::Q4_K, &[0.0; 256], &mut bytes);
-        assert_eq!(bytes.len(), 5 * 144);
-        let mut back = vec![0f32; 1280];
-        assert!(decode(GgmlType::Q4_K, &bytes, 0, &mut back));
-        for (b, (want, got)) in values.chunks(32).zip(back.chunks(32)).enumerate() {
-            let lo = want.iter().fold(0f32, |m, &v| m.min(v));
-            let hi = want.iter().fold(lo, |m, &v| m.max(v));
-            for (w, g) in want.iter().zip(got) {
-                assert!((w - g).abs() <= (hi - lo) / 15.0, "block {b}: {g} for {w}");
+        for (ty, size, steps) in [(GgmlType::Q4_K, 144, 15.0), (GgmlType::Q5_K, 176, 31.0)] {
+            let mut bytes = Vec::new();
+            encode(ty, &values, &mut bytes);
+            encode(ty, &[0.0; 256], &mut bytes);
+            assert_eq!(bytes.len(), 5 * size);
+            let mut back = vec![0f32; 1280];
+            assert!(decode(ty, &bytes, 0, &mut back));
+            for (b, (want, got)) in values.chunks(32).zip(back.chunks(32)).enumerate() {
+                let lo = want.iter().fold(0f32, |m, &v| m.min(v));
+                let hi = want.iter().fold(lo, |m, &v| m.max(v));
+                for (w, g) in want.iter().zip(got) {
+                    assert!((w - g).abs() <= (hi - lo) / steps, "{ty:?} block {b}: {g} for {w}");
+                }
             }
+            assert!(back[1024..].iter().all(|&v| v == 0.0));
         }
-        assert!(back[1024..].iter().all(|&v| v == 0.0));
     }
 }

@@ -101,6 +101,7 @@ impl Packed {
             WeightDtype::Q8 | WeightDtype::Q4 => kp / BLOCK * n * 2,
             WeightDtype::Q4K => kp / BLOCK * n * 2 + kp / SUPER_BLOCK * n * 4,
             WeightDtype::Q5 => kp / BLOCK * n * (2 + 4),
+            WeightDtype::Q5K => kp / BLOCK * n * (2 + 4) + kp / SUPER_BLOCK * n * 4,
             _ => 0,
         };
         words_per_matrix(format, k, n) * 4 + scales
@@ -183,23 +184,23 @@ impl Packed {
                 let signed = bytes.clone() - bytes.greater_equal_elem(128).int().mul_scalar(256);
                 signed.swap_dims(2, 3).reshape([count, kp, n]).float()
             }
-            WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 => {
+            WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K => {
                 let nibbles = split_bits(words.reshape([count, kp / 8, n]), 4, 8); // [count, Kp/8, N, 8]
                 let nibbles = nibbles.swap_dims(2, 3).reshape([count, kp, n]);
                 match self.format {
                     WeightDtype::Q4 => nibbles.sub_scalar(8).float(),
-                    WeightDtype::Q5 => {
-                        // Each block's fifth bits: one word per column, bit i for row i of the block.
+                    WeightDtype::Q5 | WeightDtype::Q5K => {
+                        // Each block's fifth bits: one word per column, bit i for row i of the block, after
+                        // q5k's super-block words.
                         let blocks = kp / BLOCK;
-                        let at = all * blocks * n / 2 + first * blocks * n;
-                        let high =
-                            self.scales
-                                .clone()
-                                .expect("q5 weights have scales")
-                                .narrow(0, at, count * blocks * n);
-                        let bits = split_bits(high.reshape([count, blocks, n]), 1, 32); // [count, blocks, N, 32]
+                        let (supers, centre) = match self.format {
+                            WeightDtype::Q5K => (kp / SUPER_BLOCK, 0),
+                            _ => (0, 16),
+                        };
+                        let extra = self.extra(first, count).narrow(1, supers, blocks);
+                        let bits = split_bits(extra, 1, 32); // [count, blocks, N, 32]
                         let bits = bits.swap_dims(2, 3).reshape([count, kp, n]);
-                        (nibbles + bits.mul_scalar(16)).sub_scalar(16).float()
+                        (nibbles + bits.mul_scalar(16)).sub_scalar(centre).float()
                     }
                     _ => nibbles.float(),
                 }
@@ -222,11 +223,11 @@ impl Packed {
             2,
         )
         .reshape([count, blocks, n]);
-        let w = if self.format == WeightDtype::Q4K {
+        let w = if self.format.has_mins() {
             // Each block's 6-bit multipliers times its super-block's f16 scale and minimum.
             let supers = kp / SUPER_BLOCK;
-            let heads = all_scales.narrow(0, all * blocks * n / 2 + first * supers * n, count * supers * n);
-            let heads = split_bits(heads.reshape([count, supers, n]), 16, 2); // [count, supers, N, 2]
+            let heads = self.extra(first, count).narrow(1, 0, supers);
+            let heads = split_bits(heads, 16, 2); // [count, supers, N, 2]
             let head = |i: usize| {
                 let h = f16_bits_to_f32(heads.clone().narrow(3, i, 1).reshape([count * supers * n]));
                 h.reshape([count, supers, 1, n])
@@ -241,6 +242,26 @@ impl Packed {
         };
         if kp == k { w } else { w.narrow(1, 0, k) }
     }
+
+    /// The extra words (after the scales) of matrices `first..first + count`: `[count, rows, N]`, with the
+    /// format's rows per matrix (q4k: its super-blocks; q5: its blocks' fifth bits; q5k: both, in that
+    /// order).
+    fn extra(&self, first: usize, count: usize) -> Tensor<3, Int> {
+        let [all, _, n] = self.shape;
+        let kp = self.padded_k();
+        let blocks = kp / BLOCK;
+        let rows = match self.format {
+            WeightDtype::Q4K => kp / SUPER_BLOCK,
+            WeightDtype::Q5 => blocks,
+            WeightDtype::Q5K => kp / SUPER_BLOCK + blocks,
+            _ => 0,
+        };
+        self.scales
+            .clone()
+            .expect("block formats have scales")
+            .narrow(0, all * blocks * n / 2 + first * rows * n, count * rows * n)
+            .reshape([count, rows, n])
+    }
 }
 
 /// A packed stack being assembled on the host from a checkpoint's rows, one matrix at a time, then uploaded
@@ -253,7 +274,7 @@ pub struct PackedHost {
     /// f16 bit patterns (q8, q4) or q4k's 6-bit multipliers, `[count, Kp/32, N]`.
     scales: Vec<u16>,
     /// The format's extra words: q4k's super-block f16 scale and minimum (`[count, Kp/256, N]`), q5's fifth
-    /// bits (`[count, Kp/32, N]`).
+    /// bits (`[count, Kp/32, N]`), q5k's super-blocks then fifth bits (`[count, Kp/256 + Kp/32, N]`).
     extra: Vec<u32>,
     /// Matrices pushed so far.
     filled: usize,
@@ -270,12 +291,15 @@ impl PackedHost {
         let [count, k, n] = shape;
         assert!(Packed::supports(format, n), "{format:?} cannot pack {k}x{n}");
         let blocks = match format {
-            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 => padded_k(format, k) / BLOCK,
+            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K => {
+                padded_k(format, k) / BLOCK
+            }
             _ => 0,
         };
         let extra = match format {
             WeightDtype::Q4K => blocks * BLOCK / SUPER_BLOCK,
             WeightDtype::Q5 => blocks,
+            WeightDtype::Q5K => blocks * BLOCK / SUPER_BLOCK + blocks,
             _ => 0,
         };
         Self {
@@ -339,7 +363,7 @@ impl PackedHost {
         let done = outputs.end == n;
         let ok = match self.format {
             WeightDtype::F16 => pack_f16_rows(parts, k, n, outputs.clone(), words),
-            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 => {
+            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K => {
                 pack_block_rows(parts, k, n, outputs.clone(), self.format, words, (scales, extra))
             }
             WeightDtype::F32 => unreachable!("checked by supports"),
@@ -521,7 +545,7 @@ fn pack_block_rows(
     for_chunks(&mut columns, 1, |t, task| {
         let (out, scale_rows, extra_rows) = &mut task[0];
         let rows = &rows[t * TASK_ROWS..(t * TASK_ROWS + TASK_ROWS).min(rows.len())];
-        if matches!(format, WeightDtype::Q4K | WeightDtype::Q5) {
+        if matches!(format, WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K) {
             if !pack_ggml_task(format, out, scale_rows, extra_rows, rows, k) {
                 finite.store(false, std::sync::atomic::Ordering::Relaxed);
             }
@@ -611,9 +635,10 @@ fn pack_task(
 }
 
 /// One task of [`pack_block_rows`] for the formats that are a ggml type's own blocks (q4k: `Q4_K`, q5:
-/// `Q5_0`): each output's blocks of that type, a file's own where its rows are of the type (copied, not
-/// re-quantised), else made from its values (`ggml::encode`), then placed in column `jj` of every word, scale
-/// and extra row (q4k: super-block words; q5: fifth bits). Returns false when a value is not finite.
+/// `Q5_0`, q5k: `Q5_K`): each output's blocks of that type, a file's own where its rows are of the type
+/// (copied, not re-quantised), else made from its values (`ggml::encode`), then placed in column `jj` of
+/// every word, scale and extra row (q4k: super-block words; q5: fifth bits; q5k: super-block words, then
+/// fifth bits). Returns false when a value is not finite.
 fn pack_ggml_task(
     format: WeightDtype,
     out: &mut [&mut [u32]],
@@ -622,20 +647,21 @@ fn pack_ggml_task(
     rows: &[(Rows<'_>, usize)],
     k: usize,
 ) -> bool {
-    use super::ggml::{GgmlType, encode, q4k_block, q5_block};
-    let ty = if format == WeightDtype::Q4K {
-        GgmlType::Q4_K
-    } else {
-        GgmlType::Q5_0
+    use super::ggml::{GgmlType, encode, q4k_block, q5_block, q5k_block};
+    let ty = match format {
+        WeightDtype::Q4K => GgmlType::Q4_K,
+        WeightDtype::Q5K => GgmlType::Q5_K,
+        _ => GgmlType::Q5_0,
     };
     let (per, size) = ty.block().map(|(p, s)| (p as usize, s as usize)).expect("a block type");
-    // Blocks of 32 in one of the type's blocks, each with a scale row.
+    // Blocks of 32 in one of the type's blocks, each with a scale row; the type's blocks in a column.
     let blocks = per / BLOCK;
+    let units = padded_k(format, k) / per;
     let mut values = vec![0f32; per];
     let mut made = Vec::with_capacity(size);
     let mut ok = true;
     for (jj, &(part, row)) in rows.iter().enumerate() {
-        for (i, extra) in extra_rows.iter_mut().enumerate() {
+        for i in 0..units {
             let at = i * per;
             let block = match part {
                 Rows::Ggml(t, bytes) if t == ty && row.is_multiple_of(per) => &bytes[(row + at) / per * size..][..size],
@@ -648,22 +674,35 @@ fn pack_ggml_task(
                     &made[..]
                 }
             };
-            let (word, scales, codes) = match format {
-                WeightDtype::Q4K => q4k_block(block),
+            // The head word: the super-block's f16 scale and minimum (q4k, q5k), or q5's fifth bits.
+            let (head, scales, codes, high) = match format {
+                WeightDtype::Q4K => {
+                    let (head, scales, codes) = q4k_block(block);
+                    (head, scales, codes, None)
+                }
+                WeightDtype::Q5K => {
+                    let (head, scales, codes, high) = q5k_block(block);
+                    (head, scales, codes, Some(high))
+                }
                 _ => {
                     let (scale, words, bits) = q5_block(block);
                     let mut scales = [0u16; 8];
                     let mut codes = [[0u32; 4]; 8];
                     (scales[0], codes[0]) = (scale, words);
-                    (bits, scales, codes)
+                    (bits, scales, codes, None)
                 }
             };
-            // The f16 halves of the word (q4k) or the scale (q5) must be numbers.
+            // The f16 halves of the head (q4k, q5k) or the scale (q5) must be numbers.
             ok &= match format {
-                WeightDtype::Q4K => half_finite(word as u16) && half_finite((word >> 16) as u16),
-                _ => half_finite(scales[0]),
+                WeightDtype::Q5 => half_finite(scales[0]),
+                _ => half_finite(head as u16) && half_finite((head >> 16) as u16),
             };
-            extra[jj] = word;
+            extra_rows[i][jj] = head;
+            if let Some(high) = high {
+                for (b, h) in high.iter().enumerate() {
+                    extra_rows[units + i * blocks + b][jj] = *h;
+                }
+            }
             for b in 0..blocks {
                 scale_rows[i * blocks + b][jj] = scales[b];
                 for (g, w) in codes[b].iter().enumerate() {
@@ -747,7 +786,7 @@ pub(crate) fn round_clamped(x: f32, qmax: f32) -> i32 {
 pub fn padded_k(format: WeightDtype, k: usize) -> usize {
     match format {
         WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q5 => k.div_ceil(BLOCK) * BLOCK,
-        WeightDtype::Q4K => k.div_ceil(SUPER_BLOCK) * SUPER_BLOCK,
+        WeightDtype::Q4K | WeightDtype::Q5K => k.div_ceil(SUPER_BLOCK) * SUPER_BLOCK,
         _ => k,
     }
 }
@@ -758,7 +797,9 @@ pub fn padded_k(format: WeightDtype, k: usize) -> usize {
 pub fn texel_grid(format: WeightDtype, [count, k, n]: [usize; 3]) -> [usize; 3] {
     match format {
         WeightDtype::Q8 => [count, padded_k(format, k) / 4, n / 4],
-        WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 => [count, padded_k(format, k) / 8, n / 4],
+        WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K => {
+            [count, padded_k(format, k) / 8, n / 4]
+        }
         _ => [count, k, n / 8],
     }
 }
@@ -768,7 +809,7 @@ fn words_per_matrix(format: WeightDtype, k: usize, n: usize) -> usize {
     match format {
         WeightDtype::F16 => k * n / 2,
         WeightDtype::Q8 => padded_k(format, k) / 4 * n,
-        WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 => padded_k(format, k) / 8 * n,
+        WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K => padded_k(format, k) / 8 * n,
         WeightDtype::F32 => k * n,
     }
 }
@@ -891,8 +932,9 @@ mod tests {
             (WeightDtype::F16, 1e-3),
             (WeightDtype::Q8, 1.0 / 127.0),
             (WeightDtype::Q4, 1.0 / 7.0),
-            // Within one step of the block's range (at most twice its largest magnitude) in 15.
+            // Within one step of the block's range (at most twice its largest magnitude) in 15 (q5k: 31).
             (WeightDtype::Q4K, 2.0 / 15.0 / 0.51),
+            (WeightDtype::Q5K, 2.0 / 31.0 / 0.51),
             // llama.cpp's Q5_0 rounding: half a step of max |w| / 16, a whole one where the largest positive
             // value meets a largest negative one (code 32 clamps to 31).
             (WeightDtype::Q5, 1.0 / 16.0 / 0.51),
@@ -920,7 +962,7 @@ mod tests {
         }
     }
 
-    /// A GGUF file's Q8_0 / Q5_0 / Q4_0 rows packed as q8, Q4_0's as q4 and Q4_K's as q4k unpack to exactly
+    /// A GGUF file's Q8_0 / Q5_0 / Q4_0 rows packed as q8, Q4_0's as q4, Q4_K's as q4k and Q5_K's as q5k unpack to exactly
     /// the values llama.cpp's block layout gives (`ggml::decode`): their codes and scales are copied (Q4_0's
     /// code -8 included). Other block types come within the format's precision.
     #[test]
@@ -934,7 +976,7 @@ mod tests {
             let mut b: Vec<u8> = (0..size).map(|j| ((i * 131 + j * 29 + 7) % 256) as u8).collect();
             let d = half::f16::from_f32(0.01 + 0.001 * (i % 7) as f32).to_le_bytes();
             b[..2].copy_from_slice(&d);
-            if ty == GgmlType::Q4_K {
+            if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
                 b[2..4].copy_from_slice(&half::f16::from_f32(0.002 * (i % 5) as f32).to_le_bytes());
             }
             b
@@ -947,6 +989,8 @@ mod tests {
             (GgmlType::Q5_0, WeightDtype::Q5, true),
             (GgmlType::Q4_K, WeightDtype::Q4K, true),
             (GgmlType::Q4_K, WeightDtype::Q8, false),
+            (GgmlType::Q5_K, WeightDtype::Q5K, true),
+            (GgmlType::Q5_K, WeightDtype::Q8, false),
         ] {
             let (per, _) = ty.block().unwrap();
             let bytes: Vec<u8> = (0..n * k / per as usize).flat_map(|i| block(ty, i)).collect();
@@ -1024,6 +1068,8 @@ mod tests {
         assert_eq!(bytes(WeightDtype::Q4K), 256 * 8 / 2 + 8 * 8 * 2 + 8 * 4);
         // q5: q4's words and scales, and a word of fifth bits per block and column.
         assert_eq!(bytes(WeightDtype::Q5), 64 * 8 / 2 + 2 * 8 * 2 + 2 * 8 * 4);
+        // q5k: q4k's, and a word of fifth bits per block and column.
+        assert_eq!(bytes(WeightDtype::Q5K), 256 * 8 / 2 + 8 * 8 * 2 + 8 * 4 + 8 * 8 * 4);
         assert!(!Packed::supports(WeightDtype::Q8, 10));
         assert!(!Packed::supports(WeightDtype::F32, 8));
     }

@@ -4,7 +4,8 @@
 //! bindings, a texture or a buffer read), `{% for R in range(M) %}` writes a line once per row of x (one
 //! accumulator variable per row keeps them in registers, where an indexed array would live in memory), and
 //! `{% include %}` shares text between files: the packed products are one template, and each quantised
-//! format writes only its unpacking (`unpack_q8.wgsl`, `unpack_q4.wgsl`, `unpack_q4k.wgsl`, `unpack_q5.wgsl`).
+//! format writes only its unpacking (`unpack_q8.wgsl`, `unpack_q4.wgsl`, `unpack_q4k.wgsl`, `unpack_q5.wgsl`,
+//! `unpack_q5k.wgsl`; the K-quants share `frame_k.wgsl`).
 //!
 //! A [`Shader`] names one variant: the file and every value its template takes. It is the key of the
 //! rendered text (rendered once per process), of CubeCL's compiled kernels and of the texture launches'
@@ -33,6 +34,8 @@ const FILES: &[(&str, &str)] = &[
     ("unpack_q4.wgsl", include_str!("../../../../shaders/unpack_q4.wgsl")),
     ("unpack_q4k.wgsl", include_str!("../../../../shaders/unpack_q4k.wgsl")),
     ("unpack_q5.wgsl", include_str!("../../../../shaders/unpack_q5.wgsl")),
+    ("unpack_q5k.wgsl", include_str!("../../../../shaders/unpack_q5k.wgsl")),
+    ("frame_k.wgsl", include_str!("../../../../shaders/frame_k.wgsl")),
     ("mla_attend.wgsl", include_str!("../../../../shaders/mla_attend.wgsl")),
     ("mla_output.wgsl", include_str!("../../../../shaders/mla_output.wgsl")),
     ("mla_query.wgsl", include_str!("../../../../shaders/mla_query.wgsl")),
@@ -206,8 +209,13 @@ impl Shader {
                         c.insert("unpack", format!("unpack_{}.wgsl", format.name()).into());
                         // Vec4s of x one word's rows take: a q8 word holds 4 rows of a column, a q4 word 8.
                         c.insert("X4", (format.rows_per_word() / 4).into());
-                        // q4 stores its codes centred on 8, q4k's minimums do that work.
-                        c.insert("ZERO", if format == WeightDtype::Q4 { "8.0" } else { "0.0" }.into());
+                        // q4 and q5 store their codes centred on 8 and 16; the K-quants' minimums do that work.
+                        let zero = match format {
+                            WeightDtype::Q4 => "8.0",
+                            WeightDtype::Q5 => "16.0",
+                            _ => "0.0",
+                        };
+                        c.insert("ZERO", zero.into());
                         c.insert("MINS", format.has_mins().into());
                         c.insert("HIGH", format.has_high_bits().into());
                         "matvec_packed.wgsl"

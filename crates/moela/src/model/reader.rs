@@ -40,29 +40,31 @@ impl<'a> Reader<'a> {
         Ok(t)
     }
 
-    /// The format a weight made of the rows of `names` is stored in: the model's, but for a q4k model, which
-    /// keeps a GGUF file's `Q4_K` blocks as they are and stores a tensor of another quantised ggml type in
-    /// that type's nearest format (q8 holds Q8_0 and Q5_0 exactly, q4 Q4_0): a `Q4_K_M` file mixes them.
-    /// `rebuilt`: the weight is made from the values (rows reordered or joined), so no block can be copied,
-    /// and a quantised file's values go to q8 rather than being rounded to 4 bits a second time. Float tensors (safetensors,
-    /// F32 / F16 / BF16 GGUF) are quantised to q4k.
+    /// The format a weight made of the rows of `names` is stored in: the model's, but for a K-quant model
+    /// (q4k, q5k), which keeps a GGUF file's `Q4_K` / `Q5_K` blocks as they are and stores a tensor of
+    /// another quantised ggml type in that type's nearest format (q8 holds Q8_0 exactly, q5 Q5_0, q4 Q4_0):
+    /// a `Q4_K_M` or `Q5_K_M` file mixes them. `rebuilt`: the weight is made from the values (rows reordered
+    /// or joined), so no block can be copied, and a quantised file's values go to q8 rather than being
+    /// rounded to 4 or 5 bits a second time. Float tensors (safetensors, F32 / F16 / BF16 GGUF) are
+    /// quantised to the model's format.
     pub(crate) fn format_for(&self, names: &[&str], rebuilt: bool) -> WeightDtype {
-        use crate::gpu::ggml::GgmlType;
-        if self.dtype != WeightDtype::Q4K {
+        if !self.dtype.has_mins() {
             return self.dtype;
         }
-        let stored: Vec<GgmlType> = names
+        let stored: Vec<WeightDtype> = names
             .iter()
             .filter_map(|n| self.set.ggml_type(n))
-            .filter(|t| t.nearest_format().is_packed() && t.nearest_format() != WeightDtype::F16)
+            .map(|t| t.nearest_format())
+            .filter(|f| f.is_packed() && *f != WeightDtype::F16)
             .collect();
         if rebuilt && !stored.is_empty() {
             return WeightDtype::Q8;
         }
+        // Parts stored in different formats (one weight joining tensors of two types) take the most precise.
         stored
-            .iter()
-            .find(|&&t| t != GgmlType::Q4_K)
-            .map_or(WeightDtype::Q4K, |t| t.nearest_format())
+            .into_iter()
+            .max_by(|a, b| a.bits().total_cmp(&b.bits()))
+            .unwrap_or(self.dtype)
     }
 
     /// Rows `rows` of the 2-D tensor `name` (`[out, in]`) as the file stores them.
