@@ -1,13 +1,13 @@
-//! `moela quantize --type q4_k` end to end on a random model whose widths are whole `Q4_K` super-blocks (and
-//! whose expert width is not): the file holds the types llama.cpp's quantiser would choose, and the model it
-//! holds runs through the q4k kernels with the logits of the same file decoded to f32 (the kernels add only
-//! rounding of f32 sums), near the original's.
+//! `moela quantize --type q4_k` and `q5_k` end to end on a random model whose widths are whole K-quant
+//! super-blocks (and whose expert width is not): the file holds the types llama.cpp's quantiser would
+//! choose, and the model it holds runs through the q4k / q5k kernels with the logits of the same file
+//! decoded to f32 (the kernels add only rounding of f32 sums), near the original's.
 
 use moela::load::gguf::{GgmlType, read_header, write::write_gguf};
 use moela::{CheckpointFiles, Engine, LoadOptions, WeightDtype};
 
-/// A small DeepSeek-V2 config: hidden 256 and dense width 512 (whole super-blocks: Q4_K), expert width 160
-/// (five blocks of 32: Q5_0), no q_lora_rank.
+/// A small DeepSeek-V2 config: hidden 256 and dense width 512 (whole super-blocks: Q4_K / Q5_K), expert
+/// width 160 (five blocks of 32: Q5_0), no q_lora_rank.
 fn config() -> String {
     serde_json::json!({
         "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
@@ -44,24 +44,36 @@ fn rel_l2(got: &[Vec<f32>], want: &[Vec<f32>]) -> Vec<f64> {
 
 #[test]
 fn a_q4_k_file_runs_in_the_q4k_kernels() {
+    a_k_quant_file_runs_in_its_kernels(GgmlType::Q4_K, WeightDtype::Q4K, 0.3);
+}
+
+#[test]
+fn a_q5_k_file_runs_in_the_q5k_kernels() {
+    a_k_quant_file_runs_in_its_kernels(GgmlType::Q5_K, WeightDtype::Q5K, 0.15);
+}
+
+/// `moela quantize --type` `ty` (Q4_K or Q5_K), read back as `format`; `bound`: the file's median distance
+/// to the original model's logits.
+fn a_k_quant_file_runs_in_its_kernels(ty: GgmlType, format: WeightDtype, bound: f64) {
     let Ok(device) = moela::default_device() else {
         eprintln!("no GPU adapter: skipped");
         return;
     };
-    let dir = std::env::temp_dir().join(format!("moela-q4k-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("moela-{}-{}", format.name(), std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("random.q4_k.gguf");
-    write_gguf(files(), &path, GgmlType::Q4_K, "random", &mut |_| {}).unwrap();
+    let path = dir.join("random.gguf");
+    write_gguf(files(), &path, ty, "random", &mut |_| {}).unwrap();
 
-    // The types llama.cpp's quantiser gives a Q4_K file: Q4_K where rows are whole super-blocks, Q5_0 for
-    // the 160-wide expert rows; the head Q8_0 here (Q6_K there); norms and the router F32.
+    // The types llama.cpp's quantiser gives a K-quant file: the type where rows are whole super-blocks,
+    // Q5_0 for the 160-wide expert rows (Q5_1 there for Q5_K); the head Q8_0 here (Q6_K there); norms and
+    // the router F32.
     let header = read_header(&path).unwrap();
     let type_of = |name: &str| header.tensors.iter().find(|t| t.name == name).unwrap().ggml_type;
     for (name, ty) in [
-        ("blk.1.ffn_gate_exps.weight", GgmlType::Q4_K),
+        ("blk.1.ffn_gate_exps.weight", ty),
         ("blk.1.ffn_down_exps.weight", GgmlType::Q5_0),
-        ("blk.0.ffn_down.weight", GgmlType::Q4_K),
-        ("blk.0.attn_kv_a_mqa.weight", GgmlType::Q4_K),
+        ("blk.0.ffn_down.weight", ty),
+        ("blk.0.attn_kv_a_mqa.weight", ty),
         ("output.weight", GgmlType::Q8_0),
         ("blk.1.ffn_gate_inp.weight", GgmlType::F32),
     ] {
@@ -78,26 +90,36 @@ fn a_q4_k_file_runs_in_the_q4k_kernels() {
         let stored = engine.info().stored_types;
         (pollster::block_on(engine.logits(&tokens)).unwrap(), stored)
     };
-    let (q4k, stored) = logits(CheckpointFiles::read_dir(&path).unwrap(), WeightDtype::Q4K);
+    let (kquant, stored) = logits(CheckpointFiles::read_dir(&path).unwrap(), format);
     let (exact, _) = logits(CheckpointFiles::read_dir(&path).unwrap(), WeightDtype::F32);
     let (original, _) = logits(files(), WeightDtype::F32);
     let _ = std::fs::remove_dir_all(&dir);
 
-    assert_eq!(stored.first().map(|s| s.name.as_str()), Some("Q4_K"), "{stored:?}");
-    let kernels = rel_l2(&q4k, &exact);
+    assert_eq!(
+        stored.first().map(|s| s.name.as_str()),
+        Some(ty.name().as_str()),
+        "{stored:?}"
+    );
+    let kernels = rel_l2(&kquant, &exact);
     let rounding = rel_l2(&exact, &original);
     let median = |d: &[f64]| d[d.len() / 2];
     eprintln!(
-        "q4k kernels against the file in f32: median {:.2e}, worst {:.2e}; the file against the bf16 model: median {:.2e}",
+        "{format:?} kernels against the file in f32: median {:.2e}, worst {:.2e}; the file against the bf16 model: median {:.2e}",
         median(&kernels),
         kernels[kernels.len() - 1],
         median(&rounding)
     );
-    // The q4k products hold the file's values exactly (and the q8 ones: Q5_0 and Q8_0 blocks are copied);
+    // The K-quant products hold the file's values exactly (and the q5 / q8 ones: Q5_0 and Q8_0 blocks are copied);
     // the attention input, rebuilt from its values, is rounded to 8 bits, which alone moves these logits by
     // about 1e-2. A position whose router sees a near tie may pick another expert: one such is allowed.
-    assert!(median(&kernels) <= 1.5e-2, "q4k against f32: {kernels:?}");
-    assert!(kernels[kernels.len() - 2] <= 3e-2, "q4k against f32: {kernels:?}");
-    // 4-bit weights against bf16 ones: a few tens of percent on a random model, as llama.cpp's own.
-    assert!(median(&rounding) <= 0.3, "Q4_K file against the original: {rounding:?}");
+    assert!(median(&kernels) <= 1.5e-2, "{format:?} against f32: {kernels:?}");
+    assert!(
+        kernels[kernels.len() - 2] <= 3e-2,
+        "{format:?} against f32: {kernels:?}"
+    );
+    // 4- or 5-bit weights against bf16 ones: tens of percent on a random model, as llama.cpp's own.
+    assert!(
+        median(&rounding) <= bound,
+        "{ty:?} file against the original: {rounding:?}"
+    );
 }
