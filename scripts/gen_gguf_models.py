@@ -11,9 +11,9 @@
   converted to F32 and quantised by llama.cpp's quantiser (`llama_model_quantize` through llama-cpp-python),
   and `k256.llama.json`: llama.cpp's own logits for each of those files (CPU backend) over one token
   sequence, and the F32 file's.
-* `k256.moela.q4_k.gguf`, `k256.moela.q5_k.gguf`: the same model written by `moela quantize --type q4_k` /
-  `q5_k` (Q4_K / Q5_K, with Q5_0 where rows are not whole super-blocks and a Q8_0 head), and llama.cpp's
-  logits for them in `k256.llama.json`.
+* `k256.moela.q4_k.gguf`, `k256.moela.q5_k.gguf`, `k256.moela.q6_k.gguf`: the same model written by
+  `moela quantize --type q4_k` / `q5_k` / `q6_k` (Q4_K / Q5_K with Q5_0 where rows are not whole
+  super-blocks and a Q8_0 head; Q6_K with Q8_0), and llama.cpp's logits for them in `k256.llama.json`.
 
 The converter runs unchanged but for one thing: it names a BPE pre-tokenizer by hashing a real vocabulary's
 output, and the fixtures' tokenizer is a small one trained with DeepSeek-V3's pre-tokenizer rules
@@ -115,7 +115,7 @@ def k256_model(folder):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-cpp", required=True, help="llama.cpp's source (convert_hf_to_gguf.py)")
-    ap.add_argument("--moela", default="moela", help="the moela binary (for its `quantize --type q4_k / q5_k`)")
+    ap.add_argument("--moela", default="moela", help="the moela binary (for its `quantize --type q4_k / q5_k / q6_k`)")
     args = ap.parse_args()
     llama, moela = os.path.abspath(args.llama_cpp), args.moela
     import llama_cpp
@@ -143,7 +143,7 @@ def main():
             out["files"][name] = {"types": type_mix(path), "logits": llama_logits(path, tokens).astype(np.float64).round(4).tolist()}
             print(path, os.path.getsize(path), "bytes", type_mix(path))
         # moela's own K-quant writer, read by llama.cpp.
-        for ty in ["q4_k", "q5_k"]:
+        for ty in ["q4_k", "q5_k", "q6_k"]:
             path = os.path.join(OUT, f"k256.moela.{ty}.gguf")
             subprocess.run([moela, "quantize", "--model", hf, "--out", path, "--type", ty], check=True)
             out["files"][f"moela.{ty}"] = {"types": type_mix(path), "logits": llama_logits(path, tokens).astype(np.float64).round(4).tolist()}

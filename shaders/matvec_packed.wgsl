@@ -1,11 +1,12 @@
 // Products with block-quantised weights (gpu/packed.rs has the layouts): w[k, n] = q * scale - min, q a
 // code of the format, a scale (and for q4k a minimum; MINS lines) per block of 32 consecutive k of a
 // column. The format's own part, how a word holds its codes, is the include `unpack` names (unpack_q8.wgsl,
-// unpack_q4.wgsl, unpack_q4k.wgsl, unpack_q5.wgsl): GROUPS (words per block of a column) and unpack(words,
-// h), the 4x4 matrix of the h-th four rows of four adjacent columns' words; each word holds X4 * 4 rows of a
+// unpack_q4.wgsl, unpack_q4k.wgsl, unpack_q5.wgsl, unpack_q5k.wgsl, unpack_q6k.wgsl): GROUPS (words per block
+// of a column) and unpack(words, h), the 4x4 matrix of the h-th four rows of four adjacent columns' words; each word holds X4 * 4 rows of a
 // column; with MINS, frame(), a block's scales and minimums (else the f16 scales of s); with HIGH,
-// high_bits(), a block's fifth code bits, which unpack takes as a third argument. Everything else here
-// is shared. Unpacked in registers, accumulated in f32; the words are plain u32, so no shader-f16 or
+// high_bits(), what a block's codes have beyond their nibbles (q5: fifth bits; q6k: two bits and the
+// 16-value scales), and high_at(), the part of it word j of the block needs, which unpack takes as a
+// third argument. Everything else here is shared. Unpacked in registers, accumulated in f32; the words are plain u32, so no shader-f16 or
 // integer-dot extension is needed. A block's minimum is applied once: sum(x * (q * scale - min)) =
 // scale * sum(x * q) - min * sum(x).
 //
@@ -82,7 +83,7 @@ fn word(e: u32, g: u32, c: u32) -> vec4<u32> {
 }
 
 {% include unpack %}
-{% if not MINS %}
+{% if not FRAME %}
 // Block b's scales: four columns' f16s in s[i] (no minimums).
 fn frame(e: u32, b: u32, c: u32, i: u32) -> mat2x4<f32> {
     return mat2x4<f32>(scale(s[i]), vec4<f32>(0.0));
@@ -102,7 +103,7 @@ fn frame(e: u32, b: u32, c: u32, i: u32) -> mat2x4<f32> {
         for (var j = 0u; j < GROUPS; j++) {
             let g = b * GROUPS + j;
 {% for C in range(P) %}            let words{{C}} = word({{ expert }}, g, c + col({{C}}u, step));
-{% for h in range(X4) %}            let q{{C}}_{{h}} = unpack(words{{C}}, {{h}}u{% if HIGH %}, high{{C}} >> vec4<u32>(8u * j){% endif %});
+{% for h in range(X4) %}            let q{{C}}_{{h}} = unpack(words{{C}}, {{h}}u{% if HIGH %}, high_at(high{{C}}, j){% endif %});
 {% endfor %}{% endfor %}
 {% for R in range(M) %}{% for h in range(X4) %}            let xv{{R}}_{{h}} = xs(row{{R}}, {{X4}}u * g + {{h}}u);
 {% endfor %}{% endfor %}
@@ -212,7 +213,7 @@ fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
 {% if MINS %}                xsum += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv_{{h}}{% endfor %};
 {% endif %}
 {% for C in range(P) %}                let words{{C}} = word(u32(e), g, c + col({{C}}u, step));
-                part{{C}} += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv_{{h}} * unpack(words{{C}}, {{h}}u{% if HIGH %}, high{{C}} >> vec4<u32>(8u * j){% endif %}){% endfor %};
+                part{{C}} += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv_{{h}} * unpack(words{{C}}, {{h}}u{% if HIGH %}, high_at(high{{C}}, j){% endif %}){% endfor %};
 {% endfor %}
             }
 {% for C in range(P) %}            let f{{C}} = frame(u32(e), b, c + col({{C}}u, step), sbase + b * n4 + col({{C}}u, step));
@@ -282,7 +283,7 @@ fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {
     let out = (e * kw + g) * (4u * {{X4}}u) * n4 + c;
     for (var h = 0u; h < {{X4}}u; h++) {
         // Row i of the transpose: the four columns at k = 4 (X4 g + h) + i.
-        let rows = transpose(unpack(words, h{% if HIGH %}, high_bits(e, g / GROUPS, c) >> vec4<u32>(8u * (g % GROUPS)){% endif %}));
+        let rows = transpose(unpack(words, h{% if HIGH %}, high_at(high_bits(e, g / GROUPS, c), g % GROUPS){% endif %}));
         let o = out + h * 4u * n4;
         y[o] = rows[0] * f[0] - f[1];
         y[o + n4] = rows[1] * f[0] - f[1];

@@ -21,6 +21,11 @@ fn unpack(words: vec4<u32>, h: u32, high: vec4<u32>) -> mat4x4<f32> {
     );
 }
 
+// Word j of a block's share of its fifth bits: the block's shifted to the word's eight rows.
+fn high_at(high: vec4<u32>, j: u32) -> vec4<u32> {
+    return high >> vec4<u32>(8u * j);
+}
+
 // Block b of matrix e, texel column c: the four columns' fifth-bit words, which follow every block's scales
 // in s (two vec2 per texel column), each matrix's after its super-block words (q5k).
 fn high_bits(e: u32, b: u32, c: u32) -> vec4<u32> {

@@ -91,10 +91,10 @@ struct QuantizeArgs {
     /// The GGUF file to write.
     #[arg(long, short)]
     out: PathBuf,
-    /// The type of the matrices: f32, f16, bf16, q8_0, q4_0, q4_k or q5_k. Norms, 1-D tensors and the router
-    /// stay F32, and a matrix whose rows are not whole blocks of the type is F16, as llama.cpp's converter
-    /// does (q4_k, q5_k: Q5_0, and a Q8_0 head, as llama.cpp's quantiser chooses).
-    #[arg(long = "type", default_value = "q8_0", value_parser = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k"])]
+    /// The type of the matrices: f32, f16, bf16, q8_0, q4_0, q4_k, q5_k or q6_k. Norms, 1-D tensors and the
+    /// router stay F32, and a matrix whose rows are not whole blocks of the type is F16, as llama.cpp's
+    /// converter does (q4_k, q5_k: Q5_0, and a Q8_0 head; q6_k: Q8_0; as llama.cpp's quantiser chooses).
+    #[arg(long = "type", default_value = "q8_0", value_parser = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k"])]
     ty: String,
 }
 
@@ -105,10 +105,11 @@ struct ModelArgs {
     #[arg(long, short)]
     model: Option<PathBuf>,
     /// How weights are stored on the GPU: f32, f16, q8 (8-bit blocks), q5 (GGUF's Q5_0), q4 (4-bit blocks),
-    /// q4k (GGUF's Q4_K: 4-bit codes, a scale and minimum per 32) or q5k (GGUF's Q5_K: the same with 5-bit
-    /// codes). Defaults to f32 for an HF folder and, for a GGUF file, to the format nearest its main type
-    /// (Q8_0, Q6_K and the rest: q8; Q5_0: q5; Q4_0: q4; Q4_K: q4k; Q5_K: q5k, the K-quants keeping each of
-    /// the file's tensors in its own nearest format; F16, BF16: f16).
+    /// q4k (GGUF's Q4_K: 4-bit codes, a scale and minimum per 32), q5k (GGUF's Q5_K: the same with 5-bit
+    /// codes) or q6k (GGUF's Q6_K: 6-bit codes, a scale per 16). Defaults to f32 for an HF folder and, for a
+    /// GGUF file, to the format nearest its main type (Q8_0 and the rest: q8; Q5_0: q5; Q4_0: q4; Q4_K: q4k;
+    /// Q5_K: q5k; Q6_K: q6k, the K-quants keeping each of the file's tensors in its own nearest format;
+    /// F16, BF16: f16).
     #[arg(long)]
     weights: Option<String>,
     /// Hot-path implementation on the GPU: wgsl (moela's kernels) or generic (burn's ops, the reference).
@@ -767,6 +768,7 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
         "q4_0" => GgmlType::Q4_0,
         "q4_k" => GgmlType::Q4_K,
         "q5_k" => GgmlType::Q5_K,
+        "q6_k" => GgmlType::Q6_K,
         _ => GgmlType::Q8_0,
     };
     let bar = bytes_bar("writing");

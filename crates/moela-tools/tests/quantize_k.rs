@@ -52,8 +52,13 @@ fn a_q5_k_file_runs_in_the_q5k_kernels() {
     a_k_quant_file_runs_in_its_kernels(GgmlType::Q5_K, WeightDtype::Q5K, 0.15);
 }
 
-/// `moela quantize --type` `ty` (Q4_K or Q5_K), read back as `format`; `bound`: the file's median distance
-/// to the original model's logits.
+#[test]
+fn a_q6_k_file_runs_in_the_q6k_kernels() {
+    a_k_quant_file_runs_in_its_kernels(GgmlType::Q6_K, WeightDtype::Q6K, 0.1);
+}
+
+/// `moela quantize --type` `ty` (Q4_K, Q5_K or Q6_K), read back as `format`; `bound`: the file's median
+/// distance to the original model's logits.
 fn a_k_quant_file_runs_in_its_kernels(ty: GgmlType, format: WeightDtype, bound: f64) {
     let Ok(device) = moela::default_device() else {
         eprintln!("no GPU adapter: skipped");
@@ -65,16 +70,20 @@ fn a_k_quant_file_runs_in_its_kernels(ty: GgmlType, format: WeightDtype, bound: 
     write_gguf(files(), &path, ty, "random", &mut |_| {}).unwrap();
 
     // The types llama.cpp's quantiser gives a K-quant file: the type where rows are whole super-blocks,
-    // Q5_0 for the 160-wide expert rows (Q5_1 there for Q5_K); the head Q8_0 here (Q6_K there); norms and
-    // the router F32.
+    // Q5_0 for the 160-wide expert rows (Q5_1 there for Q5_K; Q8_0 for Q6_K); the head Q8_0 here (Q6_K
+    // there); norms and the router F32.
     let header = read_header(&path).unwrap();
     let type_of = |name: &str| header.tensors.iter().find(|t| t.name == name).unwrap().ggml_type;
+    let (narrow, head) = match ty {
+        GgmlType::Q6_K => (GgmlType::Q8_0, GgmlType::Q6_K),
+        _ => (GgmlType::Q5_0, GgmlType::Q8_0),
+    };
     for (name, ty) in [
         ("blk.1.ffn_gate_exps.weight", ty),
-        ("blk.1.ffn_down_exps.weight", GgmlType::Q5_0),
+        ("blk.1.ffn_down_exps.weight", narrow),
         ("blk.0.ffn_down.weight", ty),
         ("blk.0.attn_kv_a_mqa.weight", ty),
-        ("output.weight", GgmlType::Q8_0),
+        ("output.weight", head),
         ("blk.1.ffn_gate_inp.weight", GgmlType::F32),
     ] {
         assert_eq!(type_of(name), ty, "{name}");

@@ -132,11 +132,11 @@ fn q8_0_blocks_are_kept_exactly() {
 
 /// Quantised files against llama.cpp's own logits for the same file (its CPU backend): Q4_K_M holds Q4_K,
 /// Q6_K and Q5_0 tensors, Q5_K_M Q5_K, Q6_K and Q5_1, the Q4_0 file Q4_0 and Q6_K, and `moela quantize
-/// --type q4_k` / `q5_k`'s files Q4_K / Q5_K, Q5_0 and Q8_0 (so llama.cpp reads moela's blocks as moela
-/// does). llama.cpp rounds activations to 8 bits for its quantised products; moela holds the file's values
-/// exactly in f32, within 8-bit rounding in q8, and in q4k and q5k (the defaults for Q4_K and Q5_K files)
-/// exactly for Q4_K, Q5_K, Q5_0 and Q8_0 tensors and within 8-bit rounding for the rest, so the two agree
-/// to a few percent with the same argmax at most positions. In q4 every type but
+/// --type q4_k` / `q5_k` / `q6_k`'s files Q4_K / Q5_K with Q5_0 and Q8_0, and Q6_K with Q8_0 (so llama.cpp
+/// reads moela's blocks as moela does). llama.cpp rounds activations to 8 bits for its quantised products;
+/// moela holds the file's values exactly in f32, within 8-bit rounding in q8, and in q4k, q5k and q6k (the
+/// defaults for Q4_K, Q5_K and Q6_K files) exactly for Q4_K, Q5_K, Q6_K, Q5_0 and Q8_0 tensors and within
+/// 8-bit rounding for the rest, so the two agree to a few percent with the same argmax at most positions. In q4 every type but
 /// Q4_0 is rounded a second time, which this small random model (as sensitive to rounding as its F32
 /// logits' distance to llama.cpp's quantised ones shows) amplifies: reported, and bounded loosely so that a
 /// broken unpacking cannot pass.
@@ -145,7 +145,7 @@ fn k_quant_models_agree_with_llama_cpp() {
     let r = json(&fixtures().join("gguf/k256.llama.json"));
     let tokens = ids(&r["tokens"]);
     let f32_ref = rows(&r["f32"]);
-    for name in ["q4_k_m", "q4_0", "moela.q4_k", "q5_k_m", "moela.q5_k"] {
+    for name in ["q4_k_m", "q4_0", "moela.q4_k", "q5_k_m", "moela.q5_k", "moela.q6_k"] {
         let want = rows(&r["files"][name]["logits"]);
         let path = fixtures().join(format!("gguf/k256.{name}.gguf"));
         for dtype in [
@@ -154,6 +154,7 @@ fn k_quant_models_agree_with_llama_cpp() {
             WeightDtype::Q4,
             WeightDtype::Q4K,
             WeightDtype::Q5K,
+            WeightDtype::Q6K,
         ] {
             let got = pollster::block_on(load(&path, dtype).logits(&tokens)).unwrap();
             let d = rel_l2(&got, &want);

@@ -37,11 +37,15 @@ pub enum WeightDtype {
     /// 5.625 bits per weight: GGUF's `Q5_K` super-blocks kept as they are: q4k's layout with codes from 0
     /// to 31, their fifth bits in a word per block of 32 (as q5's).
     Q5K,
+    /// 6.625 bits per weight: GGUF's `Q6_K` super-blocks kept as they are: 6-bit codes (the low four bits
+    /// as q4's words, the top two in two words per block of 32), an 8-bit signed scale per 16 values and an
+    /// f16 scale per 256; a weight is `d * scale * (q - 32)`.
+    Q6K,
 }
 
 impl WeightDtype {
     /// Every packed format (all but f32).
-    pub const PACKED: [WeightDtype; 6] = [Self::F16, Self::Q8, Self::Q4, Self::Q4K, Self::Q5, Self::Q5K];
+    pub const PACKED: [WeightDtype; 7] = [Self::F16, Self::Q8, Self::Q4, Self::Q4K, Self::Q5, Self::Q5K, Self::Q6K];
 
     /// Bits per stored weight, block scales included.
     pub fn bits(self) -> f64 {
@@ -53,6 +57,7 @@ impl WeightDtype {
             WeightDtype::Q4K => 4.0 + 16.0 / BLOCK as f64 + 32.0 / SUPER_BLOCK as f64,
             WeightDtype::Q5 => 5.0 + 16.0 / BLOCK as f64,
             WeightDtype::Q5K => 5.0 + 16.0 / BLOCK as f64 + 32.0 / SUPER_BLOCK as f64,
+            WeightDtype::Q6K => 6.0 + 16.0 / BLOCK as f64 + 32.0 / SUPER_BLOCK as f64,
         }
     }
 
@@ -61,7 +66,7 @@ impl WeightDtype {
     pub fn rows_per_word(self) -> usize {
         match self {
             WeightDtype::Q8 => 4,
-            WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K => 8,
+            WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K | WeightDtype::Q6K => 8,
             WeightDtype::F16 | WeightDtype::F32 => 1,
         }
     }
@@ -81,21 +86,30 @@ impl WeightDtype {
             WeightDtype::Q4K => "q4k",
             WeightDtype::Q5 => "q5",
             WeightDtype::Q5K => "q5k",
+            WeightDtype::Q6K => "q6k",
         }
     }
 
-    /// Parses `f32` / `f16` / `q8` / `q5` / `q4` / `q4k` / `q5k`.
+    /// Parses `f32` / `f16` / `q8` / `q5` / `q4` / `q4k` / `q5k` / `q6k`.
     pub fn parse(s: &str) -> Result<Self> {
         std::iter::once(Self::F32)
             .chain(Self::PACKED)
             .find(|d| d.name() == s)
-            .ok_or_else(|| Error::InvalidArgument(format!("weights {s:?}: expected f32, f16, q8, q5, q4, q4k or q5k")))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("weights {s:?}: expected f32, f16, q8, q5, q4, q4k, q5k or q6k"))
+            })
     }
 
-    /// Whether the format's codes have a fifth bit kept apart from their nibbles (q5, q5k): one word of them
-    /// per block and column, after the scales (and q5k's super-block words).
+    /// Whether the format's codes have bits beyond their nibbles, kept apart (q5, q5k: a fifth bit, one word
+    /// per block and column; q6k: two bits, two words), after the scales (and the super-block words).
     pub fn has_high_bits(self) -> bool {
-        matches!(self, WeightDtype::Q5 | WeightDtype::Q5K)
+        matches!(self, WeightDtype::Q5 | WeightDtype::Q5K | WeightDtype::Q6K)
+    }
+
+    /// Whether the format is a K-quant, GGUF's super-blocks of 256 kept as they are (q4k, q5k, q6k): a model
+    /// in one keeps each GGUF tensor in its nearest format (`Reader::format_for`).
+    pub fn is_k_quant(self) -> bool {
+        matches!(self, WeightDtype::Q4K | WeightDtype::Q5K | WeightDtype::Q6K)
     }
 
     /// Whether the format's blocks have a minimum as well as a scale (q4k, q5k): its products subtract

@@ -102,7 +102,8 @@ impl GgmlType {
     }
 
     /// The format moela stores a file of this type in by default: its own where the blocks are the same
-    /// (q4 for Q4_0, q5 for Q5_0, q4k for Q4_K and q5k for Q5_K, whose blocks go to the GPU unchanged), f16 for F16 / BF16,
+    /// (q4 for Q4_0, q5 for Q5_0, q4k, q5k and q6k for Q4_K, Q5_K and Q6_K, whose blocks go to the GPU
+    /// unchanged), f16 for F16 / BF16,
     /// f32 for F32, and q8 for the other block types, which it holds exactly (Q8_0) or without a visible
     /// loss (q4 would round their values a second time).
     pub fn nearest_format(self) -> WeightDtype {
@@ -113,6 +114,7 @@ impl GgmlType {
             Self::Q4_K => WeightDtype::Q4K,
             Self::Q5_0 => WeightDtype::Q5,
             Self::Q5_K => WeightDtype::Q5K,
+            Self::Q6_K => WeightDtype::Q6K,
             _ => WeightDtype::Q8,
         }
     }
@@ -255,7 +257,7 @@ fn decode_run(ty: GgmlType, b: &[u8], part: usize, out: &mut [f32; 32]) {
 /// (`ggml-quants.c`): Q8_0 with the scale `max |x| / 127` and codes `round(x / scale)`, ties away from zero;
 /// Q4_0 with the scale `-m / 8` for `m` the value of largest magnitude, codes `x / scale + 8.5` truncated
 /// and clamped to 15 (Q5_0: `-m / 16`, `+ 16.5`, 31); the scale is stored as f16 after the codes are made
-/// with it in f32. Q4_K and Q5_K as [`encode_k`] makes them.
+/// with it in f32. Q4_K and Q5_K as [`encode_k`] makes them, Q6_K as [`encode_q6_k`].
 ///
 /// # Panics
 /// For another type, or values that are not whole blocks.
@@ -302,6 +304,12 @@ pub fn encode(ty: GgmlType, values: &[f32], out: &mut Vec<u8>) {
             assert!(values.len().is_multiple_of(256), "whole super-blocks of 256");
             for block in values.chunks_exact(256) {
                 out.extend(encode_k(ty, block.try_into().expect("a super-block")));
+            }
+        }
+        GgmlType::Q6_K => {
+            assert!(values.len().is_multiple_of(256), "whole super-blocks of 256");
+            for block in values.chunks_exact(256) {
+                out.extend(encode_q6_k(block.try_into().expect("a super-block")));
             }
         }
         other => panic!("{} cannot be written", other.name()),
@@ -354,6 +362,70 @@ pub(crate) fn encode_k(ty: GgmlType, values: &[f32; 256]) -> Vec<u8> {
     b
 }
 
+/// Where value `v` (0..256) of a `Q6_K` super-block keeps its code: the byte of its low four bits and their
+/// shift, the byte of its top two and theirs. Each half of 128 values has 64 bytes of nibbles (runs 0 and 1
+/// of 32 values in the low nibbles of bytes 0-31 and 32-63, runs 2 and 3 in the high ones) and 32 bytes of
+/// top bits (bit pair r for run r).
+fn q6_k_place(v: usize) -> (usize, u32, usize, u32) {
+    let (half, r, l) = (v / 128, v % 128 / 32, v % 32);
+    (
+        64 * half + 32 * (r % 2) + l,
+        4 * (r / 2) as u32,
+        128 + 32 * half + l,
+        2 * r as u32,
+    )
+}
+
+/// One `Q6_K` super-block (210 bytes) of 256 values: each run of 16 takes the scale that maps its value of
+/// largest magnitude to code -32 (as `Q4_0` does at 4 bits), stored as an 8-bit multiple of the super-block's
+/// f16 scale (its largest scale over 127), and the codes are rounded with the scales those give. llama.cpp's
+/// quantiser searches each run's scale for a smaller error; this is the plain choice, in the same layout.
+pub(crate) fn encode_q6_k(values: &[f32; 256]) -> [u8; 210] {
+    let mut scales = [0f32; 16];
+    for (j, run) in values.chunks_exact(16).enumerate() {
+        let m = run.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        scales[j] = m / -32.0;
+    }
+    let big = scales.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let d = f16::from_f32(big / -128.0);
+    let inv_d = if d.to_f32() != 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+    let mut b = [0u8; 210];
+    for (j, run) in values.chunks_exact(16).enumerate() {
+        let sc = (scales[j] * inv_d).round().clamp(-128.0, 127.0) as i8;
+        b[192 + j] = sc as u8;
+        let step = d.to_f32() * f32::from(sc);
+        let inv = if step != 0.0 { 1.0 / step } else { 0.0 };
+        for (i, &v) in run.iter().enumerate() {
+            let code = ((v * inv).round() + 32.0).clamp(0.0, 63.0) as u8;
+            let (low, low_shift, high, high_shift) = q6_k_place(16 * j + i);
+            b[low] |= (code & 15) << low_shift;
+            b[high] |= (code >> 4) << high_shift;
+        }
+    }
+    b[208..].copy_from_slice(&d.to_le_bytes());
+    b
+}
+
+/// One `Q6_K` super-block (210 bytes) in moela's q6k layout (`packed.rs`): its f16 scale as a word, each
+/// block of 32's two 8-bit scales as `first | second << 8`, its codes' low four bits as four words of eight
+/// nibbles (as q4's), and their top two bits as two words (rows 0-15, then 16-31; row i in bits 2i..2i+2).
+#[inline(always)]
+pub(crate) fn q6k_block(b: &[u8]) -> (KBlock, [[u32; 2]; 8]) {
+    let head = u32::from(u16::from_le_bytes([b[208], b[209]]));
+    let mut scales = [0u16; 8];
+    let mut words = [[0u32; 4]; 8];
+    let mut high = [[0u32; 2]; 8];
+    for j in 0..8 {
+        scales[j] = u16::from(b[192 + 2 * j]) | (u16::from(b[193 + 2 * j]) << 8);
+        for i in 0..32 {
+            let (low, low_shift, top, top_shift) = q6_k_place(32 * j + i);
+            words[j][i / 8] |= u32::from((b[low] >> low_shift) & 15) << (4 * (i % 8));
+            high[j][i / 16] |= u32::from((b[top] >> top_shift) & 3) << (2 * (i % 16));
+        }
+    }
+    ((head, scales, words), high)
+}
+
 /// One `Q5_0` block (22 bytes) in moela's q5 layout (`packed.rs`): its f16 scale, its codes' low four bits as
 /// four words of eight nibbles (value `8g + i` in bits `4i..4i+4` of word `g`, as q4's words), and their fifth
 /// bits as one word (value `i` in bit `i`, as the block stores them).
@@ -371,26 +443,29 @@ pub(crate) fn q5_block(b: &[u8]) -> (u16, [u32; 4], u32) {
     )
 }
 
+/// A super-block in moela's layouts: its head word (f16 scale, and minimum where the type has one), each
+/// block of 32's scale entry, and each block's codes' low four bits as four words of eight nibbles.
+pub(crate) type KBlock = (u32, [u16; 8], [[u32; 4]; 8]);
+
 /// One `Q4_K` super-block (144 bytes) in moela's q4k layout (`packed.rs`): the super-block's f16 scale and
 /// minimum as one word (scale low), each block's 6-bit scale and minimum as `scale | min << 8`, and each
 /// block's codes as four words of eight nibbles (value `8g + i` of the block in bits `4i..4i+4` of word `g`).
 #[inline(always)]
-pub(crate) fn q4k_block(b: &[u8]) -> (u32, [u16; 8], [[u32; 4]; 8]) {
+pub(crate) fn q4k_block(b: &[u8]) -> KBlock {
     k_block(b, 16)
 }
 
 /// One `Q5_K` super-block (176 bytes) in moela's q5k layout (`packed.rs`): [`q4k_block`]'s words for its
 /// low four bits, and each block's fifth bits as one word (value `i` of the block in bit `i`, as q5's).
 #[inline(always)]
-pub(crate) fn q5k_block(b: &[u8]) -> (u32, [u16; 8], [[u32; 4]; 8], [u32; 8]) {
-    let (head, frames, words) = k_block(b, 48);
+pub(crate) fn q5k_block(b: &[u8]) -> (KBlock, [u32; 8]) {
     let high = std::array::from_fn(|j| (0..32).fold(0u32, |h, i| h | u32::from((b[16 + i] >> j) & 1) << i));
-    (head, frames, words, high)
+    (k_block(b, 48), high)
 }
 
 /// [`q4k_block`] for a K-quant super-block whose nibbles start at byte `codes_at`.
 #[inline(always)]
-fn k_block(b: &[u8], codes_at: usize) -> (u32, [u16; 8], [[u32; 4]; 8]) {
+fn k_block(b: &[u8], codes_at: usize) -> KBlock {
     let head = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     let mut frames = [0u16; 8];
     let mut words = [[0u32; 4]; 8];
@@ -443,8 +518,9 @@ pub(crate) fn exact_block(ty: GgmlType, bytes: &[u8], at: usize, q8: bool, codes
 mod tests {
     use super::*;
 
-    /// `encode_k`'s blocks read back (with llama.cpp's layout, `decode`) within one step of each block's
-    /// range (16 steps for `Q4_K`, 32 for `Q5_K`), and a block of zeros (a padded tail) reads back as zeros.
+    /// `encode_k`'s and `encode_q6_k`'s blocks read back (with llama.cpp's layout, `decode`) within one step
+    /// of each block's range (16 steps for `Q4_K`, 32 for `Q5_K`), and a block of zeros (a padded tail)
+    /// reads back as zeros.
     #[test]
     fn k_quant_blocks_read_back_within_a_step() {
         let values: Vec<f32> = (0..1024)
@@ -453,20 +529,42 @@ mod tests {
             })
             .collect();
         for (ty, size, steps) in [(GgmlType::Q4_K, 144, 15.0), (GgmlType::Q5_K, 176, 31.0)] {
-            let mut bytes = Vec::new();
-            encode(ty, &values, &mut bytes);
-            encode(ty, &[0.0; 256], &mut bytes);
-            assert_eq!(bytes.len(), 5 * size);
-            let mut back = vec![0f32; 1280];
-            assert!(decode(ty, &bytes, 0, &mut back));
-            for (b, (want, got)) in values.chunks(32).zip(back.chunks(32)).enumerate() {
-                let lo = want.iter().fold(0f32, |m, &v| m.min(v));
-                let hi = want.iter().fold(lo, |m, &v| m.max(v));
-                for (w, g) in want.iter().zip(got) {
-                    assert!((w - g).abs() <= (hi - lo) / steps, "{ty:?} block {b}: {g} for {w}");
-                }
-            }
-            assert!(back[1024..].iter().all(|&v| v == 0.0));
+            k_quant_reads_back(&values, ty, size, steps);
         }
+        // Q6_K: within a step of each run of 16 (its largest magnitude over 32; a whole one where the value
+        // of largest magnitude meets its opposite, whose code 32 clamps to 31), plus what rounding the run's
+        // scale to a multiple of the super-block's (a 128th of the largest) moves its 32 steps.
+        let mut bytes = Vec::new();
+        encode(GgmlType::Q6_K, &values, &mut bytes);
+        assert_eq!(bytes.len(), 4 * 210);
+        let mut back = vec![0f32; 1024];
+        assert!(decode(GgmlType::Q6_K, &bytes, 0, &mut back));
+        for (r, (want, got)) in values.chunks(16).zip(back.chunks(16)).enumerate() {
+            let block = &values[r / 16 * 256..][..256];
+            let d = block.iter().fold(0f32, |m, v| m.max(v.abs())) / 32.0 / 128.0;
+            let amax = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (w, g) in want.iter().zip(got) {
+                let bound = amax / 32.0 * 1.01 + 16.0 * d + 1e-6;
+                assert!((w - g).abs() <= bound, "Q6_K run {r}: {g} for {w}");
+            }
+        }
+    }
+
+    /// `ty`'s blocks of `values` (and of a padded tail of zeros) read back within a step of each block.
+    fn k_quant_reads_back(values: &[f32], ty: GgmlType, size: usize, steps: f32) {
+        let mut bytes = Vec::new();
+        encode(ty, values, &mut bytes);
+        encode(ty, &[0.0; 256], &mut bytes);
+        assert_eq!(bytes.len(), 5 * size);
+        let mut back = vec![0f32; 1280];
+        assert!(decode(ty, &bytes, 0, &mut back));
+        for (b, (want, got)) in values.chunks(32).zip(back.chunks(32)).enumerate() {
+            let lo = want.iter().fold(0f32, |m, &v| m.min(v));
+            let hi = want.iter().fold(lo, |m, &v| m.max(v));
+            for (w, g) in want.iter().zip(got) {
+                assert!((w - g).abs() <= (hi - lo) / steps, "{ty:?} block {b}: {g} for {w}");
+            }
+        }
+        assert!(back[1024..].iter().all(|&v| v == 0.0));
     }
 }

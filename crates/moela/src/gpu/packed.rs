@@ -102,6 +102,7 @@ impl Packed {
             WeightDtype::Q4K => kp / BLOCK * n * 2 + kp / SUPER_BLOCK * n * 4,
             WeightDtype::Q5 => kp / BLOCK * n * (2 + 4),
             WeightDtype::Q5K => kp / BLOCK * n * (2 + 4) + kp / SUPER_BLOCK * n * 4,
+            WeightDtype::Q6K => kp / BLOCK * n * (2 + 8) + kp / SUPER_BLOCK * n * 4,
             _ => 0,
         };
         words_per_matrix(format, k, n) * 4 + scales
@@ -184,7 +185,7 @@ impl Packed {
                 let signed = bytes.clone() - bytes.greater_equal_elem(128).int().mul_scalar(256);
                 signed.swap_dims(2, 3).reshape([count, kp, n]).float()
             }
-            WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K => {
+            WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K | WeightDtype::Q6K => {
                 let nibbles = split_bits(words.reshape([count, kp / 8, n]), 4, 8); // [count, Kp/8, N, 8]
                 let nibbles = nibbles.swap_dims(2, 3).reshape([count, kp, n]);
                 match self.format {
@@ -201,6 +202,15 @@ impl Packed {
                         let bits = split_bits(extra, 1, 32); // [count, blocks, N, 32]
                         let bits = bits.swap_dims(2, 3).reshape([count, kp, n]);
                         (nibbles + bits.mul_scalar(16)).sub_scalar(centre).float()
+                    }
+                    WeightDtype::Q6K => {
+                        // Each block's top two bits: two words per column (rows 0-15, 16-31), after the
+                        // super-block words.
+                        let blocks = kp / BLOCK;
+                        let extra = self.extra(first, count).narrow(1, kp / SUPER_BLOCK, 2 * blocks);
+                        let bits = split_bits(extra, 2, 16); // [count, 2 blocks, N, 16]
+                        let bits = bits.swap_dims(2, 3).reshape([count, kp, n]);
+                        (nibbles + bits.mul_scalar(16)).sub_scalar(32).float()
                     }
                     _ => nibbles.float(),
                 }
@@ -223,7 +233,23 @@ impl Packed {
             2,
         )
         .reshape([count, blocks, n]);
-        let w = if self.format.has_mins() {
+        let w = if self.format == WeightDtype::Q6K {
+            // Each half block's signed 8-bit scale times its super-block's f16 scale.
+            let supers = kp / SUPER_BLOCK;
+            let bytes = split_bits(fields, 8, 2); // [count, blocks, N, 2]
+            let signed = bytes.clone() - bytes.greater_equal_elem(128).int().mul_scalar(256);
+            let halves = signed.swap_dims(2, 3).reshape([count, 2 * blocks, 1, n]);
+            let halves = halves
+                .expand([count, 2 * blocks, BLOCK / 2, n])
+                .reshape([count, kp, n])
+                .float();
+            let heads = self.extra(first, count).narrow(1, 0, supers).bitwise_and_scalar(0xffff);
+            let d = f16_bits_to_f32(heads.reshape([count * supers * n]))
+                .reshape([count, supers, 1, n])
+                .expand([count, supers, SUPER_BLOCK, n])
+                .reshape([count, kp, n]);
+            full * halves * d
+        } else if self.format.has_mins() {
             // Each block's 6-bit multipliers times its super-block's f16 scale and minimum.
             let supers = kp / SUPER_BLOCK;
             let heads = self.extra(first, count).narrow(1, 0, supers);
@@ -254,6 +280,7 @@ impl Packed {
             WeightDtype::Q4K => kp / SUPER_BLOCK,
             WeightDtype::Q5 => blocks,
             WeightDtype::Q5K => kp / SUPER_BLOCK + blocks,
+            WeightDtype::Q6K => kp / SUPER_BLOCK + 2 * blocks,
             _ => 0,
         };
         self.scales
@@ -274,7 +301,8 @@ pub struct PackedHost {
     /// f16 bit patterns (q8, q4) or q4k's 6-bit multipliers, `[count, Kp/32, N]`.
     scales: Vec<u16>,
     /// The format's extra words: q4k's super-block f16 scale and minimum (`[count, Kp/256, N]`), q5's fifth
-    /// bits (`[count, Kp/32, N]`), q5k's super-blocks then fifth bits (`[count, Kp/256 + Kp/32, N]`).
+    /// bits (`[count, Kp/32, N]`), q5k's super-blocks then fifth bits (`[count, Kp/256 + Kp/32, N]`), q6k's
+    /// super-blocks then two rows of top bits per block (`[count, Kp/256 + 2 Kp/32, N]`).
     extra: Vec<u32>,
     /// Matrices pushed so far.
     filled: usize,
@@ -291,15 +319,19 @@ impl PackedHost {
         let [count, k, n] = shape;
         assert!(Packed::supports(format, n), "{format:?} cannot pack {k}x{n}");
         let blocks = match format {
-            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K => {
-                padded_k(format, k) / BLOCK
-            }
+            WeightDtype::Q8
+            | WeightDtype::Q4
+            | WeightDtype::Q4K
+            | WeightDtype::Q5
+            | WeightDtype::Q5K
+            | WeightDtype::Q6K => padded_k(format, k) / BLOCK,
             _ => 0,
         };
         let extra = match format {
             WeightDtype::Q4K => blocks * BLOCK / SUPER_BLOCK,
             WeightDtype::Q5 => blocks,
             WeightDtype::Q5K => blocks * BLOCK / SUPER_BLOCK + blocks,
+            WeightDtype::Q6K => blocks * BLOCK / SUPER_BLOCK + 2 * blocks,
             _ => 0,
         };
         Self {
@@ -363,9 +395,12 @@ impl PackedHost {
         let done = outputs.end == n;
         let ok = match self.format {
             WeightDtype::F16 => pack_f16_rows(parts, k, n, outputs.clone(), words),
-            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K => {
-                pack_block_rows(parts, k, n, outputs.clone(), self.format, words, (scales, extra))
-            }
+            WeightDtype::Q8
+            | WeightDtype::Q4
+            | WeightDtype::Q4K
+            | WeightDtype::Q5
+            | WeightDtype::Q5K
+            | WeightDtype::Q6K => pack_block_rows(parts, k, n, outputs.clone(), self.format, words, (scales, extra)),
             WeightDtype::F32 => unreachable!("checked by supports"),
         };
         self.next_output = if done { 0 } else { outputs.end };
@@ -545,7 +580,7 @@ fn pack_block_rows(
     for_chunks(&mut columns, 1, |t, task| {
         let (out, scale_rows, extra_rows) = &mut task[0];
         let rows = &rows[t * TASK_ROWS..(t * TASK_ROWS + TASK_ROWS).min(rows.len())];
-        if matches!(format, WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K) {
+        if matches!(format, WeightDtype::Q5) || format.is_k_quant() {
             if !pack_ggml_task(format, out, scale_rows, extra_rows, rows, k) {
                 finite.store(false, std::sync::atomic::Ordering::Relaxed);
             }
@@ -635,10 +670,11 @@ fn pack_task(
 }
 
 /// One task of [`pack_block_rows`] for the formats that are a ggml type's own blocks (q4k: `Q4_K`, q5:
-/// `Q5_0`, q5k: `Q5_K`): each output's blocks of that type, a file's own where its rows are of the type
-/// (copied, not re-quantised), else made from its values (`ggml::encode`), then placed in column `jj` of
-/// every word, scale and extra row (q4k: super-block words; q5: fifth bits; q5k: super-block words, then
-/// fifth bits). Returns false when a value is not finite.
+/// `Q5_0`, q5k: `Q5_K`, q6k: `Q6_K`): each output's blocks of that type, a file's own where its rows are of
+/// the type (copied, not re-quantised), else made from its values (`ggml::encode`), then placed in column
+/// `jj` of every word, scale and extra row (q4k: super-block words; q5: fifth bits; q5k: super-block words,
+/// then fifth bits; q6k: super-block words, then two rows of top bits per block). Returns false when a
+/// value is not finite.
 fn pack_ggml_task(
     format: WeightDtype,
     out: &mut [&mut [u32]],
@@ -647,11 +683,18 @@ fn pack_ggml_task(
     rows: &[(Rows<'_>, usize)],
     k: usize,
 ) -> bool {
-    use super::ggml::{GgmlType, encode, q4k_block, q5_block, q5k_block};
+    use super::ggml::{GgmlType, encode, q4k_block, q5_block, q5k_block, q6k_block};
     let ty = match format {
         WeightDtype::Q4K => GgmlType::Q4_K,
         WeightDtype::Q5K => GgmlType::Q5_K,
+        WeightDtype::Q6K => GgmlType::Q6_K,
         _ => GgmlType::Q5_0,
+    };
+    // Words of high bits per block of 32 after the super-block words (q5k: fifth bits; q6k: top two).
+    let high_words = match format {
+        WeightDtype::Q5K => 1,
+        WeightDtype::Q6K => 2,
+        _ => 0,
     };
     let (per, size) = ty.block().map(|(p, s)| (p as usize, s as usize)).expect("a block type");
     // Blocks of 32 in one of the type's blocks, each with a scale row; the type's blocks in a column.
@@ -674,33 +717,40 @@ fn pack_ggml_task(
                     &made[..]
                 }
             };
-            // The head word: the super-block's f16 scale and minimum (q4k, q5k), or q5's fifth bits.
-            let (head, scales, codes, high) = match format {
-                WeightDtype::Q4K => {
-                    let (head, scales, codes) = q4k_block(block);
-                    (head, scales, codes, None)
-                }
+            // The head word: the super-block's f16 scale and minimum (q4k, q5k) or scale (q6k), or q5's fifth
+            // bits; then each block's high-bit words.
+            let mut high = [[0u32; 2]; 8];
+            let (head, scales, codes) = match format {
+                WeightDtype::Q4K => q4k_block(block),
                 WeightDtype::Q5K => {
-                    let (head, scales, codes, high) = q5k_block(block);
-                    (head, scales, codes, Some(high))
+                    let (k, bits) = q5k_block(block);
+                    for (h, b) in high.iter_mut().zip(bits) {
+                        h[0] = b;
+                    }
+                    k
+                }
+                WeightDtype::Q6K => {
+                    let (k, bits) = q6k_block(block);
+                    high = bits;
+                    k
                 }
                 _ => {
                     let (scale, words, bits) = q5_block(block);
                     let mut scales = [0u16; 8];
                     let mut codes = [[0u32; 4]; 8];
                     (scales[0], codes[0]) = (scale, words);
-                    (bits, scales, codes, None)
+                    (bits, scales, codes)
                 }
             };
-            // The f16 halves of the head (q4k, q5k) or the scale (q5) must be numbers.
+            // The f16 halves of the head (q4k, q5k, q6k) or the scale (q5) must be numbers.
             ok &= match format {
                 WeightDtype::Q5 => half_finite(scales[0]),
                 _ => half_finite(head as u16) && half_finite((head >> 16) as u16),
             };
             extra_rows[i][jj] = head;
-            if let Some(high) = high {
-                for (b, h) in high.iter().enumerate() {
-                    extra_rows[units + i * blocks + b][jj] = *h;
+            for (b, words) in high.iter().enumerate().take(blocks) {
+                for (w, word) in words.iter().enumerate().take(high_words) {
+                    extra_rows[units + (i * blocks + b) * high_words + w][jj] = *word;
                 }
             }
             for b in 0..blocks {
@@ -786,7 +836,7 @@ pub(crate) fn round_clamped(x: f32, qmax: f32) -> i32 {
 pub fn padded_k(format: WeightDtype, k: usize) -> usize {
     match format {
         WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q5 => k.div_ceil(BLOCK) * BLOCK,
-        WeightDtype::Q4K | WeightDtype::Q5K => k.div_ceil(SUPER_BLOCK) * SUPER_BLOCK,
+        WeightDtype::Q4K | WeightDtype::Q5K | WeightDtype::Q6K => k.div_ceil(SUPER_BLOCK) * SUPER_BLOCK,
         _ => k,
     }
 }
@@ -797,7 +847,7 @@ pub fn padded_k(format: WeightDtype, k: usize) -> usize {
 pub fn texel_grid(format: WeightDtype, [count, k, n]: [usize; 3]) -> [usize; 3] {
     match format {
         WeightDtype::Q8 => [count, padded_k(format, k) / 4, n / 4],
-        WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K => {
+        WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K | WeightDtype::Q6K => {
             [count, padded_k(format, k) / 8, n / 4]
         }
         _ => [count, k, n / 8],
@@ -809,7 +859,9 @@ fn words_per_matrix(format: WeightDtype, k: usize, n: usize) -> usize {
     match format {
         WeightDtype::F16 => k * n / 2,
         WeightDtype::Q8 => padded_k(format, k) / 4 * n,
-        WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K => padded_k(format, k) / 8 * n,
+        WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K | WeightDtype::Q6K => {
+            padded_k(format, k) / 8 * n
+        }
         WeightDtype::F32 => k * n,
     }
 }
@@ -935,6 +987,9 @@ mod tests {
             // Within one step of the block's range (at most twice its largest magnitude) in 15 (q5k: 31).
             (WeightDtype::Q4K, 2.0 / 15.0 / 0.51),
             (WeightDtype::Q5K, 2.0 / 31.0 / 0.51),
+            // A step of each half block's (its largest magnitude over 32), and the rounding of its scale to
+            // a multiple of the super-block's (which a padded block's zeros share).
+            (WeightDtype::Q6K, 1.5 / 32.0 / 0.51),
             // llama.cpp's Q5_0 rounding: half a step of max |w| / 16, a whole one where the largest positive
             // value meets a largest negative one (code 32 clamps to 31).
             (WeightDtype::Q5, 1.0 / 16.0 / 0.51),
@@ -962,7 +1017,8 @@ mod tests {
         }
     }
 
-    /// A GGUF file's Q8_0 / Q5_0 / Q4_0 rows packed as q8, Q4_0's as q4, Q4_K's as q4k and Q5_K's as q5k unpack to exactly
+    /// A GGUF file's Q8_0 / Q5_0 / Q4_0 rows packed as q8, Q4_0's as q4 and Q4_K's, Q5_K's and Q6_K's as q4k, q5k
+    /// and q6k unpack to exactly
     /// the values llama.cpp's block layout gives (`ggml::decode`): their codes and scales are copied (Q4_0's
     /// code -8 included). Other block types come within the format's precision.
     #[test]
@@ -979,6 +1035,10 @@ mod tests {
             if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
                 b[2..4].copy_from_slice(&half::f16::from_f32(0.002 * (i % 5) as f32).to_le_bytes());
             }
+            if ty == GgmlType::Q6_K {
+                // Q6_K's scale is its last two bytes.
+                b[208..].copy_from_slice(&d);
+            }
             b
         };
         for (ty, format, exact) in [
@@ -991,6 +1051,8 @@ mod tests {
             (GgmlType::Q4_K, WeightDtype::Q8, false),
             (GgmlType::Q5_K, WeightDtype::Q5K, true),
             (GgmlType::Q5_K, WeightDtype::Q8, false),
+            (GgmlType::Q6_K, WeightDtype::Q6K, true),
+            (GgmlType::Q6_K, WeightDtype::Q8, false),
         ] {
             let (per, _) = ty.block().unwrap();
             let bytes: Vec<u8> = (0..n * k / per as usize).flat_map(|i| block(ty, i)).collect();
@@ -1070,6 +1132,8 @@ mod tests {
         assert_eq!(bytes(WeightDtype::Q5), 64 * 8 / 2 + 2 * 8 * 2 + 2 * 8 * 4);
         // q5k: q4k's, and a word of fifth bits per block and column.
         assert_eq!(bytes(WeightDtype::Q5K), 256 * 8 / 2 + 8 * 8 * 2 + 8 * 4 + 8 * 8 * 4);
+        // q6k: q4k's words, scales and super-block words, and two words of top bits per block and column.
+        assert_eq!(bytes(WeightDtype::Q6K), 256 * 8 / 2 + 8 * 8 * 2 + 8 * 4 + 2 * 8 * 8 * 4);
         assert!(!Packed::supports(WeightDtype::Q8, 10));
         assert!(!Packed::supports(WeightDtype::F32, 8));
     }

@@ -42,12 +42,12 @@ fn columns(p: &Packed, b: &Buffers, entry: &str, prompt: bool) -> usize {
     }
 }
 
-/// Whether the SwiGLU variants cover `p`: 8-bit or 4-bit words (q8, q4, q4k, q5, q5k), a gate and an up half of whole pairs of
+/// Whether the SwiGLU variants cover `p`: 8-bit or 4-bit words (q8, q4 and the GGUF formats), a gate and an up half of whole pairs of
 /// texel columns (N a multiple of 8).
 fn glu_covers(p: &Packed) -> bool {
     matches!(
         p.format,
-        WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K
+        WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K | WeightDtype::Q6K
     ) && p.shape[2].is_multiple_of(8)
 }
 

@@ -5,7 +5,7 @@
 //! accumulator variable per row keeps them in registers, where an indexed array would live in memory), and
 //! `{% include %}` shares text between files: the packed products are one template, and each quantised
 //! format writes only its unpacking (`unpack_q8.wgsl`, `unpack_q4.wgsl`, `unpack_q4k.wgsl`, `unpack_q5.wgsl`,
-//! `unpack_q5k.wgsl`; the K-quants share `frame_k.wgsl`).
+//! `unpack_q5k.wgsl`, `unpack_q6k.wgsl`; q4k and q5k share `frame_k.wgsl`).
 //!
 //! A [`Shader`] names one variant: the file and every value its template takes. It is the key of the
 //! rendered text (rendered once per process), of CubeCL's compiled kernels and of the texture launches'
@@ -35,6 +35,7 @@ const FILES: &[(&str, &str)] = &[
     ("unpack_q4k.wgsl", include_str!("../../../../shaders/unpack_q4k.wgsl")),
     ("unpack_q5.wgsl", include_str!("../../../../shaders/unpack_q5.wgsl")),
     ("unpack_q5k.wgsl", include_str!("../../../../shaders/unpack_q5k.wgsl")),
+    ("unpack_q6k.wgsl", include_str!("../../../../shaders/unpack_q6k.wgsl")),
     ("frame_k.wgsl", include_str!("../../../../shaders/frame_k.wgsl")),
     ("mla_attend.wgsl", include_str!("../../../../shaders/mla_attend.wgsl")),
     ("mla_output.wgsl", include_str!("../../../../shaders/mla_output.wgsl")),
@@ -217,6 +218,8 @@ impl Shader {
                         };
                         c.insert("ZERO", zero.into());
                         c.insert("MINS", format.has_mins().into());
+                        // Formats whose include reads a block's scale itself (the K-quants).
+                        c.insert("FRAME", format.is_k_quant().into());
                         c.insert("HIGH", format.has_high_bits().into());
                         "matvec_packed.wgsl"
                     }

@@ -36,11 +36,11 @@ pub struct HostTable {
 }
 
 impl HostTable {
-    /// A zero table of `rows` x `cols` in `format`; a q4k, q5 or q5k model's table is held as q8 (a row is
+    /// A zero table of `rows` x `cols` in `format`; a q4k, q5, q5k or q6k model's table is held as q8 (a row is
     /// read by the host, not by a product; q8 holds a `Q5_0` row exactly and a K-quant one without a visible
     /// loss).
     pub fn new(format: WeightDtype, rows: usize, cols: usize) -> Self {
-        let format = if matches!(format, WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K) {
+        let format = if matches!(format, WeightDtype::Q5) || format.is_k_quant() {
             WeightDtype::Q8
         } else {
             format
@@ -48,12 +48,15 @@ impl HostTable {
         let values = match format {
             WeightDtype::F32 => Values::F32(vec![0.0; rows * cols]),
             WeightDtype::F16 => Values::F16(vec![0; rows * cols]),
-            WeightDtype::Q8 | WeightDtype::Q4 | WeightDtype::Q4K | WeightDtype::Q5 | WeightDtype::Q5K => {
-                Values::Blocks {
-                    codes: vec![0; rows * code_bytes_per_row(format, cols)],
-                    scales: vec![0; rows * cols.div_ceil(BLOCK)],
-                }
-            }
+            WeightDtype::Q8
+            | WeightDtype::Q4
+            | WeightDtype::Q4K
+            | WeightDtype::Q5
+            | WeightDtype::Q5K
+            | WeightDtype::Q6K => Values::Blocks {
+                codes: vec![0; rows * code_bytes_per_row(format, cols)],
+                scales: vec![0; rows * cols.div_ceil(BLOCK)],
+            },
         };
         Self {
             format,

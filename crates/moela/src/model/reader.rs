@@ -41,14 +41,14 @@ impl<'a> Reader<'a> {
     }
 
     /// The format a weight made of the rows of `names` is stored in: the model's, but for a K-quant model
-    /// (q4k, q5k), which keeps a GGUF file's `Q4_K` / `Q5_K` blocks as they are and stores a tensor of
+    /// (q4k, q5k, q6k), which keeps a GGUF file's `Q4_K` / `Q5_K` / `Q6_K` blocks as they are and stores a tensor of
     /// another quantised ggml type in that type's nearest format (q8 holds Q8_0 exactly, q5 Q5_0, q4 Q4_0):
     /// a `Q4_K_M` or `Q5_K_M` file mixes them. `rebuilt`: the weight is made from the values (rows reordered
     /// or joined), so no block can be copied, and a quantised file's values go to q8 rather than being
     /// rounded to 4 or 5 bits a second time. Float tensors (safetensors, F32 / F16 / BF16 GGUF) are
     /// quantised to the model's format.
     pub(crate) fn format_for(&self, names: &[&str], rebuilt: bool) -> WeightDtype {
-        if !self.dtype.has_mins() {
+        if !self.dtype.is_k_quant() {
             return self.dtype;
         }
         let stored: Vec<WeightDtype> = names

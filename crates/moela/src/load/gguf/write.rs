@@ -36,6 +36,8 @@ fn file_type(ty: GgmlType) -> Option<u32> {
         // MOSTLY_Q4_K_S / MOSTLY_Q5_K_S: Q4_K / Q5_K, with Q5_0 where rows are not whole super-blocks.
         GgmlType::Q4_K => 14,
         GgmlType::Q5_K => 16,
+        // MOSTLY_Q6_K: Q6_K, with Q8_0 where rows are not whole super-blocks.
+        GgmlType::Q6_K => 18,
         GgmlType::BF16 => 32,
         _ => return None,
     })
@@ -73,11 +75,15 @@ impl Planned {
 /// The type llama.cpp's converter gives a tensor named `name` with ggml dims `dims` in a file of `ty`. For
 /// the K-quants Q4_K and Q5_K, which the converter does not write, llama.cpp's quantiser's choices: Q5_0 for
 /// rows that are not whole super-blocks (V2-Lite's 1408-wide expert rows; for Q5_K llama.cpp takes Q5_1,
-/// which moela does not write); the output head, which it stores in Q6_K, is Q8_0 here.
+/// which moela does not write); the output head, which it stores in Q6_K, is Q8_0 here. Q6_K falls back to
+/// Q8_0, as there.
 fn type_for(name: &str, dims: &[u64], ty: GgmlType) -> GgmlType {
     if dims.len() <= 1 || name.ends_with("_norm.weight") || name.contains("ffn_gate_inp") || !name.ends_with(".weight")
     {
         return GgmlType::F32;
+    }
+    if ty == GgmlType::Q6_K && ty.bytes_of(dims[0]).is_none() {
+        return type_for(name, dims, GgmlType::Q8_0);
     }
     if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
         let fallback = if name == "output.weight" {
@@ -105,8 +111,8 @@ pub struct Written {
     pub bytes: u64,
 }
 
-/// Writes the model in `files` to `out` as a GGUF file mostly of `ty` (F32, F16, BF16, Q8_0, Q4_0, Q4_K or
-/// Q5_K), with its tokenizer and chat template. `name` is the model's name (`general.name`).
+/// Writes the model in `files` to `out` as a GGUF file mostly of `ty` (F32, F16, BF16, Q8_0, Q4_0, Q4_K,
+/// Q5_K or Q6_K), with its tokenizer and chat template. `name` is the model's name (`general.name`).
 pub fn write_gguf(
     files: CheckpointFiles,
     out: &Path,
