@@ -122,7 +122,7 @@ pub fn write_gguf(
 ) -> Result<Written> {
     let Some(file_type) = file_type(ty) else {
         return Err(Error::InvalidArgument(format!(
-            "GGUF type {}: moela writes f32, f16, bf16, q8_0, q4_0 and q4_k",
+            "GGUF type {}: moela writes f32, f16, bf16, q8_0, q4_0, q4_k, q5_k and q6_k",
             ty.name()
         )));
     };
