@@ -710,6 +710,24 @@ mod tests {
     use crate::gpu::latent_attention::CHUNK;
     use crate::model::transformer::LogitsFor;
 
+    /// The fixtures the replay tests run: plain queries in f32, LoRA queries in q8.
+    fn engines() -> impl Iterator<Item = (&'static str, WeightDtype, Engine)> {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        [("v2-lite-tiny", WeightDtype::F32), ("v3-tiny", WeightDtype::Q8)]
+            .into_iter()
+            .map(move |(name, dtype)| {
+                let options = LoadOptions {
+                    dtype,
+                    ..Default::default()
+                };
+                (
+                    name,
+                    dtype,
+                    Engine::load_dir(&fixtures.join(name), options, &mut |_| {}).unwrap(),
+                )
+            })
+    }
+
     /// Replayed decode steps give the logits of the same steps run launch by launch, across the end of an
     /// attention chunk (where the plan is recorded again) and after the cache changed buffers.
     #[test]
@@ -718,13 +736,7 @@ mod tests {
             eprintln!("no GPU adapter: skipped");
             return;
         }
-        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-        for (name, dtype) in [("v2-lite-tiny", WeightDtype::F32), ("v3-tiny", WeightDtype::Q8)] {
-            let options = LoadOptions {
-                dtype,
-                ..Default::default()
-            };
-            let engine = Engine::load_dir(&fixtures.join(name), options, &mut |_| {}).unwrap();
+        for (name, dtype, engine) in engines() {
             assert!(engine.model.replayable());
             let vocab = engine.config().vocab_size as u32;
             let capacity = CHUNK + 8;
@@ -765,13 +777,7 @@ mod tests {
             eprintln!("no GPU adapter: skipped");
             return;
         }
-        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-        for (name, dtype) in [("v2-lite-tiny", WeightDtype::F32), ("v3-tiny", WeightDtype::Q8)] {
-            let options = LoadOptions {
-                dtype,
-                ..Default::default()
-            };
-            let engine = Engine::load_dir(&fixtures.join(name), options, &mut |_| {}).unwrap();
+        for (name, dtype, engine) in engines() {
             let vocab = engine.config().vocab_size as u32;
             let lengths = [5usize, 17, 40];
             let mut caches = Vec::new();

@@ -232,6 +232,24 @@ impl Transformer {
         Ok(Some(crate::gpu::replay::StepInputs { embedding, cos, sin }))
     }
 
+    /// The embeddings of `tokens` with the rope `tables` for their positions: what a step uploads, marked as
+    /// what a replay of it writes anew (when it is being recorded, `gpu/replay.rs`).
+    fn step_values(
+        &self,
+        tokens: &[u32],
+        tables: (Tensor<2>, Tensor<2>),
+    ) -> Result<(Tensor<2>, (Tensor<2>, Tensor<2>))> {
+        let x = self.embed_tokens(tokens)?;
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            use crate::gpu::replay::{Input, input};
+            input(&x, Input::Embedding);
+            input(&tables.0, Input::Cos);
+            input(&tables.1, Input::Sin);
+        }
+        Ok((x, tables))
+    }
+
     /// `[T, H]` embeddings of `tokens`, checking every id against the vocabulary.
     fn embed_tokens(&self, tokens: &[u32]) -> Result<Tensor<2>> {
         let h = self.config.hidden_size;
@@ -311,16 +329,7 @@ impl Transformer {
                 cache.capacity()
             )));
         }
-        let x = self.embed_tokens(tokens)?;
-        let tables = self.rope.tables(pos, t, &self.device);
-        // What a replay of this step writes anew (when it is being recorded).
-        #[cfg(not(target_arch = "wasm32"))]
-        {
-            use crate::gpu::replay::{Input, input};
-            input(&x, Input::Embedding);
-            input(&tables.0, Input::Cos);
-            input(&tables.1, Input::Sin);
-        }
+        let (x, tables) = self.step_values(tokens, self.rope.tables(pos, t, &self.device))?;
         // h = h + block(h), layer by layer; each add is done by the norm that reads h next (gpu/residual.rs).
         let mut h = Residual::new(x);
         for (i, b) in self.blocks.iter().enumerate() {
@@ -361,16 +370,7 @@ impl Transformer {
             }
         }
         let positions: Vec<usize> = caches.iter().map(|c| c.len()).collect();
-        let x = self.embed_tokens(tokens)?;
-        let tables = self.rope.tables_at(&positions, &self.device);
-        // What a replay of this step writes anew (when it is being recorded).
-        #[cfg(not(target_arch = "wasm32"))]
-        {
-            use crate::gpu::replay::{Input, input};
-            input(&x, Input::Embedding);
-            input(&tables.0, Input::Cos);
-            input(&tables.1, Input::Sin);
-        }
+        let (x, tables) = self.step_values(tokens, self.rope.tables_at(&positions, &self.device))?;
         let mut h = Residual::new(x);
         for (i, b) in self.blocks.iter().enumerate() {
             let mut rows: Vec<RowAt<'_>> = caches
