@@ -261,6 +261,17 @@ pub struct Session {
     replay: Replay,
 }
 
+impl Drop for Session {
+    /// A batch's recorded step that bound this session's cache is dropped with it, so that the cache's
+    /// memory goes back to the device's pool (a plan keeps the buffers it binds allocated).
+    fn drop(&mut self) {
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Ok(mut plans) = self.engine.batch_plans.lock() {
+            plans.retain(|p| !p.binds_cache(self.cache.layers()));
+        }
+    }
+}
+
 /// Seconds on a monotonic clock (also in browsers), for tok/s only; never asserted on.
 fn now() -> f64 {
     static START: std::sync::OnceLock<web_time::Instant> = std::sync::OnceLock::new();

@@ -590,6 +590,15 @@ impl Plan {
             })
     }
 
+    /// Whether the plan binds `cache` (a sequence's latent cache, per layer): it keeps those buffers
+    /// allocated while it lives.
+    pub fn binds_cache(&self, cache: &[Tensor<2>]) -> bool {
+        cache
+            .iter()
+            .filter_map(memory_id)
+            .any(|id| self.cache_ids.iter().flatten().any(|&c| c == id))
+    }
+
     /// Launches the recorded step for the tokens whose values are `inputs`, at `positions` (one per
     /// sequence), and reads its logits back (`[B, V]`, row-major).
     pub fn run(&self, inputs: &StepInputs, positions: &[usize]) -> Result<Vec<f32>> {
@@ -709,6 +718,36 @@ mod tests {
     use crate::gpu::WeightDtype;
     use crate::gpu::latent_attention::CHUNK;
     use crate::model::transformer::LogitsFor;
+
+    /// A batch's recorded step goes when a session whose cache it binds is dropped, so that the cache's
+    /// memory is not held by it.
+    #[test]
+    fn a_batch_plan_goes_with_its_sessions() {
+        if crate::gpu::device::default_device().is_err() {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        }
+        let (_, _, engine) = engines().next().unwrap();
+        let engine = std::sync::Arc::new(engine);
+        let open = || {
+            let mut s = engine.session(crate::SessionOptions { max_context: 64 }).unwrap();
+            pollster::block_on(s.prefill(&[1, 2, 3])).unwrap();
+            s
+        };
+        let (mut a, mut b, mut c) = (open(), open(), open());
+        pollster::block_on(crate::Session::step_many(&mut [&mut a, &mut b], &[5, 6])).unwrap();
+        pollster::block_on(crate::Session::step_many(&mut [&mut b, &mut c], &[7, 8])).unwrap();
+        assert_eq!(engine.batch_plans.lock().unwrap().len(), 2);
+        drop(a);
+        assert_eq!(
+            engine.batch_plans.lock().unwrap().len(),
+            1,
+            "the plan of a and b went with a"
+        );
+        drop(c);
+        assert!(engine.batch_plans.lock().unwrap().is_empty());
+        drop(b);
+    }
 
     /// The fixtures the replay tests run: plain queries in f32, LoRA queries in q8.
     fn engines() -> impl Iterator<Item = (&'static str, WeightDtype, Engine)> {
