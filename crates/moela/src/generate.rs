@@ -483,6 +483,20 @@ impl Session {
         Generation::owned(Box::new(self), prompt, options)
     }
 
+    /// A generation of a prompt already tokenized, on a session it takes (see [`Session::into_chat`]):
+    /// `prompt` as [`Tokenizer::encode_chat`](crate::Tokenizer::encode_chat) or `encode` gave it, and
+    /// `opens_think` whether its text leaves a `<think>` block open
+    /// ([`prompt_opens_think`](crate::chat::prompt_opens_think)), so that the answer starts in reasoning. For
+    /// a caller that tokenized the prompt already (a server checking it against the context).
+    pub fn into_generation(
+        self,
+        prompt: Vec<u32>,
+        opens_think: bool,
+        options: GenerateOptions,
+    ) -> std::result::Result<Generation<'static>, (Error, Box<Session>)> {
+        Generation::owned(Box::new(self), Ok((prompt, opens_think)), options)
+    }
+
     /// [`Session::complete`] on a session it takes (see [`Session::into_chat`]).
     pub fn into_complete(
         self,

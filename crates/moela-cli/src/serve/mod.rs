@@ -261,10 +261,13 @@ impl Server {
     }
 }
 
-/// A request on its way to the engine thread, with its slot and where its events go.
+/// A request on its way to the engine thread, with its prompt's tokens, its slot and where its events go.
 struct Job {
     lease: Lease,
     request: Request,
+    prompt: Vec<u32>,
+    /// The prompt's text leaves a `<think>` block open.
+    opens_think: bool,
     tx: Events,
 }
 
@@ -345,14 +348,15 @@ fn drive(jobs: std::sync::mpsc::Receiver<Job>) {
 
 /// Starts `job`'s generation in its slot's session; an error goes to its client at once.
 fn begin(job: Job) -> Option<Active> {
-    let Job { mut lease, request, tx } = job;
+    let Job {
+        mut lease,
+        request,
+        prompt,
+        opens_think,
+        tx,
+    } = job;
     let session = lease.session.take()?;
-    let started = match (&request.messages, &request.prompt) {
-        (Some(m), _) => session.into_chat(m, request.options),
-        (None, Some(p)) => session.into_complete(p, request.options),
-        (None, None) => Err((moela::Error::InvalidArgument("no prompt".into()), Box::new(session))),
-    };
-    match started {
+    match session.into_generation(prompt, opens_think, request.options) {
         Ok(generation) => Some(Active { generation, lease, tx }),
         Err((e, session)) => {
             lease.session = Some(*session);
@@ -419,10 +423,13 @@ async fn start(
         .engine
         .require_tokenizer()
         .map_err(|e| ApiError::from_engine(&e))?;
-    let ids = match (&request.messages, &request.prompt) {
-        (Some(m), _) => tok.encode_chat(m, true).map(|(_, ids)| ids),
-        (None, Some(p)) => tok.encode(p, true),
-        (None, None) => Ok(Vec::new()),
+    // Tokenized once, here: checked against the context, matched against the slots' caches, generated.
+    let (ids, opens_think) = match (&request.messages, &request.prompt) {
+        (Some(m), _) => tok
+            .encode_chat(m, true)
+            .map(|(text, ids)| (ids, moela::chat::prompt_opens_think(&text))),
+        (None, Some(p)) => tok.encode(p, true).map(|ids| (ids, moela::chat::prompt_opens_think(p))),
+        (None, None) => Ok((Vec::new(), false)),
     }
     .map_err(|e| ApiError::from_engine(&e))?;
     if ids.len() >= server.context {
@@ -447,6 +454,8 @@ async fn start(
     let job = Job {
         lease,
         request: request.clone(),
+        prompt: ids,
+        opens_think,
         tx,
     };
     if server.jobs.send(job).is_err() {
