@@ -8,6 +8,7 @@ cargo test --release --workspace
 # The examples/ of the README, run as a user would (the shipped model).
 cargo run --release -p moela --example generate
 cargo run --release -p moela --example chat
+cargo run --release -p moela --example batch
 
 # moela serve on the loopback address, driven by the OpenAI Python client (installed if missing).
 python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet openai \

@@ -776,6 +776,11 @@ impl<'s> Generation<'s> {
             .collect()
     }
 
+    /// [`Generation::step_all`] for native callers that can block.
+    pub fn step_all_blocking(generations: &mut [&mut Generation<'_>]) -> Vec<Option<Result<Vec<Event>>>> {
+        pollster::block_on(Self::step_all(generations))
+    }
+
     fn emit(&mut self, events: Vec<TextEvent>) {
         for ev in events {
             self.pending.push_back(match ev {
