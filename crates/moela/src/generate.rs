@@ -161,9 +161,7 @@ impl Engine {
         let out = self.model.forward(&[token], cache, LogitsFor::Last, None)?;
         Ok(read_rows(out).await?.pop().unwrap_or_default())
     }
-}
 
-impl Engine {
     /// One token for each of several caches (`tokens[i]` into `caches[i]`), in batched steps of at most
     /// [`MAX_ROWS`] rows; the logits of each row, read back together.
     ///
@@ -454,18 +452,26 @@ impl Session {
 
     /// Continues the conversation `messages` (rendered with the checkpoint's chat template).
     pub fn chat(&mut self, messages: &[Message], options: GenerateOptions) -> Result<Generation<'_>> {
-        let tok = self.engine.require_tokenizer()?;
-        let text = tok.render_chat(messages, true)?;
-        let ids = tok.encode(&text, false)?;
-        let opens = prompt_opens_think(&text);
+        let (ids, opens) = self.chat_prompt(messages)?;
         Generation::new(Held::Borrowed(self), ids, options, opens).map_err(|(e, _)| e)
+    }
+
+    /// `messages` rendered with the chat template and tokenized, and whether the prompt opens `<think>`.
+    fn chat_prompt(&self, messages: &[Message]) -> Result<(Vec<u32>, bool)> {
+        let (text, ids) = self.engine.require_tokenizer()?.encode_chat(messages, true)?;
+        Ok((ids, prompt_opens_think(&text)))
+    }
+
+    /// Raw text tokenized (bos added as the tokenizer config says), and whether it opens `<think>`.
+    fn text_prompt(&self, prompt: &str) -> Result<(Vec<u32>, bool)> {
+        let ids = self.engine.require_tokenizer()?.encode(prompt, true)?;
+        Ok((ids, prompt_opens_think(prompt)))
     }
 
     /// Continues raw text (no chat template; bos added as the tokenizer config says).
     pub fn complete(&mut self, prompt: &str, options: GenerateOptions) -> Result<Generation<'_>> {
-        let tok = self.engine.require_tokenizer()?;
-        let ids = tok.encode(prompt, true)?;
-        Generation::new(Held::Borrowed(self), ids, options, prompt_opens_think(prompt)).map_err(|(e, _)| e)
+        let (ids, opens) = self.text_prompt(prompt)?;
+        Generation::new(Held::Borrowed(self), ids, options, opens).map_err(|(e, _)| e)
     }
 
     /// [`Session::chat`] on a session it takes, so that the generation can be kept in a struct or moved to
@@ -476,10 +482,7 @@ impl Session {
         messages: &[Message],
         options: GenerateOptions,
     ) -> std::result::Result<Generation<'static>, (Error, Box<Session>)> {
-        let prompt = self.engine.require_tokenizer().and_then(|tok| {
-            let text = tok.render_chat(messages, true)?;
-            Ok((tok.encode(&text, false)?, prompt_opens_think(&text)))
-        });
+        let prompt = self.chat_prompt(messages);
         Generation::owned(Box::new(self), prompt, options)
     }
 
@@ -503,12 +506,8 @@ impl Session {
         prompt: &str,
         options: GenerateOptions,
     ) -> std::result::Result<Generation<'static>, (Error, Box<Session>)> {
-        let ids = self.engine.require_tokenizer().and_then(|tok| tok.encode(prompt, true));
-        Generation::owned(
-            Box::new(self),
-            ids.map(|ids| (ids, prompt_opens_think(prompt))),
-            options,
-        )
+        let prompt = self.text_prompt(prompt);
+        Generation::owned(Box::new(self), prompt, options)
     }
 }
 
