@@ -294,6 +294,22 @@ impl Active {
         tx
     }
 
+    /// Ends the request with an error after a step that failed part-way: its slot's session is reset, since
+    /// its cache may hold a partial step.
+    fn fail(self) {
+        let Active {
+            generation,
+            mut lease,
+            tx,
+        } = self;
+        lease.session = generation.into_session().map(|mut s| {
+            s.reset();
+            s
+        });
+        drop(lease);
+        let _ = tx.send(Err(moela::Error::Device("the engine failed during a step".into())));
+    }
+
     /// Stops the generation because its client left, and frees its slot.
     fn cancel(mut self) {
         let _ = self.generation.cancel();
@@ -334,8 +350,7 @@ fn drive(jobs: std::sync::mpsc::Receiver<Job>) {
             Err(_) => {
                 // Not expected; the requests in flight end with an error and their slots start afresh.
                 for a in active.drain(..) {
-                    let tx = a.release();
-                    let _ = tx.send(Err(moela::Error::Device("the engine failed during a step".into())));
+                    a.fail();
                 }
                 continue;
             }
