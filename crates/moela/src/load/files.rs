@@ -84,11 +84,16 @@ impl Mapped {
         Ok(())
     }
 
-    /// Starts reading `range` from disk in the background (the kernel's readahead).
+    /// Starts reading `range` from disk in the background (the kernel's readahead), a [`PREFETCH_CHUNK`] at a
+    /// time: Linux reads at most the device's readahead window per `MADV_WILLNEED` (`force_page_cache_ra`
+    /// clamps it), so one call for a whole tensor fetched its first few MiB and left the rest to page faults,
+    /// each waiting behind the next layer's queued reads.
     pub(super) fn prefetch(&self, range: std::ops::Range<usize>) {
         let (start, len) = page_span(range, self.map.len());
-        if len > 0 {
-            let _ = self.map.advise_range(memmap2::Advice::WillNeed, start, len);
+        for at in (start..start + len).step_by(PREFETCH_CHUNK) {
+            let _ = self
+                .map
+                .advise_range(memmap2::Advice::WillNeed, at, PREFETCH_CHUNK.min(start + len - at));
         }
     }
 
@@ -105,6 +110,11 @@ impl Mapped {
         }
     }
 }
+
+/// Bytes asked for per `MADV_WILLNEED`: at most the smallest readahead window a device is likely to have
+/// (Linux's default `read_ahead_kb` is 128), so each call is read whole.
+#[cfg(not(target_arch = "wasm32"))]
+const PREFETCH_CHUNK: usize = 128 << 10;
 
 /// The whole pages covering `range`, clipped to the map: `(start, len)`.
 #[cfg(not(target_arch = "wasm32"))]
