@@ -337,7 +337,7 @@ impl PackedHost {
         Self {
             format,
             shape,
-            words: vec![0; count * words_per_matrix(format, k, n)],
+            words: spare::take(count * words_per_matrix(format, k, n)),
             scales: vec![0; count * blocks * n],
             extra: vec![0; count * extra * n],
             filled: 0,
@@ -457,6 +457,98 @@ impl PackedHost {
             zero: Tensor::zeros([1], device),
         }
     }
+}
+
+/// Word buffers of weights already in textures, kept while a model loads ([`Loading`]) for the next
+/// [`PackedHost`]: a load packs gigabytes of words, and fresh memory for each weight cost a page fault and a
+/// page cleared by the kernel per 4 KiB. At most [`spare::KEPT`] of them.
+mod spare {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Buffers kept at most: a MoE layer packs its gate/up and down stacks side by side, and one more
+    /// weight's words are being written to its texture meanwhile.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(super) const KEPT: usize = 3;
+
+    /// Live [`super::Loading`] guards.
+    pub(super) static LOADS: AtomicUsize = AtomicUsize::new(0);
+    static SPARE: Mutex<Vec<Vec<u32>>> = Mutex::new(Vec::new());
+
+    /// `len` zeros: in the smallest kept buffer that holds them, else a new one.
+    pub(super) fn take(len: usize) -> Vec<u32> {
+        let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+        let fit = (0..spare.len())
+            .filter(|&i| spare[i].capacity() >= len)
+            .min_by_key(|&i| spare[i].capacity());
+        match fit {
+            Some(i) => {
+                let mut words = spare.swap_remove(i);
+                words.clear();
+                words.resize(len, 0);
+                words
+            }
+            None => vec![0; len],
+        }
+    }
+
+    /// Keeps `words` for a later [`take`] while a model loads (the largest [`KEPT`]), else drops them.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(super) fn give(words: Vec<u32>) {
+        if LOADS.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+        spare.push(words);
+        if spare.len() > KEPT {
+            let smallest = (0..spare.len()).min_by_key(|&i| spare[i].capacity()).expect("buffers");
+            spare.swap_remove(smallest);
+        }
+    }
+
+    /// Drops every kept buffer.
+    pub(super) fn clear() {
+        SPARE.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// A model load in progress. While one lives, the word buffers of weights already on the device are reused
+/// for the next weights instead of freed, and weight textures are written on a thread of their own
+/// (`gpu/texture.rs`); when the last one is dropped, the writes are waited for and the buffers freed.
+pub(crate) struct Loading(());
+
+impl Loading {
+    /// Starts a load.
+    pub(crate) fn new() -> Self {
+        spare::LOADS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(())
+    }
+}
+
+impl Drop for Loading {
+    fn drop(&mut self) {
+        if spare::LOADS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            // Not while unwinding: a panic of the writes would then abort the process.
+            #[cfg(not(target_arch = "wasm32"))]
+            if !std::thread::panicking() {
+                crate::gpu::texture::finish_uploads();
+            }
+            spare::clear();
+        }
+    }
+}
+
+/// Whether a model is loading ([`Loading`]).
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn loading() -> bool {
+    spare::LOADS.load(std::sync::atomic::Ordering::Acquire) > 0
+}
+
+/// Gives the words of a weight now on the device back for the next weight to pack into (while a model
+/// loads; else they are freed).
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn spare_words(words: Vec<u32>) {
+    spare::give(words);
 }
 
 /// Transposes a row-major `[rows, cols]` matrix.
@@ -615,6 +707,12 @@ fn pack_task_avx2(
     pack_task(out, scale_rows, rows, k, q8)
 }
 
+/// Outputs a task packs at a time into a tile of its own before writing them to the matrix: 16 words are one
+/// cache line of each word row. Writing a word at a time straight into the matrix touched as many lines as
+/// there are word rows, a row's width apart, which map to few cache sets (a stride of `N * 4` bytes: 8 KiB
+/// for N = 2048) and were evicted between the tile's outputs.
+const TILE: usize = 16;
+
 /// One task of [`pack_block_rows`]: outputs `rows` (their HF rows), into column `jj` of every word row and
 /// scale row for the `jj`-th of them. Returns false when a value is not finite.
 #[inline(always)]
@@ -630,43 +728,65 @@ fn pack_task(
     let blocks = scale_rows.len();
     let mut values = vec![0f32; blocks * BLOCK]; // the padding stays zero
     let (mut scaled, mut s16, mut s) = (vec![0f32; blocks], vec![f16::ZERO; blocks], vec![0f32; blocks]);
+    // `words[w * TILE + jj]`: word row `w` of the tile's output `jj`; `scales` likewise.
+    let (mut words, mut scales) = (vec![0u32; out.len() * TILE], vec![0u16; blocks * TILE]);
     let mut codes = [0i32; BLOCK];
     let mut ok = true;
-    for (jj, &(part, row)) in rows.iter().enumerate() {
-        // A ggml file's Q8_0 / Q4_0 rows are moela's q8 / q4 blocks already: their codes and scales are
-        // copied, not re-quantised.
-        if let Rows::Ggml(ty, bytes) = part
-            && k.is_multiple_of(BLOCK)
-            && super::ggml::exact_block(ty, bytes, row, q8, &mut codes).is_some()
-        {
-            for b in 0..blocks {
-                let s = super::ggml::exact_block(ty, bytes, row + b * BLOCK, q8, &mut codes).expect("the same rows");
-                ok &= f16::from_bits(s).is_finite();
-                scale_rows[b][jj] = s;
-                let packed = pack_codes(&codes, q8);
-                for (g, w) in packed[..word_rows].iter().enumerate() {
-                    out[b * word_rows + g][jj] = *w;
+    for (t, tile) in rows.chunks(TILE).enumerate() {
+        for (jj, &(part, row)) in tile.iter().enumerate() {
+            // A ggml file's Q8_0 / Q4_0 rows are moela's q8 / q4 blocks already: their codes and scales are
+            // copied, not re-quantised.
+            if let Rows::Ggml(ty, bytes) = part
+                && k.is_multiple_of(BLOCK)
+                && super::ggml::exact_block(ty, bytes, row, q8, &mut codes).is_some()
+            {
+                for b in 0..blocks {
+                    let s =
+                        super::ggml::exact_block(ty, bytes, row + b * BLOCK, q8, &mut codes).expect("the same rows");
+                    ok &= f16::from_bits(s).is_finite();
+                    scales[b * TILE + jj] = s;
+                    put_words(
+                        &code_bytes(&codes, q8),
+                        &mut words[b * word_rows * TILE + jj..],
+                        word_rows,
+                    );
                 }
+                continue;
             }
-            continue;
-        }
-        ok &= part.read(row, &mut values[..k]);
-        for (m, block) in scaled.iter_mut().zip(values.chunks_exact(BLOCK)) {
-            *m = block_max(block.try_into().expect("a block")) / qmax;
-        }
-        // Every scale of the row rounded through f16 in one call (vectorised where the CPU has F16C).
-        s16.convert_from_f32_slice(&scaled);
-        s16.convert_to_f32_slice(&mut s);
-        for (b, block) in values.chunks_exact(BLOCK).enumerate() {
-            scale_rows[b][jj] = s16[b].to_bits();
-            quantise_scaled(block.try_into().expect("a block"), s[b], qmax, &mut codes);
-            let packed = pack_codes(&codes, q8);
-            for (g, w) in packed[..word_rows].iter().enumerate() {
-                out[b * word_rows + g][jj] = *w;
+            ok &= part.read(row, &mut values[..k]);
+            for (m, block) in scaled.iter_mut().zip(values.chunks_exact(BLOCK)) {
+                *m = block_max(block.try_into().expect("a block")) / qmax;
             }
+            // Every scale of the row rounded through f16 in one call (vectorised where the CPU has F16C).
+            s16.convert_from_f32_slice(&scaled);
+            s16.convert_to_f32_slice(&mut s);
+            for (b, block) in values.chunks_exact(BLOCK).enumerate() {
+                scales[b * TILE + jj] = s16[b].to_bits();
+                quantise_scaled(block.try_into().expect("a block"), s[b], qmax, &mut codes);
+                put_words(
+                    &code_bytes(&codes, q8),
+                    &mut words[b * word_rows * TILE + jj..],
+                    word_rows,
+                );
+            }
+        }
+        let (first, len) = (t * TILE, tile.len());
+        for (w, row) in out.iter_mut().enumerate() {
+            row[first..first + len].copy_from_slice(&words[w * TILE..][..len]);
+        }
+        for (b, row) in scale_rows.iter_mut().enumerate() {
+            row[first..first + len].copy_from_slice(&scales[b * TILE..][..len]);
         }
     }
     ok
+}
+
+/// The first `count` little-endian words of a block's bytes into `tile[0]`, `tile[TILE]`, ...
+#[inline(always)]
+fn put_words(bytes: &[u8; BLOCK], tile: &mut [u32], count: usize) {
+    for (g, b) in bytes.chunks_exact(4).take(count).enumerate() {
+        tile[g * TILE] = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
 }
 
 /// One task of [`pack_block_rows`] for the formats that are a ggml type's own blocks (q4k: `Q4_K`, q5:
@@ -769,21 +889,23 @@ fn half_finite(bits: u16) -> bool {
     f16::from_bits(bits).is_finite()
 }
 
-/// A block's codes as words: four signed bytes (q8: eight words) or eight nibbles `q + 8` (q4: four words
-/// and four unused), lowest first.
+/// A block's codes as the q8 / q4 formats store them: a signed byte each (q8), or two `q + 8` nibbles per
+/// byte, the first code in the low nibble (q4: the first 16 bytes). The packed words are these bytes read as
+/// little-endian words: eight codes per q4 word, lowest first. Computed a whole byte array at a time (no word
+/// built up in memory), so that it vectorises.
 #[inline(always)]
-fn pack_codes(codes: &[i32; BLOCK], q8: bool) -> [u32; 8] {
-    let mut w = [0u32; 8];
+pub(crate) fn code_bytes(codes: &[i32; BLOCK], q8: bool) -> [u8; BLOCK] {
+    let mut bytes = [0u8; BLOCK];
     if q8 {
-        for (i, &c) in codes.iter().enumerate() {
-            w[i / 4] |= (c as u32 & 0xff) << (8 * (i % 4));
+        for (b, &c) in bytes.iter_mut().zip(codes) {
+            *b = c as u8;
         }
     } else {
-        for (i, &c) in codes.iter().enumerate() {
-            w[i / 8] |= ((c + 8) as u32) << (4 * (i % 8));
+        for (b, pair) in bytes.iter_mut().zip(codes.chunks_exact(2)) {
+            *b = (pair[0] + 8) as u8 | (((pair[1] + 8) as u8) << 4);
         }
     }
-    w
+    bytes
 }
 
 /// The largest magnitude in a block, from the bits (an integer maximum vectorises; the values are finite,
@@ -822,12 +944,16 @@ pub(crate) fn quantise_block(src: &[f32], q8: bool, codes: &mut [i32; BLOCK]) ->
 
 /// `x` clamped to `[-qmax, qmax]` (a whole number) and rounded to the nearest integer, ties away from zero
 /// (as `f32::round`): the integer conversion truncates, exactly at these magnitudes.
-/// Written without branches or libm calls so that it vectorises: it is most of a load's work.
+/// A NaN gives `-qmax` (the loader reports the value as an error, the codes are not used).
+/// Written without branches, libm calls or saturating casts so that it vectorises: it is most of a load's
+/// work, and `as i32` alone (saturating, NaN to 0) made it scalar, four instructions per value.
 #[inline(always)]
 pub(crate) fn round_clamped(x: f32, qmax: f32) -> i32 {
-    let x = x.clamp(-qmax, qmax);
+    // `max` / `min` return the number where the other operand is NaN.
+    let x = x.max(-qmax).min(qmax);
     let t = x.abs();
-    let whole = t as i32;
+    // SAFETY: `t` is a number in `[0, qmax]`, and `qmax` (7 or 127) is far inside i32's range.
+    let whole: i32 = unsafe { t.to_int_unchecked() };
     let r = whole + i32::from(t - whole as f32 >= 0.5);
     if x < 0.0 { -r } else { r }
 }
@@ -919,11 +1045,11 @@ mod tests {
                         quantise_block(block, q8, &mut codes),
                         "{format:?} scale"
                     );
-                    let words = pack_codes(&codes, q8);
-                    for (g, word) in words[..word_rows].iter().enumerate() {
+                    let bytes = code_bytes(&codes, q8);
+                    for (g, word) in bytes.chunks_exact(4).take(word_rows).enumerate() {
                         assert_eq!(
                             host.words[(b * word_rows + g) * n + j],
-                            *word,
+                            u32::from_le_bytes(word.try_into().expect("four bytes")),
                             "{format:?} ({j}, {b}, {g})"
                         );
                     }
@@ -1104,6 +1230,12 @@ mod tests {
             assert_eq!(round_clamped(x, q), x.clamp(-q, q).round() as i32, "{x}");
             assert_eq!(round_clamped(x, 7.0), x.clamp(-7.0, 7.0).round() as i32, "{x}");
         }
+        // Infinities clamp; NaN (reported by the loader, its codes unused) stays in range.
+        assert_eq!(
+            (round_clamped(f32::INFINITY, q), round_clamped(f32::NEG_INFINITY, q)),
+            (127, -127)
+        );
+        assert_eq!(round_clamped(f32::NAN, 7.0), -7);
     }
 
     #[test]

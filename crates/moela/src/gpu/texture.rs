@@ -211,6 +211,167 @@ pub fn texture_bytes() -> u64 {
     TEXTURE_BYTES.load(Ordering::Relaxed)
 }
 
+/// The thread that writes weight textures while a model loads, and the writes handed to it. A software
+/// driver's queue submission waits for the copies before it, so written inline, each weight's upload left
+/// the packer's cores idle while the driver copied; on a thread of its own it overlaps the packing of the
+/// next weights.
+struct Uploader {
+    /// At most [`QUEUED_UPLOADS`] weights wait (their words held) beside the one being written.
+    send: std::sync::mpsc::SyncSender<Writes>,
+    /// Weights handed over and not yet written, and a panic of the thread (a wgpu error) to pass on.
+    state: Mutex<(usize, Option<Box<dyn std::any::Any + Send>>)>,
+    written: std::sync::Condvar,
+}
+
+/// Weights queued for the [`Uploader`] beyond the one it writes.
+const QUEUED_UPLOADS: usize = 1;
+
+static UPLOADER: OnceLock<Uploader> = OnceLock::new();
+
+/// Hands `writes` to the [`Uploader`] (started on first use), waiting while it has [`QUEUED_UPLOADS`].
+fn upload_later(gpu: &'static Gpu, writes: Writes) {
+    let uploader = UPLOADER.get_or_init(|| {
+        let (send, receive) = std::sync::mpsc::sync_channel::<Writes>(QUEUED_UPLOADS);
+        std::thread::spawn(move || {
+            for writes in receive {
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writes.run(gpu)));
+                let uploader = UPLOADER.get().expect("started");
+                let mut state = uploader.state.lock().unwrap_or_else(|e| e.into_inner());
+                match run {
+                    Ok(words) => crate::gpu::packed::spare_words(words),
+                    Err(panic) => state.1 = Some(panic),
+                }
+                state.0 -= 1;
+                uploader.written.notify_all();
+            }
+        });
+        Uploader {
+            send,
+            state: Mutex::new((0, None)),
+            written: std::sync::Condvar::new(),
+        }
+    });
+    uploader.state.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+    uploader
+        .send
+        .send(writes)
+        .expect("the uploader runs as long as the process");
+}
+
+/// Waits until every weight texture handed to the uploader thread is written: before a launch or a copy
+/// reads a texture, and at the end of a load. A panic there (a wgpu error) resumes here.
+pub fn finish_uploads() {
+    let Some(uploader) = UPLOADER.get() else { return };
+    let mut state = uploader.state.lock().unwrap_or_else(|e| e.into_inner());
+    while state.0 > 0 {
+        state = uploader.written.wait(state).unwrap_or_else(|e| e.into_inner());
+    }
+    if let Some(panic) = state.1.take() {
+        drop(state);
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// The writes that fill a new weight texture from its packed words.
+struct Writes {
+    texture: wgpu::Texture,
+    words: Vec<u32>,
+    /// `[count, rows, cols]` texels.
+    grid: [usize; 3],
+    layout: Layout,
+    /// Rows per layer, and layers.
+    height: usize,
+    layers: usize,
+    /// Rows written (and submitted) at a time.
+    slab_rows: usize,
+}
+
+impl Writes {
+    /// Writes the texture a slab of rows at a time, each slab's texels in `layout` order (zeros past the
+    /// words), each submitted at once: wgpu keeps a written slab in a staging buffer until its submit, so
+    /// the host holds the packed words plus one slab, never a second and a third copy of the whole weight.
+    /// Gives the words back.
+    fn run(self, gpu: &Gpu) -> Vec<u32> {
+        let Self {
+            texture,
+            words,
+            grid: [_, groups, cols],
+            layout,
+            height,
+            layers,
+            slab_rows,
+        } = self;
+        let texels = words.len() / 4;
+        let mut slab: Vec<u32> = Vec::new();
+        for layer in 0..layers {
+            for row0 in (0..height).step_by(slab_rows) {
+                let n_rows = slab_rows.min(height - row0);
+                let first = (layer * height + row0) * ROW; // the slab's first texel
+                let end = (first + n_rows * ROW).min(texels.max(first));
+                let data: &[u32] = match layout {
+                    // The packed order is the texture's: whole rows straight from the words.
+                    Layout::Rows if first + n_rows * ROW <= texels => &words[first * 4..(first + n_rows * ROW) * 4],
+                    _ => {
+                        slab.clear();
+                        slab.resize(n_rows * ROW * 4, 0);
+                        let words = &words;
+                        let live = (end - first) * 4;
+                        crate::gpu::packed::for_chunks(&mut slab[..live], groups.max(64) * 4, |k, out| {
+                            let base = first + k * groups.max(64);
+                            match layout {
+                                Layout::Rows => out.copy_from_slice(&words[base * 4..base * 4 + out.len()]),
+                                // Texel i is texel g of column i / groups (g = i % groups), column c of
+                                // matrix e, at (e * groups + g) * cols + c in the packed words: a column's
+                                // texels are `cols` apart there (a division per column, not per texel).
+                                Layout::Columns => {
+                                    let (mut column, mut g) = (base / groups, base % groups);
+                                    let mut at = (column / cols * groups + g) * cols + column % cols;
+                                    for texel in out.chunks_exact_mut(4) {
+                                        texel.copy_from_slice(&words[at * 4..at * 4 + 4]);
+                                        g += 1;
+                                        at += cols;
+                                        if g == groups {
+                                            (column, g) = (column + 1, 0);
+                                            at = column / cols * groups * cols + column % cols;
+                                        }
+                                    }
+                                }
+                            }
+                        });
+                        &slab
+                    }
+                };
+                gpu.queue.write_texture(
+                    wgpu::TexelCopyTextureInfo {
+                        texture: &texture,
+                        mip_level: 0,
+                        origin: wgpu::Origin3d {
+                            x: 0,
+                            y: row0 as u32,
+                            z: layer as u32,
+                        },
+                        aspect: wgpu::TextureAspect::All,
+                    },
+                    bytemuck::cast_slice(data),
+                    wgpu::TexelCopyBufferLayout {
+                        offset: 0,
+                        bytes_per_row: Some((ROW * 16) as u32),
+                        rows_per_image: Some(n_rows as u32),
+                    },
+                    wgpu::Extent3d {
+                        width: ROW as u32,
+                        height: n_rows as u32,
+                        depth_or_array_layers: 1,
+                    },
+                );
+                gpu.queue.submit([]);
+                let _ = gpu.device.poll(wgpu::PollType::Poll);
+            }
+        }
+        words
+    }
+}
+
 /// Packed words in a 2D-array `rgba32uint` texture, four words per texel.
 #[derive(Debug)]
 pub struct WeightTexture {
@@ -230,6 +391,9 @@ impl WeightTexture {
     /// Uploads `words`, `[count, rows, cols]` texels of four words in the packed order, into a new texture
     /// in the adapter's [`Layout`], a slab of rows at a time, so the host holds the words and one slab. Gives
     /// the words back when no device is registered or the adapter's textures cannot hold them.
+    ///
+    /// While a model loads ([`crate::gpu::packed::Loading`]), the writes run on a thread of their own and the
+    /// words go back to the packer's spare buffers after them ([`finish_uploads`] waits for them).
     pub fn from_words(words: Vec<u32>, grid: [usize; 3]) -> std::result::Result<Arc<Self>, Vec<u32>> {
         match GPU.get() {
             Some(gpu) => Self::with(words, grid, gpu.layout, gpu.max_rows, SLAB_BYTES / (ROW * 16)),
@@ -282,71 +446,20 @@ impl WeightTexture {
             view_formats: &[],
         });
         let bytes = (ROW * height * layers * 16) as u64;
-        // Written a slab of rows at a time, each slab's texels in `layout` order (zeros past the words), and
-        // submitted at once: wgpu keeps a written slab in a staging buffer until its submit, so the host
-        // holds the packed words plus one slab, never a second and a third copy of the whole weight.
-        let slab_rows = slab_rows.clamp(1, height);
-        let mut slab: Vec<u32> = Vec::new();
-        for layer in 0..layers {
-            for row0 in (0..height).step_by(slab_rows) {
-                let n_rows = slab_rows.min(height - row0);
-                let first = (layer * height + row0) * ROW; // the slab's first texel
-                let end = (first + n_rows * ROW).min(texels.max(first));
-                let data: &[u32] = match layout {
-                    // The packed order is the texture's: whole rows straight from the words.
-                    Layout::Rows if first + n_rows * ROW <= texels => &words[first * 4..(first + n_rows * ROW) * 4],
-                    _ => {
-                        slab.clear();
-                        slab.resize(n_rows * ROW * 4, 0);
-                        let words = &words;
-                        // Texel i of the texture (in `layout` order) from its place in the packed words.
-                        let source = |i: usize| match layout {
-                            Layout::Rows => i,
-                            Layout::Columns => {
-                                let (column, g) = (i / groups, i % groups);
-                                let (e, c) = (column / cols, column % cols);
-                                (e * groups + g) * cols + c
-                            }
-                        };
-                        let live = (end - first) * 4;
-                        crate::gpu::packed::for_chunks(&mut slab[..live], groups.max(64) * 4, |k, out| {
-                            let base = first + k * groups.max(64);
-                            for (t, texel) in out.chunks_exact_mut(4).enumerate() {
-                                let at = source(base + t) * 4;
-                                texel.copy_from_slice(&words[at..at + 4]);
-                            }
-                        });
-                        &slab
-                    }
-                };
-                gpu.queue.write_texture(
-                    wgpu::TexelCopyTextureInfo {
-                        texture: &texture,
-                        mip_level: 0,
-                        origin: wgpu::Origin3d {
-                            x: 0,
-                            y: row0 as u32,
-                            z: layer as u32,
-                        },
-                        aspect: wgpu::TextureAspect::All,
-                    },
-                    bytemuck::cast_slice(data),
-                    wgpu::TexelCopyBufferLayout {
-                        offset: 0,
-                        bytes_per_row: Some((ROW * 16) as u32),
-                        rows_per_image: Some(n_rows as u32),
-                    },
-                    wgpu::Extent3d {
-                        width: ROW as u32,
-                        height: n_rows as u32,
-                        depth_or_array_layers: 1,
-                    },
-                );
-                gpu.queue.submit([]);
-                let _ = gpu.device.poll(wgpu::PollType::Poll);
-            }
+        let writes = Writes {
+            texture: texture.clone(),
+            words,
+            grid,
+            layout,
+            height,
+            layers,
+            slab_rows: slab_rows.clamp(1, height),
+        };
+        if crate::gpu::packed::loading() {
+            upload_later(gpu, writes);
+        } else {
+            writes.run(gpu);
         }
-        drop(words);
         let view = texture.create_view(&wgpu::TextureViewDescriptor {
             dimension: Some(wgpu::TextureViewDimension::D2Array),
             ..Default::default()
@@ -387,6 +500,7 @@ impl WeightTexture {
     /// what burn's unpacking (the reference path) reads, after reordering [`Layout::Columns`].
     pub fn copy_to(&self, out: &CubeTensor) {
         let Some(gpu) = GPU.get() else { return };
+        finish_uploads();
         let res = match out.client.get_resource::<WgpuServer<AutoCompiler>>(out.handle.clone()) {
             Ok(r) => r,
             Err(e) => panic!("weight texture copy: {e:?}"),
@@ -503,6 +617,7 @@ pub(crate) fn dispatch_at(
     pos_word: Option<usize>,
 ) -> Option<()> {
     let gpu = GPU.get()?;
+    finish_uploads();
     let resources = bindings
         .iter()
         .filter_map(|b| match b {

@@ -9,7 +9,7 @@
 use half::f16;
 
 use crate::gpu::ggml::exact_block;
-use crate::gpu::packed::{BLOCK, for_chunks, quantise_block};
+use crate::gpu::packed::{BLOCK, code_bytes, for_chunks, quantise_block};
 use crate::gpu::{Rows, WeightDtype};
 
 /// The table's values.
@@ -151,7 +151,8 @@ impl HostTable {
                     let s = exact_block(ty, bytes, r * cols + b * BLOCK, q8, &mut q).expect("the same type");
                     finite &= half::f16::from_bits(s).is_finite();
                     scales[(first + r) * blocks + b] = s;
-                    put_codes(&q, q8, &mut row_codes[b * per_block(q8)..][..per_block(q8)]);
+                    row_codes[b * per_block(q8)..][..per_block(q8)]
+                        .copy_from_slice(&code_bytes(&q, q8)[..per_block(q8)]);
                 }
             }
             return finite;
@@ -220,7 +221,7 @@ fn quantise_row(row: &[f32], q8: bool, codes: &mut [u8], scales: &mut [u16]) {
     let mut q = [0i32; BLOCK];
     for (b, block) in row.chunks(BLOCK).enumerate() {
         scales[b] = quantise_block(block, q8, &mut q);
-        put_codes(&q, q8, &mut codes[b * per_block(q8)..(b + 1) * per_block(q8)]);
+        codes[b * per_block(q8)..(b + 1) * per_block(q8)].copy_from_slice(&code_bytes(&q, q8)[..per_block(q8)]);
     }
 }
 
@@ -229,18 +230,6 @@ fn per_block(q8: bool) -> usize {
     if q8 { BLOCK } else { BLOCK / 2 }
 }
 
-/// A block's codes as the table stores them: a signed byte each (q8), or two `q + 8` nibbles per byte (q4).
-fn put_codes(q: &[i32; BLOCK], q8: bool, out: &mut [u8]) {
-    if q8 {
-        for (c, v) in out.iter_mut().zip(q) {
-            *c = *v as i8 as u8;
-        }
-    } else {
-        for (c, pair) in out.iter_mut().zip(q.chunks_exact(2)) {
-            *c = ((pair[0] + 8) as u8) | (((pair[1] + 8) as u8) << 4);
-        }
-    }
-}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -89,6 +89,9 @@ impl Transformer {
         device: &Device,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Self> {
+        // Word buffers are reused from one weight to the next, and textures written in the background,
+        // until the load ends (the last writes are waited for then).
+        let _loading = crate::gpu::packed::Loading::new();
         let c = &config;
         let (h, v) = (c.hidden_size, c.vocab_size);
         // A tied head is the embedding table, read a second time (for the device); a checkpoint that ties them
