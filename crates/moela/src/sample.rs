@@ -54,12 +54,19 @@ impl Default for SamplingOptions {
 }
 
 impl SamplingOptions {
-    /// Checks every field; the error names the first bad one.
+    /// Checks every field; the error names the first bad one ([`invalid_field`](Self::invalid_field)).
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &str, value: f32, rule: &str| {
-            Err(Error::InvalidArgument(format!(
-                "sampling option {field} = {value}: must be {rule}"
-            )))
+        match self.invalid_field() {
+            Some((_, message)) => Err(Error::InvalidArgument(message)),
+            None => Ok(()),
+        }
+    }
+
+    /// The first field out of its range, and a message saying what it must be: `(field, message)`, the
+    /// field named as in this struct (and in OpenAI's requests).
+    pub fn invalid_field(&self) -> Option<(&'static str, String)> {
+        let bad = |field: &'static str, value: f32, rule: &str| {
+            Some((field, format!("sampling option {field} = {value}: must be {rule}")))
         };
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return bad("temperature", self.temperature, "finite and >= 0 (0 = greedy)");
@@ -85,7 +92,7 @@ impl SamplingOptions {
                 return bad(field, value, "in [-2, 2] (0 = off)");
             }
         }
-        Ok(())
+        None
     }
 
     /// True when the choice is the argmax of the raw logits (temperature 0, no penalty), so it can be made
@@ -524,12 +531,14 @@ mod tests {
             ),
         ];
         for (field, opts) in cases {
-            match Sampler::new(opts) {
+            match Sampler::new(opts.clone()) {
                 Err(Error::InvalidArgument(m)) => assert!(m.contains(field), "{field}: {m}"),
                 other => panic!("{field}: expected InvalidArgument, got {other:?}"),
             }
+            assert_eq!(opts.invalid_field().map(|(f, _)| f), Some(field));
         }
         assert!(SamplingOptions::default().validate().is_ok());
+        assert!(SamplingOptions::default().invalid_field().is_none());
         let full = SamplingOptions {
             temperature: 0.7,
             top_k: 40,

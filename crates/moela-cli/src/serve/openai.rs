@@ -140,16 +140,8 @@ impl Request {
             presence_penalty: f.float("presence_penalty")?.unwrap_or(0.0),
             seed: f.uint("seed")?.unwrap_or(0),
         };
-        if let Err(e) = sampling.validate() {
-            // The engine's message names the field: "... sampling option top_p = 2: must be ...".
-            let m = e.to_string();
-            let param = m
-                .split("sampling option ")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .unwrap_or("sampling")
-                .to_string();
-            return Err(ApiError::invalid(&param, m));
+        if let Some((param, message)) = sampling.invalid_field() {
+            return Err(ApiError::invalid(param, message));
         }
         if let Some(n) = f.uint("n")?
             && n != 1
