@@ -531,7 +531,7 @@ impl Drop for Loading {
             // Not while unwinding: a panic of the writes would then abort the process.
             #[cfg(not(target_arch = "wasm32"))]
             if !std::thread::panicking() {
-                crate::gpu::texture::finish_uploads();
+                crate::gpu::texture::finish_uploads_on_device();
             }
             spare::clear();
         }

@@ -272,6 +272,17 @@ pub fn finish_uploads() {
     }
 }
 
+/// Waits until the weight textures written so far are on the device: the uploader thread's writes issued
+/// ([`finish_uploads`]) and the queue done with them. The end of a load: a software driver copies (and
+/// compiles its own kernels) on a thread of its own, and a process that exits while that thread is busy
+/// can crash in the driver's teardown.
+pub fn finish_uploads_on_device() {
+    finish_uploads();
+    if let Some(gpu) = GPU.get() {
+        let _ = gpu.device.poll(wgpu::PollType::wait_indefinitely());
+    }
+}
+
 /// The writes that fill a new weight texture from its packed words.
 struct Writes {
     texture: wgpu::Texture,
