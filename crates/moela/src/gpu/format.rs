@@ -136,7 +136,7 @@ pub enum Rows<'a> {
     Ggml(GgmlType, &'a [u8]),
 }
 
-impl Rows<'_> {
+impl<'a> Rows<'a> {
     /// Number of values.
     pub fn len(&self) -> usize {
         match self {
@@ -152,6 +152,28 @@ impl Rows<'_> {
     /// True when there are no values.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Values `range` as a run of their own, stored as they are: rows of a weight taken in another order.
+    ///
+    /// # Panics
+    /// When the range is past the end, or does not start and end on a block of a quantised type.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Rows<'a> {
+        let bytes = |b: &'a [u8], size: usize| &b[range.start * size..range.end * size];
+        match *self {
+            Rows::F32(v) => Rows::F32(&v[range]),
+            Rows::F32Bytes(b) => Rows::F32Bytes(bytes(b, 4)),
+            Rows::Bf16(b) => Rows::Bf16(bytes(b, 2)),
+            Rows::F16(b) => Rows::F16(bytes(b, 2)),
+            Rows::Ggml(t, b) => {
+                let (per, size) = t.block().map_or((1, 0), |(p, s)| (p as usize, s as usize));
+                assert!(
+                    range.start.is_multiple_of(per) && range.end.is_multiple_of(per),
+                    "values {range:?} are not whole {t:?} blocks"
+                );
+                Rows::Ggml(t, &b[range.start / per * size..range.end / per * size])
+            }
+        }
     }
 
     /// Values `at..at + out.len()` as f32 into `out`. Returns false when one of them is not finite.
@@ -200,5 +222,40 @@ impl Rows<'_> {
             }
             Rows::Ggml(t, b) => super::ggml::decode(*t, b, at, out),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::ggml::{GgmlType, encode};
+    use super::*;
+
+    /// A slice of stored values reads what the whole run reads at its offset, for floats and for blocks.
+    #[test]
+    fn a_slice_reads_its_part_of_the_run() {
+        let values: Vec<f32> = (0..512).map(|v| ((v * 37) % 101) as f32 / 50.0 - 1.0).collect();
+        let bf16: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let mut q4k = Vec::new();
+        encode(GgmlType::Q4_K, &values, &mut q4k);
+        for whole in [Rows::F32(&values), Rows::Bf16(&bf16), Rows::Ggml(GgmlType::Q4_K, &q4k)] {
+            let mut all = vec![0f32; 512];
+            assert!(whole.read(0, &mut all));
+            let part = whole.slice(256..512);
+            let mut got = vec![0f32; 256];
+            assert_eq!(part.len(), 256);
+            assert!(part.read(0, &mut got));
+            assert_eq!(got, all[256..]);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "not whole")]
+    fn a_slice_inside_a_block_is_refused() {
+        let mut q8 = Vec::new();
+        encode(GgmlType::Q8_0, &[0.5; 64], &mut q8);
+        let _ = Rows::Ggml(GgmlType::Q8_0, &q8).slice(16..64);
     }
 }

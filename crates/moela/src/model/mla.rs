@@ -17,7 +17,6 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::reader::Reader;
 use super::rope;
-use super::rope::deinterleave_rows;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::gpu::packed::transpose;
@@ -88,31 +87,22 @@ impl Mla {
         );
         let d_qk = d_n + d_r;
         let a = format!("{p}self_attn.");
-        // These weights are rebuilt from their values (rope rows reordered, q and kv_a joined).
-        let dtype = r.format_for(
-            &[
-                &format!("{a}q_proj.weight"),
-                &format!("{a}q_a_proj.weight"),
-                &format!("{a}q_b_proj.weight"),
-                &format!("{a}kv_a_proj_with_mqa.weight"),
-            ],
-            true,
-        );
-        // The query's rope rows (per head, after d_n nope rows) go to half-split order (rope.rs).
-        let q_rows = |mut w: Vec<f32>, cols: usize| {
+        // The query's rope rows (per head, after d_n nope rows) and kv_a's (after r_kv latent rows) go to
+        // half-split order (rope.rs), whole rows moved.
+        let order = |rows: usize, offset: usize, groups: usize| {
             if c.rope_interleave {
-                deinterleave_rows(&mut w, cols, d_n, d_qk, n_h, d_r);
+                rope::deinterleaved_order(rows, offset, d_qk, groups, d_r)
+            } else {
+                (0..rows).collect()
             }
-            w
         };
+        let kv_a = (format!("{a}kv_a_proj_with_mqa.weight"), r_kv + d_r);
         // q_proj (or q_a_proj) and kv_a_proj_with_mqa read the same input: one weight, one product.
-        let (mut input, q) = match c.q_lora_rank {
-            None => (
-                q_rows(r.get(&format!("{a}q_proj.weight"), &[n_h * d_qk, h]).await?, h),
-                QProj::Plain,
-            ),
+        let (first, q) = match c.q_lora_rank {
+            None => ((format!("{a}q_proj.weight"), n_h * d_qk), QProj::Plain),
             Some(r_q) => {
-                let b = q_rows(r.get(&format!("{a}q_b_proj.weight"), &[n_h * d_qk, r_q]).await?, r_q);
+                let q_b = (format!("{a}q_b_proj.weight"), n_h * d_qk);
+                let rows: Vec<(usize, usize)> = order(n_h * d_qk, d_n, n_h).into_iter().map(|j| (0, j)).collect();
                 let q = QProj::Lora {
                     q_lora_rank: r_q,
                     // q_a_layernorm / kv_a_layernorm use eps 1e-6 whatever rms_norm_eps says (§2).
@@ -122,20 +112,19 @@ impl Mla {
                         kernels,
                         device,
                     )),
-                    b: Linear::from_rows(&b, n_h * d_qk, r_q, dtype, kernels, device),
+                    b: r.linear_rows(&[q_b], r_q, &rows).await?,
                 };
-                (r.get(&format!("{a}q_a_proj.weight"), &[r_q, h]).await?, q)
+                ((format!("{a}q_a_proj.weight"), r_q), q)
             }
         };
-        let q_width = input.len() / h;
-        let mut kv_a = r
-            .get(&format!("{a}kv_a_proj_with_mqa.weight"), &[r_kv + d_r, h])
-            .await?;
-        if c.rope_interleave {
-            deinterleave_rows(&mut kv_a, h, r_kv, 0, 1, d_r);
-        }
-        input.extend(kv_a);
-        let input = Linear::from_rows(&input, q_width + r_kv + d_r, h, dtype, kernels, device);
+        let q_rows = match c.q_lora_rank {
+            None => order(n_h * d_qk, d_n, n_h),
+            Some(_) => (0..first.1).collect(),
+        };
+        let rows: Vec<(usize, usize)> = (q_rows.into_iter().map(|j| (0, j)))
+            .chain(order(r_kv + d_r, r_kv, 1).into_iter().map(|j| (1, j)))
+            .collect();
+        let input = r.linear_rows(&[first, kv_a], h, &rows).await?;
         let kv_a_norm = RmsNorm::new(
             r.get(&format!("{a}kv_a_layernorm.weight"), &[r_kv]).await?,
             1e-6,

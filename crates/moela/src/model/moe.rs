@@ -28,7 +28,7 @@ use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::mlp::gate_up;
-use super::reader::{Reader, push};
+use super::reader::{Reader, push, push_columns};
 use crate::config::ModelConfig;
 use crate::config::{ScoringFunc, TopkMethod};
 use crate::error::Result;
@@ -167,13 +167,21 @@ impl Moe {
             None
         };
         // The shared experts (one MLP of width S x I in the checkpoint) become S experts of width I after the
-        // routed ones: rows j*I..(j+1)*I of its gate and up, columns j*I..(j+1)*I of its down.
+        // routed ones: rows j*I..(j+1)*I of its gate and up, columns j*I..(j+1)*I of its down. The down
+        // matrix is cut block for block where I is whole blocks of its stored type (any float type, Q8_0 and
+        // Q5_0 at multiples of 32, the K-quants at multiples of 256), else rebuilt from its values.
         let s = c.n_shared_experts;
         let sp = format!("{p}mlp.shared_experts.");
-        let shared_down = if s > 0 {
-            r.get(&format!("{sp}down_proj.weight"), &[h, s * i]).await? // [H, SI]
-        } else {
-            Vec::new()
+        let sd = format!("{sp}down_proj.weight");
+        let cut_by_blocks = r
+            .set
+            .ggml_type(&sd)
+            .and_then(|t| t.block())
+            .is_none_or(|(per, _)| i.is_multiple_of(per as usize));
+        let (shared_down, shared_values) = match (s > 0, cut_by_blocks) {
+            (false, _) => (None, Vec::new()),
+            (true, true) => (Some(r.stored(&sd, [h, s * i], 0..h).await?), Vec::new()),
+            (true, false) => (None, r.get(&sd, &[h, s * i]).await?), // [H, SI]
         };
         // As many experts per chunk as their stored matrices fit one binding (the kernels bind a chunk whole;
         // burn's ops unpack it in parts). Each chunk is packed on the host an expert at a time, then uploaded.
@@ -186,11 +194,7 @@ impl Moe {
             r.format_for(&[&gu0, &gu1], false),
             r.format_for(&[&format!("{p}mlp.experts.0.down_proj.weight")], false),
         );
-        // The shared down matrix is cut into experts by columns, from its values.
-        let shared = (
-            r.format_for(&[&sg, &su], false),
-            r.format_for(&[&format!("{sp}down_proj.weight")], true),
-        );
+        let shared = (r.format_for(&[&sg, &su], false), r.format_for(&[&sd], !cut_by_blocks));
         let per_chunk = |(gu, d): (WeightDtype, WeightDtype)| {
             let per_expert = Weights::<3>::matrix_bytes(gu, h, 2 * i).max(Weights::<3>::matrix_bytes(d, i, h));
             (MAX_BINDING_BYTES / per_expert.max(1)).max(1)
@@ -227,9 +231,15 @@ impl Moe {
                     }
                     push(&mut gate_up_t, &gu)?;
                     drop(gu);
-                    down.clear();
-                    down.extend((0..h).flat_map(|row| &shared_down[row * s * i + j * i..row * s * i + (j + 1) * i]));
-                    down_t.push_rows(&down);
+                    if let Some(stored) = &shared_down {
+                        push_columns(&mut down_t, stored, s * i, j * i..(j + 1) * i)?;
+                    } else {
+                        down.clear();
+                        down.extend(
+                            (0..h).flat_map(|row| &shared_values[row * s * i + j * i..row * s * i + (j + 1) * i]),
+                        );
+                        down_t.push_rows(&down);
+                    }
                 }
             }
             chunks.push(ExpertChunk {

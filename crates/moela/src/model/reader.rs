@@ -43,9 +43,10 @@ impl<'a> Reader<'a> {
     /// The format a weight made of the rows of `names` is stored in: the model's, but for a K-quant model
     /// (q4k, q5k, q6k), which keeps a GGUF file's `Q4_K` / `Q5_K` / `Q6_K` blocks as they are and stores a tensor of
     /// another quantised ggml type in that type's nearest format (q8 holds Q8_0 exactly, q5 Q5_0, q4 Q4_0):
-    /// a `Q4_K_M` or `Q5_K_M` file mixes them. `rebuilt`: the weight is made from the values (rows reordered
-    /// or joined), so no block can be copied, and a quantised file's values go to q8 rather than being
-    /// rounded to 4 or 5 bits a second time. Float tensors (safetensors, F32 / F16 / BF16 GGUF) are
+    /// a `Q4_K_M` or `Q5_K_M` file mixes them. `rebuilt`: the weight is made from the values (cut across its
+    /// blocks, as the shared experts' down projection is cut by columns), so no block can be copied, and a
+    /// quantised file's values go to q8 rather than being rounded to 4 or 5 bits a second time. Rows
+    /// reordered or joined are not rebuilt ([`linear_rows`](Self::linear_rows)). Float tensors (safetensors, F32 / F16 / BF16 GGUF) are
     /// quantised to the model's format.
     pub(crate) fn format_for(&self, names: &[&str], rebuilt: bool) -> WeightDtype {
         if !self.dtype.is_k_quant() {
@@ -118,6 +119,43 @@ impl<'a> Reader<'a> {
         }
         Ok(Linear::from_parts(parts, self.kernels))
     }
+
+    /// A projection whose output `j` is row `order[j].1` of the tensor `sources[order[j].0]` (each
+    /// `(name, rows)`, 2-D, `cols` wide): rows reordered (rope's pairs) or joined (the attention's query and
+    /// kv_a, which read the same input). Whole rows move, so a quantised file's blocks are kept as they are.
+    pub(crate) async fn linear_rows(
+        &mut self,
+        sources: &[(String, usize)],
+        cols: usize,
+        order: &[(usize, usize)],
+    ) -> Result<Linear> {
+        let named: Vec<&str> = sources.iter().map(|(n, _)| n.as_str()).collect();
+        let (dtype, kernels, device) = (self.format_for(&named, false), self.kernels, self.device);
+        let mut stored = Vec::with_capacity(sources.len());
+        for (name, rows) in sources {
+            stored.push(self.stored(name, [*rows, cols], 0..*rows).await?);
+        }
+        let whole: Vec<Rows<'_>> = stored.iter().map(StoredRows::rows).collect();
+        let mut parts = Vec::new();
+        for range in Linear::part_rows(order.len(), cols, dtype, kernels) {
+            // Runs of consecutive rows of one source, in output order.
+            let mut runs: Vec<(usize, Range<usize>)> = Vec::new();
+            for &(source, row) in &order[range.clone()] {
+                match runs.last_mut() {
+                    Some((s, rows)) if *s == source && rows.end == row => rows.end += 1,
+                    _ => runs.push((source, row..row + 1)),
+                }
+            }
+            let rows: Vec<Rows<'_>> = runs
+                .iter()
+                .map(|(s, r)| whole[*s].slice(r.start * cols..r.end * cols))
+                .collect();
+            let mut host = WeightsHost::new(dtype, [1, cols, range.len()]);
+            finite(host.push(&rows), &stored)?;
+            parts.push(host.upload([cols, range.len()], device));
+        }
+        Ok(Linear::from_parts(parts, kernels))
+    }
 }
 
 /// Adds the matrix whose HF rows are `parts` to `host`; a value that is not finite is an error naming its
@@ -125,6 +163,24 @@ impl<'a> Reader<'a> {
 pub(crate) fn push(host: &mut WeightsHost, parts: &[StoredRows<'_>]) -> Result<()> {
     let rows: Vec<Rows<'_>> = parts.iter().map(StoredRows::rows).collect();
     finite(host.push(&rows), parts)
+}
+
+/// Adds the matrix made of columns `columns` of each row of `stored` (rows `width` wide) to `host`, the
+/// stored blocks as they are: an expert cut out of the shared experts' down projection.
+///
+/// # Panics
+/// When the columns do not start and end on a block of the stored type.
+pub(crate) fn push_columns(
+    host: &mut WeightsHost,
+    stored: &StoredRows<'_>,
+    width: usize,
+    columns: Range<usize>,
+) -> Result<()> {
+    let whole = stored.rows();
+    let rows: Vec<Rows<'_>> = (0..whole.len() / width.max(1))
+        .map(|r| whole.slice(r * width + columns.start..r * width + columns.end))
+        .collect();
+    finite(host.push(&rows), std::slice::from_ref(stored))
 }
 
 /// [`push`] of outputs `outputs` of a one-matrix weight ([`WeightsHost::push_outputs`]).

@@ -1,7 +1,7 @@
 //! Rotary position embedding for the d_r rope dims, with YaRN frequencies (`docs/architecture.md` §3.2-3.3).
 //!
 //! Checkpoints store rope dims as interleaved pairs `(x[2i], x[2i+1])`. At load the rows producing them are
-//! permuted to half-split order `[x0, x2, .., x1, x3, ..]` (see [`deinterleave_rows`]), so here the rotation
+//! permuted to half-split order `[x0, x2, .., x1, x3, ..]` (see [`deinterleaved_order`]), so here the rotation
 //! is the plain half-split form. Query and key get the same permutation, so every dot product is unchanged.
 
 use burn::tensor::{Device, Tensor, TensorData};
@@ -85,15 +85,22 @@ pub fn apply<const D: usize>(x: Tensor<D>, cos: &Tensor<2>, sin: &Tensor<2>) -> 
     Tensor::cat(vec![out1, out2], D - 1)
 }
 
-/// Permutes the `d_r` rope rows found at `offset + k * stride` (k = 0..groups) of an `[out, in]` weight
-/// from interleaved pairs to half-split order.
-pub fn deinterleave_rows(weight: &mut [f32], cols: usize, offset: usize, stride: usize, groups: usize, d_r: usize) {
-    permute_rows(weight, cols, offset, stride, groups, d_r, |i, half| {
-        if i < half { 2 * i } else { 2 * (i - half) + 1 }
-    });
+/// The source row of each of `rows` rows of an `[out, in]` weight whose `d_r` rope rows at
+/// `offset + k * stride` (k = 0..groups) go from interleaved pairs to half-split order: the weight is
+/// reordered a whole row at a time, so a quantised file's rows keep their blocks.
+pub fn deinterleaved_order(rows: usize, offset: usize, stride: usize, groups: usize, d_r: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..rows).collect();
+    let half = d_r / 2;
+    for g in 0..groups {
+        let base = offset + g * stride;
+        for (i, row) in order[base..base + d_r].iter_mut().enumerate() {
+            *row = base + if i < half { 2 * i } else { 2 * (i - half) + 1 };
+        }
+    }
+    order
 }
 
-/// The inverse of [`deinterleave_rows`]: half-split rope rows back to interleaved pairs (for saving).
+/// The inverse of [`deinterleaved_order`]: half-split rope rows back to interleaved pairs (for saving).
 pub fn interleave_rows(weight: &mut [f32], cols: usize, offset: usize, stride: usize, groups: usize, d_r: usize) {
     permute_rows(weight, cols, offset, stride, groups, d_r, |i, half| {
         if i % 2 == 0 { i / 2 } else { half + i / 2 }
@@ -129,8 +136,8 @@ mod tests {
     #[test]
     fn interleave_undoes_deinterleave() {
         let orig: Vec<f32> = (0..30).map(|v| v as f32).collect();
-        let mut w = orig.clone();
-        deinterleave_rows(&mut w, 3, 1, 5, 2, 4);
+        let order = deinterleaved_order(10, 1, 5, 2, 4);
+        let mut w: Vec<f32> = order.iter().flat_map(|&r| orig[r * 3..r * 3 + 3].to_vec()).collect();
         assert_ne!(w, orig);
         interleave_rows(&mut w, 3, 1, 5, 2, 4);
         assert_eq!(w, orig);
@@ -139,8 +146,6 @@ mod tests {
     #[test]
     fn deinterleave_moves_even_rows_first() {
         // 2 groups of 4 rope rows after 1 plain row each, 1 column.
-        let mut w: Vec<f32> = (0..10).map(|v| v as f32).collect();
-        deinterleave_rows(&mut w, 1, 1, 5, 2, 4);
-        assert_eq!(w, vec![0., 1., 3., 2., 4., 5., 6., 8., 7., 9.]);
+        assert_eq!(deinterleaved_order(10, 1, 5, 2, 4), vec![0, 1, 3, 2, 4, 5, 6, 8, 7, 9]);
     }
 }
