@@ -16,7 +16,7 @@ use crate::gpu::WeightDtype;
 use crate::gpu::device::default_device;
 use crate::info::ModelInfo;
 use crate::load::{CheckpointFiles, Progress, WeightSet};
-use crate::model::transformer::{LogitsFor, Transformer};
+use crate::model::transformer::{Embedding, LogitsFor, Transformer};
 
 /// How to load a model.
 #[derive(Debug, Clone, Copy, Default)]
@@ -189,10 +189,21 @@ impl Engine {
     }
 
     /// Facts about the model: parameters, cache sizes.
+    ///
+    /// The weights' bytes are those of the weights as loaded (a GGUF file's mix of types at its formats'
+    /// sizes), where [`ModelInfo::new`] estimates them from the config and one format.
     pub fn info(&self) -> ModelInfo {
+        let (on_device, read) = self.model.device_bytes();
+        let estimate = ModelInfo::new(&self.model.config, self.model.dtype);
         ModelInfo {
             stored_types: self.stored_types.clone(),
-            ..ModelInfo::new(&self.model.config, self.model.dtype)
+            gpu_weight_bytes: on_device,
+            active_weight_bytes_per_token: read,
+            host_weight_bytes: match &self.model.embed {
+                Embedding::Host(table) => table.bytes() as u64,
+                Embedding::Device(_) => estimate.host_weight_bytes,
+            },
+            ..estimate
         }
     }
 

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use moela::{Engine, Kernels, LoadOptions, Message, WeightDtype};
+use moela::{Engine, Kernels, LoadOptions, Message, ModelInfo, WeightDtype};
 use serde_json::Value;
 
 mod common;
@@ -181,6 +181,33 @@ fn k_quant_models_agree_with_llama_cpp() {
             );
         }
     }
+}
+
+/// The weight bytes `Engine::info` reports are those of the weights as loaded: with one format throughout
+/// they are what the config predicts for it; a Q4_K_M file's mix (its Q6_K and Q5_0 tensors kept as they
+/// are) takes more than Q4_K alone would.
+#[test]
+fn reported_weight_bytes_are_the_stored_ones() {
+    let q8 = load(&fixtures().join("gguf/v2-lite-tiny.q8_0.gguf"), WeightDtype::Q8);
+    let predicted = ModelInfo::new(q8.config(), WeightDtype::Q8);
+    let info = q8.info();
+    assert_eq!(info.gpu_weight_bytes, predicted.gpu_weight_bytes);
+    assert_eq!(
+        info.active_weight_bytes_per_token,
+        predicted.active_weight_bytes_per_token
+    );
+    assert_eq!(info.host_weight_bytes, predicted.host_weight_bytes);
+
+    let mixed = load(&fixtures().join("gguf/k256.q4_k_m.gguf"), WeightDtype::Q4K);
+    let (info, q4k) = (mixed.info(), ModelInfo::new(mixed.config(), WeightDtype::Q4K));
+    assert!(
+        info.gpu_weight_bytes > q4k.gpu_weight_bytes,
+        "{} <= {}",
+        info.gpu_weight_bytes,
+        q4k.gpu_weight_bytes
+    );
+    assert!(info.active_weight_bytes_per_token > q4k.active_weight_bytes_per_token);
+    assert!(info.active_weight_bytes_per_token < info.gpu_weight_bytes);
 }
 
 /// A tensor of a type moela does not read is an error naming the tensor and the type, before the model is

@@ -135,6 +135,11 @@ impl RmsNorm {
         }
     }
 
+    /// Bytes the gain takes on the device.
+    pub fn bytes(&self) -> usize {
+        self.weight.shape().num_elements() * 4
+    }
+
     /// Normalises `x` (`[.., width]`) over its last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dims = x.dims();

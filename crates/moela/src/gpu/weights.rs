@@ -362,6 +362,11 @@ impl Factor {
         }
     }
 
+    /// Bytes the factor takes on the device (f32 values).
+    pub fn bytes(&self) -> usize {
+        self.dims().iter().product::<usize>() * 4
+    }
+
     /// The burn tensor that training updates; `None` for a factor in a texture (native inference only).
     pub fn trainable(&mut self) -> Option<&mut Tensor<3>> {
         match self {

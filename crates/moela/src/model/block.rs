@@ -33,6 +33,16 @@ pub struct Block {
 }
 
 impl Block {
+    /// Bytes the layer's weights take on the device, and those one token reads.
+    pub fn bytes(&self) -> (usize, usize) {
+        let fixed = self.attn_norm.bytes() + self.attn.bytes() + self.ffn_norm.bytes();
+        let (all, read) = match &self.ffn {
+            FeedForward::Dense(m) => (m.bytes(), m.bytes()),
+            FeedForward::Moe(m) => m.bytes(),
+        };
+        (fixed + all, fixed + read)
+    }
+
     /// The layer over the residual stream `h` (`[T, H]`) at positions `pos..pos + T`, writing the tokens'
     /// latents into this layer's `cache` rows. With `routing`, the experts a MoE layer chose (`[T, K]`) are
     /// appended to it.

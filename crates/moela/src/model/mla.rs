@@ -336,6 +336,15 @@ pub struct RowAt<'a> {
 }
 
 impl Mla {
+    /// Bytes the weights take on the device: all of them are read for every token.
+    pub fn bytes(&self) -> usize {
+        let q = match &self.q {
+            QProj::Plain => 0,
+            QProj::Lora { norm, b, .. } => norm.bytes() + b.bytes(),
+        };
+        self.input.bytes() + q + self.kv_a_norm.bytes() + self.w_uk.bytes() + self.w_uv_t.bytes() + self.o.bytes()
+    }
+
     /// Columns of [`Mla::input`]'s product that feed the query: n_h * d_qk, or r_q.
     pub fn q_width(&self) -> usize {
         match &self.q {

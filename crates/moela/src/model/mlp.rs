@@ -27,6 +27,11 @@ impl Mlp {
         })
     }
 
+    /// Bytes the weights take on the device.
+    pub fn bytes(&self) -> usize {
+        self.gate_up.bytes() + self.down.bytes()
+    }
+
     /// `x`: `[T, H]` -> `[T, H]`: `down(silu(gate(x)) * up(x))`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         self.down.forward(self.gate_up.forward_swiglu(x, self.width))

@@ -267,6 +267,21 @@ impl Moe {
         })
     }
 
+    /// Bytes the block's weights take on the device, and those one token reads: the router, the shared
+    /// experts and K of the E routed experts (at their average size: a GGUF file's layers can differ).
+    pub fn bytes(&self) -> (usize, usize) {
+        let fixed = self.router.bytes() + self.correction_bias.as_ref().map_or(0, |b| b.dims()[0] * 4);
+        let (mut routed, mut shared) = (0, 0);
+        for c in &self.chunks {
+            let per_expert = (c.gate_up_t.bytes() + c.down_t.bytes()) / c.count.max(1);
+            let routed_here = self.experts.saturating_sub(c.first).min(c.count);
+            routed += per_expert * routed_here;
+            shared += per_expert * (c.count - routed_here);
+        }
+        let read = routed * self.top_k / self.experts.max(1);
+        (fixed + routed + shared, fixed + shared + read)
+    }
+
     /// Picks experts: indices `[T, K]` and their mixing weights `[T, K]`.
     pub fn route(&self, x: Tensor<2>) -> (Tensor<2, Int>, Tensor<2>) {
         self.route_slots(x, 0)

@@ -67,6 +67,19 @@ pub struct Transformer {
 const READ_AHEAD: usize = 1;
 
 impl Transformer {
+    /// Bytes of the weights as loaded: on the device, and those one decoded token reads there. Counted from
+    /// the stored weights, so a GGUF file's mix of types counts at its formats' sizes. The embedding table
+    /// ([`HostTable::bytes`]) is not among them.
+    pub fn device_bytes(&self) -> (u64, u64) {
+        let fixed = self.norm.bytes() + self.head.bytes();
+        let (all, read) = self
+            .blocks
+            .iter()
+            .map(Block::bytes)
+            .fold((fixed, fixed), |(a, r), (ba, br)| (a + ba, r + br));
+        (all as u64, read as u64)
+    }
+
     /// Whether decode steps can be recorded and replayed (`gpu/replay.rs`): moela's kernels on the
     /// native wgpu device they share with burn.
     #[cfg(not(target_arch = "wasm32"))]
