@@ -9,6 +9,7 @@ seed, so anyone can reproduce the measurements in docs/benchmarks.md without dow
     python3 scripts/write_real_shape.py --out /data/v2-lite-shape                 # 31.4 GB, 27 layers
     python3 scripts/write_real_shape.py --out /data/v2-lite-4l --layers 4          # the same widths, 4 layers
     python3 scripts/write_real_shape.py --out /data/v3-2l --preset v3 --layers 2   # V3's widths, 2 layers
+    python3 scripts/write_real_shape.py --out /data/mini --preset v2-lite-mini     # moela's v2-lite-mini, 0.95 GB
 
     moela run --model /data/v2-lite-shape --weights q4 --prompt "1 + 1" --max-tokens 4
     /usr/bin/time -v moela bench --model /data/v2-lite-shape --weights q4 --json
@@ -47,6 +48,22 @@ PRESETS = {
         "bos_token_id": 100000, "eos_token_id": 100001,
         "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
                          "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096, "type": "yarn"},
+        "attention_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    },
+    # Not a published model: moela's own DeepSeek-V2-Lite scaled down (`moela bench --preset v2-lite-mini`),
+    # whose widths are whole 256-value super-blocks, so llama.cpp's K-quant mixes apply to every matrix.
+    "v2-lite-mini": {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+        "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816, "moe_intermediate_size": 512,
+        "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "n_shared_experts": 2, "n_routed_experts": 32, "num_experts_per_tok": 4, "routed_scaling_factor": 1.0,
+        "kv_lora_rank": 256, "q_lora_rank": None, "qk_rope_head_dim": 32, "v_head_dim": 64,
+        "qk_nope_head_dim": 64, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+        "norm_topk_prob": False, "scoring_func": "softmax", "first_k_dense_replace": 1, "moe_layer_freq": 1,
+        "hidden_act": "silu", "max_position_embeddings": 16384, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+        "bos_token_id": 0, "eos_token_id": 1,
+        "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
         "attention_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     },
     "v3": {

@@ -519,7 +519,8 @@ impl GgufHeader {
             "intermediate_size": need("feed_forward_length")?,
             "num_attention_heads": need("attention.head_count")?,
             "num_key_value_heads": need("attention.head_count")?,
-            "q_lora_rank": int("attention.q_lora_rank"),
+            // Absent or 0 (llama.cpp's default for it): the query is one projection, no LoRA.
+            "q_lora_rank": int("attention.q_lora_rank").filter(|&r| r > 0),
             "kv_lora_rank": need("attention.kv_lora_rank")?,
             "qk_rope_head_dim": rope,
             "qk_nope_head_dim": nope,
@@ -885,6 +886,12 @@ mod tests {
                 name,
             );
         }
+        // A q_lora_rank of 0 (llama.cpp's value when there is none) is a query without LoRA.
+        let plain = std::fs::read(format!("{root}gguf/v2-lite-tiny.gguf")).unwrap();
+        let mut h = header(&plain);
+        h.metadata
+            .insert("deepseek2.attention.q_lora_rank".into(), Value::U32(0));
+        assert_eq!(h.model_config("v2-lite-tiny.gguf").unwrap().q_lora_rank, None);
         let (tiny, _) = fixture();
         let mut h = header(&tiny);
         h.metadata
