@@ -11,9 +11,10 @@ package `gen_gguf_models.py` uses), so no llama.cpp checkout or server is needed
     python3 scripts/bench_llama_streams.py --model FILE.gguf --streams 1,4,8 --threads 2
     moela bench --model FILE.gguf --streams 1,4,8 --json           # moela on the same file
 
-Each stream gets its own prompt (`--prompt-tokens` ids, prefilled in one batch for all streams, not timed),
-then `--gen-tokens` greedy steps are timed, each one batch of one token per stream. Prints one JSON object:
-per stream count the aggregate tokens per second and the mean step time. The wheel's backend is llama.cpp's
+Each stream gets its own prompt (`--prompt-tokens` ids, prefilled in one batch for all streams), then
+`--gen-tokens` greedy steps are timed, each one batch of one token per stream. Prints one JSON object: per
+stream count the aggregate decode tokens per second, the mean step time, and the prompts' prefill speed
+(with `--streams 1`, what `moela bench` reports as prefill and decode). The wheel's backend is llama.cpp's
 CPU backend unless the package was built with another (`CMAKE_ARGS=-DGGML_VULKAN=on pip install ...`).
 """
 
@@ -86,8 +87,10 @@ def main():
         # Each stream's own prompt: ids spread over the vocabulary, different per stream.
         prompts = [[(7 + 37 * (i + 1) + 101 * seq) % (n_vocab - 8) + 4 for i in range(a.prompt_tokens)]
                    for seq in range(s)]
+        start = time.perf_counter()
         decode([(t, i, seq, i == a.prompt_tokens - 1) for seq in range(s) for i, t in enumerate(prompts[seq])])
         last = [argmax(seq * a.prompt_tokens + a.prompt_tokens - 1) for seq in range(s)]
+        prefill = s * a.prompt_tokens / (time.perf_counter() - start)
         start = time.perf_counter()
         for step in range(a.gen_tokens):
             pos = a.prompt_tokens + step
@@ -98,9 +101,10 @@ def main():
             "streams": s,
             "tokens_per_second": s * a.gen_tokens / took,
             "step_ms": 1000 * took / a.gen_tokens,
+            "prefill_tokens_per_second": prefill,
         })
-        print(f"{s} streams: {s * a.gen_tokens / took:.1f} tok/s ({1000 * took / a.gen_tokens:.1f} ms per step)",
-              file=sys.stderr)
+        print(f"{s} streams: {s * a.gen_tokens / took:.1f} tok/s ({1000 * took / a.gen_tokens:.1f} ms per step), "
+              f"prompts prefilled at {prefill:.1f} tok/s", file=sys.stderr)
     one = results["streams"][0]["tokens_per_second"]
     for r in results["streams"]:
         r["x_one_stream"] = r["tokens_per_second"] / one
