@@ -480,6 +480,40 @@ fn k_block(b: &[u8], codes_at: usize) -> KBlock {
     (head, frames, words)
 }
 
+/// The block of 32 at value `at` as moela's q8 or q4 code bytes (`packed::code_bytes` of its codes) and its
+/// f16 scale, where the file's block is those bytes: `Q8_0` in q8 (its signed codes as
+/// they are), `Q4_0` in q4 (its nibbles, value `j` low and `j + 16` high in byte `j`, paired in order).
+/// A copy, where [`exact_block`] goes through each value's code.
+#[inline(always)]
+pub(crate) fn block_bytes(ty: GgmlType, bytes: &[u8], at: usize, q8: bool) -> Option<(u16, [u8; 32])> {
+    if !at.is_multiple_of(32) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    let b = match (ty, q8) {
+        (GgmlType::Q8_0, true) => {
+            let b = &bytes[at / 32 * 34..][..34];
+            out.copy_from_slice(&b[2..]);
+            b
+        }
+        (GgmlType::Q4_0, false) => {
+            let b = &bytes[at / 32 * 18..][..18];
+            let qs = &b[2..18];
+            // q4's byte i holds values 2i (low) and 2i + 1 (high).
+            for (i, o) in out[..16].iter_mut().enumerate() {
+                *o = if i < 8 {
+                    (qs[2 * i] & 15) | (qs[2 * i + 1] << 4)
+                } else {
+                    (qs[2 * i - 16] >> 4) | (qs[2 * i - 15] & 0xf0)
+                };
+            }
+            b
+        }
+        _ => return None,
+    };
+    Some((u16::from_le_bytes([b[0], b[1]]), out))
+}
+
 /// The block of 32 at value `at` as moela's own block codes and f16 scale, where `ty` stores exactly that: in
 /// q8 `Q8_0` (codes -128..=127), `Q5_0` (-16..=15) and `Q4_0` (-8..=7); in q4 `Q4_0`, whose codes moela's q4
 /// unpacking (`nibble - 8`) reads as they are. A checkpoint in these moves to the GPU without a value being

@@ -738,18 +738,13 @@ fn pack_task(
             // copied, not re-quantised.
             if let Rows::Ggml(ty, bytes) = part
                 && k.is_multiple_of(BLOCK)
-                && super::ggml::exact_block(ty, bytes, row, q8, &mut codes).is_some()
+                && ggml_block(ty, bytes, row, q8).is_some()
             {
                 for b in 0..blocks {
-                    let s =
-                        super::ggml::exact_block(ty, bytes, row + b * BLOCK, q8, &mut codes).expect("the same rows");
+                    let (s, code) = ggml_block(ty, bytes, row + b * BLOCK, q8).expect("the same rows");
                     ok &= f16::from_bits(s).is_finite();
                     scales[b * TILE + jj] = s;
-                    put_words(
-                        &code_bytes(&codes, q8),
-                        &mut words[b * word_rows * TILE + jj..],
-                        word_rows,
-                    );
+                    put_words(&code, &mut words[b * word_rows * TILE + jj..], word_rows);
                 }
                 continue;
             }
@@ -779,6 +774,20 @@ fn pack_task(
         }
     }
     ok
+}
+
+/// The block of 32 at value `at` of a ggml file's rows as q8's or q4's code bytes and f16 scale, where its
+/// type holds exactly that block (`Q8_0`, `Q5_0` or `Q4_0` in q8, `Q4_0` in q4): the bytes copied where they
+/// are the same bytes rearranged ([`ggml::block_bytes`](super::ggml::block_bytes)), else made from the
+/// block's codes.
+#[inline(always)]
+pub(crate) fn ggml_block(ty: super::ggml::GgmlType, bytes: &[u8], at: usize, q8: bool) -> Option<(u16, [u8; BLOCK])> {
+    if let Some(block) = super::ggml::block_bytes(ty, bytes, at, q8) {
+        return Some(block);
+    }
+    let mut codes = [0i32; BLOCK];
+    let s = super::ggml::exact_block(ty, bytes, at, q8, &mut codes)?;
+    Some((s, code_bytes(&codes, q8)))
 }
 
 /// The first `count` little-endian words of a block's bytes into `tile[0]`, `tile[TILE]`, ...
@@ -1024,6 +1033,25 @@ fn f16_bits_to_f32(h: Tensor<1, Int>) -> Tensor<1> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Q8_0 or Q4_0 block copied as bytes is what its codes make (`exact_block`, then `code_bytes`).
+    #[test]
+    fn copied_blocks_are_their_codes_bytes() {
+        use super::super::ggml::{GgmlType, block_bytes, encode, exact_block};
+        let values: Vec<f32> = (0..256).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) * 1e-3).collect();
+        for (ty, q8) in [(GgmlType::Q8_0, true), (GgmlType::Q4_0, false)] {
+            let mut bytes = Vec::new();
+            encode(ty, &values, &mut bytes);
+            for at in (0..256).step_by(32) {
+                let mut codes = [0i32; 32];
+                let scale = exact_block(ty, &bytes, at, q8, &mut codes).unwrap();
+                let want = Some((scale, code_bytes(&codes, q8)));
+                assert_eq!(block_bytes(ty, &bytes, at, q8), want, "{ty:?} at {at}");
+                assert_eq!(ggml_block(ty, &bytes, at, q8), want);
+            }
+            assert_eq!(block_bytes(ty, &bytes, 0, !q8), None);
+        }
+    }
 
     #[test]
     fn the_packer_quantises_as_the_block_quantiser_does() {

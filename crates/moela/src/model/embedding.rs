@@ -8,8 +8,7 @@
 
 use half::f16;
 
-use crate::gpu::ggml::exact_block;
-use crate::gpu::packed::{BLOCK, code_bytes, for_chunks, quantise_block};
+use crate::gpu::packed::{BLOCK, code_bytes, for_chunks, ggml_block, quantise_block};
 use crate::gpu::{Rows, WeightDtype};
 
 /// The table's values.
@@ -139,20 +138,18 @@ impl HostTable {
         let blocks = cols.div_ceil(BLOCK);
         if let (Rows::Ggml(ty, bytes), Values::Blocks { codes, scales }) = (rows, &mut self.values)
             && cols.is_multiple_of(BLOCK)
-            && exact_block(ty, bytes, 0, q8, &mut [0; BLOCK]).is_some()
+            && ggml_block(ty, bytes, 0, q8).is_some()
         {
             let count = rows.len() / cols;
             assert!(first + count <= self.rows, "rows past the table");
-            let mut q = [0i32; BLOCK];
             let mut finite = true;
             for r in 0..count {
                 let row_codes = &mut codes[(first + r) * per_row..][..per_row];
                 for b in 0..blocks {
-                    let s = exact_block(ty, bytes, r * cols + b * BLOCK, q8, &mut q).expect("the same type");
+                    let (s, code) = ggml_block(ty, bytes, r * cols + b * BLOCK, q8).expect("the same type");
                     finite &= half::f16::from_bits(s).is_finite();
                     scales[(first + r) * blocks + b] = s;
-                    row_codes[b * per_block(q8)..][..per_block(q8)]
-                        .copy_from_slice(&code_bytes(&q, q8)[..per_block(q8)]);
+                    row_codes[b * per_block(q8)..][..per_block(q8)].copy_from_slice(&code[..per_block(q8)]);
                 }
             }
             return finite;
