@@ -10,7 +10,7 @@
 // integer-dot extension is needed. A block's minimum is applied once: sum(x * (q * scale - min)) =
 // scale * sum(x * q) - min * sum(x).
 //
-// Three entry points over one binding list:
+// Five entry points over one binding list:
 // - matvec: y[m] = x[m] @ w[idx[0]] for the M rows of x, M (1..=8) rows per workgroup row; lines
 //   in a `for R` loop are written once per row (one accumulator variable per row keeps them in
 //   registers), so a prefill's product over all its rows is one launch;
@@ -20,6 +20,10 @@
 // - grouped: the gathered product with the pairs sorted by expert (shaders/moe_sort.wgsl's plan in idx):
 //   each workgroup row takes one tile of up to R-many pairs of one expert and reads that expert's
 //   weights once for all of them (prefill); tiles of experts outside the chunk are skipped;
+// - collected: the gathered product for the pairs of up to M tokens (a batch's decode step), each expert
+//   chosen at most once per token: one workgroup row per pair as in gathered, but
+//   the first pair of each expert finds the others (scanning idx, shape.m pairs) and reads the expert's
+//   weights once for all of them, and the others return;
 // - dequant: y = w as f32 [count, Kp, N], for burn's ops (training, the dense expert form).
 //
 // Each invocation owns four adjacent columns c (one vec4<u32> of words: four rows of each column), or
@@ -59,7 +63,7 @@ struct Shape {
     x_k4: u32,         // vec4 per row of x: K / 4, the reads past it zero
     keep: u32,         // gathered: 1 leaves the rows of pairs outside the chunk as they are, 0 writes zeros
     order: u32,        // grouped: where the plan's pair order starts
-    m: u32,            // matvec: rows of x (in groups of {{M}}, one workgroup row each)
+    m: u32,            // matvec: rows of x (in groups of {{M}}, one workgroup row each); collected: pairs (P)
     _pad2: u32,
 }
 @group(0) @binding(5) var<uniform> shape: Shape;
@@ -90,13 +94,13 @@ fn frame(e: u32, b: u32, c: u32, i: u32) -> mat2x4<f32> {
 }
 {% endif %}
 
-// The rows of x (rowR, M of them) times the P texel columns of matrix `expert` from c, block by block,
+// The rows of x (rowR, m of them, m up to M) times the P texel columns of matrix `expert` from c, block by block,
 // into accR_C: the inner loop every product entry shares, each block's partial sums scaled once.
-{% macro rows_times_blocks(expert) %}
+{% macro rows_times_blocks(expert, m) %}
     for (var b = 0u; b < blocks; b++) {
-{% for C in range(P) %}{% for R in range(M) %}        var part{{R}}_{{C}} = vec4<f32>(0.0);
+{% for C in range(P) %}{% for R in range(m) %}        var part{{R}}_{{C}} = vec4<f32>(0.0);
 {% endfor %}{% endfor %}
-{% if MINS %}{% for R in range(M) %}        var xsum{{R}} = vec4<f32>(0.0);
+{% if MINS %}{% for R in range(m) %}        var xsum{{R}} = vec4<f32>(0.0);
 {% endfor %}{% endif %}
 {% if HIGH %}{% for C in range(P) %}        let high{{C}} = high_bits({{ expert }}, b, c + col({{C}}u, step));
 {% endfor %}{% endif %}
@@ -105,16 +109,16 @@ fn frame(e: u32, b: u32, c: u32, i: u32) -> mat2x4<f32> {
 {% for C in range(P) %}            let words{{C}} = word({{ expert }}, g, c + col({{C}}u, step));
 {% for h in range(X4) %}            let q{{C}}_{{h}} = unpack(words{{C}}, {{h}}u{% if HIGH %}, high_at(high{{C}}, j){% endif %});
 {% endfor %}{% endfor %}
-{% for R in range(M) %}{% for h in range(X4) %}            let xv{{R}}_{{h}} = xs(row{{R}}, {{X4}}u * g + {{h}}u);
+{% for R in range(m) %}{% for h in range(X4) %}            let xv{{R}}_{{h}} = xs(row{{R}}, {{X4}}u * g + {{h}}u);
 {% endfor %}{% endfor %}
-{% if MINS %}{% for R in range(M) %}            xsum{{R}} += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv{{R}}_{{h}}{% endfor %};
+{% if MINS %}{% for R in range(m) %}            xsum{{R}} += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv{{R}}_{{h}}{% endfor %};
 {% endfor %}{% endif %}
-{% for C in range(P) %}{% for R in range(M) %}            part{{R}}_{{C}} += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv{{R}}_{{h}} * q{{C}}_{{h}}{% endfor %};
+{% for C in range(P) %}{% for R in range(m) %}            part{{R}}_{{C}} += {% for h in range(X4) %}{% if not loop.first %} + {% endif %}xv{{R}}_{{h}} * q{{C}}_{{h}}{% endfor %};
 {% endfor %}{% endfor %}
         }
 {% for C in range(P) %}        let f{{C}} = frame({{ expert }}, b, c + col({{C}}u, step), sbase + b * n4 + col({{C}}u, step));
 {% endfor %}
-{% for C in range(P) %}{% for R in range(M) %}        acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, f{{C}}[0], acc{{R}}_{{C}});
+{% for C in range(P) %}{% for R in range(m) %}        acc{{R}}_{{C}} = fma(part{{R}}_{{C}}, f{{C}}[0], acc{{R}}_{{C}});
 {% if MINS %}        acc{{R}}_{{C}} -= dot(xsum{{R}}, vec4<f32>(1.0)) * f{{C}}[1];
 {% endif %}{% endfor %}{% endfor %}
     }
@@ -166,7 +170,7 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     let sbase = e * blocks * n4 + c;
 {% for C in range(P) %}{% for R in range(M) %}    var acc{{R}}_{{C}} = vec4<f32>(0.0);
 {% endfor %}{% endfor %}
-{{ rows_times_blocks("e") }}
+{{ rows_times_blocks("e", M) }}
 {% if LIN %}{% if MANY %}{% for C in range(P) %}{% for R in range(M) %}    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * n4 + c + {{C}}u] = acc{{R}}_{{C}}; }
 {% endfor %}{% endfor %}{% endif %}{% endif %}
 {% if GLU %}{% if MANY %}{% for G in range(H) %}{% for R in range(M) %}    if (r0 + {{R}}u < shape.m) { y[(r0 + {{R}}u) * lim + c + {{G}}u] = silu(acc{{R}}_{{G}}) * acc{{R}}_{{ G + H }}; }
@@ -257,7 +261,66 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
 {% endfor %}{% endfor %}
     if (inside) {
         let sbase = u32(e) * blocks * n4 + c;
-{{ rows_times_blocks("u32(e)") }}
+{{ rows_times_blocks("u32(e)", M) }}
+    }
+{% if LIN %}{% for C in range(P) %}{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * n4 + c + {{C}}u] = acc{{R}}_{{C}}; }
+{% endfor %}{% endfor %}{% endif %}
+{% if GLU %}{% for G in range(H) %}{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * lim + c + {{G}}u] = silu(acc{{R}}_{{G}}) * acc{{R}}_{{ G + H }}; }
+{% endfor %}{% endfor %}{% endif %}
+}
+
+@compute @workgroup_size(64)
+fn collected(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let n4 = shape.n4;
+    let cols = column_groups(gid.x);
+    let c = cols.x;
+    let lim = cols.y;
+    let step = cols.z;
+    if (c >= lim) {
+        return;
+    }
+    // Workgroup row q leads the pairs of its expert when no earlier pair chose it: it finds the later
+    // ones (at most one per token, so at most M pairs in all) and computes them all; the others return.
+    let q0 = gid.y;
+    let chosen = idx[q0];
+    for (var q = 0u; q < q0; q++) {
+        if (idx[q] == chosen) {
+            return;
+        }
+    }
+    // Each pair found is written to its row and the rows after it, so the rows past the pairs repeat the
+    // last (computed, not written). Plain variables rather than an array indexed by the count keep each
+    // row the same across the workgroup, which lets a SIMD driver (lavapipe) read x once per row.
+{% for R in range(M) %}    var p{{R}} = q0;
+{% endfor %}
+    var pairs = 1u;
+    for (var q = q0 + 1u; q < shape.m; q++) {
+        if (idx[q] == chosen && pairs < {{M}}u) {
+{% for R in range(1, M) %}            if (pairs <= {{R}}u) { p{{R}} = q; }
+{% endfor %}
+            pairs += 1u;
+        }
+    }
+    let e = chosen - i32(shape.first);
+    let inside = e >= 0 && u32(e) < shape.count;
+    if (!inside && shape.keep == 1u) {
+        return;
+    }
+    let blocks = shape.blocks;
+{% for R in range(M) %}    let row{{R}} = (p{{R}} / shape.x_div) * shape.x_k4;
+{% endfor %}
+{% for C in range(P) %}{% for R in range(M) %}    var acc{{R}}_{{C}} = vec4<f32>(0.0);
+{% endfor %}{% endfor %}
+    if (inside) {
+        let sbase = u32(e) * blocks * n4 + c;
+        // As many rows as there are pairs, in steps of a power of two (a row's sums are the same whichever
+        // step computes them).
+{% for m in [1, 2, 4] %}{% if m < M %}        {% if m > 1 %}else {% endif %}if (pairs <= {{m}}u) {
+{{ rows_times_blocks("u32(e)", m) }}
+        }
+{% endif %}{% endfor %}        {% if M > 1 %}else {% endif %}{
+{{ rows_times_blocks("u32(e)", M) }}
+        }
     }
 {% if LIN %}{% for C in range(P) %}{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * n4 + c + {{C}}u] = acc{{R}}_{{C}}; }
 {% endfor %}{% endfor %}{% endif %}

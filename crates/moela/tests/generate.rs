@@ -314,13 +314,16 @@ fn a_long_prompt_is_prefilled_a_chunk_per_step() {
 
 /// One token for each of several sessions in one batched step gives each session the logits it gets
 /// stepping alone: more sessions than one launch takes (so the batch is split), every one at its own
-/// position, on plain and LoRA queries, f32 and q8 weights.
+/// position, on plain and LoRA queries, f32 weights and packed ones (whose experts read their weights once
+/// for all the pairs that chose them: q8, q4, and a Q4_K_M file's q4k, q5 and q6k).
 #[test]
 fn a_batched_step_gives_each_session_its_logits_alone() {
     for (name, dtype) in [
         ("v2-lite-tiny", moela::WeightDtype::F32),
         ("v3-tiny", moela::WeightDtype::F32),
         ("v3-tiny", moela::WeightDtype::Q8),
+        ("v2-lite-tiny", moela::WeightDtype::Q4),
+        ("gguf/k256.q4_k_m.gguf", moela::WeightDtype::Q4K),
     ] {
         let options = LoadOptions {
             dtype,

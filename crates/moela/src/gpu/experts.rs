@@ -239,9 +239,15 @@ pub enum Pairs<'a> {
     /// The pairs sorted by expert into tiles ([`sort`]): each tile reads its expert's weights once for all
     /// its pairs (prefill).
     Sorted(&'a Plan),
+    /// Each pair's expert id (`[P]`, i32) for the pairs of `tokens` tokens (up to [`MAX_ROWS`]), each
+    /// expert chosen at most once per token (a batch's decode step): the block-quantised products (q8,
+    /// q4 and the GGUF formats) find each expert's pairs in the kernel and read its weights once for all
+    /// of them, where [`Each`](Self::Each) reads them once per pair; other products, and more tokens,
+    /// take them as `Each`.
+    Collected(&'a Tensor<1, Int>, usize),
 }
 
-/// How a launch over [`Pairs`] runs: the shaders' `gathered` or `grouped` entry point.
+/// How a launch over [`Pairs`] runs: the shaders' `gathered`, `grouped` or `collected` entry point.
 pub(crate) struct PairLaunch {
     /// The entry point.
     pub entry: &'static str,
@@ -249,7 +255,7 @@ pub(crate) struct PairLaunch {
     pub table: CubeTensor,
     /// Workgroup rows: one per pair, or one per tile.
     pub groups: u32,
-    /// Rows of x one workgroup row multiplies: 1, or [`TILE_PAIRS`].
+    /// Rows of x one workgroup row multiplies at most: 1, or [`TILE_PAIRS`] (= [`MAX_ROWS`]).
     pub rows: usize,
     /// Where the plan's pair order starts (the shape's `order`; 0 for [`Pairs::Each`]).
     pub order: u32,
@@ -259,7 +265,7 @@ impl Pairs<'_> {
     /// Pairs in all (P): the rows of the product's output.
     pub fn len(&self) -> usize {
         match self {
-            Pairs::Each(idx) => idx.dims()[0],
+            Pairs::Each(idx) | Pairs::Collected(idx, _) => idx.dims()[0],
             Pairs::Sorted(plan) => plan.pairs,
         }
     }
@@ -270,11 +276,17 @@ impl Pairs<'_> {
     }
 
     /// The launch over these pairs, or `None` when a launch cannot take them (too many pairs for one
-    /// launch's workgroup rows, ids not i32, not on a WGSL device).
-    pub(crate) fn launch(&self) -> Option<PairLaunch> {
-        let (entry, table, groups, rows, order) = match self {
-            Pairs::Each(idx) => ("gathered", *idx, idx.dims()[0], 1, 0),
-            Pairs::Sorted(plan) => ("grouped", &plan.table, plan.tiles, TILE_PAIRS, plan.order_at()),
+    /// launch's workgroup rows, ids not i32, not on a WGSL device). `collect`: the kernel has the
+    /// `collected` entry (the packed products); without it, [`Pairs::Collected`] runs as [`Pairs::Each`].
+    pub(crate) fn launch(&self, collect: bool) -> Option<PairLaunch> {
+        let (entry, table, groups, rows, order) = match (self, collect) {
+            // One variant of MAX_ROWS rows for every batch: its branch by pair count runs only the rows an
+            // expert has (on lavapipe, variants of 2 or 4 rows with SwiGLU ran q4 at half speed).
+            (Pairs::Collected(idx, tokens), true) if (1..=MAX_ROWS).contains(tokens) => {
+                ("collected", *idx, idx.dims()[0], MAX_ROWS, 0)
+            }
+            (Pairs::Each(idx) | Pairs::Collected(idx, _), _) => ("gathered", *idx, idx.dims()[0], 1, 0),
+            (Pairs::Sorted(plan), _) => ("grouped", &plan.table, plan.tiles, TILE_PAIRS, plan.order_at()),
         };
         let groups = u32::try_from(groups).ok().filter(|&g| g <= 65_535)?;
         let table = cube_int_tensor(table).filter(|t| t.dtype == DType::I32)?;
@@ -314,7 +326,7 @@ pub fn gathered_matvec(
     {
         return None;
     }
-    let l = pairs.launch()?;
+    let l = pairs.launch(false)?;
     let cols = f32_columns(l.entry, n / 4);
     let groups = u32::try_from((n / 4).div_ceil(cols).div_ceil(WORKGROUP as usize)).ok()?;
     if groups > 65_535 {

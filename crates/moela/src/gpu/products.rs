@@ -257,7 +257,8 @@ pub fn product_at(x: &Tensor<2>, p: &Packed, index: &Tensor<1, Int>, glu: bool) 
 /// the chunks of a stack fill one output, each its own pairs. With `glu`, each row is `silu(gate) * up` of
 /// the pair's fused `[gate | up]` product (`[P, N/2]`, as [`product_at`] covers it). [`Pairs::Each`] runs
 /// the shaders' `gathered` entry (each pair reads its expert), [`Pairs::Sorted`] their `grouped` one (each
-/// tile of up to [`MAX_ROWS`] pairs of one expert reads it once: prefill).
+/// tile of up to [`MAX_ROWS`] pairs of one expert reads it once: prefill), [`Pairs::Collected`] their
+/// `collected` one (each expert of the chunk finds its pairs and reads its weights once: a batch's decode).
 pub fn gathered(
     x: &Tensor<2>,
     p: &Packed,
@@ -278,7 +279,8 @@ pub fn gathered(
     if into.is_some_and(|t| t.dims() != [count, out_n] || t.dtype() != DType::F32) {
         return None;
     }
-    let l = pairs.launch()?;
+    // The block formats' shader has the `collected` entry; f16's take collected pairs one at a time.
+    let l = pairs.launch(p.format != WeightDtype::F16)?;
     let b = buffers(p)?;
     let cols = columns(p, &b, l.entry, l.entry == "grouped");
     let groups = column_groups(n, cols)?;
@@ -289,7 +291,7 @@ pub fn gathered(
         None => None,
     };
     let mut info = shape_values(p, &b, first, x_div, x_k4, into.is_some());
-    info.push(l.order);
+    info.extend([l.order, count as u32]);
     let grid = [groups, l.groups, 1];
     let out_len = (count * out_n, into.as_ref());
     let out = launch(p, &b, l.entry, (l.rows, cols, glu), &xt, &l.table, out_len, grid, info)?;
@@ -484,6 +486,19 @@ mod tests {
                         w < 1e-4,
                         "{format:?} two stacks, pair {q} (expert {e}): worst difference {w}"
                     );
+                }
+                // Each expert's pairs collected in the kernel (expert 11 has two): the same sums, bit for bit,
+                // alone (pair 3's expert 2 outside the chunk: zeros) and with the second stack.
+                let collected = Pairs::Collected(&idx, t);
+                for glu in [false, true].into_iter().filter(|&g| !g || glu_covers(&p)) {
+                    let want = values(gathered(&x, &p, each, (first, top, glu), None).expect("covered"));
+                    let got = values(gathered(&x, &p, collected, (first, top, glu), None).expect("covered"));
+                    assert_eq!(got, want, "{format:?} collected in one chunk, SwiGLU {glu}");
+                    let out = gathered(&x, &low, each, (0, top, glu), None).expect("covered");
+                    let want = values(gathered(&x, &p, each, (first, top, glu), Some(&out)).expect("covered"));
+                    let out = gathered(&x, &low, collected, (0, top, glu), None).expect("covered");
+                    let got = values(gathered(&x, &p, collected, (first, top, glu), Some(&out)).expect("covered"));
+                    assert_eq!(got, want, "{format:?} collected, SwiGLU {glu}");
                 }
                 // SwiGLU in the launch, the two stacks again filling one output.
                 if glu_covers(&p) {

@@ -528,8 +528,11 @@ impl Moe {
         } else {
             None
         };
+        // A few tokens (a batch's decode step): each expert's pairs are found in the kernel, and its
+        // weights read once for all of them.
         let pairs = match &plan {
             Some(plan) => Pairs::Sorted(plan),
+            None if (2..=gpu::matvec::MAX_ROWS).contains(&t) => Pairs::Collected(&flat, t),
             None => Pairs::Each(&flat),
         };
         // SwiGLU inside the gate/up launch where the weights' kernel has that variant, else its own launch.
