@@ -15,7 +15,11 @@ Each stream gets its own prompt (`--prompt-tokens` ids, prefilled in one batch f
 `--gen-tokens` greedy steps are timed, each one batch of one token per stream. Prints one JSON object: per
 stream count the aggregate decode tokens per second, the mean step time, and the prompts' prefill speed
 (with `--streams 1`, what `moela bench` reports as prefill and decode). The wheel's backend is llama.cpp's
-CPU backend unless the package was built with another (`CMAKE_ARGS=-DGGML_VULKAN=on pip install ...`).
+CPU backend unless the package was built with another: with `CMAKE_ARGS=-DGGML_VULKAN=on pip install
+llama-cpp-python`, llama.cpp's Vulkan backend takes `--gpu-layers` of the model's layers (all by default,
+as llama.cpp offloads them; 0 keeps them on the CPU), on the device `GGML_VK_VISIBLE_DEVICES` picks.
+Each stream count runs once untimed first (2 steps), so a GPU backend's pipelines are built before the
+timed round.
 """
 
 import argparse
@@ -35,6 +39,8 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--gen-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--gpu-layers", type=int, default=None,
+                    help="layers llama.cpp offloads to a GPU backend (default: llama.cpp's, all of them)")
     a = ap.parse_args()
     streams = sorted({int(s) for s in a.streams.split(",")})
     if not streams or streams[0] < 1 or a.prompt_tokens < 1 or a.gen_tokens < 1:
@@ -46,7 +52,10 @@ def main():
     quiet = L.llama_log_callback(lambda level, text, user_data: None)
     L.llama_log_set(quiet, ctypes.c_void_p(0))
     L.llama_backend_init()
-    model = L.llama_model_load_from_file(a.model.encode(), L.llama_model_default_params())
+    model_params = L.llama_model_default_params()
+    if a.gpu_layers is not None:
+        model_params.n_gpu_layers = a.gpu_layers
+    model = L.llama_model_load_from_file(a.model.encode(), model_params)
     if not model:
         sys.exit(f"llama.cpp cannot load {a.model}")
     n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
@@ -76,27 +85,35 @@ def main():
         if L.llama_decode(ctx, batch) != 0:
             sys.exit("llama_decode failed")
 
-    def argmax(i):
-        row = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
-        return int(row.argmax())
+    def argmaxes(n):
+        """The greedy token of each of the last batch's n outputs (its entries with logits, in order)."""
+        rows = np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(n, n_vocab))
+        return [int(r.argmax()) for r in rows]
 
-    results = {"engine": "llama.cpp (llama-cpp-python " + L.__version__ + ")", "model": a.model,
-               "threads": a.threads, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens, "streams": []}
-    for s in streams:
+    def run(s, gen_tokens):
+        """s streams' prompts, then gen_tokens steps: (prefill tok/s, seconds of the steps)."""
         L.llama_memory_clear(L.llama_get_memory(ctx), True)
         # Each stream's own prompt: ids spread over the vocabulary, different per stream.
         prompts = [[(7 + 37 * (i + 1) + 101 * seq) % (n_vocab - 8) + 4 for i in range(a.prompt_tokens)]
                    for seq in range(s)]
         start = time.perf_counter()
         decode([(t, i, seq, i == a.prompt_tokens - 1) for seq in range(s) for i, t in enumerate(prompts[seq])])
-        last = [argmax(seq * a.prompt_tokens + a.prompt_tokens - 1) for seq in range(s)]
+        last = argmaxes(s)
         prefill = s * a.prompt_tokens / (time.perf_counter() - start)
         start = time.perf_counter()
-        for step in range(a.gen_tokens):
+        for step in range(gen_tokens):
             pos = a.prompt_tokens + step
             decode([(last[seq], pos, seq, True) for seq in range(s)])
-            last = [argmax(seq) for seq in range(s)]
-        took = time.perf_counter() - start
+            last = argmaxes(s)
+        return prefill, time.perf_counter() - start
+
+    results = {"engine": "llama.cpp (llama-cpp-python " + L.__version__ + ")", "model": a.model,
+               "gpu_offload": bool(L.llama_supports_gpu_offload()), "gpu_layers": model_params.n_gpu_layers,
+               "threads": a.threads, "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens, "streams": []}
+    for s in streams:
+        run(s, 2)
+    for s in streams:
+        prefill, took = run(s, a.gen_tokens)
         results["streams"].append({
             "streams": s,
             "tokens_per_second": s * a.gen_tokens / took,
