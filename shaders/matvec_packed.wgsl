@@ -94,6 +94,15 @@ fn frame(e: u32, b: u32, c: u32, i: u32) -> mat2x4<f32> {
 }
 {% endif %}
 
+// The sums of the first `pairs` rows (accR_C) into the output rows of their pairs (pR): grouped's tile
+// and collected's expert.
+{% macro write_pairs() %}
+{% if LIN %}{% for C in range(P) %}{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * n4 + c + {{C}}u] = acc{{R}}_{{C}}; }
+{% endfor %}{% endfor %}{% endif %}
+{% if GLU %}{% for G in range(H) %}{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * lim + c + {{G}}u] = silu(acc{{R}}_{{G}}) * acc{{R}}_{{ G + H }}; }
+{% endfor %}{% endfor %}{% endif %}
+{% endmacro %}
+
 // The rows of x (rowR, m of them, m up to M) times the P texel columns of matrix `expert` from c, block by block,
 // into accR_C: the inner loop every product entry shares, each block's partial sums scaled once.
 {% macro rows_times_blocks(expert, m) %}
@@ -263,10 +272,7 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
         let sbase = u32(e) * blocks * n4 + c;
 {{ rows_times_blocks("u32(e)", M) }}
     }
-{% if LIN %}{% for C in range(P) %}{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * n4 + c + {{C}}u] = acc{{R}}_{{C}}; }
-{% endfor %}{% endfor %}{% endif %}
-{% if GLU %}{% for G in range(H) %}{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * lim + c + {{G}}u] = silu(acc{{R}}_{{G}}) * acc{{R}}_{{ G + H }}; }
-{% endfor %}{% endfor %}{% endif %}
+{{ write_pairs() }}
 }
 
 @compute @workgroup_size(64)
@@ -322,10 +328,7 @@ fn collected(@builtin(global_invocation_id) gid: vec3<u32>) {
 {{ rows_times_blocks("u32(e)", M) }}
         }
     }
-{% if LIN %}{% for C in range(P) %}{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * n4 + c + {{C}}u] = acc{{R}}_{{C}}; }
-{% endfor %}{% endfor %}{% endif %}
-{% if GLU %}{% for G in range(H) %}{% for R in range(M) %}    if ({{R}}u < pairs) { y[p{{R}} * lim + c + {{G}}u] = silu(acc{{R}}_{{G}}) * acc{{R}}_{{ G + H }}; }
-{% endfor %}{% endfor %}{% endif %}
+{{ write_pairs() }}
 }
 
 @compute @workgroup_size(64)
