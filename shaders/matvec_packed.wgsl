@@ -20,10 +20,10 @@
 // - grouped: the gathered product with the pairs sorted by expert (shaders/moe_sort.wgsl's plan in idx):
 //   each workgroup row takes one tile of up to R-many pairs of one expert and reads that expert's
 //   weights once for all of them (prefill); tiles of experts outside the chunk are skipped;
-// - collected: the gathered product for the pairs of up to M tokens (a batch's decode step), each expert
-//   chosen at most once per token: one workgroup row per pair as in gathered, but
-//   the first pair of each expert finds the others (scanning idx, shape.m pairs) and reads the expert's
-//   weights once for all of them, and the others return;
+// - collected: the gathered product for a few pairs (a batch's decode step): one workgroup row per pair
+//   as in gathered, but the first pair of each expert finds the next ones of that expert, up to M in
+//   all (scanning idx, shape.m pairs), and reads the expert's weights once for all of them; the pairs it
+//   took return;
 // - dequant: y = w as f32 [count, Kp, N], for burn's ops (training, the dense expert form).
 //
 // Each invocation owns four adjacent columns c (one vec4<u32> of words: four rows of each column), or
@@ -285,14 +285,17 @@ fn collected(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (c >= lim) {
         return;
     }
-    // Workgroup row q leads the pairs of its expert when no earlier pair chose it: it finds the later
-    // ones (at most one per token, so at most M pairs in all) and computes them all; the others return.
+    // The pairs of one expert, in order, go in groups of M: workgroup row q leads a group when the pairs
+    // before it that chose its expert are a multiple of M (none, for a batch's decode step, where each
+    // token chooses an expert once), finds the rest of its group and computes them all; the others return.
     let q0 = gid.y;
     let chosen = idx[q0];
+    var before = 0u;
     for (var q = 0u; q < q0; q++) {
-        if (idx[q] == chosen) {
-            return;
-        }
+        before += u32(idx[q] == chosen);
+    }
+    if (before % {{M}}u != 0u) {
+        return;
     }
     // Each pair found is written to its row and the rows after it, so the rows past the pairs repeat the
     // last (computed, not written). Plain variables rather than an array indexed by the count keep each

@@ -239,11 +239,11 @@ pub enum Pairs<'a> {
     /// The pairs sorted by expert into tiles ([`sort`]): each tile reads its expert's weights once for all
     /// its pairs (prefill).
     Sorted(&'a Plan),
-    /// Each pair's expert id (`[P]`, i32) for the pairs of `tokens` tokens (up to [`MAX_ROWS`]), each
-    /// expert chosen at most once per token (a batch's decode step): the block-quantised products (q8,
-    /// q4 and the GGUF formats) find each expert's pairs in the kernel and read its weights once for all
-    /// of them, where [`Each`](Self::Each) reads them once per pair; other products, and more tokens,
-    /// take them as `Each`.
+    /// Each pair's expert id (`[P]`, i32) for the pairs of `tokens` tokens (up to [`MAX_ROWS`]: a batch's
+    /// decode step): the block-quantised products (q8, q4 and the GGUF formats) find each expert's pairs
+    /// in the kernel and read its weights once for every [`MAX_ROWS`] of them, where
+    /// [`Each`](Self::Each) reads them once per pair; other products, and more tokens, take them as
+    /// `Each`. The kernel scans the pairs from each pair's row, hence the few tokens.
     Collected(&'a Tensor<1, Int>, usize),
 }
 

@@ -500,6 +500,15 @@ mod tests {
                     let got = values(gathered(&x, &p, collected, (first, top, glu), Some(&out)).expect("covered"));
                     assert_eq!(got, want, "{format:?} collected, SwiGLU {glu}");
                 }
+                // One expert chosen by more pairs than a workgroup row takes (11 of 12, 4 slots per
+                // token): its pairs go in groups of MAX_ROWS, and each is computed.
+                let crowded: Vec<i32> = (0..12).map(|q| if q == 5 { 9 } else { 6 }).collect();
+                let crowded = Tensor::<1, Int>::from_data(TensorData::new(crowded, [12]), &device);
+                let one_by_one =
+                    values(gathered(&x, &p, Pairs::Each(&crowded), (first, 4, false), None).expect("covered"));
+                let got =
+                    values(gathered(&x, &p, Pairs::Collected(&crowded, t), (first, 4, false), None).expect("covered"));
+                assert_eq!(got, one_by_one, "{format:?} one expert in 11 of 12 pairs");
                 // SwiGLU in the launch, the two stacks again filling one output.
                 if glu_covers(&p) {
                     let out = gathered(&x, &low, each, (0, top, true), None).expect("covered");
