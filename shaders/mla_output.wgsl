@@ -1,10 +1,12 @@
-// MLA decode, step 3 of 3: merges mla_attend's chunks for token t and head h (each chunk's sums rescaled
-// by exp(m_chunk - m), divided by the total l) into the attention-weighted latent, then maps it out with
-// the value up-projection: out[t, h * dv + v] = sum_r latent[r] W_UV^T[h, r, v].
+// MLA decode, step 3 of 3: merges mla_attend's chunks for each token t and head h (each chunk's sums
+// rescaled by exp(m_chunk - m), divided by the total l) into the attention-weighted latent, then maps it out
+// with the value up-projection: out[t, h * dv + v] = sum_r latent[r] W_UV^T[h, r, v]. Workgroup (h, g) takes
+// tokens g * P .. g * P + P (lines in a `for R` loop are written once per token slot; slots past the T
+// tokens repeat the last one and are not written), so each W_UV value read serves P tokens: a batch of
+// sequences reads W_UV once per P of them, not once per sequence.
 //
 // Bindings: partial [T, heads, chunks, rank + 2], w_uv [heads, rank, dv] (read as vec4: a storage buffer,
-// or natively an f32 texture, BUF / TEX lines), out [rows, heads * dv] (token t's row at out_row + t), then
-// the shape.
+// or natively an f32 texture, BUF / TEX lines), out [T, heads * dv], then the shape.
 
 @group(0) @binding(0) var<storage, read_write> partial: array<f32>;
 {% if BUF %}@group(0) @binding(1) var<storage, read_write> w_uv: array<vec4<f32>>;{% endif %}
@@ -18,7 +20,7 @@ struct Shape {
     chunks: u32,
     uv_mask: u32,   // texture rows per layer - 1 (all ones for one layer)
     uv_shift: u32,  // log2(rows per layer) (31 for one layer)
-    out_row: u32,   // the output row of token 0 (a batch of sequences writes one output, row by row)
+    rows: u32,      // T
     _pad1: u32,
 }
 @group(0) @binding(3) var<uniform> shape: Shape;
@@ -37,33 +39,38 @@ fn uv(h: u32, r: u32, v4: u32) -> vec4<f32> {
 }
 
 const WG: u32 = 64u;
-const MAX_RANK: u32 = 1024u;
+const CTX: u32 = 3584u; // P * rank at most (the launcher checks)
+const P: u32 = {{M}}u;
 const LOW: f32 = -3.0e38;
 
-var<workgroup> ctx: array<f32, MAX_RANK>;
+// The merged latents of the workgroup's tokens, token slot R's at R * rank.
+var<workgroup> ctx: array<f32, CTX>;
 var<workgroup> red: array<vec4<f32>, WG>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wid.x;
-    let t = wid.y;
+    let t0 = wid.y * P;
     let rank = shape.rank;
     let stride = rank + 2u;
-    let pb = (t * shape.heads + h) * shape.chunks * stride;
-    var m = LOW;
-    for (var c = 0u; c < shape.chunks; c++) {
-        m = max(m, partial[pb + c * stride + rank]);
-    }
-    var l = 0.0;
-    for (var c = 0u; c < shape.chunks; c++) {
-        l += partial[pb + c * stride + rank + 1u] * exp(partial[pb + c * stride + rank] - m);
-    }
-    for (var r = lid; r < rank; r += WG) {
-        var a = 0.0;
+    for (var k = 0u; k < P; k++) {
+        let t = min(t0 + k, shape.rows - 1u);
+        let pb = (t * shape.heads + h) * shape.chunks * stride;
+        var m = LOW;
         for (var c = 0u; c < shape.chunks; c++) {
-            a = fma(partial[pb + c * stride + r], exp(partial[pb + c * stride + rank] - m), a);
+            m = max(m, partial[pb + c * stride + rank]);
         }
-        ctx[r] = a / l;
+        var l = 0.0;
+        for (var c = 0u; c < shape.chunks; c++) {
+            l += partial[pb + c * stride + rank + 1u] * exp(partial[pb + c * stride + rank] - m);
+        }
+        for (var r = lid; r < rank; r += WG) {
+            var a = 0.0;
+            for (var c = 0u; c < shape.chunks; c++) {
+                a = fma(partial[pb + c * stride + r], exp(partial[pb + c * stride + rank] - m), a);
+            }
+            ctx[k * rank + r] = a / l;
+        }
     }
     workgroupBarrier();
     // Four outputs per invocation (one vec4 of W_UV per latent value; dv is a multiple of 4). With fewer
@@ -73,28 +80,31 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let slices = WG / lanes;
     let col = lid % lanes;
     let slice = lid / lanes;
-    let ob = ((shape.out_row + t) * shape.heads + h) * shape.dv;
     for (var base = 0u; base < v4n; base += lanes) {
         let v4 = base + col;
-        var a = vec4<f32>(0.0);
+{% for R in range(M) %}        var a{{R}} = vec4<f32>(0.0);
+{% endfor %}
         if (v4 < v4n && slice < slices) {
             for (var r = slice; r < rank; r += slices) {
-                a = fma(vec4<f32>(ctx[r]), uv(h, r, v4), a);
+                let w = uv(h, r, v4);
+{% for R in range(M) %}                a{{R}} = fma(vec4<f32>(ctx[{{R}}u * rank + r]), w, a{{R}});
+{% endfor %}
             }
         }
-        red[lid] = a;
+{% for R in range(M) %}        red[lid] = a{{R}};
         workgroupBarrier();
-        if (slice == 0u && v4 < v4n) {
+        if (slice == 0u && v4 < v4n && t0 + {{R}}u < shape.rows) {
             var sum = red[lid];
             for (var k = 1u; k < slices; k++) {
                 sum += red[lid + k * lanes];
             }
-            let o = ob + 4u * v4;
+            let o = ((t0 + {{R}}u) * shape.heads + h) * shape.dv + 4u * v4;
             out[o] = sum.x;
             out[o + 1u] = sum.y;
             out[o + 2u] = sum.z;
             out[o + 3u] = sum.w;
         }
         workgroupBarrier();
+{% endfor %}
     }
 }

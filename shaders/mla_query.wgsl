@@ -1,10 +1,15 @@
 // MLA decode, step 1 of 3 (docs/architecture.md §3.4): the absorbed queries and this step's cache rows.
 //
-// Workgroup (h, t) for a head h < heads: the rope half of token t's query for head h is rotated, and its
-// no-rope half is moved into latent space with the absorbed key up-projection, q~[r] = sum_d q[d] W_UK[h, d, r].
-// query[t, h] = [q~ (rank values) | roped q_pe (rope values)].
-// Workgroup (heads, t): token t's cache row at position pos + t: kv_a_layernorm of the latent (eps from the
-// shape) and the roped shared key, [c' | k_pe], written in place into the preallocated cache.
+// Workgroup h < heads, for every token t of the launch (rows of them, up to M): the rope half of token t's
+// query for head h is rotated, and its no-rope half is moved into latent space with the absorbed key
+// up-projection, q~[r] = sum_d q[d] W_UK[h, d, r]; query[t, h] = [q~ (rank values) | roped q_pe (rope
+// values)]. Each W_UK value read serves all the tokens (lines in a `for R` loop are written once per token
+// slot; slots past `rows` repeat the last token and are not written), so a batch of sequences reads W_UK
+// once per step, not once per sequence.
+// Workgroup heads + t (launched only where this kernel writes the cache, for a sequence's several new
+// tokens; mla_attend writes a single token's row itself): token t's cache row at position pos + t:
+// kv_a_layernorm of the latent (eps from the shape) and the roped shared key, [c' | k_pe], written in place
+// into the preallocated cache.
 // Rope dims are in half-split order (model/rope.rs): x1 = first half, x2 = second half.
 //
 // Bindings: q (token t's query, heads * (nope + rope) values at t * q_stride + q_off: a storage buffer, or
@@ -40,6 +45,9 @@ struct Shape {
     uk_mask: u32,   // texture rows per layer - 1 (all ones for one layer)
     uk_shift: u32,  // log2(rows per layer) (31 for one layer)
     table_row: u32, // the rope tables' row of token 0 (a batch of sequences shares one table)
+    rows: u32,      // tokens of the launch (1..=M)
+    _pad0: u32,
+    _pad1: u32,
 }
 @group(0) @binding(8) var<uniform> shape: Shape;
 
@@ -67,39 +75,49 @@ var<workgroup> partial: array<f32, WG>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let h = wid.x;
-    let t = wid.y;
     let rank = shape.rank;
     let nope = shape.nope;
     let half = shape.rope / 2u;
     let width = rank + shape.rope;
-    if (h < shape.heads) {
-        let qb = t * shape.q_stride + shape.q_off + h * (nope + shape.rope);
-        let ob = (t * shape.heads + h) * width;
-        for (var i = lid; i < half; i += WG) {
-            let c = cos_t[(shape.table_row + t) * half + i];
-            let s = sin_t[(shape.table_row + t) * half + i];
-            let x1 = qs(qb + nope + i);
-            let x2 = qs(qb + nope + half + i);
-            query[ob + rank + i] = x1 * c - x2 * s;
-            query[ob + rank + half + i] = x2 * c + x1 * s;
+    if (wid.x < shape.heads) {
+        let h = wid.x;
+        for (var t = 0u; t < shape.rows; t++) {
+            let qb = t * shape.q_stride + shape.q_off + h * (nope + shape.rope);
+            let ob = (t * shape.heads + h) * width;
+            for (var i = lid; i < half; i += WG) {
+                let c = cos_t[(shape.table_row + t) * half + i];
+                let s = sin_t[(shape.table_row + t) * half + i];
+                let x1 = qs(qb + nope + i);
+                let x2 = qs(qb + nope + half + i);
+                query[ob + rank + i] = x1 * c - x2 * s;
+                query[ob + rank + half + i] = x2 * c + x1 * s;
+            }
         }
+{% for R in range(M) %}        let qb{{R}} = min({{R}}u, shape.rows - 1u) * shape.q_stride + shape.q_off + h * (nope + shape.rope);
+{% endfor %}
         // Four latent values per invocation: one vec4 of W_UK per query value (rank is a multiple of 4).
         let r4n = rank / 4u;
         for (var r4 = lid; r4 < r4n; r4 += WG) {
-            var acc = vec4<f32>(0.0);
+{% for R in range(M) %}            var acc{{R}} = vec4<f32>(0.0);
+{% endfor %}
             for (var d = 0u; d < nope; d++) {
-                acc = fma(vec4<f32>(qs(qb + d)), uk(h, d, r4), acc);
+                let w = uk(h, d, r4);
+{% for R in range(M) %}                acc{{R}} = fma(vec4<f32>(qs(qb{{R}} + d)), w, acc{{R}});
+{% endfor %}
             }
-            let o = ob + 4u * r4;
-            query[o] = acc.x;
-            query[o + 1u] = acc.y;
-            query[o + 2u] = acc.z;
-            query[o + 3u] = acc.w;
+{% for R in range(M) %}            if ({{R}}u < shape.rows) {
+                let o = ({{R}}u * shape.heads + h) * width + 4u * r4;
+                query[o] = acc{{R}}.x;
+                query[o + 1u] = acc{{R}}.y;
+                query[o + 2u] = acc{{R}}.z;
+                query[o + 3u] = acc{{R}}.w;
+            }
+{% endfor %}
         }
         return;
     }
 
+    let t = wid.x - shape.heads;
     let kb = t * shape.kv_stride + shape.kv_off;
     let cb = (shape.pos + t) * width;
     var ss = 0.0;

@@ -1,5 +1,6 @@
 //! `shaders/mla_{query,attend,output}.wgsl`: MLA decode attention in latent space (absorbed queries,
-//! flash-decoding over the latent cache, the value up-projection), three launches per layer.
+//! flash-decoding over the latent cache, the value up-projection): per layer one launch for the queries,
+//! one per sequence over its cache, one for the output.
 //!
 //! Natively the three run on moela's own launch path (`texture.rs`): the absorbed factors `W_UK` / `W_UV^T`
 //! are read from textures ([`Factor`]) and the queries from uniform copies where they fit. In a browser they
@@ -125,6 +126,11 @@ pub const MAX_RANK: usize = 1024;
 pub const MAX_WIDTH: usize = 1152;
 /// Cache positions one attention workgroup reads; longer contexts split over more workgroups.
 pub const CHUNK: usize = 256;
+/// The most tokens of one call: a sequence's few new tokens, or a batch of sequences' one each (the rows of a
+/// decode step's products).
+pub const MAX_TOKENS: usize = super::matvec::MAX_ROWS;
+/// Merged latent values one `mla_output` workgroup holds (`CTX`): its tokens times the rank.
+const OUTPUT_CTX: usize = 3584;
 
 /// One attention block's sizes.
 #[derive(Debug, Clone, Copy)]
@@ -149,8 +155,7 @@ pub struct MlaShape {
 pub struct MlaInputs<'a> {
     /// Queries: columns `q_col..q_col + n_h * (d_n + d_r)` of rows `row..row + T`, rope dims unrotated.
     pub q: &'a Tensor<2>,
-    /// The first query row in `q`, and of the rope tables: a batch of sequences attends row by row, each to
-    /// its own cache.
+    /// The first query row in `q`, and of the rope tables.
     pub row: usize,
     /// T, the tokens of this call.
     pub rows: usize,
@@ -169,28 +174,39 @@ pub struct MlaInputs<'a> {
     pub w_uv_t: &'a Factor,
     /// `kv_a_layernorm`'s gain `[r_kv]`.
     pub gain: &'a Tensor<1>,
-    /// Rope cos and sin tables `[rows, d_r / 2]`, rows `row..row + T` for positions `pos..pos + T`.
+    /// Rope cos and sin tables `[rows, d_r / 2]`, rows `row..row + T` for the tokens' positions.
     pub tables: &'a (Tensor<2>, Tensor<2>),
-    /// Where the output goes: rows `row..row + T` of this tensor (`[rows, n_h * d_v]`, f32, a batch's one
-    /// output), or a new `[T, n_h * d_v]` tensor.
-    pub into: Option<&'a Tensor<2>>,
 }
 
-/// Attention for `T` tokens at positions `pos..pos + T` (`pos` = tokens already in `layer`, the cache of
-/// this layer `[capacity, r_kv + d_r]`): writes their cache rows in place and returns the attention output
-/// `[T, n_h * d_v]` (before `o_proj`), or, [`into`](MlaInputs::into) a batch's output, that output. `None` when the kernels do not cover the call, with the cache
-/// untouched (or, if a launch after the first failed, these tokens' rows written as burn's path writes
-/// them again); the caller then runs burn's ops.
-pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) -> Option<Tensor<2>> {
+/// Where one sequence's tokens go in attention: their first position and the cache of this layer
+/// (`[max_context, r_kv + d_r]`).
+pub struct RowAt<'a> {
+    /// Position of the first token (tokens already cached).
+    pub pos: usize,
+    /// This layer's cache of the sequence.
+    pub cache: &'a mut Tensor<2>,
+}
+
+/// Attention for the T tokens of `inp`: those of one sequence (`at` holds one [`RowAt`]: positions
+/// `pos..pos + T`) or one token each of T sequences (`at[i]` for row `i`, each attending to its own cache
+/// only). Writes the tokens' cache rows in place and returns the attention output `[T, n_h * d_v]` (before
+/// `o_proj`). The queries' `W_UK` is read once for all T tokens, the output's `W_UV` once for all or once
+/// per two of them (as its workgroup memory allows), the caches once per sequence: one launch for the queries, one per sequence, one for
+/// the output. `None` when the kernels do not cover the call, with the caches untouched (or, if a launch
+/// after the first failed, some tokens' rows written as burn's path writes them again); the caller then
+/// runs burn's ops.
+pub fn decode(inp: &MlaInputs, at: &mut [RowAt<'_>], s: &MlaShape) -> Option<Tensor<2>> {
     let [q_rows, qw] = inp.q.dims();
     let [kv_rows, kw] = inp.kv.dims();
     let t = inp.rows;
     let [table_rows, half] = inp.tables.0.dims();
     let width = s.kv_lora_rank + s.qk_rope_head_dim;
-    let [capacity, cw] = layer.dims();
     let f32s = [inp.q.dtype(), inp.kv.dtype(), inp.gain.dtype()];
+    // Tokens per sequence: all of them in one, or one in each.
+    let each = if at.len() == 1 { t } else { 1 };
     if t == 0
-        || t > 65_535
+        || t > MAX_TOKENS
+        || (at.len() != 1 && at.len() != t)
         || s.num_attention_heads == 0
         || s.num_attention_heads >= 65_535
         || s.kv_lora_rank == 0
@@ -209,34 +225,165 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         || half != s.qk_rope_head_dim / 2
         || inp.tables.1.dims() != [table_rows, half]
         || inp.row + t > table_rows
-        || inp.into.is_some_and(|o| {
-            let [rows, width] = o.dims();
-            inp.row + t > rows || width != s.num_attention_heads * s.v_head_dim || o.dtype() != DType::F32
+        || at.iter().any(|a| {
+            let [capacity, cw] = a.cache.dims();
+            cw != width || a.pos + each > capacity || a.cache.dtype() != DType::F32
         })
-        || cw != width
-        || pos + t > capacity
-        || layer.dtype() != DType::F32
         || f32s.iter().any(|d| *d != DType::F32)
     {
         return None;
     }
-    let chunks = (pos + t).div_ceil(CHUNK);
+    // One chunk count for every sequence (the partial sums' layout, the merge); a sequence's chunks past
+    // its positions are empty.
+    let chunks = at.iter().map(|a| (a.pos + each).div_ceil(CHUNK)).max()?;
     if chunks > 65_535 {
         return None;
     }
     let q = cube_tensor(inp.q)?;
-    let into = match inp.into {
-        Some(o) => Some(cube_tensor(o)?),
-        None => None,
-    };
     let kv = cube_tensor(inp.kv)?;
     let w_uk = FactorArg::new(inp.w_uk)?;
     let w_uv = FactorArg::new(inp.w_uv_t)?;
     let gain = cube_tensor(inp.gain)?;
     let cos = cube_tensor(&inp.tables.0)?;
     let sin = cube_tensor(&inp.tables.1)?;
+    let caches = at
+        .iter_mut()
+        .map(|a| own_buffer(a.cache))
+        .collect::<Option<Vec<CubeTensor>>>()?;
 
-    // The cache is written in place: only when this tensor is its buffer's sole owner.
+    let group = head_group(s.num_attention_heads);
+    // Token slots per workgroup of the queries: a power of two, all T tokens. Of the output: all T where
+    // eight fit its workgroup memory, else two (four-slot workgroups ran several times slower than two- or
+    // eight-slot ones on lavapipe, for the same work).
+    let slots = t.next_power_of_two();
+    let out_slots = match slots {
+        1 => 1,
+        8 if 8 * s.kv_lora_rank <= OUTPUT_CTX => 8,
+        _ => 2,
+    };
+    let reads = |step: MlaStep, factor: &FactorArg, uniform: bool, rows: usize| {
+        let (texture, columns) = factor.reads();
+        let reads = MlaReads {
+            texture,
+            columns,
+            uniform,
+            group,
+            rows,
+        };
+        Shader::Mla { step, reads }
+    };
+    let kv_off = (inp.kv_row * kw + inp.kv_col) as u32;
+
+    // 1. Absorbed queries, and a sequence's several new cache rows; info[4] is the position.
+    let written = if each > 1 { t } else { 0 };
+    let query = empty(&q, t * s.num_attention_heads * width);
+    let q_bytes = q.meta.num_elements() * 4;
+    let mut info = vec![
+        s.num_attention_heads as u32,
+        s.qk_nope_head_dim as u32,
+        s.qk_rope_head_dim as u32,
+        s.kv_lora_rank as u32,
+        at[0].pos as u32,
+        (s.eps as f32).to_bits(),
+        qw as u32,
+        (inp.row * qw + inp.q_col) as u32,
+        kw as u32,
+        kv_off,
+    ];
+    info.extend(w_uk.placement());
+    info.extend([inp.row as u32, t as u32, 0, 0]);
+    let args = [
+        input(&q.handle, q_bytes),
+        Arg::Buffer(&kv.handle),
+        Arg::Factor(&w_uk),
+        Arg::Buffer(&gain.handle),
+        Arg::Buffer(&cos.handle),
+        Arg::Buffer(&sin.handle),
+        Arg::Buffer(&caches[0].handle),
+        Arg::Buffer(&query),
+    ];
+    run(
+        &q,
+        "mla_query",
+        reads(MlaStep::Query, &w_uk, uniform(q_bytes), slots),
+        [(s.num_attention_heads + written) as u32, 1, 1],
+        &args,
+        &info,
+        (written > 0).then_some(4),
+    )?;
+
+    // 2. Per sequence: scores over its cache and the weighted latents, per chunk of positions (a single
+    // token's cache row made here); info[3] is the position.
+    let partial = empty(&q, t * s.num_attention_heads * chunks * (s.kv_lora_rank + 2));
+    let query_bytes = t * s.num_attention_heads * width * 4;
+    let shader = reads(MlaStep::Attend, &w_uk, uniform(query_bytes), 1);
+    for (i, (a, cache)) in at.iter().zip(&caches).enumerate() {
+        #[cfg(not(target_arch = "wasm32"))]
+        super::replay::at_row(i);
+        let info = [
+            s.num_attention_heads as u32,
+            s.kv_lora_rank as u32,
+            width as u32,
+            a.pos as u32,
+            chunks as u32,
+            (s.scale as f32).to_bits(),
+            (i * each) as u32,
+            u32::from(each == 1),
+            (s.eps as f32).to_bits(),
+            kw as u32,
+            kv_off,
+            inp.row as u32,
+        ];
+        let args = [
+            input(&query, query_bytes),
+            Arg::Buffer(&cache.handle),
+            Arg::Buffer(&partial),
+            Arg::Buffer(&kv.handle),
+            Arg::Buffer(&gain.handle),
+            Arg::Buffer(&cos.handle),
+            Arg::Buffer(&sin.handle),
+        ];
+        let grid = [chunks as u32, (s.num_attention_heads / group) as u32, each as u32];
+        let done = run(&q, "mla_attend", shader, grid, &args, &info, Some(3));
+        // The chunk count (grid, partial sums, merge) holds for this sequence's positions that need no
+        // more chunks, and (where it sets the count) need as many.
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let capacity = a.cache.dims()[0];
+            let own = (a.pos + each).div_ceil(CHUNK);
+            let low = if own == chunks { (chunks - 1) * CHUNK + 1 } else { 0 };
+            super::replay::serves_positions(low.saturating_sub(each)..(chunks * CHUNK).min(capacity) + 1 - each);
+            super::replay::at_row(0);
+        }
+        done?;
+    }
+
+    // 3. The chunks merged, then W_UV.
+    let out = empty(&q, t * s.num_attention_heads * s.v_head_dim);
+    let mut info = vec![
+        s.num_attention_heads as u32,
+        s.kv_lora_rank as u32,
+        s.v_head_dim as u32,
+        chunks as u32,
+    ];
+    info.extend(w_uv.placement());
+    info.extend([t as u32, 0]);
+    let args = [Arg::Buffer(&partial), Arg::Factor(&w_uv), Arg::Buffer(&out)];
+    run(
+        &q,
+        "mla_output",
+        reads(MlaStep::Output, &w_uv, false, out_slots),
+        [s.num_attention_heads as u32, t.div_ceil(out_slots) as u32, 1],
+        &args,
+        &info,
+        None,
+    )?;
+    Some(float(&q, out, [t, s.num_attention_heads * s.v_head_dim]))
+}
+
+/// The buffer of a cache layer, which the kernels write in place: only when this tensor is its buffer's
+/// sole owner (else `None`, the tensor unchanged).
+fn own_buffer(layer: &mut Tensor<2>) -> Option<CubeTensor> {
     layer.clone().try_into_primitive::<burn_cubecl::Cube>().ok()?;
     let mut cache = None;
     layer.inplace(|c| {
@@ -248,108 +395,7 @@ pub fn decode(inp: &MlaInputs, layer: &mut Tensor<2>, pos: usize, s: &MlaShape) 
         }
         Tensor::from_primitive::<burn_cubecl::Cube>(p)
     });
-    let cache = cache?;
-    let group = head_group(s.num_attention_heads);
-    let reads = |step: MlaStep, factor: &FactorArg, uniform: bool| {
-        let (texture, columns) = factor.reads();
-        let reads = MlaReads {
-            texture,
-            columns,
-            uniform,
-            group,
-        };
-        Shader::Mla { step, reads }
-    };
-
-    // 1. Absorbed queries and this step's cache rows; info[4] is the position.
-    let query = empty(&q, t * s.num_attention_heads * width);
-    let q_bytes = q.meta.num_elements() * 4;
-    let mut info = vec![
-        s.num_attention_heads as u32,
-        s.qk_nope_head_dim as u32,
-        s.qk_rope_head_dim as u32,
-        s.kv_lora_rank as u32,
-        pos as u32,
-        (s.eps as f32).to_bits(),
-        qw as u32,
-        (inp.row * qw + inp.q_col) as u32,
-        kw as u32,
-        (inp.kv_row * kw + inp.kv_col) as u32,
-    ];
-    info.extend(w_uk.placement());
-    info.push(inp.row as u32);
-    let args = [
-        input(&q.handle, q_bytes),
-        Arg::Buffer(&kv.handle),
-        Arg::Factor(&w_uk),
-        Arg::Buffer(&gain.handle),
-        Arg::Buffer(&cos.handle),
-        Arg::Buffer(&sin.handle),
-        Arg::Buffer(&cache.handle),
-        Arg::Buffer(&query),
-    ];
-    run(
-        &q,
-        "mla_query",
-        reads(MlaStep::Query, &w_uk, uniform(q_bytes)),
-        [s.num_attention_heads as u32 + 1, t as u32, 1],
-        &args,
-        &info,
-        Some(4),
-    )?;
-
-    // 2. Scores over the cache and the weighted latents, per chunk of positions; info[3] is the position.
-    let partial = empty(&q, t * s.num_attention_heads * chunks * (s.kv_lora_rank + 2));
-    let info = [
-        s.num_attention_heads as u32,
-        s.kv_lora_rank as u32,
-        width as u32,
-        pos as u32,
-        chunks as u32,
-        (s.scale as f32).to_bits(),
-    ];
-    let query_bytes = t * s.num_attention_heads * width * 4;
-    let args = [
-        input(&query, query_bytes),
-        Arg::Buffer(&cache.handle),
-        Arg::Buffer(&partial),
-    ];
-    let shader = reads(MlaStep::Attend, &w_uk, uniform(query_bytes));
-    let grid = [chunks as u32, (s.num_attention_heads / group) as u32, t as u32];
-    run(&q, "mla_attend", shader, grid, &args, &info, Some(3))?;
-    // The chunk count (grid, partial buffer, merge) holds for the positions that give the same count.
-    #[cfg(not(target_arch = "wasm32"))]
-    super::replay::serves_positions(
-        ((chunks - 1) * CHUNK + 1).saturating_sub(t)..(chunks * CHUNK).min(capacity) + 1 - t,
-    );
-
-    // 3. The chunks merged, then W_UV.
-    let (out, out_row) = match &into {
-        Some(into) => (into.handle.clone(), inp.row),
-        None => (empty(&q, t * s.num_attention_heads * s.v_head_dim), 0),
-    };
-    let mut info = vec![
-        s.num_attention_heads as u32,
-        s.kv_lora_rank as u32,
-        s.v_head_dim as u32,
-        chunks as u32,
-    ];
-    info.extend(w_uv.placement());
-    info.extend([out_row as u32, 0]);
-    let args = [Arg::Buffer(&partial), Arg::Factor(&w_uv), Arg::Buffer(&out)];
-    run(
-        &q,
-        "mla_output",
-        reads(MlaStep::Output, &w_uv, false),
-        [s.num_attention_heads as u32, t as u32, 1],
-        &args,
-        &info,
-        None,
-    )?;
-    match inp.into {
-        Some(into) => Some(into.clone()),
-        None => Some(float(&q, out, [t, s.num_attention_heads * s.v_head_dim])),
-    }
+    cache
 }
 
 /// Whether a kernel input of `bytes` is read from a uniform copy: natively where it fits.

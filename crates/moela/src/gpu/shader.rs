@@ -138,6 +138,8 @@ pub(crate) struct MlaReads {
     pub uniform: bool,
     /// Heads per attention workgroup.
     pub group: usize,
+    /// Token slots per workgroup (`M`) of the queries and the output: a power of two up to 8.
+    pub rows: usize,
 }
 
 impl Shader {
@@ -267,6 +269,7 @@ impl Shader {
                     flag(name, on);
                 }
                 c.insert("G", reads.group.into());
+                c.insert("M", reads.rows.into());
                 match step {
                     MlaStep::Query => "mla_query.wgsl",
                     MlaStep::Attend => "mla_attend.wgsl",
@@ -350,9 +353,10 @@ mod tests {
         }
         let bools = [false, true];
         for step in [MlaStep::Query, MlaStep::Attend, MlaStep::Output] {
-            for (texture, columns, uniform, group) in bools
+            for (texture, columns, uniform, rows) in bools
                 .iter()
-                .flat_map(|&t| bools.iter().flat_map(move |&c| bools.map(|u| (t, c, u, 4))))
+                .flat_map(|&t| bools.iter().flat_map(move |&c| bools.map(|u| (t, c, u))))
+                .flat_map(|(t, c, u)| [1, 2, 4, 8].map(|r| (t, c, u, r)))
             {
                 variants.push(Shader::Mla {
                     step,
@@ -360,7 +364,8 @@ mod tests {
                         texture,
                         columns,
                         uniform,
-                        group,
+                        group: 4,
+                        rows,
                     },
                 });
             }

@@ -19,6 +19,7 @@ use super::reader::Reader;
 use super::rope;
 use crate::config::ModelConfig;
 use crate::error::Result;
+pub use crate::gpu::latent_attention::RowAt;
 use crate::gpu::packed::transpose;
 use crate::gpu::rms_norm::RmsNorm;
 use crate::gpu::weights::Factor;
@@ -177,16 +178,15 @@ impl Mla {
         let [t, _] = x.dims();
         let both = self.input.forward(x);
         let q = self.lora_queries(&both);
-        let at = RowAt { pos, cache };
-        let out = self.attend(&both, q.as_ref(), (0, t), at, tables, None, device);
-        self.o
-            .forward(out.expect("an attention without `into` returns its output"))
+        let out = self.attend(&both, q.as_ref(), t, &mut [RowAt { pos, cache }], tables, device);
+        self.o.forward(out)
     }
 
     /// Attention for a batch of sequences, one token each: row `i` of `x` (`[B, H]`, normed) is the next
     /// token of the sequence `rows[i]` describes, and attends to that sequence's cache only; row `i` of
     /// `tables` (`[B, d_r / 2]` each) is for its position. The products (`input`, `q_b`, `o`) run once for
-    /// all rows; the attention itself runs row by row, writing one output. Returns `[B, H]`.
+    /// all rows, and so do the kernels' absorbed factors; each row's scores read its own cache. Returns
+    /// `[B, H]`.
     pub fn forward_rows(
         &self,
         x: Tensor<2>,
@@ -197,50 +197,90 @@ impl Mla {
         let [b, _] = x.dims();
         let both = self.input.forward(x);
         let q = self.lora_queries(&both);
-        // The kernels write each row into one output (no launch to join the rows).
-        let into = (self.kernels == Kernels::Wgsl)
-            .then(|| Tensor::<2>::empty([b, self.num_attention_heads * self.v_head_dim], device));
-        let mut own = Vec::with_capacity(b);
-        for (i, at) in rows.iter_mut().enumerate() {
-            #[cfg(not(target_arch = "wasm32"))]
-            gpu::replay::at_row(i);
-            let at = RowAt {
-                pos: at.pos,
-                cache: &mut *at.cache,
-            };
-            own.push(self.attend(&both, q.as_ref(), (i, 1), at, tables, into.as_ref(), device));
-        }
-        #[cfg(not(target_arch = "wasm32"))]
-        gpu::replay::at_row(0);
-        let out = match into {
-            Some(into) if own.iter().all(Option::is_none) => into,
-            // Some row was not the kernels' (not expected: the shapes are the same for every row).
-            into => Tensor::cat(
-                own.into_iter()
-                    .enumerate()
-                    .map(|(i, o)| o.unwrap_or_else(|| into.clone().expect("written into the output").narrow(0, i, 1)))
-                    .collect(),
-                0,
-            ),
-        };
+        let out = self.attend(&both, q.as_ref(), b, rows, tables, device);
         self.o.forward(out)
     }
 
-    /// Rows `row..row + t` of the input product `both` (and of the LoRA queries `q`, where the model has
-    /// them) attended over `at`'s cache, with the same rows of the rope `tables`: returns `[t, n_h * d_v]`,
-    /// the input of `o_proj`, or `None` where the kernels wrote it into those rows of `into`.
-    #[allow(clippy::too_many_arguments)]
+    /// The `t` rows of the input product `both` (and of the LoRA queries `q`, where the model has them)
+    /// attended over the caches of `at`: one sequence's `t` tokens (`at` holds one), or one token of each of
+    /// `t` sequences. Row `i` of the rope `tables` is for token `i`. Returns `[t, n_h * d_v]`, the input of
+    /// `o_proj`.
     fn attend(
         &self,
         both: &Tensor<2>,
         q: Option<&Tensor<2>>,
-        (row, t): (usize, usize),
-        at: RowAt<'_>,
+        t: usize,
+        at: &mut [RowAt<'_>],
         tables: &(Tensor<2>, Tensor<2>),
-        into: Option<&Tensor<2>>,
         device: &Device,
-    ) -> Option<Tensor<2>> {
-        let RowAt { pos, cache } = at;
+    ) -> Tensor<2> {
+        let qw = self.q_width();
+
+        // Decode (a few tokens): moela's kernels write the cache rows and attend, one launch for the
+        // queries, one per sequence, one for the output.
+        if self.kernels == Kernels::Wgsl && t <= gpu::latent_attention::MAX_TOKENS {
+            // WebGPU forbids binding one buffer twice where a kernel may write it (the MLA kernels declare every
+            // binding read_write): in the browser, when the queries and the latents come from one product (no
+            // q_lora_rank), the latent columns are copied to a buffer of their own (T x 576 values).
+            #[cfg(target_arch = "wasm32")]
+            let own = q.is_none().then(|| {
+                both.clone()
+                    .narrow(1, qw, self.kv_lora_rank + self.qk_rope_head_dim)
+                    .mul_scalar(1.0)
+            });
+            #[cfg(not(target_arch = "wasm32"))]
+            let own: Option<Tensor<2>> = None;
+            let (kv, kv_col) = match &own {
+                Some(kv) => (kv, 0),
+                None => (both, qw),
+            };
+            let inputs = gpu::latent_attention::MlaInputs {
+                q: q.unwrap_or(both),
+                row: 0,
+                rows: t,
+                q_col: 0,
+                kv,
+                kv_row: 0,
+                kv_col,
+                w_uk: &self.w_uk,
+                w_uv_t: &self.w_uv_t,
+                gain: &self.kv_a_norm.weight,
+                tables,
+            };
+            let shape = gpu::latent_attention::MlaShape {
+                num_attention_heads: self.num_attention_heads,
+                qk_nope_head_dim: self.qk_nope_head_dim,
+                qk_rope_head_dim: self.qk_rope_head_dim,
+                kv_lora_rank: self.kv_lora_rank,
+                v_head_dim: self.v_head_dim,
+                scale: self.scale,
+                eps: self.kv_a_norm.eps,
+            };
+            if let Some(out) = gpu::latent_attention::decode(&inputs, at, &shape) {
+                return out;
+            }
+        }
+        if let [one] = at {
+            return self.attend_ops(both, q, (0, t), one, tables, device);
+        }
+        let rows = at
+            .iter_mut()
+            .enumerate()
+            .map(|(i, one)| self.attend_ops(both, q, (i, 1), one, tables, device))
+            .collect();
+        Tensor::cat(rows, 0)
+    }
+
+    /// [`Mla::attend`] with burn's ops for rows `row..row + t`, the tokens of one sequence.
+    fn attend_ops(
+        &self,
+        both: &Tensor<2>,
+        q: Option<&Tensor<2>>,
+        (row, t): (usize, usize),
+        at: &mut RowAt<'_>,
+        tables: &(Tensor<2>, Tensor<2>),
+        device: &Device,
+    ) -> Tensor<2> {
         let (n_h, d_n, d_r, r_kv) = (
             self.num_attention_heads,
             self.qk_nope_head_dim,
@@ -248,51 +288,9 @@ impl Mla {
             self.kv_lora_rank,
         );
         let width = r_kv + d_r;
+        let pos = at.pos;
         let s = pos + t;
         let qw = self.q_width();
-
-        // Decode (a few tokens): moela's kernels write the cache rows and attend in three launches.
-        if self.kernels == Kernels::Wgsl && t <= gpu::matvec::MAX_ROWS {
-            // WebGPU forbids binding one buffer twice where a kernel may write it (the MLA kernels declare every
-            // binding read_write): in the browser, when the queries and the latents come from one product (no
-            // q_lora_rank), the latent columns are copied to a buffer of their own (T x 576 values).
-            #[cfg(target_arch = "wasm32")]
-            let own = q
-                .is_none()
-                .then(|| both.clone().narrow(0, row, t).narrow(1, qw, width).mul_scalar(1.0));
-            #[cfg(not(target_arch = "wasm32"))]
-            let own: Option<Tensor<2>> = None;
-            let (kv, kv_row, kv_col) = match &own {
-                Some(kv) => (kv, 0, 0),
-                None => (both, row, qw),
-            };
-            let inputs = gpu::latent_attention::MlaInputs {
-                q: q.unwrap_or(both),
-                row,
-                rows: t,
-                q_col: 0,
-                kv,
-                kv_row,
-                kv_col,
-                w_uk: &self.w_uk,
-                w_uv_t: &self.w_uv_t,
-                gain: &self.kv_a_norm.weight,
-                tables,
-                into,
-            };
-            let shape = gpu::latent_attention::MlaShape {
-                num_attention_heads: n_h,
-                qk_nope_head_dim: d_n,
-                qk_rope_head_dim: d_r,
-                kv_lora_rank: r_kv,
-                v_head_dim: self.v_head_dim,
-                scale: self.scale,
-                eps: self.kv_a_norm.eps,
-            };
-            if let Some(out) = gpu::latent_attention::decode(&inputs, cache, pos, &shape) {
-                return into.is_none().then_some(out);
-            }
-        }
         let rows = |x: &Tensor<2>| {
             let [all, _] = x.dims();
             if row == 0 && t == all {
@@ -315,24 +313,15 @@ impl Mla {
         let latent = self.kv_a_norm.forward(a.clone().narrow(1, 0, r_kv));
         let k_pe = rope::apply(a.narrow(1, r_kv, d_r), &tables.0, &tables.1);
         let entry = Tensor::cat(vec![latent, k_pe], 1);
-        cache.inplace(|c| c.slice_assign([pos..s, 0..width], entry));
-        let keys = cache.clone().slice([0..s, 0..width]); // [S, r_kv + d_r]
+        at.cache.inplace(|c| c.slice_assign([pos..s, 0..width], entry));
+        let keys = at.cache.clone().slice([0..s, 0..width]); // [S, r_kv + d_r]
 
-        Some(if prefers_expanded(self, t, s) {
+        if prefers_expanded(self, t, s) {
             self.attend_expanded(q_nope, q_pe, keys, pos, device)
         } else {
             self.attend_latent(q_nope, q_pe, keys, pos, device)
-        })
+        }
     }
-}
-
-/// Where one sequence's tokens go in attention: their first position and the cache of this layer
-/// (`[max_context, r_kv + d_r]`).
-pub struct RowAt<'a> {
-    /// Position of the first token (tokens already cached).
-    pub pos: usize,
-    /// This layer's cache of the sequence.
-    pub cache: &'a mut Tensor<2>,
 }
 
 impl Mla {
@@ -637,7 +626,7 @@ mod tests {
     }
 
     /// The decode kernels against burn's ops on awkward sizes, past one attention chunk of context (so the
-    /// flash-decoding merge runs), for one and for three new tokens.
+    /// flash-decoding merge runs), for one and for three new tokens, and for a batch of sequences.
     #[test]
     fn decode_kernels_match_burn_ops() {
         let Ok(device) = crate::gpu::device::default_device() else {
@@ -698,7 +687,6 @@ mod tests {
                 w_uv_t: &mla.w_uv_t,
                 gain: &mla.kv_a_norm.weight,
                 tables: &tab,
-                into: None,
             };
             let shape = gpu::latent_attention::MlaShape {
                 num_attention_heads: n_h,
@@ -715,7 +703,17 @@ mod tests {
                 ..shape
             };
             let untouched = kernel_cache.clone() + 0.0;
-            assert!(gpu::latent_attention::decode(&inputs, &mut kernel_cache, prompt, &odd).is_none());
+            assert!(
+                gpu::latent_attention::decode(
+                    &inputs,
+                    &mut [RowAt {
+                        pos: prompt,
+                        cache: &mut kernel_cache
+                    }],
+                    &odd
+                )
+                .is_none()
+            );
             assert_eq!(
                 worst_difference(kernel_cache.clone(), untouched.clone()),
                 0.0,
@@ -725,7 +723,11 @@ mod tests {
             for storage in [false, true] {
                 let mut kernel_cache = untouched.clone() + 0.0;
                 gpu::latent_attention::STORAGE_QUERIES.set(storage);
-                let out = gpu::latent_attention::decode(&inputs, &mut kernel_cache, prompt, &shape);
+                let at = &mut [RowAt {
+                    pos: prompt,
+                    cache: &mut kernel_cache,
+                }];
+                let out = gpu::latent_attention::decode(&inputs, at, &shape);
                 gpu::latent_attention::STORAGE_QUERIES.set(false);
                 let got = mla.o.forward(out.expect("the kernels cover this call"));
                 let diff = worst_difference(got, want.clone());
@@ -737,6 +739,77 @@ mod tests {
                 assert!(
                     diff < 1e-5,
                     "{n_h} heads, {t} tokens (storage {storage}): cache differs by {diff}"
+                );
+            }
+        }
+
+        // A batch of sequences, one token each, each over a cache of its own: at positions needing two
+        // chunks, one chunk, and the last position of the first chunk (one launch each, one chunk count).
+        let positions = [prompt, 5, gpu::latent_attention::CHUNK - 1];
+        let b = positions.len();
+        let x = Tensor::<2>::random([b, h], Distribution::Normal(0.0, 1.0), &device);
+        let caches: Vec<Tensor<2>> = (0..b)
+            .map(|_| Tensor::random([cap, r_kv + d_r], Distribution::Normal(0.0, 1.0), &device))
+            .collect();
+        let rows: Vec<_> = positions.iter().map(|&p| tables(p, 1)).collect();
+        let tab = (
+            Tensor::cat(rows.iter().map(|r| r.0.clone()).collect(), 0),
+            Tensor::cat(rows.iter().map(|r| r.1.clone()).collect(), 0),
+        );
+        mla.kernels = Kernels::Generic;
+        let mut want_caches: Vec<Tensor<2>> = caches.iter().map(|c| c.clone() + 0.0).collect();
+        let want: Vec<Tensor<2>> = (0..b)
+            .map(|i| {
+                let xi = x.clone().narrow(0, i, 1);
+                mla.forward(xi, positions[i], &mut want_caches[i], &rows[i], &device)
+            })
+            .collect();
+        let want = Tensor::cat(want, 0);
+        mla.kernels = Kernels::Wgsl;
+        for storage in [false, true] {
+            let mut got_caches: Vec<Tensor<2>> = caches.iter().map(|c| c.clone() + 0.0).collect();
+            let mut at: Vec<RowAt<'_>> = got_caches
+                .iter_mut()
+                .zip(positions)
+                .map(|(cache, pos)| RowAt { pos, cache })
+                .collect();
+            let both = mla.input.forward(x.clone());
+            let inputs = gpu::latent_attention::MlaInputs {
+                q: &both,
+                row: 0,
+                rows: b,
+                q_col: 0,
+                kv: &both,
+                kv_row: 0,
+                kv_col: mla.q_width(),
+                w_uk: &mla.w_uk,
+                w_uv_t: &mla.w_uv_t,
+                gain: &mla.kv_a_norm.weight,
+                tables: &tab,
+            };
+            let shape = gpu::latent_attention::MlaShape {
+                num_attention_heads: n_h,
+                qk_nope_head_dim: d_n,
+                qk_rope_head_dim: d_r,
+                kv_lora_rank: r_kv,
+                v_head_dim: d_v,
+                scale: mla.scale,
+                eps: mla.kv_a_norm.eps,
+            };
+            gpu::latent_attention::STORAGE_QUERIES.set(storage);
+            let out = gpu::latent_attention::decode(&inputs, &mut at, &shape);
+            gpu::latent_attention::STORAGE_QUERIES.set(false);
+            let got = mla.o.forward(out.expect("the kernels cover a batch"));
+            let diff = worst_difference(got, want.clone());
+            assert!(
+                diff < 1e-4,
+                "{n_h} heads, a batch (storage {storage}): output differs by {diff}"
+            );
+            for (i, (got, want)) in got_caches.into_iter().zip(&want_caches).enumerate() {
+                let diff = worst_difference(got, want.clone());
+                assert!(
+                    diff < 1e-5,
+                    "{n_h} heads, a batch: sequence {i}'s cache differs by {diff}"
                 );
             }
         }
