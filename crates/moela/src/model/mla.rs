@@ -646,22 +646,7 @@ mod tests {
         let mut mla = random_mla(h, [n_h, d_n, d_r, r_kv, d_v], &device);
         let prompt = gpu::latent_attention::CHUNK + 37;
         let cap = prompt + 8;
-        let tables = |pos: usize, t: usize| {
-            let inv: Vec<f64> = (0..d_r / 2)
-                .map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / d_r as f64))
-                .collect();
-            let (mut c, mut s) = (Vec::new(), Vec::new());
-            for p in pos..pos + t {
-                for f in &inv {
-                    c.push((p as f64 * f).cos() as f32);
-                    s.push((p as f64 * f).sin() as f32);
-                }
-            }
-            (
-                Tensor::<2>::from_data(TensorData::new(c, [t, d_r / 2]), &device),
-                Tensor::<2>::from_data(TensorData::new(s, [t, d_r / 2]), &device),
-            )
-        };
+        let tables = |pos: usize, t: usize| rope_tables(d_r, pos, t, &device);
         let mut cache = Tensor::<2>::zeros([cap, r_kv + d_r], &device);
         let x = Tensor::<2>::random([prompt, h], Distribution::Normal(0.0, 1.0), &device);
         mla.forward(x, 0, &mut cache, &tables(0, prompt), &device);
@@ -742,16 +727,60 @@ mod tests {
                 );
             }
         }
-
         // A batch of sequences, one token each, each over a cache of its own: at positions needing two
         // chunks, one chunk, and the last position of the first chunk (one launch each, one chunk count).
-        let positions = [prompt, 5, gpu::latent_attention::CHUNK - 1];
-        let b = positions.len();
-        let x = Tensor::<2>::random([b, h], Distribution::Normal(0.0, 1.0), &device);
-        let caches: Vec<Tensor<2>> = (0..b)
-            .map(|_| Tensor::random([cap, r_kv + d_r], Distribution::Normal(0.0, 1.0), &device))
+        batch_matches_alone(
+            &mut mla,
+            h,
+            &[prompt, 5, gpu::latent_attention::CHUNK - 1],
+            cap,
+            &device,
+        );
+    }
+
+    /// Eight sequences in one call, with a latent rank too wide for eight tokens' merged latents in one
+    /// output workgroup (so the output takes them two at a time).
+    #[test]
+    fn a_batch_of_eight_at_a_wide_rank() {
+        let Ok(device) = crate::gpu::device::default_device() else {
+            eprintln!("no GPU adapter: skipped");
+            return;
+        };
+        let mut mla = random_mla(36, [4, 8, 8, 516, 20], &device);
+        let chunk = gpu::latent_attention::CHUNK;
+        let positions = [3, chunk + 9, 40, chunk - 1, 0, 77, chunk, 12];
+        batch_matches_alone(&mut mla, 36, &positions, chunk + 16, &device);
+    }
+
+    /// Rope cos and sin tables `[t, d_r / 2]` for positions `pos..pos + t`.
+    fn rope_tables(d_r: usize, pos: usize, t: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let inv: Vec<f64> = (0..d_r / 2)
+            .map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / d_r as f64))
             .collect();
-        let rows: Vec<_> = positions.iter().map(|&p| tables(p, 1)).collect();
+        let (mut c, mut s) = (Vec::new(), Vec::new());
+        for p in pos..pos + t {
+            for f in &inv {
+                c.push((p as f64 * f).cos() as f32);
+                s.push((p as f64 * f).sin() as f32);
+            }
+        }
+        (
+            Tensor::<2>::from_data(TensorData::new(c, [t, d_r / 2]), device),
+            Tensor::<2>::from_data(TensorData::new(s, [t, d_r / 2]), device),
+        )
+    }
+
+    /// One token for each of `positions.len()` sequences (random caches of `cap` rows) through the kernels in
+    /// one call: each row and cache as burn's ops give them for that sequence alone, and each row bit for bit
+    /// what the kernels give for that sequence alone.
+    fn batch_matches_alone(mla: &mut Mla, h: usize, positions: &[usize], cap: usize, device: &Device) {
+        let (n_h, r_kv, d_r) = (mla.num_attention_heads, mla.kv_lora_rank, mla.qk_rope_head_dim);
+        let b = positions.len();
+        let x = Tensor::<2>::random([b, h], Distribution::Normal(0.0, 1.0), device);
+        let caches: Vec<Tensor<2>> = (0..b)
+            .map(|_| Tensor::random([cap, r_kv + d_r], Distribution::Normal(0.0, 1.0), device))
+            .collect();
+        let rows: Vec<_> = positions.iter().map(|&p| rope_tables(d_r, p, 1, device)).collect();
         let tab = (
             Tensor::cat(rows.iter().map(|r| r.0.clone()).collect(), 0),
             Tensor::cat(rows.iter().map(|r| r.1.clone()).collect(), 0),
@@ -761,55 +790,73 @@ mod tests {
         let want: Vec<Tensor<2>> = (0..b)
             .map(|i| {
                 let xi = x.clone().narrow(0, i, 1);
-                mla.forward(xi, positions[i], &mut want_caches[i], &rows[i], &device)
+                mla.forward(xi, positions[i], &mut want_caches[i], &rows[i], device)
             })
             .collect();
         let want = Tensor::cat(want, 0);
         mla.kernels = Kernels::Wgsl;
+        let both = mla.input.forward(x);
+        let shape = gpu::latent_attention::MlaShape {
+            num_attention_heads: n_h,
+            qk_nope_head_dim: mla.qk_nope_head_dim,
+            qk_rope_head_dim: d_r,
+            kv_lora_rank: r_kv,
+            v_head_dim: mla.v_head_dim,
+            scale: mla.scale,
+            eps: mla.kv_a_norm.eps,
+        };
+        // Rows `row..row + rows` of the batch's inputs.
+        let inputs = |row: usize, rows: usize| gpu::latent_attention::MlaInputs {
+            q: &both,
+            row,
+            rows,
+            q_col: 0,
+            kv: &both,
+            kv_row: row,
+            kv_col: mla.q_width(),
+            w_uk: &mla.w_uk,
+            w_uv_t: &mla.w_uv_t,
+            gain: &mla.kv_a_norm.weight,
+            tables: &tab,
+        };
+        let alone: Vec<Tensor<2>> = (0..b)
+            .map(|i| {
+                let mut cache = caches[i].clone() + 0.0;
+                let at = &mut [RowAt {
+                    pos: positions[i],
+                    cache: &mut cache,
+                }];
+                gpu::latent_attention::decode(&inputs(i, 1), at, &shape).expect("the kernels cover one row")
+            })
+            .collect();
         for storage in [false, true] {
             let mut got_caches: Vec<Tensor<2>> = caches.iter().map(|c| c.clone() + 0.0).collect();
             let mut at: Vec<RowAt<'_>> = got_caches
                 .iter_mut()
                 .zip(positions)
-                .map(|(cache, pos)| RowAt { pos, cache })
+                .map(|(cache, &pos)| RowAt { pos, cache })
                 .collect();
-            let both = mla.input.forward(x.clone());
-            let inputs = gpu::latent_attention::MlaInputs {
-                q: &both,
-                row: 0,
-                rows: b,
-                q_col: 0,
-                kv: &both,
-                kv_row: 0,
-                kv_col: mla.q_width(),
-                w_uk: &mla.w_uk,
-                w_uv_t: &mla.w_uv_t,
-                gain: &mla.kv_a_norm.weight,
-                tables: &tab,
-            };
-            let shape = gpu::latent_attention::MlaShape {
-                num_attention_heads: n_h,
-                qk_nope_head_dim: d_n,
-                qk_rope_head_dim: d_r,
-                kv_lora_rank: r_kv,
-                v_head_dim: d_v,
-                scale: mla.scale,
-                eps: mla.kv_a_norm.eps,
-            };
             gpu::latent_attention::STORAGE_QUERIES.set(storage);
-            let out = gpu::latent_attention::decode(&inputs, &mut at, &shape);
+            let out = gpu::latent_attention::decode(&inputs(0, b), &mut at, &shape);
             gpu::latent_attention::STORAGE_QUERIES.set(false);
-            let got = mla.o.forward(out.expect("the kernels cover a batch"));
-            let diff = worst_difference(got, want.clone());
+            let out = out.expect("the kernels cover a batch");
+            for (i, alone) in alone.iter().enumerate() {
+                let diff = worst_difference(out.clone().narrow(0, i, 1), alone.clone());
+                assert_eq!(
+                    diff, 0.0,
+                    "{b} sequences, {n_h} heads: row {i} differs from its call alone"
+                );
+            }
+            let diff = worst_difference(mla.o.forward(out), want.clone());
             assert!(
                 diff < 1e-4,
-                "{n_h} heads, a batch (storage {storage}): output differs by {diff}"
+                "{b} sequences, {n_h} heads (storage {storage}): output differs by {diff}"
             );
             for (i, (got, want)) in got_caches.into_iter().zip(&want_caches).enumerate() {
                 let diff = worst_difference(got, want.clone());
                 assert!(
                     diff < 1e-5,
-                    "{n_h} heads, a batch: sequence {i}'s cache differs by {diff}"
+                    "{b} sequences, {n_h} heads: sequence {i}'s cache differs by {diff}"
                 );
             }
         }
