@@ -1,18 +1,18 @@
-// MLA decode, step 2 of 3: attention in latent space over the cache, split over chunks of positions
-// (flash-decoding) and over groups of G heads. Workgroup (c, g, t) reads the cache rows c * CHUNK ..
-// (c + 1) * CHUNK that token row + t may see (positions up to pos + t) once for all the heads of group g
-// (the heads share the cache: MLA's one latent per token): it scores them against each head's query
-// (score = scale * query[row + t, h] . [c' | k_pe]) into workgroup memory, takes each head's softmax over
-// the chunk (its maximum m and sum l of exp(score - m)), then the exp-weighted sums of the latents c'. It
-// writes [acc (rank values) | m | l] per head; mla_output merges the chunks. A chunk past the token's
-// positions writes m = LOW, l = 0 (so every sequence of a batch can share one chunk count). Lines in a `for H`
-// loop are written once per head of the group, so each head's sums stay in registers.
+// MLA decode, step 2 of 3: one token's attention in latent space over its sequence's cache, split over
+// chunks of positions (flash-decoding) and over groups of G heads. Workgroup (c, g) reads the cache rows
+// c * CHUNK .. (c + 1) * CHUNK up to the token's position pos once for all the heads of group g (the heads
+// share the cache: MLA's one latent per token): it scores them against each head's query (score = scale *
+// query[row, h] . [c' | k_pe]) into workgroup memory, takes each head's softmax over the chunk (its maximum
+// m and sum l of exp(score - m)), then the exp-weighted sums of the latents c'. It writes [acc (rank values)
+// | m | l] per head; mla_output merges the chunks. A chunk past the token's position writes m = LOW, l = 0
+// (so the tokens of a batch of sequences can share one chunk count). Lines in a `for H` loop are written
+// once per head of the group, so each head's sums stay in registers.
 //
-// A launch of one token (`fresh`) also makes that token's cache row, the one mla_query writes for several:
-// the workgroups of the chunk that holds position pos compute it (kv_a_layernorm of the latent, eps from the
-// shape, and the roped shared key: [c' | k_pe]) into workgroup memory and score it from there, and the
-// first of them writes it into the cache. So a batch of sequences, each with a cache of its own, needs one
-// launch per sequence here and none before it. Rope dims are in half-split order (model/rope.rs).
+// The launch also makes the token's cache row: the workgroups of the chunk that holds position pos compute
+// it (kv_a_layernorm of the latent, eps from the shape, and the roped shared key: [c' | k_pe]; rope dims in
+// half-split order, model/rope.rs) into workgroup memory and score it from there, and the first of them
+// writes it into the cache. So each token takes one launch here and none before it (a sequence's several
+// new tokens one launch each, in order, each reading the rows the ones before wrote).
 //
 // Bindings: query [T, heads, width] (a storage buffer, or in texture launches where it fits a uniform copy:
 // QS / QU lines), cache [capacity, width] (read as vec4), partial [T, heads, chunks, rank + 2], kv
@@ -35,8 +35,8 @@ struct Shape {
     pos: u32,
     chunks: u32,
     scale: f32,
-    row: u32,       // the launch's first token among the T of query and partial
-    fresh: u32,     // 1: one token, whose cache row this launch makes
+    row: u32,       // the launch's token among the T of query and partial
+    _pad0: u32,
     eps: f32,
     kv_stride: u32,
     kv_off: u32,    // token 0's first latent value in kv
@@ -55,7 +55,7 @@ const MAX_WIDTH: u32 = 1152u;
 var<workgroup> weights: array<f32, G * CHUNK>;
 // Per head of the group: the maximum score, then the sum of the weights.
 var<workgroup> stats: array<f32, 2u * G>;
-// The fresh token's cache row.
+// The token's own cache row.
 var<workgroup> fresh: array<vec4<f32>, MAX_WIDTH / 4u>;
 
 // Scores of the group's heads for the key row `key` reads (a function of i, the row's vec4), into weights at u.
@@ -71,8 +71,8 @@ var<workgroup> fresh: array<vec4<f32>, MAX_WIDTH / 4u>;
 {% endfor %}
 {% endmacro %}
 
-// Makes the fresh token's cache row in `fresh` (all invocations take part) and, from workgroup g = 0,
-// writes it into the cache at position pos.
+// Makes token t's cache row in `fresh` (all invocations take part) and, from workgroup g = 0, writes it
+// into the cache at position pos.
 fn make_fresh(lid: u32, t: u32, g: u32) {
     let rank = shape.rank;
     let half = (shape.width - rank) / 2u;
@@ -118,16 +118,16 @@ fn make_fresh(lid: u32, t: u32, g: u32) {
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let c = wid.x;
     let h0 = wid.y * G;
-    let t = shape.row + wid.z;
+    let t = shape.row;
     // Rows are read as vec4 (width and rank are multiples of 4).
     let w4 = shape.width / 4u;
     let r4n = shape.rank / 4u;
     let start = c * CHUNK;
-    let end = min(start + CHUNK, shape.pos + wid.z + 1u);
+    let end = min(start + CHUNK, shape.pos + 1u);
     let n = select(0u, end - start, end > start);
     let qb = (t * shape.heads + h0) * w4;
-    // With a fresh row in this chunk, it is position n - 1 (the token's own), read from workgroup memory.
-    let has_fresh = shape.fresh == 1u && n > 0u && start + n - 1u == shape.pos;
+    // The chunk that holds the token's own position has it last (n - 1), read from workgroup memory.
+    let has_fresh = n > 0u && end == shape.pos + 1u;
     if (has_fresh) {
         make_fresh(lid, t, wid.y);
     }

@@ -1,9 +1,9 @@
 // MLA decode, step 3 of 3: merges mla_attend's chunks for each token t and head h (each chunk's sums
 // rescaled by exp(m_chunk - m), divided by the total l) into the attention-weighted latent, then maps it out
 // with the value up-projection: out[t, h * dv + v] = sum_r latent[r] W_UV^T[h, r, v]. Workgroup (h, g) takes
-// tokens g * P .. g * P + P (lines in a `for R` loop are written once per token slot; slots past the T
-// tokens repeat the last one and are not written), so each W_UV value read serves P tokens: a batch of
-// sequences reads W_UV once per P of them, not once per sequence.
+// tokens g * M .. g * M + M (lines in a `for R` loop are written once per token slot; slots past the T
+// tokens repeat the last one and are not written), so each W_UV value read serves M tokens: a batch of
+// sequences reads W_UV once per M of them, not once per sequence.
 //
 // Bindings: partial [T, heads, chunks, rank + 2], w_uv [heads, rank, dv] (read as vec4: a storage buffer,
 // or natively an f32 texture, BUF / TEX lines), out [T, heads * dv], then the shape.
@@ -40,7 +40,7 @@ fn uv(h: u32, r: u32, v4: u32) -> vec4<f32> {
 
 const WG: u32 = 64u;
 const CTX: u32 = 3584u; // P * rank at most (the launcher checks)
-const P: u32 = {{M}}u;
+const M: u32 = {{M}}u;
 const LOW: f32 = -3.0e38;
 
 // The merged latents of the workgroup's tokens, token slot R's at R * rank.
@@ -50,10 +50,10 @@ var<workgroup> red: array<vec4<f32>, WG>;
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wid.x;
-    let t0 = wid.y * P;
+    let t0 = wid.y * M;
     let rank = shape.rank;
     let stride = rank + 2u;
-    for (var k = 0u; k < P; k++) {
+    for (var k = 0u; k < M; k++) {
         let t = min(t0 + k, shape.rows - 1u);
         let pb = (t * shape.heads + h) * shape.chunks * stride;
         var m = LOW;

@@ -1,47 +1,34 @@
-// MLA decode, step 1 of 3 (docs/architecture.md §3.4): the absorbed queries and this step's cache rows.
+// MLA decode, step 1 of 3 (docs/architecture.md §3.4): the absorbed queries.
 //
-// Workgroup h < heads, for every token t of the launch (rows of them, up to M): the rope half of token t's
-// query for head h is rotated, and its no-rope half is moved into latent space with the absorbed key
-// up-projection, q~[r] = sum_d q[d] W_UK[h, d, r]; query[t, h] = [q~ (rank values) | roped q_pe (rope
-// values)]. Each W_UK value read serves all the tokens (lines in a `for R` loop are written once per token
-// slot; slots past `rows` repeat the last token and are not written), so a batch of sequences reads W_UK
-// once per step, not once per sequence.
-// Workgroup heads + t (launched only where this kernel writes the cache, for a sequence's several new
-// tokens; mla_attend writes a single token's row itself): token t's cache row at position pos + t:
-// kv_a_layernorm of the latent (eps from the shape) and the roped shared key, [c' | k_pe], written in place
-// into the preallocated cache.
+// Workgroup h, for every token t of the launch (rows of them, up to M): the rope half of token t's query for
+// head h is rotated, and its no-rope half is moved into latent space with the absorbed key up-projection,
+// q~[r] = sum_d q[d] W_UK[h, d, r]; query[t, h] = [q~ (rank values) | roped q_pe (rope values)]. Each W_UK
+// value read serves all the tokens (lines in a `for R` loop are written once per token slot; slots past
+// `rows` repeat the last token and are not written), so a batch of sequences reads W_UK once per step, not
+// once per sequence. The tokens' cache rows are mla_attend's.
 // Rope dims are in half-split order (model/rope.rs): x1 = first half, x2 = second half.
 //
 // Bindings: q (token t's query, heads * (nope + rope) values at t * q_stride + q_off: a storage buffer, or
-// natively a uniform copy where it fits, QS / QU lines), kv (token t's kv_a_proj_with_mqa output,
-// rank + rope values at t * kv_stride + kv_off; q and kv may be one buffer, the output of one product for
-// both), w_uk [heads, nope, rank] (a storage buffer, or natively an f32 texture: BUF / TEX lines),
-// gain [rank], cos [rows, rope / 2], sin [rows, rope / 2] (token t's row at table_row + t), cache [capacity, rank + rope], query
-// [T, heads, rank + rope], then the shape. rank and rope are multiples of 4 (vec4 loads; the launcher
-// checks).
+// natively a uniform copy where it fits, QS / QU lines), w_uk [heads, nope, rank] (a storage buffer, or
+// natively an f32 texture: BUF / TEX lines), cos [rows, rope / 2], sin [rows, rope / 2] (token t's row at
+// table_row + t), query [T, heads, rank + rope], then the shape. rank and rope are multiples of 4 (vec4
+// loads; the launcher checks).
 
 {% if QS %}@group(0) @binding(0) var<storage, read_write> q: array<f32>;{% endif %}
 {% if QU %}@group(0) @binding(0) var<uniform> q: array<vec4<f32>, 4096>;{% endif %}
-@group(0) @binding(1) var<storage, read_write> kv: array<f32>;
-{% if BUF %}@group(0) @binding(2) var<storage, read_write> w_uk: array<vec4<f32>>;{% endif %}
-{% if TEX %}@group(0) @binding(2) var w_uk: texture_2d_array<u32>;{% endif %}
-@group(0) @binding(3) var<storage, read_write> gain: array<f32>;
-@group(0) @binding(4) var<storage, read_write> cos_t: array<f32>;
-@group(0) @binding(5) var<storage, read_write> sin_t: array<f32>;
-@group(0) @binding(6) var<storage, read_write> cache: array<f32>;
-@group(0) @binding(7) var<storage, read_write> query: array<f32>;
+{% if BUF %}@group(0) @binding(1) var<storage, read_write> w_uk: array<vec4<f32>>;{% endif %}
+{% if TEX %}@group(0) @binding(1) var w_uk: texture_2d_array<u32>;{% endif %}
+@group(0) @binding(2) var<storage, read_write> cos_t: array<f32>;
+@group(0) @binding(3) var<storage, read_write> sin_t: array<f32>;
+@group(0) @binding(4) var<storage, read_write> query: array<f32>;
 
 struct Shape {
     heads: u32,
     nope: u32,
     rope: u32,
     rank: u32,
-    pos: u32,
-    eps: f32,
     q_stride: u32,
     q_off: u32,
-    kv_stride: u32,
-    kv_off: u32,
     uk_mask: u32,   // texture rows per layer - 1 (all ones for one layer)
     uk_shift: u32,  // log2(rows per layer) (31 for one layer)
     table_row: u32, // the rope tables' row of token 0 (a batch of sequences shares one table)
@@ -49,7 +36,7 @@ struct Shape {
     _pad0: u32,
     _pad1: u32,
 }
-@group(0) @binding(8) var<uniform> shape: Shape;
+@group(0) @binding(5) var<uniform> shape: Shape;
 
 // Value i of q.
 fn qs(i: u32) -> f32 {
@@ -71,78 +58,45 @@ fn uk(h: u32, d: u32, r4: u32) -> vec4<f32> {
 }
 
 const WG: u32 = 64u;
-var<workgroup> partial: array<f32, WG>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wid.x;
     let rank = shape.rank;
     let nope = shape.nope;
     let half = shape.rope / 2u;
     let width = rank + shape.rope;
-    if (wid.x < shape.heads) {
-        let h = wid.x;
-        for (var t = 0u; t < shape.rows; t++) {
-            let qb = t * shape.q_stride + shape.q_off + h * (nope + shape.rope);
-            let ob = (t * shape.heads + h) * width;
-            for (var i = lid; i < half; i += WG) {
-                let c = cos_t[(shape.table_row + t) * half + i];
-                let s = sin_t[(shape.table_row + t) * half + i];
-                let x1 = qs(qb + nope + i);
-                let x2 = qs(qb + nope + half + i);
-                query[ob + rank + i] = x1 * c - x2 * s;
-                query[ob + rank + half + i] = x2 * c + x1 * s;
-            }
+    for (var t = 0u; t < shape.rows; t++) {
+        let qb = t * shape.q_stride + shape.q_off + h * (nope + shape.rope);
+        let ob = (t * shape.heads + h) * width;
+        for (var i = lid; i < half; i += WG) {
+            let c = cos_t[(shape.table_row + t) * half + i];
+            let s = sin_t[(shape.table_row + t) * half + i];
+            let x1 = qs(qb + nope + i);
+            let x2 = qs(qb + nope + half + i);
+            query[ob + rank + i] = x1 * c - x2 * s;
+            query[ob + rank + half + i] = x2 * c + x1 * s;
         }
-{% for R in range(M) %}        let qb{{R}} = min({{R}}u, shape.rows - 1u) * shape.q_stride + shape.q_off + h * (nope + shape.rope);
+    }
+{% for R in range(M) %}    let qb{{R}} = min({{R}}u, shape.rows - 1u) * shape.q_stride + shape.q_off + h * (nope + shape.rope);
 {% endfor %}
-        // Four latent values per invocation: one vec4 of W_UK per query value (rank is a multiple of 4).
-        let r4n = rank / 4u;
-        for (var r4 = lid; r4 < r4n; r4 += WG) {
-{% for R in range(M) %}            var acc{{R}} = vec4<f32>(0.0);
+    // Four latent values per invocation: one vec4 of W_UK per query value (rank is a multiple of 4).
+    let r4n = rank / 4u;
+    for (var r4 = lid; r4 < r4n; r4 += WG) {
+{% for R in range(M) %}        var acc{{R}} = vec4<f32>(0.0);
 {% endfor %}
-            for (var d = 0u; d < nope; d++) {
-                let w = uk(h, d, r4);
-{% for R in range(M) %}                acc{{R}} = fma(vec4<f32>(qs(qb{{R}} + d)), w, acc{{R}});
-{% endfor %}
-            }
-{% for R in range(M) %}            if ({{R}}u < shape.rows) {
-                let o = ({{R}}u * shape.heads + h) * width + 4u * r4;
-                query[o] = acc{{R}}.x;
-                query[o + 1u] = acc{{R}}.y;
-                query[o + 2u] = acc{{R}}.z;
-                query[o + 3u] = acc{{R}}.w;
-            }
+        for (var d = 0u; d < nope; d++) {
+            let w = uk(h, d, r4);
+{% for R in range(M) %}            acc{{R}} = fma(vec4<f32>(qs(qb{{R}} + d)), w, acc{{R}});
 {% endfor %}
         }
-        return;
-    }
-
-    let t = wid.x - shape.heads;
-    let kb = t * shape.kv_stride + shape.kv_off;
-    let cb = (shape.pos + t) * width;
-    var ss = 0.0;
-    for (var r = lid; r < rank; r += WG) {
-        let v = kv[kb + r];
-        ss = fma(v, v, ss);
-    }
-    partial[lid] = ss;
-    workgroupBarrier();
-    for (var step = WG / 2u; step > 0u; step >>= 1u) {
-        if (lid < step) {
-            partial[lid] += partial[lid + step];
+{% for R in range(M) %}        if ({{R}}u < shape.rows) {
+            let o = ({{R}}u * shape.heads + h) * width + 4u * r4;
+            query[o] = acc{{R}}.x;
+            query[o + 1u] = acc{{R}}.y;
+            query[o + 2u] = acc{{R}}.z;
+            query[o + 3u] = acc{{R}}.w;
         }
-        workgroupBarrier();
-    }
-    let inv = 1.0 / sqrt(partial[0] / f32(rank) + shape.eps);
-    for (var r = lid; r < rank; r += WG) {
-        cache[cb + r] = gain[r] * (kv[kb + r] * inv);
-    }
-    for (var i = lid; i < half; i += WG) {
-        let c = cos_t[(shape.table_row + t) * half + i];
-        let s = sin_t[(shape.table_row + t) * half + i];
-        let x1 = kv[kb + rank + i];
-        let x2 = kv[kb + rank + half + i];
-        cache[cb + rank + i] = x1 * c - x2 * s;
-        cache[cb + rank + half + i] = x2 * c + x1 * s;
+{% endfor %}
     }
 }

@@ -1,6 +1,6 @@
 //! `shaders/mla_{query,attend,output}.wgsl`: MLA decode attention in latent space (absorbed queries,
 //! flash-decoding over the latent cache, the value up-projection): per layer one launch for the queries,
-//! one per sequence over its cache, one for the output.
+//! one per token over its sequence's cache, one for the output.
 //!
 //! Natively the three run on moela's own launch path (`texture.rs`): the absorbed factors `W_UK` / `W_UV^T`
 //! are read from textures ([`Factor`]) and the queries from uniform copies where they fit. In a browser they
@@ -162,7 +162,8 @@ pub struct MlaInputs<'a> {
     /// The first query column in `q`.
     pub q_col: usize,
     /// `kv_a_proj_with_mqa` output: columns `kv_col..kv_col + r_kv + d_r` of rows `kv_row..kv_row + T`
-    /// (latent before its norm, rope key unrotated). May be the same tensor as `q` (one product for both).
+    /// (latent before its norm, rope key unrotated). May be the same tensor as `q` (one product for both):
+    /// no launch binds both, as WebGPU forbids binding a writable buffer twice.
     pub kv: &'a Tensor<2>,
     /// The first row in `kv`.
     pub kv_row: usize,
@@ -190,11 +191,11 @@ pub struct RowAt<'a> {
 /// Attention for the T tokens of `inp`: those of one sequence (`at` holds one [`RowAt`]: positions
 /// `pos..pos + T`) or one token each of T sequences (`at[i]` for row `i`, each attending to its own cache
 /// only). Writes the tokens' cache rows in place and returns the attention output `[T, n_h * d_v]` (before
-/// `o_proj`). The queries' `W_UK` is read once for all T tokens, the output's `W_UV` once for all or once
-/// per two of them (as its workgroup memory allows), the caches once per sequence: one launch for the queries, one per sequence, one for
-/// the output. `None` when the kernels do not cover the call, with the caches untouched (or, if a launch
-/// after the first failed, some tokens' rows written as burn's path writes them again); the caller then
-/// runs burn's ops.
+/// `o_proj`). One launch makes the queries, reading `W_UK` once for all T tokens; one launch per token
+/// makes its cache row and reads its sequence's cache; one launch merges and applies `W_UV`, read once
+/// for all T tokens or once per two (as its workgroup memory allows). `None` when the kernels do not cover
+/// the call, with the caches untouched (or, if a launch after the first failed, some tokens' rows written
+/// as burn's path writes them again); the caller then runs burn's ops.
 pub fn decode(inp: &MlaInputs, at: &mut [RowAt<'_>], s: &MlaShape) -> Option<Tensor<2>> {
     let [q_rows, qw] = inp.q.dims();
     let [kv_rows, kw] = inp.kv.dims();
@@ -274,8 +275,7 @@ pub fn decode(inp: &MlaInputs, at: &mut [RowAt<'_>], s: &MlaShape) -> Option<Ten
     };
     let kv_off = (inp.kv_row * kw + inp.kv_col) as u32;
 
-    // 1. Absorbed queries, and a sequence's several new cache rows; info[4] is the position.
-    let written = if each > 1 { t } else { 0 };
+    // 1. Absorbed queries.
     let query = empty(&q, t * s.num_attention_heads * width);
     let q_bytes = q.meta.num_elements() * 4;
     let mut info = vec![
@@ -283,52 +283,51 @@ pub fn decode(inp: &MlaInputs, at: &mut [RowAt<'_>], s: &MlaShape) -> Option<Ten
         s.qk_nope_head_dim as u32,
         s.qk_rope_head_dim as u32,
         s.kv_lora_rank as u32,
-        at[0].pos as u32,
-        (s.eps as f32).to_bits(),
         qw as u32,
         (inp.row * qw + inp.q_col) as u32,
-        kw as u32,
-        kv_off,
     ];
     info.extend(w_uk.placement());
     info.extend([inp.row as u32, t as u32, 0, 0]);
     let args = [
         input(&q.handle, q_bytes),
-        Arg::Buffer(&kv.handle),
         Arg::Factor(&w_uk),
-        Arg::Buffer(&gain.handle),
         Arg::Buffer(&cos.handle),
         Arg::Buffer(&sin.handle),
-        Arg::Buffer(&caches[0].handle),
         Arg::Buffer(&query),
     ];
+    let shader = reads(MlaStep::Query, &w_uk, uniform(q_bytes), slots);
     run(
         &q,
         "mla_query",
-        reads(MlaStep::Query, &w_uk, uniform(q_bytes), slots),
-        [(s.num_attention_heads + written) as u32, 1, 1],
+        shader,
+        [s.num_attention_heads as u32, 1, 1],
         &args,
         &info,
-        (written > 0).then_some(4),
+        None,
     )?;
 
-    // 2. Per sequence: scores over its cache and the weighted latents, per chunk of positions (a single
-    // token's cache row made here); info[3] is the position.
+    // 2. Per token, in order: its cache row, then the scores over its sequence's cache and the weighted
+    // latents, per chunk of positions; info[3] is the position.
     let partial = empty(&q, t * s.num_attention_heads * chunks * (s.kv_lora_rank + 2));
     let query_bytes = t * s.num_attention_heads * width * 4;
     let shader = reads(MlaStep::Attend, &w_uk, uniform(query_bytes), 1);
-    for (i, (a, cache)) in at.iter().zip(&caches).enumerate() {
+    for i in 0..t {
+        // Token i: the i-th of the one sequence, or the only one of sequence i.
+        let (seq, pos) = match at.len() {
+            1 => (0, at[0].pos + i),
+            _ => (i, at[i].pos),
+        };
         #[cfg(not(target_arch = "wasm32"))]
-        super::replay::at_row(i);
+        super::replay::at_row(seq);
         let info = [
             s.num_attention_heads as u32,
             s.kv_lora_rank as u32,
             width as u32,
-            a.pos as u32,
+            pos as u32,
             chunks as u32,
             (s.scale as f32).to_bits(),
-            (i * each) as u32,
-            u32::from(each == 1),
+            i as u32,
+            0,
             (s.eps as f32).to_bits(),
             kw as u32,
             kv_off,
@@ -336,23 +335,26 @@ pub fn decode(inp: &MlaInputs, at: &mut [RowAt<'_>], s: &MlaShape) -> Option<Ten
         ];
         let args = [
             input(&query, query_bytes),
-            Arg::Buffer(&cache.handle),
+            Arg::Buffer(&caches[seq].handle),
             Arg::Buffer(&partial),
             Arg::Buffer(&kv.handle),
             Arg::Buffer(&gain.handle),
             Arg::Buffer(&cos.handle),
             Arg::Buffer(&sin.handle),
         ];
-        let grid = [chunks as u32, (s.num_attention_heads / group) as u32, each as u32];
+        let grid = [chunks as u32, (s.num_attention_heads / group) as u32, 1];
         let done = run(&q, "mla_attend", shader, grid, &args, &info, Some(3));
-        // The chunk count (grid, partial sums, merge) holds for this sequence's positions that need no
-        // more chunks, and (where it sets the count) need as many.
+        // The chunk count (grid, partial sums, merge) holds for this token's positions that need no more
+        // chunks, and (where it sets the count) need as many.
         #[cfg(not(target_arch = "wasm32"))]
         {
-            let capacity = a.cache.dims()[0];
-            let own = (a.pos + each).div_ceil(CHUNK);
-            let low = if own == chunks { (chunks - 1) * CHUNK + 1 } else { 0 };
-            super::replay::serves_positions(low.saturating_sub(each)..(chunks * CHUNK).min(capacity) + 1 - each);
+            let capacity = at[seq].cache.dims()[0];
+            let low = if (pos + 1).div_ceil(CHUNK) == chunks {
+                (chunks - 1) * CHUNK
+            } else {
+                0
+            };
+            super::replay::serves_positions(low..(chunks * CHUNK).min(capacity));
             super::replay::at_row(0);
         }
         done?;

@@ -217,31 +217,16 @@ impl Mla {
         let qw = self.q_width();
 
         // Decode (a few tokens): moela's kernels write the cache rows and attend, one launch for the
-        // queries, one per sequence, one for the output.
+        // queries, one per token, one for the output.
         if self.kernels == Kernels::Wgsl && t <= gpu::latent_attention::MAX_TOKENS {
-            // WebGPU forbids binding one buffer twice where a kernel may write it (the MLA kernels declare every
-            // binding read_write): in the browser, when the queries and the latents come from one product (no
-            // q_lora_rank), the latent columns are copied to a buffer of their own (T x 576 values).
-            #[cfg(target_arch = "wasm32")]
-            let own = q.is_none().then(|| {
-                both.clone()
-                    .narrow(1, qw, self.kv_lora_rank + self.qk_rope_head_dim)
-                    .mul_scalar(1.0)
-            });
-            #[cfg(not(target_arch = "wasm32"))]
-            let own: Option<Tensor<2>> = None;
-            let (kv, kv_col) = match &own {
-                Some(kv) => (kv, 0),
-                None => (both, qw),
-            };
             let inputs = gpu::latent_attention::MlaInputs {
                 q: q.unwrap_or(both),
                 row: 0,
                 rows: t,
                 q_col: 0,
-                kv,
+                kv: both,
                 kv_row: 0,
-                kv_col,
+                kv_col: qw,
                 w_uk: &self.w_uk,
                 w_uv_t: &self.w_uv_t,
                 gain: &self.kv_a_norm.weight,
