@@ -635,14 +635,16 @@ mod tests {
         let mut cache = Tensor::<2>::zeros([cap, r_kv + d_r], &device);
         let x = Tensor::<2>::random([prompt, h], Distribution::Normal(0.0, 1.0), &device);
         mla.forward(x, 0, &mut cache, &tables(0, prompt), &device);
-        for t in [1, 3] {
+        // Also three tokens across a chunk boundary (positions CHUNK - 2 ..= CHUNK): the call has two chunks,
+        // the first two tokens' second one empty.
+        for (pos, t) in [(prompt, 1), (prompt, 3), (gpu::latent_attention::CHUNK - 2, 3)] {
             let x = Tensor::<2>::random([t, h], Distribution::Normal(0.0, 1.0), &device);
             let mut reference_cache = cache.clone() + 0.0;
             let mut kernel_cache = cache.clone() + 0.0;
             mla.kernels = Kernels::Generic;
-            let want = mla.forward(x.clone(), prompt, &mut reference_cache, &tables(prompt, t), &device);
+            let want = mla.forward(x.clone(), pos, &mut reference_cache, &tables(pos, t), &device);
             // The kernels directly, so that a declined call cannot pass as burn's result.
-            let tab = tables(prompt, t);
+            let tab = tables(pos, t);
             // Queries and kv_a as one product, one buffer, as the forward passes them.
             let both = mla.input.forward(x);
             let inputs = gpu::latent_attention::MlaInputs {
@@ -677,7 +679,7 @@ mod tests {
                 gpu::latent_attention::decode(
                     &inputs,
                     &mut [RowAt {
-                        pos: prompt,
+                        pos,
                         cache: &mut kernel_cache
                     }],
                     &odd
@@ -694,7 +696,7 @@ mod tests {
                 let mut kernel_cache = untouched.clone() + 0.0;
                 gpu::latent_attention::STORAGE_QUERIES.set(storage);
                 let at = &mut [RowAt {
-                    pos: prompt,
+                    pos,
                     cache: &mut kernel_cache,
                 }];
                 let out = gpu::latent_attention::decode(&inputs, at, &shape);
@@ -703,12 +705,12 @@ mod tests {
                 let diff = worst_difference(got, want.clone());
                 assert!(
                     diff < 1e-4,
-                    "{n_h} heads, {t} tokens (storage {storage}): output differs by {diff}"
+                    "{n_h} heads, {t} tokens at {pos} (storage {storage}): output differs by {diff}"
                 );
                 let diff = worst_difference(kernel_cache, reference_cache.clone());
                 assert!(
                     diff < 1e-5,
-                    "{n_h} heads, {t} tokens (storage {storage}): cache differs by {diff}"
+                    "{n_h} heads, {t} tokens at {pos} (storage {storage}): cache differs by {diff}"
                 );
             }
         }
