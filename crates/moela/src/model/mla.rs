@@ -266,12 +266,7 @@ impl Mla {
         tables: &(Tensor<2>, Tensor<2>),
         device: &Device,
     ) -> Tensor<2> {
-        let (n_h, d_n, d_r, r_kv) = (
-            self.num_attention_heads,
-            self.qk_nope_head_dim,
-            self.qk_rope_head_dim,
-            self.kv_lora_rank,
-        );
+        let (n_h, d_n, d_r, r_kv) = self.head_dims();
         let width = r_kv + d_r;
         let pos = at.pos;
         let s = pos + t;
@@ -310,6 +305,16 @@ impl Mla {
 }
 
 impl Mla {
+    /// `(n_h, d_n, d_r, r_kv)`: heads, query/key dims without rope, rope dims, latent rank.
+    fn head_dims(&self) -> (usize, usize, usize, usize) {
+        (
+            self.num_attention_heads,
+            self.qk_nope_head_dim,
+            self.qk_rope_head_dim,
+            self.kv_lora_rank,
+        )
+    }
+
     /// Bytes the weights take on the device: all of them are read for every token.
     pub fn bytes(&self) -> usize {
         let q = match &self.q {
@@ -359,12 +364,7 @@ impl Mla {
         tables: &(Tensor<2>, Tensor<2>),
         device: &Device,
     ) -> Tensor<2> {
-        let (n_h, d_n, d_r, r_kv) = (
-            self.num_attention_heads,
-            self.qk_nope_head_dim,
-            self.qk_rope_head_dim,
-            self.kv_lora_rank,
-        );
+        let (n_h, d_n, d_r, r_kv) = self.head_dims();
         let (q, a) = self.project(x);
         let q = q.reshape([b, t, n_h, d_n + d_r]).swap_dims(1, 2); // [B, n_h, T, d_qk]
         let q_nope = q.clone().narrow(3, 0, d_n);
