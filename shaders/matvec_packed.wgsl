@@ -142,6 +142,19 @@ fn column_groups(i: u32) -> vec3<u32> {
 {% if GLU %}    return vec3<u32>(i * H, shape.n4 / 2u, shape.n4 / 2u);{% endif %}
 }
 
+// An entry's texel columns (c, lim and step as column_groups gives them, n4 the matrix's): an invocation
+// past the last returns.
+{% macro invocation_columns() %}
+    let n4 = shape.n4;
+    let cols = column_groups(gid.x);
+    let c = cols.x;
+    let lim = cols.y;
+    let step = cols.z;
+    if (c >= lim) {
+        return;
+    }
+{% endmacro %}
+
 fn col(k: u32, step: u32) -> u32 {
     return k % H + (k / H) * step;
 }
@@ -159,14 +172,7 @@ fn scale(v: vec2<u32>) -> vec4<f32> {
 fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
     // P adjacent texel columns per invocation (lines in a `for C` loop are written once per column): each x
     // value read serves all of them.
-    let n4 = shape.n4;
-    let cols = column_groups(gid.x);
-    let c = cols.x;
-    let lim = cols.y;
-    let step = cols.z;
-    if (c >= lim) {
-        return;
-    }
+{{ invocation_columns() }}
     let blocks = shape.blocks;
     let e = u32(idx[0]);
     // This workgroup row's rows of x: r0.. (the last group's rows past M repeat row M - 1, unwritten);
@@ -193,14 +199,7 @@ fn matvec(@builtin(global_invocation_id) gid: vec3<u32>) {
 @compute @workgroup_size(64)
 fn gathered(@builtin(global_invocation_id) gid: vec3<u32>) {
     let p = gid.y;
-    let n4 = shape.n4;
-    let cols = column_groups(gid.x);
-    let c = cols.x;
-    let lim = cols.y;
-    let step = cols.z;
-    if (c >= lim) {
-        return;
-    }
+{{ invocation_columns() }}
     let blocks = shape.blocks;
     let e = idx[p] - i32(shape.first);
     let inside = e >= 0 && u32(e) < shape.count;
@@ -252,14 +251,7 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (pairs == 0u || (!inside && shape.keep == 1u)) {
         return;
     }
-    let n4 = shape.n4;
-    let cols = column_groups(gid.x);
-    let c = cols.x;
-    let lim = cols.y;
-    let step = cols.z;
-    if (c >= lim) {
-        return;
-    }
+{{ invocation_columns() }}
     let blocks = shape.blocks;
     let at = shape.order + u32(idx[t + 1u]);
 {% for R in range(M) %}    let p{{R}} = u32(idx[at + min({{R}}u, pairs - 1u)]);
@@ -277,14 +269,7 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 @compute @workgroup_size(64)
 fn collected(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let n4 = shape.n4;
-    let cols = column_groups(gid.x);
-    let c = cols.x;
-    let lim = cols.y;
-    let step = cols.z;
-    if (c >= lim) {
-        return;
-    }
+{{ invocation_columns() }}
     // The pairs of one expert, in order, go in groups of M: workgroup row q leads a group when the pairs
     // before it that chose its expert are a multiple of M (none, for a batch's decode step, where each
     // token chooses an expert once), finds the rest of its group and computes them all; the others return.
