@@ -781,6 +781,7 @@ mod tests {
             })
             .collect();
         let want = Tensor::cat(want, 0);
+        let size: f32 = want.clone().abs().max().into_scalar();
         mla.kernels = Kernels::Wgsl;
         let both = mla.input.forward(x);
         let shape = gpu::latent_attention::MlaShape {
@@ -834,10 +835,12 @@ mod tests {
                     "{b} sequences, {n_h} heads: row {i} differs from its call alone"
                 );
             }
+            // Against burn's ops, whose sums run in another order: within f32 rounding of sums of hundreds of
+            // terms, relative to the output's size (tens, with these random weights at this rank).
             let diff = worst_difference(mla.o.forward(out), want.clone());
             assert!(
-                diff < 1e-4,
-                "{b} sequences, {n_h} heads (storage {storage}): output differs by {diff}"
+                diff < 1e-5 * size.max(1.0),
+                "{b} sequences, {n_h} heads (storage {storage}): output differs by {diff} (largest value {size})"
             );
             for (i, (got, want)) in got_caches.into_iter().zip(&want_caches).enumerate() {
                 let diff = worst_difference(got, want.clone());
