@@ -115,7 +115,7 @@ impl Packed {
     }
 
     /// The same weights with their words in a texture in `layout`, of at most `rows` rows per array layer
-    /// and written a row at a time (tests of both layouts, of the layered placement and of the slabs
+    /// and written two layers at a time (tests of both layouts, of the layered placement and of the slabs
     /// without a gigabyte of weights); unchanged where textures are not available.
     #[cfg(all(test, not(target_arch = "wasm32")))]
     pub(crate) fn in_texture(mut self, layout: crate::gpu::texture::Layout, rows: usize) -> Self {
@@ -129,7 +129,7 @@ impl Packed {
             .map(|w| w as u32)
             .collect();
         let grid = texel_grid(self.format, self.shape);
-        if let Ok(t) = crate::gpu::texture::WeightTexture::with(host, grid, layout, rows, 1) {
+        if let Ok(t) = crate::gpu::texture::WeightTexture::with(host, grid, layout, rows, rows.saturating_mul(2)) {
             self.words = Words::Texture(t);
         }
         self
@@ -1308,7 +1308,8 @@ mod tests {
             eprintln!("no GPU adapter: skipped");
             return;
         };
-        // 2 x 64 x 2600: several texture rows, so 2 rows per layer also gives several layers.
+        // 2 x 64 x 2600: several texture rows, so 2 rows per layer also gives several layers, written two
+        // at a time, the last one partly padding.
         let shape = [2, 64, 2600];
         let data = sample(shape.iter().product());
         for format in WeightDtype::PACKED {
@@ -1320,6 +1321,7 @@ mod tests {
             for (layout, rows) in [
                 (Layout::Rows, usize::MAX),
                 (Layout::Columns, usize::MAX),
+                (Layout::Rows, 2),
                 (Layout::Columns, 2),
             ] {
                 let p = Packed::new(&data, shape, format, &device).in_texture(layout, rows);

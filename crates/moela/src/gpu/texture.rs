@@ -12,12 +12,12 @@
 //! CubeCL (burn's GPU runtime) binds buffers only, so these launches go around it on the same wgpu device
 //! and queue: burn's pending work is flushed first, then one command buffer runs the kernel, so the order
 //! of work on the queue is kept. The weights' words are laid out as a flat array of 16-byte texels in rows
-//! of [`ROW`] texels (`i` at `(i % ROW, i / ROW)`), with array layers past the adapter's largest texture
-//! height. The texels of a matrix are in one of two orders ([`Layout`]): as `gpu/packed.rs` packs them
-//! (a row of texels per group of K), which a GPU reads coalesced, or on a CPU adapter each texel column
-//! contiguous along K, so that each invocation of a product reads one sequential stream: a CPU's
-//! prefetchers follow that and not the row-strided walk (on lavapipe a q8 product over weights that are
-//! not in cache runs about 2x faster in column order).
+//! of [`ROW`] texels (`i` at `(i % ROW, i / ROW)`), the rows in array layers of a power-of-two height
+//! (`LAYER_ROWS`), which are written whole. The texels of a matrix are in one of two orders ([`Layout`]):
+//! as `gpu/packed.rs` packs them (a row of texels per group of K), which a GPU reads coalesced, or on a CPU
+//! adapter each texel column contiguous along K, so that each invocation of a product reads one sequential
+//! stream: a CPU's prefetchers follow that and not the row-strided walk (on lavapipe a q8 product over
+//! weights that are not in cache runs about 2x faster in column order).
 //!
 //! Browsers keep the buffer path (the wgpu handles are not shared with burn's device there).
 
@@ -36,9 +36,11 @@ use super::shader::Shader;
 
 /// Texels per texture row (a power of two, so the shaders split an index with a mask and a shift).
 pub const ROW: usize = 4096;
-/// Rows per array layer when a texture needs more than one layer.
-const LAYER_ROWS: usize = 1024;
-/// Bytes of texels written to a texture at a time.
+/// Rows per array layer: at least the first (a texture of fewer rows is one layer), at most the second
+/// (one slab), unless the adapter's layer count asks for taller ones. The padding past a weight's last texel
+/// is less than one layer.
+const LAYER_ROWS: [usize; 2] = [16, 128];
+/// Bytes of texels written to a texture at a time (whole layers, at least one).
 const SLAB_BYTES: usize = 8 << 20;
 /// The size of the uniform copy of a kernel's input (`Bind::Uniform`): WebGPU's guaranteed uniform
 /// binding size, and the array size the shaders declare.
@@ -293,15 +295,19 @@ struct Writes {
     /// Rows per layer, and layers.
     height: usize,
     layers: usize,
-    /// Rows written (and submitted) at a time.
-    slab_rows: usize,
+    /// Layers written (and submitted) at a time.
+    slab_layers: usize,
 }
 
 impl Writes {
-    /// Writes the texture a slab of rows at a time, each slab's texels in `layout` order (zeros past the
-    /// words), each submitted at once: wgpu keeps a written slab in a staging buffer until its submit, so
+    /// Writes the texture a slab of whole layers at a time, each slab's texels in `layout` order (zeros past
+    /// the words), each submitted at once: wgpu keeps a written slab in a staging buffer until its submit, so
     /// the host holds the packed words plus one slab, never a second and a third copy of the whole weight.
     /// Gives the words back.
+    ///
+    /// A write that covers only part of a layer makes wgpu clear the whole layer first (it tracks whether
+    /// a texture is initialised by whole layers): on a software driver that doubled the bytes its copy
+    /// thread wrote during a load.
     fn run(self, gpu: &Gpu) -> Vec<u32> {
         let Self {
             texture,
@@ -310,74 +316,73 @@ impl Writes {
             layout,
             height,
             layers,
-            slab_rows,
+            slab_layers,
         } = self;
         let texels = words.len() / 4;
         let mut slab: Vec<u32> = Vec::new();
-        for layer in 0..layers {
-            for row0 in (0..height).step_by(slab_rows) {
-                let n_rows = slab_rows.min(height - row0);
-                let first = (layer * height + row0) * ROW; // the slab's first texel
-                let end = (first + n_rows * ROW).min(texels.max(first));
-                let data: &[u32] = match layout {
-                    // The packed order is the texture's: whole rows straight from the words.
-                    Layout::Rows if first + n_rows * ROW <= texels => &words[first * 4..(first + n_rows * ROW) * 4],
-                    _ => {
-                        slab.clear();
-                        slab.resize(n_rows * ROW * 4, 0);
-                        let words = &words;
-                        let live = (end - first) * 4;
-                        crate::gpu::packed::for_chunks(&mut slab[..live], groups.max(64) * 4, |k, out| {
-                            let base = first + k * groups.max(64);
-                            match layout {
-                                Layout::Rows => out.copy_from_slice(&words[base * 4..base * 4 + out.len()]),
-                                // Texel i is texel g of column i / groups (g = i % groups), column c of
-                                // matrix e, at (e * groups + g) * cols + c in the packed words: a column's
-                                // texels are `cols` apart there (a division per column, not per texel).
-                                Layout::Columns => {
-                                    let (mut column, mut g) = (base / groups, base % groups);
-                                    let mut at = (column / cols * groups + g) * cols + column % cols;
-                                    for texel in out.chunks_exact_mut(4) {
-                                        texel.copy_from_slice(&words[at * 4..at * 4 + 4]);
-                                        g += 1;
-                                        at += cols;
-                                        if g == groups {
-                                            (column, g) = (column + 1, 0);
-                                            at = column / cols * groups * cols + column % cols;
-                                        }
+        for layer0 in (0..layers).step_by(slab_layers) {
+            let n_layers = slab_layers.min(layers - layer0);
+            let n_texels = n_layers * height * ROW;
+            let first = layer0 * height * ROW; // the slab's first texel
+            let end = (first + n_texels).min(texels.max(first));
+            let data: &[u32] = match layout {
+                // The packed order is the texture's: whole layers straight from the words.
+                Layout::Rows if first + n_texels <= texels => &words[first * 4..(first + n_texels) * 4],
+                _ => {
+                    slab.clear();
+                    slab.resize(n_texels * 4, 0);
+                    let words = &words;
+                    let live = (end - first) * 4;
+                    crate::gpu::packed::for_chunks(&mut slab[..live], groups.max(64) * 4, |k, out| {
+                        let base = first + k * groups.max(64);
+                        match layout {
+                            Layout::Rows => out.copy_from_slice(&words[base * 4..base * 4 + out.len()]),
+                            // Texel i is texel g of column i / groups (g = i % groups), column c of
+                            // matrix e, at (e * groups + g) * cols + c in the packed words: a column's
+                            // texels are `cols` apart there (a division per column, not per texel).
+                            Layout::Columns => {
+                                let (mut column, mut g) = (base / groups, base % groups);
+                                let mut at = (column / cols * groups + g) * cols + column % cols;
+                                for texel in out.chunks_exact_mut(4) {
+                                    texel.copy_from_slice(&words[at * 4..at * 4 + 4]);
+                                    g += 1;
+                                    at += cols;
+                                    if g == groups {
+                                        (column, g) = (column + 1, 0);
+                                        at = column / cols * groups * cols + column % cols;
                                     }
                                 }
                             }
-                        });
-                        &slab
-                    }
-                };
-                gpu.queue.write_texture(
-                    wgpu::TexelCopyTextureInfo {
-                        texture: &texture,
-                        mip_level: 0,
-                        origin: wgpu::Origin3d {
-                            x: 0,
-                            y: row0 as u32,
-                            z: layer as u32,
-                        },
-                        aspect: wgpu::TextureAspect::All,
+                        }
+                    });
+                    &slab
+                }
+            };
+            gpu.queue.write_texture(
+                wgpu::TexelCopyTextureInfo {
+                    texture: &texture,
+                    mip_level: 0,
+                    origin: wgpu::Origin3d {
+                        x: 0,
+                        y: 0,
+                        z: layer0 as u32,
                     },
-                    bytemuck::cast_slice(data),
-                    wgpu::TexelCopyBufferLayout {
-                        offset: 0,
-                        bytes_per_row: Some((ROW * 16) as u32),
-                        rows_per_image: Some(n_rows as u32),
-                    },
-                    wgpu::Extent3d {
-                        width: ROW as u32,
-                        height: n_rows as u32,
-                        depth_or_array_layers: 1,
-                    },
-                );
-                gpu.queue.submit([]);
-                let _ = gpu.device.poll(wgpu::PollType::Poll);
-            }
+                    aspect: wgpu::TextureAspect::All,
+                },
+                bytemuck::cast_slice(data),
+                wgpu::TexelCopyBufferLayout {
+                    offset: 0,
+                    bytes_per_row: Some((ROW * 16) as u32),
+                    rows_per_image: Some(height as u32),
+                },
+                wgpu::Extent3d {
+                    width: ROW as u32,
+                    height: height as u32,
+                    depth_or_array_layers: n_layers as u32,
+                },
+            );
+            gpu.queue.submit([]);
+            let _ = gpu.device.poll(wgpu::PollType::Poll);
         }
         words
     }
@@ -413,7 +418,7 @@ impl WeightTexture {
     }
 
     /// [`from_words`](Self::from_words) in `layout` with at most `max_rows` rows per layer (the adapter's
-    /// limit, or less in tests), written `slab_rows` rows at a time.
+    /// limit, or less in tests), written `slab_rows` rows (rounded to whole layers) at a time.
     pub(crate) fn with(
         words: Vec<u32>,
         grid: [usize; 3],
@@ -430,13 +435,10 @@ impl WeightTexture {
         }
         let texels = words.len() / 4;
         let rows = texels.div_ceil(ROW).max(1);
-        let (height, layers, placement) = if rows <= max_rows {
-            (rows, 1, [u32::MAX, 31])
-        } else {
-            // Layers of a power-of-two height, so the shader splits a row index with a mask and a shift.
-            let layer_rows = 1usize << LAYER_ROWS.min(max_rows).ilog2();
-            let layers = rows.div_ceil(layer_rows);
-            (layer_rows, layers, [layer_rows as u32 - 1, layer_rows.trailing_zeros()])
+        let (height, layers) = layer_shape(rows, max_rows, gpu.max_layers);
+        let placement = match layers {
+            1 => [u32::MAX, 31],
+            _ => [height as u32 - 1, height.trailing_zeros()],
         };
         if ROW > gpu.max_rows || height > gpu.max_rows || layers > gpu.max_layers {
             return Err(words);
@@ -464,7 +466,7 @@ impl WeightTexture {
             layout,
             height,
             layers,
-            slab_rows: slab_rows.clamp(1, height),
+            slab_layers: (slab_rows / height).clamp(1, layers),
         };
         if crate::gpu::packed::loading() {
             upload_later(gpu, writes);
@@ -567,6 +569,23 @@ impl WeightTexture {
             aspect: wgpu::TextureAspect::All,
         }
     }
+}
+
+/// `(rows per layer, layers)` for a texture of `rows` rows: one layer up to `LAYER_ROWS[0]` rows, else
+/// layers of a power-of-two height (the shaders split a row index with a mask and a shift), the tallest up
+/// to `LAYER_ROWS[1]` that leaves at most 1/32 of the rows as padding (fewer, larger writes; lavapipe's
+/// decode measured up to 2.5% slower over 16-row layers than over one, near its noise), taller where the
+/// adapter's `max_layers` asks for it. The caller checks the result against the adapter's limits.
+fn layer_shape(rows: usize, max_rows: usize, max_layers: usize) -> (usize, usize) {
+    if rows <= LAYER_ROWS[0].min(max_rows) {
+        return (rows, 1);
+    }
+    let fit = (rows / 32).clamp(LAYER_ROWS[0], LAYER_ROWS[1]).min(max_rows);
+    let mut height = 1usize << fit.ilog2();
+    while rows.div_ceil(height) > max_layers && height * 2 <= max_rows {
+        height *= 2;
+    }
+    (height, rows.div_ceil(height))
 }
 
 impl Drop for WeightTexture {
@@ -732,5 +751,43 @@ impl Gpu {
             wait();
         }
         super::record_launch(name, timed.then(|| start.elapsed().as_secs_f64()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every row has a place; layers are powers of two within the adapter's limits wherever the rows fit
+    /// them; the padding is less than 1/32 of the rows or one 16-row layer, unless the layer count forced
+    /// taller layers.
+    #[test]
+    fn layers_hold_every_row_with_little_padding() {
+        for rows in [1, 15, 16, 17, 31, 33, 100, 129, 513, 1584, 3168, 6000, 100_000] {
+            for (max_rows, max_layers) in [(16384, 2048), (8192, 256), (2, 2048), (16384, 16)] {
+                let (height, layers) = layer_shape(rows, max_rows, max_layers);
+                let case = format!("{rows} rows, at most {max_rows} a layer and {max_layers} layers");
+                assert!(
+                    height * layers >= rows && height <= max_rows,
+                    "{case}: {height} x {layers}"
+                );
+                assert!(layers == 1 || height.is_power_of_two(), "{case}: {height} rows a layer");
+                if rows <= max_rows * max_layers {
+                    assert!(layers <= max_layers, "{case}: {layers} layers");
+                }
+                let unforced = layer_shape(rows, max_rows, usize::MAX).0;
+                assert!(
+                    height >= unforced,
+                    "{case}: {height} rows a layer, {unforced} without the limit"
+                );
+                if height == unforced {
+                    let padding = height * layers - rows;
+                    assert!(
+                        padding < LAYER_ROWS[0].max(rows / 32),
+                        "{case}: {padding} rows of padding"
+                    );
+                }
+            }
+        }
     }
 }
