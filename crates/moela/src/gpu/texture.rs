@@ -281,7 +281,7 @@ pub fn finish_uploads() {
 pub fn finish_uploads_on_device() {
     finish_uploads();
     if let Some(gpu) = GPU.get() {
-        let _ = gpu.device.poll(wgpu::PollType::wait_indefinitely());
+        staging::release(gpu);
     }
 }
 
@@ -300,13 +300,13 @@ struct Writes {
 }
 
 impl Writes {
-    /// Writes the texture a slab of whole layers at a time, each slab's texels in `layout` order (zeros past
-    /// the words), each submitted at once: wgpu keeps a written slab in a staging buffer until its submit, so
-    /// the host holds the packed words plus one slab, never a second and a third copy of the whole weight.
-    /// Gives the words back.
+    /// Writes the texture a slab of whole layers at a time, each slab's texels put in `layout` order
+    /// straight into a mapped staging buffer (zeros past the words) and copied to the texture by its own
+    /// submit, so the host holds the packed words plus the few staging buffers in flight, never a second
+    /// copy of the whole weight. Gives the words back.
     ///
-    /// A write that covers only part of a layer makes wgpu clear the whole layer first (it tracks whether
-    /// a texture is initialised by whole layers): on a software driver that doubled the bytes its copy
+    /// A copy that covers only part of a layer makes wgpu clear the whole layer first (it tracks whether a
+    /// texture is initialised by whole layers): on a software driver that doubled the bytes its copy
     /// thread wrote during a load.
     fn run(self, gpu: &Gpu) -> Vec<u32> {
         let Self {
@@ -318,47 +318,53 @@ impl Writes {
             layers,
             slab_layers,
         } = self;
-        let texels = words.len() / 4;
-        let mut slab: Vec<u32> = Vec::new();
+        let texel_words: &[[u32; 4]] = bytemuck::cast_slice(&words);
+        let texels = texel_words.len();
         for layer0 in (0..layers).step_by(slab_layers) {
             let n_layers = slab_layers.min(layers - layer0);
             let n_texels = n_layers * height * ROW;
             let first = layer0 * height * ROW; // the slab's first texel
-            let end = (first + n_texels).min(texels.max(first));
-            let data: &[u32] = match layout {
-                // The packed order is the texture's: whole layers straight from the words.
-                Layout::Rows if first + n_texels <= texels => &words[first * 4..(first + n_texels) * 4],
-                _ => {
-                    slab.clear();
-                    slab.resize(n_texels * 4, 0);
-                    let words = &words;
-                    let live = (end - first) * 4;
-                    crate::gpu::packed::for_chunks(&mut slab[..live], groups.max(64) * 4, |k, out| {
-                        let base = first + k * groups.max(64);
-                        match layout {
-                            Layout::Rows => out.copy_from_slice(&words[base * 4..base * 4 + out.len()]),
-                            // Texel i is texel g of column i / groups (g = i % groups), column c of
-                            // matrix e, at (e * groups + g) * cols + c in the packed words: a column's
-                            // texels are `cols` apart there (a division per column, not per texel).
-                            Layout::Columns => {
-                                let (mut column, mut g) = (base / groups, base % groups);
-                                let mut at = (column / cols * groups + g) * cols + column % cols;
-                                for texel in out.chunks_exact_mut(4) {
-                                    texel.copy_from_slice(&words[at * 4..at * 4 + 4]);
-                                    g += 1;
-                                    at += cols;
-                                    if g == groups {
-                                        (column, g) = (column + 1, 0);
-                                        at = column / cols * groups * cols + column % cols;
-                                    }
-                                }
+            let live = (first + n_texels).min(texels.max(first)) - first;
+            let staging = staging::take(gpu, (n_texels * 16) as u64);
+            {
+                let mut view = staging
+                    .slice(..(n_texels * 16) as u64)
+                    .get_mapped_range_mut()
+                    .expect("a staging buffer stays mapped until its copy is submitted");
+                let (mut data, mut padding) = view.slice(..).split_at(live * 16);
+                padding.fill(0);
+                match layout {
+                    // The packed order is the texture's.
+                    Layout::Rows => data.copy_from_slice(bytemuck::cast_slice(&texel_words[first..first + live])),
+                    // Texel i is texel g of column i / groups (g = i % groups), column c of matrix e, at
+                    // (e * groups + g) * cols + c in the packed words: a column's texels are `cols` apart
+                    // there (a division per column, not per texel).
+                    Layout::Columns => {
+                        let (mut column, mut g) = (first / groups, first % groups);
+                        let mut at = (column / cols * groups + g) * cols + column % cols;
+                        for texel in data.into_chunks::<16>().0 {
+                            texel.write(bytemuck::cast(texel_words[at]));
+                            g += 1;
+                            at += cols;
+                            if g == groups {
+                                (column, g) = (column + 1, 0);
+                                at = column / cols * groups * cols + column % cols;
                             }
                         }
-                    });
-                    &slab
+                    }
                 }
-            };
-            gpu.queue.write_texture(
+            }
+            staging.unmap();
+            let mut encoder = gpu.device.create_command_encoder(&Default::default());
+            encoder.copy_buffer_to_texture(
+                wgpu::TexelCopyBufferInfo {
+                    buffer: &staging,
+                    layout: wgpu::TexelCopyBufferLayout {
+                        offset: 0,
+                        bytes_per_row: Some((ROW * 16) as u32),
+                        rows_per_image: Some(height as u32),
+                    },
+                },
                 wgpu::TexelCopyTextureInfo {
                     texture: &texture,
                     mip_level: 0,
@@ -369,22 +375,84 @@ impl Writes {
                     },
                     aspect: wgpu::TextureAspect::All,
                 },
-                bytemuck::cast_slice(data),
-                wgpu::TexelCopyBufferLayout {
-                    offset: 0,
-                    bytes_per_row: Some((ROW * 16) as u32),
-                    rows_per_image: Some(height as u32),
-                },
                 wgpu::Extent3d {
                     width: ROW as u32,
                     height: height as u32,
                     depth_or_array_layers: n_layers as u32,
                 },
             );
-            gpu.queue.submit([]);
+            gpu.queue.submit([encoder.finish()]);
+            staging::give_back(staging);
             let _ = gpu.device.poll(wgpu::PollType::Poll);
         }
+        if !crate::gpu::packed::loading() {
+            staging::release(gpu);
+        }
         words
+    }
+}
+
+/// The staging buffers texture writes fill in place: mapped for writing, at most [`staging::KEPT`] of
+/// them, each mapped again once the queue has copied it. Filling wgpu's own staging memory
+/// (`Queue::write_texture`) would copy every slab once more, and a fresh staging allocation per slab
+/// costs fresh pages on a CPU adapter.
+mod staging {
+    use std::sync::Mutex;
+
+    use super::{Gpu, SLAB_BYTES, wgpu};
+
+    /// Buffers in use or mapped at most: one being filled, one being copied by the queue, one being
+    /// mapped again.
+    const KEPT: usize = 3;
+
+    /// Mapped buffers ready to fill, and how many exist.
+    static POOL: Mutex<(Vec<wgpu::Buffer>, usize)> = Mutex::new((Vec::new(), 0));
+
+    /// A mapped buffer of at least `size` bytes: a kept one, a new one while fewer than [`KEPT`] exist,
+    /// else the next one the queue gives back.
+    pub(super) fn take(gpu: &Gpu, size: u64) -> wgpu::Buffer {
+        loop {
+            {
+                let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(i) = pool.0.iter().position(|b| b.size() >= size) {
+                    return pool.0.swap_remove(i);
+                }
+                if pool.1 < KEPT || !pool.0.is_empty() {
+                    // A kept buffer too small for this slab is dropped for a larger one.
+                    if pool.0.pop().is_none() {
+                        pool.1 += 1;
+                    }
+                    return gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("moela weight staging"),
+                        size: size.max(SLAB_BYTES as u64),
+                        usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+                        mapped_at_creation: true,
+                    });
+                }
+            }
+            let _ = gpu.device.poll(wgpu::PollType::wait_indefinitely());
+        }
+    }
+
+    /// Maps `buffer`, submitted for its copy, again for the next slab: it returns to the pool once the
+    /// queue is done with it (on a later poll).
+    pub(super) fn give_back(buffer: wgpu::Buffer) {
+        let kept = buffer.clone();
+        buffer.slice(..).map_async(wgpu::MapMode::Write, move |mapped| {
+            let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+            match mapped {
+                Ok(()) => pool.0.push(kept),
+                Err(_) => pool.1 -= 1,
+            }
+        });
+    }
+
+    /// Waits for the buffers in flight and frees every buffer: the end of a load, or of a write outside one.
+    pub(super) fn release(gpu: &Gpu) {
+        let _ = gpu.device.poll(wgpu::PollType::wait_indefinitely());
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        pool.1 -= pool.0.len();
+        pool.0.clear();
     }
 }
 
