@@ -36,12 +36,12 @@ use super::shader::Shader;
 
 /// Texels per texture row (a power of two, so the shaders split an index with a mask and a shift).
 pub const ROW: usize = 4096;
+/// Bytes of texels written to a texture at a time (whole layers, at least one).
+const SLAB_BYTES: usize = 8 << 20;
 /// Rows per array layer: at least the first (a texture of fewer rows is one layer), at most the second
 /// (one slab), unless the adapter's layer count asks for taller ones. The padding past a weight's last texel
 /// is less than one layer.
-const LAYER_ROWS: [usize; 2] = [16, 128];
-/// Bytes of texels written to a texture at a time (whole layers, at least one).
-const SLAB_BYTES: usize = 8 << 20;
+const LAYER_ROWS: [usize; 2] = [16, SLAB_BYTES / (ROW * 16)];
 /// The size of the uniform copy of a kernel's input (`Bind::Uniform`): WebGPU's guaranteed uniform
 /// binding size, and the array size the shaders declare.
 pub const UNIFORM_BYTES: usize = 64 << 10;
